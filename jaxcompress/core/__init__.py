@@ -1,0 +1,18 @@
+"""The pytree vocabulary every compression family shares.
+
+Typed weights (`Masked`, `Quantized`, `LowRank`, `Shared`), the one `linear` every model calls, path
+selection, size accounting and compact serialization. Nothing here knows about models.
+"""
+
+from jaxcompress.core import paths, serialize, stats
+from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compressed, is_weight_leaf,
+                                   materialize, materialize_tree, matmul_flops, memory_bytes, nonzeros,
+                                   shape_of, stored_params)
+from jaxcompress.core.linear import embedding_lookup, linear, linear_transposed
+from jaxcompress.core.lowrank import LowRank
+from jaxcompress.core.masked import Masked
+from jaxcompress.core.paths import flatten, map_with_path
+from jaxcompress.core.quantized import Quantized, fake_quantize, quantize
+from jaxcompress.core.select import Rules, Selection, select, select_by
+from jaxcompress.core.shared import SHARED, Shared, resolve, tie
+from jaxcompress.core.stats import summary

@@ -1,0 +1,74 @@
+"""`Masked`: a weight with a fixed pattern of zeros (unstructured, N:M, block or channel sparsity)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.core import leaf as leaf_lib
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class Masked(leaf_lib.Compressed):
+  """`value` where `mask` is true, zero elsewhere.
+
+  value: [*shape] float, or a compressed weight (sparse + quantized).
+  mask:  bool, broadcastable to `shape` ([in, 1] or [1, out] for whole channels).
+
+  The gradient of `materialize()` with respect to `value` is zero where the mask is false, so training a
+  `Masked` leaf keeps its zeros; the pattern itself is data, not a trained parameter.
+  """
+
+  value: leaf_lib.Weight
+  mask: leaf_lib.Array
+
+  def __post_init__(self):
+    vshape, mshape = leaf_lib.shape_of(self.value), tuple(self.mask.shape)
+    if isinstance(self.mask, jax.ShapeDtypeStruct | jax.Array | np.ndarray) and len(mshape) == len(vshape):
+      if any(m not in (1, v) for m, v in zip(mshape, vshape)):
+        raise ValueError(f'Masked: mask shape {mshape} does not broadcast to value shape {vshape}; '
+                         'give a mask of the same shape or with 1 on broadcast axes.')
+
+  @property
+  def shape(self):
+    return leaf_lib.shape_of(self.value)
+
+  @property
+  def dtype(self):
+    return leaf_lib.dtype_of(self.value)
+
+  def materialize(self):
+    dense = leaf_lib.materialize(self.value)
+    return jnp.where(self.mask, dense, jnp.zeros((), dense.dtype))
+
+  def kept(self) -> int:
+    """Entries the mask keeps (host-side)."""
+    return int(np.broadcast_to(np.asarray(self.mask, bool), self.shape).sum())
+
+  def sparsity(self) -> float:
+    return 1.0 - self.kept() / self.size
+
+  def stored_params(self):
+    if leaf_lib.is_compressed(self.value):
+      return leaf_lib.stored_params(self.value)
+    return self.kept()
+
+  def memory_bytes(self):
+    return leaf_lib.memory_bytes(self.value) + leaf_lib.memory_bytes(self.mask)
+
+  def disk_bytes(self):
+    # On disk: the kept values of a plain array (or the whole compressed value) and a one-bit-per-entry map.
+    bitmap = math.ceil(int(np.size(self.mask)) / 8)
+    if leaf_lib.is_compressed(self.value):
+      return leaf_lib.disk_bytes(self.value) + bitmap
+    return self.kept() * leaf_lib.dtype_of(self.value).itemsize + bitmap
+
+  def matmul_flops(self):
+    if leaf_lib.is_compressed(self.value):
+      return round(leaf_lib.matmul_flops(self.value) * self.kept() / self.size)
+    return 2 * self.kept()

@@ -1,0 +1,225 @@
+"""`Quantized`: a weight stored as low-bit codes plus per-group scales, and round-to-nearest encoders.
+
+Layout. The weight is [in, out]; groups run along `in`: rows g*group_size ... (g+1)*group_size-1 of one column
+share a scale (and zero point), so `scale` is [in // group_size, out]. `group_size=None` means one group per
+column (per-channel). Codes are unsigned integers in [0, 2**bits), packed along `in` when 8 % bits == 0
+(two int4 codes per byte), or one per byte otherwise.
+
+Formats (static `fmt`):
+  'int'       w = (q - zero) * scale                     uniform affine; zero=None means symmetric, zero = 2**(bits-1)
+  'nf4'       w = NF4[q] * scale                         NormalFloat-4 (Dettmers et al., 2023), scale = absmax
+  'fp8'       w = float(q) * scale                       codes are float8_e4m3fn values, not integers
+  'codebook'  w = codebook[q] (* scale if given)         learned levels, [2**bits] or per column [out, 2**bits]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxcompress.core import leaf as leaf_lib
+
+Format = Literal['int', 'nf4', 'fp8', 'codebook']
+FORMATS = ('int', 'nf4', 'fp8', 'codebook')
+
+# The 16 NormalFloat-4 levels: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero (QLoRA, App. E).
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+def packs(bits: int) -> bool:
+  """Whether codes of this width pack several to a byte in memory."""
+  return bits < 8 and 8 % bits == 0
+
+
+def pack_codes(q: jax.Array, bits: int) -> jax.Array:
+  """q: [in, out] uint8 codes < 2**bits -> [in * bits // 8, out] uint8, low bits first."""
+  per = 8 // bits
+  if q.shape[0] % per:
+    raise ValueError(f'pack_codes: in={q.shape[0]} is not a multiple of {per} ({bits}-bit codes per byte).')
+  q = q.astype(jnp.uint8).reshape(q.shape[0] // per, per, *q.shape[1:])
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).reshape(1, per, *([1] * (q.ndim - 2)))
+  return jnp.bitwise_or.reduce(q << shifts, axis=1).astype(jnp.uint8)
+
+
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+  """Inverse of `pack_codes`: [in * bits // 8, out] uint8 -> [in, out] uint8."""
+  per = 8 // bits
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).reshape(1, per, *([1] * (packed.ndim - 1)))
+  q = (packed[:, None] >> shifts) & jnp.uint8((1 << bits) - 1)
+  return q.reshape(packed.shape[0] * per, *packed.shape[1:])
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class Quantized(leaf_lib.Compressed):
+  """Low-bit codes with per-group scales.
+
+  codes:    [in, out] uint8, or [in * bits // 8, out] uint8 when `packed`; float8_e4m3fn for fmt='fp8'.
+  scale:    [in // group_size, out] float (its dtype is the dtype `materialize` returns); None for a plain codebook.
+  zero:     like scale, in code units, or None (symmetric: zero = 2**(bits-1)). Only for fmt='int'.
+  codebook: [2**bits] or [out, 2**bits] float levels for fmt='codebook', else None.
+  """
+
+  codes: jax.Array
+  scale: jax.Array | None
+  zero: jax.Array | None = None
+  codebook: jax.Array | None = None
+  bits: int = leaf_lib.static(default=4)
+  group_size: int | None = leaf_lib.static(default=None)
+  fmt: str = leaf_lib.static(default='int')
+  packed: bool = leaf_lib.static(default=False)
+  logical_shape: tuple[int, ...] = leaf_lib.static(default=())
+
+  def __post_init__(self):
+    if self.fmt not in FORMATS:
+      raise ValueError(f'Quantized: fmt={self.fmt!r} is not one of {FORMATS}.')
+    if not 1 <= self.bits <= 8:
+      raise ValueError(f'Quantized: bits={self.bits} is outside 1..8.')
+    if self.fmt == 'nf4' and self.bits != 4:
+      raise ValueError(f"Quantized: fmt='nf4' needs bits=4, got bits={self.bits}.")
+    if len(self.logical_shape) != 2:
+      raise ValueError(f'Quantized: logical_shape must be [in, out], got {self.logical_shape}.')
+
+  @property
+  def shape(self):
+    return self.logical_shape
+
+  @property
+  def dtype(self):
+    ref = self.scale if self.scale is not None else self.codebook
+    return np.dtype(ref.dtype)
+
+  @property
+  def groups(self) -> int:
+    return 1 if self.group_size is None else self.shape[0] // self.group_size
+
+  def codes_unpacked(self) -> jax.Array:
+    return unpack_codes(self.codes, self.bits) if self.packed else self.codes
+
+  def _levels(self, q: jax.Array) -> jax.Array:
+    """Codes -> unscaled values, float32 [in, out]."""
+    if self.fmt == 'int':
+      zero = (2 ** (self.bits - 1)) if self.zero is None else _expand(self.zero, self.shape[0])
+      return q.astype(jnp.float32) - jnp.asarray(zero, jnp.float32)
+    if self.fmt == 'nf4':
+      return jnp.asarray(NF4_LEVELS)[q.astype(jnp.int32)]
+    if self.fmt == 'fp8':
+      return q.astype(jnp.float32)
+    book = jnp.asarray(self.codebook, jnp.float32)
+    if book.ndim == 1:
+      return book[q.astype(jnp.int32)]
+    return jnp.take_along_axis(book.T, q.astype(jnp.int32), axis=0)  # per-column levels
+
+  def materialize(self):
+    w = self._levels(self.codes_unpacked())
+    if self.scale is not None:
+      w = w * _expand(self.scale, self.shape[0]).astype(jnp.float32)
+    return w.astype(self.dtype)
+
+  def stored_params(self):
+    return self.size
+
+  def memory_bytes(self):
+    return sum(leaf_lib.memory_bytes(a) for a in (self.codes, self.scale, self.zero, self.codebook)
+               if a is not None)
+
+  def disk_bytes(self):
+    # Codes are bit-packed tightly on disk (three 3-bit codes take 9 bits), side arrays stored as they are.
+    side = sum(leaf_lib.memory_bytes(a) for a in (self.scale, self.zero, self.codebook) if a is not None)
+    return math.ceil(self.size * self.bits / 8) + side
+
+  def matmul_flops(self):
+    return 2 * self.size
+
+
+def _expand(per_group: jax.Array, rows: int) -> jax.Array:
+  """[groups, out] -> [rows, out], each group row repeated rows // groups times."""
+  per_group = jnp.asarray(per_group)
+  return jnp.repeat(per_group, rows // per_group.shape[0], axis=0, total_repeat_length=rows)
+
+
+def _grouped(w: jax.Array, group_size: int | None) -> jax.Array:
+  """[in, out] -> [groups, group_size, out]."""
+  rows = w.shape[0]
+  gs = rows if group_size is None else group_size
+  if rows % gs:
+    raise ValueError(f'group_size={group_size} does not divide the input dimension {rows}; '
+                     f'pick a divisor of {rows} or group_size=None for one group per column.')
+  return w.reshape(rows // gs, gs, *w.shape[1:])
+
+
+def affine_params(w: jax.Array, bits: int, group_size: int | None, symmetric: bool
+                  ) -> tuple[jax.Array, jax.Array | None]:
+  """Min-max scale (and zero point) per group. w: [in, out] -> scale [groups, out], zero [groups, out] | None."""
+  g = _grouped(w.astype(jnp.float32), group_size)
+  levels = 2 ** bits - 1
+  if symmetric:
+    half = 2 ** (bits - 1) - 1 if bits > 1 else 1
+    scale = jnp.max(jnp.abs(g), axis=1) / half
+    return jnp.where(scale == 0, 1.0, scale), None
+  lo, hi = jnp.minimum(g.min(axis=1), 0.0), jnp.maximum(g.max(axis=1), 0.0)
+  scale = (hi - lo) / levels
+  scale = jnp.where(scale == 0, 1.0, scale)
+  zero = jnp.round(-lo / scale)
+  return scale, zero
+
+
+def encode_int(w: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int) -> jax.Array:
+  """Round-to-nearest integer codes for given scales. w: [in, out]; scale, zero: [groups, out] -> uint8 [in, out]."""
+  z = 2 ** (bits - 1) if zero is None else _expand(zero, w.shape[0])
+  q = jnp.round(w.astype(jnp.float32) / _expand(scale, w.shape[0]) + z)
+  lo = 1 if (zero is None and bits > 1) else 0  # symmetric grids leave the lowest code unused
+  return jnp.clip(q, lo, 2 ** bits - 1).astype(jnp.uint8)
+
+
+def quantize(w: jax.Array, *, bits: int = 4, group_size: int | None = 128, fmt: Format = 'int',
+             symmetric: bool = False, pack: bool = True, scale_dtype=None) -> Quantized:
+  """Round-to-nearest quantization of a dense [in, out] weight into a `Quantized` leaf.
+
+  fmt='int' uses min-max affine scales; 'nf4' absmax scales and NF4 levels; 'fp8' absmax / 448 scales and
+  float8_e4m3fn codes. Learned codebooks are built by the quantization family, not here.
+  """
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f'quantize: expected a 2-D weight [in, out], got shape {w.shape}.')
+  if fmt not in ('int', 'nf4', 'fp8'):
+    raise ValueError(f"quantize: fmt={fmt!r}; round-to-nearest supports 'int', 'nf4', 'fp8'.")
+  scale_dtype = w.dtype if scale_dtype is None else scale_dtype
+  g = _grouped(w.astype(jnp.float32), group_size)
+  zero = None
+  if fmt == 'int':
+    scale, zero = affine_params(w, bits, group_size, symmetric)
+    codes = encode_int(w, scale, zero, bits)
+  elif fmt == 'nf4':
+    bits = 4
+    scale = jnp.max(jnp.abs(g), axis=1)
+    scale = jnp.where(scale == 0, 1.0, scale)
+    x = w.astype(jnp.float32) / _expand(scale, w.shape[0])
+    codes = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_LEVELS)), axis=-1).astype(jnp.uint8)
+  else:
+    bits = 8
+    scale = jnp.max(jnp.abs(g), axis=1) / FP8_MAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    codes = (w.astype(jnp.float32) / _expand(scale, w.shape[0])).astype(jnp.float8_e4m3fn)
+  packed = bool(pack and fmt != 'fp8' and packs(bits) and w.shape[0] % (8 // bits) == 0)
+  if packed:
+    codes = pack_codes(codes, bits)
+  return Quantized(codes=codes, scale=scale.astype(scale_dtype),
+                   zero=None if zero is None else zero.astype(scale_dtype), bits=bits,
+                   group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(w.shape))
+
+
+def fake_quantize(w: jax.Array, **kwargs) -> jax.Array:
+  """quantize then materialize, in w's dtype (the forward pass of quantization-aware training)."""
+  return quantize(w, **kwargs).materialize().astype(w.dtype)

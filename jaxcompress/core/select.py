@@ -1,0 +1,121 @@
+"""Selections: which weights a method touches, chosen by regular expressions over parameter paths.
+
+    sel = select(params, include=r'mlp/.*/kernel$', exclude=r'layers/0/')
+    print(sel)                   # a table of the chosen paths, kinds and shapes
+    sel.assert_count(6)
+    params = sel.map(lambda path, w: prune(w), params)
+
+By default a selection holds the matmul kernels of the transformer blocks: every leaf named `kernel`, but not
+the embeddings (`embedding` leaves), the norms (`scale`/`bias`) or the heads (`lm_head`, `mlm_head`,
+`pooler`). `embeddings=True` and `head=True` add those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import paths as paths_lib
+from jaxcompress.core import shared as shared_lib
+
+KERNELS = r'(^|/)kernel$'
+EMBEDDINGS = r'(^|/)embedding$'
+HEADS = r'^(lm_head|mlm_head|pooler)/'
+
+Patterns = str | Sequence[str]
+
+
+def _compile(patterns: Patterns | None) -> tuple[re.Pattern, ...]:
+  if patterns is None:
+    return ()
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  out = []
+  for p in patterns:
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f'select: pattern {p!r} is not a valid regular expression ({e}).') from None
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """Path rules, frozen so a method config can hold them."""
+
+  include: Patterns = KERNELS  # regexes; a path is chosen if any matches (re.search)
+  exclude: Patterns = ()  # regexes; a chosen path is dropped if any matches
+  embeddings: bool = False  # also choose embedding tables
+  head: bool = False  # also choose lm_head / mlm_head / pooler weights
+
+  def matches(self, path: str) -> bool:
+    if path.startswith(shared_lib.SHARED + paths_lib.SEP):
+      return False  # storage is selected through the places that use it
+    include = _compile(self.include) + (_compile(EMBEDDINGS) if self.embeddings else ())
+    if not any(p.search(path) for p in include):
+      return False
+    if not self.head and re.search(HEADS, path):
+      return False
+    if not self.embeddings and re.search(EMBEDDINGS, path):
+      return False
+    return not any(p.search(path) for p in _compile(self.exclude))
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """An ordered set of parameter paths with the kinds and shapes they had when selected."""
+
+  paths: tuple[str, ...]
+  kinds: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.paths)
+
+  def __contains__(self, path: object) -> bool:
+    return path in self.paths
+
+  def __repr__(self) -> str:
+    if not self.paths:
+      return 'Selection(0 weights)'
+    w = max(len(p) for p in self.paths)
+    lines = [f'Selection({len(self)} weights)']
+    lines += [f'  {p:<{w}}  {k:<10} {list(s)}' for p, k, s in zip(self.paths, self.kinds, self.shapes)]
+    return '\n'.join(lines)
+
+  def assert_count(self, n: int) -> Selection:
+    if len(self) != n:
+      raise AssertionError(f'selection has {len(self)} weights, expected {n}:\n{self!r}')
+    return self
+
+  def get(self, params: Any) -> dict[str, Any]:
+    flat = paths_lib.flatten(params)
+    return {p: flat[p] for p in self.paths}
+
+  def map(self, fn: Callable[[str, Any], Any], params: Any) -> Any:
+    """params with fn(path, weight) applied to each selected weight, the rest untouched."""
+    chosen = set(self.paths)
+    return paths_lib.map_with_path(lambda p, x: fn(p, x) if p in chosen else x, params)
+
+
+def kind_of(x: Any) -> str:
+  return type(x).__name__ if leaf_lib.is_compressed(x) else 'dense'
+
+
+def select(params: Any, include: Patterns = KERNELS, exclude: Patterns = (), *, embeddings: bool = False,
+           head: bool = False) -> Selection:
+  """The weights of `params` whose paths the rules choose (see module docstring)."""
+  return select_by(params, Rules(include=include, exclude=exclude, embeddings=embeddings, head=head))
+
+
+def select_by(params: Any, rules: Rules) -> Selection:
+  flat = paths_lib.flatten(params)
+  chosen = [(p, x) for p, x in flat.items() if rules.matches(p)]
+  return Selection(paths=tuple(p for p, _ in chosen), kinds=tuple(kind_of(x) for _, x in chosen),
+                   shapes=tuple(leaf_lib.shape_of(x) for _, x in chosen))

@@ -1,0 +1,207 @@
+"""`Model`: a frozen, hashable model spec whose methods are pure functions of a parameter pytree.
+
+Outside `models/` nothing sees Flax: a model is `(spec, params)`. The spec builds its NNX module from the
+parameters on every call (`nnx.merge` runs once, at trace time under jit), so params may hold any compressed
+leaf and any layer may have been narrowed.
+
+The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...):
+
+    h = model.embed(params, tokens)
+    ctx = model.context(tokens)
+    for i in range(model.num_layers(params)):
+      h, inputs = model.block_linear_inputs(params['layers'][i], h, ctx)   # {"attn/q_proj/kernel": x, ...}
+    logits = model.head(params, h)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress import core
+from jaxcompress.models import layers
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """Base of the family specs (`Llama`, `GPT2`, `Bert`). Subclasses set `config` and implement `_module`."""
+
+  config: Any
+
+  family: ClassVar[str] = ''
+  causal: ClassVar[bool] = True  # decoder (causal LM) or encoder
+  block_path: ClassVar[str] = 'layers'
+  hf_model_types: ClassVar[tuple[str, ...]] = ()  # HF config.json model_type values this family reads
+  hf_prefixes: ClassVar[tuple[str, ...]] = ('',)  # optional base-model prefixes of HF tensor names
+  hf_ignore: ClassVar[tuple[str, ...]] = ()  # regexes of HF tensors that are buffers, not parameters
+
+  # Subclass hooks ---------------------------------------------------------------------------------------------
+
+  def _module(self, rngs: nnx.Rngs, dtype) -> nnx.Module:
+    """The NNX module with methods embed(tokens, positions, token_types), head(h) and a `layers` list."""
+    raise NotImplementedError(f'{type(self).__name__} must define _module')
+
+  def _window(self) -> int | None:
+    return None
+
+  def hf_export_prefix(self) -> str:
+    """Prefix of base-model tensor names in an exported HF checkpoint."""
+    return self.hf_prefixes[0]
+
+  # Parameters -------------------------------------------------------------------------------------------------
+
+  def init(self, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters from one PRNG key (deterministic: same key, same bits)."""
+    return nnx.split(self._module(nnx.Rngs(params=key), dtype))[1].to_pure_dict()
+
+  def abstract_params(self, dtype=jnp.float32) -> Params:
+    """Shapes and dtypes of `init`'s output, without allocating anything."""
+    return jax.eval_shape(lambda: self.init(jax.random.key(0), dtype))
+
+  def num_layers(self, params: Params) -> int:
+    return len(params[self.block_path])
+
+  def bind(self, params: Params) -> nnx.Module:
+    """The NNX module holding `params` (shared storage resolved). For use inside models/ and tests."""
+    return nnx.merge(_graphdef(self), core.resolve(params))
+
+  def bind_block(self, block_params: Params) -> nnx.Module:
+    return nnx.merge(_block_graphdef(self), block_params)
+
+  # Forward pieces ---------------------------------------------------------------------------------------------
+
+  def context(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+              positions: jax.Array | None = None) -> layers.Context:
+    """Positions and attention mask for a full-sequence forward pass. tokens: [B, T] int."""
+    _check_tokens(tokens, attention_mask)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = layers.attention_mask(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), t,
+                                 causal=self.causal, key_valid=attention_mask, window=self._window())
+    return layers.Context(positions=positions, mask=mask)
+
+  def embed(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
+            token_types: jax.Array | None = None) -> jax.Array:
+    """tokens: [B, T] -> hidden states [B, T, D]."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return self.bind(params).embed(tokens, positions, token_types)
+
+  def block(self, block_params: Params, h: jax.Array, ctx: layers.Context) -> jax.Array:
+    """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D]."""
+    return self.bind_block(core.resolve(block_params))(h, ctx)[0]
+
+  def head(self, params: Params, h: jax.Array) -> jax.Array:
+    """Final norm and output head: h [B, T, D] -> logits [B, T, V] (or hidden states for an encoder)."""
+    return self.bind(params).head(h)
+
+  def apply(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+            positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
+    """tokens: [B, T] int -> logits [B, T, V] (causal LM, BERT with MLM head) or hidden states [B, T, D].
+
+    attention_mask: [B, T], 1 for real tokens and 0 for padding.
+    """
+    module = self.bind(params)
+    return module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
+
+  def hidden_states(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
+    """The last block's output, before the final norm and head: [B, T, D]."""
+    return self._trunk(self.bind(params), tokens, attention_mask, positions, token_types)
+
+  def _trunk(self, module, tokens, attention_mask, positions, token_types) -> jax.Array:
+    ctx = self.context(tokens, attention_mask=attention_mask, positions=positions)
+    h = module.embed(tokens, ctx.positions, token_types)
+    for blk in getattr(module, self.block_path):
+      h, _ = blk(h, ctx)
+    return h
+
+  # Calibration ------------------------------------------------------------------------------------------------
+
+  def linear_paths(self, params: Params) -> tuple[str, ...]:
+    """Path of every kernel that `core.linear` multiplies by (params may be abstract)."""
+    return tuple(_linear_names(self.bind(params)).values())
+
+  def linear_inputs(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None, token_types: jax.Array | None = None
+                    ) -> dict[str, jax.Array]:
+    """{kernel path: the input [B, T, in] it multiplied} for every linear layer, in call order."""
+    with layers.capture_inputs() as records:
+      module = self.bind(params)
+      module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
+    names = _linear_names(module)
+    return {names[i]: x for i, x in records.items()}
+
+  def block_linear_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Block output and {kernel path within the block: its input}: the calibration step of one layer."""
+    with layers.capture_inputs() as records:
+      blk = self.bind_block(core.resolve(block_params))
+      out, _ = blk(h, ctx)
+    names = _linear_names(blk)
+    return out, {names[i]: x for i, x in records.items()}
+
+  # Accounting -------------------------------------------------------------------------------------------------
+
+  def flops_per_token(self, params: Params, seq_len: int) -> dict[str, int]:
+    """FLOPs per token that no weight carries (attention scores and values; a tied head). For stats.summary."""
+    flops = {}
+    attn = 0
+    for i in range(self.num_layers(params)):
+      q = core.shape_of(core.paths.get(core.resolve(params), f'{self.block_path}/{i}/attn/q_proj/kernel'))
+      ctx_len = seq_len if self._window() is None else min(seq_len, self._window())
+      attn += 2 * 2 * q[1] * (ctx_len if not self.causal else (ctx_len + 1) / 2)
+    flops[f'attention (T={seq_len})'] = int(attn)
+    tied = self._tied_head_flops(params)
+    if tied:
+      flops['head (tied to embedding)'] = tied
+    return flops
+
+  def _tied_head_flops(self, params: Params) -> int:
+    return 0
+
+  def summary(self, params: Params, *, seq_len: int = 512, baseline: Params | None = None, by: str = 'block'):
+    """`core.stats.summary` with this model's attention and tied-head FLOPs added."""
+    return core.stats.summary(params, baseline=baseline, extra_flops=self.flops_per_token(params, seq_len), by=by)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_module(model: Model) -> nnx.Module:
+  return nnx.eval_shape(lambda: model._module(nnx.Rngs(params=0), jnp.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef(model: Model):
+  return nnx.split(_abstract_module(model))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_graphdef(model: Model):
+  return nnx.split(getattr(_abstract_module(model), model.block_path)[0])[0]
+
+
+def _linear_names(module: nnx.Module) -> dict[int, str]:
+  return {id(node): '/'.join(str(p) for p in path) + '/kernel'
+          for path, node in nnx.iter_graph(module) if isinstance(node, layers.Linear)}
+
+
+def _check_tokens(tokens: Any, attention_mask: Any) -> None:
+  if getattr(tokens, 'ndim', None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'tokens must be an integer array [batch, seq], got '
+                     f'{getattr(tokens, "dtype", type(tokens).__name__)} {getattr(tokens, "shape", "")}.')
+  if attention_mask is not None and tuple(attention_mask.shape) != tuple(tokens.shape):
+    raise ValueError(f'attention_mask shape {tuple(attention_mask.shape)} must equal tokens shape '
+                     f'{tuple(tokens.shape)}.')
+
+
+def tree_shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
+  return {p: tuple(core.shape_of(x)) for p, x in core.flatten(tree).items()}

@@ -1,0 +1,237 @@
+"""The BERT family (BERT, MiniLM, sentence-transformers encoders): post-LayerNorm bidirectional encoder.
+
+    params: embed/{tokens,positions,token_types}/embedding, embed/norm/{scale,bias}
+            layers/{i}/attn/{q,k,v,o}_proj/{kernel,bias}, layers/{i}/attn_norm/{scale,bias}
+            layers/{i}/mlp/{up,down}_proj/{kernel,bias},  layers/{i}/mlp_norm/{scale,bias}
+            pooler/dense/{kernel,bias}                                  (when the checkpoint has a pooler)
+            mlm_head/transform/{kernel,bias}, mlm_head/norm/{scale,bias}, mlm_head/bias   (masked-LM head)
+
+`apply` returns MLM logits when the model has an MLM head, else the last hidden states.
+`sentence_embedding` is the mean over real tokens (sentence-transformers' pooling), optionally L2-normalized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress import core
+from jaxcompress.models import base, convert, layers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = 'gelu'
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int | None = 0
+  pooler: bool = True  # BertModel's tanh pooler over [CLS]
+  mlm_head: bool = False  # BertForMaskedLM's prediction head (decoder tied to the token embedding)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    d, std = cfg.hidden_size, cfg.initializer_range
+    for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+      setattr(self, name, layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs))
+    self.head_dim = cfg.head_dim
+
+  def __call__(self, x, ctx: layers.Context, cache=None):
+    if cache is not None:
+      raise ValueError('BERT is an encoder; it has no KV cache.')
+    b, t, _ = x.shape
+    q, k, v = (p(x).reshape(b, t, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+    out = layers.dot_product_attention(q, k, v, ctx.mask, self.head_dim ** -0.5)
+    return self.o_proj(out.reshape(b, t, -1))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    d, std = cfg.hidden_size, cfg.initializer_range
+    self.attn = Attention(cfg, dtype, rngs)
+    self.attn_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.mlp = _MLP(cfg, dtype, rngs)
+    self.mlp_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+
+  def __call__(self, h, ctx: layers.Context, cache=None):
+    h = self.attn_norm(h + self.attn(h, ctx, cache))
+    return self.mlp_norm(h + self.mlp(h)), None
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    d, std = cfg.hidden_size, cfg.initializer_range
+    self.up_proj = layers.Linear(d, cfg.intermediate_size, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.down_proj = layers.Linear(cfg.intermediate_size, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.act = cfg.hidden_act
+
+  def __call__(self, x):
+    return self.down_proj(layers.activation(self.act)(self.up_proj(x)))
+
+
+class Embedder(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    std, d = cfg.initializer_range, cfg.hidden_size
+    self.tokens = layers.Embed(cfg.vocab_size, d, std=std, dtype=dtype, rngs=rngs)
+    self.positions = layers.Embed(cfg.max_position_embeddings, d, std=std, dtype=dtype, rngs=rngs)
+    self.token_types = layers.Embed(cfg.type_vocab_size, d, std=std, dtype=dtype, rngs=rngs)
+    self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+
+  def __call__(self, tokens, positions, token_types=None):
+    if token_types is None:
+      token_types = jnp.zeros_like(tokens)
+    h = self.tokens(tokens)
+    return self.norm(h + self.positions(positions, h.dtype) + self.token_types(token_types, h.dtype))
+
+
+class Pooler(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.dense = layers.Linear(d, d, bias=True, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
+
+  def __call__(self, h):
+    return jnp.tanh(self.dense(h[:, 0]))
+
+
+class MLMHead(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.transform = layers.Linear(d, d, bias=True, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
+    self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype))
+    self.act = cfg.hidden_act
+
+  def __call__(self, h, embed: layers.Embed):
+    h = self.norm(layers.activation(self.act)(self.transform(h)))
+    return embed.attend(h) + core.materialize(layers.value(self.bias)).astype(h.dtype)
+
+
+class BertEncoder(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
+    self.embed = Embedder(cfg, dtype, rngs)
+    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.pooler = Pooler(cfg, dtype, rngs) if cfg.pooler else None
+    self.mlm_head = MLMHead(cfg, dtype, rngs) if cfg.mlm_head else None
+
+  def head(self, h):
+    return h if self.mlm_head is None else self.mlm_head(h, self.embed.tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bert(base.Model):
+  """Spec of a BERT-family encoder."""
+
+  config: BertConfig
+
+  family: ClassVar[str] = 'bert'
+  causal: ClassVar[bool] = False
+  hf_model_types: ClassVar[tuple[str, ...]] = ('bert',)
+  hf_prefixes: ClassVar[tuple[str, ...]] = ('bert.', '')
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'cls\.seq_relationship\.', r'^cls\.predictions\.decoder\.bias$')
+
+  def _module(self, rngs, dtype):
+    return BertEncoder(self.config, dtype, rngs)
+
+  def _tied_head_flops(self, params):
+    return 2 * self.config.hidden_size * self.config.vocab_size if self.config.mlm_head else 0
+
+  def hf_export_prefix(self) -> str:
+    return 'bert.' if self.config.mlm_head else ''  # BertForMaskedLM nests the encoder under "bert."
+
+  def pooled(self, params, tokens, *, attention_mask=None, token_types=None) -> jax.Array:
+    """BertModel's pooler output: tanh(dense(h[:, 0])) -> [B, D]."""
+    if not self.config.pooler:
+      raise ValueError('this BERT has no pooler (the checkpoint had no pooler.dense weights).')
+    module = self.bind(params)
+    h = self._trunk(module, tokens, attention_mask, None, token_types)
+    return module.pooler(h)
+
+  def sentence_embedding(self, params, tokens, attention_mask, *, token_types=None, normalize: bool = True
+                         ) -> jax.Array:
+    """Mean of the last hidden states over real tokens -> [B, D] (L2-normalized by default)."""
+    h = self.hidden_states(params, tokens, attention_mask=attention_mask, token_types=token_types)
+    return mean_pool(h, attention_mask, normalize=normalize)
+
+  @classmethod
+  def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> Bert:
+    if getattr(hf, 'position_embedding_type', 'absolute') != 'absolute':
+      raise ValueError(f'BERT: position_embedding_type={hf.position_embedding_type!r} is not supported.')
+    has = lambda prefix: any(n.startswith(prefix) or n.startswith('bert.' + prefix) for n in tensor_names)
+    return cls(BertConfig(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size, hidden_act=hf.hidden_act,
+        max_position_embeddings=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size,
+        layer_norm_eps=hf.layer_norm_eps, initializer_range=hf.initializer_range, pad_token_id=hf.pad_token_id,
+        pooler=has('pooler.'), mlm_head=has('cls.predictions.')))
+
+  def hf_config(self):
+    import transformers
+    c = self.config
+    arch = 'BertForMaskedLM' if c.mlm_head else 'BertModel'
+    return transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
+        architectures=[arch])
+
+  def hf_table(self) -> list[convert.TensorMap]:
+    c = self.config
+    rows = [convert.same('embeddings.word_embeddings.weight', 'embed/tokens/embedding'),
+            convert.same('embeddings.position_embeddings.weight', 'embed/positions/embedding'),
+            convert.same('embeddings.token_type_embeddings.weight', 'embed/token_types/embedding'),
+            convert.same('embeddings.LayerNorm.weight', 'embed/norm/scale'),
+            convert.same('embeddings.LayerNorm.bias', 'embed/norm/bias')]
+    linears = {'attention.self.query': 'attn/q_proj', 'attention.self.key': 'attn/k_proj',
+               'attention.self.value': 'attn/v_proj', 'attention.output.dense': 'attn/o_proj',
+               'intermediate.dense': 'mlp/up_proj', 'output.dense': 'mlp/down_proj'}
+    for hf, ours in linears.items():
+      rows += [convert.linear_weight(f'encoder.layer.{{i}}.{hf}.weight', f'layers/{{i}}/{ours}/kernel'),
+               convert.same(f'encoder.layer.{{i}}.{hf}.bias', f'layers/{{i}}/{ours}/bias')]
+    for hf, ours in (('attention.output.LayerNorm', 'attn_norm'), ('output.LayerNorm', 'mlp_norm')):
+      rows += [convert.same(f'encoder.layer.{{i}}.{hf}.weight', f'layers/{{i}}/{ours}/scale'),
+               convert.same(f'encoder.layer.{{i}}.{hf}.bias', f'layers/{{i}}/{ours}/bias')]
+    if c.pooler:
+      rows += [convert.linear_weight('pooler.dense.weight', 'pooler/dense/kernel'),
+               convert.same('pooler.dense.bias', 'pooler/dense/bias')]
+    if c.mlm_head:
+      rows += [convert.linear_weight('cls.predictions.transform.dense.weight', 'mlm_head/transform/kernel'),
+               convert.same('cls.predictions.transform.dense.bias', 'mlm_head/transform/bias'),
+               convert.same('cls.predictions.transform.LayerNorm.weight', 'mlm_head/norm/scale'),
+               convert.same('cls.predictions.transform.LayerNorm.bias', 'mlm_head/norm/bias'),
+               convert.same('cls.predictions.bias', 'mlm_head/bias')]
+    return convert.expand(rows, c.num_layers)
+
+  def hf_tied(self) -> tuple[str, ...]:
+    return ('cls.predictions.decoder.weight',) if self.config.mlm_head else ()
+
+
+def mean_pool(h: jax.Array, attention_mask: jax.Array, *, normalize: bool = True) -> jax.Array:
+  """h: [B, T, D], attention_mask: [B, T] -> [B, D] mean over real tokens."""
+  m = attention_mask.astype(h.dtype)[..., None]
+  pooled = (h * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+  if normalize:
+    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+  return pooled

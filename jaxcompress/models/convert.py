@@ -1,0 +1,72 @@
+"""Conversion tables between Hugging Face tensor names and jaxcompress parameter paths.
+
+A family's table is a list of `TensorMap` rows: one HF tensor, the parameter path(s) it becomes, and a pair of
+hooks that convert the array each way (transpose a torch Linear weight, split GPT-2's fused qkv). `{i}` in a
+row stands for the layer index; `expand` writes one row per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ToOurs = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+ToHF = Callable[..., np.ndarray]
+
+
+def _same_in(x):
+  return (x,)
+
+
+def _same_out(x):
+  return x
+
+
+def _t_in(x):
+  return (np.ascontiguousarray(x.T),)
+
+
+def _t_out(x):
+  return np.ascontiguousarray(x.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """One HF tensor <-> one or more of our parameters."""
+
+  hf: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
+  ours: tuple[str, ...]  # e.g. ("layers/{i}/attn/q_proj/kernel",)
+  to_ours: ToOurs = _same_in  # HF array -> our arrays
+  to_hf: ToHF = _same_out  # our arrays -> HF array
+
+  def format(self, i: int) -> TensorMap:
+    return dataclasses.replace(self, hf=self.hf.format(i=i), ours=tuple(o.format(i=i) for o in self.ours))
+
+
+def same(hf: str, ours: str) -> TensorMap:
+  return TensorMap(hf, (ours,))
+
+
+def linear_weight(hf: str, ours: str) -> TensorMap:
+  """torch.nn.Linear stores [out, in]; our kernels are [in, out]."""
+  return TensorMap(hf, (ours,), _t_in, _t_out)
+
+
+def split(hf: str, ours: Sequence[str], axis: int) -> TensorMap:
+  """One fused HF tensor cut into equal parts along `axis` (GPT-2's c_attn -> q, k, v)."""
+  n = len(ours)
+  return TensorMap(hf, tuple(ours), lambda x: tuple(np.split(x, n, axis=axis)),
+                   lambda *xs: np.concatenate(xs, axis=axis))
+
+
+def expand(rows: Sequence[TensorMap], num_layers: int) -> list[TensorMap]:
+  """Rows with '{i}' repeated for every layer; others kept once."""
+  out = []
+  for row in rows:
+    if '{i}' in row.hf:
+      out += [row.format(i) for i in range(num_layers)]
+    else:
+      out.append(row)
+  return out

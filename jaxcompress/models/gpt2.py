@@ -1,0 +1,179 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, GELU (tanh) MLP, head tied to the token embedding.
+
+HF fuses q, k, v into one `c_attn` tensor; here they are three kernels so per-head methods see them apart.
+
+    params: embed/tokens/embedding [vocab, d], embed/positions/embedding [n_positions, d]
+            layers/{i}/attn_norm/{scale,bias}, layers/{i}/attn/{q,k,v,o}_proj/{kernel,bias}
+            layers/{i}/mlp_norm/{scale,bias}, layers/{i}/mlp/{up,down}_proj/{kernel,bias}
+            final_norm/{scale,bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress.models import base, convert, layers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPT2Config:
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int | None = None  # None: 4 * hidden_size
+  activation: str = 'gelu_new'
+  layer_norm_eps: float = 1e-5
+  scale_attn_weights: bool = True
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 50256
+  eos_token_id: int | None = 50256
+  pad_token_id: int | None = None
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def inner(self) -> int:
+    return self.intermediate_size or 4 * self.hidden_size
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
+    d, std = cfg.hidden_size, cfg.initializer_range
+    self.q_proj = layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.k_proj = layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.v_proj = layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.o_proj = layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x, ctx: layers.Context, cache=None):
+    hd = self.cfg.head_dim
+    b, t, _ = x.shape
+    q, k, v = (p(x).reshape(b, t, -1, hd) for p in (self.q_proj, self.k_proj, self.v_proj))
+    if cache is not None:
+      cache = layers.update_cache(cache, k, v, ctx.cache_index)
+      k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
+    scale = hd ** -0.5 if self.cfg.scale_attn_weights else 1.0
+    out = layers.dot_product_attention(q, k, v, ctx.mask, scale)
+    return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
+    d, std = cfg.hidden_size, cfg.initializer_range
+    self.up_proj = layers.Linear(d, cfg.inner, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.down_proj = layers.Linear(cfg.inner, d, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.act = cfg.activation
+
+  def __call__(self, x):
+    return self.down_proj(layers.activation(self.act)(self.up_proj(x)))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
+    self.attn_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.attn = Attention(cfg, dtype, rngs)
+    self.mlp_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, h, ctx: layers.Context, cache=None):
+    a, cache = self.attn(self.attn_norm(h), ctx, cache)
+    h = h + a
+    return h + self.mlp(self.mlp_norm(h)), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    hd = self.attn.cfg.head_dim
+    heads = layers.value(self.attn.k_proj.kernel).shape[1] // hd
+    return {n: jnp.zeros((batch, max_len, heads, hd), dtype) for n in ('k', 'v')}
+
+
+class Embedder(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
+    std = cfg.initializer_range
+    self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
+    self.positions = layers.Embed(cfg.n_positions, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
+
+  def __call__(self, tokens, positions, token_types=None):
+    del token_types
+    h = self.tokens(tokens)
+    return h + self.positions(positions, h.dtype)
+
+
+class GPT2LM(nnx.Module):
+
+  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
+    self.embed = Embedder(cfg, dtype, rngs)
+    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+
+  def head(self, h):
+    return self.embed.tokens.attend(self.final_norm(h))
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2(base.Model):
+  """Spec of a GPT-2 causal LM."""
+
+  config: GPT2Config
+
+  family: ClassVar[str] = 'gpt2'
+  causal: ClassVar[bool] = True
+  hf_model_types: ClassVar[tuple[str, ...]] = ('gpt2',)
+  hf_prefixes: ClassVar[tuple[str, ...]] = ('transformer.', '')
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'attn\.bias$', r'attn\.masked_bias$')
+
+  def _module(self, rngs, dtype):
+    return GPT2LM(self.config, dtype, rngs)
+
+  def _tied_head_flops(self, params):
+    return 2 * self.config.hidden_size * self.config.vocab_size
+
+  @classmethod
+  def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> GPT2:
+    if getattr(hf, 'scale_attn_by_inverse_layer_idx', False) or getattr(hf, 'reorder_and_upcast_attn', False):
+      raise ValueError('GPT-2 with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn is not supported.')
+    return cls(GPT2Config(
+        vocab_size=hf.vocab_size, n_positions=hf.n_positions, hidden_size=hf.n_embd, num_layers=hf.n_layer,
+        num_heads=hf.n_head, intermediate_size=hf.n_inner, activation=hf.activation_function,
+        layer_norm_eps=hf.layer_norm_epsilon, scale_attn_weights=hf.scale_attn_weights,
+        initializer_range=hf.initializer_range, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id))
+
+  def hf_config(self):
+    import transformers
+    c = self.config
+    return transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.hidden_size, n_layer=c.num_layers,
+        n_head=c.num_heads, n_inner=c.intermediate_size, activation_function=c.activation,
+        layer_norm_epsilon=c.layer_norm_eps, scale_attn_weights=c.scale_attn_weights,
+        initializer_range=c.initializer_range, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id, architectures=['GPT2LMHeadModel'])
+
+  def hf_table(self) -> list[convert.TensorMap]:
+    # GPT-2's Conv1D weights are already [in, out].
+    rows = [convert.same('wte.weight', 'embed/tokens/embedding'),
+            convert.same('wpe.weight', 'embed/positions/embedding'),
+            convert.same('ln_f.weight', 'final_norm/scale'), convert.same('ln_f.bias', 'final_norm/bias'),
+            convert.split('h.{i}.attn.c_attn.weight', [f'layers/{{i}}/attn/{p}_proj/kernel' for p in 'qkv'], 1),
+            convert.split('h.{i}.attn.c_attn.bias', [f'layers/{{i}}/attn/{p}_proj/bias' for p in 'qkv'], 0)]
+    for hf, ours in (('ln_1', 'attn_norm'), ('ln_2', 'mlp_norm')):
+      rows += [convert.same(f'h.{{i}}.{hf}.weight', f'layers/{{i}}/{ours}/scale'),
+               convert.same(f'h.{{i}}.{hf}.bias', f'layers/{{i}}/{ours}/bias')]
+    for hf, ours in (('attn.c_proj', 'attn/o_proj'), ('mlp.c_fc', 'mlp/up_proj'), ('mlp.c_proj', 'mlp/down_proj')):
+      rows += [convert.same(f'h.{{i}}.{hf}.weight', f'layers/{{i}}/{ours}/kernel'),
+               convert.same(f'h.{{i}}.{hf}.bias', f'layers/{{i}}/{ours}/bias')]
+    return convert.expand(rows, self.config.num_layers)
+
+  def hf_tied(self) -> tuple[str, ...]:
+    return ('lm_head.weight',)

@@ -1,0 +1,209 @@
+"""Flax NNX building blocks shared by the model families.
+
+Every matmul goes through `jaxcompress.core.linear`, so any weight may be dense or compressed. Sizes (heads,
+MLP width) are read from the weights at call time, never stored, so structurally pruned blocks still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcompress import core
+
+# Linear layers record their inputs here while `capture_inputs()` is active (see Model.linear_inputs).
+_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar('jaxcompress_capture', default=None)
+
+
+@contextlib.contextmanager
+def capture_inputs():
+  """Within this context every `Linear` call stores its input, keyed by id(module)."""
+  records: dict[int, jax.Array] = {}
+  token = _CAPTURE.set(records)
+  try:
+    yield records
+  finally:
+    _CAPTURE.reset(token)
+
+
+def value(v: nnx.Variable | None):
+  """The (possibly compressed) value held by an NNX variable; None passes through."""
+  return None if v is None else v.get_value()
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias). kernel: [in, out]."""
+
+  def __init__(self, din: int, dout: int, *, bias: bool, std: float, dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(normal_init(rngs, (din, dout), std, dtype))
+    self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    records = _CAPTURE.get()
+    if records is not None:
+      records[id(self)] = x
+    return core.linear(x, value(self.kernel), value(self.bias))
+
+
+class Embed(nnx.Module):
+  """Token (or position) embedding table: [vocab, d]."""
+
+  def __init__(self, num: int, dim: int, *, std: float, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(normal_init(rngs, (num, dim), std, dtype))
+
+  def __call__(self, ids: jax.Array, dtype=None) -> jax.Array:
+    return core.embedding_lookup(value(self.embedding), ids, dtype)
+
+  def attend(self, h: jax.Array) -> jax.Array:
+    """h: [..., d] -> logits [..., vocab] with the table as a tied output head."""
+    return core.linear_transposed(h, value(self.embedding))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (as Llama's reference implementation does)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return core.materialize(value(self.scale)).astype(x.dtype) * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Standard LayerNorm with scale and bias, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * core.materialize(value(self.scale)).astype(jnp.float32)
+    return (y + core.materialize(value(self.bias)).astype(jnp.float32)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}.')
+  return ACTIVATIONS[name]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every block needs besides its input.
+
+  positions:   [batch, q_len] int32 absolute positions of the queries.
+  mask:        [batch, 1, q_len, k_len] bool, True where a query may attend to a key.
+  cache_index: int32 scalar: where this step's keys are written in a KV cache (None without a cache).
+  """
+
+  positions: jax.Array
+  mask: jax.Array
+  cache_index: jax.Array | None = None
+
+
+def attention_mask(q_pos: jax.Array, k_len: int, *, causal: bool, key_valid: jax.Array | None = None,
+                   window: int | None = None) -> jax.Array:
+  """q_pos: [B, T] absolute query positions; keys sit at positions 0..k_len-1 -> [B, 1, T, k_len] bool."""
+  k_pos = jnp.arange(k_len, dtype=jnp.int32)[None, None, :]
+  q = q_pos[:, :, None]
+  allowed = jnp.ones((q_pos.shape[0], q_pos.shape[1], k_len), bool)
+  if causal:
+    allowed &= k_pos <= q
+  if window is not None:
+    allowed &= q - k_pos < window
+  if key_valid is not None:
+    allowed &= key_valid[:, None, :].astype(bool)
+  return allowed[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+                          ) -> jax.Array:
+  """Grouped-query attention with a float32 softmax.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K; mask: [B, 1, T, S] bool -> [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  if n % kv:
+    raise ValueError(f'attention: {n} query heads are not a multiple of {kv} key/value heads.')
+  q = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
+  """Writes k, v: [B, T, K, H] at position `index` of cache {'k','v': [B, S, K, H]}."""
+  start = (0, index, 0, 0)
+  return {'k': jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start),
+          'v': jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)}
+
+
+# Rotary position embedding ----------------------------------------------------------------------------------
+
+
+def rope_frequencies(head_dim: int, theta: float, rope: tuple = ()) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [head_dim // 2] (float64 numpy) and the attention scaling, for a rope spec.
+
+  rope: () for plain RoPE, or a sorted tuple of (key, value) pairs from the HF `rope_parameters`
+  ('linear' divides positions; 'llama3' rescales low frequencies as in Llama 3.1).
+  """
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  params = dict(rope)
+  kind = params.get('rope_type', 'default')
+  if kind == 'default':
+    return inv, 1.0
+  if kind == 'linear':
+    return inv / params['factor'], 1.0
+  if kind == 'llama3':
+    factor, lo, hi = params['factor'], params['low_freq_factor'], params['high_freq_factor']
+    old_len = params['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    return np.where(medium, smoothed, scaled), 1.0
+  raise ValueError(f"rope_type {kind!r} is not supported; supported: 'default', 'linear', 'llama3'.")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
+  """x: [B, T, N, H], positions: [B, T] -> x rotated, with the half-split layout of HF checkpoints."""
+  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)

@@ -1,0 +1,237 @@
+"""The Llama family: Llama 2/3 (with Llama 3 RoPE scaling), Mistral (sliding window), Qwen2 (qkv bias).
+
+Pre-norm decoder: RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU MLP.
+
+    params: embed/tokens/embedding                [vocab, d]
+            layers/{i}/attn_norm/scale            [d]
+            layers/{i}/attn/{q,k,v,o}_proj/kernel [d, heads * head_dim] ... ; bias for Qwen2's q, k, v
+            layers/{i}/mlp_norm/scale             [d]
+            layers/{i}/mlp/{gate,up,down}_proj/kernel
+            final_norm/scale                      [d]
+            lm_head/kernel                        [d, vocab]   (absent when tied to the embedding)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress.models import base, convert, layers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32  # fewer than num_heads: grouped-query attention
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope: tuple = ()  # sorted (key, value) pairs of HF rope_parameters beyond theta, e.g. llama3 scaling
+  max_position_embeddings: int = 4096
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2: True
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions only
+  hidden_act: str = 'silu'
+  model_type: str = 'llama'  # 'llama' | 'mistral' | 'qwen2': the HF class written on export
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 1
+  eos_token_id: int | None = 2
+  pad_token_id: int | None = None
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    d, hd, std = cfg.hidden_size, cfg.dim_per_head, cfg.initializer_range
+    self.q_proj = layers.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, std=std, dtype=dtype, rngs=rngs)
+    self.k_proj = layers.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, std=std, dtype=dtype, rngs=rngs)
+    self.v_proj = layers.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, std=std, dtype=dtype, rngs=rngs)
+    self.o_proj = layers.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, std=std, dtype=dtype, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x, ctx: layers.Context, cache=None):
+    cfg, hd = self.cfg, self.cfg.dim_per_head
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, -1, hd)
+    k = self.k_proj(x).reshape(b, t, -1, hd)
+    v = self.v_proj(x).reshape(b, t, -1, hd)
+    inv_freq, scaling = layers.rope_frequencies(hd, cfg.rope_theta, cfg.rope)
+    q = layers.apply_rope(q, ctx.positions, inv_freq, scaling)
+    k = layers.apply_rope(k, ctx.positions, inv_freq, scaling)
+    if cache is not None:
+      cache = layers.update_cache(cache, k, v, ctx.cache_index)
+      k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
+    out = layers.dot_product_attention(q, k, v, ctx.mask, hd ** -0.5)
+    return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+    self.gate_proj = layers.Linear(d, f, bias=cfg.mlp_bias, std=std, dtype=dtype, rngs=rngs)
+    self.up_proj = layers.Linear(d, f, bias=cfg.mlp_bias, std=std, dtype=dtype, rngs=rngs)
+    self.down_proj = layers.Linear(f, d, bias=cfg.mlp_bias, std=std, dtype=dtype, rngs=rngs)
+    self.act = cfg.hidden_act
+
+  def __call__(self, x):
+    return self.down_proj(layers.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.attn_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(cfg, dtype, rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, h, ctx: layers.Context, cache=None):
+    a, cache = self.attn(self.attn_norm(h), ctx, cache)
+    h = h + a
+    return h + self.mlp(self.mlp_norm(h)), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    hd = self.attn.cfg.dim_per_head
+    kv_heads = layers.value(self.attn.k_proj.kernel).shape[1] // hd
+    return {n: jnp.zeros((batch, max_len, kv_heads, hd), dtype) for n in ('k', 'v')}
+
+
+class LlamaLM(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.embed = _Embedder(cfg, dtype, rngs)
+    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+    self.lm_head = None if cfg.tie_embeddings else layers.Linear(
+        cfg.hidden_size, cfg.vocab_size, bias=False, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
+
+  def head(self, h):
+    h = self.final_norm(h)
+    return self.embed.tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+
+class _Embedder(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+    self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype,
+                               rngs=rngs)
+
+  def __call__(self, tokens, positions, token_types=None):
+    del positions, token_types  # rotary positions are applied inside attention
+    return self.tokens(tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama(base.Model):
+  """Spec of a Llama / Mistral / Qwen2 causal LM."""
+
+  config: LlamaConfig
+
+  family: ClassVar[str] = 'llama'
+  causal: ClassVar[bool] = True
+  hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
+  hf_prefixes: ClassVar[tuple[str, ...]] = ('',)
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'rotary_emb\.inv_freq$',)
+
+  def _module(self, rngs, dtype):
+    return LlamaLM(self.config, dtype, rngs)
+
+  def _window(self):
+    return self.config.sliding_window
+
+  def _tied_head_flops(self, params):
+    return 2 * self.config.hidden_size * self.config.vocab_size if self.config.tie_embeddings else 0
+
+  # Hugging Face -----------------------------------------------------------------------------------------------
+
+  @classmethod
+  def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> Llama:
+    mt = hf.model_type
+    rope_params = dict(getattr(hf, 'rope_parameters', None) or {})
+    theta = rope_params.pop('rope_theta', getattr(hf, 'rope_theta', 10000.0))
+    if rope_params.get('rope_type', 'default') == 'default':
+      rope_params = {}
+    layers.rope_frequencies(8, theta, tuple(sorted(rope_params.items())))  # fails early if unsupported
+    window = None
+    if mt == 'mistral':
+      window = getattr(hf, 'sliding_window', None)
+    elif mt == 'qwen2' and getattr(hf, 'use_sliding_window', False):
+      raise ValueError('Qwen2 with use_sliding_window=True (per-layer windows) is not supported.')
+    if getattr(hf, 'hidden_act', 'silu') != 'silu':
+      raise ValueError(f'{mt}: hidden_act={hf.hidden_act!r} is not supported; the Llama family uses silu.')
+    attn_bias = bool(getattr(hf, 'attention_bias', False))
+    cfg = LlamaConfig(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, 'num_key_value_heads', None) or hf.num_attention_heads,
+        head_dim=getattr(hf, 'head_dim', None), rms_norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
+        rope=tuple(sorted(rope_params.items())), max_position_embeddings=hf.max_position_embeddings,
+        tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=(mt == 'qwen2') or attn_bias,
+        o_bias=attn_bias and mt != 'qwen2', mlp_bias=bool(getattr(hf, 'mlp_bias', False)),
+        sliding_window=window, model_type=mt, initializer_range=hf.initializer_range,
+        bos_token_id=hf.bos_token_id, eos_token_id=_first(hf.eos_token_id), pad_token_id=hf.pad_token_id)
+    return cls(cfg)
+
+  def hf_config(self):
+    import transformers
+    c = self.config
+    kwargs = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.dim_per_head, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_embeddings, hidden_act=c.hidden_act, initializer_range=c.initializer_range,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        rope_parameters={'rope_theta': c.rope_theta, 'rope_type': 'default', **dict(c.rope)})
+    if c.model_type == 'llama':
+      if c.qkv_bias != c.o_bias:
+        raise ValueError('Llama export: HF Llama has one attention_bias flag; q/k/v and o biases differ.')
+      return transformers.LlamaConfig(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias,
+                                      architectures=['LlamaForCausalLM'], **kwargs)
+    if c.model_type == 'mistral':
+      return transformers.MistralConfig(sliding_window=c.sliding_window, architectures=['MistralForCausalLM'],
+                                        **kwargs)
+    if c.model_type == 'qwen2':
+      return transformers.Qwen2Config(use_sliding_window=False, architectures=['Qwen2ForCausalLM'], **kwargs)
+    raise ValueError(f'Llama export: unknown model_type {c.model_type!r}.')
+
+  def hf_table(self) -> list[convert.TensorMap]:
+    c = self.config
+    rows = [convert.same('model.embed_tokens.weight', 'embed/tokens/embedding'),
+            convert.same('model.layers.{i}.input_layernorm.weight', 'layers/{i}/attn_norm/scale'),
+            convert.same('model.layers.{i}.post_attention_layernorm.weight', 'layers/{i}/mlp_norm/scale'),
+            convert.same('model.norm.weight', 'final_norm/scale')]
+    for p in ('q', 'k', 'v', 'o'):
+      rows.append(convert.linear_weight(f'model.layers.{{i}}.self_attn.{p}_proj.weight',
+                                        f'layers/{{i}}/attn/{p}_proj/kernel'))
+      if (c.qkv_bias and p != 'o') or (c.o_bias and p == 'o'):
+        rows.append(convert.same(f'model.layers.{{i}}.self_attn.{p}_proj.bias', f'layers/{{i}}/attn/{p}_proj/bias'))
+    for p in ('gate', 'up', 'down'):
+      rows.append(convert.linear_weight(f'model.layers.{{i}}.mlp.{p}_proj.weight', f'layers/{{i}}/mlp/{p}_proj/kernel'))
+      if c.mlp_bias:
+        rows.append(convert.same(f'model.layers.{{i}}.mlp.{p}_proj.bias', f'layers/{{i}}/mlp/{p}_proj/bias'))
+    if not c.tie_embeddings:
+      rows.append(convert.linear_weight('lm_head.weight', 'lm_head/kernel'))
+    return convert.expand(rows, c.num_layers)
+
+  def hf_tied(self) -> tuple[str, ...]:
+    """HF tensors that may be absent because transformers ties them."""
+    return ('lm_head.weight',) if self.config.tie_embeddings else ()
+
+
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
