@@ -1,0 +1,156 @@
+"""`core.serialize`: compact safetensors round trips, byte accounting and damaged files."""
+
+from __future__ import annotations
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxcompress import core
+from jaxcompress.core import serialize, stats
+
+IN, OUT, RANK = 64, 8, 3
+
+
+def _normal(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def _mask(seed: int, shape: tuple[int, ...]) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(100 + seed).uniform(size=shape) < 0.3)
+
+
+def _every_kind() -> dict:
+  """A tree with int layer keys holding every leaf kind and the awkward formats."""
+  params = {
+      'embed': {'embedding': _normal(0, (7, IN), jnp.bfloat16)},
+      'layers': {
+          0: {'attn': {'kernel': core.Masked(_normal(1, (IN, OUT)), _mask(1, (IN, OUT))),
+                       'bias': _normal(2, (OUT,), jnp.bfloat16)},
+              'mlp': {'kernel': core.Masked(core.quantize(_normal(3, (IN, OUT)), bits=4, group_size=16),
+                                            _mask(3, (IN, OUT)))},
+              'up': {'kernel': _normal(4, (IN, OUT))}},
+          1: {'attn': {'kernel': core.LowRank(core.quantize(_normal(5, (IN, RANK)), bits=3, group_size=16),
+                                              core.quantize(_normal(6, (RANK, OUT)), fmt='fp8', group_size=None))},
+              'mlp': {'kernel': core.quantize(_normal(7, (IN, OUT), jnp.bfloat16), bits=2, group_size=8)},
+              'up': {'kernel': _normal(8, (IN, OUT))}},
+          2: {'attn': {'kernel': core.Masked(_normal(9, (IN, OUT), jnp.bfloat16), _mask(9, (1, OUT)))},
+              'mlp': {'kernel': core.quantize(_normal(10, (IN, OUT)), fmt='nf4', group_size=None, pack=False)},
+              'up': {'kernel': core.quantize(_normal(11, (IN, OUT)), bits=3, group_size=None, symmetric=True)}},
+      },
+      'head': {'kernel': core.quantize(_normal(12, (IN, 5)), fmt='fp8', group_size=16)},
+      'norm': {'scale': jnp.ones((IN,), jnp.bfloat16)},
+  }
+  return core.tie(params, ['layers/0/up/kernel', 'layers/1/up/kernel'], name='up')
+
+
+def _canonical(tree: dict) -> dict:
+  """Masked plain values with their dropped entries zeroed, as the file stores them."""
+
+  def canon(w):
+    if isinstance(w, core.Masked) and not core.is_compressed(w.value):
+      return core.Masked(jnp.where(w.mask, w.value, 0).astype(w.value.dtype), w.mask)
+    return w
+
+  return jax.tree.map(canon, tree, is_leaf=core.is_weight_leaf)
+
+
+@pytest.fixture(scope='module')
+def params() -> dict:
+  return _every_kind()
+
+
+def test_round_trip_preserves_structure_and_values(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params, metadata={'step': 3})
+  back = serialize.load(path)
+  # Same tree structure (int layer keys included), same static formats, same dtypes.
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  assert list(back['layers']) == [0, 1, 2]
+  chex.assert_trees_all_equal_dtypes(back, params)
+  chex.assert_trees_all_equal_shapes(back, params)
+  chex.assert_trees_all_equal(core.materialize_tree(core.resolve(back)),
+                              core.materialize_tree(core.resolve(params)))
+  # The stored arrays come back bit for bit (packed codes re-packed, fp8 codes as fp8), except that a masked
+  # plain value keeps only its kept entries.
+  chex.assert_trees_all_equal(_canonical(back), _canonical(params))
+  assert isinstance(back['layers'][1]['up']['kernel'], core.Shared)
+  assert serialize.user_metadata(path) == {'step': 3}
+  assert sorted(os.listdir(tmp_path)) == ['model.jc.safetensors']
+
+
+def test_returned_bytes_equal_stats_disk_and_tensors_in_file(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  written = serialize.save(path, params)
+  assert written == stats.totals(params).disk
+  with safe_open(str(path), 'numpy') as f:
+    in_file = sum(f.get_tensor(k).nbytes for k in f.keys())
+  assert written == in_file
+  # Compressed on disk: well under the bytes of the dense float32 arrays it stands for.
+  assert written < stats.totals(core.materialize_tree(core.resolve(params))).disk / 2
+
+
+def test_per_leaf_disk_bytes_match_file(params, tmp_path):
+  counts = stats.leaf_counts(params)
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params)
+  with safe_open(str(path), 'numpy') as f:
+    per_leaf: dict[str, int] = {}
+    for k in f.keys():
+      leaf = k.split('.')[0]
+      per_leaf[leaf] = per_leaf.get(leaf, 0) + f.get_tensor(k).nbytes
+  for leaf_path, c in counts.items():
+    assert per_leaf.get(leaf_path, 0) == c.disk, leaf_path
+
+
+@pytest.mark.parametrize('bits', [1, 2, 3, 5, 7, 8])
+def test_pack_bits_round_trip_is_tight(bits):
+  n = 37
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=n, dtype=np.uint8)
+  data = serialize.pack_bits(codes, bits)
+  assert data.dtype == np.uint8 and data.size == -(-n * bits // 8)
+  np.testing.assert_array_equal(serialize.unpack_bits(data, bits, n), codes)
+
+
+def test_truncated_file_raises_value_error(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params)
+  data = path.read_bytes()
+  for cut in (len(data) - 3, len(data) // 2, 16, 4):
+    bad = tmp_path / f'cut{cut}.safetensors'
+    bad.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match='truncated'):
+      serialize.load(bad)
+
+
+def test_foreign_safetensors_file_raises_value_error(tmp_path):
+  plain = tmp_path / 'hf.safetensors'
+  save_file({'weight': np.ones((2, 2), np.float32)}, str(plain))
+  with pytest.raises(ValueError, match='format'):
+    serialize.load(plain)
+  other = tmp_path / 'other.safetensors'
+  save_file({'weight': np.ones((2, 2), np.float32)}, str(other), metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match="'pt'"):
+    serialize.load(other)
+
+
+def test_missing_file_raises_value_error(tmp_path):
+  with pytest.raises(ValueError, match='not a readable safetensors file'):
+    serialize.load(tmp_path / 'absent.safetensors')
+
+
+def test_overwrite_leaves_no_temporary_file(tmp_path):
+  path = tmp_path / 'w.jc.safetensors'
+  first = {'a': {'kernel': jnp.ones((4, 4))}}
+  second = {'a': {'kernel': core.Masked(jnp.full((4, 4), 2.0), jnp.eye(4, dtype=bool))}}
+  serialize.save(path, first)
+  serialize.save(path, second)
+  assert sorted(os.listdir(tmp_path)) == ['w.jc.safetensors']
+  back = serialize.load(path)
+  np.testing.assert_array_equal(np.asarray(core.materialize(back['a']['kernel'])), 2.0 * np.eye(4))

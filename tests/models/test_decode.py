@@ -1,0 +1,86 @@
+"""KV-cache decoding against the full forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress import models
+from jaxcompress.models import decode
+
+SPECS = {
+    'llama_gqa': models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                                                 num_heads=4, num_kv_heads=2, max_position_embeddings=64)),
+    'mistral_window': models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                      num_layers=2, num_heads=4, num_kv_heads=1, sliding_window=5,
+                                                      model_type='mistral')),
+    'gpt2': models.GPT2(models.GPT2Config(vocab_size=64, n_positions=64, hidden_size=32, num_layers=2, num_heads=4)),
+}
+PROMPT = jnp.asarray(np.random.RandomState(0).randint(0, 64, (3, 7)), jnp.int32)
+
+
+def _scaled(params):
+  # Larger weights make the greedy choices well separated, so float rounding cannot flip them.
+  return jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, params)
+
+
+@pytest.mark.parametrize('name', sorted(SPECS))
+def test_cached_logits_equal_full_forward(name):
+  spec = SPECS[name]
+  params = spec.init(jax.random.key(1))
+  tokens = jnp.asarray(np.random.RandomState(2).randint(0, 64, (2, 12)), jnp.int32)
+  full = jax.jit(spec.apply)(params, tokens)
+  step = jax.jit(lambda p, t, c, i: decode.forward_cached(spec, p, t, c, i))
+  cache = decode.init_cache(spec, params, 2, 16)
+  logits, cache = step(params, tokens[:, :5], cache, jnp.int32(0))
+  steps = [logits]
+  for t in range(5, 12):
+    logits, cache = step(params, tokens[:, t:t + 1], cache, jnp.int32(t))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', sorted(SPECS))
+def test_greedy_matches_argmax_loop(name):
+  spec = SPECS[name]
+  params = _scaled(spec.init(jax.random.key(1)))
+  out = models.generate(spec, params, PROMPT, max_new_tokens=6)
+  # Causal: positions after t do not change the logits at t, so one fixed-length jitted forward suffices.
+  seq = np.zeros((3, 13), np.int32)
+  seq[:, :7] = PROMPT
+  apply = jax.jit(spec.apply)
+  for t in range(7, 13):
+    seq[:, t] = np.argmax(apply(params, jnp.asarray(seq))[:, t - 1], axis=-1)
+  np.testing.assert_array_equal(out, seq)
+
+
+def test_sampling_is_reproducible_per_key():
+  spec = SPECS['llama_gqa']
+  params = spec.init(jax.random.key(1))
+  run = lambda seed: models.generate(spec, params, PROMPT, max_new_tokens=12, temperature=1.0, top_k=20,
+                                     key=jax.random.key(seed))
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0), run(1))
+
+
+def test_top_k_one_is_greedy():
+  spec = SPECS['gpt2']
+  params = spec.init(jax.random.key(1))
+  sampled = models.generate(spec, params, PROMPT, max_new_tokens=5, temperature=0.7, top_k=1,
+                            key=jax.random.key(3))
+  np.testing.assert_array_equal(sampled, models.generate(spec, params, PROMPT, max_new_tokens=5))
+
+
+def test_generate_bad_input():
+  spec = SPECS['gpt2']
+  params = spec.init(jax.random.key(1))
+  with pytest.raises(ValueError, match='needs key'):
+    models.generate(spec, params, PROMPT, max_new_tokens=2, temperature=1.0)
+  with pytest.raises(ValueError, match='max_new_tokens'):
+    models.generate(spec, params, PROMPT, max_new_tokens=0)
+  with pytest.raises(ValueError, match='learned positions'):
+    models.generate(spec, params, PROMPT, max_new_tokens=60)
+  bert = models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                       intermediate_size=48))
+  with pytest.raises(ValueError, match='encoder'):
+    models.generate(bert, bert.init(jax.random.key(0)), PROMPT, max_new_tokens=2)
