@@ -1,6 +1,6 @@
 """The pytree vocabulary every compression family shares.
 
-Typed weights (`Masked`, `Quantized`, `LowRank`, `Shared`), the one `linear` every model calls, path
+Typed weights (`Masked`, `Quantized`, `LowRank`, `LoRA`, `Shared`), the one `linear` every model calls, path
 selection, size accounting and compact serialization. Nothing here knows about models.
 """
 
@@ -9,7 +9,7 @@ from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compress
                                    materialize, materialize_tree, matmul_flops, memory_bytes, nonzeros,
                                    shape_of, stored_params)
 from jaxcompress.core.linear import embedding_lookup, linear, linear_transposed
-from jaxcompress.core.lowrank import LowRank
+from jaxcompress.core.lowrank import LoRA, LowRank
 from jaxcompress.core.masked import Masked
 from jaxcompress.core.paths import flatten, map_with_path
 from jaxcompress.core.quantized import Quantized, fake_quantize, quantize

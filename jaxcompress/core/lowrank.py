@@ -23,6 +23,8 @@ class LowRank(leaf_lib.Compressed):
   b: leaf_lib.Weight
 
   def __post_init__(self):
+    if not all(hasattr(f, 'shape') for f in (self.a, self.b)):
+      return  # tree utilities rebuild leaves with None or sentinel children
     sa, sb = leaf_lib.shape_of(self.a), leaf_lib.shape_of(self.b)
     if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0]:
       raise ValueError(f'LowRank: factors must be a [in, rank] and b [rank, out]; got a {sa}, b {sb}.')
@@ -57,3 +59,50 @@ class LowRank(leaf_lib.Compressed):
 
   def matmul_flops(self):
     return leaf_lib.matmul_flops(self.a) + leaf_lib.matmul_flops(self.b)
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class LoRA(leaf_lib.Compressed):
+  """W = base + scale · lora_a @ lora_b: a frozen base with a trainable low-rank adapter (Hu et al., 2021).
+
+  base: [in, out], dense or compressed (a `Quantized` base is QLoRA); lora_a: [in, r]; lora_b: [r, out].
+  scale: alpha / r, static.
+  """
+
+  base: leaf_lib.Weight
+  lora_a: leaf_lib.Weight
+  lora_b: leaf_lib.Weight
+  scale: float = leaf_lib.static(default=1.0)
+
+  @property
+  def rank(self) -> int:
+    return leaf_lib.shape_of(self.lora_a)[1]
+
+  @property
+  def shape(self):
+    return leaf_lib.shape_of(self.base)
+
+  @property
+  def dtype(self):
+    return leaf_lib.dtype_of(self.lora_a)
+
+  def materialize(self):
+    delta = leaf_lib.materialize(self.lora_a) @ leaf_lib.materialize(self.lora_b)
+    return (leaf_lib.materialize(self.base).astype(delta.dtype) + self.scale * delta)
+
+  def matmul(self, x: jax.Array) -> jax.Array:
+    from jaxcompress.core.linear import linear
+    return linear(x, self.base) + self.scale * linear(linear(x, self.lora_a), self.lora_b)
+
+  def stored_params(self):
+    return sum(leaf_lib.stored_params(w) for w in (self.base, self.lora_a, self.lora_b))
+
+  def memory_bytes(self):
+    return sum(leaf_lib.memory_bytes(w) for w in (self.base, self.lora_a, self.lora_b))
+
+  def disk_bytes(self):
+    return sum(leaf_lib.disk_bytes(w) for w in (self.base, self.lora_a, self.lora_b))
+
+  def matmul_flops(self):
+    return sum(leaf_lib.matmul_flops(w) for w in (self.base, self.lora_a, self.lora_b))

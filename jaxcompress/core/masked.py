@@ -28,9 +28,10 @@ class Masked(leaf_lib.Compressed):
   mask: leaf_lib.Array
 
   def __post_init__(self):
-    vshape, mshape = leaf_lib.shape_of(self.value), tuple(self.mask.shape)
-    if isinstance(self.mask, jax.ShapeDtypeStruct | jax.Array | np.ndarray) and len(mshape) == len(vshape):
-      if any(m not in (1, v) for m, v in zip(mshape, vshape)):
+    # Checked only for real arrays: tree utilities rebuild leaves with None or sentinel children.
+    if _has_shape(self.value) and _has_shape(self.mask):
+      vshape, mshape = leaf_lib.shape_of(self.value), tuple(self.mask.shape)
+      if len(mshape) != len(vshape) or any(m not in (1, v) for m, v in zip(mshape, vshape)):
         raise ValueError(f'Masked: mask shape {mshape} does not broadcast to value shape {vshape}; '
                          'give a mask of the same shape or with 1 on broadcast axes.')
 
@@ -72,3 +73,7 @@ class Masked(leaf_lib.Compressed):
     if leaf_lib.is_compressed(self.value):
       return round(leaf_lib.matmul_flops(self.value) * self.kept() / self.size)
     return 2 * self.kept()
+
+
+def _has_shape(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')

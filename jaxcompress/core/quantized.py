@@ -153,6 +153,8 @@ def _grouped(w: jax.Array, group_size: int | None) -> jax.Array:
   """[in, out] -> [groups, group_size, out]."""
   rows = w.shape[0]
   gs = rows if group_size is None else group_size
+  if not isinstance(gs, int) or gs <= 0:
+    raise ValueError(f'group_size={group_size!r} must be a positive integer (or None for one group per column).')
   if rows % gs:
     raise ValueError(f'group_size={group_size} does not divide the input dimension {rows}; '
                      f'pick a divisor of {rows} or group_size=None for one group per column.')
@@ -193,6 +195,8 @@ def quantize(w: jax.Array, *, bits: int = 4, group_size: int | None = 128, fmt: 
   w = jnp.asarray(w)
   if w.ndim != 2:
     raise ValueError(f'quantize: expected a 2-D weight [in, out], got shape {w.shape}.')
+  if not isinstance(bits, int) or not 1 <= bits <= 8:
+    raise ValueError(f'quantize: bits={bits!r} must be an integer in 1..8.')
   if fmt not in ('int', 'nf4', 'fp8'):
     raise ValueError(f"quantize: fmt={fmt!r}; round-to-nearest supports 'int', 'nf4', 'fp8'.")
   scale_dtype = w.dtype if scale_dtype is None else scale_dtype

@@ -115,6 +115,7 @@ def select(params: Any, include: Patterns = KERNELS, exclude: Patterns = (), *, 
 
 
 def select_by(params: Any, rules: Rules) -> Selection:
+  _compile(rules.include), _compile(rules.exclude)  # bad patterns fail here, whatever the tree holds
   flat = paths_lib.flatten(params)
   chosen = [(p, x) for p, x in flat.items() if rules.matches(p)]
   return Selection(paths=tuple(p for p, _ in chosen), kinds=tuple(kind_of(x) for _, x in chosen),

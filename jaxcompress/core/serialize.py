@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from safetensors import safe_open
 
 from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.core.lowrank import LowRank
+from jaxcompress.core.lowrank import LoRA, LowRank
 from jaxcompress.core.masked import Masked
 from jaxcompress.core.quantized import Quantized
 from jaxcompress.core.shared import Shared
@@ -76,6 +76,10 @@ def _encode(name: str, w: Any, tensors: dict[str, np.ndarray]) -> dict:
                                                if getattr(w, f) is not None]}
   if isinstance(w, LowRank):
     return {'kind': 'lowrank', 'a': _encode(name + '.a', w.a, tensors), 'b': _encode(name + '.b', w.b, tensors)}
+  if isinstance(w, LoRA):
+    return {'kind': 'lora', 'scale': w.scale, 'base': _encode(name + '.base', w.base, tensors),
+            'lora_a': _encode(name + '.lora_a', w.lora_a, tensors),
+            'lora_b': _encode(name + '.lora_b', w.lora_b, tensors)}
   if isinstance(w, Shared):
     return {'kind': 'shared', 'name': w.name, 'shape': list(w.shape), 'dtype': w.ref_dtype}
   if leaf_lib.is_compressed(w):
@@ -117,6 +121,9 @@ def _decode(name: str, desc: dict, f) -> Any:
                      packed=desc['packed'], logical_shape=shape)
   if kind == 'lowrank':
     return LowRank(a=_decode(name + '.a', desc['a'], f), b=_decode(name + '.b', desc['b'], f))
+  if kind == 'lora':
+    return LoRA(base=_decode(name + '.base', desc['base'], f), lora_a=_decode(name + '.lora_a', desc['lora_a'], f),
+                lora_b=_decode(name + '.lora_b', desc['lora_b'], f), scale=desc['scale'])
   if kind == 'shared':
     return Shared(name=desc['name'], ref_shape=tuple(desc['shape']), ref_dtype=desc['dtype'])
   raise ValueError(f"load: unknown leaf kind {kind!r} at '{name}'; the file may come from a newer version.")
@@ -129,7 +136,7 @@ def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None =
   entries = []
   for keypath, w in leaves:
     keys = [_key(k) for k in keypath]
-    name = '/'.join(str(k) for k in keys)
+    name = '/'.join(str(k) for _, k in keys)
     entries.append({'keys': keys, 'leaf': _encode(name, w, tensors)})
   header = {'format': FORMAT, 'tree': json.dumps(entries), 'user': json.dumps(metadata or {})}
   tmp = f'{os.fspath(path)}.tmp'
@@ -149,13 +156,17 @@ def load(path: str | os.PathLike) -> Any:
     raise ValueError(f"load: '{path}' has format {meta.get('format')!r}, not {FORMAT!r}; for Hugging Face "
                      'checkpoints use jaxcompress.models.from_pretrained.')
   tree: dict = {}
+  kinds: dict[int, str] = {}  # id(container) -> 'dict' | 'list' | 'tuple'
   for entry in json.loads(meta['tree']):
     keys = entry['keys']
     node = tree
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = _decode('/'.join(str(k) for k in keys), entry['leaf'], f)
-  return tree
+    for i, (kind, k) in enumerate(keys):
+      kinds[id(node)] = kind
+      if i == len(keys) - 1:
+        node[k] = _decode('/'.join(str(k) for _, k in keys), entry['leaf'], f)
+      else:
+        node = node.setdefault(k, {})
+  return _containers(tree, kinds)
 
 
 def user_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,8 +174,19 @@ def user_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((f.metadata() or {}).get('user', '{}'))
 
 
-def _key(k) -> str | int:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return str(k)
+def _key(k) -> tuple[str, str | int]:
+  """A key path entry -> (kind of the container it indexes, key)."""
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return ('list', k.idx)
+  if isinstance(k, jax.tree_util.DictKey):
+    return ('dict', k.key)
+  raise TypeError(f'save: only dicts and lists of weights are supported, found key {k!r}.')
+
+
+def _containers(node: Any, kinds: dict[int, str]) -> Any:
+  """Dicts built while loading -> the dicts and lists they were saved from."""
+  if not isinstance(node, dict):
+    return node
+  kind = kinds.get(id(node), 'dict')
+  children = {k: _containers(v, kinds) for k, v in node.items()}
+  return [children[i] for i in range(len(children))] if kind == 'list' else children

@@ -152,16 +152,18 @@ def totals(params: Any) -> Counts:
 
 
 def _natural_order(rows: dict[str, Counts]) -> dict[str, Counts]:
-  """Keeps first-seen order but sorts 'layers/10' after 'layers/9'."""
-  first = {k: i for i, k in enumerate(rows)}
-  key = lambda k: [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r'(\d+)', k)]
-  blocks: dict[str, list[str]] = {}
+  """First-seen order, except that numbered parts sort by number ('layers/10' after 'layers/9')."""
+  seen: dict[str, int] = {}
   for k in rows:
-    blocks.setdefault(re.sub(r'\d+', '#', k), []).append(k)
-  ordered = []
-  for _, ks in sorted(blocks.items(), key=lambda kv: min(first[k] for k in kv[1])):
-    ordered += sorted(ks, key=key)
-  return {k: rows[k] for k in ordered}
+    for i, part in enumerate(k.split('/')):
+      seen.setdefault('/'.join(k.split('/')[:i]) + '/' + re.sub(r'\d+', '#', part), len(seen))
+
+  def key(k: str):
+    parts = k.split('/')
+    return [(seen['/'.join(parts[:i]) + '/' + re.sub(r'\d+', '#', p)], int(p) if p.isdigit() else 0)
+            for i, p in enumerate(parts)]
+
+  return {k: rows[k] for k in sorted(rows, key=key)}
 
 
 def _num(n: int) -> str:

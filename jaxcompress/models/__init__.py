@@ -8,6 +8,7 @@ from jaxcompress.models.base import Model, Params
 from jaxcompress.models.bert import Bert, BertConfig, mean_pool
 from jaxcompress.models.decode import generate
 from jaxcompress.models.gpt2 import GPT2, GPT2Config
-from jaxcompress.models.hf import FAMILIES, from_pretrained, load_model, save_pretrained, supported_model_types
+from jaxcompress.models.hf import (FAMILIES, from_pretrained, load_model, minilm_dir, save_pretrained,
+                                  supported_model_types)
 from jaxcompress.models.layers import Context
 from jaxcompress.models.llama import Llama, LlamaConfig

@@ -105,22 +105,29 @@ class Model:
     return self.bind(params).head(h)
 
   def apply(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
-            positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
+            positions: jax.Array | None = None, token_types: jax.Array | None = None,
+            remat: bool = False) -> jax.Array:
     """tokens: [B, T] int -> logits [B, T, V] (causal LM, BERT with MLM head) or hidden states [B, T, D].
 
     attention_mask: [B, T], 1 for real tokens and 0 for padding.
+    remat: recompute each block's activations in the backward pass instead of storing them.
     """
     module = self.bind(params)
-    return module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
+    return module.head(self._trunk(module, tokens, attention_mask, positions, token_types, remat))
 
   def hidden_states(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
     """The last block's output, before the final norm and head: [B, T, D]."""
     return self._trunk(self.bind(params), tokens, attention_mask, positions, token_types)
 
-  def _trunk(self, module, tokens, attention_mask, positions, token_types) -> jax.Array:
+  def _trunk(self, module, tokens, attention_mask, positions, token_types, remat: bool = False) -> jax.Array:
     ctx = self.context(tokens, attention_mask=attention_mask, positions=positions)
     h = module.embed(tokens, ctx.positions, token_types)
+    if remat:
+      # Rematerialize per block: only block inputs are kept for the backward pass.
+      block = jax.checkpoint(lambda bp, h, ctx: self.bind_block(bp)(h, ctx)[0])
+      params = nnx.to_pure_dict(nnx.state(getattr(module, self.block_path)))
+      return functools.reduce(lambda h, i: block(params[i], h, ctx), range(len(params)), h)
     for blk in getattr(module, self.block_path):
       h, _ = blk(h, ctx)
     return h

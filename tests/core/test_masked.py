@@ -53,8 +53,6 @@ def test_mask_that_does_not_broadcast_is_rejected(mask_shape):
     core.Masked(value=jnp.asarray(_value()), mask=jnp.ones(mask_shape, bool))
 
 
-@pytest.mark.xfail(strict=True, reason='Masked.__post_init__ only checks masks with as many axes as the value; a '
-                   '1-D or 3-D mask that cannot broadcast to [in, out] is accepted')
 @pytest.mark.parametrize('mask_shape', [(IN + 1,), (2, IN, OUT)])
 def test_mask_with_other_rank_that_does_not_broadcast_is_rejected(mask_shape):
   with pytest.raises(ValueError, match='mask'):

@@ -45,6 +45,9 @@ def _every_kind() -> dict:
               'up': {'kernel': core.quantize(_normal(11, (IN, OUT)), bits=3, group_size=None, symmetric=True)}},
       },
       'head': {'kernel': core.quantize(_normal(12, (IN, 5)), fmt='fp8', group_size=16)},
+      'codebook': {'kernel': core.Quantized(
+          codes=jnp.asarray(np.random.default_rng(13).integers(0, 8, size=(IN, OUT)), jnp.uint8), scale=None,
+          codebook=_normal(14, (OUT, 8)), bits=3, fmt='codebook', logical_shape=(IN, OUT))},
       'norm': {'scale': jnp.ones((IN,), jnp.bfloat16)},
   }
   return core.tie(params, ['layers/0/up/kernel', 'layers/1/up/kernel'], name='up')
@@ -116,6 +119,13 @@ def test_pack_bits_round_trip_is_tight(bits):
   data = serialize.pack_bits(codes, bits)
   assert data.dtype == np.uint8 and data.size == -(-n * bits // 8)
   np.testing.assert_array_equal(serialize.unpack_bits(data, bits, n), codes)
+
+
+def test_round_trip_keeps_list_containers(tmp_path):
+  params = {'blocks': [{'kernel': jnp.ones((2, 2))}, {'kernel': jnp.zeros((2, 2))}]}
+  path = tmp_path / 'list.jc.safetensors'
+  serialize.save(path, params)
+  assert jax.tree.structure(serialize.load(path)) == jax.tree.structure(params)
 
 
 def test_truncated_file_raises_value_error(params, tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import ALL_KINDS, CAUSAL_KINDS, VOCAB, rel_err, torch_logits
+from tests.conftest import ALL_KINDS, CAUSAL_KINDS, VOCAB, rel_err, torch_logits
 
 from jaxcompress import core, models
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from tests.conftest import rel_err
 
 from jaxcompress import core, models
 

@@ -1,0 +1,100 @@
+"""The jit-compiled training step every family uses.
+
+    step = make_train_step(objective, optimizer, compute_dtype=jnp.bfloat16, accum_steps=4)
+    state, metrics = step(state, batch)
+
+One step: split the batch into `accum_steps` micro-batches; for each, cast the float32 master weights to the
+compute dtype, apply the forward hook, and take the gradient of the objective's summed loss with respect to
+the trainable arrays; add them up, divide by the total weight, update with optax, apply the after-update hook.
+A step whose loss or gradient is not finite leaves the state unchanged and reports `finite = 0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcompress.train import hooks as hooks_lib
+from jaxcompress.train import state as state_lib
+from jaxcompress.train.objectives import Objective
+from jaxcompress.train.state import TrainState
+
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def split_microbatches(batch: dict, accum_steps: int) -> dict:
+  """[B, ...] -> [accum, B // accum, ...], micro-batch a taking rows a, a + accum, ... .
+
+  Interleaving keeps each device's rows spread evenly over micro-batches when the batch is sharded.
+  """
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into accum_steps={accum_steps} '
+                       'micro-batches; make the batch size a multiple of accum_steps.')
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
+                    compute_dtype: Any = jnp.float32, accum_steps: int = 1,
+                    hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
+                    trainable: state_lib.Trainable = state_lib.floating) -> StepFn:
+  """The (un-jitted) step function; `compile_step` jits it with shardings and buffer donation."""
+  if accum_steps < 1:
+    raise ValueError(f'accum_steps={accum_steps} must be >= 1.')
+
+  def micro_grads(trained, fixed, frozen, micro, rng):
+    def loss_fn(trained):
+      params = state_lib.cast_floating(state_lib.combine(trained, fixed), compute_dtype)
+      params = hooks.forward(params)
+      return objective(params, state_lib.cast_floating(frozen, compute_dtype), micro, rng)
+    (loss, (weight, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    return grads, loss, weight, metrics
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    trained, fixed = state_lib.partition(state.params, trainable)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    micro = split_microbatches(batch, accum_steps)
+
+    def body(carry, xs):
+      grads, loss, weight, metrics = carry
+      mb, i = xs
+      g, l, w, m = micro_grads(trained, fixed, state.frozen, mb, jax.random.fold_in(rng, i))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(grads, g), loss + l, weight + w, add(metrics, m)), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, trained)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(lambda: micro_grads(trained, fixed, state.frozen, first, rng)[3])
+    zeros = (zero_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
+    (grads, loss, weight, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+
+    weight = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = loss / weight
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+    new_params = hooks.after_update(state_lib.combine(optax.apply_updates(trained, updates), fixed), opt_state)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),
+           **{k: v / weight for k, v in metrics.items()}}
+    return new_state, out
+
+  return step
+
+
+def compile_step(step: StepFn, *, state_sharding: Any = None, batch_sharding: Any = None,
+                 donate: bool = True) -> StepFn:
+  """jax.jit with optional input/output shardings; the old state's buffers are donated to the new one."""
+  kwargs = {}
+  if state_sharding is not None:
+    kwargs = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+  return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
