@@ -187,6 +187,7 @@ def main(argv: list[str]) -> None:
   if _SMALL.value:
     apply_small_defaults()
   dtype = jnp.dtype(_DTYPE.value)
+  load_before = os.getloadavg()  # other work on a shared host shows up as spread
   devices = jax.devices()
   print(f'jax {jax.__version__}, flax {flax.__version__}, devices: {devices}')
 
@@ -217,7 +218,8 @@ def main(argv: list[str]) -> None:
       'backend': jax.default_backend(), 'devices': [str(d) for d in devices], 'device_kind': devices[0].device_kind,
       'versions': {'jax': jax.__version__, 'jaxlib': importlib.metadata.version('jaxlib'),
                    'flax': flax.__version__, 'numpy': np.__version__, 'python': platform.python_version()},
-      'host': {'machine': platform.machine(), 'cpus': os.cpu_count()},
+      'host': {'machine': platform.machine(), 'cpus': os.cpu_count(), 'load_avg_1m_before': load_before[0],
+               'load_avg_1m_after': os.getloadavg()[0]},
       'git': git_revision(), 'forward': forward, 'decode': decode,
   }
   print_table(result)

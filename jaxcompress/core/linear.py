@@ -27,7 +27,8 @@ def linear(x: jax.Array, w: leaf_lib.Weight, bias: leaf_lib.Weight | None = None
 
 
 def embedding_lookup(table: leaf_lib.Weight, ids: jax.Array, dtype=None) -> jax.Array:
-  """table: [vocab, d], ids: [...] int -> [..., d]."""
+  """table: [vocab, d], ids: [...] int -> [..., d]. Ids outside [0, vocab) give NaN rows (they cannot be
+  checked under jit; data pipelines check them on the host)."""
   dense = leaf_lib.materialize(table)
   out = jnp.take(dense, ids, axis=0)
   return out if dtype is None else out.astype(dtype)

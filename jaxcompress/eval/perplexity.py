@@ -190,7 +190,7 @@ def _check_stream(model: Model, tokens, max_length: int, stride: int | None, bat
                      'would skip tokens. Use stride=max_length for disjoint windows or e.g. max_length // 2.')
   if batch_size < 1:
     raise ValueError(f'perplexity: batch_size={batch_size}; use at least 1.')
-  limit = getattr(model.config, 'n_positions', None)  # learned position tables cannot extrapolate
+  limit = model.max_positions()  # learned position tables cannot extrapolate
   if limit is not None and max_length > limit:
     raise ValueError(f'perplexity: max_length={max_length} exceeds the {limit} learned positions of this '
                      f'model; use max_length <= {limit}.')

@@ -52,6 +52,10 @@ class Model:
   def _window(self) -> int | None:
     return None
 
+  def max_positions(self) -> int | None:
+    """Longest sequence the model can embed (learned position tables); None for rotary positions."""
+    return None
+
   def hf_export_prefix(self) -> str:
     """Prefix of base-model tensor names in an exported HF checkpoint."""
     return self.hf_prefixes[0]

@@ -154,6 +154,9 @@ class Bert(base.Model):
   def _module(self, rngs, dtype):
     return BertEncoder(self.config, dtype, rngs)
 
+  def max_positions(self) -> int:
+    return self.config.max_position_embeddings
+
   def _tied_head_flops(self, params):
     return 2 * self.config.hidden_size * self.config.vocab_size if self.config.mlm_head else 0
 

@@ -68,7 +68,7 @@ def generate(model: Model, params: Params, prompt: jax.Array, *, max_new_tokens:
     raise ValueError(f'generate: temperature={temperature} must be >= 0 (0 is greedy).')
   if temperature > 0 and key is None:
     raise ValueError('generate: sampling (temperature > 0) needs key=jax.random.key(seed).')
-  limit = getattr(model.config, 'n_positions', None)
+  limit = model.max_positions()
   if limit is not None and prompt.shape[1] + max_new_tokens > limit:
     raise ValueError(f'generate: {prompt.shape[1]} + {max_new_tokens} tokens exceed the {limit} learned '
                      'positions of this model.')

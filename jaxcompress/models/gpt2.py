@@ -136,6 +136,9 @@ class GPT2(base.Model):
   def _module(self, rngs, dtype):
     return GPT2LM(self.config, dtype, rngs)
 
+  def max_positions(self) -> int:
+    return self.config.n_positions
+
   def _tied_head_flops(self, params):
     return 2 * self.config.hidden_size * self.config.vocab_size
 

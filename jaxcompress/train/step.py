@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcompress.train import hooks as hooks_lib
@@ -37,6 +38,25 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
                        'micro-batches; make the batch size a multiple of accum_steps.')
     return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
   return jax.tree.map(split, batch)
+
+
+INTEGER_FIELDS = ('inputs', 'targets', 'labels')
+
+
+def validate_batch(batch: dict, *, rows: int) -> None:
+  """Host-side check of one process's batch before it reaches the compiled step: clear errors, not XLA's."""
+  if not isinstance(batch, dict) or not batch:
+    raise ValueError(f'a batch must be a non-empty dict of arrays, got {type(batch).__name__}.')
+  for name, x in batch.items():
+    shape, dtype = np.shape(x), np.asarray(x).dtype if not hasattr(x, 'dtype') else x.dtype
+    if not shape or shape[0] != rows:
+      raise ValueError(f"batch['{name}'] has shape {tuple(shape)}; expected {rows} rows (the global batch size "
+                       'divided by the process count) in the first dimension.')
+    if name in INTEGER_FIELDS and not np.issubdtype(dtype, np.integer):
+      raise ValueError(f"batch['{name}'] has dtype {dtype}; token ids and labels must be integers (int32).")
+  if 'inputs' in batch and 'targets' in batch and np.shape(batch['inputs']) != np.shape(batch['targets']):
+    raise ValueError(f"batch['inputs'] {np.shape(batch['inputs'])} and batch['targets'] "
+                     f"{np.shape(batch['targets'])} must have the same shape.")
 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,

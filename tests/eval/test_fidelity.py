@@ -11,7 +11,7 @@ from jaxcompress import eval as jeval
 from jaxcompress import models
 
 VOCAB = 29
-LLAMA = models.Llama(models.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2,
+LLAMA = models.Llama(models.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
                                         num_heads=2, num_kv_heads=1, initializer_range=0.3))
 
 

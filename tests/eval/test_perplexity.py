@@ -16,7 +16,7 @@ from jaxcompress import models
 
 VOCAB = 61
 # initializer_range 0.5: logits depend strongly on context, so a wrong window shows in the NLL.
-LLAMA = models.Llama(models.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=2,
+LLAMA = models.Llama(models.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1,
                                         num_heads=2, num_kv_heads=1, initializer_range=0.5))
 
 
@@ -40,6 +40,9 @@ class PrefixMean:
   config: ToyConfig
   causal: ClassVar[bool] = True
 
+  def max_positions(self):
+    return None
+
   def apply(self, params, tokens, attention_mask=None):
     e = params['emb'][tokens]  # [B, T, D]
     prefix = jnp.cumsum(e, axis=1) / jnp.arange(1, tokens.shape[1] + 1)[:, None]
@@ -57,6 +60,9 @@ class Bigram:
 
   config: ToyConfig
   causal: ClassVar[bool] = True
+
+  def max_positions(self):
+    return None
 
   def apply(self, params, tokens, attention_mask=None):
     return params['table'][tokens]  # [B, T, V]
@@ -130,7 +136,7 @@ def test_overlap_changes_the_answer(toy_params):
   assert abs(disjoint.mean_nll - overlap.mean_nll) > 1e-2
 
 
-@pytest.mark.parametrize('stride, batch_size', [(8, 3), (3, 4)])
+@pytest.mark.parametrize('stride, batch_size', [(8, 2), (3, 4)])
 def test_llama_matches_window_by_window_reference(llama_params, stride, batch_size):
   tokens = _stream(37, seed=stride)
   apply = jax.jit(LLAMA.apply)

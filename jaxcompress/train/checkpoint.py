@@ -1,0 +1,183 @@
+"""Checkpoints with orbax: asynchronous, multi-host, verified on restore.
+
+Each checkpoint step holds the training state (params with compressed leaves, optimizer state, step, rng)
+and a JSON record: the run's fingerprint (model config and parameter shapes), metrics, and a checksum of
+every bit of the state computed on device when it was saved. orbax only lists a step once its write
+committed, so a half-written step is never seen; the checksum catches a committed step whose files were
+damaged later. Restoring walks back from the newest step to the newest one that loads and verifies,
+warning about each one skipped.
+
+Retention: the newest `keep` steps, plus the best step by `best_metric` when one is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(Exception):
+  """A checkpoint directory cannot serve this run (different model, nothing readable)."""
+
+
+@jax.jit
+def tree_checksum(tree: Any) -> jax.Array:
+  """uint32 digest of every bit of every array: bit patterns weighted by position, summed mod 2**32."""
+  total = jnp.uint32(0)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    bits = _as_uint32(x).ravel()
+    weights = (jnp.arange(bits.size, dtype=jnp.uint32) % jnp.uint32(65521)) * jnp.uint32(2) + jnp.uint32(1)
+    leaf = jnp.sum(bits * weights, dtype=jnp.uint32) ^ jnp.uint32(bits.size)
+    total = total * jnp.uint32(1000003) + leaf + jnp.uint32(i)
+  return total
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize
+  if width == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if width == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if width == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types -> [..., 2]
+  return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(2654435761))
+
+
+class Checkpointer:
+  """Saves and restores a pytree of training state under `directory`.
+
+  fingerprint: JSON-able description of what the state belongs to (model config, parameter shapes); a
+  directory holding another fingerprint is refused rather than silently mixed.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, fingerprint: dict, keep: int = 3,
+               best_metric: str | None = None, best_mode: str = 'min', async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f'Checkpointer: keep={keep} must be >= 1.')
+    if best_mode not in ('min', 'max'):
+      raise ValueError(f"Checkpointer: best_mode={best_mode!r}; use 'min' or 'max'.")
+    self.directory = Path(directory).absolute()
+    self.fingerprint = json.loads(json.dumps(fingerprint))
+    self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+    self._metrics: dict[int, dict] = {}
+
+  # Saving -----------------------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, *, metrics: dict | None = None, extra: dict | None = None) -> None:
+    """Starts writing `state` as `step` (asynchronously); returns once the arrays are safe to overwrite."""
+    checksum = int(jax.device_get(tree_checksum(state)))
+    meta = {'step': int(step), 'fingerprint': self.fingerprint, 'checksum': checksum,
+            'metrics': {k: float(v) for k, v in (metrics or {}).items()}, **(extra or {})}
+    self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+    self._metrics[int(step)] = meta['metrics']
+    self._prune(current=int(step))
+
+  def _prune(self, current: int) -> None:
+    steps = sorted(set(self._manager.all_steps()) | {current})
+    keep = set(steps[-self.keep:])
+    best = self.best_step()
+    if best is not None:
+      keep.add(best)
+    for s in steps:
+      if s not in keep and s != current:
+        self._manager.delete(s)
+        self._metrics.pop(s, None)
+
+  def best_step(self) -> int | None:
+    if not self.best_metric:
+      return None
+    scored = {s: m[self.best_metric] for s, m in self._metrics.items() if self.best_metric in m}
+    if not scored:
+      return None
+    pick = min if self.best_mode == 'min' else max
+    return pick(scored, key=lambda s: (scored[s], -s))
+
+  def wait(self) -> None:
+    """Blocks until every started save has committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # Restoring --------------------------------------------------------------------------------------------------
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest step that loads and verifies, or None if the directory is empty.
+
+    abstract_state: ShapeDtypeStructs (with shardings) of the state, from jax.eval_shape.
+    """
+    steps = self.steps()
+    if not steps:
+      return None
+    skipped = []
+    for step in reversed(steps):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # unreadable record: treat like damaged arrays
+        skipped.append((step, f'its metadata is unreadable ({type(e).__name__}: {e})'))
+        continue
+      self._check_fingerprint(meta)
+      try:
+        state = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
+      except Exception as e:
+        skipped.append((step, f'its arrays failed to load ({type(e).__name__}: {str(e)[:200]})'))
+        continue
+      got = int(jax.device_get(tree_checksum(state)))
+      if got != meta['checksum']:
+        skipped.append((step, f'its checksum is {got:#010x}, the saved one {meta["checksum"]:#010x}'))
+        continue
+      for s, why in skipped:
+        logging.warning('Checkpoint step %d in %s is damaged: %s. Falling back to step %d.', s, self.directory,
+                        why, step)
+      self._metrics = {s: self.read_meta(s).get('metrics', {}) for s in self.steps() if s <= step}
+      return state, meta
+    raise CheckpointError(f'no checkpoint in {self.directory} is usable: ' +
+                          '; '.join(f'step {s}: {why}' for s, why in skipped) +
+                          '. Move the directory aside to start afresh.')
+
+  def _check_fingerprint(self, meta: dict) -> None:
+    theirs = meta.get('fingerprint')
+    if theirs == self.fingerprint:
+      return
+    diff = _first_difference(theirs, self.fingerprint)
+    raise CheckpointError(f'{self.directory} holds checkpoints of a different run ({diff}). Use another run '
+                          'directory, or resume with the configuration that wrote these checkpoints.')
+
+
+def _first_difference(a: Any, b: Any, path: str = '') -> str:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        return _first_difference(a.get(k), b.get(k), f'{path}/{k}' if path else k)
+  return f'{path or "fingerprint"}: checkpoint has {a!r}, this run has {b!r}'
+
+
+def fingerprint(model: Any, params: Any) -> dict:
+  """What a checkpoint must match to be resumed: the model spec and every parameter's shape and kind."""
+  from jaxcompress import core, provenance
+  shapes = {p: [type(w).__name__, list(core.shape_of(w))] for p, w in core.flatten(params).items()}
+  return {'model': type(model).__name__, 'config': provenance.to_jsonable(model.config), 'params': shapes}
