@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+# One XLA compilation cache for the whole test session, shared with the subprocesses tests start: the same
+# programs are compiled over and over (every fit, every pretrain run), and each compile costs seconds on CPU.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import atexit
+  import shutil
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxcompress-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import jax
 import numpy as np

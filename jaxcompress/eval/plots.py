@@ -1,6 +1,6 @@
 """Line charts as standalone SVG files, with no plotting library: loss curves one can open in any browser.
 
-    plot_metrics('runs/a/metrics.jsonl', 'runs/a/loss.svg', keys=('train/loss', 'eval/loss'), log_y=True)
+    line_chart_svg({'train': (steps, losses)}, 'runs/a/loss.svg', y_label='loss', log_y=True)
 
 Data map linearly (or through log10 with log_y) onto the plot area: the smallest x over all series lands on
 its left edge, the largest on its right edge, and likewise the y range on its bottom and top edges.
@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from jaxcompress.train.metrics import latest_by_step, read_jsonl
 
 # Tableau 10: distinct and colour-blind friendly; more series get evenly spread hues.
 PALETTE = ('#4e79a7', '#f28e2b', '#e15759', '#76b7b2', '#59a14f', '#edc948', '#b07aa1', '#ff9da7', '#9c755f',
@@ -188,23 +187,3 @@ def _legend(names: list[str], right: float, top: float) -> list[str]:
     out.append(f'<line x1="{x + 6}" y1="{cy:.1f}" x2="{x + 24}" y2="{cy:.1f}" stroke="{color(i)}" '
                f'stroke-width="2.5"/><text x="{x + 30}" y="{cy + 4:.1f}">{escape(name)}</text>')
   return out + ['</g>']
-
-
-def plot_metrics(jsonl_path: str | os.PathLike, svg_path: str | os.PathLike, keys: Sequence[str] = ('loss',),
-                 *, log_y: bool = False, title: str | None = None) -> Path:
-  """Chart metrics `keys` against step from a metrics.jsonl (the last record of each step); returns svg_path.
-
-  title: None uses the name of the run directory holding the file.
-  """
-  if isinstance(keys, str):
-    keys = (keys,)
-  records = latest_by_step(read_jsonl(jsonl_path))
-  present = sorted({k for r in records for k in r} - {'step', 'time'})
-  missing = [k for k in keys if k not in present]
-  if not keys or missing:
-    raise ValueError(f'keys={tuple(keys)}: {missing or "none given"} not in {jsonl_path}; '
-                     f'metrics there: {present}.')
-  series = {k: ([r['step'] for r in records if k in r], [r[k] for r in records if k in r]) for k in keys}
-  title = Path(jsonl_path).resolve().parent.name if title is None else title
-  y_label = keys[0] if len(keys) == 1 else ''
-  return line_chart_svg(series, svg_path, title=title, x_label='step', y_label=y_label, log_y=log_y)

@@ -55,6 +55,17 @@ def _as_uint32(x: jax.Array) -> jax.Array:
   return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(2654435761))
 
 
+def _quiet_orbax() -> None:
+  """orbax logs every phase of every save at INFO; keep its warnings and errors only."""
+  import logging as std_logging
+  handler = logging.get_absl_handler()
+  if not any(getattr(f, 'jaxcompress', False) for f in handler.filters):
+    def keep(record):
+      return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    keep.jaxcompress = True
+    handler.addFilter(keep)
+
+
 class Checkpointer:
   """Saves and restores a pytree of training state under `directory`.
 
@@ -68,6 +79,7 @@ class Checkpointer:
       raise ValueError(f'Checkpointer: keep={keep} must be >= 1.')
     if best_mode not in ('min', 'max'):
       raise ValueError(f"Checkpointer: best_mode={best_mode!r}; use 'min' or 'max'.")
+    _quiet_orbax()
     self.directory = Path(directory).absolute()
     self.fingerprint = json.loads(json.dumps(fingerprint))
     self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
@@ -176,8 +188,16 @@ def _first_difference(a: Any, b: Any, path: str = '') -> str:
   return f'{path or "fingerprint"}: checkpoint has {a!r}, this run has {b!r}'
 
 
-def fingerprint(model: Any, params: Any) -> dict:
-  """What a checkpoint must match to be resumed: the model spec and every parameter's shape and kind."""
+def fingerprint(model: Any, params: Any, opt_state: Any = None) -> dict:
+  """What a checkpoint must match to be resumed: the model spec, every parameter's shape and kind, and the
+  optimizer state's layout (another optimizer or clipping setting changes it)."""
+  import hashlib
+
   from jaxcompress import core, provenance
   shapes = {p: [type(w).__name__, list(core.shape_of(w))] for p, w in core.flatten(params).items()}
-  return {'model': type(model).__name__, 'config': provenance.to_jsonable(model.config), 'params': shapes}
+  out = {'model': type(model).__name__, 'config': provenance.to_jsonable(model.config), 'params': shapes}
+  if opt_state is not None:
+    layout = str(jax.tree.structure(opt_state)) + str([(x.shape, str(x.dtype)) for x in jax.tree.leaves(opt_state)])
+    out['optimizer_state'] = (f'{len(jax.tree.leaves(opt_state))} arrays, layout '
+                              f'{hashlib.sha256(layout.encode()).hexdigest()[:12]}')
+  return out

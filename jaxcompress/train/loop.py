@@ -70,6 +70,7 @@ class LoopConfig:
   async_checkpoint: bool = True  # write checkpoints in the background
   resume: bool = True  # continue from the newest checkpoint in run_dir
   progress: bool = True  # progress line on process 0
+  stop_at_step: int | None = None  # end this invocation after this step with a checkpoint (time-limited jobs)
 
   def __post_init__(self):
     for name in ('steps', 'batch_size', 'accum_steps', 'log_every', 'keep_checkpoints'):
@@ -88,7 +89,7 @@ class LoopConfig:
 @dataclasses.dataclass
 class FitResult:
   state: state_lib.TrainState
-  status: str  # 'completed' | 'preempted'
+  status: str  # 'completed' | 'preempted' (SIGTERM) | 'stopped' (stop_at_step)
   history: list[dict]  # every logged record (metrics of this process's run, not of earlier runs)
   run_dir: Path
 
@@ -123,7 +124,8 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
   shardings = sharding_lib.state_shardings(abstract, mesh, rules)
   state = jax.jit(make_state, out_shardings=shardings)(params, frozen)
 
-  checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints', fingerprint=ckpt_lib.fingerprint(model, params),
+  checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints',
+                                       fingerprint=ckpt_lib.fingerprint(model, params, abstract.opt_state),
                                        keep=cfg.keep_checkpoints, best_metric=cfg.best_metric,
                                        best_mode=cfg.best_mode, async_save=cfg.async_checkpoint)
   if cfg.resume:
@@ -196,7 +198,8 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
         pending = None
         evals = evaluate(done)
       stop = _any_process(preempted())
-      if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+      pause = cfg.stop_at_step is not None and done == cfg.stop_at_step and done != cfg.steps
+      if stop or pause or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
         if pending is not None:
           record(*pending)
           pending = None
@@ -204,6 +207,10 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
       if stop:
         status = 'preempted'
         logging.warning('Stop requested (SIGTERM) at step %d: checkpoint saved, exiting cleanly.', done)
+        break
+      if pause:
+        status = 'stopped'
+        logging.info('Stopping at step %d as asked (stop_at_step); rerun to continue.', done)
         break
     if pending is not None:
       record(*pending)

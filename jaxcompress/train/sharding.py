@@ -47,7 +47,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   if math.prod(sizes) != len(devices):
     raise ValueError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, '
                      f'but there are {len(devices)}; make the product equal the device count.')
-  return jax.make_mesh(tuple(sizes), AXES, devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)  # shardings propagate from the rules; no explicit-axis typing
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

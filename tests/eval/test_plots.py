@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.eval import plots
+from jaxcompress.train import metrics
 
 NS = '{http://www.w3.org/2000/svg}'
 
@@ -144,7 +145,7 @@ def test_plot_metrics_from_jsonl(tmp_path):
   lines = [f'{{"step": {s}, "time": 0.0, "loss": {4.0 - s}}}' for s in range(4)]
   lines += ['{"step": 3, "time": 1.0, "loss": 0.5, "eval/loss": 0.75}', '{"step": 4, "time": 1.0, "lo']
   (run / 'metrics.jsonl').write_text('\n'.join(lines))
-  svg = plots.plot_metrics(run / 'metrics.jsonl', tmp_path / 'out' / 'loss.svg', keys=('loss', 'eval/loss'))
+  svg = metrics.plot_metrics(run / 'metrics.jsonl', tmp_path / 'out' / 'loss.svg', keys=('loss', 'eval/loss'))
   root = parse(svg)
   train, evals = polylines(root)
   box = axes_box(root)
@@ -153,4 +154,4 @@ def test_plot_metrics_from_jsonl(tmp_path):
   np.testing.assert_allclose(coords(evals), expected_pixels([3], [0.75], (0, 3), (0.5, 4), box), atol=0.01)
   assert 'run-7' in [t.text for t in root.iter(f'{NS}text')]
   with pytest.raises(ValueError, match=r"\['acc'\] not in .*metrics there: \['eval/loss', 'loss'\]"):
-    plots.plot_metrics(run / 'metrics.jsonl', tmp_path / 'x.svg', keys=('loss', 'acc'))
+    metrics.plot_metrics(run / 'metrics.jsonl', tmp_path / 'x.svg', keys=('loss', 'acc'))
