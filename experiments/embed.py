@@ -9,7 +9,6 @@ shows the vocabulary at work; the size table and the embedding fidelity say what
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

@@ -73,13 +73,13 @@ def model_config():
 
 def main(argv):
   del argv
-  if FLAGS.coordinator or FLAGS.num_processes or FLAGS.process_id is not None or FLAGS.cpu_collectives:
-    from jaxcompress.train import sharding
+  from jaxcompress.train import sharding
+  explicit = FLAGS.coordinator or FLAGS.num_processes or FLAGS.process_id is not None
+  if explicit or sharding.platform_provides_processes():
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
                                     FLAGS.cpu_collectives)
 
   import jax
-  import numpy as np
 
   from jaxcompress import models
   from jaxcompress.data import pipeline, tokenizer
@@ -108,7 +108,6 @@ def main(argv):
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       best_metric='valid/loss' if len(valid) else None, async_checkpoint=FLAGS.async_checkpoint,
       progress=FLAGS.progress, stop_at_step=FLAGS.stop_at_step)
-  from jaxcompress.train import sharding
   mesh = sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
   eval_fn = None
   if len(valid):

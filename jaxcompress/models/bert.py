@@ -67,24 +67,12 @@ class Block(nnx.Module):
     d, std = cfg.hidden_size, cfg.initializer_range
     self.attn = Attention(cfg, dtype, rngs)
     self.attn_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
-    self.mlp = _MLP(cfg, dtype, rngs)
+    self.mlp = layers.MLP(d, cfg.intermediate_size, cfg.hidden_act, std=std, dtype=dtype, rngs=rngs)
     self.mlp_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
 
   def __call__(self, h, ctx: layers.Context, cache=None):
     h = self.attn_norm(h + self.attn(h, ctx, cache))
     return self.mlp_norm(h + self.mlp(h)), None
-
-
-class _MLP(nnx.Module):
-
-  def __init__(self, cfg: BertConfig, dtype, rngs: nnx.Rngs):
-    d, std = cfg.hidden_size, cfg.initializer_range
-    self.up_proj = layers.Linear(d, cfg.intermediate_size, bias=True, std=std, dtype=dtype, rngs=rngs)
-    self.down_proj = layers.Linear(cfg.intermediate_size, d, bias=True, std=std, dtype=dtype, rngs=rngs)
-    self.act = cfg.hidden_act
-
-  def __call__(self, x):
-    return self.down_proj(layers.activation(self.act)(self.up_proj(x)))
 
 
 class Embedder(nnx.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress.models import base, convert, layers
@@ -58,43 +57,16 @@ class Attention(nnx.Module):
     hd = self.cfg.head_dim
     b, t, _ = x.shape
     q, k, v = (p(x).reshape(b, t, -1, hd) for p in (self.q_proj, self.k_proj, self.v_proj))
-    if cache is not None:
-      cache = layers.update_cache(cache, k, v, ctx.cache_index)
-      k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
     scale = hd ** -0.5 if self.cfg.scale_attn_weights else 1.0
-    out = layers.dot_product_attention(q, k, v, ctx.mask, scale)
-    return self.o_proj(out.reshape(b, t, -1)), cache
+    out, cache = layers.cached_attention(q, k, v, ctx, cache, scale)
+    return self.o_proj(out), cache
 
 
-class MLP(nnx.Module):
-
-  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
-    d, std = cfg.hidden_size, cfg.initializer_range
-    self.up_proj = layers.Linear(d, cfg.inner, bias=True, std=std, dtype=dtype, rngs=rngs)
-    self.down_proj = layers.Linear(cfg.inner, d, bias=True, std=std, dtype=dtype, rngs=rngs)
-    self.act = cfg.activation
-
-  def __call__(self, x):
-    return self.down_proj(layers.activation(self.act)(self.up_proj(x)))
-
-
-class Block(nnx.Module):
-
-  def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
-    self.attn_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-    self.attn = Attention(cfg, dtype, rngs)
-    self.mlp_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-    self.mlp = MLP(cfg, dtype, rngs)
-
-  def __call__(self, h, ctx: layers.Context, cache=None):
-    a, cache = self.attn(self.attn_norm(h), ctx, cache)
-    h = h + a
-    return h + self.mlp(self.mlp_norm(h)), cache
-
-  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
-    hd = self.attn.cfg.head_dim
-    heads = layers.value(self.attn.k_proj.kernel).shape[1] // hd
-    return {n: jnp.zeros((batch, max_len, heads, hd), dtype) for n in ('k', 'v')}
+def block(cfg: GPT2Config, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:
+  norm = lambda: layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+  return layers.PreNormBlock(norm(), Attention(cfg, dtype, rngs), norm(),
+                             layers.MLP(cfg.hidden_size, cfg.inner, cfg.activation, std=cfg.initializer_range,
+                                        dtype=dtype, rngs=rngs), cfg.head_dim)
 
 
 class Embedder(nnx.Module):
@@ -114,7 +86,7 @@ class GPT2LM(nnx.Module):
 
   def __init__(self, cfg: GPT2Config, dtype, rngs: nnx.Rngs):
     self.embed = Embedder(cfg, dtype, rngs)
-    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
   def head(self, h):

@@ -11,7 +11,6 @@ family's table (`hf_table`) and checks it against the shape the config implies. 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable

@@ -170,6 +170,50 @@ def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> d
           'v': jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)}
 
 
+class MLP(nnx.Module):
+  """down_proj(act(up_proj(x))): the two-layer MLP of GPT-2 and BERT."""
+
+  def __init__(self, dim: int, inner: int, act: str, *, std: float, dtype, rngs: nnx.Rngs):
+    self.up_proj = Linear(dim, inner, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(inner, dim, bias=True, std=std, dtype=dtype, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    return self.down_proj(activation(self.act)(self.up_proj(x)))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, cache: dict | None, scale: float
+                     ) -> tuple[jax.Array, dict | None]:
+  """Attention of this step's q over its k, v, or over the KV cache after writing k, v into it.
+
+  q: [B, T, N, H]; k, v: [B, T, K, H] -> ([B, T, N * H], updated cache or None).
+  """
+  if cache is not None:
+    cache = update_cache(cache, k, v, ctx.cache_index)
+    k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
+  out = dot_product_attention(q, k, v, ctx.mask, scale)
+  return out.reshape(*out.shape[:2], -1), cache
+
+
+class PreNormBlock(nnx.Module):
+  """The decoder block of GPT-2 and Llama: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+  def __init__(self, attn_norm: nnx.Module, attn: nnx.Module, mlp_norm: nnx.Module, mlp: nnx.Module,
+               head_dim: int):
+    self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+    self.head_dim = head_dim
+
+  def __call__(self, h, ctx: Context, cache=None):
+    a, cache = self.attn(self.attn_norm(h), ctx, cache)
+    h = h + a
+    return h + self.mlp(self.mlp_norm(h)), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """Zeros {'k', 'v': [batch, max_len, kv_heads, head_dim]}, kv_heads read from this block's k_proj."""
+    kv_heads = value(self.attn.k_proj.kernel).shape[1] // self.head_dim
+    return {n: jnp.zeros((batch, max_len, kv_heads, self.head_dim), dtype) for n in ('k', 'v')}
+
+
 # Rotary position embedding ----------------------------------------------------------------------------------
 
 

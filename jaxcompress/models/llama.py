@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress.models import base, convert, layers
@@ -72,11 +70,8 @@ class Attention(nnx.Module):
     inv_freq, scaling = layers.rope_frequencies(hd, cfg.rope_theta, cfg.rope)
     q = layers.apply_rope(q, ctx.positions, inv_freq, scaling)
     k = layers.apply_rope(k, ctx.positions, inv_freq, scaling)
-    if cache is not None:
-      cache = layers.update_cache(cache, k, v, ctx.cache_index)
-      k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
-    out = layers.dot_product_attention(q, k, v, ctx.mask, hd ** -0.5)
-    return self.o_proj(out.reshape(b, t, -1)), cache
+    out, cache = layers.cached_attention(q, k, v, ctx, cache, hd ** -0.5)
+    return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -92,30 +87,16 @@ class MLP(nnx.Module):
     return self.down_proj(layers.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nnx.Module):
-
-  def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-    self.attn_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(cfg, dtype, rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(cfg, dtype, rngs)
-
-  def __call__(self, h, ctx: layers.Context, cache=None):
-    a, cache = self.attn(self.attn_norm(h), ctx, cache)
-    h = h + a
-    return h + self.mlp(self.mlp_norm(h)), cache
-
-  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
-    hd = self.attn.cfg.dim_per_head
-    kv_heads = layers.value(self.attn.k_proj.kernel).shape[1] // hd
-    return {n: jnp.zeros((batch, max_len, kv_heads, hd), dtype) for n in ('k', 'v')}
+def block(cfg: LlamaConfig, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:
+  norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+  return layers.PreNormBlock(norm(), Attention(cfg, dtype, rngs), norm(), MLP(cfg, dtype, rngs), cfg.dim_per_head)
 
 
 class LlamaLM(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     self.embed = _Embedder(cfg, dtype, rngs)
-    self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
     self.lm_head = None if cfg.tie_embeddings else layers.Linear(
         cfg.hidden_size, cfg.vocab_size, bias=False, std=cfg.initializer_range, dtype=dtype, rngs=rngs)

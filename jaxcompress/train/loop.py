@@ -183,7 +183,8 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
     for step in range(start, cfg.steps):
       local = data.batch(step, process_index=jax.process_index(), process_count=jax.process_count())
       if first:
-        step_lib.validate_batch(local, rows=cfg.batch_size // jax.process_count())
+        step_lib.validate_batch(local, rows=cfg.batch_size // jax.process_count(),
+                                vocab_size=getattr(getattr(model, 'config', None), 'vocab_size', None))
         first = False
       batch = sharding_lib.global_batch(local, mesh)
       state, device_metrics = step_fn(state, batch)

@@ -119,6 +119,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def platform_provides_processes() -> bool:
+  """True under a multi-task SLURM job or on a multi-host Cloud TPU slice, where jax finds its peers itself."""
+  import os
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu = len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+  return slurm or tpu
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, cpu_collectives: str | None = None) -> None:
   """jax.distributed.initialize from explicit values, or from the platform (TPU pods, SLURM) when none given.
@@ -128,7 +136,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   if cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
   if coordinator is None and num_processes is None and process_id is None:
-    jax.distributed.initialize()
+    jax.distributed.initialize()  # TPU pods and SLURM: the platform says who the peers are
   else:
     if None in (coordinator, num_processes, process_id):
       raise ValueError('initialize_distributed: give coordinator, num_processes and process_id together, '

@@ -43,8 +43,9 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
 INTEGER_FIELDS = ('inputs', 'targets', 'labels')
 
 
-def validate_batch(batch: dict, *, rows: int) -> None:
-  """Host-side check of one process's batch before it reaches the compiled step: clear errors, not XLA's."""
+def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> None:
+  """Host-side check of one process's batch before it reaches the compiled step: clear errors, not XLA's
+  (and not the silent NaNs an out-of-range token id gives inside jit)."""
   if not isinstance(batch, dict) or not batch:
     raise ValueError(f'a batch must be a non-empty dict of arrays, got {type(batch).__name__}.')
   for name, x in batch.items():
@@ -54,6 +55,13 @@ def validate_batch(batch: dict, *, rows: int) -> None:
                        'divided by the process count) in the first dimension.')
     if name in INTEGER_FIELDS and not np.issubdtype(dtype, np.integer):
       raise ValueError(f"batch['{name}'] has dtype {dtype}; token ids and labels must be integers (int32).")
+  if vocab_size is not None:
+    for name in ('inputs', 'targets'):
+      if name in batch:
+        ids = np.asarray(batch[name])
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+          raise ValueError(f"batch['{name}'] holds token ids in [{ids.min()}, {ids.max()}] but the model's "
+                           f'vocabulary has {vocab_size}; use the tokenizer the model was built for.')
   if 'inputs' in batch and 'targets' in batch and np.shape(batch['inputs']) != np.shape(batch['targets']):
     raise ValueError(f"batch['inputs'] {np.shape(batch['inputs'])} and batch['targets'] "
                      f"{np.shape(batch['targets'])} must have the same shape.")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A real multi-process JAX job on one machine: N CPU processes joined by gloo collectives, each with D virtual
+# devices. The same program a pod runs; this is how multi-host behaviour is exercised without a pod.
+#
+#   launch/local_multihost.sh 2 2 experiments/pretrain.py --run_dir=runs/mh --data=2 --fsdp=2
+#
+# Arguments: processes, devices per process, script, then the script's own flags.
+set -euo pipefail
+procs=${1:?processes}; devices=${2:?devices per process}; script=${3:?script}; shift 3
+port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
+export XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" JAX_PLATFORMS=cpu
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM  # forward pre-emption: every process saves
+for ((i = 0; i < procs; i++)); do
+  python3 "$script" "$@" --coordinator="localhost:${port}" --num_processes="$procs" --process_id="$i" \
+    --cpu_collectives=gloo &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"
