@@ -43,6 +43,7 @@ flags.DEFINE_float('grad_clip', 1.0, 'Global gradient-norm clip (0 disables).')
 flags.DEFINE_integer('accum_steps', 1, 'Micro-batches per step.')
 flags.DEFINE_enum('compute_dtype', 'float32', ['float32', 'bfloat16'], 'Forward/backward dtype.')
 flags.DEFINE_boolean('remat', False, 'Recompute block activations in the backward pass.')
+flags.DEFINE_boolean('scan_layers', False, 'Run the blocks as one lax.scan (faster compiles, less memory when sharded).')
 flags.DEFINE_integer('data', -1, 'Mesh: data-parallel devices (-1 fills).')
 flags.DEFINE_integer('fsdp', 1, 'Mesh: devices parameters are sharded over.')
 flags.DEFINE_integer('tensor', 1, 'Mesh: tensor-parallel devices.')
@@ -113,7 +114,7 @@ def main(argv):
   if len(valid):
     eval_fn = evaluate.make_lm_eval(model, valid, batch_size=FLAGS.batch_size, mesh=mesh,
                                     compute_dtype=FLAGS.compute_dtype)
-  result = loop.fit(loop_cfg, model=model, params=params, objective=objectives.causal_lm(model, remat=FLAGS.remat),
+  result = loop.fit(loop_cfg, model=model, params=params, objective=objectives.causal_lm(model, remat=FLAGS.remat, scan=FLAGS.scan_layers),
                     optimizer=optim.make_optimizer(opt_cfg), data=train, eval_fn=eval_fn, mesh=mesh,
                     config_record={'flags': FLAGS.flag_values_dict(), 'model': cfg, 'optimizer': opt_cfg})
   if result.status != 'completed':

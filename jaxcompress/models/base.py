@@ -110,31 +110,41 @@ class Model:
 
   def apply(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
             positions: jax.Array | None = None, token_types: jax.Array | None = None,
-            remat: bool = False) -> jax.Array:
+            remat: bool = False, scan: bool = False) -> jax.Array:
     """tokens: [B, T] int -> logits [B, T, V] (causal LM, BERT with MLM head) or hidden states [B, T, D].
 
     attention_mask: [B, T], 1 for real tokens and 0 for padding.
     remat: recompute each block's activations in the backward pass instead of storing them.
+    scan: run the blocks as one `lax.scan` over their stacked parameters (all blocks must have the same
+      shapes and leaf kinds): one block is compiled instead of L, and on sharded meshes only one block's
+      gathered weights and gradients are live at a time.
     """
     module = self.bind(params)
-    return module.head(self._trunk(module, tokens, attention_mask, positions, token_types, remat))
+    h = self._trunk(module, tokens, attention_mask, positions, token_types, remat, scan)
+    return layers.constrain(module.head(h))
 
   def hidden_states(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
     """The last block's output, before the final norm and head: [B, T, D]."""
     return self._trunk(self.bind(params), tokens, attention_mask, positions, token_types)
 
-  def _trunk(self, module, tokens, attention_mask, positions, token_types, remat: bool = False) -> jax.Array:
+  def _trunk(self, module, tokens, attention_mask, positions, token_types, remat: bool = False,
+             scan: bool = False) -> jax.Array:
     ctx = self.context(tokens, attention_mask=attention_mask, positions=positions)
-    h = module.embed(tokens, ctx.positions, token_types)
+    h = layers.constrain(module.embed(tokens, ctx.positions, token_types))
+    if not (remat or scan):
+      for blk in getattr(module, self.block_path):
+        h = layers.constrain(blk(h, ctx)[0])
+      return h
+    block = lambda bp, h: layers.constrain(self.bind_block(bp)(h, ctx)[0])
     if remat:
-      # Rematerialize per block: only block inputs are kept for the backward pass.
-      block = jax.checkpoint(lambda bp, h, ctx: self.bind_block(bp)(h, ctx)[0])
-      params = nnx.to_pure_dict(nnx.state(getattr(module, self.block_path)))
-      return functools.reduce(lambda h, i: block(params[i], h, ctx), range(len(params)), h)
-    for blk in getattr(module, self.block_path):
-      h, _ = blk(h, ctx)
-    return h
+      block = jax.checkpoint(block)  # only block inputs are kept for the backward pass
+    blocks = nnx.to_pure_dict(nnx.state(getattr(module, self.block_path)))
+    blocks = [blocks[i] for i in range(len(blocks))]
+    if not scan:
+      return functools.reduce(lambda h, bp: block(bp, h), blocks, h)
+    stacked = _stack_blocks(blocks)
+    return jax.lax.scan(lambda h, bp: (block(bp, h), None), h, stacked)[0]
 
   # Calibration ------------------------------------------------------------------------------------------------
 
@@ -198,6 +208,17 @@ def _graphdef(model: Model):
 @functools.lru_cache(maxsize=64)
 def _block_graphdef(model: Model):
   return nnx.split(getattr(_abstract_module(model), model.block_path)[0])[0]
+
+
+def _stack_blocks(blocks: list[Params]) -> Params:
+  """Per-block parameter trees -> one tree of [L, ...] arrays; blocks must agree in structure and shapes."""
+  first = jax.tree.structure(blocks[0])
+  for i, bp in enumerate(blocks[1:], 1):
+    if jax.tree.structure(bp) != first or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(blocks[0]), jax.tree.leaves(bp))):
+      raise ValueError(f'scan=True needs blocks of identical structure and shapes; block {i} differs from block 0 '
+                       '(a narrowed or differently compressed layer). Use scan=False for such models.')
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
 
 
 def _linear_names(module: nnx.Module) -> dict[int, str]:

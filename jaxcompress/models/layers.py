@@ -18,6 +18,27 @@ from flax import nnx
 
 from jaxcompress import core
 
+# Hidden states are pinned to this sharding at block boundaries while `activation_sharding()` is active.
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar('jaxcompress_activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding):
+  """Within this context (entered inside a traced function) models constrain hidden states [B, T, D] and
+  outputs [B, T, V] to `sharding` (rows over the batch axes). Without it the partitioner may follow
+  fsdp-sharded weights and gather the whole batch onto every device."""
+  token = _ACTIVATIONS.set(sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array) -> jax.Array:
+  sharding = _ACTIVATIONS.get()
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 # Linear layers record their inputs here while `capture_inputs()` is active (see Model.linear_inputs).
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar('jaxcompress_capture', default=None)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.models import Model
+from jaxcompress.models import Model, layers
 from jaxcompress.train import objectives
 from jaxcompress.train import sharding as sharding_lib
 
@@ -33,7 +33,8 @@ def make_lm_eval(model: Model, sequences: np.ndarray, *, batch_size: int, mesh: 
   def batch_nll(params, batch):
     params = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           params)
-    total, (count, _) = objective(params, None, batch, None)
+    with layers.activation_sharding(sharding_lib.batch_sharding(mesh)):
+      total, (count, _) = objective(params, None, batch, None)
     return total, count
 
   n = len(sequences)

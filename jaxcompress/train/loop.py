@@ -139,7 +139,8 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
 
   step_fn = step_lib.compile_step(
       step_lib.make_train_step(objective, optimizer, compute_dtype=jnp.dtype(cfg.compute_dtype),
-                               accum_steps=cfg.accum_steps, hooks=hooks, trainable=trainable),
+                               accum_steps=cfg.accum_steps, hooks=hooks, trainable=trainable,
+                               activation_sharding=sharding_lib.batch_sharding(mesh)),
       state_sharding=shardings, batch_sharding=sharding_lib.batch_sharding(mesh))
 
   writer = metrics_lib.MetricsWriter(run_dir, enabled=main, resume_step=start)

@@ -33,12 +33,12 @@ def _mask(batch: dict) -> jax.Array:
   return batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32)).astype(jnp.float32)
 
 
-def causal_lm(model: Model, *, remat: bool = False) -> Objective:
-  """Next-token cross-entropy, summed over masked tokens."""
+def causal_lm(model: Model, *, remat: bool = False, scan: bool = False) -> Objective:
+  """Next-token cross-entropy, summed over masked tokens. remat/scan: see `Model.apply`."""
 
   def objective(params, frozen, batch, rng):
     del frozen, rng
-    logits = model.apply(params, batch['inputs'], remat=remat)
+    logits = model.apply(params, batch['inputs'], remat=remat, scan=scan)
     mask = _mask(batch)
     nll = token_cross_entropy(logits, batch['targets']) * mask
     correct = (jnp.argmax(logits, -1) == batch['targets']) * mask

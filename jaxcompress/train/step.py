@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcompress.models import layers
 from jaxcompress.train import hooks as hooks_lib
 from jaxcompress.train import state as state_lib
 from jaxcompress.train.objectives import Objective
@@ -70,8 +71,13 @@ def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
                     compute_dtype: Any = jnp.float32, accum_steps: int = 1,
                     hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
-                    trainable: state_lib.Trainable = state_lib.floating) -> StepFn:
-  """The (un-jitted) step function; `compile_step` jits it with shardings and buffer donation."""
+                    trainable: state_lib.Trainable = state_lib.floating,
+                    activation_sharding: Any = None) -> StepFn:
+  """The (un-jitted) step function; `compile_step` jits it with shardings and buffer donation.
+
+  activation_sharding: a NamedSharding over the batch axes that the models pin hidden states and logits to
+  (`sharding.batch_sharding(mesh)`); None leaves activation placement to the partitioner.
+  """
   if accum_steps < 1:
     raise ValueError(f'accum_steps={accum_steps} must be >= 1.')
 
@@ -79,7 +85,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     def loss_fn(trained):
       params = state_lib.cast_floating(state_lib.combine(trained, fixed), compute_dtype)
       params = hooks.forward(params)
-      return objective(params, state_lib.cast_floating(frozen, compute_dtype), micro, rng)
+      with layers.activation_sharding(activation_sharding):
+        return objective(params, state_lib.cast_floating(frozen, compute_dtype), micro, rng)
     (loss, (weight, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     return grads, loss, weight, metrics
 
@@ -106,12 +113,16 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss / weight
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
-    new_params = hooks.after_update(state_lib.combine(optax.apply_updates(trained, updates), fixed), opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(new_params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+
+    def update():
+      updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+      params = hooks.after_update(state_lib.combine(optax.apply_updates(trained, updates), fixed), opt_state)
+      return params, opt_state
+
+    # A branch, not a select: the old state is kept without materializing a second copy of the new one.
+    params, opt_state = jax.lax.cond(finite, update, lambda: (state.params, state.opt_state))
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
     out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),
            **{k: v / weight for k, v in metrics.items()}}
     return new_state, out

@@ -151,3 +151,27 @@ def test_sentence_embedding_is_normalized_mean():
   np.testing.assert_allclose(emb[1], ref / np.linalg.norm(ref), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-6)
   assert spec.pooled(params, TOKENS, attention_mask=mask).shape == (2, 32)
+
+
+@pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
+def test_remat_and_scan_compute_the_same_loss_and_gradients(remat, scan):
+  params = jax.jit(LLAMA.init)(jax.random.key(0))
+  params = core.paths.replace(params, {f'layers/{i}/mlp/up_proj/kernel': core.quantize(
+      params['layers'][i]['mlp']['up_proj']['kernel'], bits=4, group_size=16) for i in range(2)})
+  loss = lambda p, **kw: jnp.sum(LLAMA.apply(p, TOKENS, **kw) ** 2)
+  ref_v, ref_g = jax.jit(jax.value_and_grad(loss, allow_int=True))(params)
+  v, g = jax.jit(jax.value_and_grad(lambda p: loss(p, remat=remat, scan=scan), allow_int=True))(params)
+  np.testing.assert_allclose(v, ref_v, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+    if a.dtype != jax.dtypes.float0:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scan_refuses_blocks_of_different_shapes():
+  params = LLAMA.init(jax.random.key(0))
+  mlp = params['layers'][0]['mlp']
+  params['layers'][0]['mlp'] = {'gate_proj': {'kernel': mlp['gate_proj']['kernel'][:, :40]},
+                                'up_proj': {'kernel': mlp['up_proj']['kernel'][:, :40]},
+                                'down_proj': {'kernel': mlp['down_proj']['kernel'][:40]}}
+  with pytest.raises(ValueError, match='scan=True needs blocks of identical structure and shapes; block 1'):
+    LLAMA.apply(params, TOKENS, scan=True)

@@ -1,7 +1,7 @@
 """The pod plan on 16 simulated CPU devices: the sharded training step compiles and really splits the state.
 
 1B width (TinyLlama-1.1B: 2048 wide, 32 heads, 4 key/value heads, SwiGLU 5632, vocab 32000) with 4 layers
-instead of 22, so it compiles in seconds; mesh data=2 x fsdp=8, batch 16 x 128, bf16 compute, remat.
+instead of 22, so it compiles in seconds; mesh data=2 x fsdp=8, batch 16 x 128, bf16 compute, remat, blocks as a scan.
 It runs `experiments/benchmarks/pod_plan.py` in a subprocess because the device count must be in XLA_FLAGS
 before jax is imported, and this process has imported it already.
 """
@@ -26,7 +26,8 @@ def plan(tmp_path_factory) -> dict:
   out = tmp_path_factory.mktemp('pod_plan') / 'plan.json'
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   proc = subprocess.run([sys.executable, str(REPO / 'experiments' / 'benchmarks' / 'pod_plan.py'), *ARGS,
-                         f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                         f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
   assert proc.returncode == 0, f'pod_plan.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
   return json.loads(out.read_text())
 
@@ -40,12 +41,14 @@ def test_compiles_on_the_simulated_mesh(plan):
 
 def test_sharding_splits_the_state(plan):
   unsharded = plan['state_bytes']  # float32 params + Adam's two moments, on one device
+  memory = plan['memory']  # per device, from compiled.memory_analysis()
   assert plan['state_bytes_per_device'] < unsharded / 4
-  memory = plan['memory']
-  assert memory['total'] == memory['argument'] + memory['output'] + memory['temp'] - memory['alias']
-  assert memory['argument'] >= plan['state_bytes_per_device']  # the state is an argument (plus the batch)
+  assert plan['state_bytes_per_device'] <= memory['argument'] < unsharded / 4  # the state (and batch) it is given
   assert memory['alias'] > 0  # the old state is donated to the new one
-  assert 0 < memory['total'] < unsharded / 4
+  assert memory['total'] == memory['argument'] + memory['output'] + memory['temp'] - memory['alias']
+  # Temporaries hold one block's gathered weights and gradients at a time (the blocks run as a scan); the CPU
+  # compiler gathers them in float32 and reduces gradients by a full all-reduce, hence a looser bound here.
+  assert 0 < memory['total'] < unsharded / 3
 
 
 def test_uses_collectives(plan):
