@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from safetensors import safe_open
 
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core.lowrank import LoRA, LowRank
 from jaxcompress.core.masked import Masked
-from jaxcompress.core.quantized import Quantized
+from jaxcompress.core.quantized import Quantized, pack_codes
 from jaxcompress.core.shared import Shared
 
 FORMAT = 'jaxcompress/1'
@@ -113,7 +112,6 @@ def _decode(name: str, desc: dict, f) -> Any:
     else:
       codes = jnp.asarray(unpack_bits(raw, bits, math.prod(shape)).reshape(shape))
       if desc['packed']:
-        from jaxcompress.core.quantized import pack_codes
         codes = pack_codes(codes, bits)
     side = {k: (jnp.asarray(f.get_tensor(f'{name}.{k}')) if k in desc['fields'] else None)
             for k in ('scale', 'zero', 'codebook')}

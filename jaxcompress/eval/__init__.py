@@ -3,3 +3,18 @@
 from jaxcompress.eval.fidelity import (CosineSimilarity, compare_lm, embedding_cosine, logit_kl, relative_error,
                                        token_kl, top1_agreement)
 from jaxcompress.eval.perplexity import PerplexityResult, perplexity, token_nll, unigram_perplexity, windows
+
+__all__ = [
+    'CosineSimilarity',
+    'PerplexityResult',
+    'compare_lm',
+    'embedding_cosine',
+    'logit_kl',
+    'perplexity',
+    'relative_error',
+    'token_kl',
+    'token_nll',
+    'top1_agreement',
+    'unigram_perplexity',
+    'windows',
+]

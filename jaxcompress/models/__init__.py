@@ -12,3 +12,23 @@ from jaxcompress.models.hf import (FAMILIES, from_pretrained, load_model, minilm
                                   supported_model_types)
 from jaxcompress.models.layers import Context
 from jaxcompress.models.llama import Llama, LlamaConfig
+
+__all__ = [
+    'Bert',
+    'BertConfig',
+    'Context',
+    'FAMILIES',
+    'GPT2',
+    'GPT2Config',
+    'Llama',
+    'LlamaConfig',
+    'Model',
+    'Params',
+    'from_pretrained',
+    'generate',
+    'load_model',
+    'mean_pool',
+    'minilm_dir',
+    'save_pretrained',
+    'supported_model_types',
+]

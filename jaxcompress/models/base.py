@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -234,6 +233,3 @@ def _check_tokens(tokens: Any, attention_mask: Any) -> None:
     raise ValueError(f'attention_mask shape {tuple(attention_mask.shape)} must equal tokens shape '
                      f'{tuple(tokens.shape)}.')
 
-
-def tree_shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
-  return {p: tuple(core.shape_of(x)) for p, x in core.flatten(tree).items()}

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from tests.conftest import ALL_KINDS, CAUSAL_KINDS, VOCAB, rel_err, torch_logits
 
 from jaxcompress import core, models
+from jaxcompress.models.parity import ALL_KINDS, CAUSAL_KINDS, VOCAB
+from jaxcompress.models.parity import relative_error as rel_err
+from jaxcompress.models.parity import torch_outputs as torch_logits
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
 
