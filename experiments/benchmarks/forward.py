@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
-import json
 import os
 import pathlib
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -37,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxcompress import core, models
+from jaxcompress import core, models, provenance
+
+from benchlib import time_calls  # noqa: E402 (this folder is on sys.path when run as a script)
 
 _VOCAB = flags.DEFINE_integer('vocab', 32000, 'Vocabulary size.')
 _HIDDEN = flags.DEFINE_integer('hidden', 768, 'Hidden size d_model.')
@@ -62,44 +58,6 @@ _OUT = flags.DEFINE_string('out', None, 'JSON results path (default: runs/benchm
 # --small: values used for every flag not given on the command line.
 SMALL = {'vocab': 1024, 'hidden': 128, 'layers': 2, 'heads': 4, 'kv_heads': 2, 'intermediate': 256,
          'batch': 2, 'seq_len': 64, 'prompt_len': 16, 'new_tokens': 16, 'repeats': 3}
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-  """Seconds per call over repeated calls."""
-
-  times: tuple[float, ...]
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.times)
-
-  def as_dict(self) -> dict[str, Any]:
-    return {'median_s': self.median, 'min_s': min(self.times), 'max_s': max(self.times),
-            'spread_pct': 100 * (max(self.times) - min(self.times)) / self.median, 'times_s': list(self.times)}
-
-
-def time_calls(fn: Callable[[], Any], repeats: int) -> Timing:
-  """One untimed warm-up call, then `repeats` timed calls, each waited on until its result is ready."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return Timing(tuple(times))
-
-
-def git_revision() -> dict[str, Any]:
-  """HEAD commit and whether tracked files differ from it; None values outside a git checkout."""
-  def git(*args: str) -> str | None:
-    try:
-      return subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True, check=True,
-                            timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-      return None
-  status = git('status', '--porcelain', '--untracked-files=no')
-  return {'commit': git('rev-parse', 'HEAD'), 'dirty': None if status is None else bool(status)}
 
 
 def config_from_flags() -> models.LlamaConfig:
@@ -216,17 +174,15 @@ def main(argv: list[str]) -> None:
       'flags': {name: flags.FLAGS[name].value for name in (*SMALL, 'decode_batch', 'dtype', 'seed', 'small',
                                                            'tie_embeddings')},
       'backend': jax.default_backend(), 'devices': [str(d) for d in devices], 'device_kind': devices[0].device_kind,
-      'versions': {'jax': jax.__version__, 'jaxlib': importlib.metadata.version('jaxlib'),
-                   'flax': flax.__version__, 'numpy': np.__version__, 'python': platform.python_version()},
-      'host': {'machine': platform.machine(), 'cpus': os.cpu_count(), 'load_avg_1m_before': load_before[0],
-               'load_avg_1m_after': os.getloadavg()[0]},
-      'git': git_revision(), 'forward': forward, 'decode': decode,
+      'environment': provenance.environment(),
+      'host': {'cpus': os.cpu_count(), 'load_avg_1m_before': load_before[0], 'load_avg_1m_after': os.getloadavg()[0]},
+      'forward': forward, 'decode': decode,
   }
   print_table(result)
   out = pathlib.Path(_OUT.value) if _OUT.value else (
       REPO / 'runs' / 'benchmarks' / f'forward_{now.strftime("%Y%m%d_%H%M%S")}.json')
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + '\n')
+  provenance.write_json(out, result)
   print(f'\nwrote {out}')
 
 

@@ -92,6 +92,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from jaxcompress import models, provenance
+
+from benchlib import memory_need  # noqa: E402 (this folder is on sys.path when run as a script)
 from jaxcompress.train import objectives, optim, sharding
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
@@ -139,15 +141,6 @@ def tree_bytes(tree: Any, per_device: bool = False) -> int:
     shape = x.sharding.shard_shape(x.shape) if per_device else x.shape
     total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
   return total
-
-
-def memory_need(compiled: Any) -> dict[str, int]:
-  """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliased (donated) buffers."""
-  m = compiled.memory_analysis()
-  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes, 'temp': m.temp_size_in_bytes,
-         'alias': m.alias_size_in_bytes, 'generated_code': m.generated_code_size_in_bytes}
-  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
-  return out
 
 
 _COLLECTIVE_OP = re.compile(r'=\s*(\S.*?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')

@@ -44,9 +44,7 @@ import dataclasses
 import datetime
 import os
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +61,8 @@ from jaxcompress import core, models, provenance
 from jaxcompress.train import objectives, optim, sharding
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
+
+from benchlib import Timing, memory_need, timed  # noqa: E402 (this folder is on sys.path as a script)
 
 # name -> (model, defaults for the flags left unset on the command line)
 PRESETS: dict[str, tuple[Callable[[], models.Model], dict[str, Any]]] = {
@@ -97,28 +97,6 @@ _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'n of the square n x n 
                                     '(default: 8192 on GPU/TPU, 4096 on CPU).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random parameters and tokens.')
 _OUT = flags.DEFINE_string('out', None, 'JSON results path (default: runs/benchmarks/train_step_<time>.json).')
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-  """Seconds per call over repeated calls."""
-
-  times: tuple[float, ...]
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.times)
-
-  def as_dict(self) -> dict[str, Any]:
-    return {'median_s': self.median, 'min_s': min(self.times), 'max_s': max(self.times),
-            'spread_pct': 100 * (max(self.times) - min(self.times)) / self.median, 'times_s': list(self.times)}
-
-
-def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-  """(result, seconds) of fn(*args), waited on until the result is ready."""
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,15 +170,6 @@ class Matmul:
     return {'shape': list(self.shape), 'dtype': self.dtype.name, **timing.as_dict(),
             'flop_per_s': self.flops / timing.median,
             'flop_per_s_range': [self.flops / max(times), self.flops / min(times)]}
-
-
-def memory_need(compiled: Any) -> dict[str, int]:
-  """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliased (donated) buffers."""
-  m = compiled.memory_analysis()
-  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes, 'temp': m.temp_size_in_bytes,
-         'alias': m.alias_size_in_bytes, 'generated_code': m.generated_code_size_in_bytes}
-  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
-  return out
 
 
 def memory_available(device: Any) -> int | None:

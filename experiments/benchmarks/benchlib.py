@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: timing of device work and the memory a compiled program needs.
+
+The scripts import this as `benchlib` (their own folder is first on sys.path when run as scripts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Seconds per call over repeated calls."""
+
+  times: tuple[float, ...]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times)
+
+  def as_dict(self) -> dict[str, Any]:
+    return {'median_s': self.median, 'min_s': min(self.times), 'max_s': max(self.times),
+            'spread_pct': 100 * (max(self.times) - min(self.times)) / self.median, 'times_s': list(self.times)}
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+  """(result, seconds) of fn(*args), waited on until the result is ready."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> Timing:
+  """One untimed warm-up call, then `repeats` timed calls, each waited on until its result is ready."""
+  jax.block_until_ready(fn())
+  return Timing(tuple(timed(fn)[1] for _ in range(repeats)))
+
+
+def memory_need(compiled: Any) -> dict[str, int]:
+  """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliased (donated) buffers."""
+  m = compiled.memory_analysis()
+  out = {'argument': m.argument_size_in_bytes, 'output': m.output_size_in_bytes, 'temp': m.temp_size_in_bytes,
+         'alias': m.alias_size_in_bytes, 'generated_code': m.generated_code_size_in_bytes}
+  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
+  return out
