@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,8 +56,12 @@ def _is_matmul_weight(path: str) -> bool:
   return path.rsplit(paths_lib.SEP, 1)[-1] == 'kernel'
 
 
-def leaf_counts(params: Any) -> dict[str, Counts]:
-  """Counts for every weight, keyed by path."""
+def leaf_counts(params: Any, per_token: Callable[[str], bool] | None = None) -> dict[str, Counts]:
+  """Counts for every weight, keyed by path.
+
+  per_token: which `kernel` paths run once per token (default: all); others (a pooler applied once per
+  sequence) count no FLOPs per token.
+  """
   store = shared_lib.storage(params)
   out = {}
   for path, x in paths_lib.flatten(params).items():
@@ -68,7 +72,8 @@ def leaf_counts(params: Any) -> dict[str, Counts]:
     used = store[x.name] if isinstance(x, shared_lib.Shared) else x
     if isinstance(used, shared_lib.Shared):
       raise ValueError(f"'{path}' points at shared storage '{x.name}', which is itself a reference.")
-    flops = leaf_lib.matmul_flops(used) if _is_matmul_weight(path) and len(leaf_lib.shape_of(used)) == 2 else 0
+    counted = _is_matmul_weight(path) and len(leaf_lib.shape_of(used)) == 2 and (per_token is None or per_token(path))
+    flops = leaf_lib.matmul_flops(used) if counted else 0
     out[path] = Counts(params=int(np.prod(leaf_lib.shape_of(used))), nonzero=leaf_lib.nonzeros(used),
                        stored=leaf_lib.stored_params(x), memory=leaf_lib.memory_bytes(x),
                        disk=leaf_lib.disk_bytes(x), flops=flops)
@@ -124,17 +129,18 @@ class Summary:
 
 
 def summary(params: Any, *, baseline: Any = None, extra_flops: Mapping[str, int] | None = None,
-            by: str = 'block') -> Summary:
+            by: str = 'block', per_token: Callable[[str], bool] | None = None) -> Summary:
   """Accounting table of a parameter tree.
 
   baseline: another parameter tree (e.g. the uncompressed model) to compare disk bytes against.
   extra_flops: {row name: FLOPs per token} not carried by any weight (attention, tied head).
   by: 'block' groups weights by layer ("layers/3"), 'weight' lists every weight, 'total' shows one row.
+  per_token: see `leaf_counts`.
   """
   if by not in ('block', 'weight', 'total'):
     raise ValueError(f"summary: by={by!r}; use 'block', 'weight' or 'total'.")
   rows: dict[str, Counts] = {}
-  for path, c in leaf_counts(params).items():
+  for path, c in leaf_counts(params, per_token).items():
     key = {'block': group_of(path), 'weight': path, 'total': 'all weights'}[by]
     rows[key] = rows.get(key, Counts()) + c
   for name, flops in (extra_flops or {}).items():
@@ -142,7 +148,7 @@ def summary(params: Any, *, baseline: Any = None, extra_flops: Mapping[str, int]
   total = sum(rows.values(), Counts())
   base = None
   if baseline is not None:
-    base = sum(leaf_counts(baseline).values(), Counts())
+    base = sum(leaf_counts(baseline, per_token).values(), Counts())
     base = base + Counts(flops=sum(int(f) for f in (extra_flops or {}).values()))
   return Summary(rows=_natural_order(rows), total=total, baseline=base)
 

@@ -191,7 +191,13 @@ class Model:
 
   def summary(self, params: Params, *, seq_len: int = 512, baseline: Params | None = None, by: str = 'block'):
     """`core.stats.summary` with this model's attention and tied-head FLOPs added."""
-    return core.stats.summary(params, baseline=baseline, extra_flops=self.flops_per_token(params, seq_len), by=by)
+    once = self._per_sequence_kernels()
+    return core.stats.summary(params, baseline=baseline, extra_flops=self.flops_per_token(params, seq_len), by=by,
+                              per_token=lambda path: path not in once)
+
+  def _per_sequence_kernels(self) -> tuple[str, ...]:
+    """Kernels applied once per sequence rather than per token (no FLOPs per token)."""
+    return ()
 
 
 @functools.lru_cache(maxsize=64)

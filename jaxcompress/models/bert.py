@@ -145,6 +145,9 @@ class Bert(base.Model):
   def max_positions(self) -> int:
     return self.config.max_position_embeddings
 
+  def _per_sequence_kernels(self):
+    return ('pooler/dense/kernel',)  # the pooler reads [CLS] only
+
   def _tied_head_flops(self, params):
     return 2 * self.config.hidden_size * self.config.vocab_size if self.config.mlm_head else 0
 

@@ -175,3 +175,12 @@ def test_scan_refuses_blocks_of_different_shapes():
                                 'down_proj': {'kernel': mlp['down_proj']['kernel'][:40]}}
   with pytest.raises(ValueError, match='scan=True needs blocks of identical structure and shapes; block 1'):
     LLAMA.apply(params, TOKENS, scan=True)
+
+
+def test_pooler_counts_no_flops_per_token():
+  spec = models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                       intermediate_size=48, max_position_embeddings=32))
+  params = spec.init(jax.random.key(0))
+  s = spec.summary(params, seq_len=8)
+  assert s.rows['pooler'].flops == 0 and s.rows['pooler'].params == 32 * 32 + 32
+  assert s.rows['layers/0'].flops == 2 * (4 * 32 * 32 + 2 * 32 * 48)
