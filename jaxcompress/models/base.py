@@ -15,6 +15,7 @@ The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
+class Model(abc.ABC):
   """Base of the family specs (`Llama`, `GPT2`, `Bert`). Subclasses set `config` and implement `_module`."""
 
   config: Any
@@ -44,9 +45,9 @@ class Model:
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
+  @abc.abstractmethod
   def _module(self, rngs: nnx.Rngs, dtype) -> nnx.Module:
     """The NNX module with methods embed(tokens, positions, token_types), head(h) and a `layers` list."""
-    raise NotImplementedError(f'{type(self).__name__} must define _module')
 
   def _window(self) -> int | None:
     return None
