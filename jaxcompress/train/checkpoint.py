@@ -165,11 +165,39 @@ class Checkpointer:
       for s, why in skipped:
         logging.warning('Checkpoint step %d in %s is damaged: %s. Falling back to step %d.', s, self.directory,
                         why, step)
-      self._metrics = {s: self.read_meta(s).get('metrics', {}) for s in self.steps() if s <= step}
+      self._metrics, unreadable = {}, []
+      for s in self.steps():
+        if s < step:
+          try:
+            self._metrics[s] = self.read_meta(s).get('metrics', {})
+          except Exception:  # an older step whose deletion a crash interrupted
+            unreadable.append(s)
+      self._metrics[step] = meta.get('metrics', {})
+      self._set_aside([s for s, _ in skipped] + unreadable)
       return state, meta
     raise CheckpointError(f'no checkpoint in {self.directory} is usable: ' +
                           '; '.join(f'step {s}: {why}' for s, why in skipped) +
                           '. Move the directory aside to start afresh.')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged steps to '<step>.damaged[-n]': kept for inspection, out of orbax's way, so the resumed
+    run can write those step numbers again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for s in steps:
+        src = self.directory / str(s)
+        if not src.exists():
+          continue
+        dst, n = self.directory / f'{s}.damaged', 1
+        while dst.exists():
+          dst, n = self.directory / f'{s}.damaged-{n}', n + 1
+        src.rename(dst)
+        logging.warning('Moved damaged checkpoint %s to %s.', src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('jaxcompress_checkpoint_set_aside')
+    self._manager.reload()
 
   def _check_fingerprint(self, meta: dict) -> None:
     theirs = meta.get('fingerprint')

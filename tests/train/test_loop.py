@@ -1,6 +1,7 @@
 """The training loop in process: reproducibility, retention, recovery from damage, and bad input."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -72,6 +73,25 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch
   rest = _fit(tmp_path / 'parts')
   assert any('step 6' in w and 'damaged' in w and 'step 4' in w for w in warnings), warnings
   assert state_lib.param_hash(rest.state.params) == state_lib.param_hash(whole.state.params)
+
+
+def test_steps_a_crash_left_half_written_or_half_deleted_are_set_aside(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, fingerprint={'m': 1}, keep=5, async_save=False)
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, {'w': np.full(4, step, np.float32)})
+  ckpt.close()
+  shutil.rmtree(tmp_path / '2' / 'meta')  # deletion interrupted: arrays left, record gone
+  (tmp_path / '4' / '_CHECKPOINT_METADATA').unlink()  # write interrupted
+  shutil.rmtree(tmp_path / '4' / 'meta')
+  ckpt = checkpoint.Checkpointer(tmp_path, fingerprint={'m': 1}, keep=5, async_save=False)
+  state, meta = ckpt.restore_latest({'w': jax.ShapeDtypeStruct((4,), np.float32)})
+  assert meta['step'] == 3 and np.all(np.asarray(state['w']) == 3)
+  assert ckpt.steps() == [1, 3]
+  assert sorted(p.name for p in tmp_path.iterdir() if 'damaged' in p.name) == ['2.damaged', '4.damaged']
+  ckpt.save(4, {'w': np.full(4, 40, np.float32)})  # the step number is free again
+  ckpt.wait()
+  assert ckpt.steps() == [1, 3, 4]
+  ckpt.close()
 
 
 def test_keeps_newest_and_best(tmp_path):
