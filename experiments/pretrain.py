@@ -84,7 +84,7 @@ def main(argv):
 
   from jaxcompress import models
   from jaxcompress.data import pipeline, tokenizer
-  from jaxcompress.eval.perplexity import unigram_perplexity
+  from jaxcompress.eval.lm import unigram_perplexity
   from jaxcompress.train import evaluate, loop, metrics, objectives, optim
   from jaxcompress import provenance
 

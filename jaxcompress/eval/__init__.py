@@ -2,7 +2,7 @@
 
 from jaxcompress.eval.fidelity import (CosineSimilarity, compare_lm, embedding_cosine, logit_kl, relative_error,
                                        token_kl, top1_agreement)
-from jaxcompress.eval.perplexity import PerplexityResult, perplexity, token_nll, unigram_perplexity, windows
+from jaxcompress.eval.lm import PerplexityResult, perplexity, token_nll, unigram_perplexity, windows
 
 __all__ = [
     'CosineSimilarity',

@@ -35,20 +35,23 @@ def _run(params, steps=3, *, tx=None, trainable=state_lib.floating, batch=BATCH,
   return state, history
 
 
+# Plain SGD in the equivalence tests: Adam divides by sqrt(v), so where a gradient is nearly zero it would
+# amplify summation-order rounding, which differs from one CPU to another, into visible parameter differences.
+SGD = optax.sgd(0.5)
+
+
 def test_accumulation_equals_one_big_batch(params):
-  one, h1 = _run(params, accum_steps=1)
-  four, h4 = _run(params, accum_steps=4)
+  one, h1 = _run(params, tx=SGD, accum_steps=1)
+  four, h4 = _run(params, tx=SGD, accum_steps=4)
   np.testing.assert_allclose([m['loss'] for m in h1], [m['loss'] for m in h4], rtol=1e-5)
-  # Adam divides by sqrt(v): where a gradient is nearly zero (rare embedding rows) summation-order rounding
-  # is amplified to ~1e-5 of a 1e-2 step, hence the looser parameter tolerance.
-  chex_close(one.params, four.params, 1e-4)
+  chex_close(one.params, four.params, 1e-5)
 
 
 def test_remat_changes_nothing_but_memory(params):
-  a, ha = _run(params, remat=False)
-  b, hb = _run(params, remat=True)
+  a, ha = _run(params, tx=SGD, remat=False)
+  b, hb = _run(params, tx=SGD, remat=True)
   np.testing.assert_allclose([m['loss'] for m in ha], [m['loss'] for m in hb], rtol=1e-6)
-  chex_close(a.params, b.params, 1e-5)
+  chex_close(a.params, b.params, 1e-6)
 
 
 def test_bf16_compute_keeps_fp32_master_weights(params):
