@@ -1,12 +1,12 @@
 """Killed and pre-empted training runs resume to the bits of a run that was never interrupted."""
 
-import json
 import random
 import signal
 import time
 
 import pytest
 
+from jaxcompress.train import metrics
 from tests.train import pretrain_runs as runs
 
 STEPS = 24
@@ -21,12 +21,8 @@ def reference(tmp_path_factory):
 
 
 def _last_step(run_dir) -> int:
-  """The newest step in the metrics log; a line still being written is not counted."""
   path = run_dir / 'metrics.jsonl'
-  if not path.exists():
-    return 0
-  complete = path.read_text().rpartition('\n')[0]
-  return max((json.loads(line)['step'] for line in complete.splitlines()), default=0)
+  return max((r['step'] for r in metrics.read_jsonl(path)), default=0) if path.exists() else 0
 
 
 def _wait_for_step(run_dir, proc, step, timeout=240.0):
