@@ -174,7 +174,7 @@ def plan(model: models.Llama, mesh: jax.sharding.Mesh, result: dict[str, Any],
   tx = optim.make_optimizer(optim.OptimizerConfig(name=_OPTIMIZER.value))
   abstract_params = model.abstract_params()
   abstract_state = jax.eval_shape(lambda p: state_lib.init_state(p, tx, jax.random.key(0)), abstract_params)
-  shardings = sharding.state_shardings(abstract_state, mesh)
+  shardings = sharding.state_shardings(abstract_state, mesh, model.sharding_rules())
   sharded_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                abstract_state, shardings)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -256,7 +256,7 @@ def main(argv: list[str]) -> None:
   divisor = sharding.batch_divisor(mesh) * cfg['accum_steps']
   if batch % divisor:
     raise app.UsageError(f'--batch={batch} must be a multiple of data x fsdp devices x accum_steps = {divisor}.')
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh, model.sharding_rules())
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = step_lib.compile_step(
       step_lib.make_train_step(objectives.causal_lm(model, remat=cfg['remat'], scan=cfg['scan_layers']), tx,

@@ -141,6 +141,23 @@ def matmul_flops(w: Weight) -> int:
 
 
 def nonzeros(w: Weight) -> int:
-  """Non-zero entries of the dense array (host-side)."""
-  return int(np.count_nonzero(np.asarray(materialize(w))))
+  """Non-zero entries of the dense array (host-side; works on arrays sharded across processes)."""
+  return count_nonzero(materialize(w))
+
+
+def count_nonzero(x: Array) -> int:
+  """Non-zero entries of an array, host-side.
+
+  An array that is not fully addressable (sharded across processes) is counted shard by shard, each distinct
+  shard once (replica 0), and the per-process counts are summed across processes; every process must call
+  this (it is a collective) and gets the same total.
+  """
+  if not (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return int(np.count_nonzero(np.asarray(x)))
+  from jax.experimental import multihost_utils  # only multi-process programs need it
+  local = sum(int(np.count_nonzero(np.asarray(s.data))) for s in x.addressable_shards if s.replica_id == 0)
+  # Split into 30-bit halves: without jax_enable_x64 the gathered values are int32.
+  parts = np.array([local >> 30, local & ((1 << 30) - 1)], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(parts)).reshape(-1, 2).astype(np.int64)
+  return int((gathered[:, 0] << 30).sum() + gathered[:, 1].sum())
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import serialize
 
 
 @leaf_lib.leaf_type
@@ -106,3 +107,15 @@ class LoRA(leaf_lib.Compressed):
 
   def matmul_flops(self):
     return sum(leaf_lib.matmul_flops(w) for w in (self.base, self.lora_a, self.lora_b))
+
+
+serialize.register(
+    'lowrank', LowRank,
+    lambda w, out: {'a': out.weight('.a', w.a), 'b': out.weight('.b', w.b)},
+    lambda desc, src: LowRank(a=src.weight('.a', desc['a']), b=src.weight('.b', desc['b'])))
+serialize.register(
+    'lora', LoRA,
+    lambda w, out: {'scale': w.scale, 'base': out.weight('.base', w.base),
+                    'lora_a': out.weight('.lora_a', w.lora_a), 'lora_b': out.weight('.lora_b', w.lora_b)},
+    lambda desc, src: LoRA(base=src.weight('.base', desc['base']), lora_a=src.weight('.lora_a', desc['lora_a']),
+                           lora_b=src.weight('.lora_b', desc['lora_b']), scale=desc['scale']))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import serialize
 
 
 @leaf_lib.leaf_type
@@ -47,8 +48,9 @@ class Masked(leaf_lib.Compressed):
     return jnp.where(self.mask, dense, jnp.zeros((), dense.dtype))
 
   def kept(self) -> int:
-    """Entries the mask keeps (host-side)."""
-    return int(np.broadcast_to(np.asarray(self.mask, bool), self.shape).sum())
+    """Entries the mask keeps (host-side; a mask sharded across processes is counted shard by shard)."""
+    # A broadcast mask ([in, 1] or [1, out]) keeps each of its entries once per broadcast copy.
+    return leaf_lib.count_nonzero(self.mask) * (self.size // int(np.size(self.mask)))
 
   def sparsity(self) -> float:
     return 1.0 - self.kept() / self.size
@@ -76,3 +78,34 @@ class Masked(leaf_lib.Compressed):
 
 def _has_shape(x) -> bool:
   return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def _encode(w: Masked, out: serialize.Writer) -> dict:
+  """A one-bit-per-entry map, and the kept values of a plain value (or the whole compressed value)."""
+  mask = serialize.host(w.mask).astype(bool)
+  out.put('.bitmap', np.packbits(mask.reshape(-1), bitorder='little'))
+  desc = {'mask_shape': list(mask.shape)}
+  if leaf_lib.is_compressed(w.value):
+    desc['value'] = out.weight('.value', w.value)
+  else:
+    value = serialize.host(w.value)
+    out.put('.kept', value[np.broadcast_to(mask, value.shape)])
+    desc['value'] = {'kind': 'kept', 'shape': list(value.shape), 'dtype': str(value.dtype)}
+  return desc
+
+
+def _decode(desc: dict, src: serialize.Reader) -> Masked:
+  shape = tuple(desc['mask_shape'])
+  mask = np.unpackbits(src.get('.bitmap'), count=math.prod(shape), bitorder='little').astype(bool).reshape(shape)
+  vdesc = desc['value']
+  if vdesc['kind'] == 'kept':
+    vshape = tuple(vdesc['shape'])
+    value = np.zeros(vshape, np.dtype(vdesc['dtype']))
+    value[np.broadcast_to(mask, vshape)] = src.get('.kept')
+    value = jnp.asarray(value)
+  else:
+    value = src.weight('.value', vdesc)
+  return Masked(value=value, mask=jnp.asarray(mask))
+
+
+serialize.register('masked', Masked, _encode, _decode)

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import serialize
 
 Format = Literal['int', 'nf4', 'fp8', 'codebook']
 FORMATS = ('int', 'nf4', 'fp8', 'codebook')
@@ -227,3 +228,34 @@ def quantize(w: jax.Array, *, bits: int = 4, group_size: int | None = 128, fmt: 
 def fake_quantize(w: jax.Array, **kwargs) -> jax.Array:
   """quantize then materialize, in w's dtype (the forward pass of quantization-aware training)."""
   return quantize(w, **kwargs).materialize().astype(w.dtype)
+
+
+_SIDE = ('scale', 'zero', 'codebook')
+
+
+def _encode(w: Quantized, out: serialize.Writer) -> dict:
+  """Codes bit-packed to exactly `bits` bits each (fp8 codes as their bytes); side arrays as they are."""
+  codes = serialize.host(w.codes_unpacked())
+  out.put('.codes', codes.view(np.uint8).reshape(-1) if w.fmt == 'fp8' else serialize.pack_bits(codes, w.bits))
+  fields = [f for f in _SIDE if getattr(w, f) is not None]
+  for f in fields:
+    out.put(f'.{f}', getattr(w, f))
+  return {'bits': w.bits, 'group_size': w.group_size, 'fmt': w.fmt, 'packed': w.packed, 'shape': list(w.shape),
+          'fields': fields}
+
+
+def _decode(desc: dict, src: serialize.Reader) -> Quantized:
+  shape, bits = tuple(desc['shape']), desc['bits']
+  raw = src.get('.codes')
+  if desc['fmt'] == 'fp8':
+    codes = jnp.asarray(raw.view(ml_dtypes.float8_e4m3fn).reshape(shape))
+  else:
+    codes = jnp.asarray(serialize.unpack_bits(raw, bits, math.prod(shape)).reshape(shape))
+    if desc['packed']:
+      codes = pack_codes(codes, bits)
+  side = {f: (jnp.asarray(src.get(f'.{f}')) if f in desc['fields'] else None) for f in _SIDE}
+  return Quantized(codes=codes, **side, bits=bits, group_size=desc['group_size'], fmt=desc['fmt'],
+                   packed=desc['packed'], logical_shape=shape)
+
+
+serialize.register('quantized', Quantized, _encode, _decode)

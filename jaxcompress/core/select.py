@@ -6,8 +6,15 @@
     params = sel.map(lambda path, w: prune(w), params)
 
 By default a selection holds the matmul kernels of the transformer blocks: every leaf named `kernel`, but not
-the embeddings (`embedding` leaves), the norms (`scale`/`bias`) or the heads (`lm_head`, `mlm_head`,
-`pooler`). `embeddings=True` and `head=True` add those.
+the embeddings (`embedding` leaves), the norms (`scale`/`bias`) or the output heads. `embeddings=True` and
+`head=True` add those.
+
+Core knows no model, so which paths are heads is a parameter: `heads=` takes the regexes a model declares
+(`Model.head_patterns`; `Model.select(params, ...)` passes them). Without it, `HEADS` matches the usual
+top-level head names (`lm_head`, `mlm_head`, `pooler`).
+
+Shared storage (`params['_shared']`) is never selected itself: it is selected through the places that use
+it, and `Selection.map` transforms each selected storage once (see `Selection.map`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from jaxcompress.core import shared as shared_lib
 
 KERNELS = r'(^|/)kernel$'
 EMBEDDINGS = r'(^|/)embedding$'
-HEADS = r'^(lm_head|mlm_head|pooler)/'
+HEADS = r'^(lm_head|mlm_head|pooler)/'  # default head paths when the caller gives no model's patterns
 
 Patterns = str | Sequence[str]
 
@@ -49,7 +56,8 @@ class Rules:
   include: Patterns = KERNELS  # regexes; a path is chosen if any matches (re.search)
   exclude: Patterns = ()  # regexes; a chosen path is dropped if any matches
   embeddings: bool = False  # also choose embedding tables
-  head: bool = False  # also choose lm_head / mlm_head / pooler weights
+  head: bool = False  # also choose the output heads' weights
+  heads: Patterns = HEADS  # regexes of head paths (a model's `head_patterns`); default: lm_head/mlm_head/pooler
 
   def matches(self, path: str) -> bool:
     if path.startswith(shared_lib.SHARED + paths_lib.SEP):
@@ -57,7 +65,7 @@ class Rules:
     include = _compile(self.include) + (_compile(EMBEDDINGS) if self.embeddings else ())
     if not any(p.search(path) for p in include):
       return False
-    if not self.head and re.search(HEADS, path):
+    if not self.head and any(p.search(path) for p in _compile(self.heads)):
       return False
     if not self.embeddings and re.search(EMBEDDINGS, path):
       return False
@@ -99,9 +107,45 @@ class Selection:
     return {p: flat[p] for p in self.paths}
 
   def map(self, fn: Callable[[str, Any], Any], params: Any) -> Any:
-    """params with fn(path, weight) applied to each selected weight, the rest untouched."""
+    """params with fn(path, weight) applied to each selected weight, the rest untouched.
+
+    A selected place that holds a `Shared` reference is transformed through its storage: fn runs once per
+    storage, on `params['_shared'][name]`, with the path of the first selected place that uses it; the result
+    replaces the storage and every reference is kept (its recorded shape and dtype follow the new storage).
+    So quantizing a tied weight yields one quantized tensor, still tied. Selecting only some of the places
+    that share a storage is an error (transforming it would change the others too).
+    """
     chosen = set(self.paths)
-    return paths_lib.map_with_path(lambda p, x: fn(p, x) if p in chosen else x, params)
+    flat = paths_lib.flatten(params)
+    first: dict[str, str] = {}  # storage name -> first selected place using it
+    for p in self.paths:
+      x = flat.get(p)
+      if isinstance(x, shared_lib.Shared):
+        first.setdefault(x.name, p)
+    if not first:
+      return paths_lib.map_with_path(lambda p, x: fn(p, x) if p in chosen else x, params)
+    store = shared_lib.storage(params)
+    for name, p in first.items():
+      if name not in store:
+        raise KeyError(f"Selection.map: '{p}' refers to shared storage '{name}', which "
+                       f"params['{shared_lib.SHARED}'] lacks (it has {sorted(store)}).")
+      users = [q for q, x in flat.items() if isinstance(x, shared_lib.Shared) and x.name == name]
+      left_out = [q for q in users if q not in chosen]
+      if left_out:
+        raise ValueError(f"Selection.map: shared storage '{name}' is used by {users}, but the selection leaves "
+                         f'out {left_out}; transforming the storage would change them too. Select every place '
+                         'that uses it, or untie them first (core.resolve).')
+    new_store = {**store, **{name: fn(p, store[name]) for name, p in first.items()}}
+
+    def one(p, x):
+      if p not in chosen:
+        return x
+      if isinstance(x, shared_lib.Shared):
+        return shared_lib.reference(x.name, new_store[x.name])
+      return fn(p, x)
+
+    out = paths_lib.map_with_path(one, {k: v for k, v in params.items() if k != shared_lib.SHARED})
+    return {**out, shared_lib.SHARED: new_store}
 
 
 def kind_of(x: Any) -> str:
@@ -109,13 +153,17 @@ def kind_of(x: Any) -> str:
 
 
 def select(params: Any, include: Patterns = KERNELS, exclude: Patterns = (), *, embeddings: bool = False,
-           head: bool = False) -> Selection:
-  """The weights of `params` whose paths the rules choose (see module docstring)."""
-  return select_by(params, Rules(include=include, exclude=exclude, embeddings=embeddings, head=head))
+           head: bool = False, heads: Patterns = HEADS) -> Selection:
+  """The weights of `params` whose paths the rules choose (see module docstring).
+
+  heads: regexes naming the output heads' paths (a model's `head_patterns`); left out unless head=True.
+  """
+  return select_by(params, Rules(include=include, exclude=exclude, embeddings=embeddings, head=head, heads=heads))
 
 
 def select_by(params: Any, rules: Rules) -> Selection:
-  _compile(rules.include), _compile(rules.exclude)  # bad patterns fail here, whatever the tree holds
+  # Bad patterns fail here, whatever the tree holds.
+  _compile(rules.include), _compile(rules.exclude), _compile(rules.heads)
   flat = paths_lib.flatten(params)
   chosen = [(p, x) for p, x in flat.items() if rules.matches(p)]
   return Selection(paths=tuple(p for p, _ in chosen), kinds=tuple(kind_of(x) for _, x in chosen),

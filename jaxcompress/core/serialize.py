@@ -7,27 +7,27 @@ pickle: loading reads tensors and JSON only.
 
     save('model.jc.safetensors', params)
     params = load('model.jc.safetensors')
+
+Each leaf kind writes and reads its own tensors through `register(kind, cls, encode, decode)`: the kinds of
+`core` register themselves next to their classes (masked.py, quantized.py, lowrank.py, shared.py), and a
+family adds a kind the same way without editing this file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.core.lowrank import LoRA, LowRank
-from jaxcompress.core.masked import Masked
-from jaxcompress.core.quantized import Quantized, pack_codes
-from jaxcompress.core.shared import Shared
 
 FORMAT = 'jaxcompress/1'
 
@@ -44,87 +44,105 @@ def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
   return (planes.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
 
 
-def _host(x) -> np.ndarray:
+def host(x) -> np.ndarray:
+  """A (possibly device-resident) array as a host numpy array."""
   return np.asarray(jax.device_get(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Writer:
+  """What a leaf kind's encoder writes through: tensors named `name + suffix`, and nested weights."""
+
+  name: str  # the weight's path, e.g. 'layers/0/mlp/up_proj/kernel'
+  tensors: dict[str, np.ndarray]  # every tensor of the file being written, by name
+
+  def put(self, suffix: str, array: Any) -> None:
+    """Stores `array` (host-side copy) as the tensor `name + suffix`, e.g. suffix '.codes'."""
+    self.tensors[self.name + suffix] = host(array)
+
+  def weight(self, suffix: str, w: Any) -> dict:
+    """Encodes a nested weight (dense or any registered kind) under `name + suffix`; returns its description."""
+    return _encode(self.name + suffix, w, self.tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """What a leaf kind's decoder reads through: the tensors and nested weights its encoder wrote."""
+
+  name: str  # the weight's path
+  file: Any  # the open safetensors file
+
+  def get(self, suffix: str) -> np.ndarray:
+    return self.file.get_tensor(self.name + suffix)
+
+  def weight(self, suffix: str, desc: dict) -> Any:
+    return _decode(self.name + suffix, desc, self.file)
+
+
+Encoder = Callable[[Any, Writer], dict]  # (leaf, writer) -> JSON-able description of its format
+Decoder = Callable[[dict, Reader], Any]  # (description, reader) -> the leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+  cls: type  # the leaf class this kind stores (matched exactly, not by subclass)
+  encode: Encoder
+  decode: Decoder
+
+
+_KINDS: dict[str, Codec] = {}
+_KIND_OF: dict[type, str] = {}
+_RESERVED = ('dense', 'kept')
+
+
+def register(kind: str, cls: type, encode: Encoder, decode: Decoder) -> None:
+  """Gives leaf class `cls` an on-disk format under the name `kind`.
+
+  encode(leaf, writer) stores the leaf's tensors with `writer.put(suffix, array)` (nested weights with
+  `writer.weight(suffix, w)`) and returns a JSON-able description of its format; decode(desc, reader) rebuilds
+  the leaf from `reader.get(suffix)` / `reader.weight(suffix, desc[...])`. The description is stored as
+  {'kind': kind, **desc}. A leaf's `disk_bytes()` must equal the bytes its encoder writes. Registering the same
+  kind again for the same class replaces it (module reloads); another class under a taken name is an error.
+  """
+  if not isinstance(kind, str) or not kind or kind in _RESERVED:
+    raise ValueError(f'serialize.register: kind={kind!r} must be a non-empty name other than {_RESERVED}.')
+  if not (isinstance(cls, type) and issubclass(cls, leaf_lib.Compressed)):
+    raise TypeError(f'serialize.register: cls={cls!r} must be a subclass of core.Compressed.')
+  old = _KINDS.get(kind)
+  if old is not None and old.cls.__qualname__ != cls.__qualname__:
+    raise ValueError(f"serialize.register: kind {kind!r} is already registered for {old.cls.__qualname__}; "
+                     f'choose another name for {cls.__qualname__}.')
+  if old is not None:
+    _KIND_OF.pop(old.cls, None)
+  _KINDS[kind] = Codec(cls=cls, encode=encode, decode=decode)
+  _KIND_OF[cls] = kind
+
+
+def kinds() -> dict[str, type]:
+  """{kind name: leaf class} of every registered on-disk format."""
+  return {k: c.cls for k, c in _KINDS.items()}
 
 
 def _encode(name: str, w: Any, tensors: dict[str, np.ndarray]) -> dict:
   """Adds w's tensors under `name`; returns its JSON description."""
-  if isinstance(w, Masked):
-    mask = _host(w.mask).astype(bool)
-    tensors[name + '.bitmap'] = np.packbits(mask.reshape(-1), bitorder='little')
-    desc = {'kind': 'masked', 'mask_shape': list(mask.shape)}
-    if leaf_lib.is_compressed(w.value):
-      desc['value'] = _encode(name + '.value', w.value, tensors)
-    else:
-      value = _host(w.value)
-      tensors[name + '.kept'] = value[np.broadcast_to(mask, value.shape)]
-      desc['value'] = {'kind': 'kept', 'shape': list(value.shape), 'dtype': str(value.dtype)}
-    return desc
-  if isinstance(w, Quantized):
-    codes = _host(w.codes_unpacked())
-    if w.fmt == 'fp8':
-      tensors[name + '.codes'] = codes.view(np.uint8).reshape(-1)
-    else:
-      tensors[name + '.codes'] = pack_bits(codes, w.bits)
-    for field in ('scale', 'zero', 'codebook'):
-      if getattr(w, field) is not None:
-        tensors[f'{name}.{field}'] = _host(getattr(w, field))
-    return {'kind': 'quantized', 'bits': w.bits, 'group_size': w.group_size, 'fmt': w.fmt, 'packed': w.packed,
-            'shape': list(w.shape), 'fields': [f for f in ('scale', 'zero', 'codebook')
-                                               if getattr(w, f) is not None]}
-  if isinstance(w, LowRank):
-    return {'kind': 'lowrank', 'a': _encode(name + '.a', w.a, tensors), 'b': _encode(name + '.b', w.b, tensors)}
-  if isinstance(w, LoRA):
-    return {'kind': 'lora', 'scale': w.scale, 'base': _encode(name + '.base', w.base, tensors),
-            'lora_a': _encode(name + '.lora_a', w.lora_a, tensors),
-            'lora_b': _encode(name + '.lora_b', w.lora_b, tensors)}
-  if isinstance(w, Shared):
-    return {'kind': 'shared', 'name': w.name, 'shape': list(w.shape), 'dtype': w.ref_dtype}
-  if leaf_lib.is_compressed(w):
-    raise TypeError(f"save: no on-disk format for {type(w).__name__} at '{name}'.")
-  tensors[name] = _host(w)
-  return {'kind': 'dense'}
+  if not leaf_lib.is_compressed(w):
+    tensors[name] = host(w)
+    return {'kind': 'dense'}
+  kind = _KIND_OF.get(type(w))
+  if kind is None:
+    raise TypeError(f"save: no on-disk format for {type(w).__name__} at '{name}'; register one with "
+                    'jaxcompress.core.serialize.register(kind, cls, encode, decode).')
+  return {'kind': kind, **_KINDS[kind].encode(w, Writer(name, tensors))}
 
 
 def _decode(name: str, desc: dict, f) -> Any:
   kind = desc['kind']
   if kind == 'dense':
     return jnp.asarray(f.get_tensor(name))
-  if kind == 'masked':
-    shape = tuple(desc['mask_shape'])
-    mask = np.unpackbits(f.get_tensor(name + '.bitmap'), count=math.prod(shape), bitorder='little')
-    mask = mask.astype(bool).reshape(shape)
-    vdesc = desc['value']
-    if vdesc['kind'] == 'kept':
-      vshape = tuple(vdesc['shape'])
-      value = np.zeros(vshape, np.dtype(vdesc['dtype']))
-      value[np.broadcast_to(mask, vshape)] = f.get_tensor(name + '.kept')
-      value = jnp.asarray(value)
-    else:
-      value = _decode(name + '.value', vdesc, f)
-    return Masked(value=value, mask=jnp.asarray(mask))
-  if kind == 'quantized':
-    shape, bits = tuple(desc['shape']), desc['bits']
-    raw = f.get_tensor(name + '.codes')
-    if desc['fmt'] == 'fp8':
-      codes = jnp.asarray(raw.view(ml_dtypes.float8_e4m3fn).reshape(shape))
-    else:
-      codes = jnp.asarray(unpack_bits(raw, bits, math.prod(shape)).reshape(shape))
-      if desc['packed']:
-        codes = pack_codes(codes, bits)
-    side = {k: (jnp.asarray(f.get_tensor(f'{name}.{k}')) if k in desc['fields'] else None)
-            for k in ('scale', 'zero', 'codebook')}
-    return Quantized(codes=codes, **side, bits=bits, group_size=desc['group_size'], fmt=desc['fmt'],
-                     packed=desc['packed'], logical_shape=shape)
-  if kind == 'lowrank':
-    return LowRank(a=_decode(name + '.a', desc['a'], f), b=_decode(name + '.b', desc['b'], f))
-  if kind == 'lora':
-    return LoRA(base=_decode(name + '.base', desc['base'], f), lora_a=_decode(name + '.lora_a', desc['lora_a'], f),
-                lora_b=_decode(name + '.lora_b', desc['lora_b'], f), scale=desc['scale'])
-  if kind == 'shared':
-    return Shared(name=desc['name'], ref_shape=tuple(desc['shape']), ref_dtype=desc['dtype'])
-  raise ValueError(f"load: unknown leaf kind {kind!r} at '{name}'; the file may come from a newer version.")
+  if kind not in _KINDS:
+    raise ValueError(f"load: unknown leaf kind {kind!r} at '{name}'; the file may come from a newer version, "
+                     'or the module that registers this kind has not been imported.')
+  return _KINDS[kind].decode(desc, Reader(name, f))
 
 
 def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None = None) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import paths as paths_lib
+from jaxcompress.core import serialize
 
 SHARED = '_shared'
 
@@ -60,6 +61,13 @@ class Shared(leaf_lib.Compressed):
 
   def matmul_flops(self):
     return 0  # counted by core.stats from the storage it points to
+
+
+# A reference stores no tensors: its storage is written once, under '_shared/<name>'.
+serialize.register(
+    'shared', Shared,
+    lambda w, out: {'name': w.name, 'shape': list(w.shape), 'dtype': w.ref_dtype},
+    lambda desc, src: Shared(name=desc['name'], ref_shape=tuple(desc['shape']), ref_dtype=desc['dtype']))
 
 
 def reference(name: str, w: leaf_lib.Weight) -> Shared:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -25,9 +26,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress import core
+from jaxcompress.core.select import KERNELS, Patterns
+from jaxcompress.core.shared import storage
 from jaxcompress.models import layers
 
 Params = dict[str, Any]
+# A sharding rule: (regex over weight paths, mesh axis of each dimension); the first matching rule wins.
+ShardingRule = tuple[str, tuple[str | None, ...]]
+
+# Model-agnostic rules: every 2-D kernel [in, out] and embedding table [vocab, d] split over 'fsdp' only.
+FSDP_RULES: tuple[ShardingRule, ...] = (
+    (r'(^|/)kernel$', ('fsdp', None)),
+    (r'(^|/)embedding$', (None, 'fsdp')),
+)
+INTERMEDIATES = ('hidden_states', 'attention')  # what `apply(..., intermediates=...)` can return
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +54,7 @@ class Model(abc.ABC):
   hf_model_types: ClassVar[tuple[str, ...]] = ()  # HF config.json model_type values this family reads
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)  # optional base-model prefixes of HF tensor names
   hf_ignore: ClassVar[tuple[str, ...]] = ()  # regexes of HF tensors that are buffers, not parameters
+  head_patterns: ClassVar[tuple[str, ...]] = ()  # regexes of output-head paths, for core.select(heads=...)
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
@@ -60,6 +73,17 @@ class Model(abc.ABC):
     """Prefix of base-model tensor names in an exported HF checkpoint."""
     return self.hf_prefixes[0]
 
+  def sharding_rules(self) -> tuple[ShardingRule, ...]:
+    """(path regex, mesh axes per dimension) rules placing this model's weights on a ('data', 'fsdp',
+    'tensor') mesh; the first matching rule wins and unmatched weights are replicated. Families override this
+    with their tensor-parallel layout; this default splits kernels and embeddings over 'fsdp' only."""
+    return FSDP_RULES
+
+  def select(self, params: Params, include: Patterns = KERNELS, exclude: Patterns = (), *,
+             embeddings: bool = False, head: bool = False) -> core.Selection:
+    """`core.select` with this model's `head_patterns` deciding which paths are heads."""
+    return core.select(params, include, exclude, embeddings=embeddings, head=head, heads=self.head_patterns)
+
   # Parameters -------------------------------------------------------------------------------------------------
 
   def init(self, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -72,6 +96,12 @@ class Model(abc.ABC):
 
   def num_layers(self, params: Params) -> int:
     return len(params[self.block_path])
+
+  def block_params(self, params: Params, i: int) -> Params:
+    """Block i's parameters with shared storage resolved (`core.resolve`), ready for `block(...)` even when
+    the block holds `Shared` references into `params['_shared']`."""
+    blk, store = params[self.block_path][i], storage(params)
+    return core.resolve({**blk, core.SHARED: store}) if store else blk
 
   def bind(self, params: Params) -> nnx.Module:
     """The NNX module holding `params` (shared storage resolved). For use inside models/ and tests."""
@@ -101,8 +131,12 @@ class Model(abc.ABC):
     return self.bind(params).embed(tokens, positions, token_types)
 
   def block(self, block_params: Params, h: jax.Array, ctx: layers.Context) -> jax.Array:
-    """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D]."""
-    return self.bind_block(core.resolve(block_params))(h, ctx)[0]
+    """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D].
+
+    block_params: `block_params(params, i)` (shared storage resolved), or `params['layers'][i]` of an untied
+    model.
+    """
+    return self.bind_block(_resolved_block(block_params))(h, ctx)[0]
 
   def head(self, params: Params, h: jax.Array) -> jax.Array:
     """Final norm and output head: h [B, T, D] -> logits [B, T, V] (or hidden states for an encoder)."""
@@ -110,7 +144,8 @@ class Model(abc.ABC):
 
   def apply(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
             positions: jax.Array | None = None, token_types: jax.Array | None = None,
-            remat: bool = False, scan: bool = False) -> jax.Array:
+            remat: bool = False, scan: bool = False, intermediates: Sequence[str] = ()
+            ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """tokens: [B, T] int -> logits [B, T, V] (causal LM, BERT with MLM head) or hidden states [B, T, D].
 
     attention_mask: [B, T], 1 for real tokens and 0 for padding.
@@ -118,10 +153,19 @@ class Model(abc.ABC):
     scan: run the blocks as one `lax.scan` over their stacked parameters (all blocks must have the same
       shapes and leaf kinds): one block is compiled instead of L, and on sharded meshes only one block's
       gathered weights and gradients are live at a time.
+    intermediates: any of ('hidden_states', 'attention'); when given, returns (output, {name: ...}) with
+      'hidden_states': L + 1 arrays [B, T, D]: the embedding output, then each block's output (before the final
+        norm: transformers' last hidden state of a pre-norm decoder is the final norm of ours);
+      'attention': L arrays [B, N, T, T] of attention probabilities (rows over keys sum to 1).
+      Without scan these are tuples of arrays; with scan, one stacked array [L + 1, ...] / [L, ...]. Both are
+      indexed by layer (`out['attention'][i]`), and both differentiate (also under remat).
     """
+    wanted = _check_intermediates(intermediates)
     module = self.bind(params)
-    h = self._trunk(module, tokens, attention_mask, positions, token_types, remat, scan)
-    return layers.constrain(module.head(h))
+    h, found = self._trunk_intermediates(module, tokens, attention_mask, positions, token_types, remat, scan,
+                                         wanted)
+    out = layers.constrain(module.head(h))
+    return (out, found) if intermediates else out
 
   def hidden_states(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None) -> jax.Array:
@@ -130,21 +174,47 @@ class Model(abc.ABC):
 
   def _trunk(self, module, tokens, attention_mask, positions, token_types, remat: bool = False,
              scan: bool = False) -> jax.Array:
+    return self._trunk_intermediates(module, tokens, attention_mask, positions, token_types, remat, scan, ())[0]
+
+  def _trunk_intermediates(self, module, tokens, attention_mask, positions, token_types, remat: bool,
+                           scan: bool, wanted: tuple[str, ...]) -> tuple[jax.Array, dict[str, Any]]:
+    """Embedding and blocks: (last block's output [B, T, D], {requested intermediate: per-layer values})."""
     ctx = self.context(tokens, attention_mask=attention_mask, positions=positions)
     h = layers.constrain(module.embed(tokens, ctx.positions, token_types))
+    probs = 'attention' in wanted
+
+    def run(blk, h):  # -> (h, attention probabilities or None), returned explicitly (no traced side channel)
+      out = blk(h, ctx, return_probs=True) if probs else blk(h, ctx)
+      return layers.constrain(out[0]), (out[2] if probs else None)
+
     if not (remat or scan):
+      outs = [(h, None)]
       for blk in getattr(module, self.block_path):
-        h = layers.constrain(blk(h, ctx)[0])
-      return h
-    block = lambda bp, h: layers.constrain(self.bind_block(bp)(h, ctx)[0])
+        outs.append(run(blk, outs[-1][0]))
+      return outs[-1][0], _collect(wanted, [o[0] for o in outs], [o[1] for o in outs[1:]])
+    block = lambda bp, h: run(self.bind_block(bp), h)
     if remat:
       block = jax.checkpoint(block)  # only block inputs are kept for the backward pass
     blocks = nnx.to_pure_dict(nnx.state(getattr(module, self.block_path)))
     blocks = [blocks[i] for i in range(len(blocks))]
     if not scan:
-      return functools.reduce(lambda h, bp: block(bp, h), blocks, h)
-    stacked = _stack_blocks(blocks)
-    return jax.lax.scan(lambda h, bp: (block(bp, h), None), h, stacked)[0]
+      outs = [(h, None)]
+      for bp in blocks:
+        outs.append(block(bp, outs[-1][0]))
+      return outs[-1][0], _collect(wanted, [o[0] for o in outs], [o[1] for o in outs[1:]])
+    keep_h = 'hidden_states' in wanted
+
+    def step(h, bp):
+      h, p = block(bp, h)
+      return h, (h if keep_h else None, p)
+
+    last, (hs, ps) = jax.lax.scan(step, h, _stack_blocks(blocks))
+    found = {}
+    if keep_h:
+      found['hidden_states'] = jnp.concatenate([h[None], hs])
+    if probs:
+      found['attention'] = ps
+    return last, found
 
   # Calibration ------------------------------------------------------------------------------------------------
 
@@ -225,6 +295,34 @@ def _stack_blocks(blocks: list[Params]) -> Params:
       raise ValueError(f'scan=True needs blocks of identical structure and shapes; block {i} differs from block 0 '
                        '(a narrowed or differently compressed layer). Use scan=False for such models.')
   return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+def _resolved_block(block_params: Params) -> Params:
+  """Block parameters with shared storage resolved; a bare `Shared` reference left in them is an error."""
+  resolved = core.resolve(block_params)
+  refs = [p for p, x in core.flatten(resolved).items() if isinstance(x, core.Shared)]
+  if refs:
+    raise ValueError(f'block: {refs[:3]} hold Shared references, but the block parameters carry no '
+                     f"'{core.SHARED}' storage; pass model.block_params(params, i) instead of params['layers'][i].")
+  return resolved
+
+
+def _check_intermediates(intermediates: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(intermediates, str):
+    intermediates = (intermediates,)
+  unknown = [n for n in intermediates if n not in INTERMEDIATES]
+  if unknown:
+    raise ValueError(f'apply: intermediates={tuple(intermediates)!r} names {unknown}; choose from {INTERMEDIATES}.')
+  return tuple(intermediates)
+
+
+def _collect(wanted: tuple[str, ...], hidden: list, probs: list) -> dict[str, Any]:
+  found = {}
+  if 'hidden_states' in wanted:
+    found['hidden_states'] = tuple(hidden)
+  if 'attention' in wanted:
+    found['attention'] = tuple(probs)
+  return found
 
 
 def _linear_names(module: nnx.Module) -> dict[int, str]:

@@ -52,13 +52,16 @@ class Attention(nnx.Module):
       setattr(self, name, layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs))
     self.head_dim = cfg.head_dim
 
-  def __call__(self, x, ctx: layers.Context, cache=None):
+  def __call__(self, x, ctx: layers.Context, cache=None, *, return_probs: bool = False):
+    """-> [B, T, D], or ([B, T, D], probabilities [B, N, T, T]) when return_probs."""
     if cache is not None:
       raise ValueError('BERT is an encoder; it has no KV cache.')
     b, t, _ = x.shape
     q, k, v = (p(x).reshape(b, t, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-    out = layers.dot_product_attention(q, k, v, ctx.mask, self.head_dim ** -0.5)
-    return self.o_proj(out.reshape(b, t, -1))
+    out = layers.dot_product_attention(q, k, v, ctx.mask, self.head_dim ** -0.5, return_probs=return_probs)
+    out, probs = out if return_probs else (out, None)
+    out = self.o_proj(out.reshape(b, t, -1))
+    return (out, probs) if return_probs else out
 
 
 class Block(nnx.Module):
@@ -70,9 +73,12 @@ class Block(nnx.Module):
     self.mlp = layers.MLP(d, cfg.intermediate_size, cfg.hidden_act, std=std, dtype=dtype, rngs=rngs)
     self.mlp_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
 
-  def __call__(self, h, ctx: layers.Context, cache=None):
-    h = self.attn_norm(h + self.attn(h, ctx, cache))
-    return self.mlp_norm(h + self.mlp(h)), None
+  def __call__(self, h, ctx: layers.Context, cache=None, *, return_probs: bool = False):
+    """-> (h, None), or (h, None, attention probabilities [B, N, T, T]) when return_probs."""
+    a = self.attn(h, ctx, cache, return_probs=return_probs)
+    a, *probs = a if return_probs else (a,)
+    h = self.attn_norm(h + a)
+    return (self.mlp_norm(h + self.mlp(h)), None, *probs)
 
 
 class Embedder(nnx.Module):
@@ -138,6 +144,14 @@ class Bert(base.Model):
   hf_model_types: ClassVar[tuple[str, ...]] = ('bert',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('bert.', '')
   hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'cls\.seq_relationship\.', r'^cls\.predictions\.decoder\.bias$')
+  head_patterns: ClassVar[tuple[str, ...]] = (r'^pooler/', r'^mlm_head/')
+
+  def sharding_rules(self):
+    # q/k/v, up and the heads' dense layers split their outputs over 'tensor', o/down their inputs.
+    return ((r'(q_proj|k_proj|v_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
+            (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
+            (r'^(pooler/dense|mlm_head/transform)/kernel$', ('fsdp', 'tensor')),
+            (r'/embedding$', ('tensor', 'fsdp')))
 
   def _module(self, rngs, dtype):
     return BertEncoder(self.config, dtype, rngs)

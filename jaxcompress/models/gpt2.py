@@ -53,13 +53,13 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x, ctx: layers.Context, cache=None):
+  def __call__(self, x, ctx: layers.Context, cache=None, *, return_probs: bool = False):
     hd = self.cfg.head_dim
     b, t, _ = x.shape
     q, k, v = (p(x).reshape(b, t, -1, hd) for p in (self.q_proj, self.k_proj, self.v_proj))
     scale = hd ** -0.5 if self.cfg.scale_attn_weights else 1.0
-    out, cache = layers.cached_attention(q, k, v, ctx, cache, scale)
-    return self.o_proj(out), cache
+    out, *rest = layers.cached_attention(q, k, v, ctx, cache, scale, return_probs=return_probs)
+    return (self.o_proj(out), *rest)
 
 
 def block(cfg: GPT2Config, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:
@@ -104,6 +104,13 @@ class GPT2(base.Model):
   hf_model_types: ClassVar[tuple[str, ...]] = ('gpt2',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('transformer.', '')
   hf_ignore: ClassVar[tuple[str, ...]] = (r'attn\.bias$', r'attn\.masked_bias$')
+  head_patterns: ClassVar[tuple[str, ...]] = ()  # the head is the token embedding (tied): no head weights
+
+  def sharding_rules(self):
+    # q/k/v and up split their outputs over 'tensor', o/down their inputs; 'fsdp' takes the other dimension.
+    return ((r'(q_proj|k_proj|v_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
+            (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
+            (r'/embedding$', ('tensor', 'fsdp')))
 
   def _module(self, rngs, dtype):
     return GPT2LM(self.config, dtype, rngs)

@@ -166,11 +166,13 @@ def attention_mask(q_pos: jax.Array, k_len: int, *, causal: bool, key_valid: jax
   return allowed[:, None]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
-                          ) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *,
+                          return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Grouped-query attention with a float32 softmax.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K; mask: [B, 1, T, S] bool -> [B, T, N, H].
+  return_probs: also return the attention probabilities [B, N, T, S] (in v's dtype, as used); query head n
+    reads key/value head n // (N / K), as in transformers.
   """
   b, t, n, h = q.shape
   kv = k.shape[2]
@@ -180,8 +182,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
+  if return_probs:
+    return out, probs.reshape(b, n, t, probs.shape[-1])
+  return out
 
 
 def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
@@ -203,17 +207,20 @@ class MLP(nnx.Module):
     return self.down_proj(activation(self.act)(self.up_proj(x)))
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, cache: dict | None, scale: float
-                     ) -> tuple[jax.Array, dict | None]:
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, cache: dict | None, scale: float,
+                     *, return_probs: bool = False) -> tuple:
   """Attention of this step's q over its k, v, or over the KV cache after writing k, v into it.
 
-  q: [B, T, N, H]; k, v: [B, T, K, H] -> ([B, T, N * H], updated cache or None).
+  q: [B, T, N, H]; k, v: [B, T, K, H] -> ([B, T, N * H], updated cache or None), plus the probabilities
+  [B, N, T, S] as a third element when return_probs.
   """
   if cache is not None:
     cache = update_cache(cache, k, v, ctx.cache_index)
     k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
-  out = dot_product_attention(q, k, v, ctx.mask, scale)
-  return out.reshape(*out.shape[:2], -1), cache
+  out = dot_product_attention(q, k, v, ctx.mask, scale, return_probs=return_probs)
+  out, probs = out if return_probs else (out, None)
+  out = out.reshape(*out.shape[:2], -1)
+  return (out, cache, probs) if return_probs else (out, cache)
 
 
 class PreNormBlock(nnx.Module):
@@ -224,10 +231,11 @@ class PreNormBlock(nnx.Module):
     self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
     self.head_dim = head_dim
 
-  def __call__(self, h, ctx: Context, cache=None):
-    a, cache = self.attn(self.attn_norm(h), ctx, cache)
+  def __call__(self, h, ctx: Context, cache=None, *, return_probs: bool = False):
+    """-> (h, cache), or (h, cache, attention probabilities [B, N, T, S]) when return_probs."""
+    a, cache, *probs = self.attn(self.attn_norm(h), ctx, cache, return_probs=return_probs)
     h = h + a
-    return h + self.mlp(self.mlp_norm(h)), cache
+    return (h + self.mlp(self.mlp_norm(h)), cache, *probs)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> dict:
     """Zeros {'k', 'v': [batch, max_len, kv_heads, head_dim]}, kv_heads read from this block's k_proj."""

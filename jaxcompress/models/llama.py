@@ -61,7 +61,7 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, std=std, dtype=dtype, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x, ctx: layers.Context, cache=None):
+  def __call__(self, x, ctx: layers.Context, cache=None, *, return_probs: bool = False):
     cfg, hd = self.cfg, self.cfg.dim_per_head
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, -1, hd)
@@ -70,8 +70,8 @@ class Attention(nnx.Module):
     inv_freq, scaling = layers.rope_frequencies(hd, cfg.rope_theta, cfg.rope)
     q = layers.apply_rope(q, ctx.positions, inv_freq, scaling)
     k = layers.apply_rope(k, ctx.positions, inv_freq, scaling)
-    out, cache = layers.cached_attention(q, k, v, ctx, cache, hd ** -0.5)
-    return self.o_proj(out), cache
+    out, *rest = layers.cached_attention(q, k, v, ctx, cache, hd ** -0.5, return_probs=return_probs)
+    return (self.o_proj(out), *rest)
 
 
 class MLP(nnx.Module):
@@ -128,6 +128,15 @@ class Llama(base.Model):
   hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)
   hf_ignore: ClassVar[tuple[str, ...]] = (r'rotary_emb\.inv_freq$',)
+  head_patterns: ClassVar[tuple[str, ...]] = (r'^lm_head/',)  # absent when tied to the embedding
+
+  def sharding_rules(self):
+    # Megatron layout: q/k/v and gate/up split their outputs over 'tensor', o/down their inputs, so each
+    # attention and MLP pair needs one reduction; 'fsdp' takes the other dimension.
+    return ((r'(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
+            (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
+            (r'^lm_head/kernel$', ('fsdp', 'tensor')),
+            (r'/embedding$', ('tensor', 'fsdp')))
 
   def _module(self, rngs, dtype):
     return LlamaLM(self.config, dtype, rngs)

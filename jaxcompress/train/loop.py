@@ -104,7 +104,7 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
         optimizer: optax.GradientTransformation, data: Batches,
         eval_fn: Callable[[Any], dict[str, float]] | None = None, hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
         trainable: state_lib.Trainable = state_lib.floating, frozen: Any = None,
-        rules=sharding_lib.DEFAULT_RULES, mesh: jax.sharding.Mesh | None = None,
+        rules=None, mesh: jax.sharding.Mesh | None = None,
         config_record: dict | None = None) -> FitResult:
   """Trains until `cfg.steps` (see module docstring). `params` are the starting point of a fresh run."""
   run_dir = Path(cfg.run_dir)
@@ -121,7 +121,7 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
   rng = rng_stream(cfg.seed, 'train')
   make_state = lambda p, f: state_lib.init_state(p, optimizer, rng, trainable=trainable, frozen=f)
   abstract = jax.eval_shape(make_state, params, frozen)
-  shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+  shardings = sharding_lib.state_shardings(abstract, mesh, model.sharding_rules() if rules is None else rules)
   state = jax.jit(make_state, out_shardings=shardings)(params, frozen)
 
   checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints',

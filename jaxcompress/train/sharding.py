@@ -4,8 +4,11 @@ Mesh axes: 'data' (batch only), 'fsdp' (batch, and parameters and optimizer stat
 'tensor' (matmul dimensions split across it). Batches are split over ('data', 'fsdp').
 
 A rule maps a path regex to the axes of each dimension of a weight, e.g. q_proj kernels [in, out] ->
-('fsdp', 'tensor'). Inside compressed leaves each array takes the weight's axes on dimensions the mesh
-divides, and is replicated elsewhere (a channel mask [1, out] keeps 'tensor' on out).
+('fsdp', 'tensor'). The model declares its rules (`model.sharding_rules()`, which `loop.fit` uses); a tree
+without a model falls back to `DEFAULT_RULES` (kernels and embeddings split over 'fsdp' only). Inside
+compressed leaves each array takes the weight's axes on dimensions the mesh divides, and is replicated
+elsewhere (a channel mask [1, out] keeps 'tensor' on out); any leaf kind works, since its arrays are found by
+walking the leaf as a pytree. Shared storage (`_shared/<name>`) takes the axes of the first place that uses it.
 """
 
 from __future__ import annotations
@@ -20,17 +23,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcompress import core
+from jaxcompress.models import base as models_base
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
-Rule = tuple[str, tuple[str | None, ...]]
-DEFAULT_RULES: tuple[Rule, ...] = (
-    (r'(q_proj|k_proj|v_proj|gate_proj|up_proj|transform|dense)/kernel$', ('fsdp', 'tensor')),
-    (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
-    (r'lm_head/kernel$', ('fsdp', 'tensor')),
-    (r'/embedding$', ('tensor', 'fsdp')),
-)
+Rule = models_base.ShardingRule
+# For trees without a model: model-agnostic (fsdp-only) rules. Models declare their own `sharding_rules()`.
+DEFAULT_RULES: tuple[Rule, ...] = models_base.FSDP_RULES
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -80,11 +80,24 @@ def array_spec(axes: Sequence[str | None], weight_shape: Sequence[int], shape: S
 
 
 def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> dict[str, P]:
-  """{array path: PartitionSpec} for every array in params (arrays or ShapeDtypeStructs)."""
+  """{array path: PartitionSpec} for every array in params (arrays or ShapeDtypeStructs).
+
+  A shared storage `_shared/<name>` is placed like the first place that references it (its path decides the
+  axes), so a tied weight is split the way its users' matmuls expect.
+  """
+  flat = core.flatten(params)
+  users: dict[str, str] = {}  # storage name -> first path that references it
+  for wpath, w in flat.items():
+    if isinstance(w, core.Shared):
+      users.setdefault(w.name, wpath)
+  storage_prefix = core.SHARED + core.paths.SEP
   specs = {}
-  for wpath, w in core.flatten(params).items():
+  for wpath, w in flat.items():
     wshape = core.shape_of(w)
-    axes = weight_axes(wpath, len(wshape), rules)
+    rule_path = wpath
+    if wpath.startswith(storage_prefix):
+      rule_path = users.get(wpath[len(storage_prefix):], wpath)
+    axes = weight_axes(rule_path, len(wshape), rules)
     for kp, arr in jax.tree_util.tree_flatten_with_path(w)[0]:
       sub = core.paths.path_str(kp)
       specs[f'{wpath}/{sub}' if sub else wpath] = array_spec(axes, wshape, arr.shape, mesh)
