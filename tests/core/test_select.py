@@ -171,3 +171,44 @@ def test_selection_container_protocol():
   sel = core.select(_params())
   assert 'layers/1/attn/q_proj/kernel' in sel and 'lm_head/kernel' not in sel
   assert len(sel) == len(list(iter(sel))) == 8
+
+
+def test_heads_come_from_the_caller():
+  params = _params()
+  # A model whose only head is the pooler: lm_head and mlm_head kernels are ordinary kernels to it.
+  sel = core.select(params, include='.*kernel$', heads=r'^pooler/')
+  assert 'lm_head/kernel' in sel and 'mlm_head/transform/kernel' in sel and 'pooler/dense/kernel' not in sel
+  assert 'pooler/dense/kernel' in core.select(params, heads=[r'^pooler/'], head=True)
+  assert core.Rules(heads=()).matches('lm_head/kernel')
+  with pytest.raises(ValueError, match='not a valid regular expression'):
+    core.select(params, heads='(')
+
+
+def test_map_over_shared_places_transforms_the_storage_once():
+  params = _params()
+  sel = core.select(params, include=r'up_proj/kernel$')
+  assert list(sel) == ['layers/0/mlp/up_proj/kernel', 'layers/1/mlp/up_proj/kernel']
+  seen = []
+
+  def double(path, w):
+    seen.append(path)
+    return core.Masked(2 * w, jnp.ones(core.shape_of(w), bool))
+
+  out = sel.map(double, params)
+  assert seen == ['layers/0/mlp/up_proj/kernel']  # once, with the first place's path
+  storage = out[core.SHARED]['kernel']
+  assert isinstance(storage, core.Masked)
+  for i in (0, 1):
+    ref = out['layers'][i]['mlp']['up_proj']['kernel']
+    assert isinstance(ref, core.Shared) and ref.name == 'kernel'
+  np.testing.assert_array_equal(np.asarray(core.materialize(storage)), 2 * np.asarray(params[core.SHARED]['kernel']))
+  resolved = core.resolve(out)
+  np.testing.assert_array_equal(np.asarray(core.materialize(resolved['layers'][1]['mlp']['up_proj']['kernel'])),
+                                2 * np.asarray(params[core.SHARED]['kernel']))
+
+
+def test_map_over_some_places_of_a_shared_storage_is_an_error():
+  params = _params()
+  sel = core.select(params, include=r'up_proj/kernel$', exclude=r'^layers/0/')
+  with pytest.raises(ValueError, match="leaves out \\['layers/0/mlp/up_proj/kernel'\\]"):
+    sel.map(lambda p, w: w, params)
