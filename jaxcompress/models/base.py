@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress import core
-from jaxcompress.core.select import KERNELS, Patterns
+from jaxcompress.core.select import HEADS, KERNELS, Patterns
 from jaxcompress.core.shared import storage
 from jaxcompress.models import layers
 
@@ -54,7 +54,8 @@ class Model(abc.ABC):
   hf_model_types: ClassVar[tuple[str, ...]] = ()  # HF config.json model_type values this family reads
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)  # optional base-model prefixes of HF tensor names
   hf_ignore: ClassVar[tuple[str, ...]] = ()  # regexes of HF tensors that are buffers, not parameters
-  head_patterns: ClassVar[tuple[str, ...]] = ()  # regexes of output-head paths, for core.select(heads=...)
+  # Regexes of the output heads' paths, for core.select(heads=...); families declare theirs.
+  head_patterns: ClassVar[tuple[str, ...]] = (HEADS,)
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
@@ -82,7 +83,12 @@ class Model(abc.ABC):
   def select(self, params: Params, include: Patterns = KERNELS, exclude: Patterns = (), *,
              embeddings: bool = False, head: bool = False) -> core.Selection:
     """`core.select` with this model's `head_patterns` deciding which paths are heads."""
-    return core.select(params, include, exclude, embeddings=embeddings, head=head, heads=self.head_patterns)
+    return core.select_by(params, self.selection_rules(include=include, exclude=exclude, embeddings=embeddings,
+                                                       head=head))
+
+  def selection_rules(self, **kwargs) -> core.Rules:
+    """`core.Rules(**kwargs)` with this model's `head_patterns` (for APIs that take rules, e.g. hooks)."""
+    return core.Rules(heads=self.head_patterns, **kwargs)
 
   # Parameters -------------------------------------------------------------------------------------------------
 

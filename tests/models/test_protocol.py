@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from jaxcompress import core, models
+from jaxcompress.core.select import HEADS as DEFAULT_HEADS
 from jaxcompress.models import base
 from jaxcompress.train import sharding
 
@@ -60,3 +61,11 @@ def test_head_patterns_decide_what_select_leaves_out(name):
   assert list(model.select(params)) == [p for p in kernels if p not in heads]
   assert list(model.select(params, head=True)) == kernels
   assert model.select(params) == core.select(params, heads=model.head_patterns)
+
+
+def test_selection_rules_carry_the_head_patterns():
+  model = SPECS['bert_mlm']
+  rules = model.selection_rules(include=r'kernel$')
+  assert rules.heads == model.head_patterns and not rules.matches('pooler/dense/kernel')
+  assert rules.matches('layers/0/attn/q_proj/kernel')
+  assert base.Model.head_patterns == (DEFAULT_HEADS,)  # a family that declares none: the usual names
