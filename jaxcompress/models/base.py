@@ -4,13 +4,14 @@ Outside `models/` nothing sees Flax: a model is `(spec, params)`. The spec build
 parameters on every call (`nnx.merge` runs once, at trace time under jit), so params may hold any compressed
 leaf and any layer may have been narrowed.
 
-The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...):
+The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...; `jaxcompress.calibration` streams them):
 
     h = model.embed(params, tokens)
     ctx = model.context(tokens)
     for i in range(model.num_layers(params)):
-      h, inputs = model.block_linear_inputs(params['layers'][i], h, ctx)   # {"attn/q_proj/kernel": x, ...}
+      h, inputs = model.block_linear_inputs(model.block_params(params, i), h, ctx)  # ((path, x), ...) in call order
     logits = model.head(params, h)
+    model.block_structure()   # (LinearGroup('attn_in', kernels=('attn/q_proj/kernel', ...), norm='attn_norm'), ...)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,21 @@ from jaxcompress import core
 from jaxcompress.models import layers
 
 Params = dict[str, Any]
+
+
+class LinearGroup(NamedTuple):
+  """Linear layers of a block that multiply the same input, in the order the block runs its groups.
+
+  name:    a short name ('attn_in', 'attn_out', 'mlp_in', 'mlp_out').
+  kernels: kernel paths within the block ('attn/q_proj/kernel', ...), in call order.
+  norm:    the block's norm whose output is exactly this input ('attn_norm'), so a per-channel scale can be
+           folded into it (AWQ, SmoothQuant); None when the input is not such an output (o_proj, down_proj; the
+           q/k/v of a post-norm block, whose norm ends the previous block).
+  """
+
+  name: str
+  kernels: tuple[str, ...]
+  norm: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +59,7 @@ class Model(abc.ABC):
   hf_model_types: ClassVar[tuple[str, ...]] = ()  # HF config.json model_type values this family reads
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)  # optional base-model prefixes of HF tensor names
   hf_ignore: ClassVar[tuple[str, ...]] = ()  # regexes of HF tensors that are buffers, not parameters
+  linear_groups: ClassVar[tuple[LinearGroup, ...]] = ()  # each block's linears by shared input, in call order
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
@@ -101,8 +119,11 @@ class Model(abc.ABC):
     return self.bind(params).embed(tokens, positions, token_types)
 
   def block(self, block_params: Params, h: jax.Array, ctx: layers.Context) -> jax.Array:
-    """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D]."""
-    return self.bind_block(core.resolve(block_params))(h, ctx)[0]
+    """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D].
+
+    block_params: `params['layers'][i]`, or `block_params(params, i)` when it holds `Shared` references.
+    """
+    return self.bind_block(_resolve_block(block_params))(h, ctx)[0]
 
   def head(self, params: Params, h: jax.Array) -> jax.Array:
     """Final norm and output head: h [B, T, D] -> logits [B, T, V] (or hidden states for an encoder)."""
@@ -155,21 +176,68 @@ class Model(abc.ABC):
   def linear_inputs(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None
                     ) -> dict[str, jax.Array]:
-    """{kernel path: the input [B, T, in] it multiplied} for every linear layer, in call order."""
+    """{kernel path: the input [B, T, in] it multiplied} for every linear layer the forward pass runs.
+
+    A dict, so `jax.jit` returns it with sorted keys; the call order is `block_structure()` (or the order of
+    `block_linear_inputs`). Holds every input of the whole batch at once: for large calibration sets use the
+    streaming `jaxcompress.calibration.calibrate`.
+    """
     with layers.capture_inputs() as records:
       module = self.bind(params)
       module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
     names = _linear_names(module)
-    return {names[i]: x for i, x in records.items()}
+    return {names[i]: x for i, x in records}
+
+  def block_params(self, params: Params, i: int) -> Params:
+    """Block i's parameters with `Shared` references resolved against `params['_shared']`."""
+    block = params[self.block_path][i]
+    store = params.get(core.SHARED, {})
+    used = {x.name for x in jax.tree.leaves(block, is_leaf=core.is_weight_leaf) if isinstance(x, core.Shared)}
+    missing = sorted(used - set(store))
+    if missing:
+      raise KeyError(f"block {i} references shared storage {missing}, which params['{core.SHARED}'] lacks "
+                     f'(it has {sorted(store)}).')
+    return core.resolve({**block, core.SHARED: {n: store[n] for n in used}}) if used else block
+
+  def block_structure(self, block_params: Params | None = None) -> tuple[LinearGroup, ...]:
+    """The block's linears grouped by shared input, in call order (see `LinearGroup`).
+
+    With block_params, kernels absent from them (a structurally removed layer) are left out, and groups left
+    empty are dropped.
+    """
+    if not self.linear_groups:
+      raise NotImplementedError(f'{type(self).__name__} declares no linear_groups.')
+    if block_params is None:
+      return self.linear_groups
+    flat = core.paths.flatten(block_params)
+    groups = (g._replace(kernels=tuple(k for k in g.kernels if k in flat)) for g in self.linear_groups)
+    return tuple(g for g in groups if g.kernels)
+
+  def block_with_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context,
+                        observe: Callable[[str, jax.Array], None]) -> jax.Array:
+    """One block (h [B, T, D] -> [B, T, D]) that calls observe(kernel path within the block, input [B, T, in])
+    as each linear runs, in call order. Inside a jit, folding x into statistics in `observe` lets XLA free
+    each input as soon as it is folded, instead of returning every input of the block."""
+    blk = self.bind_block(_resolve_block(block_params))
+    names = _linear_names(blk)
+    with layers.observe_inputs(lambda module, x: observe(names[id(module)], x)):
+      return blk(h, ctx)[0]
+
+  def head_with_inputs(self, params: Params, h: jax.Array, observe: Callable[[str, jax.Array], None]
+                       ) -> jax.Array:
+    """`head(params, h)` calling observe(kernel path, input) for each linear of the head (e.g. lm_head)."""
+    module = self.bind(params)
+    names = _linear_names(module)
+    with layers.observe_inputs(lambda m, x: observe(names[id(m)], x)):
+      return module.head(h)
 
   def block_linear_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Block output and {kernel path within the block: its input}: the calibration step of one layer."""
-    with layers.capture_inputs() as records:
-      blk = self.bind_block(core.resolve(block_params))
-      out, _ = blk(h, ctx)
-    names = _linear_names(blk)
-    return out, {names[i]: x for i, x in records.items()}
+                          ) -> tuple[jax.Array, tuple[tuple[str, jax.Array], ...]]:
+    """Block output and ((kernel path within the block, its input [B, T, in]), ...) in call order (a tuple,
+    so the order survives `jax.jit`): the calibration step of one layer."""
+    records = []
+    out = self.block_with_inputs(block_params, h, ctx, lambda path, x: records.append((path, x)))
+    return out, tuple(records)
 
   # Accounting -------------------------------------------------------------------------------------------------
 
@@ -230,6 +298,16 @@ def _stack_blocks(blocks: list[Params]) -> Params:
 def _linear_names(module: nnx.Module) -> dict[int, str]:
   return {id(node): '/'.join(str(p) for p in path) + '/kernel'
           for path, node in nnx.iter_graph(module) if isinstance(node, layers.Linear)}
+
+
+def _resolve_block(block_params: Params) -> Params:
+  resolved = core.resolve(block_params)
+  for path, x in core.paths.flatten(resolved).items():
+    if isinstance(x, core.Shared):
+      raise ValueError(f"block parameter '{path}' is a Shared('{x.name}') reference, whose storage is in the "
+                       f"full params' '{core.SHARED}'; pass model.block_params(params, i) instead of "
+                       "params['layers'][i].")
+  return resolved
 
 
 def _check_tokens(tokens: Any, attention_mask: Any) -> None:
