@@ -89,8 +89,9 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
   if not callable(compress_block):
     raise TypeError(f'run_sequential: compress_block={compress_block!r} must be a function '
                     '(block index, block params, stats) -> block params.')
-  return _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis, offload=offload,
-              head=False, keep_stats=keep_stats, on_step=on_step)
+  stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
+                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step)
+  return params, stats
 
 
 # The loop -------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...; `jaxcompress
     h = model.embed(params, tokens)
     ctx = model.context(tokens)
     for i in range(model.num_layers(params)):
-      h, inputs = model.block_linear_inputs(model.block_params(params, i), h, ctx)  # ((path, x), ...) in call order
+      h, inputs = model.block_linear_inputs(model.block_params(params, i), h, ctx)  # {path: x} in call order
     logits = model.head(params, h)
     model.block_structure()   # (LinearGroup('attn_in', kernels=('attn/q_proj/kernel', ...), norm='attn_norm'), ...)
 """
@@ -17,6 +17,7 @@ The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...; `jaxcompress
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -175,18 +176,18 @@ class Model(abc.ABC):
 
   def linear_inputs(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None
-                    ) -> dict[str, jax.Array]:
-    """{kernel path: the input [B, T, in] it multiplied} for every linear layer the forward pass runs.
+                    ) -> collections.OrderedDict[str, jax.Array]:
+    """{kernel path: the input [B, T, in] it multiplied} for every linear layer the forward pass runs, in call
+    order (an OrderedDict: `jax.jit` keeps its order, where it would sort a dict's keys).
 
-    A dict, so `jax.jit` returns it with sorted keys; the call order is `block_structure()` (or the order of
-    `block_linear_inputs`). Holds every input of the whole batch at once: for large calibration sets use the
-    streaming `jaxcompress.calibration.calibrate`.
+    Holds every input of the whole batch at once: for large calibration sets use the streaming
+    `jaxcompress.calibration.calibrate`.
     """
     with layers.capture_inputs() as records:
       module = self.bind(params)
       module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
     names = _linear_names(module)
-    return {names[i]: x for i, x in records}
+    return collections.OrderedDict((names[i], x) for i, x in records)
 
   def block_params(self, params: Params, i: int) -> Params:
     """Block i's parameters with `Shared` references resolved against `params['_shared']`."""
@@ -232,12 +233,12 @@ class Model(abc.ABC):
       return module.head(h)
 
   def block_linear_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context
-                          ) -> tuple[jax.Array, tuple[tuple[str, jax.Array], ...]]:
-    """Block output and ((kernel path within the block, its input [B, T, in]), ...) in call order (a tuple,
-    so the order survives `jax.jit`): the calibration step of one layer."""
-    records = []
-    out = self.block_with_inputs(block_params, h, ctx, lambda path, x: records.append((path, x)))
-    return out, tuple(records)
+                          ) -> tuple[jax.Array, collections.OrderedDict[str, jax.Array]]:
+    """Block output and {kernel path within the block: its input [B, T, in]} in call order (an OrderedDict,
+    whose order survives `jax.jit`): the calibration step of one layer."""
+    records = collections.OrderedDict()
+    out = self.block_with_inputs(block_params, h, ctx, records.__setitem__)
+    return out, records
 
   # Accounting -------------------------------------------------------------------------------------------------
 

@@ -56,7 +56,6 @@ def test_linear_inputs_cover_every_kernel_and_match_blockwise(spec_params):
   h, ctx = spec.embed(params, TOKENS), spec.context(TOKENS)
   for i in range(spec.num_layers(params)):
     h_next, local = spec.block_linear_inputs(params['layers'][i], h, ctx)
-    local = dict(local)
     for name, x in local.items():
       np.testing.assert_allclose(x, inputs[f'layers/{i}/{name}'], rtol=1e-5, atol=1e-6)
     # each kernel's recorded input times the kernel is what the layer computed
