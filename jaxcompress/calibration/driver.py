@@ -132,19 +132,22 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
                                outputs=compress_block is None)
       if compress_block is None:
         hs[j] = place.keep(out)
+      out = None  # the device copy of an offloaded output goes now, not at the next step
       on_step('stats', i, j)
+    if keep_stats:
+      out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(stats[p]) for p, _ in shapes})
     if compress_block is not None:
       new = compress_block(i, block, stats)
-      new_blocks[i] = jax.device_get(new) if offload else new
+      del stats, block  # only the compressed block and the hidden states stay on the device
+      new_blocks[i] = _to_host(new) if offload else new
       block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
+      del new
       for j, r in enumerate(rows):
         hs[j] = place.keep(_block_step(model, None, block, place.fetch(hs[j]), r, None, shardings=shardings,
                                        outputs=True)[0])
         on_step('forward', i, j)
     del block
-    if keep_stats:
-      out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(stats[p]) for p, _ in shapes})
-    del stats
+    stats = None
 
   if head:
     rest_dev = place.replicated(rest)
@@ -302,9 +305,9 @@ class _Placement(NamedTuple):
     if not self.offload:
       return h
     if self.mesh is None:
-      return np.asarray(h)
+      return _to_host(h)
     spec = PartitionSpec(self.data_axis)
-    return np.asarray(multihost_utils.global_array_to_host_local_array(h, self.mesh, spec))
+    return _to_host(multihost_utils.global_array_to_host_local_array(h, self.mesh, spec))
 
   def fetch(self, h) -> jax.Array:
     if not self.offload:
@@ -314,7 +317,12 @@ class _Placement(NamedTuple):
     return jax.make_array_from_process_local_data(self.shardings()[0], h)
 
   def keep_stats(self, stats):
-    return jax.device_get(stats) if self.offload else stats
+    return _to_host(stats) if self.offload else stats
+
+
+def _to_host(tree):
+  # A copy: on CPU np.asarray would alias the device buffer and keep it alive.
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
 def _constrain_rows(h: jax.Array, shardings) -> jax.Array:
