@@ -78,26 +78,32 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
 def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
-                   on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
+                   per_group: bool = False, on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
   recomputed with the compressed weights before block i + 1 sees them.
 
-  Only one block's parameters are on the device at a time. Returns (params with every block replaced by
-  compress_block's result, {kernel path: stats} if keep_stats else {}). Other arguments as in `calibrate`.
+  per_group: "true sequential" within the block too: for each group of `model.block_structure()` in call
+    order (q/k/v, then o, then gate/up, then down), calibrate only that group's kernels on the block as
+    compressed so far and call compress_block(i, block_params, stats of that group) (one pass over the
+    batches per group instead of one per block).
+  Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
+  host). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
+  keep_stats else {}). Other arguments as in `calibrate`.
   """
   if not callable(compress_block):
     raise TypeError(f'run_sequential: compress_block={compress_block!r} must be a function '
                     '(block index, block params, stats) -> block params.')
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
-                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step)
+                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group)
   return params, stats
 
 
 # The loop -------------------------------------------------------------------------------------------------------
 
 
-def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step):
+def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
+         per_group=False):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
   if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
@@ -125,29 +131,36 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   new_blocks = {}
   for i in range(model.num_layers(params)):
     block = place.replicated(model.block_params(params, i))
-    shapes = _linear_shapes(model, block, place.fetch(hs[0]), rows[0])
-    stats = {p: place.replicated(observer.init(p, n)) for p, n in shapes}
-    for j, r in enumerate(rows):
-      out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
-                               outputs=compress_block is None)
-      if compress_block is None:
-        hs[j] = place.keep(out)
-      out = None  # the device copy of an offloaded output goes now, not at the next step
-      on_step('stats', i, j)
-    if keep_stats:
-      out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(stats[p]) for p, _ in shapes})
+    shapes = dict(_linear_shapes(model, block, place.fetch(hs[0]), rows[0]))
+    # the kernels calibrated together: the whole block, or (per_group) each group of shared inputs in turn
+    passes = [tuple(shapes)] if not per_group else _group_passes(model, params, i, shapes)
+    for kernels in passes:
+      stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
+      for j, r in enumerate(rows):
+        out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
+                                 outputs=compress_block is None)
+        if compress_block is None:
+          hs[j] = place.keep(out)
+        out = None  # the device copy of an offloaded output goes now, not at the next step
+        on_step('stats', i, j)
+      stats = {p: stats[p] for p in kernels}  # call order again (jit returns dicts sorted by key)
+      if keep_stats:
+        out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(x) for p, x in stats.items()})
+      if compress_block is not None:
+        new = compress_block(i, block, stats)
+        del stats, block  # only the compressed block and the hidden states stay on the device
+        new_blocks[i] = new
+        block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
+        del new
+      stats = None
     if compress_block is not None:
-      new = compress_block(i, block, stats)
-      del stats, block  # only the compressed block and the hidden states stay on the device
-      new_blocks[i] = _to_host(new) if offload else new
-      block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
-      del new
+      if offload:
+        new_blocks[i] = _to_host(new_blocks[i])
       for j, r in enumerate(rows):
         hs[j] = place.keep(_block_step(model, None, block, place.fetch(hs[j]), r, None, shardings=shardings,
                                        outputs=True)[0])
         on_step('forward', i, j)
     del block
-    stats = None
 
   if head:
     rest_dev = place.replicated(rest)
@@ -178,7 +191,8 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
   stats = dict(stats)
 
   def observe(path, x):
-    stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
+    if path in stats:  # per-group passes calibrate some kernels only
+      stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
 
   out = model.block_with_inputs(block, h, ctx, observe)
   return (_constrain_rows(out, shardings) if outputs else None), _constrain_stats(stats, shardings)
@@ -212,6 +226,16 @@ def _linear_shapes(model, block, h, rows) -> list[tuple[str, int]]:
 
   jax.eval_shape(trace, block, h, rows)
   return _unique(seen)
+
+
+def _group_passes(model: Model, params: Params, i: int, shapes: dict[str, int]) -> list[tuple[str, ...]]:
+  groups = [g.kernels for g in model.block_structure(params[model.block_path][i])]
+  grouped = {k for g in groups for k in g}
+  if set(shapes) != grouped:
+    raise ValueError(f'per_group: block {i} runs linears {sorted(set(shapes) - grouped)} that no group of '
+                     f'{type(model).__name__}.block_structure() names, or the groups name {sorted(grouped - set(shapes))} '
+                     'that the block does not run; fix the family\'s linear_groups.')
+  return groups
 
 
 def _head_shapes(model, rest, abstract, h) -> list[tuple[str, int]]:

@@ -248,3 +248,32 @@ def test_bad_batches_are_refused_with_the_fix():
     cal.calibrate(LLAMA, params, [], cal.hessian())
   with pytest.raises(TypeError, match='Observer'):
     cal.calibrate(LLAMA, params, [np.zeros((2, 4), np.int32)], cal.hessian)
+
+
+def test_per_group_sequential_calibrates_each_group_on_the_groups_compressed_before_it():
+  params = LLAMA.init(jax.random.key(0))
+  batches = make_batches(2)
+  plain = cal.calibrate(LLAMA, params, batches, cal.hessian(), head=False)
+  calls = []
+
+  def zero_v_proj(i, block, stats):
+    calls.append((i, tuple(stats)))
+    if 'attn/v_proj/kernel' not in stats:
+      return block
+    block = jax.tree.map(lambda x: x, block)
+    block['attn']['v_proj']['kernel'] = jnp.zeros_like(block['attn']['v_proj']['kernel'])
+    return block
+
+  _, per_group = cal.run_sequential(LLAMA, params, batches, cal.hessian(), zero_v_proj, per_group=True)
+  _, per_block = cal.run_sequential(LLAMA, params, batches, cal.hessian(), zero_v_proj)
+  groups = [g.kernels for g in LLAMA.block_structure()]
+  assert [c for c in calls[:8]] == [(i, g) for i in range(2) for g in groups]
+  # o_proj reads attention over v = 0: all zero once q/k/v were compressed first, not when the block is one pass
+  for i in range(2):
+    o = f'layers/{i}/attn/o_proj/kernel'
+    np.testing.assert_array_equal(per_group[o]['xtx'], 0.0)
+    assert np.abs(per_block[o]['xtx']).max() > 0
+    assert int(per_group[o]['count']) == int(plain[o]['count'])
+  # the first group of block 0 sees the original model in every mode
+  for k in groups[0]:
+    np.testing.assert_allclose(per_group[f'layers/0/{k}']['xtx'], plain[f'layers/0/{k}']['xtx'], rtol=1e-6)
