@@ -233,8 +233,8 @@ def _group_passes(model: Model, params: Params, i: int, shapes: dict[str, int]) 
   grouped = {k for g in groups for k in g}
   if set(shapes) != grouped:
     raise ValueError(f'per_group: block {i} runs linears {sorted(set(shapes) - grouped)} that no group of '
-                     f'{type(model).__name__}.block_structure() names, or the groups name {sorted(grouped - set(shapes))} '
-                     'that the block does not run; fix the family\'s linear_groups.')
+                     f'{type(model).__name__}.block_structure() names, or the groups name '
+                     f"{sorted(grouped - set(shapes))} that the block does not run; fix the family's linear_groups.")
   return groups
 
 

@@ -107,7 +107,8 @@ def test_block_structure_is_the_call_order_and_the_declared_norms_feed_the_group
   _, inputs = jax.jit(spec.block_linear_inputs)(block, h, ctx)
   order = list(inputs)
   assert order == [k for g in groups for k in g.kernels]
-  whole = [p.removeprefix('layers/0/') for p in jax.jit(spec.linear_inputs)(params, tokens) if p.startswith('layers/0/')]
+  whole = jax.jit(spec.linear_inputs)(params, tokens)
+  whole = [p.removeprefix('layers/0/') for p in whole if p.startswith('layers/0/')]
   assert whole == order
   assert sorted(order) == sorted(p.removeprefix('layers/0/') for p in spec.linear_paths(params)
                                  if p.startswith('layers/0/'))
@@ -277,3 +278,16 @@ def test_per_group_sequential_calibrates_each_group_on_the_groups_compressed_bef
   # the first group of block 0 sees the original model in every mode
   for k in groups[0]:
     np.testing.assert_allclose(per_group[f'layers/0/{k}']['xtx'], plain[f'layers/0/{k}']['xtx'], rtol=1e-6)
+
+
+def test_storage_shared_between_blocks_and_the_head():
+  params = BERT.init(jax.random.key(4))
+  paths = ['layers/0/attn/q_proj/kernel', 'layers/1/attn/q_proj/kernel', 'mlm_head/transform/kernel']
+  tied = core.tie(params, paths, 'square')
+  untied = core.paths.replace(params, {p: tied[core.SHARED]['square'] for p in paths})
+  batches = make_batches(2)
+  s_t = cal.calibrate(BERT, tied, batches, cal.abs_max())
+  s_u = cal.calibrate(BERT, untied, batches, cal.abs_max())
+  assert list(s_t) == list(s_u) and 'mlm_head/transform/kernel' in s_t
+  for path in s_u:
+    np.testing.assert_array_equal(s_t[path]['abs_max'], s_u[path]['abs_max'])
