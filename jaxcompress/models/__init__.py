@@ -4,7 +4,7 @@ Flax NNX lives inside this package only. Everything else sees a frozen `Model` s
 functions of a parameter pytree (`apply`, `embed`, `block`, `head`, `linear_inputs`, ...).
 """
 
-from jaxcompress.models.base import Model, Params
+from jaxcompress.models.base import LinearGroup, Model, Params
 from jaxcompress.models.bert import Bert, BertConfig, mean_pool
 from jaxcompress.models.decode import generate
 from jaxcompress.models.gpt2 import GPT2, GPT2Config
@@ -20,6 +20,7 @@ __all__ = [
     'FAMILIES',
     'GPT2',
     'GPT2Config',
+    'LinearGroup',
     'Llama',
     'LlamaConfig',
     'Model',

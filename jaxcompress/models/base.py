@@ -4,22 +4,24 @@ Outside `models/` nothing sees Flax: a model is `(spec, params)`. The spec build
 parameters on every call (`nnx.merge` runs once, at trace time under jit), so params may hold any compressed
 leaf and any layer may have been narrowed.
 
-The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...):
+The pieces layer-wise calibration needs (SparseGPT, GPTQ, AWQ, ...; `jaxcompress.calibration` streams them):
 
     h = model.embed(params, tokens)
     ctx = model.context(tokens)
     for i in range(model.num_layers(params)):
-      h, inputs = model.block_linear_inputs(params['layers'][i], h, ctx)   # {"attn/q_proj/kernel": x, ...}
+      h, inputs = model.block_linear_inputs(model.block_params(params, i), h, ctx)  # {path: x} in call order
     logits = model.head(params, h)
+    model.block_structure()   # (LinearGroup('attn_in', kernels=('attn/q_proj/kernel', ...), norm='attn_norm'), ...)
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,6 @@ from flax import nnx
 
 from jaxcompress import core
 from jaxcompress.core.select import HEADS, KERNELS, Patterns
-from jaxcompress.core.shared import storage
 from jaxcompress.models import layers
 
 Params = dict[str, Any]
@@ -40,6 +41,21 @@ FSDP_RULES: tuple[ShardingRule, ...] = (
     (r'(^|/)embedding$', (None, 'fsdp')),
 )
 INTERMEDIATES = ('hidden_states', 'attention')  # what `apply(..., intermediates=...)` can return
+
+
+class LinearGroup(NamedTuple):
+  """Linear layers of a block that multiply the same input, in the order the block runs its groups.
+
+  name:    a short name ('attn_in', 'attn_out', 'mlp_in', 'mlp_out').
+  kernels: kernel paths within the block ('attn/q_proj/kernel', ...), in call order.
+  norm:    the block's norm whose output is exactly this input ('attn_norm'), so a per-channel scale can be
+           folded into it (AWQ, SmoothQuant); None when the input is not such an output (o_proj, down_proj; the
+           q/k/v of a post-norm block, whose norm ends the previous block).
+  """
+
+  name: str
+  kernels: tuple[str, ...]
+  norm: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +72,7 @@ class Model(abc.ABC):
   hf_ignore: ClassVar[tuple[str, ...]] = ()  # regexes of HF tensors that are buffers, not parameters
   # Regexes of the output heads' paths, for core.select(heads=...); families declare theirs.
   head_patterns: ClassVar[tuple[str, ...]] = (HEADS,)
+  linear_groups: ClassVar[tuple[LinearGroup, ...]] = ()  # each block's linears by shared input, in call order
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
@@ -103,12 +120,6 @@ class Model(abc.ABC):
   def num_layers(self, params: Params) -> int:
     return len(params[self.block_path])
 
-  def block_params(self, params: Params, i: int) -> Params:
-    """Block i's parameters with shared storage resolved (`core.resolve`), ready for `block(...)` even when
-    the block holds `Shared` references into `params['_shared']`."""
-    blk, store = params[self.block_path][i], storage(params)
-    return core.resolve({**blk, core.SHARED: store}) if store else blk
-
   def bind(self, params: Params) -> nnx.Module:
     """The NNX module holding `params` (shared storage resolved). For use inside models/ and tests."""
     return nnx.merge(_graphdef(self), core.resolve(params))
@@ -139,10 +150,9 @@ class Model(abc.ABC):
   def block(self, block_params: Params, h: jax.Array, ctx: layers.Context) -> jax.Array:
     """One transformer block as a function of its own parameters: h [B, T, D] -> [B, T, D].
 
-    block_params: `block_params(params, i)` (shared storage resolved), or `params['layers'][i]` of an untied
-    model.
+    block_params: `params['layers'][i]`, or `block_params(params, i)` when it holds `Shared` references.
     """
-    return self.bind_block(_resolved_block(block_params))(h, ctx)[0]
+    return self.bind_block(_resolve_block(block_params))(h, ctx)[0]
 
   def head(self, params: Params, h: jax.Array) -> jax.Array:
     """Final norm and output head: h [B, T, D] -> logits [B, T, V] (or hidden states for an encoder)."""
@@ -230,22 +240,69 @@ class Model(abc.ABC):
 
   def linear_inputs(self, params: Params, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, token_types: jax.Array | None = None
-                    ) -> dict[str, jax.Array]:
-    """{kernel path: the input [B, T, in] it multiplied} for every linear layer, in call order."""
+                    ) -> collections.OrderedDict[str, jax.Array]:
+    """{kernel path: the input [B, T, in] it multiplied} for every linear layer the forward pass runs, in call
+    order (an OrderedDict: `jax.jit` keeps its order, where it would sort a dict's keys).
+
+    Holds every input of the whole batch at once: for large calibration sets use the streaming
+    `jaxcompress.calibration.calibrate`.
+    """
     with layers.capture_inputs() as records:
       module = self.bind(params)
       module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
     names = _linear_names(module)
-    return {names[i]: x for i, x in records.items()}
+    return collections.OrderedDict((names[i], x) for i, x in records)
+
+  def block_params(self, params: Params, i: int) -> Params:
+    """Block i's parameters with `Shared` references resolved against `params['_shared']`."""
+    block = params[self.block_path][i]
+    store = params.get(core.SHARED, {})
+    used = {x.name for x in jax.tree.leaves(block, is_leaf=core.is_weight_leaf) if isinstance(x, core.Shared)}
+    missing = sorted(used - set(store))
+    if missing:
+      raise KeyError(f"block {i} references shared storage {missing}, which params['{core.SHARED}'] lacks "
+                     f'(it has {sorted(store)}).')
+    return core.resolve({**block, core.SHARED: {n: store[n] for n in used}}) if used else block
+
+  def block_structure(self, block_params: Params | None = None) -> tuple[LinearGroup, ...]:
+    """The block's linears grouped by shared input, in call order (see `LinearGroup`).
+
+    With block_params, kernels absent from them (a structurally removed layer) are left out, and groups left
+    empty are dropped.
+    """
+    if not self.linear_groups:
+      raise NotImplementedError(f'{type(self).__name__} declares no linear_groups.')
+    if block_params is None:
+      return self.linear_groups
+    flat = core.paths.flatten(block_params)
+    groups = (g._replace(kernels=tuple(k for k in g.kernels if k in flat)) for g in self.linear_groups)
+    return tuple(g for g in groups if g.kernels)
+
+  def block_with_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context,
+                        observe: Callable[[str, jax.Array], None]) -> jax.Array:
+    """One block (h [B, T, D] -> [B, T, D]) that calls observe(kernel path within the block, input [B, T, in])
+    as each linear runs, in call order. Inside a jit, folding x into statistics in `observe` lets XLA free
+    each input as soon as it is folded, instead of returning every input of the block."""
+    blk = self.bind_block(_resolve_block(block_params))
+    names = _linear_names(blk)
+    with layers.observe_inputs(lambda module, x: observe(names[id(module)], x)):
+      return blk(h, ctx)[0]
+
+  def head_with_inputs(self, params: Params, h: jax.Array, observe: Callable[[str, jax.Array], None]
+                       ) -> jax.Array:
+    """`head(params, h)` calling observe(kernel path, input) for each linear of the head (e.g. lm_head)."""
+    module = self.bind(params)
+    names = _linear_names(module)
+    with layers.observe_inputs(lambda m, x: observe(names[id(m)], x)):
+      return module.head(h)
 
   def block_linear_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Block output and {kernel path within the block: its input}: the calibration step of one layer."""
-    with layers.capture_inputs() as records:
-      blk = self.bind_block(core.resolve(block_params))
-      out, _ = blk(h, ctx)
-    names = _linear_names(blk)
-    return out, {names[i]: x for i, x in records.items()}
+                          ) -> tuple[jax.Array, collections.OrderedDict[str, jax.Array]]:
+    """Block output and {kernel path within the block: its input [B, T, in]} in call order (an OrderedDict,
+    whose order survives `jax.jit`): the calibration step of one layer."""
+    records = collections.OrderedDict()
+    out = self.block_with_inputs(block_params, h, ctx, records.__setitem__)
+    return out, records
 
   # Accounting -------------------------------------------------------------------------------------------------
 
@@ -303,16 +360,6 @@ def _stack_blocks(blocks: list[Params]) -> Params:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
 
 
-def _resolved_block(block_params: Params) -> Params:
-  """Block parameters with shared storage resolved; a bare `Shared` reference left in them is an error."""
-  resolved = core.resolve(block_params)
-  refs = [p for p, x in core.flatten(resolved).items() if isinstance(x, core.Shared)]
-  if refs:
-    raise ValueError(f'block: {refs[:3]} hold Shared references, but the block parameters carry no '
-                     f"'{core.SHARED}' storage; pass model.block_params(params, i) instead of params['layers'][i].")
-  return resolved
-
-
 def _check_intermediates(intermediates: Sequence[str]) -> tuple[str, ...]:
   if isinstance(intermediates, str):
     intermediates = (intermediates,)
@@ -334,6 +381,16 @@ def _collect(wanted: tuple[str, ...], hidden: list, probs: list) -> dict[str, An
 def _linear_names(module: nnx.Module) -> dict[int, str]:
   return {id(node): '/'.join(str(p) for p in path) + '/kernel'
           for path, node in nnx.iter_graph(module) if isinstance(node, layers.Linear)}
+
+
+def _resolve_block(block_params: Params) -> Params:
+  resolved = core.resolve(block_params)
+  for path, x in core.paths.flatten(resolved).items():
+    if isinstance(x, core.Shared):
+      raise ValueError(f"block parameter '{path}' is a Shared('{x.name}') reference, whose storage is in the "
+                       f"full params' '{core.SHARED}'; pass model.block_params(params, i) instead of "
+                       "params['layers'][i].")
+  return resolved
 
 
 def _check_tokens(tokens: Any, attention_mask: Any) -> None:

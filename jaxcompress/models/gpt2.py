@@ -104,6 +104,11 @@ class GPT2(base.Model):
   hf_model_types: ClassVar[tuple[str, ...]] = ('gpt2',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('transformer.', '')
   hf_ignore: ClassVar[tuple[str, ...]] = (r'attn\.bias$', r'attn\.masked_bias$')
+  linear_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
+      base.LinearGroup('attn_in', ('attn/q_proj/kernel', 'attn/k_proj/kernel', 'attn/v_proj/kernel'), 'attn_norm'),
+      base.LinearGroup('attn_out', ('attn/o_proj/kernel',)),
+      base.LinearGroup('mlp_in', ('mlp/up_proj/kernel',), 'mlp_norm'),
+      base.LinearGroup('mlp_out', ('mlp/down_proj/kernel',)))
   head_patterns: ClassVar[tuple[str, ...]] = ()  # the head is the token embedding (tied): no head weights
 
   def sharding_rules(self):

@@ -10,8 +10,10 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -39,19 +41,48 @@ def constrain(x: jax.Array) -> jax.Array:
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-# Linear layers record their inputs here while `capture_inputs()` is active (see Model.linear_inputs).
-_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar('jaxcompress_capture', default=None)
+# While `observe_inputs(fn)` is active, every Linear hands (itself, its input) to fn before multiplying
+# (see Model.block_with_inputs and the streaming calibration driver built on it).
+_OBSERVER: contextvars.ContextVar[tuple | None] = contextvars.ContextVar('jaxcompress_observer', default=None)
+
+
+@contextlib.contextmanager
+def observe_inputs(fn: Callable[[nnx.Module, jax.Array], None]):
+  """Within this context every `Linear` call runs fn(module, x) first, x: its input [..., in], in call order.
+
+  A Linear that runs inside a transform nested in the one that entered the context (`lax.scan` and
+  `jax.checkpoint` in `apply(scan=True, remat=True)`, a `vmap`) raises instead: its input would be a tracer of
+  that inner transform, and keeping it would leak the tracer out of it.
+  """
+  token = _OBSERVER.set((fn, _trace_state()))
+  try:
+    yield
+  finally:
+    _OBSERVER.reset(token)
 
 
 @contextlib.contextmanager
 def capture_inputs():
-  """Within this context every `Linear` call stores its input, keyed by id(module)."""
-  records: dict[int, jax.Array] = {}
-  token = _CAPTURE.set(records)
-  try:
+  """Within this context every `Linear` call appends (id(module), input) to the yielded list, in call order."""
+  records: list[tuple[int, jax.Array]] = []
+  with observe_inputs(lambda module, x: records.append((id(module), x))):
     yield records
-  finally:
-    _CAPTURE.reset(token)
+
+
+def _trace_state():
+  return jax.extend.core.get_opaque_trace_state(convention='nnx')
+
+
+def _observe(module: nnx.Module, x: jax.Array) -> None:
+  active = _OBSERVER.get()
+  if active is None:
+    return
+  fn, trace = active
+  if _trace_state() != trace:
+    raise ValueError('a Linear ran inside a transform (lax.scan, jax.checkpoint, vmap) nested in the one where '
+                     'observe_inputs/capture_inputs was entered; its input would leak a tracer. Record inputs '
+                     'with scan=False and remat=False (Model.linear_inputs and block_with_inputs do).')
+  fn(module, x)
 
 
 def value(v: nnx.Variable | None):
@@ -71,9 +102,7 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    records = _CAPTURE.get()
-    if records is not None:
-      records[id(self)] = x
+    _observe(self, x)
     return core.linear(x, value(self.kernel), value(self.bias))
 
 

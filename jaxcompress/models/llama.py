@@ -128,6 +128,11 @@ class Llama(base.Model):
   hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)
   hf_ignore: ClassVar[tuple[str, ...]] = (r'rotary_emb\.inv_freq$',)
+  linear_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
+      base.LinearGroup('attn_in', ('attn/q_proj/kernel', 'attn/k_proj/kernel', 'attn/v_proj/kernel'), 'attn_norm'),
+      base.LinearGroup('attn_out', ('attn/o_proj/kernel',)),
+      base.LinearGroup('mlp_in', ('mlp/gate_proj/kernel', 'mlp/up_proj/kernel'), 'mlp_norm'),
+      base.LinearGroup('mlp_out', ('mlp/down_proj/kernel',)))
   head_patterns: ClassVar[tuple[str, ...]] = (r'^lm_head/',)  # absent when tied to the embedding
 
   def sharding_rules(self):

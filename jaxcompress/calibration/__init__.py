@@ -1,0 +1,27 @@
+"""Streaming layer-wise calibration: statistics of every linear layer's input, folded in batch by batch.
+
+    stats = calibration.calibrate(model, params, batches, calibration.hessian())
+    params, stats = calibration.run_sequential(model, params, batches, observer, compress_block)
+
+Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are optax-like pairs of pure functions;
+`Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
+"""
+
+from jaxcompress.calibration.driver import CompressBlock, Rows, calibrate, run_sequential
+from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
+                                               norms)
+
+__all__ = [
+    'CompressBlock',
+    'Observer',
+    'Rows',
+    'Stats',
+    'abs_max',
+    'abs_mean',
+    'calibrate',
+    'column_norms',
+    'combine',
+    'hessian',
+    'norms',
+    'run_sequential',
+]

@@ -1,0 +1,383 @@
+"""Streaming, layer-wise calibration: run the model block by block and fold every linear's input into statistics.
+
+    stats = calibrate(model, params, batches, observers.hessian())
+    stats['layers/3/mlp/down_proj/kernel']['xtx']      # [in, in] float32, summed over every real token
+
+Order of work (what keeps memory flat in the number of batches):
+
+    h[b] = embed(batch b)                               for every batch b      (hidden states are kept)
+    for block i:                                        block i's params alone go to the device
+      for batch b:   h[b], stats_i = step(block_i, h[b], stats_i)              (one jit per block shape)
+      [sequential: block_i = compress_block(i, block_i, stats_i); h[b] = block_i(h[b]) for every b]
+
+Inside `step` each linear's input x [B, T, in] is handed to `observer.update` as the block runs
+(`Model.block_with_inputs`), so x lives only inside the jitted step: what outlives a batch is the statistics
+and the block output [B, T, D]. The raw inputs of the whole calibration set (11.5 GB fp32 for one Llama-7B
+down_proj over 128 x 2048 tokens) are never held. `offload=True` keeps the hidden states on the host between
+blocks. Parameters may stay on the host (numpy): they move to the device one block at a time.
+
+With `mesh=`, batch rows are split over the mesh's data axis (each process passes its own rows) and the
+statistics, being sums or maxima over rows, are all-reduced by the partitioner inside the same jit.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxcompress import core
+from jaxcompress.calibration.observers import Observer, Stats
+from jaxcompress.models import Model, Params
+
+# compress_block(block index, block params on the device (Shared references resolved), {kernel path within
+# the block: stats}) -> new block params (may keep Shared references; resolved against params['_shared']).
+CompressBlock = Callable[[int, Params, dict[str, Stats]], Params]
+# on_step(phase, block, batch): called after every step ('embed', 'stats', 'forward', 'head'); block is -1
+# outside blocks. For progress and memory probes; the driver ignores what it returns.
+OnStep = Callable[[str, int, int], None]
+
+
+class Rows(NamedTuple):
+  """One calibration batch as the driver keeps it on the device.
+
+  tokens: [B, T] int; attention_mask: [B, T] (1 real, 0 padding) or None; token_types: [B, T] int or None.
+  """
+
+  tokens: jax.Array
+  attention_mask: jax.Array | None = None
+  token_types: jax.Array | None = None
+
+
+def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Observer, *,
+              mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = 'data', offload: bool = False,
+              head: bool = True, on_step: OnStep | None = None) -> dict[str, Stats]:
+  """{kernel path: statistics} of every linear layer the forward pass runs, streamed batch by batch.
+
+  model, params: the model spec and its parameters (numpy or jax; `Shared` storage resolved per block).
+  batches: token arrays [B, T] int, or mappings with 'tokens' (or 'inputs', as `data.pipeline` batches) and
+    optionally 'attention_mask' [B, T] (padding rows are excluded from the statistics) and 'token_types'.
+    With several processes, each passes its own rows of every batch.
+  observer: what to keep of each input (`observers.hessian()`, `column_norms()`, `abs_max()`, `combine(...)`).
+  mesh, data_axis: split batch rows over this mesh axis (or axes); statistics come back replicated.
+  offload: keep the hidden states between blocks on the host instead of the device.
+  head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
+  Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
+  """
+  stats, _ = _run(model, params, batches, observer, None, mesh=mesh, data_axis=data_axis, offload=offload,
+                  head=head, keep_stats=True, on_step=on_step)
+  return stats
+
+
+def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
+                   compress_block: CompressBlock, *, mesh: Mesh | None = None,
+                   data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
+                   per_group: bool = False, on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
+  """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
+  compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
+  recomputed with the compressed weights before block i + 1 sees them.
+
+  per_group: "true sequential" within the block too: for each group of `model.block_structure()` in call
+    order (q/k/v, then o, then gate/up, then down), calibrate only that group's kernels on the block as
+    compressed so far and call compress_block(i, block_params, stats of that group) (one pass over the
+    batches per group instead of one per block).
+  Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
+  host). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
+  keep_stats else {}). Other arguments as in `calibrate`.
+  """
+  if not callable(compress_block):
+    raise TypeError(f'run_sequential: compress_block={compress_block!r} must be a function '
+                    '(block index, block params, stats) -> block params.')
+  stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
+                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group)
+  return params, stats
+
+
+# The loop -------------------------------------------------------------------------------------------------------
+
+
+def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
+         per_group=False):
+  if not isinstance(observer, Observer):
+    raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
+  if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    raise ValueError(f'calibrate: mesh axis types {mesh.axis_types} must all be AxisType.Auto (the driver '
+                     'places arrays with NamedShardings); build it with jax.make_mesh(..., '
+                     'axis_types=(jax.sharding.AxisType.Auto,) * n).')
+  place = _Placement(mesh, data_axis, offload)
+  on_step = on_step or (lambda phase, block, batch: None)
+  rows = [place.rows(_as_rows(b, j)) for j, b in enumerate(batches)]
+  if not rows:
+    raise ValueError('calibrate: batches is empty; give at least one batch of tokens [B, T].')
+  shardings = place.shardings()
+
+  rest, abstract = _outside_blocks(model, params)
+  embed = jax.jit(lambda rest, r: _constrain_rows(
+      model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  rest_dev = place.replicated(rest)
+  hs = []
+  for j, r in enumerate(rows):
+    hs.append(place.keep(embed(rest_dev, r)))
+    on_step('embed', -1, j)
+  del rest_dev  # the embedding table need not stay on the device while the blocks run
+
+  out_stats: dict[str, Stats] = {}
+  new_blocks = {}
+  for i in range(model.num_layers(params)):
+    block = place.replicated(model.block_params(params, i))
+    shapes = dict(_linear_shapes(model, block, place.fetch(hs[0]), rows[0]))
+    # the kernels calibrated together: the whole block, or (per_group) each group of shared inputs in turn
+    passes = [tuple(shapes)] if not per_group else _group_passes(model, params, i, shapes)
+    for kernels in passes:
+      stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
+      for j, r in enumerate(rows):
+        out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
+                                 outputs=compress_block is None)
+        if compress_block is None:
+          hs[j] = place.keep(out)
+        out = None  # the device copy of an offloaded output goes now, not at the next step
+        on_step('stats', i, j)
+      stats = {p: stats[p] for p in kernels}  # call order again (jit returns dicts sorted by key)
+      if keep_stats:
+        out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(x) for p, x in stats.items()})
+      if compress_block is not None:
+        new = compress_block(i, block, stats)
+        del stats, block  # only the compressed block and the hidden states stay on the device
+        new_blocks[i] = new
+        block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
+        del new
+      stats = None
+    if compress_block is not None:
+      if offload:
+        new_blocks[i] = _to_host(new_blocks[i])
+      for j, r in enumerate(rows):
+        hs[j] = place.keep(_block_step(model, None, block, place.fetch(hs[j]), r, None, shardings=shardings,
+                                       outputs=True)[0])
+        on_step('forward', i, j)
+    del block
+
+  if head:
+    rest_dev = place.replicated(rest)
+    names = _head_shapes(model, rest, abstract, place.fetch(hs[0]))
+    stats = {p: place.replicated(observer.init(p, n)) for p, n in names}
+    head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings), donate_argnums=(3,))
+    for j, r in enumerate(rows):
+      stats = head_step(rest_dev, place.fetch(hs[j]), r, stats)
+      on_step('head', -1, j)
+    out_stats.update({p: place.keep_stats(stats[p]) for p, _ in names})
+
+  if compress_block is None:
+    return out_stats, params
+  return out_stats, _with_blocks(model, params, new_blocks)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs'), donate_argnames=('stats',))
+def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.Array, rows: Rows, stats,
+                *, shardings, outputs: bool):
+  """One block on one batch: (output [B, T, D] or None, stats with this batch's linear inputs folded in).
+
+  observer None: the plain forward (sequential mode's recomputation). Compiled once per block shape.
+  """
+  ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
+  if observer is None:
+    return _constrain_rows(model.block(block, h, ctx), shardings), None
+  weights = _token_weights(rows)
+  stats = dict(stats)
+
+  def observe(path, x):
+    if path in stats:  # per-group passes calibrate some kernels only
+      stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
+
+  out = model.block_with_inputs(block, h, ctx, observe)
+  return (_constrain_rows(out, shardings) if outputs else None), _constrain_stats(stats, shardings)
+
+
+def _head_step(model, observer, abstract, shardings, rest, h, rows, stats):
+  weights = _token_weights(rows)
+  stats = dict(stats)
+
+  def observe(path, x):
+    stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
+
+  model.head_with_inputs(_fill(rest, abstract), h, observe)  # logits unused: XLA drops the head's last matmul
+  return _constrain_stats(stats, shardings)
+
+
+def _token_weights(rows: Rows) -> jax.Array:
+  """[B * T] float32: 1 for real tokens, 0 for padding."""
+  if rows.attention_mask is None:
+    return jnp.ones((rows.tokens.size,), jnp.float32)
+  return (rows.attention_mask.reshape(-1) > 0).astype(jnp.float32)
+
+
+def _linear_shapes(model, block, h, rows) -> list[tuple[str, int]]:
+  """(kernel path within the block, in_features) of every linear the block runs, in call order."""
+  seen = []
+
+  def trace(block, h, rows):
+    ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
+    return model.block_with_inputs(block, h, ctx, lambda path, x: seen.append((path, x.shape[-1])))
+
+  jax.eval_shape(trace, block, h, rows)
+  return _unique(seen)
+
+
+def _group_passes(model: Model, params: Params, i: int, shapes: dict[str, int]) -> list[tuple[str, ...]]:
+  groups = [g.kernels for g in model.block_structure(params[model.block_path][i])]
+  grouped = {k for g in groups for k in g}
+  if set(shapes) != grouped:
+    raise ValueError(f'per_group: block {i} runs linears {sorted(set(shapes) - grouped)} that no group of '
+                     f'{type(model).__name__}.block_structure() names, or the groups name '
+                     f"{sorted(grouped - set(shapes))} that the block does not run; fix the family's linear_groups.")
+  return groups
+
+
+def _head_shapes(model, rest, abstract, h) -> list[tuple[str, int]]:
+  seen = []
+  jax.eval_shape(lambda rest, h: model.head_with_inputs(_fill(rest, abstract), h,
+                                                        lambda path, x: seen.append((path, x.shape[-1]))), rest, h)
+  return _unique(seen)
+
+
+def _unique(pairs):
+  out = {}
+  for path, n in pairs:
+    out.setdefault(path, n)
+  return list(out.items())
+
+
+# Parameters outside the blocks --------------------------------------------------------------------------------
+
+
+def _outside_blocks(model: Model, params: Params) -> tuple[Params, Params]:
+  """(params the embedding and head read, shapes of the rest: blocks and storage only blocks use).
+
+  `Model.embed` and `head` bind the whole tree; `_fill` rebuilds the missing part as zeros inside the jit,
+  which XLA drops because nothing reads it, so block weights never reach the device here.
+  """
+  store = params.get(core.SHARED, {})
+  outside = {k: v for k, v in params.items() if k not in (model.block_path, core.SHARED)}
+  used = {x.name for x in jax.tree.leaves(outside, is_leaf=core.is_weight_leaf) if isinstance(x, core.Shared)}
+  rest = dict(outside)
+  if store:
+    rest[core.SHARED] = {n: v for n, v in store.items() if n in used}
+  shape = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  abstract = {model.block_path: jax.tree.map(shape, params[model.block_path]),
+              core.SHARED: jax.tree.map(shape, {n: v for n, v in store.items() if n not in used})}
+  return rest, abstract
+
+
+def _fill(rest: Params, abstract: Params) -> Params:
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  full = {k: v for k, v in rest.items() if k != core.SHARED}
+  full.update({k: zeros(v) for k, v in abstract.items() if k != core.SHARED})
+  shared = {**rest.get(core.SHARED, {}), **zeros(abstract[core.SHARED])}
+  if shared:
+    full[core.SHARED] = shared
+  return full
+
+
+def _with_block(model: Model, params: Params, i: int, block: Params) -> Params:
+  return {**params, model.block_path: {i: block}}
+
+
+def _with_blocks(model: Model, params: Params, new: dict[int, Params]) -> Params:
+  blocks = params[model.block_path]
+  if isinstance(blocks, dict):
+    blocks = {**blocks, **new}
+  else:
+    blocks = type(blocks)(new.get(i, b) for i, b in enumerate(blocks))
+  return {**params, model.block_path: blocks}
+
+
+# Placement ----------------------------------------------------------------------------------------------------
+
+
+class _Placement(NamedTuple):
+  """Where the driver's arrays live: one device, or a mesh whose data axis splits batch rows."""
+
+  mesh: Mesh | None
+  data_axis: str | tuple[str, ...]
+  offload: bool
+
+  def shardings(self) -> tuple[NamedSharding, NamedSharding] | None:
+    """(batch rows over the data axis, replicated), or None without a mesh."""
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, PartitionSpec(self.data_axis)), NamedSharding(self.mesh, PartitionSpec())
+
+  def rows(self, r: Rows) -> Rows:
+    """Host or device rows -> device arrays (with a mesh: this process's rows of a global array)."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, r)
+    sharding = self.shardings()[0]
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), r)
+
+  def replicated(self, tree):
+    if self.mesh is None:
+      return jax.device_put(tree)
+    return jax.device_put(tree, self.shardings()[1])
+
+  def keep(self, h: jax.Array):
+    """A block output as kept between blocks: on the device, or this process's rows on the host."""
+    if not self.offload:
+      return h
+    if self.mesh is None:
+      return _to_host(h)
+    spec = PartitionSpec(self.data_axis)
+    return _to_host(multihost_utils.global_array_to_host_local_array(h, self.mesh, spec))
+
+  def fetch(self, h) -> jax.Array:
+    if not self.offload:
+      return h
+    if self.mesh is None:
+      return jnp.asarray(h)
+    return jax.make_array_from_process_local_data(self.shardings()[0], h)
+
+  def keep_stats(self, stats):
+    return _to_host(stats) if self.offload else stats
+
+
+def _to_host(tree):
+  # A copy: on CPU np.asarray would alias the device buffer and keep it alive.
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _constrain_rows(h: jax.Array, shardings) -> jax.Array:
+  return h if shardings is None else jax.lax.with_sharding_constraint(h, shardings[0])
+
+
+def _constrain_stats(stats, shardings):
+  return stats if shardings is None else jax.lax.with_sharding_constraint(stats, shardings[1])
+
+
+def _as_rows(batch: Any, index: int) -> Rows:
+  if isinstance(batch, Rows):
+    return batch
+  if isinstance(batch, Mapping):
+    key = 'tokens' if 'tokens' in batch else 'inputs' if 'inputs' in batch else None
+    if key is None:
+      raise ValueError(f"calibration batch {index} has keys {sorted(batch)}; it needs 'tokens' (or 'inputs') "
+                       "[B, T] int, optionally 'attention_mask' and 'token_types'.")
+    r = Rows(batch[key], batch.get('attention_mask'), batch.get('token_types'))
+  elif hasattr(batch, 'shape') and hasattr(batch, 'dtype'):
+    r = Rows(batch)
+  else:
+    raise TypeError(f'calibration batch {index} is a {type(batch).__name__}; give a token array [B, T] or a '
+                    "mapping with 'tokens' and optionally 'attention_mask'.")
+  tokens = r.tokens
+  if getattr(tokens, 'ndim', None) != 2 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'calibration batch {index}: tokens must be an integer array [B, T], got '
+                     f'{getattr(tokens, "dtype", "?")} {tuple(getattr(tokens, "shape", ()))}.')
+  for name in ('attention_mask', 'token_types'):
+    x = getattr(r, name)
+    if x is not None and tuple(np.shape(x)) != tuple(tokens.shape):
+      raise ValueError(f'calibration batch {index}: {name} has shape {tuple(np.shape(x))}, tokens '
+                       f'{tuple(tokens.shape)}; they must match.')
+  return r

@@ -1,0 +1,117 @@
+"""Observers: what calibration keeps of each linear layer's input, as a pair of pure functions.
+
+An `Observer` is `init(path, in_features) -> stats` and `update(stats, x, mask) -> stats` (optax-like; stats is
+any pytree of arrays). The driver calls `update` on every batch's input of every linear, inside one jit per
+block, so only the statistics outlive a batch. Statistics are sums (or maxima) over tokens, so sharded inputs
+all-reduce them and the order of batches does not matter beyond float32 rounding.
+
+    x: [tokens, in] the layer's input rows (any dtype; statistics are float32)
+    mask: [tokens] float32, 1 for a real token and 0 for padding (padding rows contribute nothing)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Stats = Any
+
+
+class Observer(NamedTuple):
+  """init(path, in_features) -> stats; update(stats, x [tokens, in], mask [tokens]) -> stats."""
+
+  init: Callable[[str, int], Stats]
+  update: Callable[[Stats, jax.Array, jax.Array], Stats]
+
+
+def _count(mask: jax.Array) -> jax.Array:
+  # int32: exact up to 2**31 tokens, where a float32 count stops being exact at 2**24.
+  return jnp.sum(mask > 0, dtype=jnp.int32)
+
+
+def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32) * mask.astype(jnp.float32)[:, None]
+
+
+def hessian() -> Observer:
+  """{'xtx': XᵀX [in, in] float32, 'count': tokens int32}: the layer-wise Hessian of GPTQ / SparseGPT
+  (H = 2 XᵀX / count; the solvers scale it themselves)."""
+
+  def init(path: str, in_features: int) -> Stats:
+    del path
+    return {'xtx': jnp.zeros((in_features, in_features), jnp.float32), 'count': jnp.zeros((), jnp.int32)}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    xm = _masked(x, mask)
+    # HIGHEST: accelerators would otherwise multiply float32 in bf16 passes.
+    xtx = jnp.matmul(xm.T, xm, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return {'xtx': stats['xtx'] + xtx, 'count': stats['count'] + _count(mask)}
+
+  return Observer(init, update)
+
+
+def column_norms() -> Observer:
+  """{'sq_norm': Σ_t x[t, j]² [in] float32, 'count'}: Wanda's ‖X_j‖₂ is `norms(stats)`."""
+
+  def init(path: str, in_features: int) -> Stats:
+    del path
+    return {'sq_norm': jnp.zeros((in_features,), jnp.float32), 'count': jnp.zeros((), jnp.int32)}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    return {'sq_norm': stats['sq_norm'] + jnp.sum(jnp.square(_masked(x, mask)), axis=0),
+            'count': stats['count'] + _count(mask)}
+
+  return Observer(init, update)
+
+
+def norms(stats: Stats) -> jax.Array:
+  """Per-column L2 norms ‖X_j‖₂ [in] from `column_norms()` statistics."""
+  return jnp.sqrt(stats['sq_norm'])
+
+
+def abs_max() -> Observer:
+  """{'abs_max': max_t |x[t, j]| [in] float32}: SmoothQuant's and AWQ's per-channel activation range."""
+
+  def init(path: str, in_features: int) -> Stats:
+    del path
+    return {'abs_max': jnp.zeros((in_features,), jnp.float32)}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    # Padding rows become 0, which never exceeds a maximum of absolute values.
+    return {'abs_max': jnp.maximum(stats['abs_max'], jnp.max(jnp.abs(_masked(x, mask)), axis=0))}
+
+  return Observer(init, update)
+
+
+def abs_mean() -> Observer:
+  """{'abs_sum': Σ_t |x[t, j]| [in] float32, 'count'}: AWQ's mean activation magnitude is abs_sum / count."""
+
+  def init(path: str, in_features: int) -> Stats:
+    del path
+    return {'abs_sum': jnp.zeros((in_features,), jnp.float32), 'count': jnp.zeros((), jnp.int32)}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    return {'abs_sum': stats['abs_sum'] + jnp.sum(jnp.abs(_masked(x, mask)), axis=0),
+            'count': stats['count'] + _count(mask)}
+
+  return Observer(init, update)
+
+
+def combine(**observers: Observer) -> Observer:
+  """One observer whose stats are {name: that observer's stats}, e.g. combine(h=hessian(), m=abs_max())."""
+  if not observers:
+    raise ValueError('combine: give at least one observer, e.g. combine(hessian=hessian(), max=abs_max()).')
+  for name, obs in observers.items():
+    if not isinstance(obs, Observer):
+      raise TypeError(f'combine: {name}={obs!r} is not an Observer; call the factory, e.g. hessian().')
+
+  def init(path: str, in_features: int) -> Stats:
+    return {name: obs.init(path, in_features) for name, obs in observers.items()}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    return {name: obs.update(stats[name], x, mask) for name, obs in observers.items()}
+
+  return Observer(init, update)

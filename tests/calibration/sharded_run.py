@@ -1,0 +1,55 @@
+"""Calibrates a tiny Llama on 1 device, on a mesh of virtual devices, or as one of several processes, and
+writes the statistics (process 0) to an .npz file. Run by test_sharded.py in fresh subprocesses:
+
+    python tests/calibration/sharded_run.py OUT.npz [--mesh=4x2] [--offload]
+        [--coordinator=localhost:PORT --num_processes=2 --process_id=I]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, for `tests.` imports
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('out')
+  parser.add_argument('--mesh', default='')  # 'DATAxOTHER': batch rows over DATA devices, replicated over OTHER
+  parser.add_argument('--offload', action='store_true')
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  args = parser.parse_args()
+  if args.coordinator:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  jax.config.update('jax_default_matmul_precision', 'highest')
+
+  import numpy as np
+  from jaxcompress import calibration as cal
+  from jaxcompress import core
+  from tests.calibration.test_calibrate import LLAMA, OBSERVER, make_batches
+
+  params = LLAMA.init(jax.random.key(0))
+  batches = make_batches(3, b=8, t=12, seed=5)
+  mesh = None
+  if args.mesh:
+    data, other = (int(n) for n in args.mesh.split('x'))
+    mesh = jax.make_mesh((data, other), ('data', 'other'), devices=jax.devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    # each process passes its own rows: the rows of the devices it holds (processes hold consecutive devices)
+    per = 8 // args.num_processes
+    lo = args.process_id * per
+    batches = [{k: v[lo:lo + per] for k, v in b.items()} for b in batches]
+  stats = cal.calibrate(LLAMA, params, batches, OBSERVER, mesh=mesh, data_axis='data', offload=args.offload)
+  flat = {f'{path}/{key}': np.asarray(x) for path, s in stats.items() for key, x in core.flatten(s).items()}
+  if jax.process_index() == 0:
+    np.savez(args.out, **flat)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,44 @@
+"""1 device, 8 virtual devices and 2 processes (gloo) give the same calibration statistics."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.train import pretrain_runs as runs
+
+SCRIPT = runs.ROOT / 'tests' / 'calibration' / 'sharded_run.py'
+
+
+def command(out, *flags):
+  return [sys.executable, str(SCRIPT), str(out), *flags]
+
+
+def run(out, *flags, devices=1):
+  proc = subprocess.run(command(out, *flags), env=runs.env(devices), capture_output=True, text=True, timeout=300,
+                        cwd=runs.ROOT)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return dict(np.load(out))
+
+
+def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
+  one = run(tmp_path / 'one.npz')
+  eight = run(tmp_path / 'eight.npz', '--mesh=4x2', devices=8)
+  port = runs.free_port()
+  logs = [tmp_path / f'host{i}.log' for i in range(2)]
+  procs = [subprocess.Popen(command(tmp_path / 'two.npz', '--mesh=4x1', '--offload', f'--coordinator=localhost:{port}',
+                                    '--num_processes=2', f'--process_id={i}'),
+                            env=runs.env(2), stdout=open(logs[i], 'w'), stderr=subprocess.STDOUT, cwd=runs.ROOT)
+           for i in range(2)]
+  codes = [p.wait(timeout=300) for p in procs]
+  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+  two = dict(np.load(tmp_path / 'two.npz'))
+  assert sorted(one) == sorted(eight) == sorted(two)
+  assert any(k.endswith('xtx') for k in one)
+  for name, ref in one.items():
+    for other in (eight, two):
+      if name.endswith('count'):
+        assert int(other[name]) == int(ref), name
+      else:
+        # sums over devices and processes in another order: agreement to float32 rounding
+        np.testing.assert_allclose(other[name], ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max(), err_msg=name)
