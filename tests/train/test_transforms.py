@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from absl import logging
 
 from jaxcompress import core, models
 from jaxcompress.data.pipeline import LMBatches
-from jaxcompress.train import loop, objectives, optim, sharding, transforms
+from jaxcompress.train import checkpoint, loop, objectives, optim, sharding, transforms
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
 from tests.train import pretrain_runs
@@ -44,9 +45,10 @@ def _where(masks, tree):
 
 def gradual_pruning(*, final_sparsity: float = 0.6, ramp_steps: int = 9, every: int = EVERY
                     ) -> transforms.Transform:
-  """Sparsity follows a cubic ramp to final_sparsity over ramp_steps; every `every` steps each block kernel's
-  mask is recomputed from its magnitudes jittered by the step's rng (a stochastic tie-break), keeping exactly
-  round((1 - sparsity) * size) entries. State: {'masks': bool tree like params, 'sparsity': f32 scalar}."""
+  """Sparsity follows a cubic ramp to final_sparsity over ramp_steps. Each step folds |w| of every block kernel
+  into a moving average (the saliency); every `every` steps each kernel's mask is recomputed from its saliency
+  jittered by the step's rng (a stochastic tie-break), keeping exactly round((1 - sparsity) * size) entries.
+  State: {'masks': bool, 'saliency': f32 (trees like params, None off the kernels), 'sparsity': f32 scalar}."""
 
   def target(step):
     frac = jnp.minimum(step.astype(jnp.float32) / ramp_steps, 1.0)
@@ -55,25 +57,28 @@ def gradual_pruning(*, final_sparsity: float = 0.6, ramp_steps: int = 9, every: 
   def init(params):
     chosen = set(core.select(params).paths)
     masks = core.map_with_path(lambda p, w: jnp.ones(w.shape, bool) if p in chosen else None, params)
-    return {'masks': masks, 'sparsity': jnp.zeros((), jnp.float32)}
+    saliency = core.map_with_path(lambda p, w: jnp.abs(w) if p in chosen else None, params)
+    return {'masks': masks, 'saliency': saliency, 'sparsity': jnp.zeros((), jnp.float32)}
 
   def update(params, state, step, rng):
     sparsity = target(step)
+    saliency = jax.tree.map(lambda s, w: s if s is None else 0.8 * s + 0.2 * jnp.abs(w), state['saliency'], params,
+                            is_leaf=lambda x: x is None)
 
     def recompute():
-      masks, treedef = jax.tree.flatten(state['masks'], is_leaf=lambda x: x is None)
+      scores, treedef = jax.tree.flatten(saliency, is_leaf=lambda x: x is None)
       new = []
-      for i, (m, w) in enumerate(zip(masks, treedef.flatten_up_to(params))):
-        if m is None:
+      for i, s in enumerate(scores):
+        if s is None:
           new.append(None)
           continue
-        score = jnp.abs(w) * jnp.exp(0.05 * jax.random.normal(jax.random.fold_in(rng, i), w.shape))
-        ranks = jnp.argsort(jnp.argsort(score.ravel())).reshape(w.shape)
-        new.append(ranks >= jnp.round(sparsity * w.size).astype(ranks.dtype))
+        jittered = s * jnp.exp(0.05 * jax.random.normal(jax.random.fold_in(rng, i), s.shape))
+        ranks = jnp.argsort(jnp.argsort(jittered.ravel())).reshape(s.shape)
+        new.append(ranks >= jnp.round(sparsity * s.size).astype(ranks.dtype))
       return treedef.unflatten(new)
 
     masks = jax.lax.cond(step % every == 0, recompute, lambda: state['masks'])
-    return _where(masks, params), {'masks': masks, 'sparsity': sparsity}
+    return _where(masks, params), {'masks': masks, 'saliency': saliency, 'sparsity': sparsity}
 
   def forward(params, state):
     return _where(state['masks'], params)
@@ -208,20 +213,30 @@ def test_gradual_pruning_follows_its_schedule(whole):
     assert (w == 0).sum() == (~mask).sum() == round(0.6 * w.size), path  # masks recomputed at step 12
 
 
-def test_stop_and_resume_restores_params_and_transform_state_bit_for_bit(whole, tmp_path):
-  first = _fit(tmp_path, stop_at_step=5)  # between two mask updates: the resumed run needs the saved masks
+def test_stop_and_resume_restores_params_and_transform_state_bit_for_bit(whole, tmp_path, monkeypatch):
+  first = _fit(tmp_path / 'run', stop_at_step=5)  # between two mask updates
   assert first.status == 'stopped' and int(first.state.step) == 5
-  rest = _fit(tmp_path)
+  shutil.copytree(tmp_path / 'run', tmp_path / 'control')
+  rest = _fit(tmp_path / 'run')
   assert _hashes(rest) == _hashes(whole)
-  assert state_lib.param_hash(rest.state.transform_state) != state_lib.param_hash(
-      gradual_pruning().init(rest.state.params))
+  # Control: the same resume with the transform state re-initialized instead of restored ends elsewhere.
+  restore = checkpoint.Checkpointer.restore_latest
+
+  def forget_transform_state(self, abstract):
+    state, meta = restore(self, abstract)
+    fresh = jax.tree.map(lambda a, b: jax.device_put(b, a.sharding), state['transform_state'],
+                         gradual_pruning().init(state['params']))
+    return {**state, 'transform_state': fresh}, meta
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore_latest', forget_transform_state)
+  control = _fit(tmp_path / 'control')
+  assert _hashes(control)['params'] != _hashes(whole)['params']
 
 
 def test_another_transform_state_is_refused_by_fingerprint(tmp_path):
   _fit(tmp_path, stop_at_step=3)
   params = jax.jit(MODEL.init)(loop.rng_stream(0, 'init'))
   cfg = loop.LoopConfig(steps=STEPS, batch_size=8, run_dir=str(tmp_path), progress=False, async_checkpoint=False)
-  from jaxcompress.train import checkpoint
   with pytest.raises(checkpoint.CheckpointError, match='transform_state'):
     loop.fit(cfg, model=MODEL, params=params, objective=objectives.causal_lm(MODEL),
              optimizer=optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, total_steps=STEPS)),
