@@ -112,7 +112,7 @@ def _axis_size(mesh: Mesh, axis: str | tuple[str, ...]) -> int:
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
-  """Shardings for a whole TrainState (params, optimizer state, counters, rng, frozen teacher)."""
+  """Shardings for a whole TrainState (params, optimizer and transform state, counters, rng, frozen teacher)."""
   specs = param_specs(abstract_state.params, mesh, rules)
   if abstract_state.frozen is not None:
     specs.update({f'frozen/{k}': v for k, v in param_specs(abstract_state.frozen, mesh, rules).items()})
