@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxcompress.models.base import Model, Params
 
@@ -52,10 +53,10 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = No
   """Per-token negative log-likelihood, with the log-softmax in float32.
 
   logits: [..., T, V] any float dtype; targets: [..., T] int; mask: [..., T] bool or {0, 1} (None: all)
-  -> [..., T] float32, zero where mask is 0.
+  -> [..., T] float32, zero where mask is 0. The one token cross-entropy of the package (training uses it too).
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                               targets.astype(jnp.int32))
   if mask is None:
     return nll
   return jnp.where(mask.astype(bool), nll, 0.0)

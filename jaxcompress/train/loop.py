@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,11 +33,11 @@ from absl import logging
 
 from jaxcompress import provenance
 from jaxcompress.train import checkpoint as ckpt_lib
-from jaxcompress.train import hooks as hooks_lib
 from jaxcompress.train import metrics as metrics_lib
 from jaxcompress.train import sharding as sharding_lib
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
+from jaxcompress.train import transforms as transforms_lib
 from jaxcompress.train.objectives import Objective
 
 
@@ -102,11 +102,16 @@ def rng_stream(seed: int, name: str) -> jax.Array:
 
 def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
         optimizer: optax.GradientTransformation, data: Batches,
-        eval_fn: Callable[[Any], dict[str, float]] | None = None, hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
+        eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        transforms: transforms_lib.Transform | Sequence[transforms_lib.Transform] = (),
         trainable: state_lib.Trainable = state_lib.floating, frozen: Any = None,
         rules=None, mesh: jax.sharding.Mesh | None = None,
         config_record: dict | None = None) -> FitResult:
-  """Trains until `cfg.steps` (see module docstring). `params` are the starting point of a fresh run."""
+  """Trains until `cfg.steps` (see module docstring). `params` are the starting point of a fresh run.
+
+  transforms: a `transforms.Transform` or a sequence of them (chained) run inside the step; their state is
+  part of the checkpointed, sharded TrainState.
+  """
   run_dir = Path(cfg.run_dir)
   main = jax.process_index() == 0
   mesh = mesh or sharding_lib.make_mesh(*cfg.mesh)
@@ -119,13 +124,17 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
     provenance.write_run_dir(run_dir, config={'loop': cfg, 'mesh': dict(mesh.shape), **(config_record or {})})
 
   rng = rng_stream(cfg.seed, 'train')
-  make_state = lambda p, f: state_lib.init_state(p, optimizer, rng, trainable=trainable, frozen=f)
+  make_state = lambda p, f: state_lib.init_state(p, optimizer, rng, trainable=trainable, frozen=f,
+                                                 transforms=transforms)
   abstract = jax.eval_shape(make_state, params, frozen)
   shardings = sharding_lib.state_shardings(abstract, mesh, model.sharding_rules() if rules is None else rules)
   state = jax.jit(make_state, out_shardings=shardings)(params, frozen)
 
+  fingerprint = ckpt_lib.fingerprint(model, params, abstract.opt_state)
+  if jax.tree.leaves(abstract.transform_state):  # another transform's state is refused by name, not mis-loaded
+    fingerprint['transform_state'] = ckpt_lib.fingerprint(model, {}, abstract.transform_state)['optimizer_state']
   checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints',
-                                       fingerprint=ckpt_lib.fingerprint(model, params, abstract.opt_state),
+                                       fingerprint=fingerprint,
                                        keep=cfg.keep_checkpoints, best_metric=cfg.best_metric,
                                        best_mode=cfg.best_mode, async_save=cfg.async_checkpoint)
   if cfg.resume:
@@ -139,7 +148,7 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
 
   step_fn = step_lib.compile_step(
       step_lib.make_train_step(objective, optimizer, compute_dtype=jnp.dtype(cfg.compute_dtype),
-                               accum_steps=cfg.accum_steps, hooks=hooks, trainable=trainable,
+                               accum_steps=cfg.accum_steps, transforms=transforms, trainable=trainable,
                                activation_sharding=sharding_lib.batch_sharding(mesh)),
       state_sharding=shardings, batch_sharding=sharding_lib.batch_sharding(mesh))
 

@@ -17,19 +17,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.eval import token_nll
 from jaxcompress.models import Model
 
 Objective = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
 CLASSIFIER = 'classifier'
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """logits [..., V], targets [...] int -> per-token negative log-likelihood in float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-def _mask(batch: dict) -> jax.Array:
+def token_mask(batch: dict) -> jax.Array:
+  """batch['mask'] [B, T] as float32 (1 where a target counts), or ones like batch['targets']."""
   return batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32)).astype(jnp.float32)
 
 
@@ -39,41 +35,10 @@ def causal_lm(model: Model, *, remat: bool = False, scan: bool = False) -> Objec
   def objective(params, frozen, batch, rng):
     del frozen, rng
     logits = model.apply(params, batch['inputs'], remat=remat, scan=scan)
-    mask = _mask(batch)
-    nll = token_cross_entropy(logits, batch['targets']) * mask
+    mask = token_mask(batch)
+    nll = token_nll(logits, batch['targets']) * mask
     correct = (jnp.argmax(logits, -1) == batch['targets']) * mask
     return nll.sum(), (mask.sum(), {'nll': nll.sum(), 'accuracy': correct.sum()})
-
-  return objective
-
-
-def distillation(student: Model, teacher: Model, *, alpha: float = 0.5, temperature: float = 2.0,
-                 remat: bool = False) -> Objective:
-  """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, targets).
-
-  The teacher's params come in as `frozen` and run in the same step under stop_gradient.
-  """
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f'distillation: alpha={alpha} must lie in [0, 1].')
-  if temperature <= 0:
-    raise ValueError(f'distillation: temperature={temperature} must be positive.')
-
-  def objective(params, frozen, batch, rng):
-    del rng
-    if frozen is None:
-      raise ValueError('distillation needs the teacher params as TrainState.frozen.')
-    logits = student.apply(params, batch['inputs'], remat=remat).astype(jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(teacher.apply(frozen, batch['inputs']).astype(jnp.float32))
-    if teacher_logits.shape != logits.shape:
-      raise ValueError(f'distillation: teacher logits {teacher_logits.shape} and student logits {logits.shape} '
-                       'differ; student and teacher must share the vocabulary.')
-    mask = _mask(batch)
-    t = temperature
-    p_teacher = jax.nn.softmax(teacher_logits / t, -1)
-    kl = jnp.sum(p_teacher * (jax.nn.log_softmax(teacher_logits / t, -1) - jax.nn.log_softmax(logits / t, -1)), -1)
-    nll = token_cross_entropy(logits, batch['targets'])
-    loss = (alpha * t * t * kl + (1 - alpha) * nll) * mask
-    return loss.sum(), (mask.sum(), {'kl': (kl * mask).sum(), 'nll': (nll * mask).sum()})
 
   return objective
 
@@ -105,7 +70,7 @@ def classification(model: Model, *, pool: str = 'cls', remat: bool = False) -> O
       m = jnp.ones(h.shape[:2], h.dtype) if mask is None else mask.astype(h.dtype)
       feats = (h * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
     logits = linear(feats, params[CLASSIFIER]['kernel'], params[CLASSIFIER]['bias'])
-    nll = token_cross_entropy(logits, batch['labels'])
+    nll = token_nll(logits, batch['labels'])
     correct = (jnp.argmax(logits, -1) == batch['labels']).astype(jnp.float32)
     n = jnp.asarray(batch['labels'].shape[0], jnp.float32)
     return nll.sum(), (n, {'nll': nll.sum(), 'accuracy': correct.sum()})

@@ -106,20 +106,26 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
 
 def tree_shardings(tree: Any, specs: dict[str, P], mesh: Mesh) -> Any:
   """NamedShardings for every array of `tree`. An array whose path ends with a known parameter path
-  (optimizer moments: "0/mu/layers/0/attn/q_proj/kernel") takes that parameter's spec if shapes agree."""
+  (optimizer moments: "0/mu/layers/0/attn/q_proj/kernel", a transform's masks or per-channel scales) takes
+  that parameter's spec on the dimensions the mesh divides, and is replicated on the others."""
   def find(path: str, shape) -> P:
     parts = path.split('/')
     for i in range(len(parts)):
       spec = specs.get('/'.join(parts[i:]))
       if spec is not None and len(spec) <= len(shape):
-        return spec
+        return P(*(axis if axis is None or n % _axis_size(mesh, axis) == 0 else None
+                   for axis, n in zip(spec, shape)))
     return P()
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: NamedSharding(mesh, find(core.paths.path_str(kp), np.shape(x))), tree)
 
 
+def _axis_size(mesh: Mesh, axis: str | tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
-  """Shardings for a whole TrainState (params, optimizer state, counters, rng, frozen teacher)."""
+  """Shardings for a whole TrainState (params, optimizer and transform state, counters, rng, frozen teacher)."""
   specs = param_specs(abstract_state.params, mesh, rules)
   if abstract_state.frozen is not None:
     specs.update({f'frozen/{k}': v for k, v in param_specs(abstract_state.frozen, mesh, rules).items()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress import core
+from jaxcompress.train import transforms as transforms_lib
 
 # Decides, per array inside the parameter tree, whether the optimizer updates it.
 # Called as trainable(path, array) with paths like "layers/0/mlp/up_proj/kernel/value" (inside a Masked leaf).
@@ -27,6 +28,7 @@ class TrainState:
   params:    the model's parameters in float32 (master weights), compressed leaves included.
   opt_state: optax state over the trainable part of params (None where an array is held fixed).
   rng:       uint32 key data of the run's training stream; step keys are fold_in(rng, step).
+  transform_state: the state of the run's `transforms.Transform` (schedules, masks, step sizes; () if none).
   frozen:    pytrees read but never trained nor checkpointed (a distillation teacher's params).
   """
 
@@ -34,11 +36,13 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  transform_state: Any = ()
   frozen: Any = None
 
   def checkpointed(self) -> dict[str, Any]:
     """The part a checkpoint holds: all but `frozen`, which is rebuilt from its source."""
-    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state, 'rng': self.rng}
+    return {'step': self.step, 'params': self.params, 'opt_state': self.opt_state, 'rng': self.rng,
+            'transform_state': self.transform_state}
 
   def replace(self, **kwargs) -> TrainState:
     return dataclasses.replace(self, **kwargs)
@@ -70,15 +74,18 @@ def combine(trained: Any, fixed: Any) -> Any:
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array, *,
-               trainable: Trainable = floating, frozen: Any = None) -> TrainState:
-  """Step 0: optimizer state over the trainable arrays of params. rng: a key or raw key data."""
+               trainable: Trainable = floating, frozen: Any = None,
+               transforms: transforms_lib.Transform | Sequence[transforms_lib.Transform] = ()) -> TrainState:
+  """Step 0: optimizer state over the trainable arrays of params, the transforms' initial state.
+  rng: a key or raw key data."""
   trained, _ = partition(params, trainable)
   if not jax.tree.leaves(trained):
     raise ValueError('init_state: no parameter is trainable; check the `trainable` predicate '
                      '(default: every floating-point array).')
   data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trained),
-                    rng=jnp.asarray(data, jnp.uint32), frozen=frozen)
+                    rng=jnp.asarray(data, jnp.uint32),
+                    transform_state=transforms_lib.as_transform(transforms).init(params), frozen=frozen)
 
 
 def cast_floating(tree: Any, dtype) -> Any:

@@ -4,14 +4,15 @@
     state, metrics = step(state, batch)
 
 One step: split the batch into `accum_steps` micro-batches; for each, cast the float32 master weights to the
-compute dtype, apply the forward hook, and take the gradient of the objective's summed loss with respect to
-the trainable arrays; add them up, divide by the total weight, update with optax, apply the after-update hook.
-A step whose loss or gradient is not finite leaves the state unchanged and reports `finite = 0`.
+compute dtype, apply the transforms' forward, and take the gradient of the objective's summed loss with respect
+to the trainable arrays; add them up, divide by the total weight, update with optax, then run the transforms'
+update (`transforms.Transform`). A step whose loss or gradient is not finite leaves the state unchanged
+(transform state included) and reports `finite = 0`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,8 +21,8 @@ import numpy as np
 import optax
 
 from jaxcompress.models import layers
-from jaxcompress.train import hooks as hooks_lib
 from jaxcompress.train import state as state_lib
+from jaxcompress.train import transforms as transforms_lib
 from jaxcompress.train.objectives import Objective
 from jaxcompress.train.state import TrainState
 
@@ -70,21 +71,24 @@ def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> 
 
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
                     compute_dtype: Any = jnp.float32, accum_steps: int = 1,
-                    hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
+                    transforms: transforms_lib.Transform | Sequence[transforms_lib.Transform] = (),
                     trainable: state_lib.Trainable = state_lib.floating,
                     activation_sharding: Any = None) -> StepFn:
   """The (un-jitted) step function; `compile_step` jits it with shardings and buffer donation.
 
   activation_sharding: a NamedSharding over the batch axes that the models pin hidden states and logits to
   (`sharding.batch_sharding(mesh)`); None leaves activation placement to the partitioner.
+  transforms: a `transforms.Transform` or a sequence of them (chained); the state must come from
+  `state.init_state(..., transforms=)` with the same transforms.
   """
   if accum_steps < 1:
     raise ValueError(f'accum_steps={accum_steps} must be >= 1.')
+  transform = transforms_lib.as_transform(transforms)
 
-  def micro_grads(trained, fixed, frozen, micro, rng):
+  def micro_grads(trained, fixed, frozen, transform_state, micro, rng):
     def loss_fn(trained):
       params = state_lib.cast_floating(state_lib.combine(trained, fixed), compute_dtype)
-      params = hooks.forward(params)
+      params = transform.forward(params, transform_state)
       with layers.activation_sharding(activation_sharding):
         return objective(params, state_lib.cast_floating(frozen, compute_dtype), micro, rng)
     (loss, (weight, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
@@ -98,13 +102,14 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     def body(carry, xs):
       grads, loss, weight, metrics = carry
       mb, i = xs
-      g, l, w, m = micro_grads(trained, fixed, state.frozen, mb, jax.random.fold_in(rng, i))
+      g, l, w, m = micro_grads(trained, fixed, state.frozen, state.transform_state, mb, jax.random.fold_in(rng, i))
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
       return (add(grads, g), loss + l, weight + w, add(metrics, m)), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, trained)
     first = jax.tree.map(lambda x: x[0], micro)
-    metric_shapes = jax.eval_shape(lambda: micro_grads(trained, fixed, state.frozen, first, rng)[3])
+    metric_shapes = jax.eval_shape(
+        lambda: micro_grads(trained, fixed, state.frozen, state.transform_state, first, rng)[3])
     zeros = (zero_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
              jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
     (grads, loss, weight, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
@@ -117,12 +122,16 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
 
     def update():
       updates, opt_state = optimizer.update(grads, state.opt_state, trained)
-      params = hooks.after_update(state_lib.combine(optax.apply_updates(trained, updates), fixed), opt_state)
-      return params, opt_state
+      params = state_lib.combine(optax.apply_updates(trained, updates), fixed)
+      params, transform_state = transform.update(params, state.transform_state, state.step + 1,
+                                                 transforms_lib.transform_key(rng))
+      return params, opt_state, transform_state
 
     # A branch, not a select: the old state is kept without materializing a second copy of the new one.
-    params, opt_state = jax.lax.cond(finite, update, lambda: (state.params, state.opt_state))
-    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
+    params, opt_state, transform_state = jax.lax.cond(
+        finite, update, lambda: (state.params, state.opt_state, state.transform_state))
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
+                              transform_state=transform_state)
     out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),
            **{k: v / weight for k, v in metrics.items()}}
     return new_state, out
