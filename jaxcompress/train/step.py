@@ -6,7 +6,8 @@
 One step: split the batch into `accum_steps` micro-batches; for each, cast the float32 master weights to the
 compute dtype, apply the forward hook, and take the gradient of the objective's summed loss with respect to
 the trainable arrays; add them up, divide by the total weight, update with optax, apply the after-update hook.
-A step whose loss or gradient is not finite leaves the state unchanged and reports `finite = 0`.
+A step whose loss, gradient, updated parameters or updated optimizer state is not finite leaves the state
+unchanged and reports `finite = 0`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> 
                      f"{np.shape(batch['targets'])} must have the same shape.")
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every floating array of `tree` holds only finite values (integer and bool arrays are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
                     compute_dtype: Any = jnp.float32, accum_steps: int = 1,
                     hooks: hooks_lib.Hooks = hooks_lib.Hooks(),
@@ -120,8 +127,12 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       params = hooks.after_update(state_lib.combine(optax.apply_updates(trained, updates), fixed), opt_state)
       return params, opt_state
 
-    # A branch, not a select: the old state is kept without materializing a second copy of the new one.
-    params, opt_state = jax.lax.cond(finite, update, lambda: (state.params, state.opt_state))
+    # A finite loss and gradient can still overflow the update (a huge learning rate): the new parameters and
+    # optimizer state must be finite too, or the step is refused, so no checkpoint ever holds inf or NaN.
+    new_params, new_opt_state = update()
+    finite = finite & all_finite((new_params, new_opt_state))
+    params, opt_state = jax.lax.cond(finite, lambda: (new_params, new_opt_state),
+                                     lambda: (state.params, state.opt_state))
     new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state)
     out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),
            **{k: v / weight for k, v in metrics.items()}}
