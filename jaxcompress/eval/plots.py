@@ -31,27 +31,26 @@ def finite_points(name: str, xs: Sequence[float], ys: Sequence[float], *, log_y:
   return sorted(points, key=lambda p: p[0])
 
 
-def line_chart(series: Series, path: str | os.PathLike, *, title: str = '', x_label: str = 'step',
-               y_label: str = '', log_y: bool = False, width: float = 7.2, height: float = 4.0,
-               dpi: int = 100) -> Path:
-  """Write a line chart of `series` ({name: (xs, ys)}) to `path` as a PNG; returns the path.
+def line_figure(series: Series, *, title: str = '', x_label: str = 'step', y_label: str = '',
+                log_y: bool = False, width: float = 7.2, height: float = 4.0, dpi: int = 100):
+  """A matplotlib Figure with one line per series of `series` ({name: (xs, ys)}), in legend order.
 
-  One line per series, in legend order (a single point gets a marker); points where x or y is NaN or inf are
-  skipped. log_y puts y on a log10 scale (every finite y must be positive). width, height: inches.
+  Points where x or y is NaN or inf are skipped and each series is sorted by x; a single point gets a marker.
+  log_y puts y on a log10 scale (every finite y must be positive). width, height: inches.
   """
   if not series:
     raise ValueError('series is empty; give at least one {name: (xs, ys)} entry.')
+  if width <= 0 or height <= 0 or dpi <= 0:
+    raise ValueError(f'width={width}, height={height}, dpi={dpi} must be positive (inches, dots per inch).')
   points = {str(name): finite_points(str(name), xs, ys, log_y=log_y) for name, (xs, ys) in series.items()}
   if not any(points.values()):
     raise ValueError(f'no series has a finite (x, y) point (series: {sorted(points)}); nothing to draw.')
-  import matplotlib
-  matplotlib.use('Agg', force=False)  # files only: no display needed
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
   fig = Figure(figsize=(width, height), dpi=dpi, layout='constrained')
   ax = fig.add_subplot()
   for name, pts in points.items():
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    ax.plot(xs, ys, label=name, linewidth=1.5, marker='o' if len(pts) == 1 else None)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.5,
+            marker='o' if len(pts) == 1 else None)
   if log_y:
     ax.set_yscale('log')
   ax.set_xlabel(x_label)
@@ -60,6 +59,12 @@ def line_chart(series: Series, path: str | os.PathLike, *, title: str = '', x_la
     ax.set_title(title)
   ax.grid(True, color='#e0e0e0')
   ax.legend(loc='best')
+  return fig
+
+
+def line_chart(series: Series, path: str | os.PathLike, **kwargs) -> Path:
+  """Write `line_figure(series, **kwargs)` to `path` as a PNG; returns the path."""
+  fig = line_figure(series, **kwargs)
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format='png')

@@ -127,22 +127,27 @@ class MetricsWriter:
     if resume_step is not None and int(resume_step) < 0:
       raise ValueError(f'resume_step={resume_step} must be >= 0 (the step of the checkpoint resumed from), '
                        'or None for a fresh run.')
-    import tensorboardX
+    from tensorboardX.event_file_writer import EventsWriter
     self.run_dir = Path(run_dir)
     self.jsonl_path = self.run_dir / JSONL_NAME
     tb_dir = self.run_dir / TB_DIR
     tb_dir.mkdir(parents=True, exist_ok=True)
     _prepare_jsonl(self.jsonl_path, None if resume_step is None else int(resume_step))
     self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
-    # TensorBoard replays a directory's files in name order; tensorboardX names them by the second, so a
-    # sequence number after the host name orders two writers started within one second.
+    # tensorboardX's synchronous EventsWriter (its SummaryWriter queues events for a thread, so a flush there
+    # does not mean written). TensorBoard replays a directory's files in name order; tensorboardX names them by
+    # the second, so a sequence number after the host name orders two writers started within one second.
     count = sum(1 for p in tb_dir.iterdir() if p.name.startswith(EVENT_FILE_PREFIX))
-    self._tb = tensorboardX.SummaryWriter(logdir=str(tb_dir), filename_suffix=f'.{count:06d}', flush_secs=3600)
+    self._tb = EventsWriter(str(tb_dir / 'events'), filename_suffix=f'.{count:06d}')
     if resume_step is not None:
       from tensorboardX.proto.event_pb2 import Event, SessionLog
-      self._tb.file_writer.add_event(Event(wall_time=clock(), step=int(resume_step) + 1,
-                                           session_log=SessionLog(status=SessionLog.START)))
-      self._tb.flush()
+      self._write_event(Event(wall_time=clock(), step=int(resume_step) + 1,
+                              session_log=SessionLog(status=SessionLog.START)))
+    self._tb.flush()
+
+  def _write_event(self, event) -> None:
+    self._tb.write_event(event)
+    self._tb.flush()
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = '') -> None:
     """Record scalar `metrics` at `step`; names become `prefix/name` when a prefix is given."""
@@ -157,10 +162,12 @@ class MetricsWriter:
     now = self._clock()
     self._jsonl.write(json.dumps({'step': step, 'time': now, **values}) + '\n')
     self._jsonl.flush()
-    for tag, value in values.items():
-      self._tb.add_scalar(tag, value, global_step=step, walltime=now)
     if values:
-      self._tb.flush()
+      from tensorboardX.proto.event_pb2 import Event
+      from tensorboardX.proto.summary_pb2 import Summary
+      from tensorboardX.summary import scalar
+      summary = Summary(value=[v for tag, x in values.items() for v in scalar(tag, x).value])
+      self._write_event(Event(wall_time=now, step=step, summary=summary))
 
   def close(self) -> None:
     """Close both files; later calls do nothing."""
@@ -273,13 +280,20 @@ def plot_metrics(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, key
   """
   if isinstance(keys, str):
     keys = (keys,)
+  return plots.line_chart(metric_series(jsonl_path, keys), png_path, title=_title(jsonl_path, title),
+                          x_label='step', y_label=keys[0] if len(keys) == 1 else '', log_y=log_y)
+
+
+def metric_series(jsonl_path: str | os.PathLike, keys: Sequence[str]) -> dict[str, tuple[list, list]]:
+  """{key: (steps, values)} from a metrics.jsonl, the last value written at each step."""
   records = latest_by_step(read_jsonl(jsonl_path))
   present = sorted({k for r in records for k in r} - {'step', 'time'})
   missing = [k for k in keys if k not in present]
   if not keys or missing:
     raise ValueError(f'keys={tuple(keys)}: {missing or "none given"} not in {jsonl_path}; '
                      f'metrics there: {present}.')
-  series = {k: ([r['step'] for r in records if k in r], [r[k] for r in records if k in r]) for k in keys}
-  title = Path(jsonl_path).resolve().parent.name if title is None else title
-  y_label = keys[0] if len(keys) == 1 else ''
-  return plots.line_chart(series, png_path, title=title, x_label='step', y_label=y_label, log_y=log_y)
+  return {k: ([r['step'] for r in records if k in r], [r[k] for r in records if k in r]) for k in keys}
+
+
+def _title(jsonl_path: str | os.PathLike, title: str | None) -> str:
+  return Path(jsonl_path).resolve().parent.name if title is None else title
