@@ -28,7 +28,7 @@ def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, optimizer
   params = jax.jit(model.init)(loop.rng_stream(seed, 'init'))
   opt = optimizer or optim.make_optimizer(optim.OptimizerConfig(learning_rate=lr, total_steps=steps))
   cfg = loop.LoopConfig(steps=steps, batch_size=8, run_dir=str(run_dir), seed=seed, log_every=1,
-                        checkpoint_every=kwargs.pop('checkpoint_every', 4), progress=False,
+                        checkpoint_every=kwargs.pop('checkpoint_every', 4), progress=kwargs.pop('progress', False),
                         async_checkpoint=kwargs.pop('async_checkpoint', False), **kwargs)
   data = data or LMBatches(sequences=SEQUENCES, batch_size=cfg.batch_size, seed=seed)
   return loop.fit(cfg, model=model, params=params, objective=objectives.causal_lm(model), optimizer=opt,
@@ -166,6 +166,18 @@ class _BadAt:
 def test_a_bad_batch_later_in_the_run_is_named(tmp_path, field, breaker, match):
   with pytest.raises(ValueError, match=match):
     _fit(tmp_path / 'r', steps=8, data=_BadAt(4, field, breaker))
+
+
+# Progress and metrics log ------------------------------------------------------------------------------------
+
+
+def test_progress_line_and_metrics_show_the_learning_rate(tmp_path, capsys):
+  cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=4, total_steps=8, schedule='constant')
+  result = _fit(tmp_path / 'r', steps=8, progress=True, optimizer=optim.make_optimizer(cfg))
+  lrs = [h['train/lr'] for h in result.history if 'train/lr' in h]
+  np.testing.assert_allclose(lrs, [0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2], rtol=1e-6)
+  last = capsys.readouterr().err.replace('\r', '\n').strip().splitlines()[-1]
+  assert '8/8' in last and 'lr=0.01' in last, last
 
 
 # Metrics log -------------------------------------------------------------------------------------------------
