@@ -192,3 +192,19 @@ def test_fresh_start_keeps_an_old_metrics_log(tmp_path):
   assert len(aside) == 1
   assert [r['step'] for r in metrics.read_jsonl(aside[0])] == [1, 2, 3, 4]
   assert [r['step'] for r in metrics.read_jsonl(tmp_path / 'r' / 'metrics.jsonl')] == [1, 2]
+
+
+def test_restore_errors_keep_their_reason_and_drop_the_store_spec():
+  spec = "[tensorstore_spec='{\"context\":{\"cache_pool\":{}},\"driver\":\"zarr\"}'] [source locations='x.cc:1']"
+  e = ValueError(f'OUT_OF_RANGE: Error reading "w/0": Requested byte range [0, 44963) is not valid {spec}')
+  assert checkpoint.describe_error(e) == ('ValueError: OUT_OF_RANGE: Error reading "w/0": Requested byte range '
+                                          '[0, 44963) is not valid')
+
+  class MethodText(Exception):
+    def __str__(self):
+      return repr(self.message)
+
+    def message(self):
+      return ''
+
+  assert checkpoint.describe_error(MethodText('DATA_LOSS: truncated')) == 'MethodText: DATA_LOSS: truncated'
