@@ -44,15 +44,17 @@ def make_lm_eval(model: Model, sequences: np.ndarray, *, batch_size: int, mesh: 
   local = batch_size // count
 
   def evaluate(params) -> dict[str, float]:
-    parts = []
+    total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
       mine = slice(start + p * local, start + (p + 1) * local)
       chunk = rows[mine]
       mask = np.broadcast_to(valid[mine, None], (local, chunk.shape[1] - 1)).astype(np.float32)
       batch = sharding_lib.global_batch({'inputs': chunk[:, :-1], 'targets': chunk[:, 1:], 'mask': mask}, mesh)
-      parts.append(batch_nll(params, batch))  # dispatched before any is read back
-    parts = jax.device_get(parts)
-    result = lm.PerplexityResult(nll=float(sum(float(t) for t, _ in parts)), count=int(sum(int(c) for _, c in parts)))
+      # Read back before the next batch: several collective programs in flight at once can starve the CPU
+      # backend's rendezvous (virtual devices share one thread pool).
+      t, c = batch_nll(params, batch)
+      total, tokens = total + float(t), tokens + int(c)
+    result = lm.PerplexityResult(nll=total, count=tokens)
     return {f'{prefix}loss': result.mean_nll, f'{prefix}perplexity': result.perplexity,
             f'{prefix}tokens': float(result.count)}
 
