@@ -99,7 +99,7 @@ def test_update_that_overflows_the_parameters_is_never_saved(tmp_path):
   _fit(run, steps=12, checkpoint_every=1, stop_at_step=2)  # good checkpoints 1 and 2
   # a finite loss and gradient, but a learning rate that sends the updated parameters to inf
   with pytest.raises(loop.NonFiniteLoss, match=r'step 3: .*Last good checkpoint: step 2 '):
-    _fit(run, steps=12, checkpoint_every=1, lr=1e39)
+    _fit(run, steps=12, checkpoint_every=1, lr=float('inf'))
   ckpt = checkpoint.Checkpointer(run / 'checkpoints', fingerprint={})
   assert ckpt.steps() == [1, 2]
   ckpt.close()
