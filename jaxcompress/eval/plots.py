@@ -52,7 +52,11 @@ def line_figure(series: Series, *, title: str = '', x_label: str = 'step', y_lab
     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.5,
             marker='o' if len(pts) == 1 else None)
   if log_y:
+    from matplotlib.ticker import FuncFormatter
     ax.set_yscale('log')
+    plain = FuncFormatter(lambda v, _: f'{v:g}')  # 6.2, not 6.2 x 10^0, over a narrow log range
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
   ax.set_xlabel(x_label)
   ax.set_ylabel(y_label + (' (log)' if log_y and y_label else ''))
   if title:
