@@ -25,7 +25,7 @@ import numpy as np
 from absl import app
 
 from jaxcompress import models
-from jaxcompress.models import parity
+from tests import reference_models as parity
 
 SENTENCES = [
     'The cat sat quietly on the warm windowsill.', 'A small dog barked at the mail carrier every morning.',

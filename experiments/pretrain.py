@@ -7,7 +7,7 @@
 Everything random derives from --seed: the document split, the BPE tokenizer's data, the initialisation
 ('init' stream), the batch order and the training key. Re-running with the same flags gives the same bits.
 Resumes from run_dir/checkpoints when interrupted (SIGTERM saves first). Writes into run_dir: config.json,
-environment.json, metrics.jsonl, tb/, checkpoints/, loss.svg, results.json (held-out perplexity against the
+environment.json, metrics.jsonl, tb/, checkpoints/, loss.png, results.json (held-out perplexity against the
 unigram baseline) and hf/ (a transformers-loadable checkpoint with its tokenizer, the fixture families compress).
 
 Multi-host: give --coordinator, --num_processes and --process_id (with --cpu_collectives=gloo for CPU
@@ -52,6 +52,7 @@ flags.DEFINE_integer('eval_every', 200, 'Steps between held-out evaluations (0: 
 flags.DEFINE_integer('checkpoint_every', 100, 'Steps between checkpoints (0: end and SIGTERM only).')
 flags.DEFINE_integer('keep_checkpoints', 3, 'Newest checkpoints kept (plus the best by valid loss).')
 flags.DEFINE_boolean('async_checkpoint', True, 'Write checkpoints in the background.')
+flags.DEFINE_boolean('force_resume', False, 'Resume even if run_dir was written with another seed or data.')
 flags.DEFINE_integer('stop_at_step', None, 'End this invocation after this step (with a checkpoint); rerun to go on.')
 flags.DEFINE_boolean('export', True, 'Write run_dir/hf, a Hugging Face checkpoint with the tokenizer.')
 flags.DEFINE_boolean('progress', True, 'Progress line on process 0.')
@@ -108,7 +109,7 @@ def main(argv):
       mesh=(FLAGS.data, FLAGS.fsdp, FLAGS.tensor), log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       best_metric='valid/loss' if len(valid) else None, async_checkpoint=FLAGS.async_checkpoint,
-      progress=FLAGS.progress, stop_at_step=FLAGS.stop_at_step)
+      progress=FLAGS.progress, stop_at_step=FLAGS.stop_at_step, force_resume=FLAGS.force_resume)
   mesh = sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
   eval_fn = None
   if len(valid):
@@ -123,8 +124,8 @@ def main(argv):
   run_dir = result.run_dir
   results = {'steps': int(result.state.step), 'status': result.status,
              'parameters': model.summary(params).total.params, 'param_hash': _hash(result.state.params)}
-  if len(valid):
-    valid_eval = eval_fn(result.state.params)
+  if len(valid):  # fit evaluated the final parameters already: its last record holds the numbers
+    valid_eval = next(h for h in reversed(result.history) if 'valid/loss' in h)
     unigram = unigram_perplexity(train.sequences[:, 1:].ravel(), valid[:, 1:].ravel(), cfg.vocab_size)
     results.update({'valid_perplexity': valid_eval['valid/perplexity'], 'valid_tokens': valid_eval['valid/tokens'],
                     'unigram_perplexity': unigram.perplexity})
@@ -135,7 +136,7 @@ def main(argv):
     print(f'held-out perplexity {results["valid_perplexity"]:.2f} vs unigram baseline '
           f'{results["unigram_perplexity"]:.2f} ({int(results["valid_tokens"]):,} tokens)')
   provenance.write_json(run_dir / 'results.json', results)
-  metrics.plot_metrics(run_dir / 'metrics.jsonl', run_dir / 'loss.svg',
+  metrics.plot_metrics(run_dir / 'metrics.jsonl', run_dir / 'loss.png',
                        keys=['train/loss'] + (['valid/loss'] if len(valid) else []), log_y=True)
   if final is not None:
     models.save_pretrained(run_dir / 'hf', model, final)

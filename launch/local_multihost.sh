@@ -17,5 +17,15 @@ for ((i = 0; i < procs; i++)); do
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    # A forwarded INT/TERM interrupts `wait` (rc > 128) while the process is still saving: wait again for the
+    # process's own exit status, so a clean shutdown exits 0.
+    if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+    break
+  done
+  ((rc == 0)) || status=$rc
+done
 exit "$status"

@@ -22,7 +22,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 import jax
 import pytest
 
-from jaxcompress.models.parity import tiny_reference
+from tests.reference_models import tiny_reference
 
 
 @pytest.fixture(scope='session')

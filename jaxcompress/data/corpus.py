@@ -24,6 +24,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxcompress import provenance
+
 CACHE_ENV = 'JAXCOMPRESS_CACHE'
 # `fortunes` holds most files; it depends on `fortunes-min`, which alone carries fortunes, literature, riddles.
 FORTUNES_PACKAGES = ('fortunes', 'fortunes-min')
@@ -202,28 +204,17 @@ def read_text_files(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> l
 
 
 def read_jsonl(path: str | os.PathLike, field: str = 'text') -> list[str]:
-  """The string `field` of every JSON object in a JSON-lines file (blank lines are skipped)."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"read_jsonl: '{path}' is not a file; give a JSON-lines file (one object a line).")
+  """The string `field` of every JSON object in a JSON-lines file (blank lines are skipped; a truncated last
+  line is an error, not skipped: a corpus must not silently lose a document)."""
   docs = []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"read_jsonl: {path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
-                         'each line must hold one JSON object.') from e
-      if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"read_jsonl: {path} line {lineno} has no field {field!r} (found {keys}); pass "
-                       "field= naming the text field.")
-      if not isinstance(record[field], str):
-        raise ValueError(f"read_jsonl: {path} line {lineno} field {field!r} is a "
-                        f"{type(record[field]).__name__}, not a string; pass field= naming a text field.")
-      docs.append(record[field])
+  for lineno, record in provenance.read_jsonl(path, skip_truncated_tail=False, line_numbers=True):
+    if field not in record:
+      raise ValueError(f"read_jsonl: {path} line {lineno} has no field {field!r} (found {sorted(record)}); "
+                       "pass field= naming the text field.")
+    if not isinstance(record[field], str):
+      raise ValueError(f"read_jsonl: {path} line {lineno} field {field!r} is a "
+                       f"{type(record[field]).__name__}, not a string; pass field= naming a text field.")
+    docs.append(record[field])
   return docs
 
 

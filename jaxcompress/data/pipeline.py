@@ -16,21 +16,19 @@ epochs. Resuming at step s therefore sees exactly the batches an uninterrupted r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import operator
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import jax
 import numpy as np
 import tokenizers
 
+from jaxcompress import provenance
 from jaxcompress.data import corpus
 from jaxcompress.data import tokenizer as tokenizer_lib
 
@@ -164,6 +162,17 @@ class LMBatches:
     inputs, targets = np.ascontiguousarray(seq[:, :-1]), np.ascontiguousarray(seq[:, 1:])
     return {'inputs': inputs, 'targets': targets, 'mask': np.ones(targets.shape, np.float32)}
 
+  def fingerprint(self) -> str:
+    """What a resumed run must see again: a hash of every token row (the tokenizer and the split show in the
+    ids), the shuffle seed and the batch size. Computed once per object (a pass over the rows)."""
+    cached = self.__dict__.get('_fingerprint')
+    if cached is None:
+      rows = np.ascontiguousarray(self.sequences)
+      cached = cache_key([PACK_FORMAT, str(rows.dtype), *rows.shape, rows.tobytes(), int(self.seed),
+                          int(self.batch_size)])[:16]
+      object.__setattr__(self, '_fingerprint', cached)
+    return cached
+
 
 KeyPart = str | bytes | int | float
 
@@ -185,22 +194,6 @@ def cache_key(key_parts: Iterable[KeyPart]) -> str:
   return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-  """write(file) into a temporary file beside `path`, then rename it over `path` (readers never see half)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}-', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-
-
 def token_cache(key_parts: Iterable[KeyPart], build_fn: Callable[[], np.ndarray],
                 cache_dir: str | os.PathLike) -> np.ndarray:
   """build_fn()'s array, stored once as <cache_dir>/<sha256 of key_parts>.npy and loaded on later calls.
@@ -219,7 +212,7 @@ def token_cache(key_parts: Iterable[KeyPart], build_fn: Callable[[], np.ndarray]
     raise TypeError(f'token_cache: build_fn returned {type(array).__name__}'
                     f'{" of dtype object" if isinstance(array, np.ndarray) else ""}; it must return a numeric '
                     'np.ndarray.')
-  _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+  provenance.atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
   return array
 
 
@@ -235,7 +228,7 @@ def cached_bpe(texts: Sequence[str], *, vocab_size: int, cache_dir: str | os.Pat
     except Exception:  # truncated or foreign file: retrain over it
       pass
   tok = tokenizer_lib.train_bpe(texts, vocab_size=vocab_size, special_tokens=special_tokens)
-  _atomic_write(path, lambda f: f.write(tok.to_str().encode('utf-8')))
+  provenance.atomic_write(path, lambda f: f.write(tok.to_str().encode('utf-8')))
   return tok
 
 

@@ -16,7 +16,6 @@ Hugging Face guide "Perplexity of fixed-length models", so the numbers compare d
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Iterator
 
@@ -91,12 +90,19 @@ def windows(tokens: np.ndarray, max_length: int, stride: int
   return chunk[:, :-1], chunk[:, 1:], mask
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _windows_nll(model: Model, params: Params, inputs: jax.Array, targets: jax.Array, mask: jax.Array
+def sequence_nll(model: Model, params: Params, inputs: jax.Array, targets: jax.Array, mask: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
-  """inputs, targets, mask: [B, L] -> (NLL per window [B] float32, scored tokens per window [B] int32)."""
+  """The one scoring path of every perplexity here and in training's held-out evaluation (traceable: jit it,
+  shard its inputs over a mesh, or both).
+
+  inputs, targets: [B, L] int; mask: [B, L] bool or {0, 1} -> (summed NLL per row [B] float32, scored tokens
+  per row [B] int32).
+  """
   nll = token_nll(model.apply(params, inputs), targets, mask)
-  return nll.sum(axis=-1), mask.sum(axis=-1).astype(jnp.int32)
+  return nll.sum(axis=-1), mask.astype(bool).sum(axis=-1).astype(jnp.int32)
+
+
+_windows_nll = jax.jit(sequence_nll, static_argnums=0)
 
 
 def _batches(inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray, batch_size: int

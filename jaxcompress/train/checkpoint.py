@@ -7,7 +7,9 @@ committed, so a half-written step is never seen; the checksum catches a committe
 damaged later. Restoring walks back from the newest step to the newest one that loads and verifies,
 warning about each one skipped.
 
-Retention: the newest `keep` steps, plus the best step by `best_metric` when one is named.
+Retention (orbax's preservation policies): the newest `keep` steps, plus the best step by `best_metric` when
+one is named. orbax deletes the steps a save retires only after that save has committed, so a crash at any
+moment leaves at least `keep` committed steps.
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ def _quiet_orbax() -> None:
 class Checkpointer:
   """Saves and restores a pytree of training state under `directory`.
 
-  fingerprint: JSON-able description of what the state belongs to (model config, parameter shapes); a
-  directory holding another fingerprint is refused rather than silently mixed.
+  fingerprint: JSON-able description of what the state belongs to (model config, parameter shapes, and under
+  'run' the seed and the data's fingerprint); a directory holding another fingerprint is refused rather than
+  silently mixed.
+  lenient: top-level fingerprint keys whose differences are only warned about (an explicit forced resume).
   """
 
   def __init__(self, directory: str | os.PathLike, *, fingerprint: dict, keep: int = 3,
-               best_metric: str | None = None, best_mode: str = 'min', async_save: bool = True):
+               best_metric: str | None = None, best_mode: str = 'min', async_save: bool = True,
+               lenient: tuple[str, ...] = ()):
     if keep < 1:
       raise ValueError(f'Checkpointer: keep={keep} must be >= 1.')
     if best_mode not in ('min', 'max'):
@@ -83,45 +88,41 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self.fingerprint = json.loads(json.dumps(fingerprint))
     self.keep, self.best_metric, self.best_mode = keep, best_metric, best_mode
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
-                                           enable_async_checkpointing=async_save)
+    self.lenient = tuple(lenient)
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, best_mode=best_mode,
+        best_fn=_metric_getter(best_metric, best_mode) if best_metric else None,
+        preservation_policy=retention_policy(keep, best_metric, best_mode))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
-    self._metrics: dict[int, dict] = {}
 
   # Saving -----------------------------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, *, metrics: dict | None = None, extra: dict | None = None) -> None:
-    """Starts writing `state` as `step` (asynchronously); returns once the arrays are safe to overwrite."""
+    """Starts writing `state` as `step` (asynchronously); returns once the arrays are safe to overwrite.
+
+    Steps that retention drops are deleted by orbax only after this step has committed, so a crash during the
+    save still leaves the `keep` newest committed steps.
+    """
     checksum = int(jax.device_get(tree_checksum(state)))
     meta = {'step': int(step), 'fingerprint': self.fingerprint, 'checksum': checksum,
             'metrics': {k: float(v) for k, v in (metrics or {}).items()}, **(extra or {})}
     self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
-    self._metrics[int(step)] = meta['metrics']
-    self._prune(current=int(step))
-
-  def _prune(self, current: int) -> None:
-    steps = sorted(set(self._manager.all_steps()) | {current})
-    keep = set(steps[-self.keep:])
-    best = self.best_step()
-    if best is not None:
-      keep.add(best)
-    for s in steps:
-      if s not in keep and s != current:
-        self._manager.delete(s)
-        self._metrics.pop(s, None)
+                                                         meta=ocp.args.JsonSave(meta)),
+                       metrics=meta['metrics'] if self.best_metric else None, force=True)
 
   def best_step(self) -> int | None:
+    """The step with the best `best_metric` among those kept (None without a best_metric or scores)."""
     if not self.best_metric:
       return None
-    scored = {s: m[self.best_metric] for s, m in self._metrics.items() if self.best_metric in m}
+    scored = {s: m[self.best_metric] for s in self.steps()
+              if (m := self._manager.metrics(s)) and self.best_metric in m}
     if not scored:
       return None
     pick = min if self.best_mode == 'min' else max
     return pick(scored, key=lambda s: (scored[s], -s))
 
   def wait(self) -> None:
-    """Blocks until every started save has committed."""
+    """Blocks until every started save has committed (and the steps it retires are deleted)."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
@@ -149,14 +150,14 @@ class Checkpointer:
       try:
         meta = self.read_meta(step)
       except Exception as e:  # unreadable record: treat like damaged arrays
-        skipped.append((step, f'its metadata is unreadable ({type(e).__name__}: {e})'))
+        skipped.append((step, f'its metadata is unreadable ({describe_error(e)})'))
         continue
       self._check_fingerprint(meta)
       try:
         state = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state))).state
       except Exception as e:
-        skipped.append((step, f'its arrays failed to load ({type(e).__name__}: {str(e)[:200]})'))
+        skipped.append((step, f'its arrays failed to load ({describe_error(e)})'))
         continue
       got = int(jax.device_get(tree_checksum(state)))
       if got != meta['checksum']:
@@ -165,14 +166,13 @@ class Checkpointer:
       for s, why in skipped:
         logging.warning('Checkpoint step %d in %s is damaged: %s. Falling back to step %d.', s, self.directory,
                         why, step)
-      self._metrics, unreadable = {}, []
+      unreadable = []
       for s in self.steps():
         if s < step:
           try:
-            self._metrics[s] = self.read_meta(s).get('metrics', {})
+            self.read_meta(s)
           except Exception:  # an older step whose deletion a crash interrupted
             unreadable.append(s)
-      self._metrics[step] = meta.get('metrics', {})
       self._set_aside([s for s, _ in skipped] + unreadable)
       return state, meta
     raise CheckpointError(f'no checkpoint in {self.directory} is usable: ' +
@@ -203,17 +203,60 @@ class Checkpointer:
     theirs = meta.get('fingerprint')
     if theirs == self.fingerprint:
       return
+    strict = lambda f: {k: v for k, v in f.items() if k not in self.lenient} if isinstance(f, dict) else f
     diff = _first_difference(theirs, self.fingerprint)
-    raise CheckpointError(f'{self.directory} holds checkpoints of a different run ({diff}). Use another run '
+    if strict(theirs) == strict(self.fingerprint):
+      logging.warning('Resuming from %s although its run differs (%s), as forced.', self.directory, diff)
+      return
+    why = ''
+    if any(d.startswith('run/') for d in _differences(theirs, self.fingerprint)):
+      why = (' The seed and the data decide the batch order, the validation split and the token ids, so '
+             'resuming would silently continue on other data. To resume anyway, set '
+             'LoopConfig(force_resume=True) (--force_resume).')
+    raise CheckpointError(f'{self.directory} holds checkpoints of a different run ({diff}).{why} Use another run '
                           'directory, or resume with the configuration that wrote these checkpoints.')
 
 
-def _first_difference(a: Any, b: Any, path: str = '') -> str:
+def describe_error(e: BaseException, limit: int = 400) -> str:
+  """'Type: message' of a restore error, readable: TensorStore appends a JSON spec of the whole store
+  ([tensorstore_spec=...]) that buries the reason, and some errors carry their text in args, not str()."""
+  import re
+  text = str(e)
+  if not text or text.startswith('<bound method'):
+    text = '; '.join(str(a) for a in e.args if not callable(a)) or repr(e)
+  text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", '', text, flags=re.S)
+  text = re.sub(r'\s*\[source locations=.*?\]', '', text, flags=re.S)
+  text = ' '.join(text.split())
+  return f'{type(e).__name__}: {text[:limit]}{"..." if len(text) > limit else ""}'
+
+
+def retention_policy(keep: int, best_metric: str | None, best_mode: str):
+  """orbax preservation: the newest `keep` steps, plus the single best by `best_metric` when one is named."""
+  from orbax.checkpoint import checkpoint_managers as cm
+  policies = [cm.LatestN(n=keep)]
+  if best_metric:
+    policies.append(cm.BestN(get_metric_fn=_metric_getter(best_metric, best_mode), reverse=best_mode == 'min',
+                             n=1, keep_checkpoints_without_metrics=False))
+  return cm.AnyPreservationPolicy(policies)
+
+
+def _metric_getter(name: str, mode: str):
+  """metrics -> score; a step saved without the metric ranks worst (ties go to the newest step)."""
+  worst = float('inf') if mode == 'min' else float('-inf')
+  return lambda metrics: float((metrics or {}).get(name, worst))
+
+
+def _differences(a: Any, b: Any, path: str = '') -> list[str]:
+  """Every leaf where fingerprints a (the checkpoint's) and b (this run's) differ, as readable lines."""
   if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      if a.get(k) != b.get(k):
-        return _first_difference(a.get(k), b.get(k), f'{path}/{k}' if path else k)
-  return f'{path or "fingerprint"}: checkpoint has {a!r}, this run has {b!r}'
+    return [d for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            for d in _differences(a.get(k), b.get(k), f'{path}/{k}' if path else k)]
+  return [f'{path or "fingerprint"}: checkpoint has {a!r}, this run has {b!r}']
+
+
+def _first_difference(a: Any, b: Any, limit: int = 4) -> str:
+  found = _differences(a, b)
+  return '; '.join(found[:limit]) + (f'; and {len(found) - limit} more' if len(found) > limit else '')
 
 
 def fingerprint(model: Any, params: Any, opt_state: Any = None) -> dict:

@@ -1,4 +1,5 @@
-"""Held-out evaluation during training: mean next-token loss over packed validation sequences."""
+"""Held-out evaluation during training: mean next-token loss over packed validation sequences, sharded over
+the training mesh and scored by eval.lm.sequence_nll (the path every perplexity takes)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.eval import lm
 from jaxcompress.models import Model, layers
-from jaxcompress.train import objectives
 from jaxcompress.train import sharding as sharding_lib
 
 
@@ -27,15 +28,13 @@ def make_lm_eval(model: Model, sequences: np.ndarray, *, batch_size: int, mesh: 
   divisor = sharding_lib.batch_divisor(mesh)
   if batch_size % divisor:
     raise ValueError(f'make_lm_eval: batch_size={batch_size} must be a multiple of {divisor} (data x fsdp).')
-  objective = objectives.causal_lm(model)
-
   @jax.jit
   def batch_nll(params, batch):
     params = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           params)
     with layers.activation_sharding(sharding_lib.batch_sharding(mesh)):
-      total, (count, _) = objective(params, None, batch, None)
-    return total, count
+      nll, count = lm.sequence_nll(model, params, batch['inputs'], batch['targets'], batch['mask'])
+    return nll.sum(), count.sum()
 
   n = len(sequences)
   pad = (-n) % batch_size
@@ -45,15 +44,18 @@ def make_lm_eval(model: Model, sequences: np.ndarray, *, batch_size: int, mesh: 
   local = batch_size // count
 
   def evaluate(params) -> dict[str, float]:
-    total, tokens = 0.0, 0.0
+    total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
       mine = slice(start + p * local, start + (p + 1) * local)
       chunk = rows[mine]
       mask = np.broadcast_to(valid[mine, None], (local, chunk.shape[1] - 1)).astype(np.float32)
       batch = sharding_lib.global_batch({'inputs': chunk[:, :-1], 'targets': chunk[:, 1:], 'mask': mask}, mesh)
+      # Read back before the next batch: several collective programs in flight at once can starve the CPU
+      # backend's rendezvous (virtual devices share one thread pool).
       t, c = batch_nll(params, batch)
-      total, tokens = total + float(t), tokens + float(c)
-    loss = total / tokens
-    return {f'{prefix}loss': loss, f'{prefix}perplexity': float(np.exp(loss)), f'{prefix}tokens': tokens}
+      total, tokens = total + float(t), tokens + int(c)
+    result = lm.PerplexityResult(nll=total, count=tokens)
+    return {f'{prefix}loss': result.mean_nll, f'{prefix}perplexity': result.perplexity,
+            f'{prefix}tokens': float(result.count)}
 
   return evaluate

@@ -69,6 +69,7 @@ class LoopConfig:
   best_mode: str = 'min'  # 'min' or 'max' for best_metric
   async_checkpoint: bool = True  # write checkpoints in the background
   resume: bool = True  # continue from the newest checkpoint in run_dir
+  force_resume: bool = False  # resume even if the checkpoint's seed or data differ (the model must match)
   progress: bool = True  # progress line on process 0
   stop_at_step: int | None = None  # end this invocation after this step with a checkpoint (time-limited jobs)
 
@@ -120,9 +121,6 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
     raise ValueError(f'batch_size={cfg.batch_size} must be a multiple of {divisor} (data x fsdp devices = '
                      f'{sharding_lib.batch_divisor(mesh)}, times accum_steps={cfg.accum_steps}); change the batch '
                      'size or the mesh.')
-  if main:
-    provenance.write_run_dir(run_dir, config={'loop': cfg, 'mesh': dict(mesh.shape), **(config_record or {})})
-
   rng = rng_stream(cfg.seed, 'train')
   make_state = lambda p, f: state_lib.init_state(p, optimizer, rng, trainable=trainable, frozen=f,
                                                  transforms=transforms)
@@ -133,18 +131,24 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
   fingerprint = ckpt_lib.fingerprint(model, params, abstract.opt_state)
   if jax.tree.leaves(abstract.transform_state):  # another transform's state is refused by name, not mis-loaded
     fingerprint['transform_state'] = ckpt_lib.fingerprint(model, {}, abstract.transform_state)['optimizer_state']
-  checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints',
-                                       fingerprint=fingerprint,
+  fingerprint['run'] = {'seed': cfg.seed, 'data': data.fingerprint() if hasattr(data, 'fingerprint') else None}
+  checkpointer = ckpt_lib.Checkpointer(run_dir / 'checkpoints', fingerprint=fingerprint,
                                        keep=cfg.keep_checkpoints, best_metric=cfg.best_metric,
-                                       best_mode=cfg.best_mode, async_save=cfg.async_checkpoint)
+                                       best_mode=cfg.best_mode, async_save=cfg.async_checkpoint,
+                                       lenient=('run',) if cfg.force_resume else ())
+  restored = None
   if cfg.resume:
     saved_part = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract.checkpointed(), shardings.checkpointed())
-    restored = checkpointer.restore_latest(saved_part)
+    restored = checkpointer.restore_latest(saved_part)  # refuses another run's directory before any write
     if restored is not None:
       state = state.replace(**restored[0])
       logging.info('Resumed from step %d in %s.', int(restored[0]['step']), checkpointer.directory)
   start = int(jax.device_get(state.step))
+  if main:
+    provenance.write_run_dir(run_dir, config={'loop': cfg, 'mesh': dict(mesh.shape), **(config_record or {})})
+    if restored is None:
+      metrics_lib.set_aside_log(run_dir)  # a fresh start must not trim away an earlier run's records
 
   step_fn = step_lib.compile_step(
       step_lib.make_train_step(objective, optimizer, compute_dtype=jnp.dtype(cfg.compute_dtype),
@@ -153,7 +157,7 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
       state_sharding=shardings, batch_sharding=sharding_lib.batch_sharding(mesh))
 
   writer = metrics_lib.MetricsWriter(run_dir, enabled=main, resume_step=start)
-  progress = metrics_lib.Progress(cfg.steps, enabled=main and cfg.progress)
+  progress = metrics_lib.Progress(cfg.steps, enabled=main and cfg.progress, initial=start)
   history: list[dict] = []
   status = 'completed'
   last_metrics: dict[str, float] = {}
@@ -165,8 +169,10 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     if m['finite'] < 1:
       good = checkpointer.steps()
+      what = ('are not finite' if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])) else
+              'are finite but the update made the parameters or optimizer state non-finite')
       raise NonFiniteLoss(
-          f'step {step + 1}: loss={m["loss"]}, grad_norm={m["grad_norm"]} are not finite; that update was not '
+          f'step {step + 1}: loss={m["loss"]}, grad_norm={m["grad_norm"]} {what}; that update was not '
           f'applied and training stopped. Last good checkpoint: '
           f'{"step " + str(good[-1]) if good else "none"} in {checkpointer.directory}. Lower the learning rate, '
           'enable gradient clipping, or use float32 compute.')
@@ -189,15 +195,18 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
     cleanup.callback(checkpointer.close)
     cleanup.callback(writer.close)
     cleanup.callback(progress.close)
-    first = True
+    vocab_size = getattr(getattr(model, 'config', None), 'vocab_size', None)
     for step in range(start, cfg.steps):
       local = data.batch(step, process_index=jax.process_index(), process_count=jax.process_count())
-      if first:
-        step_lib.validate_batch(local, rows=cfg.batch_size // jax.process_count(),
-                                vocab_size=getattr(getattr(model, 'config', None), 'vocab_size', None))
-        first = False
+      try:  # every batch: shapes and dtypes, and the id range by one min/max per field
+        step_lib.validate_batch(local, rows=cfg.batch_size // jax.process_count(), vocab_size=vocab_size)
+      except ValueError as e:
+        raise ValueError(f'step {step + 1} (data.batch({step})): {e}') from None
       batch = sharding_lib.global_batch(local, mesh)
       state, device_metrics = step_fn(state, batch)
+      lr = learning_rate(state.opt_state)
+      if lr is not None:  # copied now: the next step donates the optimizer state's buffers
+        device_metrics = {**device_metrics, 'lr': jnp.copy(lr)}
       tokens_done += int(np.prod(local['targets'].shape)) * jax.process_count()
       if pending is not None:
         record(*pending)
@@ -245,6 +254,16 @@ def _preemption_flag() -> Iterator[Callable[[], bool]]:
     yield flag.is_set
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def learning_rate(opt_state: Any) -> jax.Array | None:
+  """The learning rate of the last update, where the optimizer exposes it (optax.inject_hyperparams, as
+  optim.make_optimizer builds them), else None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    if keys[-2:] == ['hyperparams', 'learning_rate']:
+      return leaf
+  return None
 
 
 def _any_process(flag: bool) -> bool:

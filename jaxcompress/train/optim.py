@@ -51,17 +51,21 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  lr = schedule(cfg)
-  if cfg.name == 'adamw':
-    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-  elif cfg.name == 'adam':
-    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
-  elif cfg.name == 'sgd':
-    opt = optax.sgd(lr, momentum=cfg.momentum)
-  elif cfg.name == 'lion':
-    opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-  else:
-    opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None)
+  """The optimizer of `cfg`; its learning rate is kept in the state (optax.inject_hyperparams), so the loop
+  can log and show the rate each step used."""
+  @optax.inject_hyperparams
+  def base(learning_rate):
+    if cfg.name == 'adamw':
+      return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.name == 'adam':
+      return optax.adam(learning_rate, b1=cfg.b1, b2=cfg.b2)
+    if cfg.name == 'sgd':
+      return optax.sgd(learning_rate, momentum=cfg.momentum)
+    if cfg.name == 'lion':
+      return optax.lion(learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return optax.adafactor(learning_rate, weight_decay_rate=cfg.weight_decay or None)
+
+  opt = base(learning_rate=schedule(cfg))
   if cfg.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt

@@ -6,8 +6,8 @@
 One step: split the batch into `accum_steps` micro-batches; for each, cast the float32 master weights to the
 compute dtype, apply the transforms' forward, and take the gradient of the objective's summed loss with respect
 to the trainable arrays; add them up, divide by the total weight, update with optax, then run the transforms'
-update (`transforms.Transform`). A step whose loss or gradient is not finite leaves the state unchanged
-(transform state included) and reports `finite = 0`.
+update (`transforms.Transform`). A step whose loss, gradient, updated parameters, optimizer state or transform
+state is not finite leaves the state unchanged (transform state included) and reports `finite = 0`.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> 
                      f"{np.shape(batch['targets'])} must have the same shape.")
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every floating array of `tree` holds only finite values (integer and bool arrays are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation, *,
                     compute_dtype: Any = jnp.float32, accum_steps: int = 1,
                     transforms: transforms_lib.Transform | Sequence[transforms_lib.Transform] = (),
@@ -127,9 +133,12 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
                                                  transforms_lib.transform_key(rng))
       return params, opt_state, transform_state
 
-    # A branch, not a select: the old state is kept without materializing a second copy of the new one.
+    # A finite loss and gradient can still overflow the update (a huge learning rate): the new parameters and
+    # optimizer state must be finite too, or the step is refused, so no checkpoint ever holds inf or NaN.
+    new = update()
+    finite = finite & all_finite(new)
     params, opt_state, transform_state = jax.lax.cond(
-        finite, update, lambda: (state.params, state.opt_state, state.transform_state))
+        finite, lambda: new, lambda: (state.params, state.opt_state, state.transform_state))
     new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
                               transform_state=transform_state)
     out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),

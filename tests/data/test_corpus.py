@@ -148,10 +148,13 @@ def test_read_jsonl(tmp_path):
   with pytest.raises(ValueError, match="line 1 field 'text' is a int"):
     corpus.read_jsonl(path)
   path.write_text('[1, 2]\n')
-  with pytest.raises(ValueError, match='line 1 has no field'):
+  with pytest.raises(ValueError, match='line 1 holds a JSON list, not an object'):
     corpus.read_jsonl(path)
   with pytest.raises(FileNotFoundError, match='nope.jsonl'):
     corpus.read_jsonl(tmp_path / 'nope.jsonl')
+  path.write_text(json.dumps({'text': 'one'}) + '\n' + '{"text": "cut sh')  # truncated: not silently dropped
+  with pytest.raises(ValueError, match='line 2 is not valid JSON'):
+    corpus.read_jsonl(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec('datasets') is not None, reason='datasets is installed')

@@ -7,9 +7,9 @@ import pytest
 import transformers
 
 from jaxcompress import core, models
-from jaxcompress.models.parity import ALL_KINDS, CAUSAL_KINDS, VOCAB
-from jaxcompress.models.parity import relative_error as rel_err
-from jaxcompress.models.parity import torch_outputs as torch_logits
+from tests.reference_models import ALL_KINDS, CAUSAL_KINDS, VOCAB
+from tests.reference_models import relative_error as rel_err
+from tests.reference_models import torch_outputs as torch_logits
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, models
-from jaxcompress.models.parity import relative_error as rel_err
+from tests.reference_models import relative_error as rel_err
 
 LLAMA = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))

@@ -1,7 +1,8 @@
 """Parity against transformers' torch implementation: tiny random reference models and their logits.
 
-For checking a family (or a new one) offline: build a random transformers model, save it as safetensors,
-load it here, and compare outputs. Needs torch (`pip install -e '.[test]'`); nothing else imports this.
+Test support, not part of the installed package: the parity tests and experiments/parity.py build a random
+transformers model, save it as safetensors, load it with jaxcompress, and compare outputs. Needs torch
+(`pip install -e '.[test]'`).
 
     ref = tiny_reference('mistral')                       # random MistralForCausalLM, sliding window 4
     ref.save_pretrained(path); model, params = from_pretrained(path)
@@ -64,6 +65,8 @@ def torch_outputs(model, tokens: np.ndarray, attention_mask: np.ndarray | None =
 
 
 def relative_error(ours, ref) -> float:
-  """||ours - ref|| / ||ref|| in float64."""
-  a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  """||ours - ref|| / ||ref|| over whole arrays, as a float: jaxcompress.eval.relative_error, ours first."""
+  import jax.numpy as jnp
+
+  from jaxcompress.eval import relative_error as rel
+  return float(rel(jnp.asarray(ref), jnp.asarray(ours)))
