@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import models
-from jaxcompress.models import parity
+from tests import reference_models as parity
 
 BOTH = ('hidden_states', 'attention')
 

@@ -29,7 +29,11 @@ def test_sigterm_exit_status_is_the_processes_own(tmp_path, code):
   proc = subprocess.Popen(['bash', str(LAUNCH), '2', '1', str(script)], stdout=subprocess.PIPE, text=True,
                           cwd=ROOT)
   try:
-    assert [proc.stdout.readline().strip() for _ in range(2)] == ['ready', 'ready']
+    seen = ''  # both processes share the pipe: their lines may interleave, so count words, not lines
+    while seen.count('ready') < 2:
+      line = proc.stdout.readline()
+      assert line, f'the launcher ended before both processes were ready: {seen!r}'
+      seen += line
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == code
   finally:
