@@ -74,6 +74,8 @@ def _model_from_config(path: Path, tensor_names: frozenset[str]) -> Model:
   cfg = _read_json_object(cfg_file)
   model_type = cfg.get('model_type')
   families = supported_model_types()
+  if model_type is None:
+    raise ValueError(f'{cfg_file}: no model_type field; supported model types: {sorted(families)}.')
   if model_type not in families:
     raise ValueError(f"{cfg_file}: model_type {model_type!r} is not supported; supported model types: "
                      f'{sorted(families)}.')
@@ -195,7 +197,7 @@ def _read_tensor(path: Path, files: dict[str, Path], handles: dict[Path, Any], n
   file = files[name]
   handle, names = _handle(handles, file)
   if name not in names:
-    holders = [f.name for f in sorted(set(files.values())) if f != file and name in _handle(handles, f)[1]]
+    holders = [f.name for f in sorted(path.glob('*.safetensors')) if f != file and name in _handle(handles, f)[1]]
     where = f"; it is in '{holders[0]}'" if holders else '; no shard holds it'
     raise ValueError(f"'{path / SAFE_INDEX}' maps tensor '{name}' to '{file.name}', which does not hold it{where}. "
                      'The index does not match the shards: download or export the checkpoint again.')
