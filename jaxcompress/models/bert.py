@@ -85,12 +85,15 @@ class Embedder(nnx.Module):
     self.positions = layers.Embed(cfg.max_position_embeddings, d, std=std, dtype=dtype, rngs=rngs)
     self.token_types = layers.Embed(cfg.type_vocab_size, d, std=std, dtype=dtype, rngs=rngs)
     self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.sizes = (cfg.vocab_size, cfg.max_position_embeddings, cfg.type_vocab_size)
 
   def __call__(self, tokens, positions, token_types=None):
     if token_types is None:
       token_types = jnp.zeros_like(tokens)
-    h = self.tokens(tokens)
-    return self.norm(h + self.positions(positions, h.dtype) + self.token_types(token_types, h.dtype))
+    vocab, num_pos, num_types = self.sizes
+    h = self.tokens(base.fill_invalid(tokens, vocab))
+    return self.norm(h + self.positions(base.fill_invalid(positions, num_pos), h.dtype)
+                     + self.token_types(base.fill_invalid(token_types, num_types), h.dtype))
 
 
 class Pooler(nnx.Module):

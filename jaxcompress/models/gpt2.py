@@ -77,11 +77,12 @@ class Embedder(nnx.Module):
     std = cfg.initializer_range
     self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
     self.positions = layers.Embed(cfg.n_positions, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
+    self.sizes = (cfg.vocab_size, cfg.n_positions)
 
   def __call__(self, tokens, positions, token_types=None):
     del token_types
-    h = self.tokens(tokens)
-    return h + self.positions(positions, h.dtype)
+    h = self.tokens(base.fill_invalid(tokens, self.sizes[0]))
+    return h + self.positions(base.fill_invalid(positions, self.sizes[1]), h.dtype)
 
 
 class GPT2LM(nnx.Module):

@@ -111,10 +111,11 @@ class _Embedder(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype,
                                rngs=rngs)
+    self.vocab = cfg.vocab_size
 
   def __call__(self, tokens, positions, token_types=None):
     del positions, token_types  # rotary positions are applied inside attention
-    return self.tokens(tokens)
+    return self.tokens(base.fill_invalid(tokens, self.vocab))
 
 
 @dataclasses.dataclass(frozen=True)
