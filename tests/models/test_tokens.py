@@ -39,7 +39,7 @@ ENTRY_POINTS = {
     (-1, r'tokens: 1 values are outside \[0, 64\) \(vocab_size\), e\.g\. -1 at \[row, position\] \[1, 3\]'),
     (VOCAB, r'tokens: 1 values are outside \[0, 64\) \(vocab_size\), e\.g\. 64 at \[row, position\] \[1, 3\]'),
     (10 ** 6, r'outside \[0, 64\).*1000000'),
-])
+], ids=['negative', 'vocab_size', 'huge'])
 def test_concrete_ids_outside_the_vocabulary_are_refused(spec_params, entry, bad, message):
   spec, params = spec_params
   with pytest.raises(ValueError, match=message):
