@@ -109,7 +109,7 @@ class GPT2(base.Model):
   causal: ClassVar[bool] = True
   hf_model_types: ClassVar[tuple[str, ...]] = ('gpt2',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('transformer.', '')
-  hf_ignore: ClassVar[tuple[str, ...]] = (r'attn\.bias$', r'attn\.masked_bias$')
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'\.attn\.bias$', r'\.attn\.masked_bias$')  # causal-mask buffers
 
   def _module(self, rngs, dtype):
     return GPT2LM(self.config, dtype, rngs)

@@ -236,7 +236,7 @@ def _check_unused(model: Model, path: Path, files: dict[str, Path], handles: dic
                        'tie_word_embeddings=false in config.json.')
   skipped = [n for n in unused if n not in copies and any(p.search(n) for p in heads)]
   if skipped:
-    logging.warning('%s: %d tensors of a head the %s model does not compute are not loaded: %s', path,
+    logging.warning('%s: %d tensors that no output of the %s model depends on are not loaded: %s', path,
                     len(skipped), model.family, ', '.join(skipped[:8]) + (' ...' if len(skipped) > 8 else ''))
   unknown = [n for n in unused if n not in copies and n not in skipped]
   if unknown:

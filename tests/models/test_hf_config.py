@@ -127,8 +127,9 @@ def test_config_field_is_read_or_refused(name, builder, refusal, tmp_path):
 
 @pytest.mark.parametrize('builder', [lambda: _gpt2(tie_word_embeddings=False),
                                      lambda: _bert(tie_word_embeddings=False),
-                                     lambda: _llama(mlp_bias=True, attention_bias=True, head_dim=16)],
-                         ids=['gpt2 untied', 'bert untied', 'llama biases'])
+                                     lambda: _llama(mlp_bias=True, attention_bias=True, head_dim=16),
+                                     lambda: _qwen2(use_sliding_window=True, sliding_window=3, max_window_layers=0)],
+                         ids=['gpt2 untied', 'bert untied', 'llama biases', 'qwen2 sliding'])
 def test_export_round_trips(builder, tmp_path):
   ref = _reference(builder, 0)
   ref.save_pretrained(str(tmp_path / 'in'))
@@ -192,3 +193,13 @@ def test_config_written_by_hand_with_unknown_values_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps(cfg))
   with pytest.raises(ValueError, match=r"config\.json.*activation_function.*'swiglu'"):
     models.from_pretrained(tmp_path)
+
+
+def test_pretraining_checkpoint_loads_without_its_next_sentence_head(tmp_path):
+  ref = _reference(lambda: _bert(transformers.BertForPreTraining), 5)
+  ref.save_pretrained(str(tmp_path))
+  model, params = models.from_pretrained(tmp_path)
+  assert model.config.mlm_head and model.config.pooler
+  with torch.no_grad():
+    want = ref(torch.tensor(TOKENS)).prediction_logits.numpy()
+  assert relative_error(model.apply(params, jnp.asarray(TOKENS)), want) <= TOL
