@@ -269,6 +269,6 @@ def _check_range(name: str, x: Any, n: int, what: str) -> None:
 
 
 def fill_invalid(ids: jax.Array, n: int) -> jax.Array:
-  """ids with every value outside [0, n) replaced by n, which an embedding lookup fills with NaN (jnp.take's
-  default mode); without it a negative id would silently wrap to another row."""
+  """Negative ids replaced by n, so that every id outside [0, n) is past the table's end, where an embedding
+  lookup fills NaN (jnp.take's default mode); without it a negative id would silently wrap to another row."""
   return jnp.where(ids >= 0, ids, n)
