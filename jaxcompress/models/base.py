@@ -25,6 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcompress import core
@@ -132,7 +133,7 @@ class Model(abc.ABC):
   def context(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
               positions: jax.Array | None = None) -> layers.Context:
     """Positions and attention mask for a full-sequence forward pass. tokens: [B, T] int."""
-    _check_tokens(tokens, attention_mask)
+    _check_tokens(tokens, attention_mask, self, positions)
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -143,6 +144,7 @@ class Model(abc.ABC):
   def embed(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
             token_types: jax.Array | None = None) -> jax.Array:
     """tokens: [B, T] -> hidden states [B, T, D]."""
+    _check_tokens(tokens, None, self, positions)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return self.bind(params).embed(tokens, positions, token_types)
@@ -393,11 +395,41 @@ def _resolve_block(block_params: Params) -> Params:
   return resolved
 
 
-def _check_tokens(tokens: Any, attention_mask: Any) -> None:
+def _check_tokens(tokens: Any, attention_mask: Any, model: Model | None = None, positions: Any = None) -> None:
+  """Shapes always; ids in [0, vocab_size) and positions inside a learned position table when the arrays are
+  concrete (on the host, before anything runs). Under jit ids cannot be checked: an id outside [0, vocab)
+  (negative ones included) or a position outside the table gives a NaN embedding (see `fill_invalid`), and
+  every output of that sequence is NaN (attention multiplies its value row by 0, and 0 * NaN is NaN), never
+  another token's numbers; the other sequences of the batch are unaffected."""
   if getattr(tokens, 'ndim', None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f'tokens must be an integer array [batch, seq], got '
                      f'{getattr(tokens, "dtype", type(tokens).__name__)} {getattr(tokens, "shape", "")}.')
   if attention_mask is not None and tuple(attention_mask.shape) != tuple(tokens.shape):
     raise ValueError(f'attention_mask shape {tuple(attention_mask.shape)} must equal tokens shape '
                      f'{tuple(tokens.shape)}.')
+  if model is None:
+    return
+  limit = model.max_positions()
+  if limit is not None and positions is None and tokens.shape[1] > limit:
+    raise ValueError(f'tokens: a sequence of {tokens.shape[1]} tokens is longer than the {limit} learned '
+                     f'positions of this {model.family} model; cut or split it to at most {limit}.')
+  _check_range('tokens', tokens, model.config.vocab_size, 'vocab_size')
+  if limit is not None and positions is not None:
+    _check_range('positions', positions, limit, 'learned positions')
 
+
+def _check_range(name: str, x: Any, n: int, what: str) -> None:
+  if isinstance(x, jax.core.Tracer) or not getattr(x, 'is_fully_addressable', True):
+    return
+  x = np.asarray(x)
+  bad = (x < 0) | (x >= n)
+  if bad.any():
+    at = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f'{name}: {int(bad.sum())} values are outside [0, {n}) ({what}), e.g. {int(x[at])} at '
+                     f'[row, position] {list(at)}.')
+
+
+def fill_invalid(ids: jax.Array, n: int) -> jax.Array:
+  """Negative ids replaced by n, so that every id outside [0, n) is past the table's end, where an embedding
+  lookup fills NaN (jnp.take's default mode); without it a negative id would silently wrap to another row."""
+  return jnp.where(ids >= 0, ids, n)

@@ -5,6 +5,7 @@
             layers/{i}/mlp/{up,down}_proj/{kernel,bias},  layers/{i}/mlp_norm/{scale,bias}
             pooler/dense/{kernel,bias}                                  (when the checkpoint has a pooler)
             mlm_head/transform/{kernel,bias}, mlm_head/norm/{scale,bias}, mlm_head/bias   (masked-LM head)
+            mlm_head/decoder/kernel [d, vocab]   (masked-LM head not tied to the token embedding)
 
 `apply` returns MLM logits when the model has an MLM head, else the last hidden states.
 `sentence_embedding` is the mean over real tokens (sentence-transformers' pooling), optionally L2-normalized.
@@ -37,7 +38,8 @@ class BertConfig:
   initializer_range: float = 0.02
   pad_token_id: int | None = 0
   pooler: bool = True  # BertModel's tanh pooler over [CLS]
-  mlm_head: bool = False  # BertForMaskedLM's prediction head (decoder tied to the token embedding)
+  mlm_head: bool = False  # BertForMaskedLM's prediction head
+  tie_embeddings: bool = True  # the MLM decoder is the token embedding (HF tie_word_embeddings)
 
   @property
   def head_dim(self) -> int:
@@ -89,12 +91,15 @@ class Embedder(nnx.Module):
     self.positions = layers.Embed(cfg.max_position_embeddings, d, std=std, dtype=dtype, rngs=rngs)
     self.token_types = layers.Embed(cfg.type_vocab_size, d, std=std, dtype=dtype, rngs=rngs)
     self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.sizes = (cfg.vocab_size, cfg.max_position_embeddings, cfg.type_vocab_size)
 
   def __call__(self, tokens, positions, token_types=None):
     if token_types is None:
       token_types = jnp.zeros_like(tokens)
-    h = self.tokens(tokens)
-    return self.norm(h + self.positions(positions, h.dtype) + self.token_types(token_types, h.dtype))
+    vocab, num_pos, num_types = self.sizes
+    h = self.tokens(base.fill_invalid(tokens, vocab))
+    return self.norm(h + self.positions(base.fill_invalid(positions, num_pos), h.dtype)
+                     + self.token_types(base.fill_invalid(token_types, num_types), h.dtype))
 
 
 class Pooler(nnx.Module):
@@ -113,12 +118,15 @@ class MLMHead(nnx.Module):
     d = cfg.hidden_size
     self.transform = layers.Linear(d, d, bias=True, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
     self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.decoder = None if cfg.tie_embeddings else layers.Linear(
+        d, cfg.vocab_size, bias=False, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
     self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype))
     self.act = cfg.hidden_act
 
   def __call__(self, h, embed: layers.Embed):
     h = self.norm(layers.activation(self.act)(self.transform(h)))
-    return embed.attend(h) + core.materialize(layers.value(self.bias)).astype(h.dtype)
+    logits = embed.attend(h) if self.decoder is None else self.decoder(h)
+    return logits + core.materialize(layers.value(self.bias)).astype(h.dtype)
 
 
 class BertEncoder(nnx.Module):
@@ -143,7 +151,7 @@ class Bert(base.Model):
   causal: ClassVar[bool] = False
   hf_model_types: ClassVar[tuple[str, ...]] = ('bert',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('bert.', '')
-  hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'cls\.seq_relationship\.', r'^cls\.predictions\.decoder\.bias$')
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'embeddings\.token_type_ids$')
   # Post-norm: q/k/v read the block input (normed by the previous block's mlp_norm or the embedding norm);
   # up_proj reads attn_norm's output.
   linear_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
@@ -157,7 +165,7 @@ class Bert(base.Model):
     # q/k/v, up and the heads' dense layers split their outputs over 'tensor', o/down their inputs.
     return ((r'(q_proj|k_proj|v_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
             (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
-            (r'^(pooler/dense|mlm_head/transform)/kernel$', ('fsdp', 'tensor')),
+            (r'^(pooler/dense|mlm_head/(transform|decoder))/kernel$', ('fsdp', 'tensor')),
             (r'/embedding$', ('tensor', 'fsdp')))
 
   def _module(self, rngs, dtype):
@@ -170,7 +178,8 @@ class Bert(base.Model):
     return ('pooler/dense/kernel',)  # the pooler reads [CLS] only
 
   def _tied_head_flops(self, params):
-    return 2 * self.config.hidden_size * self.config.vocab_size if self.config.mlm_head else 0
+    c = self.config
+    return 2 * c.hidden_size * c.vocab_size if c.mlm_head and c.tie_embeddings else 0
 
   def hf_export_prefix(self) -> str:
     return 'bert.' if self.config.mlm_head else ''  # BertForMaskedLM nests the encoder under "bert."
@@ -191,15 +200,35 @@ class Bert(base.Model):
 
   @classmethod
   def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> Bert:
+    """Reads every BertConfig field that changes BertModel's / BertForMaskedLM's outputs; refuses the rest.
+
+    Read: sizes, hidden_act, max_position_embeddings, type_vocab_size, layer_norm_eps, tie_word_embeddings
+    (and the pooler / MLM head from the tensors present). chunk_size_feed_forward only splits the MLP's work
+    over the sequence, which gives the same numbers. is_decoder (causal self-attention), add_cross_attention
+    and position_embedding_type other than 'absolute' are refused.
+    """
+    if getattr(hf, 'is_decoder', False):
+      raise ValueError('BERT is_decoder=True (causal self-attention, BertLMHeadModel) is not supported; this '
+                       'family runs BERT as a bidirectional encoder.')
+    if getattr(hf, 'add_cross_attention', False):
+      raise ValueError('BERT add_cross_attention=True (an encoder-decoder layer) is not supported.')
     if getattr(hf, 'position_embedding_type', 'absolute') != 'absolute':
-      raise ValueError(f'BERT: position_embedding_type={hf.position_embedding_type!r} is not supported.')
+      raise ValueError(f'BERT position_embedding_type={hf.position_embedding_type!r} is not supported; only '
+                       "'absolute' positions are implemented.")
+    if hf.hidden_act not in layers.ACTIVATIONS:
+      raise ValueError(f'BERT hidden_act={hf.hidden_act!r} is not supported; supported: '
+                       f'{sorted(layers.ACTIVATIONS)}.')
+    if hf.hidden_size % hf.num_attention_heads:
+      raise ValueError(f'BERT hidden_size={hf.hidden_size} is not a multiple of num_attention_heads='
+                       f'{hf.num_attention_heads}.')
     has = lambda prefix: any(n.startswith(prefix) or n.startswith('bert.' + prefix) for n in tensor_names)
     return cls(BertConfig(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size, hidden_act=hf.hidden_act,
         max_position_embeddings=hf.max_position_embeddings, type_vocab_size=hf.type_vocab_size,
         layer_norm_eps=hf.layer_norm_eps, initializer_range=hf.initializer_range, pad_token_id=hf.pad_token_id,
-        pooler=has('pooler.'), mlm_head=has('cls.predictions.')))
+        pooler=has('pooler.'), mlm_head=has('cls.predictions.'),
+        tie_embeddings=bool(getattr(hf, 'tie_word_embeddings', True))))
 
   def hf_config(self):
     import transformers
@@ -210,7 +239,7 @@ class Bert(base.Model):
         num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
         layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range, pad_token_id=c.pad_token_id,
-        architectures=[arch])
+        tie_word_embeddings=c.tie_embeddings, architectures=[arch])
 
   def hf_table(self) -> list[convert.TensorMap]:
     c = self.config
@@ -236,11 +265,31 @@ class Bert(base.Model):
                convert.same('cls.predictions.transform.dense.bias', 'mlm_head/transform/bias'),
                convert.same('cls.predictions.transform.LayerNorm.weight', 'mlm_head/norm/scale'),
                convert.same('cls.predictions.transform.LayerNorm.bias', 'mlm_head/norm/bias'),
-               convert.same('cls.predictions.bias', 'mlm_head/bias')]
+               convert.same('cls.predictions.bias' if c.tie_embeddings else 'cls.predictions.decoder.bias',
+                            'mlm_head/bias')]
+      if not c.tie_embeddings:
+        rows.append(convert.linear_weight('cls.predictions.decoder.weight', 'mlm_head/decoder/kernel'))
     return convert.expand(rows, c.num_layers)
 
-  def hf_tied(self) -> tuple[str, ...]:
-    return ('cls.predictions.decoder.weight',) if self.config.mlm_head else ()
+  def hf_copies(self) -> dict[str, str]:
+    """{HF tensor a checkpoint may hold as a copy: the tensor it must equal} (tied weights)."""
+    c = self.config
+    if not (c.mlm_head and c.tie_embeddings):
+      return {}
+    return {'cls.predictions.decoder.weight': 'embeddings.word_embeddings.weight',
+            'cls.predictions.decoder.bias': 'cls.predictions.bias'}
+
+  def hf_unused_heads(self) -> tuple[str, ...]:
+    """Regexes of HF tensors that no output of this model depends on: BertForPreTraining's next-sentence head,
+    and, with an untied decoder, `cls.predictions.bias`, which transformers then holds but never adds (the
+    decoder's own bias is used)."""
+    untied = self.config.mlm_head and not self.config.tie_embeddings
+    return (r'^cls\.seq_relationship\.',) + ((r'^cls\.predictions\.bias$',) if untied else ())
+
+  def hf_export_copies(self) -> dict[str, str]:
+    """An untied decoder's bias is also written as `cls.predictions.bias`, which transformers expects."""
+    c = self.config
+    return {'cls.predictions.bias': 'cls.predictions.decoder.bias'} if c.mlm_head and not c.tie_embeddings else {}
 
 
 def mean_pool(h: jax.Array, attention_mask: jax.Array, *, normalize: bool = True) -> jax.Array:

@@ -14,6 +14,7 @@ import numpy as np
 
 ToOurs = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 ToHF = Callable[..., np.ndarray]
+HFShape = Callable[..., tuple[int, ...]]
 
 
 def _same_in(x):
@@ -32,6 +33,14 @@ def _t_out(x):
   return np.ascontiguousarray(x.T)
 
 
+def _same_shape(s):
+  return tuple(s)
+
+
+def _t_shape(s):
+  return tuple(reversed(s))
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
   """One HF tensor <-> one or more of our parameters."""
@@ -40,6 +49,7 @@ class TensorMap:
   ours: tuple[str, ...]  # e.g. ("layers/{i}/attn/q_proj/kernel",)
   to_ours: ToOurs = _same_in  # HF array -> our arrays
   to_hf: ToHF = _same_out  # our arrays -> HF array
+  hf_shape: HFShape = _same_shape  # our shapes -> the HF tensor's shape (checked before converting)
 
   def format(self, i: int) -> TensorMap:
     return dataclasses.replace(self, hf=self.hf.format(i=i), ours=tuple(o.format(i=i) for o in self.ours))
@@ -51,14 +61,20 @@ def same(hf: str, ours: str) -> TensorMap:
 
 def linear_weight(hf: str, ours: str) -> TensorMap:
   """torch.nn.Linear stores [out, in]; our kernels are [in, out]."""
-  return TensorMap(hf, (ours,), _t_in, _t_out)
+  return TensorMap(hf, (ours,), _t_in, _t_out, _t_shape)
 
 
 def split(hf: str, ours: Sequence[str], axis: int) -> TensorMap:
   """One fused HF tensor cut into equal parts along `axis` (GPT-2's c_attn -> q, k, v)."""
   n = len(ours)
+
+  def fused_shape(*shapes):
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    return tuple(out)
+
   return TensorMap(hf, tuple(ours), lambda x: tuple(np.split(x, n, axis=axis)),
-                   lambda *xs: np.concatenate(xs, axis=axis))
+                   lambda *xs: np.concatenate(xs, axis=axis), fused_shape)
 
 
 def expand(rows: Sequence[TensorMap], num_layers: int) -> list[TensorMap]:

@@ -3,6 +3,10 @@
     tokens = generate(model, params, prompt, max_new_tokens=32)                           # greedy
     tokens = generate(model, params, prompt, max_new_tokens=32, temperature=0.8, top_k=40,
                       key=jax.random.key(0))                                              # sampling
+    tokens = generate(model, params, prompt, attention_mask=mask, max_new_tokens=32)      # left-padded batch
+
+A left-padded batch follows transformers: each row's positions count its real tokens only (the cumulative sum of
+the mask), and its pad slots in the KV cache are masked for the prompt and for every generated step.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import jax.numpy as jnp
 
 from jaxcompress import core
 from jaxcompress.models import layers
-from jaxcompress.models.base import Model, Params
+import numpy as np
+
+from jaxcompress.models.base import Model, Params, _check_tokens
 
 
 def init_cache(model: Model, params: Params, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
@@ -23,13 +29,20 @@ def init_cache(model: Model, params: Params, batch: int, max_len: int, dtype=jnp
   return [blk.init_cache(batch, max_len, dtype) for blk in getattr(module, model.block_path)]
 
 
-def forward_cached(model: Model, params: Params, tokens: jax.Array, cache: list[dict], index: jax.Array
+def forward_cached(model: Model, params: Params, tokens: jax.Array, cache: list[dict], index: jax.Array, *,
+                   positions: jax.Array | None = None, key_valid: jax.Array | None = None
                    ) -> tuple[jax.Array, list[dict]]:
-  """tokens: [B, T] at positions index..index+T-1 -> (logits [B, T, V], updated cache)."""
+  """tokens: [B, T] written at cache slots index..index+T-1 -> (logits [B, T, V], updated cache).
+
+  positions: [B, T] int32 positions of the tokens (default: their slots; smaller in left-padded rows).
+  key_valid: [B, S] bool over the cache's S slots, False where a slot holds padding.
+  Causality and the sliding window count cache slots, as transformers' masks do.
+  """
   b, t = tokens.shape
   max_len = cache[0]['k'].shape[1]
-  positions = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  mask = layers.attention_mask(positions, max_len, causal=True, window=model._window())
+  slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  positions = slots if positions is None else positions
+  mask = layers.attention_mask(slots, max_len, causal=True, key_valid=key_valid, window=model._window())
   ctx = layers.Context(positions=positions, mask=mask, cache_index=index)
   module = model.bind(params)
   h = module.embed(tokens, positions, None)
@@ -52,11 +65,14 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
 
 
 def generate(model: Model, params: Params, prompt: jax.Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, key: jax.Array | None = None,
-             cache_dtype=None) -> jax.Array:
-  """prompt: [B, T] int (all rows full length) -> [B, T + max_new_tokens] int32.
+             attention_mask: jax.Array | None = None, temperature: float = 0.0, top_k: int | None = None,
+             key: jax.Array | None = None, cache_dtype=None) -> jax.Array:
+  """prompt: [B, T] int -> [B, T + max_new_tokens] int32 (the prompt, then the new tokens).
 
+  attention_mask: [B, T], 1 for real tokens and 0 for padding; prompts of different lengths are padded on the
+    left (every row's last token is real). None: every row is full length.
   Greedy when temperature is 0; otherwise samples with `key` (required), so a fixed key gives fixed text.
+  Token ids are checked to lie in [0, vocab_size) on the host.
   """
   if not model.causal:
     raise ValueError(f'generate needs a causal LM; {type(model).__name__} is an encoder.')
@@ -72,26 +88,54 @@ def generate(model: Model, params: Params, prompt: jax.Array, *, max_new_tokens:
   if limit is not None and prompt.shape[1] + max_new_tokens > limit:
     raise ValueError(f'generate: {prompt.shape[1]} + {max_new_tokens} tokens exceed the {limit} learned '
                      'positions of this model.')
+  attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
+  try:
+    _check_tokens(prompt, attention_mask, model)
+  except ValueError as e:
+    raise ValueError(f'generate: {e}') from None
+  if attention_mask is None:
+    attention_mask = jnp.ones(prompt.shape, jnp.int32)
+  else:
+    _check_left_padding(attention_mask)
   key = jax.random.key(0) if key is None else key
-  return _generate(model, core.resolve(params), prompt.astype(jnp.int32), key, max_new_tokens,
-                   float(temperature), top_k, cache_dtype)
+  return _generate(model, core.resolve(params), prompt.astype(jnp.int32), attention_mask.astype(jnp.int32), key,
+                   max_new_tokens, float(temperature), top_k, cache_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate(model, params, prompt, key, max_new_tokens, temperature, top_k, cache_dtype):
+def _check_left_padding(mask) -> None:
+  if isinstance(mask, jax.core.Tracer):
+    return
+  m = np.asarray(mask)
+  if not np.isin(m, (0, 1)).all():
+    raise ValueError(f'generate: attention_mask must hold 0 (padding) and 1 (real token), got values '
+                     f'{sorted(set(np.unique(m).tolist()) - {0, 1})[:5]}.')
+  bad = np.nonzero((np.diff(m, axis=1) < 0).any(axis=1) | (m[:, -1] == 0))[0]
+  if bad.size:
+    raise ValueError(f'generate: attention_mask row {int(bad[0])} is {m[bad[0]].tolist()}: prompts must be padded '
+                     'on the left (zeros first, then ones, the last token real) and hold at least one token.')
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _generate(model, params, prompt, prompt_mask, key, max_new_tokens, temperature, top_k, cache_dtype):
   b, t = prompt.shape
   dtype = cache_dtype or next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
   cache = init_cache(model, params, b, t + max_new_tokens, dtype)
-  logits, cache = forward_cached(model, params, prompt, cache, jnp.int32(0))
+  # Pad slots stay masked for every step; positions count real tokens only (pads get 1, as in transformers).
+  key_valid = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)], axis=1)
+  positions = jnp.where(prompt_mask > 0, jnp.cumsum(prompt_mask, axis=1) - 1, 1).astype(jnp.int32)
+  logits, cache = forward_cached(model, params, prompt, cache, jnp.int32(0), positions=positions,
+                                 key_valid=key_valid)
   keys = jax.random.split(key, max_new_tokens)
   first = sample_logits(logits[:, -1], keys[0], temperature, top_k)
 
   def step(carry, k):
-    tok, cache, index = carry
-    logits, cache = forward_cached(model, params, tok[:, None], cache, index)
+    tok, cache, index, pos = carry
+    logits, cache = forward_cached(model, params, tok[:, None], cache, index, positions=pos[:, None],
+                                   key_valid=key_valid)
     nxt = sample_logits(logits[:, -1], k, temperature, top_k)
-    return (nxt, cache, index + 1), tok
+    return (nxt, cache, index + 1, pos + 1), tok
 
-  (last, _, _), toks = jax.lax.scan(step, (first, cache, jnp.int32(t)), keys[1:])
+  lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
+  (last, *_), toks = jax.lax.scan(step, (first, cache, jnp.int32(t), lengths), keys[1:])
   new = jnp.concatenate([toks.T, last[:, None]], axis=1)
   return jnp.concatenate([prompt, new], axis=1)

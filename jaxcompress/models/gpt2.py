@@ -1,4 +1,4 @@
-"""GPT-2: learned positions, pre-LayerNorm blocks, GELU (tanh) MLP, head tied to the token embedding.
+"""GPT-2: learned positions, pre-LayerNorm blocks, GELU (tanh) MLP, head tied to the token embedding (or not).
 
 HF fuses q, k, v into one `c_attn` tensor; here they are three kernels so per-head methods see them apart.
 
@@ -6,6 +6,7 @@ HF fuses q, k, v into one `c_attn` tensor; here they are three kernels so per-he
             layers/{i}/attn_norm/{scale,bias}, layers/{i}/attn/{q,k,v,o}_proj/{kernel,bias}
             layers/{i}/mlp_norm/{scale,bias}, layers/{i}/mlp/{up,down}_proj/{kernel,bias}
             final_norm/{scale,bias}
+            lm_head/kernel [d, vocab]   (only when the head is not tied to the token embedding)
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class GPT2Config:
   intermediate_size: int | None = None  # None: 4 * hidden_size
   activation: str = 'gelu_new'
   layer_norm_eps: float = 1e-5
-  scale_attn_weights: bool = True
+  scale_attn_weights: bool = True  # False: attention logits are not divided by sqrt(head_dim)
+  tie_embeddings: bool = True  # the output head is the token embedding (HF tie_word_embeddings)
   initializer_range: float = 0.02
   bos_token_id: int | None = 50256
   eos_token_id: int | None = 50256
@@ -75,11 +77,12 @@ class Embedder(nnx.Module):
     std = cfg.initializer_range
     self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
     self.positions = layers.Embed(cfg.n_positions, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
+    self.sizes = (cfg.vocab_size, cfg.n_positions)
 
   def __call__(self, tokens, positions, token_types=None):
     del token_types
-    h = self.tokens(tokens)
-    return h + self.positions(positions, h.dtype)
+    h = self.tokens(base.fill_invalid(tokens, self.sizes[0]))
+    return h + self.positions(base.fill_invalid(positions, self.sizes[1]), h.dtype)
 
 
 class GPT2LM(nnx.Module):
@@ -88,9 +91,12 @@ class GPT2LM(nnx.Module):
     self.embed = Embedder(cfg, dtype, rngs)
     self.layers = nnx.List([block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+    self.lm_head = None if cfg.tie_embeddings else layers.Linear(
+        cfg.hidden_size, cfg.vocab_size, bias=False, std=cfg.initializer_range, dtype=dtype, rngs=rngs)
 
   def head(self, h):
-    return self.embed.tokens.attend(self.final_norm(h))
+    h = self.final_norm(h)
+    return self.embed.tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +109,19 @@ class GPT2(base.Model):
   causal: ClassVar[bool] = True
   hf_model_types: ClassVar[tuple[str, ...]] = ('gpt2',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('transformer.', '')
-  hf_ignore: ClassVar[tuple[str, ...]] = (r'attn\.bias$', r'attn\.masked_bias$')
+  hf_ignore: ClassVar[tuple[str, ...]] = (r'\.attn\.bias$', r'\.attn\.masked_bias$')  # causal-mask buffers
   linear_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
       base.LinearGroup('attn_in', ('attn/q_proj/kernel', 'attn/k_proj/kernel', 'attn/v_proj/kernel'), 'attn_norm'),
       base.LinearGroup('attn_out', ('attn/o_proj/kernel',)),
       base.LinearGroup('mlp_in', ('mlp/up_proj/kernel',), 'mlp_norm'),
       base.LinearGroup('mlp_out', ('mlp/down_proj/kernel',)))
-  head_patterns: ClassVar[tuple[str, ...]] = ()  # the head is the token embedding (tied): no head weights
+  head_patterns: ClassVar[tuple[str, ...]] = (r'^lm_head/',)  # absent when tied to the embedding
 
   def sharding_rules(self):
     # q/k/v and up split their outputs over 'tensor', o/down their inputs; 'fsdp' takes the other dimension.
     return ((r'(q_proj|k_proj|v_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
             (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
+            (r'^lm_head/kernel$', ('fsdp', 'tensor')),
             (r'/embedding$', ('tensor', 'fsdp')))
 
   def _module(self, rngs, dtype):
@@ -124,18 +131,32 @@ class GPT2(base.Model):
     return self.config.n_positions
 
   def _tied_head_flops(self, params):
-    return 2 * self.config.hidden_size * self.config.vocab_size
+    return 2 * self.config.hidden_size * self.config.vocab_size if self.config.tie_embeddings else 0
 
   @classmethod
   def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> GPT2:
-    if getattr(hf, 'scale_attn_by_inverse_layer_idx', False) or getattr(hf, 'reorder_and_upcast_attn', False):
-      raise ValueError('GPT-2 with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn is not supported.')
+    """Reads every GPT2Config field that changes GPT2LMHeadModel's logits; refuses the ones it cannot run.
+
+    Read: vocab_size, n_positions, n_embd, n_layer, n_head, n_inner, activation_function, layer_norm_epsilon,
+    scale_attn_weights, tie_word_embeddings. reorder_and_upcast_attn only changes the float16 rounding of the
+    attention logits (the softmax here is float32 always). Dropouts and summary_* (heads of other classes) do
+    not change the LM logits in eval mode.
+    """
+    for field in ('scale_attn_by_inverse_layer_idx', 'add_cross_attention'):
+      if getattr(hf, field, False):
+        raise ValueError(f'GPT-2 {field}=True is not supported (per-layer attention scaling and cross-attention '
+                         'are not implemented); set it to false only if the checkpoint was trained without it.')
+    if hf.activation_function not in layers.ACTIVATIONS:
+      raise ValueError(f'GPT-2 activation_function={hf.activation_function!r} is not supported; supported: '
+                       f'{sorted(layers.ACTIVATIONS)}.')
+    if hf.n_embd % hf.n_head:
+      raise ValueError(f'GPT-2 n_embd={hf.n_embd} is not a multiple of n_head={hf.n_head}.')
     return cls(GPT2Config(
         vocab_size=hf.vocab_size, n_positions=hf.n_positions, hidden_size=hf.n_embd, num_layers=hf.n_layer,
         num_heads=hf.n_head, intermediate_size=hf.n_inner, activation=hf.activation_function,
-        layer_norm_eps=hf.layer_norm_epsilon, scale_attn_weights=hf.scale_attn_weights,
-        initializer_range=hf.initializer_range, bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id))
+        layer_norm_eps=hf.layer_norm_epsilon, scale_attn_weights=bool(hf.scale_attn_weights),
+        tie_embeddings=bool(getattr(hf, 'tie_word_embeddings', True)), initializer_range=hf.initializer_range,
+        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id))
 
   def hf_config(self):
     import transformers
@@ -144,7 +165,7 @@ class GPT2(base.Model):
         vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.hidden_size, n_layer=c.num_layers,
         n_head=c.num_heads, n_inner=c.intermediate_size, activation_function=c.activation,
         layer_norm_epsilon=c.layer_norm_eps, scale_attn_weights=c.scale_attn_weights,
-        initializer_range=c.initializer_range, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        tie_word_embeddings=c.tie_embeddings, initializer_range=c.initializer_range, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id, architectures=['GPT2LMHeadModel'])
 
   def hf_table(self) -> list[convert.TensorMap]:
@@ -160,7 +181,18 @@ class GPT2(base.Model):
     for hf, ours in (('attn.c_proj', 'attn/o_proj'), ('mlp.c_fc', 'mlp/up_proj'), ('mlp.c_proj', 'mlp/down_proj')):
       rows += [convert.same(f'h.{{i}}.{hf}.weight', f'layers/{{i}}/{ours}/kernel'),
                convert.same(f'h.{{i}}.{hf}.bias', f'layers/{{i}}/{ours}/bias')]
+    if not self.config.tie_embeddings:
+      rows.append(convert.linear_weight('lm_head.weight', 'lm_head/kernel'))
     return convert.expand(rows, self.config.num_layers)
 
-  def hf_tied(self) -> tuple[str, ...]:
-    return ('lm_head.weight',)
+  def hf_copies(self) -> dict[str, str]:
+    """{HF tensor a checkpoint may hold as a copy: the tensor it must equal} (tied weights)."""
+    return {'lm_head.weight': 'wte.weight'} if self.config.tie_embeddings else {}
+
+  def hf_unused_heads(self) -> tuple[str, ...]:
+    """Regexes of HF tensors of other task heads, which no output of this model computes."""
+    return ()
+
+  def hf_export_copies(self) -> dict[str, str]:
+    """{HF tensor written as a copy of another on export}."""
+    return {}

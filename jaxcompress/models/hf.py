@@ -71,21 +71,51 @@ def _model_from_config(path: Path, tensor_names: frozenset[str]) -> Model:
   cfg_file = path / 'config.json'
   if not cfg_file.exists():
     raise FileNotFoundError(f"'{path}' has no config.json; a Hugging Face checkpoint directory needs one.")
-  model_type = json.loads(cfg_file.read_text()).get('model_type')
+  cfg = _read_json_object(cfg_file)
+  model_type = cfg.get('model_type')
   families = supported_model_types()
+  if model_type is None:
+    raise ValueError(f'{cfg_file}: no model_type field; supported model types: {sorted(families)}.')
   if model_type not in families:
     raise ValueError(f"{cfg_file}: model_type {model_type!r} is not supported; supported model types: "
                      f'{sorted(families)}.')
   import transformers
-  hf_cfg = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-  return families[model_type].from_hf_config(hf_cfg, tensor_names)
+  try:
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+  except Exception as e:  # transformers' own validation of the fields: wrong types, inconsistent sizes, ...
+    raise ValueError(f'{cfg_file}: transformers cannot build a {model_type} config from it '
+                     f'({type(e).__name__}: {e}).') from None
+  try:
+    return families[model_type].from_hf_config(hf_cfg, tensor_names)
+  except ValueError as e:
+    raise ValueError(f'{cfg_file}: {e}') from None
+
+
+def _read_json_object(file: Path) -> dict:
+  """The JSON object in `file`; a clear error for an unreadable, empty, truncated or non-object file."""
+  try:
+    text = file.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"cannot read '{file}' ({type(e).__name__}: {e}).") from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    what = 'is empty' if not text.strip() else f'is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})'
+    raise ValueError(f"'{file}' {what}; expected a JSON object. The file is truncated or damaged: download or "
+                     'export the checkpoint again.') from None
+  if not isinstance(data, dict):
+    raise ValueError(f"'{file}' holds a JSON {type(data).__name__}; expected a JSON object {{...}}.")
+  return data
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
   """{HF tensor name: file holding it}, from the index or the single file; refuses pickle checkpoints."""
   index = path / SAFE_INDEX
   if index.exists():
-    weight_map = json.loads(index.read_text())['weight_map']
+    weight_map = _read_json_object(index).get('weight_map')
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+      found = 'no weight_map' if weight_map is None else f'a weight_map of type {type(weight_map).__name__}'
+      raise ValueError(f"'{index}' has {found}; expected \"weight_map\": {{tensor name: shard file name}}.")
     files = {n: path / f for n, f in weight_map.items()}
     for f in sorted(set(files.values())):
       if not f.exists():
@@ -131,27 +161,24 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   used = set()
   for row in table:
     name = prefix + row.hf if prefix + row.hf in files else row.hf
+    wants = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
     if name not in files:
-      shapes = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
-      raise KeyError(f"checkpoint '{path}' lacks tensor '{prefix + row.hf}' (for {shapes}).")
-    file = files[name]
-    handle = handles.setdefault(file, _open(file))
-    try:
-      hf_array = handle.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-      raise ValueError(f"reading tensor '{name}' from '{file}' failed ({e}); the file is truncated or "
-                       'corrupt.') from None
+      raise KeyError(f"checkpoint '{path}' lacks tensor '{_hf_name(model, row.hf, prefix)}' (for {wants}).")
+    hf_array = _read_tensor(path, files, handles, name)
+    want_hf = tuple(row.hf_shape(*(expected[o][0] for o in row.ours)))
+    if tuple(hf_array.shape) != want_hf:
+      raise ValueError(f"tensor '{name}' in '{files[name].name}' has shape {list(hf_array.shape)}; config.json "
+                       f'implies {list(want_hf)} (for {wants}).')
     used.add(name)
-    ours = row.to_ours(hf_array)
-    for our_path, arr in zip(row.ours, ours):
-      shape, want_dtype = expected[our_path]
-      if tuple(arr.shape) != shape:
-        raise ValueError(f"tensor '{name}' in '{file.name}' has shape {list(hf_array.shape)}, which gives "
-                         f"{list(arr.shape)} for '{our_path}'; config.json implies {list(shape)}.")
+    for our_path, arr in zip(row.ours, row.to_ours(hf_array)):
+      shape, _ = expected[our_path]
+      if tuple(arr.shape) != shape:  # a table whose hf_shape disagrees with its conversion
+        raise ValueError(f"tensor '{name}' gives {list(arr.shape)} for '{our_path}', not {list(shape)}; this is "
+                         f'a bug in the {model.family} table.')
       if dtype is not None and jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(dtype)
       flat[our_path] = place(our_path, arr)
-  _warn_unused(model, files, used, path)
+  _check_unused(model, path, files, handles, used, prefix)
   missing = set(expected) - set(flat)
   if missing:
     raise KeyError(f'conversion table leaves {sorted(missing)} unset; this is a bug in the {model.family} table.')
@@ -166,12 +193,57 @@ def _detect_prefix(model: Model, files: dict[str, Path], table) -> str:
   return model.hf_prefixes[-1]
 
 
-def _warn_unused(model: Model, files: dict[str, Path], used: set[str], path: Path) -> None:
-  ignore = [re.compile(p) for p in model.hf_ignore] + [re.compile(re.escape(t) + '$') for t in model.hf_tied()]
-  unused = sorted(n for n in files if n not in used and not any(p.search(n) for p in ignore))
-  if unused:
-    logging.warning('%s: %d checkpoint tensors are not used by the %s model: %s', path, len(unused),
-                    model.family, ', '.join(unused[:8]) + (' ...' if len(unused) > 8 else ''))
+def _read_tensor(path: Path, files: dict[str, Path], handles: dict[Path, Any], name: str) -> np.ndarray:
+  file = files[name]
+  handle, names = _handle(handles, file)
+  if name not in names:
+    holders = [f.name for f in sorted(path.glob('*.safetensors')) if f != file and name in _handle(handles, f)[1]]
+    where = f"; it is in '{holders[0]}'" if holders else '; no shard holds it'
+    raise ValueError(f"'{path / SAFE_INDEX}' maps tensor '{name}' to '{file.name}', which does not hold it{where}. "
+                     'The index does not match the shards: download or export the checkpoint again.')
+  try:
+    return handle.get_tensor(name)
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"reading tensor '{name}' from '{file}' failed ({e}); the file is truncated or "
+                     'corrupt.') from None
+
+
+def _handle(handles: dict[Path, Any], file: Path) -> tuple[Any, frozenset[str]]:
+  """An open safetensors file and the names it holds, opened once per load."""
+  if file not in handles:
+    handle = _open(file)
+    handles[file] = (handle, frozenset(handle.keys()))
+  return handles[file]
+
+
+def _check_unused(model: Model, path: Path, files: dict[str, Path], handles: dict[Path, Any], used: set[str],
+                  prefix: str) -> None:
+  """Every checkpoint tensor the table did not read is a buffer, a head no output uses, or an exact copy of a
+  tensor that was read (a tied head); anything else would be silently dropped, so it is refused."""
+  full = lambda n: prefix + n if prefix + n in files else n
+  copies = {full(c): full(src) for c, src in model.hf_copies().items()}
+  buffers = [re.compile(p) for p in model.hf_ignore]
+  heads = [re.compile(p) for p in model.hf_unused_heads()]
+  unused = sorted(n for n in files if n not in used and not any(p.search(n) for p in buffers))
+  for name in [n for n in unused if n in copies]:
+    src = copies[name]
+    a, b = _read_tensor(path, files, handles, name), _read_tensor(path, files, handles, src)
+    if a.shape != b.shape or not np.array_equal(a, b):
+      diff = (f'shape {list(a.shape)} vs {list(b.shape)}' if a.shape != b.shape else
+              f'max |difference| {np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))):.3g}')
+      raise ValueError(f"'{path}': tensor '{name}' differs from '{src}' ({diff}), but config.json ties them, "
+                       f'so one would be silently dropped. If the head was trained apart from the embedding, set '
+                       'tie_word_embeddings=false in config.json.')
+  skipped = [n for n in unused if n not in copies and any(p.search(n) for p in heads)]
+  if skipped:
+    logging.warning('%s: %d tensors that no output of the %s model depends on are not loaded: %s', path,
+                    len(skipped), model.family, ', '.join(skipped[:8]) + (' ...' if len(skipped) > 8 else ''))
+  unknown = [n for n in unused if n not in copies and n not in skipped]
+  if unknown:
+    raise ValueError(f"'{path}': {len(unknown)} checkpoint tensors are not read by the {model.family} model "
+                     f"({', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}). Loading without them would "
+                     'compute something else than the checkpoint; the config may describe an architecture '
+                     'variant this family does not implement.')
 
 
 def _unflatten(like: Any, flat: dict[str, Any]) -> Any:
@@ -203,6 +275,8 @@ def save_pretrained(out_dir: str | os.PathLike, model: Model, params: dict, *, d
   for row in model.hf_table():
     arrays = [np.asarray(jax.device_get(flat[p] if dtype is None else flat[p].astype(dtype))) for p in row.ours]
     tensors[_hf_name(model, row.hf, prefix)] = np.ascontiguousarray(row.to_hf(*arrays))
+  for copy, src in model.hf_export_copies().items():  # tensors transformers expects twice
+    tensors[_hf_name(model, copy, prefix)] = tensors[_hf_name(model, src, prefix)]
   _write_shards(out, tensors, max_shard_bytes)
   model.hf_config().save_pretrained(str(out))
   return out

@@ -111,10 +111,11 @@ class _Embedder(nnx.Module):
   def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
     self.tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, dtype=dtype,
                                rngs=rngs)
+    self.vocab = cfg.vocab_size
 
   def __call__(self, tokens, positions, token_types=None):
     del positions, token_types  # rotary positions are applied inside attention
-    return self.tokens(tokens)
+    return self.tokens(base.fill_invalid(tokens, self.vocab))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,30 +157,49 @@ class Llama(base.Model):
 
   @classmethod
   def from_hf_config(cls, hf: Any, tensor_names: frozenset[str] = frozenset()) -> Llama:
+    """Reads every field of LlamaConfig / MistralConfig / Qwen2Config that changes the logits; refuses the
+    values it cannot run, naming the field.
+
+    Read: sizes, head_dim, rms_norm_eps, rope_parameters (default, linear, llama3), hidden_act,
+    tie_word_embeddings, attention_bias and mlp_bias (Llama), sliding_window (Mistral), layer_types /
+    use_sliding_window / max_window_layers (Qwen2: every layer full or every layer sliding). pretraining_tp only
+    splits the matmuls of old checkpoints' training; transformers' forward ignores it, and so does this one.
+    """
     mt = hf.model_type
     rope_params = dict(getattr(hf, 'rope_parameters', None) or {})
     theta = rope_params.pop('rope_theta', getattr(hf, 'rope_theta', 10000.0))
-    if rope_params.get('rope_type', 'default') == 'default':
-      rope_params = {}
-    layers.rope_frequencies(8, theta, tuple(sorted(rope_params.items())))  # fails early if unsupported
+    kind = rope_params.get('rope_type', 'default')
+    if kind == 'default':
+      rope_params = {}  # transformers' default rope reads only rope_theta
+    elif rope_params.get('partial_rotary_factor', 1.0) != 1.0:
+      raise ValueError(f"{mt}: rope_parameters partial_rotary_factor={rope_params['partial_rotary_factor']} is not "
+                       'supported (rotary positions on part of each head).')
+    try:
+      layers.rope_frequencies(8, theta, tuple(sorted(rope_params.items())))  # fails early if unsupported
+    except ValueError as e:
+      raise ValueError(f'{mt}: rope_parameters: {e}') from None
+    if hf.hidden_act not in layers.ACTIVATIONS:
+      raise ValueError(f'{mt}: hidden_act={hf.hidden_act!r} is not supported; supported: '
+                       f'{sorted(layers.ACTIVATIONS)}.')
     window = None
     if mt == 'mistral':
       window = getattr(hf, 'sliding_window', None)
-    elif mt == 'qwen2' and getattr(hf, 'use_sliding_window', False):
-      raise ValueError('Qwen2 with use_sliding_window=True (per-layer windows) is not supported.')
-    if getattr(hf, 'hidden_act', 'silu') != 'silu':
-      raise ValueError(f'{mt}: hidden_act={hf.hidden_act!r} is not supported; the Llama family uses silu.')
-    attn_bias = bool(getattr(hf, 'attention_bias', False))
+    elif mt == 'qwen2':
+      window = _qwen2_window(hf)
+    # Only LlamaConfig has bias flags; Mistral has no biases, Qwen2 biases q, k, v only.
+    attn_bias = mt == 'llama' and bool(getattr(hf, 'attention_bias', False))
+    mlp_bias = mt == 'llama' and bool(getattr(hf, 'mlp_bias', False))
+    head_dim = getattr(hf, 'head_dim', None) or hf.hidden_size // hf.num_attention_heads
     cfg = LlamaConfig(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
         num_kv_heads=getattr(hf, 'num_key_value_heads', None) or hf.num_attention_heads,
-        head_dim=getattr(hf, 'head_dim', None), rms_norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
+        head_dim=head_dim, rms_norm_eps=hf.rms_norm_eps, rope_theta=float(theta),
         rope=tuple(sorted(rope_params.items())), max_position_embeddings=hf.max_position_embeddings,
         tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=(mt == 'qwen2') or attn_bias,
-        o_bias=attn_bias and mt != 'qwen2', mlp_bias=bool(getattr(hf, 'mlp_bias', False)),
-        sliding_window=window, model_type=mt, initializer_range=hf.initializer_range,
-        bos_token_id=hf.bos_token_id, eos_token_id=_first(hf.eos_token_id), pad_token_id=hf.pad_token_id)
+        o_bias=attn_bias, mlp_bias=mlp_bias, sliding_window=window, hidden_act=hf.hidden_act, model_type=mt,
+        initializer_range=hf.initializer_range, bos_token_id=hf.bos_token_id, eos_token_id=_first(hf.eos_token_id),
+        pad_token_id=hf.pad_token_id)
     return cls(cfg)
 
   def hf_config(self):
@@ -201,7 +221,11 @@ class Llama(base.Model):
       return transformers.MistralConfig(sliding_window=c.sliding_window, architectures=['MistralForCausalLM'],
                                         **kwargs)
     if c.model_type == 'qwen2':
-      return transformers.Qwen2Config(use_sliding_window=False, architectures=['Qwen2ForCausalLM'], **kwargs)
+      sliding = c.sliding_window is not None
+      return transformers.Qwen2Config(use_sliding_window=sliding, sliding_window=c.sliding_window,
+                                      max_window_layers=0 if sliding else c.num_layers,
+                                      layer_types=[('sliding_attention' if sliding else 'full_attention')] *
+                                      c.num_layers, architectures=['Qwen2ForCausalLM'], **kwargs)
     raise ValueError(f'Llama export: unknown model_type {c.model_type!r}.')
 
   def hf_table(self) -> list[convert.TensorMap]:
@@ -223,9 +247,36 @@ class Llama(base.Model):
       rows.append(convert.linear_weight('lm_head.weight', 'lm_head/kernel'))
     return convert.expand(rows, c.num_layers)
 
-  def hf_tied(self) -> tuple[str, ...]:
-    """HF tensors that may be absent because transformers ties them."""
-    return ('lm_head.weight',) if self.config.tie_embeddings else ()
+  def hf_copies(self) -> dict[str, str]:
+    """{HF tensor a checkpoint may hold as a copy: the tensor it must equal} (tied weights)."""
+    return {'lm_head.weight': 'model.embed_tokens.weight'} if self.config.tie_embeddings else {}
+
+  def hf_unused_heads(self) -> tuple[str, ...]:
+    return ()
+
+  def hf_export_copies(self) -> dict[str, str]:
+    return {}
+
+
+def _qwen2_window(hf: Any) -> int | None:
+  """Qwen2's window: layer_types says per layer; one window for all layers or none is supported."""
+  kinds = list(getattr(hf, 'layer_types', None) or [])
+  if not kinds:  # configs from before layer_types
+    use = getattr(hf, 'use_sliding_window', False) and getattr(hf, 'sliding_window', None) is not None
+    kinds = ['sliding_attention' if use and i >= hf.max_window_layers else 'full_attention'
+             for i in range(hf.num_hidden_layers)]
+  unknown = sorted(set(kinds) - {'full_attention', 'sliding_attention'})
+  if unknown:
+    raise ValueError(f'qwen2: layer_types holds {unknown}; only full_attention and sliding_attention exist.')
+  if len(set(kinds)) > 1:
+    raise ValueError(f'qwen2: layer_types={kinds} mixes full and sliding-window layers (use_sliding_window with '
+                     f'max_window_layers={getattr(hf, "max_window_layers", None)}); one kind for all layers is '
+                     'supported.')
+  if kinds and kinds[0] == 'sliding_attention':
+    if not getattr(hf, 'sliding_window', None):
+      raise ValueError('qwen2: layer_types are sliding_attention but sliding_window is not set.')
+    return int(hf.sliding_window)
+  return None
 
 
 def _first(x):

@@ -7,6 +7,9 @@ import torch
 import transformers
 
 from jaxcompress import models
+from jaxcompress.models.parity import relative_error
+
+TOL = 3e-6  # fp32 relative error of the unit embeddings over 6 layers; observed 7.8e-7 (8.8e-7 per row)
 
 SENTENCES = [
     'The cat sat quietly on the warm windowsill.',
@@ -63,9 +66,9 @@ def test_embeddings_match_transformers(minilm):
     h = hf(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state
     m = torch.tensor(batch['attention_mask'])[..., None].float()
     ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
-  cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
-  assert len(cos) >= 20
-  assert cos.min() >= 0.99999, cos.min()
+  assert len(ours) >= 20
+  errors = [relative_error(a, b) for a, b in zip(ours, ref)]
+  assert max(errors) <= TOL, max(errors)
 
 
 def test_embeddings_match_sentence_transformers(minilm):
@@ -74,8 +77,8 @@ def test_embeddings_match_sentence_transformers(minilm):
   ref = sentence_transformers.SentenceTransformer(str(path), device='cpu').encode(SENTENCES)
   ours = np.asarray(model.sentence_embedding(params, jnp.asarray(batch['input_ids']),
                                              jnp.asarray(batch['attention_mask'])))
-  cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
-  assert cos.min() >= 0.99999, cos.min()
+  errors = [relative_error(a, b) for a, b in zip(ours, ref)]
+  assert max(errors) <= TOL, max(errors)
   # Paraphrase structure survives: the two sentences about compression are each other's nearest ML neighbours.
   sim = ours @ ours.T
   assert sim[8, 16] > sim[8, 3] and sim[16, 23] > sim[16, 13]

@@ -184,3 +184,16 @@ def test_pooler_counts_no_flops_per_token():
   s = spec.summary(params, seq_len=8)
   assert s.rows['pooler'].flops == 0 and s.rows['pooler'].params == 32 * 32 + 32
   assert s.rows['layers/0'].flops == 2 * (4 * 32 * 32 + 2 * 32 * 48)
+
+
+@pytest.mark.parametrize('make', [
+    lambda tie: models.GPT2(models.GPT2Config(vocab_size=64, n_positions=32, hidden_size=32, num_layers=1,
+                                              num_heads=4, tie_embeddings=tie)),
+    lambda tie: models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                              intermediate_size=48, mlm_head=True, tie_embeddings=tie)),
+], ids=['gpt2', 'bert_mlm'])
+def test_untied_head_costs_the_flops_of_the_tied_one(make):
+  tied, untied = make(True), make(False)
+  pt, pu = tied.init(jax.random.key(0)), untied.init(jax.random.key(0))
+  assert tied.summary(pt, seq_len=8).total.flops == untied.summary(pu, seq_len=8).total.flops
+  assert untied.summary(pu).total.params == tied.summary(pt).total.params + 64 * 32
