@@ -7,7 +7,7 @@ import pytest
 
 from jaxcompress import models
 from jaxcompress.models import decode
-from jaxcompress.models.parity import relative_error
+from tests.reference_models import relative_error
 
 SPECS = {
     'llama_gqa': models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,

@@ -14,7 +14,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from jaxcompress import models
-from jaxcompress.models.parity import relative_error, torch_outputs
+from tests.reference_models import relative_error, torch_outputs
 
 VOCAB = 53
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 10))

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from jaxcompress import models
-from jaxcompress.models.parity import relative_error
+from tests.reference_models import relative_error
 
 TOL = 3e-6  # fp32 relative error of the unit embeddings over 6 layers; observed 7.8e-7 (8.8e-7 per row)
 

@@ -92,6 +92,9 @@ class _KillAt:
   def __init__(self, data, step):
     self.data, self.step = data, step
 
+  def fingerprint(self):
+    return self.data.fingerprint()
+
   def batch(self, step, **kwargs):
     if step == self.step:
       os.kill(os.getpid(), signal.SIGKILL)
@@ -295,7 +298,7 @@ def main(argv=None) -> None:
     channel = {'transform_state': core.map_with_path(  # per-output-channel arrays [1, out] at kernel paths
         lambda p, w: jax.ShapeDtypeStruct((1, core.shape_of(w)[1]), jnp.float32) if p in kernels else None,
         result.state.params)}
-    specs = sharding.param_specs(result.state.params, mesh_)
+    specs = sharding.param_specs(result.state.params, mesh_, MODEL.sharding_rules())
     spec = core.paths.get(sharding.tree_shardings(channel, specs, mesh_)['transform_state'],
                           'layers/0/mlp/up_proj/kernel').spec
     out['channel_spec'] = list(spec)
