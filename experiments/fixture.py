@@ -47,9 +47,14 @@ def load(name: str | os.PathLike = 'fixture', **kwargs: Any):
   return models.from_pretrained(resolve(name), **kwargs)
 
 
+def training_record(directory: str | os.PathLike = FIXTURE_DIR) -> dict[str, Any]:
+  """The folder's training.json: the pretrain.py command and flags, package versions and held-out results."""
+  return json.loads((pathlib.Path(directory) / 'training.json').read_text())
+
+
 def training_flags(directory: str | os.PathLike = FIXTURE_DIR) -> dict[str, Any]:
-  """The experiments/pretrain.py flags the fixture was trained with (from the folder's training.json)."""
-  return json.loads((pathlib.Path(directory) / 'training.json').read_text())['flags']
+  """The experiments/pretrain.py flags the fixture was trained with."""
+  return training_record(directory)['flags']
 
 
 def data(directory: str | os.PathLike = FIXTURE_DIR, *, batch_size: int | None = None,
