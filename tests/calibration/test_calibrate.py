@@ -9,13 +9,8 @@ import pytest
 from jaxcompress import calibration as cal
 from jaxcompress import core, models
 from jaxcompress.models import layers
+from tests.models.test_models import BERT, GPT2, LLAMA, SPECS
 
-LLAMA = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                                        num_heads=4, num_kv_heads=2, max_position_embeddings=32))
-GPT2 = models.GPT2(models.GPT2Config(vocab_size=64, n_positions=32, hidden_size=32, num_layers=2, num_heads=4))
-BERT = models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                                     intermediate_size=48, max_position_embeddings=32, mlm_head=True))
-SPECS = {'llama': LLAMA, 'gpt2': GPT2, 'bert': BERT}
 OBSERVER = cal.combine(h=cal.hessian(), n=cal.column_norms(), m=cal.abs_max(), a=cal.abs_mean())
 
 
