@@ -1,0 +1,173 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+ICML 2023): OBS mask selection with reconstruction of the kept weights, one input row at a time.
+
+With W: [in, out] (the paper's Wᵀ), H = XᵀX + λI over the inputs and U upper triangular with UᵀU = H⁻¹, row j
+is pruned against the rows after it:
+
+    select (per block of `block_size` rows): prune the smallest  W[j, o]² / U[j, j]²      (adaptive mask)
+    err = (W[j] - Q[j]) / U[j, j];   W[j:] -= U[j, j:]ᵀ err            (Q[j]: W[j] with pruned entries 0)
+
+Updates of the rows after the block are lazy (one matmul per block). N:M selects per group of M input rows as
+the group is reached. The loops over blocks and rows are `lax.fori_loop`s over `dynamic_slice`s, so a layer
+shape compiles once, whatever its width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcompress import core
+from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning.inputs import check_calibration, check_kernel
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def hessian_from_inputs(x: jax.Array) -> jax.Array:
+  """XᵀX [in, in] float32 from x [tokens, in] (HIGHEST: accelerators would otherwise use bf16 passes)."""
+  xf = x.astype(jnp.float32)
+  return jnp.matmul(xf.T, xf, precision=HIGHEST)
+
+
+def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
+  """U upper triangular [n, n] with UᵀU = h⁻¹ (h symmetric positive definite).
+
+  One Cholesky of the reversed matrix and one triangular solve: with P the reversal, PhP = LLᵀ gives
+  h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P), and P L⁻¹ P is upper triangular.
+  """
+  n = h.shape[0]
+  chol = jnp.linalg.cholesky(h[::-1, ::-1])
+  inv = lax.linalg.triangular_solve(chol, jnp.eye(n, dtype=h.dtype), left_side=True, lower=True)
+  return inv[::-1, ::-1]
+
+
+def prepare_hessian(w: jax.Array, h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+  """(w with dead inputs zeroed, damped h): an input never active (H[j, j] = 0) gets H[j, j] = 1 and its row of
+  w is zeroed (it contributes nothing to the output), then λ = damp · mean(diag H) is added to the diagonal."""
+  diag = jnp.diagonal(h)
+  dead = diag <= 0
+  h = h + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
+  w = jnp.where(dead[:, None], jnp.zeros((), w.dtype), w)
+  diag = jnp.diagonal(h)
+  h = h / jnp.mean(diag)  # scale-free (the solver is invariant to it) and well inside float32's range
+  return w, h + damp * jnp.eye(h.shape[0], dtype=h.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('nm', 'block_size'))
+def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, nm: tuple[int, int] | None,
+           block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(reconstructed w [in, out] float32 with pruned entries 0, kept mask [in, out] bool, all-finite flag)."""
+  n_in, n_out = w.shape
+  w, h = prepare_hessian(w.astype(jnp.float32), h.astype(jnp.float32), damp)
+  u = inverse_cholesky_upper(h)
+  bs = block_size
+  n_blocks = -(-n_in // bs)
+  pad = n_blocks * bs - n_in
+  # Padding rows: zero weights and an identity block of U, so they neither change nor are changed by real rows.
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
+  kept = jnp.ones(w.shape, bool)
+
+  def row(i, carry):
+    w1, e1, pruned, u1 = carry
+    wi = w1[i]
+    q = jnp.where(pruned[i], 0.0, wi)
+    err = (wi - q) / u1[i, i]
+    w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+    return w1.at[i].set(q), e1.at[i].set(err), pruned, u1
+
+  def block(b, carry):
+    w, kept = carry
+    i1 = b * bs
+    w1 = lax.dynamic_slice(w, (i1, 0), (bs, n_out))
+    u_rows = lax.dynamic_slice(u, (i1, 0), (bs, n_in + pad))
+    u1 = lax.dynamic_slice(u_rows, (0, i1), (bs, bs))
+    d = jnp.diagonal(u1)
+    e1 = jnp.zeros_like(w1)
+    if nm is None:
+      valid = (i1 + jnp.arange(bs)) < n_in
+      score = jnp.where(valid[:, None], jnp.square(w1) / jnp.square(d)[:, None], jnp.inf).reshape(-1)
+      k = jnp.round(sparsity * jnp.sum(valid) * n_out).astype(jnp.int32)
+      thresh = jnp.sort(score)[jnp.minimum(k, score.size - 1)]
+      pruned = (score < thresh).reshape(bs, n_out)
+      w1, e1, pruned, _ = lax.fori_loop(0, bs, row, (w1, e1, pruned, u1))
+    else:
+      n, m = nm
+
+      def group(g, carry):
+        w1, e1, pruned, u1 = carry
+        wg = lax.dynamic_slice(w1, (g * m, 0), (m, n_out))
+        dg = lax.dynamic_slice(d, (g * m,), (m,))
+        sel = masks_lib.nm_mask(jnp.square(wg) / jnp.square(dg)[:, None], n, m)
+        pruned = lax.dynamic_update_slice(pruned, ~sel, (g * m, 0))
+        return lax.fori_loop(g * m, g * m + m, row, (w1, e1, pruned, u1))
+
+      w1, e1, pruned, _ = lax.fori_loop(0, bs // m, group, (w1, e1, jnp.zeros(w1.shape, bool), u1))
+    # Lazy update of the rows after the block; the block's own rows are overwritten just after.
+    w = w - jnp.matmul(u_rows.T, e1, precision=HIGHEST)
+    w = lax.dynamic_update_slice(w, w1, (i1, 0))
+    return w, lax.dynamic_update_slice(kept, ~pruned, (i1, 0))
+
+  w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
+  w, kept = w[:n_in], kept[:n_in]
+  return w, kept, jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(u))
+
+
+def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
+                           block_size: int = 128, damp: float = 0.01) -> core.Masked:
+  """SparseGPT from streamed statistics: w [in, out] float, h = XᵀX [in, in] (any positive scale, e.g.
+  `calibration.hessian()`'s 'xtx').
+
+  sparsity: fraction pruned in [0, 1) (unstructured; selected adaptively per block of `block_size` rows).
+  pattern: None / 'unstructured', or 'N:M' (e.g. '2:4': at most N kept of every M inputs of each output).
+  damp: λ = damp · mean(diag H) added to H's diagonal. Dead inputs (H[j, j] = 0) have their weights zeroed.
+  Returns core.Masked(value=reconstructed w in w's dtype, mask [in, out] bool).
+  """
+  check_kernel(w, caller='sparsegpt')
+  h = jnp.asarray(h)
+  n_in = w.shape[0]
+  if h.shape != (n_in, n_in):
+    raise ValueError(f'sparsegpt: h has shape {h.shape}, expected ({n_in}, {n_in}) = XᵀX over the inputs of '
+                     f'w [in, out] = {w.shape}.')
+  if not bool(jnp.all(jnp.isfinite(h))):
+    raise ValueError('sparsegpt: the Hessian XᵀX holds NaN or inf; check the calibration inputs.')
+  if not bool(jnp.any(jnp.diagonal(h) > 0)):
+    raise ValueError('sparsegpt: the Hessian is zero (no calibration token reached this layer, or every input '
+                     'is 0); give calibration data that exercises the layer.')
+  if not damp > 0:
+    raise ValueError(f'sparsegpt: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal; '
+                     'the paper uses 0.01).')
+  if not (isinstance(block_size, int) and block_size > 0):
+    raise ValueError(f'sparsegpt: block_size={block_size!r} must be a positive int (e.g. 128).')
+  p = masks_lib.parse_pattern(pattern, caller='sparsegpt')
+  if p == 'per_output':
+    raise ValueError("sparsegpt: pattern='per_output' is not a SparseGPT selection; use None (adaptive per "
+                     "block) or 'N:M'.")
+  nm = p if isinstance(p, tuple) else None
+  if nm is not None:
+    masks_lib.check_nm(n_in, nm, caller='sparsegpt')
+    block_size = -(-block_size // nm[1]) * nm[1]  # whole groups per block
+    sparsity = 1 - nm[0] / nm[1]
+  else:
+    sparsity = masks_lib.check_sparsity(sparsity, caller='sparsegpt')
+  block_size = min(block_size, -(-n_in // (nm[1] if nm else 1)) * (nm[1] if nm else 1))
+  value, kept, finite = _solve(w, h, jnp.float32(sparsity), jnp.float32(damp), nm=nm, block_size=block_size)
+  if not bool(finite):
+    raise FloatingPointError(f'sparsegpt: the damped Hessian is not positive definite in float32 (damp={damp}); '
+                             'raise damp (e.g. 0.1) or give more calibration tokens.')
+  return core.Masked(value=value.astype(w.dtype), mask=kept)
+
+
+def sparsegpt_layer(w: jax.Array, x: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
+                    block_size: int = 128, damp: float = 0.01) -> core.Masked:
+  """SparseGPT on one linear layer: w [in, out] float, x [tokens, in] its calibration inputs.
+
+  See `sparsegpt_from_hessian` for the arguments; H = XᵀX is formed here in float32.
+  """
+  x = check_calibration(x, w, caller='sparsegpt_layer')
+  return sparsegpt_from_hessian(w, hessian_from_inputs(x), sparsity=sparsity, pattern=pattern,
+                                block_size=block_size, damp=damp)
