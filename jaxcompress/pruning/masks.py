@@ -1,6 +1,6 @@
 """The orthogonal axes of pruning: a score, a pattern, a distribution over layers (as jaxpruner separates them).
 
-    score         an array like the weight, larger = more important (`magnitude`: |W|; Wanda: |W|·‖X_j‖₂)
+    score         an array like the weight, larger = more important (`magnitude_score`: |W|; Wanda: |W|·‖X_j‖₂)
     pattern       which entries compete: 'per_layer' (the whole matrix), 'per_output' (the inputs of each output
                   column), or 'N:M' (at most N kept in every M consecutive inputs of each output, e.g. '2:4')
     distribution  each layer's sparsity: 'uniform', 'erk' (Evci et al. 2020, ∝ (in + out) / (in·out)),
@@ -101,7 +101,7 @@ def mask_from_scores(scores: jax.Array, sparsity: float, pattern: str | None = N
 # Scores -------------------------------------------------------------------------------------------------------
 
 
-def magnitude(path: str, w: Any) -> jax.Array:
+def magnitude_score(path: str, w: Any) -> jax.Array:
   """|W| (float32), the classic score (Han et al. 2015)."""
   del path
   return jnp.abs(core.materialize(w).astype(jnp.float32))
@@ -148,12 +148,12 @@ def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, dis
 Scores = Mapping[str, jax.Array] | Callable[[str, Any], jax.Array]
 
 
-def prune(params: Any, scores: Scores = magnitude, *, sparsity: float, pattern: str | None = None,
+def prune(params: Any, scores: Scores = magnitude_score, *, sparsity: float, pattern: str | None = None,
           distribution: str = 'uniform', selection: core.Rules | core.Selection | None = None,
           overrides: Mapping[str, float] | None = None) -> Any:
   """params with each selected kernel replaced by `core.Masked(value=w, mask)`, mask from its scores.
 
-  scores: {path: [in, out] scores} or a function (path, weight) -> scores (default `magnitude`).
+  scores: {path: [in, out] scores} or a function (path, weight) -> scores (default `magnitude_score`).
   sparsity: the fraction pruned, in [0, 1) (ignored for N:M patterns, which prune 1 - N/M).
   pattern: 'per_layer' (default), 'per_output', or 'N:M' along the input dimension.
   distribution: 'uniform' | 'erk' | 'global' (one threshold over all selected layers; needs 'per_layer').

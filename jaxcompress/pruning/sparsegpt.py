@@ -72,13 +72,43 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
   kept = jnp.ones(w.shape, bool)
 
+  sub = _sub_block(bs, nm[1] if nm else 1)
+
   def row(i, carry):
-    w1, e1, pruned, u1 = carry
-    wi = w1[i]
+    w2, e2, pruned, u2 = carry
+    wi = w2[i]
     q = jnp.where(pruned[i], 0.0, wi)
-    err = (wi - q) / u1[i, i]
-    w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
-    return w1.at[i].set(q), e1.at[i].set(err), pruned, u1
+    err = (wi - q) / u2[i, i]
+    w2 = w2 - u2[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+    return w2.at[i].set(q), e2.at[i].set(err), pruned, u2
+
+  def rows(w2, pruned, u2):
+    """Rows of one sub-block in order; N:M selects each group of M rows from their values when reached."""
+    e2 = jnp.zeros_like(w2)
+    if nm is None:
+      return lax.fori_loop(0, sub, row, (w2, e2, pruned, u2))[:3]
+    n, m = nm
+    d = jnp.diagonal(u2)
+
+    def group(g, carry):
+      w2, e2, pruned, u2 = carry
+      wg = lax.dynamic_slice(w2, (g * m, 0), (m, n_out))
+      dg = lax.dynamic_slice(d, (g * m,), (m,))
+      sel = masks_lib.nm_mask(jnp.square(wg) / jnp.square(dg)[:, None], n, m)
+      pruned = lax.dynamic_update_slice(pruned, ~sel, (g * m, 0))
+      return lax.fori_loop(g * m, g * m + m, row, (w2, e2, pruned, u2))
+
+    return lax.fori_loop(0, sub // m, group, (w2, e2, pruned, u2))[:3]
+
+  def sub_block(s, carry):
+    # Rows are solved `sub` at a time (small enough to stay in cache); the rest of the block is updated lazily.
+    w1, e1, pruned, u1 = carry
+    r = s * sub
+    w2, e2, p2 = rows(lax.dynamic_slice(w1, (r, 0), (sub, n_out)), lax.dynamic_slice(pruned, (r, 0), (sub, n_out)),
+                      lax.dynamic_slice(u1, (r, r), (sub, sub)))
+    w1 = w1 - jnp.matmul(lax.dynamic_slice(u1, (r, 0), (sub, bs)).T, e2, precision=HIGHEST)
+    w1 = lax.dynamic_update_slice(w1, w2, (r, 0))
+    return (w1, lax.dynamic_update_slice(e1, e2, (r, 0)), lax.dynamic_update_slice(pruned, p2, (r, 0)), u1)
 
   def block(b, carry):
     w, kept = carry
@@ -86,27 +116,16 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
     w1 = lax.dynamic_slice(w, (i1, 0), (bs, n_out))
     u_rows = lax.dynamic_slice(u, (i1, 0), (bs, n_in + pad))
     u1 = lax.dynamic_slice(u_rows, (0, i1), (bs, bs))
-    d = jnp.diagonal(u1)
-    e1 = jnp.zeros_like(w1)
-    if nm is None:
+    if nm is None:  # adaptive selection over the whole block, from its values when the block is reached
+      d = jnp.diagonal(u1)
       valid = (i1 + jnp.arange(bs)) < n_in
       score = jnp.where(valid[:, None], jnp.square(w1) / jnp.square(d)[:, None], jnp.inf).reshape(-1)
       k = jnp.round(sparsity * jnp.sum(valid) * n_out).astype(jnp.int32)
       thresh = jnp.sort(score)[jnp.minimum(k, score.size - 1)]
       pruned = (score < thresh).reshape(bs, n_out)
-      w1, e1, pruned, _ = lax.fori_loop(0, bs, row, (w1, e1, pruned, u1))
     else:
-      n, m = nm
-
-      def group(g, carry):
-        w1, e1, pruned, u1 = carry
-        wg = lax.dynamic_slice(w1, (g * m, 0), (m, n_out))
-        dg = lax.dynamic_slice(d, (g * m,), (m,))
-        sel = masks_lib.nm_mask(jnp.square(wg) / jnp.square(dg)[:, None], n, m)
-        pruned = lax.dynamic_update_slice(pruned, ~sel, (g * m, 0))
-        return lax.fori_loop(g * m, g * m + m, row, (w1, e1, pruned, u1))
-
-      w1, e1, pruned, _ = lax.fori_loop(0, bs // m, group, (w1, e1, jnp.zeros(w1.shape, bool), u1))
+      pruned = jnp.zeros(w1.shape, bool)
+    w1, e1, pruned, _ = lax.fori_loop(0, bs // sub, sub_block, (w1, jnp.zeros_like(w1), pruned, u1))
     # Lazy update of the rows after the block; the block's own rows are overwritten just after.
     w = w - jnp.matmul(u_rows.T, e1, precision=HIGHEST)
     w = lax.dynamic_update_slice(w, w1, (i1, 0))
@@ -115,6 +134,17 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
   w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
   w, kept = w[:n_in], kept[:n_in]
   return w, kept, jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(u))
+
+
+def _sub_block(block_size: int, m: int, target: int = 16) -> int:
+  """Rows solved one by one before a lazy update within a block: a multiple of m dividing block_size, ≤ target
+  where possible."""
+  groups = block_size // m
+  best = 1
+  for g in range(1, groups + 1):
+    if groups % g == 0 and g * m <= max(target, m):
+      best = g
+  return best * m
 
 
 def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
