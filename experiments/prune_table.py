@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxcompress import models, provenance, pruning
+from jaxcompress import calibration, models, provenance, pruning
 from jaxcompress.eval import lm
 
 flags.DEFINE_string('model', 'fixture', "'fixture' or a checkpoint directory (holding training.json too).")
@@ -71,6 +71,18 @@ def held_out_ppl(model, params, valid) -> float:
   return float(np.exp(nll / count))
 
 
+def outlier_ratio(model, params, calib) -> dict[str, float]:
+  """How uneven the input features of each kernel are: max_j ‖X_j‖ / median_j ‖X_j‖ (Wanda's gain over magnitude
+  comes from a few input features far larger than the rest, which large LLMs have and small models may lack)."""
+  batches = [calib[lo:lo + BATCH] for lo in range(0, len(calib), BATCH)]
+  stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False)
+  out = {}
+  for path, s in stats.items():
+    n = np.asarray(calibration.norms(s))
+    out[path] = float(n.max() / np.median(n))
+  return out
+
+
 def prune(method: str, setting: str, model, params, calib):
   pattern, sparsity = (setting, 0.5) if ':' in setting else (None, float(setting.rstrip('%')) / 100)
   batches = [calib[lo:lo + BATCH] for lo in range(0, len(calib), BATCH)]
@@ -89,6 +101,10 @@ def main(argv):
   model, params, calib, valid = load()
   results = {'dense': held_out_ppl(model, params, valid), 'rows': {}, 'seconds': {}, 'sparsity': {}}
   print(f'dense: {results["dense"]:.2f}  (calibration {calib.shape}, held-out {valid.shape})', flush=True)
+  ratios = outlier_ratio(model, params, calib)
+  results['outlier_ratio'] = ratios
+  print('input-feature outliers, max/median ‖X_j‖ per kernel: median over kernels '
+        f'{np.median(list(ratios.values())):.1f}, max {max(ratios.values()):.1f}', flush=True)
   for setting in FLAGS.settings:
     for method in FLAGS.methods:
       t0 = time.perf_counter()
@@ -101,7 +117,8 @@ def main(argv):
       results['sparsity'][key] = pruning.sparsity_of(pruned, model.select(pruned))
       print(f'{key:<20} ppl {ppl:10.2f}  sparsity {results["sparsity"][key]:.3f}  {secs:.1f}s', flush=True)
   lines = [f'Held-out perplexity ({len(valid)} rows; dense {results["dense"]:.2f}); calibration '
-           f'{calib.shape[0]} x {calib.shape[1]} tokens, seed {FLAGS.seed}', '',
+           f'{calib.shape[0]} x {calib.shape[1]} tokens, seed {FLAGS.seed}; input-feature outliers max/median '
+           f'‖X_j‖: median over kernels {np.median(list(ratios.values())):.1f}, max {max(ratios.values()):.1f}', '',
            '| setting | ' + ' | '.join(FLAGS.methods) + ' |', '|---|' + '---:|' * len(FLAGS.methods)]
   for setting in FLAGS.settings:
     lines.append(f'| {setting} | ' + ' | '.join(f'{results["rows"][f"{m}/{setting}"]:.2f}' for m in FLAGS.methods)
