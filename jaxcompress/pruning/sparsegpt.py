@@ -36,13 +36,47 @@ def hessian_from_inputs(x: jax.Array) -> jax.Array:
 def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
   """U upper triangular [n, n] with UᵀU = h⁻¹ (h symmetric positive definite).
 
-  One Cholesky of the reversed matrix and one triangular solve: with P the reversal, PhP = LLᵀ gives
-  h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P), and P L⁻¹ P is upper triangular.
+  With P the reversal, PhP = LLᵀ gives h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P), and P L⁻¹ P is upper triangular; L⁻¹ comes from
+  `inverse_cholesky_lower`, which is matmuls but for small leaves.
   """
-  n = h.shape[0]
-  chol = jnp.linalg.cholesky(h[::-1, ::-1])
-  inv = lax.linalg.triangular_solve(chol, jnp.eye(n, dtype=h.dtype), left_side=True, lower=True)
-  return inv[::-1, ::-1]
+  return inverse_cholesky_lower(h[::-1, ::-1])[::-1, ::-1]
+
+
+def inverse_cholesky_lower(a: jax.Array, leaf: int = 512) -> jax.Array:
+  """L⁻¹ [n, n] lower triangular, where a = LLᵀ is symmetric positive definite.
+
+  Blocked by halves, so nearly all the work is matmuls (XLA's CPU Cholesky and triangular solve are several
+  times slower per flop than its matmul): with a = [[A, Bᵀ], [B, C]],
+      L₁⁻¹ = rec(A),  L₂₁ = B L₁⁻ᵀ,  L₂⁻¹ = rec(C - L₂₁ L₂₁ᵀ),  (L⁻¹)₂₁ = -L₂⁻¹ L₂₁ L₁⁻¹.
+  The recursion has depth log2(n / leaf) and its shapes are fixed by n: one compile per layer shape.
+  """
+  n = a.shape[0]
+  if n <= leaf:
+    chol = jnp.linalg.cholesky(a)
+    return lax.linalg.triangular_solve(chol, jnp.eye(n, dtype=a.dtype), left_side=True, lower=True)
+  m = n // 2
+  inv1 = inverse_cholesky_lower(a[:m, :m], leaf)
+  l21 = jnp.matmul(a[m:, :m], inv1.T, precision=HIGHEST)
+  schur = a[m:, m:] - jnp.matmul(l21, l21.T, precision=HIGHEST)
+  inv2 = inverse_cholesky_lower((schur + schur.T) / 2, leaf)
+  inv21 = -jnp.matmul(jnp.matmul(inv2, l21, precision=HIGHEST), inv1, precision=HIGHEST)
+  top = jnp.concatenate([inv1, jnp.zeros((m, n - m), a.dtype)], axis=1)
+  return jnp.concatenate([top, jnp.concatenate([inv21, inv2], axis=1)], axis=0)
+
+
+def kth_smallest_nonnegative(x: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th smallest (0-based) of x [n] float32 ≥ 0 (inf allowed), exactly: a bisection over the float bits,
+  which order like int32 for non-negative floats. 31 counting passes instead of a sort."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+  def step(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid) >= k + 1
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = lax.fori_loop(0, 31, step, (jnp.int32(0), jnp.int32(0x7F800000)))
+  return lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def prepare_hessian(w: jax.Array, h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +155,7 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
       valid = (i1 + jnp.arange(bs)) < n_in
       score = jnp.where(valid[:, None], jnp.square(w1) / jnp.square(d)[:, None], jnp.inf).reshape(-1)
       k = jnp.round(sparsity * jnp.sum(valid) * n_out).astype(jnp.int32)
-      thresh = jnp.sort(score)[jnp.minimum(k, score.size - 1)]
+      thresh = kth_smallest_nonnegative(score, jnp.minimum(k, score.size - 1))
       pruned = (score < thresh).reshape(bs, n_out)
     else:
       pruned = jnp.zeros(w1.shape, bool)
