@@ -64,17 +64,38 @@ def n_pruned(sparsity: float, size: int) -> int:
   return int(round(sparsity * size))
 
 
-def _prune_smallest(scores: jax.Array, k: int, axis: int | None) -> jax.Array:
-  """Mask keeping all but the k smallest scores (along axis, or over the whole array); exactly k pruned."""
-  if k <= 0:
+def _sortable(x: jax.Array) -> jax.Array:
+  """uint32 keys ordered as the float32 values x (the usual sign-flip of the IEEE bits)."""
+  x = x.astype(jnp.float32)
+  x = jnp.where(x == 0, jnp.zeros((), jnp.float32), x)  # -0.0 ties with 0.0, as in a sort
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _prune_smallest(scores: jax.Array, k, axis: int | None) -> jax.Array:
+  """Mask keeping all but the k smallest scores (along axis, or over the whole array), exactly k pruned; ties
+  are pruned in index order, as a stable sort would. The k-th key is found by bisection (32 counting passes),
+  which on CPU is far cheaper than sorting a large kernel; k may be traced."""
+  if isinstance(k, int) and k <= 0:
     return jnp.ones(scores.shape, bool)
-  if axis is None:
-    flat = scores.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    return jnp.ones(flat.shape, bool).at[order[:k]].set(False).reshape(scores.shape)
-  order = jnp.argsort(scores, axis=axis, stable=True)
-  ranks = jnp.argsort(order, axis=axis, stable=True)
-  return ranks >= k
+  flat = axis is None
+  keys = _sortable(scores.reshape(-1) if flat else jnp.moveaxis(scores, axis, 0))
+  k = jnp.asarray(k, jnp.uint32)
+
+  def step(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(keys <= mid, axis=0, dtype=jnp.uint32) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  shape = keys.shape[1:]
+  lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.zeros(shape, jnp.uint32), jnp.full(shape, 0xFFFFFFFF, jnp.uint32)))
+  below = keys < lo
+  ties = keys == lo
+  room = k - jnp.sum(below, axis=0, dtype=jnp.uint32)
+  pruned = below | (ties & (jnp.cumsum(ties, axis=0, dtype=jnp.uint32) <= room))
+  pruned = jnp.where(k > 0, pruned, False)
+  return ~(pruned.reshape(scores.shape) if flat else jnp.moveaxis(pruned, 0, axis))
 
 
 def nm_mask(scores: jax.Array, n: int, m: int) -> jax.Array:

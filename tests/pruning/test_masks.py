@@ -96,3 +96,17 @@ def test_prune_is_jax_friendly_and_keeps_values():
   m = core.flatten(out)['layers/0/a/kernel']
   np.testing.assert_array_equal(np.asarray(m.value), params['layers'][0]['a']['kernel'])
   assert pruning.sparsity_of(out) == 0.5
+
+
+def test_ties_and_negative_scores_are_pruned_as_a_stable_sort_would():
+  rs = np.random.RandomState(0)
+  for trial in range(6):
+    x = rs.randn(12, 5).astype(np.float32)
+    if trial % 2:
+      x = np.round(x)  # many ties, -0.0 among them
+    for k in (0, 1, 6, 11):
+      got = np.asarray(pruning.masks._prune_smallest(x, k, 0))
+      np.testing.assert_array_equal(got, np.argsort(np.argsort(x, 0, kind='stable'), 0, kind='stable') >= k)
+      got = np.asarray(pruning.masks._prune_smallest(x, 3 * k, None))
+      ranks = np.argsort(np.argsort(x.reshape(-1), kind='stable'), kind='stable')
+      np.testing.assert_array_equal(got, (ranks >= 3 * k).reshape(x.shape))
