@@ -96,7 +96,9 @@ def gradual_magnitude(config: GradualConfig = GradualConfig()) -> transforms.Tra
 
   def update(params, masks, step, rng):
     del rng
-    due = (step >= c.begin_step) & (step <= c.end_step) & ((step - c.begin_step) % c.frequency == 0)
+    # end_step too, so the final sparsity is reached whatever the frequency
+    due = (step >= c.begin_step) & (step <= c.end_step) & (((step - c.begin_step) % c.frequency == 0) |
+                                                           (step == c.end_step))
     s = cubic_sparsity(step, initial=c.initial_sparsity, final=c.final_sparsity, begin_step=c.begin_step,
                        end_step=c.end_step)
 
@@ -158,7 +160,8 @@ def sparse_optimizer(tx: optax.GradientTransformation, config: SparseTrainingCon
     scores = state.scores
     if c.method == 'movement':
       scores = _zip(lambda m, s, g, w: s - (g * w).astype(jnp.float32), state.masks, scores, grads, params)
-      due = (count >= c.begin_step) & (count <= c.end_step) & ((count - c.begin_step) % c.update_every == 0)
+      due = (count >= c.begin_step) & (count <= c.end_step) & (((count - c.begin_step) % c.update_every == 0) |
+                                                                (count == c.end_step))
       s = cubic_sparsity(count, initial=0.0, final=c.sparsity, begin_step=c.begin_step, end_step=c.end_step)
       new = lax.cond(due, lambda m: _zip(lambda m, sc: _prune_lowest(jnp.where(m, sc, -jnp.inf), s), m, scores),
                      lambda m: m, state.masks)

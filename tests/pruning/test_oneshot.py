@@ -26,16 +26,16 @@ def test_first_block_equals_the_layer_solvers_on_dense_statistics(params):
   stats = calibration.calibrate(LLAMA, params, data, calibration.combine(h=calibration.hessian(),
                                                                          n=calibration.column_norms()))
   wanda = pruning.wanda(LLAMA, params, data, config=pruning.WandaConfig(per_group=False))
-  sgpt = pruning.sparsegpt(LLAMA, params, data, config=pruning.SparseGPTConfig(per_group=True, block_size=16))
+  sgpt = pruning.sparsegpt(LLAMA, params, data, config=pruning.SparseGPTConfig(per_group=False, block_size=16))
   flat, w_flat, s_flat = core.flatten(params), core.flatten(wanda), core.flatten(sgpt)
   for path in ('layers/0/attn/q_proj/kernel', 'layers/0/mlp/down_proj/kernel'):
     want = pruning.wanda_from_norms(flat[path], stats[path]['n']['sq_norm'])
     np.testing.assert_array_equal(np.asarray(w_flat[path].mask), np.asarray(want.mask))
-  # the first group of block 0 sees the dense inputs (later groups see the pruned ones)
-  path = 'layers/0/attn/q_proj/kernel'
-  want = pruning.sparsegpt_from_hessian(flat[path], stats[path]['h']['xtx'], block_size=16)
-  np.testing.assert_array_equal(np.asarray(s_flat[path].mask), np.asarray(want.mask))
-  np.testing.assert_allclose(np.asarray(s_flat[path].value), np.asarray(want.value), rtol=1e-5, atol=1e-6)
+  # without per_group, every kernel of block 0 sees the dense model's inputs
+  for path in ('layers/0/attn/q_proj/kernel', 'layers/0/mlp/down_proj/kernel'):
+    want = pruning.sparsegpt_from_hessian(flat[path], stats[path]['h']['xtx'], block_size=16)
+    np.testing.assert_array_equal(np.asarray(s_flat[path].mask), np.asarray(want.mask))
+    np.testing.assert_allclose(np.asarray(s_flat[path].value), np.asarray(want.value), rtol=1e-5, atol=1e-6)
   for out in (wanda, sgpt):
     sel = core.select(out)
     assert all(k == 'Masked' for k in sel.kinds) and len(sel) == 14
