@@ -1,0 +1,200 @@
+"""Pruning during training: a sparsity schedule and the methods that follow it inside `train.loop.fit`.
+
+    gradual_magnitude(config)       a Transform: every `frequency` steps, prune the smallest |W| to the
+                                    cubic schedule's sparsity (Zhu & Gupta, "To prune, or not to prune", 2017):
+                                        s_t = s_f + (s_i - s_f) · (1 - (t - t_0) / (t_1 - t_0))³
+    sparse_optimizer(tx, config)    an optax wrapper for the methods whose score needs gradients, which a
+                                    Transform never sees: movement pruning (Sanh et al. 2020, S = -Σ_t ∂L/∂W · W,
+                                    hard top-k to the cubic schedule), SET (Mocanu et al. 2018) and RigL (Evci et
+                                    al. 2020) at constant sparsity (drop the smallest |W|, regrow at random / by
+                                    |∂L/∂W|, the drop fraction decaying with a cosine).
+
+Both keep masks as explicit state (checkpointed with the run). `sparse_optimizer` zeroes pruned parameters through
+its own updates (update = -W where the mask is off), so it needs no Transform; entries regrown by RigL / SET
+start from zero as in the papers. Recovery fine-tuning with masks frozen needs neither: `core.Masked` leaves keep
+their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense leaves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxcompress import core
+from jaxcompress.core.select import KERNELS
+from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.train import transforms
+
+
+def cubic_sparsity(step: jax.Array, *, initial: float, final: float, begin_step: int, end_step: int) -> jax.Array:
+  """Zhu & Gupta's schedule: `initial` before begin_step, `final` from end_step on, cubic in between."""
+  t = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step) / max(end_step - begin_step, 1), 0.0, 1.0)
+  return final + (initial - final) * (1.0 - t) ** 3
+
+
+def _prune_lowest(score: jax.Array, sparsity: jax.Array) -> jax.Array:
+  """Kept mask pruning round(sparsity · size) lowest scores of the whole array (sparsity traced)."""
+  flat = score.reshape(-1)
+  k = jnp.round(sparsity * flat.size).astype(jnp.int32)
+  ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
+  return (ranks >= k).reshape(score.shape)
+
+
+def _selected_masks(params: Any, include, exclude, *, caller: str) -> Any:
+  """A tree like params: all-True bool arrays at the selected kernels, None elsewhere."""
+  sel = core.select_by(params, core.Rules(include=include, exclude=exclude))
+  if not len(sel):
+    raise ValueError(f'{caller}: include={include!r} exclude={exclude!r} selects no parameter; see '
+                     'core.select(params) for the paths.')
+  chosen = set(sel)
+  return core.map_with_path(lambda p, x: jnp.ones(core.shape_of(x), bool) if p in chosen else None, params)
+
+
+def _zip(fn, masks, *trees):
+  """fn(mask, *leaves) where masks has an array, None where it has None."""
+  return jax.tree.map(lambda m, *xs: None if m is None else fn(m, *xs), masks, *trees, is_leaf=lambda x: x is None)
+
+
+def _apply(masks, tree):
+  return jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)), masks, tree,
+                      is_leaf=lambda x: x is None)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradualConfig:
+  final_sparsity: float = 0.5  # sparsity of every selected kernel from end_step on
+  initial_sparsity: float = 0.0  # sparsity at begin_step
+  begin_step: int = 0  # first pruning step
+  end_step: int = 1000  # last pruning step (the schedule reaches final_sparsity here)
+  frequency: int = 100  # steps between mask updates
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+
+
+def _check_schedule(cfg, caller: str):
+  masks_lib.check_sparsity(cfg.final_sparsity, caller=f'{caller} final_sparsity')
+  masks_lib.check_sparsity(cfg.initial_sparsity, caller=f'{caller} initial_sparsity')
+  if not (0 <= cfg.begin_step <= cfg.end_step and cfg.frequency >= 1):
+    raise ValueError(f'{caller}: need 0 <= begin_step ({cfg.begin_step}) <= end_step ({cfg.end_step}) and '
+                     f'frequency >= 1 ({cfg.frequency}).')
+
+
+def gradual_magnitude(config: GradualConfig = GradualConfig()) -> transforms.Transform:
+  """A Transform pruning the selected kernels by |W| to the cubic schedule; state: the masks (a tree like the
+  params, None where unpruned). Pruned entries stay pruned (their score is below every kept one)."""
+  _check_schedule(config, 'gradual_magnitude')
+  c = config
+
+  def init(params):
+    return _selected_masks(params, c.include, c.exclude, caller='gradual_magnitude')
+
+  def update(params, masks, step, rng):
+    del rng
+    # end_step too, so the final sparsity is reached whatever the frequency
+    due = (step >= c.begin_step) & (step <= c.end_step) & (((step - c.begin_step) % c.frequency == 0) |
+                                                           (step == c.end_step))
+    s = cubic_sparsity(step, initial=c.initial_sparsity, final=c.final_sparsity, begin_step=c.begin_step,
+                       end_step=c.end_step)
+
+    def recompute(masks):
+      return _zip(lambda m, w: _prune_lowest(jnp.where(m, jnp.abs(w.astype(jnp.float32)), -1.0), s), masks, params)
+
+    masks = lax.cond(due, recompute, lambda m: m, masks)
+    return _apply(masks, params), masks
+
+  return transforms.Transform(init=init, update=update)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseTrainingConfig:
+  method: str = 'rigl'  # 'rigl' | 'set' (constant sparsity) | 'movement' (cubic schedule to `sparsity`)
+  sparsity: float = 0.5  # target (movement: final) sparsity of every selected kernel
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels made sparse
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  update_every: int = 100  # optimizer steps between mask updates
+  begin_step: int = 0  # movement: first pruning step
+  end_step: int = 1000  # rigl/set: last mask update; movement: step where the schedule reaches `sparsity`
+  drop_fraction: float = 0.3  # rigl/set: fraction of kept weights replaced at the first update (cosine decay)
+  seed: int = 0  # rigl/set: the initial random masks; set: where weights regrow
+
+
+class SparseState(NamedTuple):
+  masks: Any  # tree like the params: bool arrays at the sparse kernels, None elsewhere
+  scores: Any  # movement: accumulated -Σ ∂L/∂W · W at the sparse kernels (zeros for other methods)
+  count: jax.Array  # int32 optimizer steps taken
+  inner: optax.OptState
+
+
+def sparse_optimizer(tx: optax.GradientTransformation, config: SparseTrainingConfig = SparseTrainingConfig()
+                     ) -> optax.GradientTransformation:
+  """tx with sparse kernels (see module docstring); needs `params` in update (optax passes them in loop.fit)."""
+  c = config
+  if c.method not in ('rigl', 'set', 'movement'):
+    raise ValueError(f"sparse_optimizer: method={c.method!r} must be 'rigl', 'set' or 'movement'.")
+  masks_lib.check_sparsity(c.sparsity, caller='sparse_optimizer')
+  if not (0 < c.drop_fraction < 1) or c.update_every < 1 or c.end_step < c.begin_step:
+    raise ValueError(f'sparse_optimizer: need 0 < drop_fraction < 1 ({c.drop_fraction}), update_every >= 1 '
+                     f'({c.update_every}), begin_step <= end_step ({c.begin_step}, {c.end_step}).')
+
+  def init(params):
+    masks = _selected_masks(params, c.include, c.exclude, caller='sparse_optimizer')
+    if c.method != 'movement':  # constant sparsity from the start: random masks, as both papers begin
+      leaves, treedef = jax.tree.flatten(masks)
+      keys = jax.random.split(jax.random.key(c.seed), max(len(leaves), 1))
+      leaves = [_prune_lowest(jax.random.uniform(k, m.shape), c.sparsity) for k, m in zip(keys, leaves)]
+      masks = jax.tree.unflatten(treedef, leaves)
+    scores = _zip(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
+    return SparseState(masks, scores, jnp.zeros((), jnp.int32), tx.init(params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError('sparse_optimizer: update needs params (optax.apply_updates callers pass them).')
+    count = state.count + 1
+    updates, inner = tx.update(grads, state.inner, params)
+    scores = state.scores
+    if c.method == 'movement':
+      scores = _zip(lambda m, s, g, w: s - (g * w).astype(jnp.float32), state.masks, scores, grads, params)
+      due = (count >= c.begin_step) & (count <= c.end_step) & (((count - c.begin_step) % c.update_every == 0) |
+                                                                (count == c.end_step))
+      s = cubic_sparsity(count, initial=0.0, final=c.sparsity, begin_step=c.begin_step, end_step=c.end_step)
+      new = lax.cond(due, lambda m: _zip(lambda m, sc: _prune_lowest(jnp.where(m, sc, -jnp.inf), s), m, scores),
+                     lambda m: m, state.masks)
+    else:
+      due = (count <= c.end_step) & (count % c.update_every == 0)
+      frac = c.drop_fraction / 2 * (1 + jnp.cos(math.pi * jnp.minimum(count, c.end_step) / max(c.end_step, 1)))
+      key = jax.random.fold_in(jax.random.key(c.seed), count)
+
+      def regrow(masks):
+        leaves, treedef = jax.tree.flatten(masks)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        tree_keys = jax.tree.unflatten(treedef, list(keys))
+        return _zip(lambda m, k, g, w, u: _drop_and_grow(m, w + u, g, k, frac, c.method), masks, tree_keys,
+                    grads, params, updates)
+
+      new = lax.cond(due, regrow, lambda m: m, state.masks)
+    # Kept-and-kept entries take tx's update; the others go (or stay) exactly to zero: -W + W = 0.
+    updates = jax.tree.map(lambda m, old, u, w: u if m is None else jnp.where(m & old, u, -w), new, state.masks,
+                           updates, params, is_leaf=lambda x: x is None)
+    return updates, SparseState(new, scores, count, inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _drop_and_grow(mask, w, g, key, frac, method):
+  """Drop the round(frac · kept) smallest |w| among kept entries, regrow as many among the others (RigL: largest
+  |g|; SET: at random); the number kept stays the same."""
+  kept = jnp.sum(mask)
+  k = jnp.round(frac * kept).astype(jnp.int32)
+  drop_score = jnp.where(mask, jnp.abs(w), jnp.inf).reshape(-1)
+  drop_rank = jnp.argsort(jnp.argsort(drop_score, stable=True), stable=True)
+  after_drop = mask.reshape(-1) & (drop_rank >= k)
+  grow = jnp.abs(g).reshape(-1).astype(jnp.float32) if method == 'rigl' else jax.random.uniform(key, (mask.size,))
+  grow_score = jnp.where(after_drop, -jnp.inf, grow)
+  grow_rank = jnp.argsort(jnp.argsort(-grow_score, stable=True), stable=True)
+  return (after_drop | (grow_rank < k)).reshape(mask.shape)

@@ -1,0 +1,237 @@
+"""SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+ICML 2023): OBS mask selection with reconstruction of the kept weights, one input row at a time.
+
+With W: [in, out] (the paper's Wᵀ), H = XᵀX + λI over the inputs and U upper triangular with UᵀU = H⁻¹, row j
+is pruned against the rows after it:
+
+    select (per block of `block_size` rows): prune the smallest  W[j, o]² / U[j, j]²      (adaptive mask)
+    err = (W[j] - Q[j]) / U[j, j];   W[j:] -= U[j, j:]ᵀ err            (Q[j]: W[j] with pruned entries 0)
+
+Updates of the rows after the block are lazy (one matmul per block). N:M selects per group of M input rows as
+the group is reached. The loops over blocks and rows are `lax.fori_loop`s over `dynamic_slice`s, so a layer
+shape compiles once, whatever its width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcompress import core
+from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning.inputs import check_calibration, check_kernel
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def hessian_from_inputs(x: jax.Array) -> jax.Array:
+  """XᵀX [in, in] float32 from x [tokens, in] (HIGHEST: accelerators would otherwise use bf16 passes)."""
+  xf = x.astype(jnp.float32)
+  return jnp.matmul(xf.T, xf, precision=HIGHEST)
+
+
+def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
+  """U upper triangular [n, n] with UᵀU = h⁻¹ (h symmetric positive definite).
+
+  With P the reversal, PhP = LLᵀ gives h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P), and P L⁻¹ P is upper triangular; L⁻¹ comes from
+  `inverse_cholesky_lower`, which is matmuls but for small leaves.
+  """
+  return inverse_cholesky_lower(h[::-1, ::-1])[::-1, ::-1]
+
+
+def inverse_cholesky_lower(a: jax.Array, leaf: int = 512) -> jax.Array:
+  """L⁻¹ [n, n] lower triangular, where a = LLᵀ is symmetric positive definite.
+
+  Blocked by halves, so nearly all the work is matmuls (XLA's CPU Cholesky and triangular solve are several
+  times slower per flop than its matmul): with a = [[A, Bᵀ], [B, C]],
+      L₁⁻¹ = rec(A),  L₂₁ = B L₁⁻ᵀ,  L₂⁻¹ = rec(C - L₂₁ L₂₁ᵀ),  (L⁻¹)₂₁ = -L₂⁻¹ L₂₁ L₁⁻¹.
+  The recursion has depth log2(n / leaf) and its shapes are fixed by n: one compile per layer shape.
+  """
+  n = a.shape[0]
+  if n <= leaf:
+    chol = jnp.linalg.cholesky(a)
+    return lax.linalg.triangular_solve(chol, jnp.eye(n, dtype=a.dtype), left_side=True, lower=True)
+  m = n // 2
+  inv1 = inverse_cholesky_lower(a[:m, :m], leaf)
+  l21 = jnp.matmul(a[m:, :m], inv1.T, precision=HIGHEST)
+  schur = a[m:, m:] - jnp.matmul(l21, l21.T, precision=HIGHEST)
+  inv2 = inverse_cholesky_lower((schur + schur.T) / 2, leaf)
+  inv21 = -jnp.matmul(jnp.matmul(inv2, l21, precision=HIGHEST), inv1, precision=HIGHEST)
+  top = jnp.concatenate([inv1, jnp.zeros((m, n - m), a.dtype)], axis=1)
+  return jnp.concatenate([top, jnp.concatenate([inv21, inv2], axis=1)], axis=0)
+
+
+def kth_smallest_nonnegative(x: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th smallest (0-based) of x [n] float32 ≥ 0 (inf allowed), exactly: a bisection over the float bits,
+  which order like int32 for non-negative floats. 31 counting passes instead of a sort."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+  def step(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid) >= k + 1
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = lax.fori_loop(0, 31, step, (jnp.int32(0), jnp.int32(0x7F800000)))
+  return lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def prepare_hessian(w: jax.Array, h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+  """(w with dead inputs zeroed, damped h): an input never active (H[j, j] = 0) gets H[j, j] = 1 and its row of
+  w is zeroed (it contributes nothing to the output), then λ = damp · mean(diag H) is added to the diagonal."""
+  diag = jnp.diagonal(h)
+  dead = diag <= 0
+  h = h + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
+  w = jnp.where(dead[:, None], jnp.zeros((), w.dtype), w)
+  diag = jnp.diagonal(h)
+  h = h / jnp.mean(diag)  # scale-free (the solver is invariant to it) and well inside float32's range
+  return w, h + damp * jnp.eye(h.shape[0], dtype=h.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('nm', 'block_size'))
+def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, nm: tuple[int, int] | None,
+           block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(reconstructed w [in, out] float32 with pruned entries 0, kept mask [in, out] bool, all-finite flag)."""
+  n_in, n_out = w.shape
+  w, h = prepare_hessian(w.astype(jnp.float32), h.astype(jnp.float32), damp)
+  u = inverse_cholesky_upper(h)
+  bs = block_size
+  n_blocks = -(-n_in // bs)
+  pad = n_blocks * bs - n_in
+  # Padding rows: zero weights and an identity block of U, so they neither change nor are changed by real rows.
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
+  kept = jnp.ones(w.shape, bool)
+
+  sub = _sub_block(bs, nm[1] if nm else 1)
+
+  def row(i, carry):
+    w2, e2, pruned, u2 = carry
+    wi = w2[i]
+    q = jnp.where(pruned[i], 0.0, wi)
+    err = (wi - q) / u2[i, i]
+    w2 = w2 - u2[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+    return w2.at[i].set(q), e2.at[i].set(err), pruned, u2
+
+  def rows(w2, pruned, u2):
+    """Rows of one sub-block in order; N:M selects each group of M rows from their values when reached."""
+    e2 = jnp.zeros_like(w2)
+    if nm is None:
+      return lax.fori_loop(0, sub, row, (w2, e2, pruned, u2))[:3]
+    n, m = nm
+    d = jnp.diagonal(u2)
+
+    def group(g, carry):
+      w2, e2, pruned, u2 = carry
+      wg = lax.dynamic_slice(w2, (g * m, 0), (m, n_out))
+      dg = lax.dynamic_slice(d, (g * m,), (m,))
+      sel = masks_lib.nm_mask(jnp.square(wg) / jnp.square(dg)[:, None], n, m)
+      pruned = lax.dynamic_update_slice(pruned, ~sel, (g * m, 0))
+      return lax.fori_loop(g * m, g * m + m, row, (w2, e2, pruned, u2))
+
+    return lax.fori_loop(0, sub // m, group, (w2, e2, pruned, u2))[:3]
+
+  def sub_block(s, carry):
+    # Rows are solved `sub` at a time (small enough to stay in cache); the rest of the block is updated lazily.
+    w1, e1, pruned, u1 = carry
+    r = s * sub
+    w2, e2, p2 = rows(lax.dynamic_slice(w1, (r, 0), (sub, n_out)), lax.dynamic_slice(pruned, (r, 0), (sub, n_out)),
+                      lax.dynamic_slice(u1, (r, r), (sub, sub)))
+    w1 = w1 - jnp.matmul(lax.dynamic_slice(u1, (r, 0), (sub, bs)).T, e2, precision=HIGHEST)
+    w1 = lax.dynamic_update_slice(w1, w2, (r, 0))
+    return (w1, lax.dynamic_update_slice(e1, e2, (r, 0)), lax.dynamic_update_slice(pruned, p2, (r, 0)), u1)
+
+  def block(b, carry):
+    w, kept = carry
+    i1 = b * bs
+    w1 = lax.dynamic_slice(w, (i1, 0), (bs, n_out))
+    u_rows = lax.dynamic_slice(u, (i1, 0), (bs, n_in + pad))
+    u1 = lax.dynamic_slice(u_rows, (0, i1), (bs, bs))
+    if nm is None:  # adaptive selection over the whole block, from its values when the block is reached
+      d = jnp.diagonal(u1)
+      valid = (i1 + jnp.arange(bs)) < n_in
+      score = jnp.where(valid[:, None], jnp.square(w1) / jnp.square(d)[:, None], jnp.inf).reshape(-1)
+      k = jnp.round(sparsity * jnp.sum(valid) * n_out).astype(jnp.int32)
+      thresh = kth_smallest_nonnegative(score, jnp.minimum(k, score.size - 1))
+      pruned = (score < thresh).reshape(bs, n_out)
+    else:
+      pruned = jnp.zeros(w1.shape, bool)
+    w1, e1, pruned, _ = lax.fori_loop(0, bs // sub, sub_block, (w1, jnp.zeros_like(w1), pruned, u1))
+    # Lazy update of the rows after the block; the block's own rows are overwritten just after.
+    w = w - jnp.matmul(u_rows.T, e1, precision=HIGHEST)
+    w = lax.dynamic_update_slice(w, w1, (i1, 0))
+    return w, lax.dynamic_update_slice(kept, ~pruned, (i1, 0))
+
+  w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
+  w, kept = w[:n_in], kept[:n_in]
+  return w, kept, jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(u))
+
+
+def _sub_block(block_size: int, m: int, target: int = 16) -> int:
+  """Rows solved one by one before a lazy update within a block: a multiple of m dividing block_size, ≤ target
+  where possible."""
+  groups = block_size // m
+  best = 1
+  for g in range(1, groups + 1):
+    if groups % g == 0 and g * m <= max(target, m):
+      best = g
+  return best * m
+
+
+def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
+                           block_size: int = 128, damp: float = 0.01) -> core.Masked:
+  """SparseGPT from streamed statistics: w [in, out] float, h = XᵀX [in, in] (any positive scale, e.g.
+  `calibration.hessian()`'s 'xtx').
+
+  sparsity: fraction pruned in [0, 1) (unstructured; selected adaptively per block of `block_size` rows).
+  pattern: None / 'unstructured', or 'N:M' (e.g. '2:4': at most N kept of every M inputs of each output).
+  damp: λ = damp · mean(diag H) added to H's diagonal. Dead inputs (H[j, j] = 0) have their weights zeroed.
+  Returns core.Masked(value=reconstructed w in w's dtype, mask [in, out] bool).
+  """
+  check_kernel(w, caller='sparsegpt')
+  h = jnp.asarray(h)
+  n_in = w.shape[0]
+  if h.shape != (n_in, n_in):
+    raise ValueError(f'sparsegpt: h has shape {h.shape}, expected ({n_in}, {n_in}) = XᵀX over the inputs of '
+                     f'w [in, out] = {w.shape}.')
+  if not bool(jnp.all(jnp.isfinite(h))):
+    raise ValueError('sparsegpt: the Hessian XᵀX holds NaN or inf; check the calibration inputs.')
+  if not bool(jnp.any(jnp.diagonal(h) > 0)):
+    raise ValueError('sparsegpt: the Hessian is zero (no calibration token reached this layer, or every input '
+                     'is 0); give calibration data that exercises the layer.')
+  if not damp > 0:
+    raise ValueError(f'sparsegpt: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal; '
+                     'the paper uses 0.01).')
+  if not (isinstance(block_size, int) and block_size > 0):
+    raise ValueError(f'sparsegpt: block_size={block_size!r} must be a positive int (e.g. 128).')
+  p = masks_lib.parse_pattern(pattern, caller='sparsegpt')
+  if p == 'per_output':
+    raise ValueError("sparsegpt: pattern='per_output' is not a SparseGPT selection; use None (adaptive per "
+                     "block) or 'N:M'.")
+  nm = p if isinstance(p, tuple) else None
+  if nm is not None:
+    masks_lib.check_nm(n_in, nm, caller='sparsegpt')
+    block_size = -(-block_size // nm[1]) * nm[1]  # whole groups per block
+    sparsity = 1 - nm[0] / nm[1]
+  else:
+    sparsity = masks_lib.check_sparsity(sparsity, caller='sparsegpt')
+  block_size = min(block_size, -(-n_in // (nm[1] if nm else 1)) * (nm[1] if nm else 1))
+  value, kept, finite = _solve(w, h, jnp.float32(sparsity), jnp.float32(damp), nm=nm, block_size=block_size)
+  if not bool(finite):
+    raise FloatingPointError(f'sparsegpt: the damped Hessian is not positive definite in float32 (damp={damp}); '
+                             'raise damp (e.g. 0.1) or give more calibration tokens.')
+  return core.Masked(value=value.astype(w.dtype), mask=kept)
+
+
+def sparsegpt_layer(w: jax.Array, x: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
+                    block_size: int = 128, damp: float = 0.01) -> core.Masked:
+  """SparseGPT on one linear layer: w [in, out] float, x [tokens, in] its calibration inputs.
+
+  See `sparsegpt_from_hessian` for the arguments; H = XᵀX is formed here in float32.
+  """
+  x = check_calibration(x, w, caller='sparsegpt_layer')
+  return sparsegpt_from_hessian(w, hessian_from_inputs(x), sparsity=sparsity, pattern=pattern,
+                                block_size=block_size, damp=damp)

@@ -1,0 +1,29 @@
+"""The pruning table and benchmark scripts run end to end in smoke mode and write their results."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(script, *args):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], env=env, capture_output=True,
+                        text=True, check=True, timeout=600).stdout
+
+
+def test_prune_table_small(tmp_path):
+  out = run('experiments/prune_table.py', '--small', '--settings=2:4', '--methods=magnitude,wanda',
+            f'--output_dir={tmp_path}')  # SparseGPT's model-level run is tested in test_oneshot
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert set(results['rows']) == {'magnitude/2:4', 'wanda/2:4'}
+  assert all(s == 0.5 for s in results['sparsity'].values())
+  assert '| 2:4 |' in out and (tmp_path / 'table.md').exists()
+
+
+def test_prune_benchmark_small(tmp_path):
+  out = run('experiments/benchmarks/prune.py', '--small', '--repeats=1', f'--output_dir={tmp_path}')
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['sparsegpt']['first_call_s'] > 0 and 'first call' in out
