@@ -1,9 +1,12 @@
-"""Quantization: weights stored in fewer bits.
+"""Quantization: weights (and activations) stored and multiplied in fewer bits.
 
 Quantization-aware training with fake quantization and a straight-through estimator follows Jacob et al.,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference" (CVPR 2018).
+GPTQ follows Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (ICLR 2023).
 """
 
+from jaxcompress.quantization.gptq import gptq_from_hessian, gptq_layer, layer_error
 from jaxcompress.quantization.qat import fake_quant, straight_through
 
-__all__ = ['fake_quant', 'straight_through']
+__all__ = ['fake_quant', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'straight_through']
