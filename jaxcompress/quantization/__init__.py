@@ -7,6 +7,9 @@ Transformers" (ICLR 2023).
 """
 
 from jaxcompress.quantization.gptq import gptq_from_hessian, gptq_layer, layer_error
+from jaxcompress.quantization import quantizers
 from jaxcompress.quantization.qat import fake_quant, straight_through
+from jaxcompress.quantization.quantizers import max_error, quantize_weight
 
-__all__ = ['fake_quant', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'straight_through']
+__all__ = ['fake_quant', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'max_error', 'quantize_weight',
+           'quantizers', 'straight_through']
