@@ -3,13 +3,15 @@
 Quantization-aware training with fake quantization and a straight-through estimator follows Jacob et al.,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference" (CVPR 2018).
 GPTQ follows Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers" (ICLR 2023).
+Transformers" (ICLR 2023); AWQ Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression
+and Acceleration" (MLSys 2024).
 """
 
-from jaxcompress.quantization.gptq import gptq_from_hessian, gptq_layer, layer_error
+from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
+from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_hessian, gptq_layer, layer_error
 from jaxcompress.quantization import quantizers
 from jaxcompress.quantization.qat import fake_quant, straight_through
 from jaxcompress.quantization.quantizers import max_error, quantize_weight
 
-__all__ = ['fake_quant', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'max_error', 'quantize_weight',
+__all__ = ['AWQConfig', 'GPTQConfig', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'max_error', 'quantize_weight',
            'quantizers', 'straight_through']

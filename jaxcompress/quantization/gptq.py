@@ -21,6 +21,7 @@ so groups stay contiguous in the stored leaf. Codes come back in the original ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import calibration, core
 from jaxcompress.core import quantized as qlib
 
 log = logging.getLogger(__name__)
@@ -235,3 +236,32 @@ def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
   y = x @ w
   return float(jnp.linalg.norm(y - x @ core.materialize(w_hat).astype(y.dtype)) / jnp.linalg.norm(y))
 
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+  bits: int = 4  # weight bits (2..8)
+  group_size: int | None = 128  # rows per scale (divides every kernel's input dimension), None: per channel
+  act_order: bool = False  # visit input rows by decreasing diag(H) (static groups)
+  symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
+  block_size: int = 128  # rows per lazy-update block
+  damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
+
+
+def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: bool = False):
+  """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
+  down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
+
+  model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels.
+  """
+  def compress_block(i, block, stats):
+    del i
+    return core.paths.replace(block, {
+        p: gptq_from_hessian(core.paths.get(block, p), st['xtx'], bits=config.bits, group_size=config.group_size,
+                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
+                             damp=config.damp)
+        for p, st in stats.items()})
+
+  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
+                                         per_group=True, keep_stats=False, offload=offload)
+  return params

@@ -60,7 +60,7 @@ def quantize_weight(w: jax.Array, *, bits: int = 4, group_size: int | None = 128
     raise ValueError(f'{where}: clip_grid={clip_grid!r} must be shrink factors in (0, 1].')
   gptq_lib.check_finite(w, 'w', where)
   grid = (1.0,) if clip == 'none' else tuple(clip_grid)
-  wf = w.astype(jnp.float32)
+  wf = w.astype(jnp.promote_types(w.dtype, jnp.float32))
   if fmt == 'fp8':
     scale = _absmax(wf, group_size, per_tensor) / qlib.FP8_MAX
     return _fp8_leaf(wf, scale, jnp.float8_e4m3fn, group_size, w.dtype)
@@ -68,12 +68,12 @@ def quantize_weight(w: jax.Array, *, bits: int = 4, group_size: int | None = 128
     scale = _absmax(wf, group_size, per_tensor) / FP8_E5M2_MAX
     return _fp8_leaf(wf, scale, jnp.float8_e5m2, group_size, w.dtype)
   if fmt == 'nf4':
-    codes, scale = _search_nf4(wf, group_size, per_tensor, jnp.asarray(grid, jnp.float32))
+    codes, scale = _search_nf4(wf, group_size, per_tensor, jnp.asarray(grid, wf.dtype))
     codes = qlib.pack_codes(codes, 4) if pack and w.shape[0] % 2 == 0 else codes
     return core.Quantized(codes=codes, scale=scale.astype(w.dtype), bits=4, group_size=group_size, fmt='nf4',
                           packed=bool(pack and w.shape[0] % 2 == 0), logical_shape=tuple(w.shape))
   codes, scale, zero = _search_int(wf, int(bits), group_size, bool(symmetric), per_tensor,
-                                   jnp.asarray(grid, jnp.float32))
+                                   jnp.asarray(grid, wf.dtype))
   return gptq_lib.make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                             shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
 

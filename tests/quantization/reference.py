@@ -74,3 +74,40 @@ def rtn(W, *, bits, groupsize=None, symmetric=False):
     s, z = grid(blk, bits, symmetric)
     out[:, g * gs:(g + 1) * gs] = quant(blk, s[:, None], z[:, None], bits, symmetric)[1]
   return out
+
+
+def awq(W, X, *, bits, groupsize, n_grid=20, max_shrink=0.5, symmetric=False):
+  """AWQ (Lin et al. 2024) on a layer W [out, in] with inputs X [tokens, in]: the scale search over α minimising
+  the mean squared output error, then the per-(output, group) clipping search. Returns the effective weight
+  [out, in] (the quantized scaled weight divided by s) and s."""
+  W = np.asarray(W, np.float64); X = np.asarray(X, np.float64)
+  rows, cols = W.shape
+  Y = X @ W.T
+  xm = np.abs(X).mean(0)
+
+  def fq(w):  # [out, in] fake quantization per group of inputs
+    return rtn(w, bits=bits, groupsize=groupsize, symmetric=symmetric)
+
+  def scales(a):
+    s = np.maximum(xm ** a, 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+  losses = [np.mean((Y - X @ (fq(W * scales(a / n_grid)) / scales(a / n_grid)).T) ** 2) for a in range(n_grid)]
+  s = scales(int(np.argmin(losses)) / n_grid)
+  Ws, Xs = W * s, X / s
+  gs = cols if groupsize is None else groupsize
+  out = np.zeros_like(Ws)
+  for g in range(cols // gs):
+    sl = slice(g * gs, (g + 1) * gs)
+    w, x = Ws[:, sl], Xs[:, sl]
+    top = np.abs(w).max(1, keepdims=True)
+    best, best_w = np.full(rows, np.inf), None
+    for i in range(int(max_shrink * n_grid)):
+      c = np.clip(w, -top * (1 - i / n_grid), top * (1 - i / n_grid))
+      q = rtn(c, bits=bits, groupsize=None, symmetric=symmetric)
+      err = np.mean((x @ w.T - x @ q.T) ** 2, axis=0)
+      better = err < best
+      best = np.where(better, err, best)
+      best_w = q if best_w is None else np.where(better[:, None], q, best_w)
+    out[:, sl] = best_w
+  return out / s, s
