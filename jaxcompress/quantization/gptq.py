@@ -84,13 +84,16 @@ def _encode(w, scale, zero, bits, symmetric):
 
 
 def hessian_inverse_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
-  """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ (U ᵀU = inverse) and whether it is finite."""
+  """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ (UᵀU = inverse) and whether it is finite.
+
+  With J the row reversal, chol(J H J) = L gives H = R Rᵀ for the upper triangular R = J L J, so
+  H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, never the dense inverse.
+  """
   n = h.shape[0]
   lam = damp * jnp.mean(jnp.diag(h))
   hd = h + lam * jnp.eye(n, dtype=h.dtype)
-  chol = jnp.linalg.cholesky(hd)
-  hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(n, dtype=h.dtype))
-  u = jnp.linalg.cholesky(hinv).T
+  r = jnp.linalg.cholesky(hd[::-1, ::-1])[::-1, ::-1]
+  u = jax.scipy.linalg.solve_triangular(r, jnp.eye(n, dtype=h.dtype), lower=False)
   return u, jnp.all(jnp.isfinite(u))
 
 
