@@ -28,7 +28,7 @@ import numpy as np
 from jaxcompress import calibration, core
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
-from jaxcompress.quantization import gptq as gptq_lib
+from jaxcompress.quantization import common
 from jaxcompress.quantization import quantizers
 
 
@@ -173,7 +173,7 @@ def awq_layer(w: jax.Array, x: jax.Array, config: AWQConfig = AWQConfig()) -> Pr
   x = jnp.asarray(x)
   if x.shape[-1] != jnp.shape(w)[0]:
     raise ValueError(f'awq_layer: x [..., {x.shape[-1]}] does not match w {jnp.shape(w)} ([in, out]).')
-  gptq_lib.check_finite(x, 'x', 'awq_layer')
+  common.check_finite(x, 'x', 'awq_layer')
   x = x.reshape(-1, x.shape[-1]).astype(jnp.promote_types(x.dtype, jnp.float32))
   return awq_from_stats(w, x.T @ x, jnp.mean(jnp.abs(x), axis=0), config)
 
@@ -184,15 +184,15 @@ def _check(w, h, x_mean, config):
   if w.ndim != 2 or np.shape(h) != (w.shape[0],) * 2 or np.shape(x_mean) != (w.shape[0],):
     raise ValueError(f'{where}: expected w [in, out], h [in, in], x_mean [in]; got {w.shape}, {np.shape(h)}, '
                      f'{np.shape(x_mean)}.')
-  gptq_lib.check_bits(config.bits, where)
-  gptq_lib.check_group_size(config.group_size, w.shape[0], where)
+  common.check_bits(config.bits, where)
+  common.check_group_size(config.group_size, w.shape[0], where)
   if not isinstance(config.n_grid, int) or config.n_grid < 1:
     raise ValueError(f'{where}: n_grid={config.n_grid!r} must be a positive integer.')
   if not 0 <= config.max_shrink < 1:
     raise ValueError(f'{where}: max_shrink={config.max_shrink!r} must be in [0, 1).')
-  gptq_lib.check_finite(w, 'w', where)
-  gptq_lib.check_finite(h, 'the Hessian (calibration inputs)', where)
-  gptq_lib.check_finite(x_mean, 'mean |x| (calibration inputs)', where)
+  common.check_finite(w, 'w', where)
+  common.check_finite(h, 'the Hessian (calibration inputs)', where)
+  common.check_finite(x_mean, 'mean |x| (calibration inputs)', where)
 
 
 def awq(model, params, batches, config: AWQConfig = AWQConfig(), *, offload: bool = False):

@@ -24,7 +24,7 @@ import ml_dtypes
 
 from jaxcompress import core
 from jaxcompress.core import quantized as qlib
-from jaxcompress.quantization import gptq as gptq_lib
+from jaxcompress.quantization import common
 
 FMTS = ('int', 'nf4', 'fp8', 'fp8_e5m2')
 FP8_E5M2_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e5m2).max)  # 57344
@@ -48,8 +48,8 @@ def quantize_weight(w: jax.Array, *, bits: int = 4, group_size: int | None = 128
   if fmt not in FMTS:
     raise ValueError(f'{where}: fmt={fmt!r} is not one of {FMTS}.')
   if fmt == 'int':
-    gptq_lib.check_bits(bits, where)
-  gptq_lib.check_group_size(group_size, w.shape[0], where)
+    common.check_bits(bits, where)
+  common.check_group_size(group_size, w.shape[0], where)
   if per_tensor and group_size is not None:
     raise ValueError(f'{where}: per_tensor=True needs group_size=None (got {group_size}).')
   if clip not in ('none', 'mse'):
@@ -58,7 +58,7 @@ def quantize_weight(w: jax.Array, *, bits: int = 4, group_size: int | None = 128
     raise ValueError(f"{where}: clip='mse' is for fmt='int' or 'nf4', not {fmt!r}.")
   if not clip_grid or any(not 0 < p <= 1 for p in clip_grid):
     raise ValueError(f'{where}: clip_grid={clip_grid!r} must be shrink factors in (0, 1].')
-  gptq_lib.check_finite(w, 'w', where)
+  common.check_finite(w, 'w', where)
   grid = (1.0,) if clip == 'none' else tuple(clip_grid)
   wf = w.astype(jnp.promote_types(w.dtype, jnp.float32))
   if fmt == 'fp8':
@@ -74,7 +74,7 @@ def quantize_weight(w: jax.Array, *, bits: int = 4, group_size: int | None = 128
                           packed=bool(pack and w.shape[0] % 2 == 0), logical_shape=tuple(w.shape))
   codes, scale, zero = _search_int(wf, int(bits), group_size, bool(symmetric), per_tensor,
                                    jnp.asarray(grid, wf.dtype))
-  return gptq_lib.make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
+  return common.make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                             shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
 
 
