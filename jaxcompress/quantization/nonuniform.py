@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import calibration, core
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import quantized as qlib
 from jaxcompress.core import serialize
@@ -154,3 +154,13 @@ def squeezellm_layer(w: jax.Array, x: jax.Array, **kwargs):
   common.check_finite(x, 'x', 'squeezellm_layer')
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   return squeezellm_from_hessian(w, jnp.sum(x * x, axis=0), **kwargs)
+
+
+def squeezellm(model, params, batches, *, bits: int = 3, outlier_fraction: float = 0.0, iters: int = 20):
+  """Every block linear as a per-column codebook (`squeezellm_from_hessian`), sensitivities Σ x² from the
+  full-precision model's calibration inputs (`calibration.column_norms()`). Returns the new params."""
+  stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False)
+  return core.paths.replace(params, {
+      p: squeezellm_from_hessian(core.paths.get(params, p), st['sq_norm'], bits=bits,
+                                 outlier_fraction=outlier_fraction, iters=iters)
+      for p, st in stats.items()})
