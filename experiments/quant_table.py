@@ -7,7 +7,8 @@
 Rows: fp32; round-to-nearest (RTN), GPTQ and AWQ at W4 g128, W3 g128 and W4 per-channel (asymmetric min-max
 grids; every block linear quantized, embedding and norms left in fp32); W8A8 (int8 weights per channel, int8
 activations per token, int32 accumulation) naive, with SmoothQuant (α = 0.5) and with LLM.int8() outliers;
-non-uniform 3-bit (per-column weighted k-means codebooks, with and without 0.5% float outliers). Calibration: `--calib_rows` training
+non-uniform 3-bit (per-column weighted k-means codebooks, with and without 0.5% float outliers); mixed precision
+(per-layer 2/3/4/8 bits from measured sensitivity, 3.5 average code bits, GPTQ g128). Calibration: `--calib_rows` training
 rows of the fixture's own data; evaluation: the held-out rows (mean NLL over every next-token prediction).
 Size: a W4 g128 checkpoint (GPTQ block linears and an RTN W4 g128 embedding table, bf16 scales, zeros and
 norms) against the bf16 checkpoint, both written by `core.serialize`, bytes on disk.
@@ -112,6 +113,14 @@ def main(argv):
     rows.append({'method': method, 'setting': 'W3 per-column codebook', 'nll': _nll(model, q, held_out),
                  'seconds': time.time() - t})
     print(rows[-1], flush=True)
+  t = time.time()
+  q, bits = quantization.mixed_precision(model, params, batches, average_bits=3.5, candidates=(2, 3, 4, 8),
+                                         group_size=gs128)
+  sizes = {p: core.shape_of(core.paths.get(params, p)) for p in bits}
+  avg = sum(bits[p] * math.prod(sizes[p]) for p in bits) / sum(math.prod(v) for v in sizes.values())
+  rows.append({'method': 'GPTQ mixed precision', 'setting': f'{avg:.2f} avg bits g{gs128}',
+               'nll': _nll(model, q, held_out), 'seconds': time.time() - t, 'bits': bits})
+  print(rows[-1], flush=True)
   w8a8 = {'naive W8A8': quantization.W8A8Config(alpha=None),
           'SmoothQuant W8A8 (alpha 0.5)': quantization.W8A8Config(alpha=0.5),
           'LLM.int8() W8A8 (|x| > 6 in float)': quantization.W8A8Config(alpha=None, outlier_threshold=6.0)}

@@ -11,11 +11,12 @@ non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024).
 from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
 from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_hessian, gptq_layer, layer_error
 from jaxcompress.quantization import quantizers
+from jaxcompress.quantization.mixed import allocate, mixed_precision
 from jaxcompress.quantization.nonuniform import (Outliers, squeezellm, squeezellm_from_hessian,
                                                    squeezellm_layer)
 from jaxcompress.quantization.qat import fake_quant, straight_through
 from jaxcompress.quantization.quantizers import max_error, quantize_weight
 from jaxcompress.quantization.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'max_error', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
+__all__ = ['AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
            'quantizers', 'straight_through']
