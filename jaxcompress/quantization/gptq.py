@@ -98,6 +98,8 @@ def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
   w = jnp.pad(w, ((0, pad), (0, 0)))
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
+  n_pad = nb * block_size
+  buckets = next(b for b in (8, 4, 2, 1) if nb % b == 0)
 
   def block(b, carry):
     w, q_all, sp, zp = carry
@@ -123,7 +125,13 @@ def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
     zeros = jnp.zeros((block_size, out), dtype)
     _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size, column, (w1, zeros, zeros, sp, zp))
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
-    w = w - u_rows.T @ e1  # rows of this block change too, but are done
+    # rows of this block change too, but are done. Only rows from the block on need the update: the matmul
+    # runs over the last of `buckets` static windows that still holds the block (about half the work of
+    # updating every row, with one compile).
+    def tail(k):
+      start = k * (n_pad // buckets)
+      return lambda w: w.at[start:].add(-(u_rows[:, start:].T @ e1))
+    w = jax.lax.switch(jnp.minimum(i1 // (n_pad // buckets), buckets - 1), [tail(k) for k in range(buckets)], w)
     q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1, i1, 0)
     return w, q_all, sp, zp
 
