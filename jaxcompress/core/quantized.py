@@ -8,7 +8,7 @@ column (per-channel). Codes are unsigned integers in [0, 2**bits), packed along 
 Formats (static `fmt`):
   'int'       w = (q - zero) * scale                     uniform affine; zero=None means symmetric, zero = 2**(bits-1)
   'nf4'       w = NF4[q] * scale                         NormalFloat-4 (Dettmers et al., 2023), scale = absmax
-  'fp8'       w = float(q) * scale                       codes are float8_e4m3fn values, not integers
+  'fp8'       w = float(q) * scale                       codes are float8_e4m3fn (or float8_e5m2) values
   'codebook'  w = codebook[q] (* scale if given)         learned levels, [2**bits] or per column [out, 2**bits]
 """
 
@@ -240,15 +240,18 @@ def _encode(w: Quantized, out: serialize.Writer) -> dict:
   fields = [f for f in _SIDE if getattr(w, f) is not None]
   for f in fields:
     out.put(f'.{f}', getattr(w, f))
-  return {'bits': w.bits, 'group_size': w.group_size, 'fmt': w.fmt, 'packed': w.packed, 'shape': list(w.shape),
+  desc = {'bits': w.bits, 'group_size': w.group_size, 'fmt': w.fmt, 'packed': w.packed, 'shape': list(w.shape),
           'fields': fields}
+  if w.fmt == 'fp8':
+    desc['fp8'] = np.dtype(w.codes.dtype).name  # float8_e4m3fn or float8_e5m2
+  return desc
 
 
 def _decode(desc: dict, src: serialize.Reader) -> Quantized:
   shape, bits = tuple(desc['shape']), desc['bits']
   raw = src.get('.codes')
   if desc['fmt'] == 'fp8':
-    codes = jnp.asarray(raw.view(ml_dtypes.float8_e4m3fn).reshape(shape))
+    codes = jnp.asarray(raw.view(getattr(ml_dtypes, desc.get('fp8', 'float8_e4m3fn'))).reshape(shape))
   else:
     codes = jnp.asarray(serialize.unpack_bits(raw, bits, math.prod(shape)).reshape(shape))
     if desc['packed']:

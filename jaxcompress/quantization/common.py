@@ -1,0 +1,43 @@
+"""Argument checks and leaf construction shared by the quantizers of this package."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import core
+from jaxcompress.core import quantized as qlib
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits, where: str) -> None:
+  if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or int(bits) not in SUPPORTED_BITS:
+    raise ValueError(f'{where}: bits={bits!r} is not supported; use an integer in 2..8.')
+
+
+def check_group_size(group_size, rows: int, where: str) -> None:
+  if group_size is None:
+    return
+  if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
+    raise ValueError(f'{where}: group_size={group_size!r} must be a positive integer, or None for per-channel.')
+  if rows % group_size:
+    raise ValueError(f'{where}: group_size={group_size} does not divide the input dimension {rows}; pick a divisor '
+                     f'of {rows} or group_size=None (one group per output column).')
+
+
+def check_finite(a, name: str, where: str) -> None:
+  a = np.asarray(a)
+  if not np.isfinite(a).all():
+    bad = int(np.size(a) - np.isfinite(a).sum())
+    raise ValueError(f'{where}: {name} has {bad} NaN/inf entries; clean the weights or calibration data first.')
+
+
+def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=True) -> core.Quantized:
+  """Integer codes [in, out] uint8 and per-group scale / zero [G, out] -> a `core.Quantized` leaf."""
+  packed = bool(pack and qlib.packs(bits) and shape[0] % (8 // bits) == 0)
+  if packed:
+    codes = qlib.pack_codes(codes, bits)
+  return core.Quantized(codes=codes, scale=jnp.asarray(scale).astype(scale_dtype),
+                        zero=None if zero is None else jnp.asarray(zero).astype(scale_dtype), bits=bits,
+                        group_size=group_size, fmt='int', packed=packed, logical_shape=tuple(shape))

@@ -1,0 +1,243 @@
+"""GPTQ: one-shot weight quantization with second-order error compensation (Frantar et al., ICLR 2023).
+
+Layout. The paper's weight is [out, in] and quantizes one input column at a time; ours is [in, out], so the
+solver walks the rows of w (input features). H = XᵀX is over the input dimension (its scale does not matter:
+damping is relative to mean(diag H)). With U the upper Cholesky factor of (H + λI)⁻¹, for every input row i
+
+    q_i = Q(w_i);   e_i = (w_i − q_i) / U_ii;   w_j −= U_ij · e_i   for j > i
+
+applied lazily: inside a block of `block_size` rows the update touches only the block, and the rows after the
+block receive U[block, :]ᵀ · E once per block (Algorithm 1 of the paper). Both loops are `lax.fori_loop`s over
+dynamic slices, so one layer shape compiles once whatever its width.
+
+Grids. `symmetric=False` (default) is the authors' asymmetric min-max grid (scale = (max − min) / (2^b − 1),
+integer zero point; min ≤ 0 ≤ max), `symmetric=True` the symmetric grid of `core.quantize`. Per-channel
+(`group_size=None`): one scale per output column from the whole weight. Groups: a group's scale and zero are
+computed when the solver reaches the group's first row, from the weights as updated by the previous blocks (the
+reference implementation's order). With `act_order=True` rows are visited by decreasing diag(H); with groups the
+group parameters are then computed once from the unmodified weights in the original order ("static groups"),
+so groups stay contiguous in the stored leaf. Codes come back in the original row order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import calibration, core
+from jaxcompress.quantization.common import check_bits, check_finite, check_group_size, make_leaf
+
+log = logging.getLogger(__name__)
+
+def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+  """Scale and zero point per column of one group. w: [rows, out] -> scale [out], zero [out] (code units).
+
+  Asymmetric: min-max over the group with 0 inside the range; symmetric: absmax / (2^(b-1) - 1), zero 2^(b-1).
+  A group of zeros gets scale 1 (no division by zero; its codes decode to 0).
+  """
+  if symmetric:
+    scale = jnp.max(jnp.abs(w), axis=0) / (2 ** (bits - 1) - 1)
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return scale, jnp.full_like(scale, 2 ** (bits - 1))
+  lo, hi = jnp.minimum(w.min(axis=0), 0.0), jnp.maximum(w.max(axis=0), 0.0)
+  scale = (hi - lo) / (2 ** bits - 1)
+  scale = jnp.where(scale == 0, 1.0, scale)
+  return scale, jnp.round(-lo / scale)
+
+
+def _encode(w, scale, zero, bits, symmetric):
+  """One row (or rows) w: [..., out] -> (codes float, dequantized)."""
+  lo = 1 if symmetric else 0  # the symmetric grid leaves the lowest code unused, as core.quantize
+  q = jnp.clip(jnp.round(w / scale) + zero, lo, 2 ** bits - 1)
+  return q, (q - zero) * scale
+
+
+def hessian_inverse_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
+  """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ (UᵀU = inverse) and whether it is finite.
+
+  With J the row reversal, chol(J H J) = L gives H = R Rᵀ for the upper triangular R = J L J, so
+  H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, never the dense inverse.
+  """
+  n = h.shape[0]
+  lam = damp * jnp.mean(jnp.diag(h))
+  hd = h + lam * jnp.eye(n, dtype=h.dtype)
+  r = jnp.linalg.cholesky(hd[::-1, ::-1])[::-1, ::-1]
+  u = jax.scipy.linalg.solve_triangular(r, jnp.eye(n, dtype=h.dtype), lower=False)
+  return u, jnp.all(jnp.isfinite(u))
+
+
+@functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size'))
+def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
+  """The GPTQ solver: w [in, out], h [in, in] (float) -> (codes [in, out] uint8, scale, zero [G, out], ok)."""
+  n, out = w.shape
+  dtype = w.dtype
+  dead = jnp.diag(h) == 0
+  h = h + jnp.diag(dead.astype(dtype))  # inputs that are always zero: H_ii = 1, their weights do not matter
+  w = jnp.where(dead[:, None], 0.0, w)
+  gs = n if group_size is None else group_size
+  groups = n // gs
+  static = group_size is None or act_order  # parameters known before the solver runs
+  if static:
+    sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(w.reshape(groups, gs, out))
+  else:
+    sp = zp = jnp.ones((groups, out), dtype)
+  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(n)
+  w = w[perm]
+  h = h[perm][:, perm]
+  u, ok = hessian_inverse_factor(h, damp)
+
+  # pad to whole blocks: padded rows come last, are dead (U = I there) and are dropped at the end
+  nb = -(-n // block_size)
+  pad = nb * block_size - n
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
+  gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
+  n_pad = nb * block_size
+  buckets = next(b for b in (8, 4, 2, 1) if nb % b == 0)
+
+  def block(b, carry):
+    w, q_all, sp, zp = carry
+    i1 = b * block_size
+    w1 = jax.lax.dynamic_slice_in_dim(w, i1, block_size, 0)
+    u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
+
+    def column(i, c):
+      w1, e1, q1, sp, zp = c
+      row = i1 + i
+      g = gidx[row]
+      if not static:  # a group starts here: its grid from the weights as the previous blocks left them
+        def fresh(spz):
+          s, z = grid_params(jax.lax.dynamic_slice_in_dim(w, jnp.minimum(row, n - gs), gs, 0), bits, symmetric)
+          return spz[0].at[g].set(s), spz[1].at[g].set(z)
+        sp, zp = jax.lax.cond((row % gs == 0) & (row < n), fresh, lambda spz: spz, (sp, zp))
+      x = w1[i]
+      q, deq = _encode(x, sp[g], zp[g], bits, symmetric)
+      err = (x - deq) / u1[i, i]
+      w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+      return w1, e1.at[i].set(err), q1.at[i].set(q), sp, zp
+
+    zeros = jnp.zeros((block_size, out), dtype)
+    _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size, column, (w1, zeros, zeros, sp, zp))
+    u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
+    # rows of this block change too, but are done. Only rows from the block on need the update: the matmul
+    # runs over the last of `buckets` static windows that still holds the block (about half the work of
+    # updating every row, with one compile).
+    def tail(k):
+      start = k * (n_pad // buckets)
+      return lambda w: w.at[start:].add(-(u_rows[:, start:].T @ e1))
+    w = jax.lax.switch(jnp.minimum(i1 // (n_pad // buckets), buckets - 1), [tail(k) for k in range(buckets)], w)
+    q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1, i1, 0)
+    return w, q_all, sp, zp
+
+  q_all = jnp.zeros_like(w)
+  _, q_all, sp, zp = jax.lax.fori_loop(0, nb, block, (w, q_all, sp, zp))
+  codes = jnp.zeros((n, out), jnp.uint8).at[perm].set(q_all[:n].astype(jnp.uint8))
+  return codes, sp, zp, ok
+
+
+def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = None,
+                      act_order: bool = False, symmetric: bool = False, block_size: int = 128,
+                      damp: float = 0.01, pack: bool = True, max_damp_tries: int = 6) -> core.Quantized:
+  """GPTQ of one linear given its input Hessian.
+
+  w: [in, out] float weight; h: [in, in] XᵀX of the layer's inputs (any positive multiple, e.g. the sum from
+  `calibration.hessian()`). bits: 2..8; group_size: rows per scale (divides in) or None for per-channel;
+  act_order: visit input rows by decreasing diag(H); symmetric: symmetric grid (zero=None in the leaf);
+  block_size: rows per lazy-update block; damp: λ = damp · mean(diag H) added to the diagonal. When H + λI is
+  not positive definite, λ is multiplied by 10 (up to `max_damp_tries` times) with a warning.
+  Returns a `core.Quantized` (fmt='int', scale in w's dtype, codes packed when bits divides 8).
+  """
+  where = 'gptq'
+  w = jnp.asarray(w)
+  h = jnp.asarray(h)
+  if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
+    raise ValueError(f'{where}: expected w [in, out] and h [in, in]; got w {w.shape} and h {h.shape}.')
+  check_bits(bits, where)
+  check_group_size(group_size, w.shape[0], where)
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f'{where}: block_size={block_size!r} must be a positive integer.')
+  if not damp > 0:
+    raise ValueError(f'{where}: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal).')
+  check_finite(w, 'w', where)
+  check_finite(h, 'the Hessian (calibration inputs)', where)
+  dtype = jnp.promote_types(w.dtype, jnp.float32)
+  block_size = min(block_size, w.shape[0])
+  d = float(damp)
+  for attempt in range(max_damp_tries + 1):
+    codes, scale, zero, ok = _solve(w.astype(dtype), h.astype(dtype), jnp.asarray(d, dtype), bits=int(bits),
+                                    group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
+                                    block_size=block_size)
+    if bool(ok):
+      break
+    if attempt == max_damp_tries:
+      raise ValueError(f'{where}: the Hessian is not positive definite even with damp={d:g}; check the '
+                       'calibration inputs (too few tokens or degenerate features) or raise damp.')
+    warnings.warn(f'{where}: H + {d:g}·mean(diag H)·I is not positive definite; raising damp to {d * 10:g}.',
+                  RuntimeWarning, stacklevel=2)
+    log.warning('gptq: Hessian not positive definite with damp=%g, retrying with %g', d, d * 10)
+    d *= 10
+  return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
+                   shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
+
+
+def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | None = None,
+               act_order: bool = False, symmetric: bool = False, block_size: int = 128,
+               damp: float = 0.01) -> core.Quantized:
+  """GPTQ of one linear from calibration inputs. w: [in, out]; x: [tokens, in] (or [..., in]).
+
+  Same arguments as `gptq_from_hessian`; H = XᵀX in float32. Returns a `core.Quantized`.
+  """
+  x = jnp.asarray(x)
+  if x.shape[-1] != jnp.shape(w)[0]:
+    raise ValueError(f'gptq_layer: x [..., {x.shape[-1]}] does not match w {jnp.shape(w)} ([in, out]).')
+  check_finite(x, 'x', 'gptq_layer')
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.promote_types(x.dtype, jnp.float32))
+  return gptq_from_hessian(w, _xtx(x), bits=bits, group_size=group_size, act_order=act_order,
+                           symmetric=symmetric, block_size=block_size, damp=damp)
+
+
+@jax.jit
+def _xtx(x):
+  return x.T @ x
+
+
+def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
+  """‖X W − X Ŵ‖_F / ‖X W‖_F for x [tokens, in], w [in, out], Ŵ dense or compressed."""
+  y = x @ w
+  return float(jnp.linalg.norm(y - x @ core.materialize(w_hat).astype(y.dtype)) / jnp.linalg.norm(y))
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+  bits: int = 4  # weight bits (2..8)
+  group_size: int | None = 128  # rows per scale (divides every kernel's input dimension), None: per channel
+  act_order: bool = False  # visit input rows by decreasing diag(H) (static groups)
+  symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
+  block_size: int = 128  # rows per lazy-update block
+  damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
+
+
+def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: bool = False):
+  """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
+  down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
+
+  model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels.
+  """
+  def compress_block(i, block, stats):
+    del i
+    return core.paths.replace(block, {
+        p: gptq_from_hessian(core.paths.get(block, p), st['xtx'], bits=config.bits, group_size=config.group_size,
+                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
+                             damp=config.damp)
+        for p, st in stats.items()})
+
+  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
+                                         per_group=True, keep_stats=False, offload=offload)
+  return params

@@ -1,0 +1,89 @@
+"""A Pallas weight-only int8 / int4 matmul for small batches (decode GEMV): y = x @ dequantize(codes).
+
+The weight is never materialised in full: each program owns `block_n` output columns, walks the input
+dimension in blocks of `block_k` rows (a `lax.fori_loop`), unpacks that block's codes (two 4-bit codes per byte,
+low bits first, as `core.Quantized` packs them), applies its group's scale and zero point and accumulates
+x_block @ w_block in float32. Only `core.Quantized` leaves with fmt='int' and 4 or 8 bits are handled.
+
+On CPU the kernel runs with `interpret=True` (that is how it is tested, against dequantize-then-matmul); it
+has not been compiled or timed on a GPU here. `core.linear` does not dispatch to it yet: call
+`quantized_matmul` directly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxcompress import core
+
+
+def _block_k(rows: int, group_size: int) -> int:
+  """Rows per step: one quantization group (or 256 rows of a per-channel weight when that divides)."""
+  if group_size < rows:
+    return group_size
+  return 256 if rows % 256 == 0 else rows
+
+
+def quantized_matmul(x: jax.Array, w: core.Quantized, *, block_n: int = 128, interpret: bool | None = None
+                     ) -> jax.Array:
+  """x: [M, in] float @ w: Quantized [in, out] (fmt='int', bits 4 or 8) -> [M, out] in x's dtype.
+
+  block_n: output columns per program (must divide out). interpret: run the Pallas interpreter (default: when
+  the backend is CPU).
+  """
+  if not isinstance(w, core.Quantized) or w.fmt != 'int' or w.bits not in (4, 8):
+    raise ValueError(f'quantized_matmul: needs a Quantized fmt=int weight of 4 or 8 bits, got {w!r:.80}.')
+  k, n = w.shape
+  if x.ndim != 2 or x.shape[1] != k:
+    raise ValueError(f'quantized_matmul: x must be [M, {k}], got {x.shape}.')
+  block_n = min(block_n, n)
+  if n % block_n:
+    raise ValueError(f'quantized_matmul: block_n={block_n} does not divide out={n}.')
+  if interpret is None:
+    interpret = jax.default_backend() == 'cpu'
+  gs = k if w.group_size is None else w.group_size
+  packed = w.packed and w.bits == 4
+  zero = (jnp.full(w.scale.shape, 2 ** (w.bits - 1), jnp.float32) if w.zero is None
+          else w.zero.astype(jnp.float32))
+  return _call(x, w.codes, w.scale.astype(jnp.float32), zero, k=k, gs=gs, packed=packed, block_n=block_n,
+               interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'gs', 'packed', 'block_n', 'interpret'))
+def _call(x, codes, scale, zero, *, k, gs, packed, block_n, interpret):
+  m, n = x.shape[0], codes.shape[1]
+  bk = _block_k(k, gs)
+  per = 2 if packed else 1
+  steps = k // bk
+
+  def kernel(x_ref, c_ref, s_ref, z_ref, o_ref):
+    def body(i, acc):
+      xb = x_ref[:, pl.ds(i * bk, bk)].astype(jnp.float32)                  # [M, bk]
+      cb = c_ref[pl.ds(i * (bk // per), bk // per), :]                       # [bk / per, bn] uint8
+      if packed:
+        q = jnp.stack([cb & 15, cb >> 4], axis=1).reshape(bk, cb.shape[1])   # low nibble first
+      else:
+        q = cb
+      g = (i * bk) // gs
+      s = s_ref[pl.ds(g, 1), :]
+      z = z_ref[pl.ds(g, 1), :]
+      wb = (q.astype(jnp.float32) - z) * s                                   # [bk, bn], this block only
+      return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32)).astype(o_ref.dtype)
+
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      grid=(n // block_n,),
+      in_specs=[pl.BlockSpec((m, k), lambda j: (0, 0)),
+                pl.BlockSpec((k // per, block_n), lambda j: (0, j)),
+                pl.BlockSpec((scale.shape[0], block_n), lambda j: (0, j)),
+                pl.BlockSpec((zero.shape[0], block_n), lambda j: (0, j))],
+      out_specs=pl.BlockSpec((m, block_n), lambda j: (0, j)),
+      interpret=interpret,
+  )(x, codes, scale, zero)

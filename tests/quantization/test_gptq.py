@@ -1,0 +1,106 @@
+"""GPTQ: codes equal to a NumPy float64 implementation of the paper's Algorithm 1; beats round-to-nearest."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress import quantization
+from tests.quantization import reference as ref
+
+
+def _layer(seed, n=64, out=24, tokens=200):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((tokens, n)) * rng.uniform(0.2, 3.0, n)  # uneven input scales, as in LLMs
+  return rng.standard_normal((n, out)), x
+
+
+@pytest.mark.parametrize('bits,group_size,act_order,symmetric,block_size', [
+    (4, None, False, False, 16),   # per-channel, several blocks
+    (3, 16, False, False, 32),     # groups smaller than blocks: group grids from the block-start weights
+    (4, 16, True, False, 16),      # act-order with static groups
+    (2, None, True, True, 32),     # symmetric, act-order
+    (8, 32, False, False, 16),     # groups spanning blocks
+])
+def test_gptq_matches_float64_reference(bits, group_size, act_order, symmetric, block_size):
+  w, x = _layer(bits)
+  h = x.T @ x
+  with jax.enable_x64(True):
+    leaf = quantization.gptq_from_hessian(jnp.asarray(w), jnp.asarray(h), bits=bits, group_size=group_size,
+                                          act_order=act_order, symmetric=symmetric, block_size=block_size)
+    codes, deq = np.asarray(leaf.codes_unpacked()), np.asarray(leaf.materialize())
+  want_codes, want, _, _ = ref.gptq(w.T, h, bits=bits, groupsize=group_size, act_order=act_order,
+                                    symmetric=symmetric, blocksize=block_size)
+  np.testing.assert_array_equal(codes, want_codes.T)
+  np.testing.assert_allclose(deq, want.T, rtol=1e-6, atol=1e-6)  # materialize runs in float32
+
+
+def test_gptq_float32_agrees_with_reference():
+  w, x = _layer(7, n=48, out=16)
+  leaf = quantization.gptq_layer(w.astype(np.float32), x.astype(np.float32), bits=4, group_size=16)
+  _, want, _, _ = ref.gptq(w.T, x.T @ x, bits=4, groupsize=16)
+  close = np.isclose(np.asarray(leaf.materialize()), want.T, rtol=1e-4, atol=1e-4)
+  assert close.mean() > 0.99  # float32 rounding may flip a code at a tie, rarely
+
+
+@pytest.mark.parametrize('bits', [3, 4])
+def test_gptq_beats_round_to_nearest_on_layer_output(bits):
+  rng = np.random.default_rng(10 + bits)
+  # correlated inputs (a low-rank signal plus noise), as a transformer's hidden states are
+  x = (rng.standard_normal((512, 16)) @ rng.standard_normal((16, 128)) + 0.3 * rng.standard_normal((512, 128)))
+  w, x = rng.standard_normal((128, 64)).astype(np.float32), x.astype(np.float32)
+  g = quantization.gptq_layer(w, x, bits=bits, group_size=32)
+  r = quantization.quantize_weight(w, bits=bits, group_size=32)
+  e_g, e_r = quantization.layer_error(x, w, g), quantization.layer_error(x, w, r)
+  assert e_g < 0.9 * e_r, (e_g, e_r)
+
+
+def test_dead_inputs_and_zero_columns_stay_finite():
+  w, x = _layer(3)
+  x[:, 5] = 0.0  # an input that never fires: H_55 = 0
+  w[:, 2] = 0.0  # an all-zero output column
+  w[:, 3] = 0.5  # a constant one
+  leaf = quantization.gptq_layer(w.astype(np.float32), x.astype(np.float32), bits=4, group_size=16)
+  deq = np.asarray(leaf.materialize())
+  assert np.isfinite(deq).all()
+  np.testing.assert_array_equal(deq[:, 2], 0.0)
+  assert deq[5].tolist() == [0.0] * w.shape[1] or np.isfinite(deq[5]).all()
+
+
+def test_not_positive_definite_hessian_raises_damping_with_a_warning():
+  w, _ = _layer(4, n=32, out=8)
+  h = -np.eye(32)  # negative mean diagonal: no relative damping can fix it, so it fails clearly
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    with pytest.raises(ValueError, match='not positive definite even with damp'):
+      quantization.gptq_from_hessian(w.astype(np.float32), h.astype(np.float32), max_damp_tries=2)
+  assert sum('raising damp' in str(c.message) for c in caught) == 2
+  h = np.eye(32)
+  h[0, 1] = h[1, 0] = 1.2  # eigenvalue -0.2: indefinite until damp reaches 1
+  with pytest.warns(RuntimeWarning, match='raising damp to 1'):
+    leaf = quantization.gptq_from_hessian(w.astype(np.float32), h.astype(np.float32), damp=0.01)
+  assert np.isfinite(np.asarray(leaf.materialize())).all()
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(bits=1), 'bits=1 is not supported'),
+    (dict(bits=16), 'bits=16 is not supported'),
+    (dict(group_size=24), 'group_size=24 does not divide the input dimension 64'),
+    (dict(damp=0.0), 'damp=0.0 must be > 0'),
+])
+def test_gptq_rejects_bad_arguments(kwargs, match):
+  w, x = _layer(0)
+  with pytest.raises(ValueError, match=match):
+    quantization.gptq_layer(w, x, **kwargs)
+
+
+def test_gptq_rejects_nan_in_weights_or_calibration_data():
+  w, x = _layer(0)
+  x[3, 4] = np.inf
+  with pytest.raises(ValueError, match='x has 1 NaN/inf'):
+    quantization.gptq_layer(w, x)
+  w[0, 0] = np.nan
+  with pytest.raises(ValueError, match='w has 1 NaN/inf'):
+    quantization.gptq_from_hessian(w, np.eye(64))

@@ -1,0 +1,86 @@
+"""W8A8: int8 x int8 -> int32 matmul against NumPy float64; SmoothQuant and LLM.int8() beat naive W8A8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress import core, models, quantization
+from tests.quantization.test_awq import LLAMA, _batches, _logit_error, _salient
+
+
+def _acts(seed, tokens=64, n=32):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((tokens, n))
+  x[:, [3, 17]] *= 40.0  # outlier features, as LLM activations have
+  return x.astype(np.float32)
+
+
+def _ref(x, w, s=None, outliers=()):
+  """NumPy float64 W8A8 from the papers: smoothing, per-token / per-channel symmetric int8, float outliers."""
+  x = x.astype(np.float64); w = w.astype(np.float64)
+  if s is not None:
+    x, w = x / s, w * s[:, None]
+  y = np.zeros((x.shape[0], w.shape[1]))
+  if len(outliers):
+    y += x[:, outliers] @ w[outliers]
+    x = x.copy(); w = w.copy()
+    x[:, outliers] = 0; w[outliers] = 0
+  sx = np.abs(x).max(1, keepdims=True) / 127
+  sw = np.abs(w).max(0) / 127
+  xq, wq = np.round(x / sx), np.round(w / sw)
+  return y + (xq @ wq) * sx * sw
+
+
+def test_int8_linear_matches_reference_and_runs_an_int32_dot():
+  x = _acts(0)
+  w = np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)
+  leaf = quantization.w8a8_layer(w)
+  np.testing.assert_allclose(core.linear(jnp.asarray(x), leaf), _ref(x, w), rtol=1e-5, atol=1e-4)
+  hlo = jax.jit(leaf.matmul).lower(jnp.asarray(x)).as_text()
+  dots = [l for l in hlo.splitlines() if 'dot_general' in l]
+  assert dots and all('xi8>' in l and 'xi32>' in l for l in dots), dots  # int8 x int8 -> int32
+
+
+def test_smoothquant_and_llm_int8_match_reference_and_beat_naive():
+  x = _acts(2)
+  w = np.random.default_rng(3).standard_normal((32, 16)).astype(np.float32)
+  amax = np.abs(x).max(0)
+  smooth = quantization.w8a8_layer(w, x_absmax=amax, alpha=0.5)
+  s = amax.astype(np.float64) ** 0.5 / np.abs(w.astype(np.float64)).max(1) ** 0.5
+  np.testing.assert_allclose(core.linear(jnp.asarray(x), smooth), _ref(x, w, s), rtol=1e-4, atol=1e-3)
+  mixed = quantization.w8a8_layer(w, x_absmax=amax, outlier_threshold=6.0)
+  assert mixed.outliers.tolist() == [3, 17]
+  np.testing.assert_allclose(core.linear(jnp.asarray(x), mixed), _ref(x, w, None, [3, 17]), rtol=1e-4, atol=1e-3)
+  y = x @ w
+  err = lambda leaf: np.linalg.norm(np.asarray(core.linear(jnp.asarray(x), leaf)) - y) / np.linalg.norm(y)
+  naive = quantization.w8a8_layer(w)
+  assert err(smooth) < 0.5 * err(naive) and err(mixed) < 0.5 * err(naive)
+
+
+def test_zero_tokens_and_serialization(tmp_path):
+  x = np.zeros((3, 32), np.float32)
+  w = np.random.default_rng(4).standard_normal((32, 16)).astype(np.float32)
+  w[:, 2] = 0.0
+  amax = np.abs(_acts(5)).max(0)
+  leaf = quantization.w8a8_layer(w, x_absmax=amax, alpha=0.5, outlier_threshold=6.0)
+  np.testing.assert_array_equal(core.linear(jnp.asarray(x), leaf), 0.0)
+  core.serialize.save(tmp_path / 'w.safetensors', {'k': leaf})
+  back = core.serialize.load(tmp_path / 'w.safetensors')['k']
+  for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='x_absmax'):
+    quantization.w8a8_layer(w, alpha=0.5)
+  bad = amax.copy(); bad[0] = np.nan
+  with pytest.raises(ValueError, match='NaN'):
+    quantization.w8a8_layer(w, x_absmax=bad, alpha=0.5)
+
+
+def test_model_smoothquant_folds_into_norms_and_beats_naive():
+  params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
+  tokens = jnp.asarray(_batches()[0])
+  naive = quantization.w8a8(LLAMA, params, _batches(), quantization.W8A8Config(alpha=None))
+  smooth = quantization.w8a8(LLAMA, params, _batches(), quantization.W8A8Config(alpha=0.5))
+  assert core.paths.get(smooth, 'layers/0/attn/q_proj/kernel').inv_smooth is None  # folded into attn_norm
+  assert core.paths.get(smooth, 'layers/0/mlp/down_proj/kernel').inv_smooth is not None
+  assert _logit_error(smooth, params, tokens) < _logit_error(naive, params, tokens)
