@@ -25,8 +25,6 @@ import time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataclasses
-import json
 import pathlib
 
 import jax
@@ -37,8 +35,9 @@ from absl import app, flags
 from jaxcompress import distillation, models, provenance
 from jaxcompress.data import pipeline
 from jaxcompress.distillation import students
-from jaxcompress.eval import token_nll
-from jaxcompress.train import loop, objectives, optim
+from jaxcompress.train import loop, objectives
+
+from experiments import distill_common as common
 
 flags.DEFINE_string('model', 'fixture', "Teacher: 'fixture' or a Hugging Face checkpoint directory.")
 flags.DEFINE_string('output_dir', 'runs/distill_table', 'Where results.json and table.md go.')
@@ -60,41 +59,6 @@ flags.DEFINE_boolean('small', False, 'Tiny random teacher and data, a few steps:
 FLAGS = flags.FLAGS
 
 
-def _small_setup(seed: int):
-  cfg = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                           num_kv_heads=2, max_position_embeddings=64, tie_embeddings=True)
-  teacher = models.Llama(cfg)
-  params = teacher.init(jax.random.key(seed))
-  rows = np.asarray(jax.random.randint(jax.random.key(seed + 1), (48, 17), 0, 64), np.int32)
-  return teacher, params, pipeline.LMBatches(sequences=rows[:32], batch_size=8, seed=seed), rows[32:]
-
-
-def _fixture_setup(name: str, batch_size: int):
-  from experiments import fixture
-  teacher, params = fixture.load(name)
-  _, train, valid = fixture.data(fixture.resolve(name), batch_size=batch_size)
-  return teacher, params, train, valid
-
-
-def heldout_nll(model, params, rows: np.ndarray, batch: int = 16) -> float:
-  """Mean next-token NLL (nats) over the held-out rows [N, T + 1]."""
-  fn = jax.jit(lambda p, x, y: token_nll(model.apply(p, x).astype(jnp.float32), y).sum())
-  total = sum(float(fn(params, rows[i:i + batch, :-1], rows[i:i + batch, 1:])) for i in range(0, len(rows), batch))
-  return total / (rows.shape[0] * (rows.shape[1] - 1))
-
-
-def train(name, model, params, objective, data, *, steps, lr, seed, out: pathlib.Path, frozen=None):
-  opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=lr, warmup_steps=max(steps // 10, 1),
-                                                   total_steps=steps, weight_decay=0.01))
-  cfg = loop.LoopConfig(steps=steps, batch_size=data.batch_size, run_dir=str(out / 'runs' / name), seed=seed,
-                        checkpoint_every=0, keep_checkpoints=1, async_checkpoint=False, progress=False,
-                        resume=False, log_every=max(steps // 5, 1))
-  t0 = time.perf_counter()
-  result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=data,
-                    frozen=frozen)
-  return result.state.params, time.perf_counter() - t0
-
-
 def teacher_text(teacher, params, data, rows: int, seed: int) -> np.ndarray:
   """rows sequences [rows, T + 1] the teacher sampled (temperature 1) from 8-token prompts of training rows."""
   t = data.seq_len + 1
@@ -112,16 +76,16 @@ def main(argv):
   out = pathlib.Path(FLAGS.output_dir)
   steps = 2 if FLAGS.small else FLAGS.steps
   if FLAGS.small:
-    teacher, tparams, data, valid = _small_setup(FLAGS.seed)
+    teacher, tparams, data, valid = common.small_setup(FLAGS.seed)
   else:
-    teacher, tparams, data, valid = _fixture_setup(FLAGS.model, FLAGS.batch_size)
+    teacher, tparams, data, valid = common.fixture_setup(FLAGS.model, FLAGS.batch_size)
   valid = valid[:FLAGS.eval_rows]
   layers = [int(i) for i in FLAGS.layers] or None
   student, sparams, layer_map = students.select_layers(teacher, tparams, layers)
   rows = []
 
   def add(name, model, params, seconds=None, **extra):
-    nll = heldout_nll(model, params, valid)
+    nll = common.heldout_nll(model, params, valid)
     rows.append({'row': name, 'nll': nll, 'perplexity': float(np.exp(nll)), 'train_s': seconds, **extra})
     print(f'{name:28s} ppl {np.exp(nll):9.2f}', flush=True)
 
@@ -129,20 +93,20 @@ def main(argv):
   add('layers, untrained', student, sparams)
   lm = objectives.causal_lm(student)
   scratch = student.init(loop.rng_stream(FLAGS.seed, 'init'))
-  p, s = train('scratch', student, scratch, lm, data, steps=steps, lr=FLAGS.scratch_learning_rate,
+  p, s = common.train('scratch', student, scratch, lm, data, steps=steps, lr=FLAGS.scratch_learning_rate,
                seed=FLAGS.seed, out=out)
   add(f'scratch (LM, lr {FLAGS.scratch_learning_rate:g})', student, p, s)
   if FLAGS.scratch_same_lr:
-    p, s = train('scratch_same_lr', student, scratch, lm, data, steps=steps, lr=FLAGS.learning_rate,
+    p, s = common.train('scratch_same_lr', student, scratch, lm, data, steps=steps, lr=FLAGS.learning_rate,
                  seed=FLAGS.seed, out=out)
     add(f'scratch (LM, lr {FLAGS.learning_rate:g})', student, p, s)
-  p, s = train('layers_lm', student, sparams, lm, data, steps=steps, lr=FLAGS.learning_rate, seed=FLAGS.seed,
+  p, s = common.train('layers_lm', student, sparams, lm, data, steps=steps, lr=FLAGS.learning_rate, seed=FLAGS.seed,
                out=out)
   add('layers + LM', student, p, s)
   for output, label in (('soft_kl', 'soft KL'), ('reverse_kl', 'reverse KL'), ('jsd', f'GKD (JSD b={FLAGS.beta:g})')):
     cfg = distillation.DistillConfig(output=output, temperature=FLAGS.temperature, alpha=FLAGS.alpha,
                                      beta=FLAGS.beta)
-    p, s = train(output, student, sparams, distillation.distillation(student, teacher, cfg), data, steps=steps,
+    p, s = common.train(output, student, sparams, distillation.distillation(student, teacher, cfg), data, steps=steps,
                  lr=FLAGS.learning_rate, seed=FLAGS.seed, out=out, frozen=tparams)
     add(f'layers + {label}', student, p, s)
   if FLAGS.seq_kd:
@@ -150,7 +114,7 @@ def main(argv):
     text = teacher_text(teacher, tparams, data, 16 if FLAGS.small else FLAGS.seq_kd_rows, FLAGS.seed)
     gen_s = time.perf_counter() - t0
     gen = pipeline.LMBatches(sequences=text, batch_size=data.batch_size, seed=FLAGS.seed)
-    p, s = train('seq_kd', student, sparams, lm, gen, steps=steps, lr=FLAGS.learning_rate, seed=FLAGS.seed,
+    p, s = common.train('seq_kd', student, sparams, lm, gen, steps=steps, lr=FLAGS.learning_rate, seed=FLAGS.seed,
                  out=out)
     add('layers + seq-level KD', student, p, s, generate_s=gen_s, generated_rows=int(text.shape[0]))
 
