@@ -4,6 +4,8 @@ MHA -> GQA/MQA by mean-pooling key/value heads (Ainslie et al. 2023); MoEficatio
 clustering their neurons (Zhang et al. 2022).
 """
 
+from jaxcompress.architecture import moefication
 from jaxcompress.architecture.gqa import convert_to_gqa, kv_cache_bytes, pool_heads
+from jaxcompress.architecture.moefication import moe_mlp, moe_mlp_dispatch, moefy
 
-__all__ = ['convert_to_gqa', 'kv_cache_bytes', 'pool_heads']
+__all__ = ['convert_to_gqa', 'kv_cache_bytes', 'moe_mlp', 'moe_mlp_dispatch', 'moefication', 'moefy', 'pool_heads']
