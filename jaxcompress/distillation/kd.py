@@ -94,6 +94,9 @@ def check_pair(student: Model, teacher: Model, cfg: DistillConfig) -> None:
   if cfg.output in ('soft_kl', 'reverse_kl', 'jsd') and not student.causal:
     raise ValueError(f'distillation: output={cfg.output!r} compares logits, but the student is an encoder '
                      'whose output is hidden states; use output="hidden".')
+  if cfg.output == 'hidden' and student.causal:
+    raise ValueError('distillation: output="hidden" compares encoder outputs (hidden states), but the student is '
+                     'a causal LM whose output is logits; use "soft_kl", "reverse_kl" or "jsd".')
   if not student.causal and cfg.alpha != 1.0:
     raise ValueError(f'distillation: alpha={cfg.alpha} mixes in a next-token task loss, which an encoder '
                      'student has not; use alpha=1.')

@@ -134,7 +134,36 @@ def test_bad_input_is_named(teacher_params):
   for t in (0, -2.0):
     with pytest.raises(ValueError, match=f'temperature={t}'):
       distillation.DistillConfig(temperature=t)
+  with pytest.raises(ValueError, match='output="hidden" compares encoder outputs'):
+    distillation.distillation(MODEL, TEACHER, distillation.DistillConfig(output='hidden'))
   with pytest.raises(ValueError, match="output='kl'"):
     distillation.DistillConfig(output='kl')
   with pytest.raises(ValueError, match="storage='int4'"):
     distillation.prepare_teacher(TEACHER, teacher_params, 'int4')
+
+
+def test_encoder_student_with_padding():
+  """An encoder pair: output hidden-state MSE and relations over real keys only, masked by attention_mask."""
+  bert = models.Bert(models.BertConfig(vocab_size=30, hidden_size=16, num_layers=4, num_heads=2,
+                                       intermediate_size=32, max_position_embeddings=16))
+  tp = bert.init(jax.random.key(0))
+  student, sp, layer_map = students.select_layers(bert, tp)
+  x = np.random.RandomState(1).randint(0, 30, (3, 7)).astype(np.int32)
+  m = np.ones((3, 7), np.int32)
+  m[1, 4:] = 0
+  batch = {'inputs': jnp.asarray(x), 'attention_mask': jnp.asarray(m)}
+  cfg = distillation.DistillConfig(output='hidden', alpha=1.0, relation_weight=1.0, relation_heads=2)
+  loss, (weight, metrics) = distillation.distillation(student, bert, cfg)(sp, tp, batch, None)
+  s_out, s_int = student.apply(sp, batch['inputs'], attention_mask=batch['attention_mask'],
+                               intermediates=('hidden_states',))
+  t_out, t_int = bert.apply(tp, batch['inputs'], attention_mask=batch['attention_mask'],
+                            intermediates=('hidden_states',))
+  mse = ((np.asarray(s_out, np.float64) - np.asarray(t_out, np.float64)) ** 2).mean(-1)
+  rel = sum(losses.relation_kl(a, b, 2, batch['attention_mask']) for a, b in zip(
+      distillation.last_layer_qkv(student, sp, s_int['hidden_states'][-2], batch['inputs'], batch['attention_mask']),
+      distillation.last_layer_qkv(bert, tp, t_int['hidden_states'][-2], batch['inputs'], batch['attention_mask']))) / 3
+  np.testing.assert_allclose(metrics['kd'], (mse * m).sum(), rtol=1e-4)
+  np.testing.assert_allclose(loss, ((mse + np.asarray(rel)) * m).sum(), rtol=1e-4)
+  assert weight == m.sum() and float(metrics['relation']) > 0
+  with pytest.raises(ValueError, match='alpha=0.5'):
+    distillation.distillation(student, bert, distillation.DistillConfig(output='hidden', alpha=0.5))
