@@ -9,8 +9,8 @@ Rows (same student shape; every trained row the same steps, batches and optimize
   layers + contrastive   the same init trained WITHOUT the teacher: in-batch InfoNCE between two token-masked
                          views of each sentence (an unsupervised sentence-embedding objective, SimCSE-style)
   random + KD            a random init of the student shape (embeddings kept from the teacher), distilled
-  layers + KD            the teacher's blocks, distilled: last hidden state MSE + last-layer Q/K/V relation KL
-                         (MiniLM) + hidden states through the layer map
+  layers + KD            the teacher's blocks, distilled: 1 - cosine of the mean-pooled embeddings + last hidden
+                         state MSE + last-layer Q/K/V relation KL (MiniLM) + hidden states through the layer map
 Fidelity: cosine of student and teacher sentence embeddings (mean-pooled, normalized), and the fraction of
 held-out sentences whose nearest neighbour (by cosine, among the held-out set) is the same under both models.
 Speed: teacher over student embedding time, jitted, timed interleaved in one run (the host may be shared).
@@ -136,7 +136,7 @@ def main(argv):
   layers = [int(i) for i in FLAGS.layers] or None
   student, sparams, layer_map = students.select_layers(teacher, tparams, layers)
   heads = teacher.config.num_heads
-  cfg = distillation.DistillConfig(output='hidden', alpha=1.0, layer_map=layer_map[1:-1],
+  cfg = distillation.DistillConfig(output='embedding', alpha=1.0, layer_map=layer_map[1:-1],
                                    hidden_weight=FLAGS.hidden_weight, relation_weight=FLAGS.relation_weight,
                                    relation_heads=heads)
   kd = distillation.distillation(student, teacher, cfg)

@@ -55,12 +55,14 @@ def logit_distillation(student: Model, teacher: Model, *, alpha: float = 0.5, te
 # General objective: output, intermediate and relation terms ----------------------------------------------------
 
 PROJ = 'distill_proj'  # params key of the learned student -> teacher projections (dropped before the model runs)
-OUTPUTS = ('soft_kl', 'reverse_kl', 'jsd', 'hidden', 'none')
+OUTPUTS = ('soft_kl', 'reverse_kl', 'jsd', 'hidden', 'embedding', 'none')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-  output: str = 'soft_kl'  # output term: 'soft_kl', 'reverse_kl', 'jsd' (logits), 'hidden' (encoder output MSE), 'none'
+  # output term: 'soft_kl', 'reverse_kl', 'jsd' (logits); 'hidden' (encoder output MSE), 'embedding' (1 - cosine
+  # of mean-pooled encoder outputs plus their MSE); 'none'
+  output: str = 'soft_kl'
   temperature: float = 2.0  # softening of both distributions in the logit terms
   beta: float = 0.5  # GKD's beta for output='jsd'
   alpha: float = 0.5  # weight of the distillation terms against the task loss (causal LM next-token NLL)
@@ -94,8 +96,8 @@ def check_pair(student: Model, teacher: Model, cfg: DistillConfig) -> None:
   if cfg.output in ('soft_kl', 'reverse_kl', 'jsd') and not student.causal:
     raise ValueError(f'distillation: output={cfg.output!r} compares logits, but the student is an encoder '
                      'whose output is hidden states; use output="hidden".')
-  if cfg.output == 'hidden' and student.causal:
-    raise ValueError('distillation: output="hidden" compares encoder outputs (hidden states), but the student is '
+  if cfg.output in ('hidden', 'embedding') and student.causal:
+    raise ValueError(f'distillation: output="{cfg.output}" compares encoder outputs (hidden states), but the student is '
                      'a causal LM whose output is logits; use "soft_kl", "reverse_kl" or "jsd".')
   if not student.causal and cfg.alpha != 1.0:
     raise ValueError(f'distillation: alpha={cfg.alpha} mixes in a next-token task loss, which an encoder '
@@ -118,7 +120,7 @@ def init_projections(student: Model, teacher: Model, cfg: DistillConfig, key: ja
   if ds == dt:
     return {}
   names = [str(k) for k in range(len(cfg.layer_map))] if cfg.hidden_weight else []
-  names += ['out'] if cfg.output == 'hidden' else []
+  names += ['out'] if cfg.output in ('hidden', 'embedding') else []
   keys = jax.random.split(key, max(len(names), 1))
   return {n: {'kernel': jax.random.normal(k, (ds, dt), jnp.float32) / ds ** 0.5} for n, k in zip(names, keys)}
 
@@ -189,6 +191,10 @@ def distillation(student: Model, teacher: Model, cfg: DistillConfig, *, remat: b
       terms['kd'] = losses.generalized_jsd(t_out, s_out, cfg.beta, cfg.temperature)
     elif cfg.output == 'hidden':
       terms['kd'] = losses.hidden_mse(s_out, t_out, _proj(projections, 'out'))
+    elif cfg.output == 'embedding':
+      p = _proj(projections, 'out')
+      s_proj = s_out.astype(jnp.float32) if p is None else core.linear(s_out.astype(jnp.float32), p)
+      terms['kd'] = losses.embedding_cosine(s_proj, t_out, mask) + losses.hidden_mse(s_proj, t_out)
     distill = sum(terms.values()) if terms else jnp.zeros(mask.shape, jnp.float32)
     if cfg.hidden_weight:
       h = sum(losses.hidden_mse(s_int['hidden_states'][s], t_int['hidden_states'][t], _proj(projections, str(k)))

@@ -7,6 +7,7 @@ Output matching (logits [..., V] -> [...] float32, nats):
   generalized_jsd  beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s (GKD, Agarwal
                    et al. 2024); small beta behaves like forward KL, large beta like reverse KL
 Intermediate matching ([B, T, ...] -> [B, T] float32):
+  embedding_cosine 1 - cos of mean-pooled sentence embeddings (on each of the sequence's real tokens)
   hidden_mse       mean_d (h_s W - h_t)^2 through a learned projection W [D_s, D_t] (TinyBERT, Jiao et al. 2020)
   attention_mse    mean over heads and keys of (A_s - A_t)^2, attention probabilities [B, N, T, S] (TinyBERT)
   relation_kl      KL between the teacher's and student's self-relations softmax(x x^T / sqrt(d)) over R
@@ -83,6 +84,21 @@ def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, projection: core.Weig
     raise ValueError(f'hidden_mse: projected student hidden states {tuple(s.shape)} and teacher hidden states '
                      f'{tuple(teacher_h.shape)} differ; give a projection [student width, teacher width].')
   return jnp.mean(jnp.square(s - teacher_h.astype(jnp.float32)), axis=-1)
+
+
+def embedding_cosine(student_h: jax.Array, teacher_h: jax.Array, mask: jax.Array) -> jax.Array:
+  """1 - cos(mean-pooled student, mean-pooled teacher) of each sequence, on each of its real tokens (so the
+  per-token mean the objectives take is the length-weighted mean over sequences). student_h [B, T, D_s] (projected to D_t by the caller if
+  the widths differ), teacher_h [B, T, D_t], mask [B, T] -> [B, T] float32."""
+  if student_h.shape != teacher_h.shape:
+    raise ValueError(f'embedding_cosine: student {tuple(student_h.shape)} and teacher {tuple(teacher_h.shape)} '
+                     'hidden states differ; project the student to the teacher width first.')
+  m = mask.astype(jnp.float32)
+  count = jnp.maximum(m.sum(-1), 1.0)
+  pool = lambda h: jnp.einsum('btd,bt->bd', h.astype(jnp.float32), m) / count[:, None]
+  s, t = pool(student_h), pool(teacher_h)
+  cos = jnp.sum(s * t, -1) / jnp.maximum(jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), 1e-12)
+  return (1.0 - cos)[:, None] * m
 
 
 def attention_mse(student_probs: jax.Array, teacher_probs: jax.Array) -> jax.Array:

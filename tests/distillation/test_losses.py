@@ -60,6 +60,18 @@ def test_hidden_mse_through_projection():
     losses.hidden_mse(hs, ht)
 
 
+def test_embedding_cosine_with_padding():
+  hs, ht = RNG.randn(2, 4, 5), RNG.randn(2, 4, 5)
+  m = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float64)
+  pool = lambda h: (h * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+  s, t = pool(hs), pool(ht)
+  ref = 1 - (s * t).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(t, axis=-1)
+  got = losses.embedding_cosine(hs.astype(np.float32), ht.astype(np.float32), jnp.asarray(m))
+  np.testing.assert_allclose(got, ref[:, None] * m, rtol=1e-4, atol=1e-7)
+  assert np.all(np.asarray(got)[1, 2:] == 0)
+  _grads(lambda x: losses.embedding_cosine(x, ht, jnp.asarray(m)).sum(), hs)
+
+
 def test_attention_mse():
   a = np.asarray(jax.nn.softmax(RNG.randn(2, 3, 5, 5), -1), np.float64)
   b = np.asarray(jax.nn.softmax(RNG.randn(2, 3, 5, 5), -1), np.float64)
