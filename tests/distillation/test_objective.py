@@ -111,11 +111,12 @@ def test_frozen_teacher_storage(teacher_params, storage):
   frozen = distillation.prepare_teacher(TEACHER, teacher_params, storage)
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   assert nbytes(frozen) < 0.6 * nbytes(teacher_params)
-  cfg = distillation.DistillConfig(output='soft_kl', layer_map=layer_map, hidden_weight=1.0)
-  obj = distillation.distillation(student, TEACHER, cfg)
-  state, h = _run(sp, steps=3, objective=obj, frozen=frozen)
-  assert h[-1]['loss'] < h[0]['loss']
-  chex_close(state.frozen, frozen, 0.0)  # the teacher is never updated
+  if storage == 'int8':  # training against a stored teacher (one storage suffices: the step code is shared)
+    cfg = distillation.DistillConfig(output='soft_kl', layer_map=layer_map, hidden_weight=1.0)
+    obj = distillation.distillation(student, TEACHER, cfg)
+    state, h = _run(sp, steps=3, objective=obj, frozen=frozen)
+    assert h[-1]['loss'] < h[0]['loss']
+    chex_close(state.frozen, frozen, 0.0)  # the teacher is never updated
   # The stored teacher stays close to the float32 one.
   logits = TEACHER.apply(teacher_params, BATCH['inputs'])
   stored = TEACHER.apply(frozen, BATCH['inputs']).astype(jnp.float32)
