@@ -1,8 +1,12 @@
-"""Logit distillation: the student matches the teacher's temperature-softened next-token distribution.
+"""Distillation objectives for `train.loop.fit`, the teacher's params in `TrainState.frozen`.
+
+`logit_distillation`: the student matches the teacher's temperature-softened next-token distribution,
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, targets)
 
-T^2 keeps the soft term's gradient on the scale of the hard one as T changes.
+(T^2 keeps the soft term's gradient on the scale of the hard one as T changes). `distillation` generalizes it
+with a `DistillConfig`: any output term of `losses`, hidden-state, attention and Q/K/V-relation terms over a
+layer map, and learned projections trained with the student under params[PROJ].
 """
 
 from __future__ import annotations
