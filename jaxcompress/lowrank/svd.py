@@ -5,8 +5,9 @@ Every method here solves the same problem with a different left weighting S [in,
 
     min over rank-r Ŵ of ‖S (W − Ŵ)‖_F   =>   S W = U Σ Vᵀ,   Ŵ = S⁻¹ U_r Σ_r V_rᵀ,
 
-whose minimum is sqrt(Σ_{i>r} σ_i²) (Eckart–Young on S W). The factors are balanced: a = S⁻¹ U_r Σ_r^½ [in, r],
-b = Σ_r^½ V_rᵀ [r, out], so recovery training starts from equally scaled factors.
+whose minimum is sqrt(Σ_{i>r} σ_i²) (Eckart–Young on S W). The factors are balanced: a = U_r Σ_r^½ [in, r],
+b = Σ_r^½ V_rᵀ [r, out] for S = I, and the same product rebalanced (`balance`) otherwise, so recovery training
+starts from equally scaled factors.
 
 - plain SVD: S = I.
 - FWSVD (Hsu et al., "Language model compression with weighted low-rank factorization", ICLR 2022):
@@ -142,9 +143,23 @@ def factorize(w: Any, rank: int, s: jax.Array | None = None) -> core.LowRank:
   w = jnp.asarray(core.materialize(w), jnp.float32)
   check_rank(rank, w.shape)
   u, sigma, vt = jnp.linalg.svd(_scaled(w, s), full_matrices=False)
-  root = jnp.sqrt(sigma[:rank])
-  a = _unscale(u[:, :rank] * root[None, :], s)
-  return core.LowRank(a=a, b=root[:, None] * vt[:rank])
+  if s is None:
+    root = jnp.sqrt(sigma[:rank])
+    return core.LowRank(a=u[:, :rank] * root[None, :], b=root[:, None] * vt[:rank])
+  return balance(_unscale(u[:, :rank] * sigma[None, :rank], s), vt[:rank])
+
+
+def balance(a: jax.Array, b: jax.Array) -> core.LowRank:
+  """The same product a·b as LowRank(U Σ^½, Σ^½ Vᵀ) from its thin SVD (via QR of both factors).
+
+  Unweighting by S⁻¹ leaves a with very large rows where S is small; balanced factors keep gradient steps of
+  recovery training on the same scale for a and b."""
+  qa, ra = jnp.linalg.qr(a)
+  qb, rb = jnp.linalg.qr(b.T)
+  u, sigma, vt = jnp.linalg.svd(jnp.matmul(ra, rb.T, precision=_HI))
+  root = jnp.sqrt(sigma)
+  return core.LowRank(a=jnp.matmul(qa, u * root[None, :], precision=_HI),
+                      b=jnp.matmul(root[:, None] * vt, qb.T, precision=_HI))
 
 
 def truncation_loss(w: Any, rank: int, s: jax.Array | None = None) -> jax.Array:

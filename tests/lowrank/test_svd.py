@@ -154,3 +154,11 @@ def test_compress_every_method_on_a_model(params):
     lowrank.compress(params, config=lowrank.SVDConfig(method='asvd'))
   with pytest.raises(ValueError, match='rank=40 .* must be in'):
     lowrank.compress(params, config=lowrank.SVDConfig(ranks=lowrank.RankRule(rank=40)))
+
+
+def test_weighted_factors_are_balanced():
+  fisher = RS.gamma(0.2, size=16).astype(np.float32)
+  lr = lowrank.factorize(W, 3, lowrank.fisher_scale(fisher))
+  a, b = np.asarray(lr.a, np.float64), np.asarray(lr.b, np.float64)
+  np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=1e-4)
+  np.testing.assert_allclose(a.T @ a, np.diag(np.diag(a.T @ a)), atol=1e-4 * np.abs(a.T @ a).max())
