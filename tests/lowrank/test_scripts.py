@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_table_script_smoke(script, extra, tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, str(REPO / 'experiments' / script), '--small',
-                        f'--output_dir={tmp_path}', *extra], env=env, capture_output=True, text=True, timeout=300)
+                        f'--output_dir={tmp_path}', *extra], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads((tmp_path / 'results.json').read_text())['rows']
   assert len(rows) >= 3 and all(r.get('ppl', 1) > 1 for r in rows)
