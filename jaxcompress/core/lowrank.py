@@ -27,7 +27,10 @@ class LowRank(leaf_lib.Compressed):
     if not all(hasattr(f, 'shape') for f in (self.a, self.b)):
       return  # tree utilities rebuild leaves with None or sentinel children
     sa, sb = leaf_lib.shape_of(self.a), leaf_lib.shape_of(self.b)
-    if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0]:
+    if not sa and not sb:
+      return  # tree utilities also rebuild leaves with reduced children (norms, sums)
+    # Stacked factors [L, in, rank] / [L, rank, out] (scan over blocks) are checked per slice.
+    if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2] or sa[-1] != sb[-2]:
       raise ValueError(f'LowRank: factors must be a [in, rank] and b [rank, out]; got a {sa}, b {sb}.')
 
   @property

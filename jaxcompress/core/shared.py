@@ -93,7 +93,15 @@ def resolve(params: Any) -> Any:
     return store[x.name]
 
   rest = {k: v for k, v in params.items() if k != SHARED}
-  return paths_lib.map_with_path(swap, rest)
+  # References may sit inside other leaves too (a LoRA adapter over a shared base), so descend into them.
+  return jax.tree_util.tree_map_with_path(lambda kp, x: swap(paths_lib.path_str(kp), x), rest,
+                                          is_leaf=lambda x: isinstance(x, Shared))
+
+
+def resolve_leaf(x: Any, store: dict) -> Any:
+  """One weight with every reference in it (itself, or inside it, e.g. a LoRA's base) swapped for `store`'s."""
+  return jax.tree.map(lambda y: store[y.name] if isinstance(y, Shared) else y, x,
+                      is_leaf=lambda y: isinstance(y, Shared))
 
 
 def tie(params: dict, paths: Sequence[str], name: str, value: leaf_lib.Weight | None = None) -> dict:

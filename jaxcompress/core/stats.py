@@ -69,7 +69,7 @@ def leaf_counts(params: Any, per_token: Callable[[str], bool] | None = None) -> 
       out[path] = Counts(stored=leaf_lib.stored_params(x), memory=leaf_lib.memory_bytes(x),
                          disk=leaf_lib.disk_bytes(x))
       continue
-    used = store[x.name] if isinstance(x, shared_lib.Shared) else x
+    used = shared_lib.resolve_leaf(x, store) if leaf_lib.is_compressed(x) else x
     if isinstance(used, shared_lib.Shared):
       raise ValueError(f"'{path}' points at shared storage '{x.name}', which is itself a reference.")
     counted = _is_matmul_weight(path) and len(leaf_lib.shape_of(used)) == 2 and (per_token is None or per_token(path))

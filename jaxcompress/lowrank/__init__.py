@@ -1,8 +1,19 @@
 """Low-rank approximation: weights as products of thin factors.
 
-Low-rank adapters follow Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022).
+Truncated SVD, Fisher-weighted SVD (Hsu et al., ICLR 2022), activation-aware SVD (ASVD, Yuan et al., 2023) and
+whitened SVD (SVD-LLM, Wang et al., 2024) into `core.LowRank` leaves (`svd.py`); low-rank adapters after
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022), over any base (`lora.py`).
 """
 
-from jaxcompress.lowrank.lora import LORA_TRAINABLE, add_lora
+from jaxcompress.lowrank.lora import (LORA_TRAINABLE, LOWRANK_TRAINABLE, add_lora, check_base, merge, merge_into,
+                                      unmerge)
+from jaxcompress.lowrank.svd import (METHODS, RankRule, SVDConfig, activation_scale, budget_ranks, check_rank,
+                                     choose_ranks, compress, energy_rank, factorize, fisher_rows, fisher_scale,
+                                     keep_rank, ranks_of, spectrum, truncation_loss, whitening)
 
-__all__ = ['LORA_TRAINABLE', 'add_lora']
+__all__ = [
+    'LORA_TRAINABLE', 'LOWRANK_TRAINABLE', 'METHODS', 'RankRule', 'SVDConfig', 'activation_scale', 'add_lora',
+    'budget_ranks', 'check_base', 'check_rank', 'choose_ranks', 'compress', 'energy_rank', 'factorize',
+    'fisher_rows', 'fisher_scale', 'keep_rank', 'merge', 'merge_into', 'ranks_of', 'spectrum',
+    'truncation_loss', 'unmerge', 'whitening',
+]

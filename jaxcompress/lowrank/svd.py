@@ -1,0 +1,297 @@
+"""Truncated SVD into `core.LowRank` leaves, plain or weighted by calibration statistics.
+
+Every method here solves the same problem with a different left weighting S [in, in] of the kernel W [in, out]
+(our layout: y = x W):
+
+    min over rank-r Ŵ of ‖S (W − Ŵ)‖_F   =>   S W = U Σ Vᵀ,   Ŵ = S⁻¹ U_r Σ_r V_rᵀ,
+
+whose minimum is sqrt(Σ_{i>r} σ_i²) (Eckart–Young on S W). The factors are balanced: a = U_r Σ_r^½ [in, r],
+b = Σ_r^½ V_rᵀ [r, out] for S = I, and the same product rebalanced (`balance`) otherwise, so recovery training
+starts from equally scaled factors.
+
+- plain SVD: S = I.
+- FWSVD (Hsu et al., "Language model compression with weighted low-rank factorization", ICLR 2022):
+  S = diag(√I), I_j = Σ_k Σ_batches (∂L/∂W_jk)² the Fisher importance of input row j (`fisher_rows`).
+- ASVD (Yuan et al., "ASVD: Activation-aware singular value decomposition", 2023): S = diag(mean_t |x_tj|^α),
+  from the calibration `abs_mean()` observer.
+- SVD-LLM (Wang et al., "SVD-LLM: truncation-aware SVD for LLM compression", 2024): S = Lᵀ with XᵀX = L Lᵀ
+  (Cholesky, from the calibration `hessian()` observer), so ‖X (W − Ŵ)‖_F = ‖Lᵀ (W − Ŵ)‖_F and the truncation
+  loss of each discarded singular value is exactly that value. A singular XᵀX (dead inputs, fewer tokens than
+  inputs) is damped: XᵀX + λ·mean(diag XᵀX)·I with λ = `damp` (the loss identity then holds for the damped
+  matrix).
+
+Ranks are chosen by `RankRule`: a fixed rank, an energy threshold, a uniform parameter fraction per kernel, or
+one parameter budget over all selected kernels allocated greedily by the σ² a rank buys per parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import core
+from jaxcompress.eval import lm
+
+METHODS = ('svd', 'fwsvd', 'asvd', 'svd_llm')
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankRule:
+  """How many singular values each selected kernel keeps; exactly one field is set."""
+
+  rank: int | None = None  # the same rank for every kernel
+  energy: float | None = None  # smallest rank whose Σσ² reaches this fraction (0, 1] of the (weighted) total
+  keep: float | None = None  # each kernel keeps this fraction (0, 1) of its dense parameter count
+  budget: float | None = None  # all kernels together keep this fraction (0, 1); ranks allocated greedily
+
+  def __post_init__(self):
+    given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    if len(given) != 1:
+      raise ValueError(f'RankRule: set exactly one of rank, energy, keep, budget; got {given or "none"}.')
+    if self.rank is not None and self.rank < 1:
+      raise ValueError(f'RankRule: rank={self.rank} must be >= 1.')
+    if self.energy is not None and not 0 < self.energy <= 1:
+      raise ValueError(f'RankRule: energy={self.energy} must be in (0, 1].')
+    for name in ('keep', 'budget'):
+      v = getattr(self, name)
+      if v is not None and not 0 < v < 1:
+        raise ValueError(f'RankRule: {name}={v} must be in (0, 1), the fraction of parameters kept.')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SVDConfig:
+  """A low-rank factorization method and its rank rule."""
+
+  method: str = 'svd'  # one of METHODS
+  ranks: RankRule = RankRule(keep=0.5)  # how many singular values each kernel keeps
+  alpha: float = 0.5  # ASVD's exponent of the mean activation magnitude
+  damp: float = 1e-4  # SVD-LLM's damping of XᵀX, relative to its mean diagonal (0: none)
+  rules: core.Rules = core.Rules()  # which kernels are factorized (default: the blocks' kernels)
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f'SVDConfig: method={self.method!r}; choose one of {METHODS}.')
+
+
+def check_rank(rank: int, shape: tuple[int, ...], path: str = 'kernel') -> None:
+  d_in, d_out = shape
+  if not 1 <= rank <= min(d_in, d_out):
+    raise ValueError(f"rank={rank} for '{path}' of shape {tuple(shape)} must be in [1, {min(d_in, d_out)}] "
+                     '(at least 1, at most min(in, out)).')
+
+
+# Weightings S: a vector [in] means diag(s); a matrix [in, in] is upper triangular (Lᵀ).
+
+def fisher_scale(fisher: jax.Array) -> jax.Array:
+  """FWSVD: √I [in] from the summed squared gradients of each input row; zero rows get the smallest
+  positive weight so S stays invertible."""
+  return _positive(jnp.sqrt(jnp.asarray(fisher, jnp.float32)))
+
+
+def activation_scale(abs_mean_stats: Mapping[str, jax.Array], alpha: float = 0.5) -> jax.Array:
+  """ASVD: (mean_t |x_j|)^α [in] from `calibration.abs_mean()` statistics."""
+  mean = abs_mean_stats['abs_sum'] / jnp.maximum(abs_mean_stats['count'], 1).astype(jnp.float32)
+  return _positive(mean ** alpha)
+
+
+def whitening(hessian_stats: Mapping[str, jax.Array], damp: float = 1e-4) -> jax.Array:
+  """SVD-LLM: Lᵀ [in, in] (upper triangular) with L Lᵀ = XᵀX + damp·mean(diag)·I, from `calibration.hessian()`.
+
+  Raises if the matrix is not positive definite even after damping (raise `damp`)."""
+  xtx = jnp.asarray(hessian_stats['xtx'], jnp.float32)
+  xtx = xtx + damp * jnp.mean(jnp.diag(xtx)) * jnp.eye(xtx.shape[0], dtype=xtx.dtype)
+  chol = jnp.linalg.cholesky(xtx)
+  if not bool(jnp.all(jnp.isfinite(chol))):
+    raise ValueError(f'whitening: XᵀX is singular or not positive definite with damp={damp}; raise damp '
+                     '(e.g. 1e-2) or calibrate on more tokens than inputs.')
+  return chol.T
+
+
+def _positive(s: jax.Array) -> jax.Array:
+  floor = jnp.maximum(jnp.max(s) * 1e-6, jnp.finfo(jnp.float32).tiny)
+  return jnp.maximum(s, floor)
+
+
+def _scaled(w: jax.Array, s: jax.Array | None) -> jax.Array:
+  if s is None:
+    return w
+  return s[:, None] * w if s.ndim == 1 else jnp.matmul(s, w, precision=_HI)
+
+
+def _unscale(u: jax.Array, s: jax.Array | None) -> jax.Array:
+  if s is None:
+    return u
+  if s.ndim == 1:
+    return u / s[:, None]
+  return jax.scipy.linalg.solve_triangular(s, u, lower=False)
+
+
+def spectrum(w: Any, s: jax.Array | None = None) -> jax.Array:
+  """Singular values [min(in, out)] of S·W, descending (float32)."""
+  return jnp.linalg.svd(_scaled(jnp.asarray(core.materialize(w), jnp.float32), s), compute_uv=False)
+
+
+def factorize(w: Any, rank: int, s: jax.Array | None = None) -> core.LowRank:
+  """W [in, out] -> LowRank(a [in, rank], b [rank, out]) minimizing ‖S (W − a b)‖_F (S = I when s is None)."""
+  w = jnp.asarray(core.materialize(w), jnp.float32)
+  check_rank(rank, w.shape)
+  u, sigma, vt = jnp.linalg.svd(_scaled(w, s), full_matrices=False)
+  if s is None:
+    root = jnp.sqrt(sigma[:rank])
+    return core.LowRank(a=u[:, :rank] * root[None, :], b=root[:, None] * vt[:rank])
+  return balance(_unscale(u[:, :rank] * sigma[None, :rank], s), vt[:rank])
+
+
+def balance(a: jax.Array, b: jax.Array) -> core.LowRank:
+  """The same product a·b as LowRank(U Σ^½, Σ^½ Vᵀ) from its thin SVD (via QR of both factors).
+
+  Unweighting by S⁻¹ leaves a with very large rows where S is small; balanced factors keep gradient steps of
+  recovery training on the same scale for a and b."""
+  qa, ra = jnp.linalg.qr(a)
+  qb, rb = jnp.linalg.qr(b.T)
+  u, sigma, vt = jnp.linalg.svd(jnp.matmul(ra, rb.T, precision=_HI))
+  root = jnp.sqrt(sigma)
+  return core.LowRank(a=jnp.matmul(qa, u * root[None, :], precision=_HI),
+                      b=jnp.matmul(root[:, None] * vt, qb.T, precision=_HI))
+
+
+def truncation_loss(w: Any, rank: int, s: jax.Array | None = None) -> jax.Array:
+  """sqrt(Σ_{i>rank} σ_i²) of S·W: the weighted error ‖S (W − Ŵ)‖_F of the rank-`rank` factorization."""
+  sigma = spectrum(w, s)
+  return jnp.sqrt(jnp.sum(jnp.square(sigma[rank:])))
+
+
+def keep_rank(shape: tuple[int, int], keep: float) -> int:
+  """The rank whose factors hold `keep` of a dense [in, out] kernel's parameters (at least 1)."""
+  d_in, d_out = shape
+  return max(1, min(min(d_in, d_out), int(keep * d_in * d_out / (d_in + d_out))))
+
+
+def energy_rank(sigma: np.ndarray, energy: float) -> int:
+  """Smallest r with Σ_{i<r} σ_i² >= energy · Σ σ_i²."""
+  e = np.cumsum(np.square(np.asarray(sigma, np.float64)))
+  return int(min(len(e), np.searchsorted(e, energy * e[-1] * (1 - 1e-12)) + 1))
+
+
+def budget_ranks(spectra: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]],
+                 budget: float) -> dict[str, int]:
+  """Ranks keeping `budget` of the kernels' total dense parameters, greedily: every kernel starts at rank 1,
+  then the next singular value with the largest σ² per parameter (in + out) is added while it fits."""
+  total = sum(i * o for i, o in shapes.values())
+  floor = sum(i + o for i, o in shapes.values())
+  left = budget * total - floor
+  if left < 0:
+    raise ValueError(f'budget={budget} keeps {budget * total:.0f} parameters, less than rank 1 everywhere '
+                     f'({floor}); raise the budget.')
+  ranks = {p: 1 for p in shapes}
+  heap = [(-float(spectra[p][1]) ** 2 / sum(shapes[p]), p) for p in shapes if len(spectra[p]) > 1]
+  heapq.heapify(heap)
+  while heap:
+    gain, p = heapq.heappop(heap)
+    cost = sum(shapes[p])
+    if cost > left:
+      continue  # this kernel's next rank does not fit; cheaper ones still may
+    left -= cost
+    ranks[p] += 1
+    if ranks[p] < len(spectra[p]):
+      heapq.heappush(heap, (-float(spectra[p][ranks[p]]) ** 2 / cost, p))
+  return ranks
+
+
+def choose_ranks(rule: RankRule, spectra: Mapping[str, np.ndarray],
+                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+  """{path: rank} for every kernel, by the rule (spectra: singular values of S·W, descending)."""
+  if rule.rank is not None:
+    for p, sh in shapes.items():
+      check_rank(rule.rank, sh, p)
+    return {p: rule.rank for p in shapes}
+  if rule.energy is not None:
+    return {p: energy_rank(spectra[p], rule.energy) for p in shapes}
+  if rule.keep is not None:
+    return {p: keep_rank(sh, rule.keep) for p, sh in shapes.items()}
+  return budget_ranks(spectra, shapes, rule.budget)
+
+
+def scales(config: SVDConfig, stats: Mapping[str, Any] | None, paths: Iterable[str]) -> dict[str, Any]:
+  """{path: S} for the config's method. stats[path]: fwsvd -> Fisher rows [in] (`fisher_rows`);
+  asvd -> `abs_mean()` statistics; svd_llm -> `hessian()` statistics."""
+  paths = list(paths)
+  if config.method == 'svd':
+    return {p: None for p in paths}
+  if stats is None:
+    raise ValueError(f'method={config.method!r} needs calibration statistics; pass stats= (see SVDConfig).')
+  missing = [p for p in paths if p not in stats]
+  if missing:
+    raise KeyError(f'method={config.method!r}: no statistics for {missing[:3]}; calibrate the same selection.')
+  if config.method == 'fwsvd':
+    return {p: fisher_scale(stats[p]) for p in paths}
+  if config.method == 'asvd':
+    return {p: activation_scale(_pick(stats[p], 'abs_sum'), config.alpha) for p in paths}
+  return {p: whitening(_pick(stats[p], 'xtx'), config.damp) for p in paths}
+
+
+def _pick(stats: Any, key: str) -> Any:
+  """The observer's stats holding `key`, also inside `calibration.combine(...)` results."""
+  if key in stats:
+    return stats
+  for v in stats.values():
+    if isinstance(v, Mapping) and key in v:
+      return v
+  raise KeyError(f"statistics hold no '{key}' (keys {sorted(stats)}); use the matching calibration observer.")
+
+
+def compress(params: Any, *, config: SVDConfig = SVDConfig(), stats: Mapping[str, Any] | None = None) -> Any:
+  """params with every selected kernel replaced by a `LowRank` leaf, ranks by `config.ranks`.
+
+  stats: per-kernel-path statistics for the weighted methods (see `scales`).
+  """
+  sel = core.select_by(params, config.rules)
+  if not len(sel):
+    raise ValueError(f'compress: the rules {config.rules} select no kernel; check the include/exclude regexes.')
+  weights = sel.get(core.resolve(params))
+  shapes = {p: tuple(core.shape_of(w)) for p, w in weights.items()}
+  s = scales(config, stats, sel.paths)
+  need_spectra = config.ranks.energy is not None or config.ranks.budget is not None
+  spectra = {p: np.asarray(spectrum(weights[p], s[p])) for p in sel.paths} if need_spectra else {}
+  ranks = choose_ranks(config.ranks, spectra, shapes)
+  return sel.map(lambda p, w: factorize(w, ranks[p], s[p]), params)
+
+
+def ranks_of(params: Any) -> dict[str, int]:
+  """{path: rank} of every LowRank leaf."""
+  return {p: w.rank for p, w in core.flatten(params).items() if isinstance(w, core.LowRank)}
+
+
+def fisher_rows(model: Any, params: Any, batches: Iterable[Mapping[str, Any]], *,
+                rules: core.Rules = core.Rules()) -> dict[str, jax.Array]:
+  """FWSVD's row importances: {kernel path: Σ_batches Σ_out (∂L/∂W)² [in] float32}.
+
+  batches: {'inputs': [B, T] int32, 'targets': [B, T] int32, optional 'mask'}; L is each batch's mean
+  next-token cross-entropy (the gradient of one batch is one sample of the empirical Fisher).
+  """
+  sel = core.select_by(params, rules)
+
+  @jax.jit
+  def sq_grad(p, batch):
+    def loss(p):
+      logits = model.apply(p, batch['inputs'])
+      mask = batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32))
+      return jnp.sum(lm.token_nll(logits, batch['targets']) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    g = core.flatten(jax.grad(loss)(p))
+    return {q: jnp.sum(jnp.square(g[q]), axis=1) for q in sel.paths}
+
+  total = None
+  dense = core.materialize_tree(core.resolve(params))
+  for batch in batches:
+    got = sq_grad(dense, {k: jnp.asarray(v) for k, v in batch.items()})
+    total = got if total is None else jax.tree.map(jnp.add, total, got)
+  if total is None:
+    raise ValueError('fisher_rows: batches is empty; give at least one calibration batch.')
+  return total

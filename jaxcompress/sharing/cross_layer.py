@@ -1,0 +1,214 @@
+"""Cross-layer parameter sharing (Lan et al., "ALBERT", ICLR 2020): blocks of a group use one set of weights.
+
+A grouping is a tuple of groups of block indices, e.g. ((0, 1), (2, 3)). `share_blocks` stores each group's
+weights once under `params['_shared']` (averaged over the group, so a pretrained model starts close to itself)
+and leaves `core.Shared` references in every block: autodiff sums every use's gradient into the one storage,
+and checkpoints, `core.serialize` and `core.stats` count it once.
+
+    groups = sharing.consecutive_groups(4, 2)                     # ((0, 1), (2, 3))
+    shared = sharing.share_blocks(params, groups)                # averaged, tied
+    shared = sharing.add_deltas(shared, key, rank=8)             # per-layer LoRA deltas over shared storage
+
+`add_deltas` is relaxed recursive sharing (Bae et al., "Relaxed recursive transformers", 2024): each place keeps
+its own small `core.LoRA(base=Shared(...), a, b)` adapter, so layers of a group may differ again cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import core
+from jaxcompress.train import state as state_lib
+
+Groups = tuple[tuple[int, ...], ...]
+# Train only the per-layer deltas (the shared storage fixed).
+DELTA_TRAINABLE = state_lib.matching(r'/lora_(a|b)$')
+
+
+def all_blocks(num_layers: int) -> Groups:
+  """ALBERT: every block in one group."""
+  return (tuple(range(num_layers)),)
+
+
+def consecutive_groups(num_layers: int, k: int) -> Groups:
+  """Groups of k consecutive blocks (the last may be shorter)."""
+  if not 1 <= k <= num_layers:
+    raise ValueError(f'consecutive_groups: k={k} must be in [1, num_layers={num_layers}].')
+  return tuple(tuple(range(i, min(i + k, num_layers))) for i in range(0, num_layers, k))
+
+
+def _blocks(params: dict, block_path: str) -> dict:
+  if block_path not in params:
+    raise KeyError(f"no '{block_path}' in params (top-level keys {sorted(map(str, params))}); pass block_path=.")
+  return params[block_path]
+
+
+def _block_weights(params: dict, i: int, block_path: str, include: str) -> dict[str, Any]:
+  """{subpath within block i: weight} for the subpaths matching `include`."""
+  blocks = _blocks(params, block_path)
+  key = i if i in blocks else str(i)
+  if key not in blocks:
+    raise KeyError(f'block {i} does not exist: {block_path} has blocks {sorted(int(k) for k in blocks)}.')
+  rx = re.compile(include)
+  return {p: w for p, w in core.flatten(blocks[key]).items() if rx.search(p)}
+
+
+def _check_groups(params: dict, groups: Sequence[Sequence[int]], block_path: str, include: str) -> Groups:
+  n = len(_blocks(params, block_path))
+  seen: set[int] = set()
+  for g in groups:
+    if not g:
+      raise ValueError(f'share_blocks: empty group in {groups}; each group names at least one block.')
+    for i in g:
+      if not 0 <= int(i) < n:
+        raise ValueError(f'share_blocks: block {i} in group {tuple(g)} does not exist; the model has blocks '
+                         f'0..{n - 1}.')
+      if i in seen:
+        raise ValueError(f'share_blocks: block {i} appears in two groups of {groups}; groups must be disjoint.')
+      seen.add(int(i))
+    ref = _block_weights(params, g[0], block_path, include)
+    for i in g[1:]:
+      other = _block_weights(params, i, block_path, include)
+      if set(other) != set(ref):
+        raise ValueError(f'share_blocks: blocks {g[0]} and {i} hold different weights '
+                         f'({sorted(set(ref) ^ set(other))[:3]}); only identical blocks can share.')
+      for p in ref:
+        if core.shape_of(ref[p]) != core.shape_of(other[p]):
+          raise ValueError(f"share_blocks: '{p}' has shape {core.shape_of(ref[p])} in block {g[0]} but "
+                           f'{core.shape_of(other[p])} in block {i}; only same-shaped layers can share.')
+  return tuple(tuple(int(i) for i in g) for g in groups)
+
+
+def share_blocks(params: dict, groups: Sequence[Sequence[int]], *, block_path: str = 'layers',
+                 include: str = r'.', average: bool = True) -> dict:
+  """params with the weights of each group's blocks stored once (groups of one block are left as they are).
+
+  include: regex over paths inside a block ('attn/q_proj/kernel'); default every weight (ALBERT shares norms
+    too). average: initialise the storage with the group's mean (False: the first block's weights).
+  Storage names are 'g<first>-<last>:<subpath>' ('g0-3:mlp/up_proj/kernel' for blocks 0..3).
+  """
+  groups = _check_groups(params, groups, block_path, include)
+  out = params
+  for g in groups:
+    if len(g) < 2:
+      continue
+    ref = _block_weights(params, g[0], block_path, include)
+    for sub in ref:
+      members = [core.materialize(_block_weights(params, i, block_path, include)[sub]) for i in g]
+      value = jnp.mean(jnp.stack(members), axis=0).astype(members[0].dtype) if average else members[0]
+      out = core.tie(out, [f'{block_path}/{i}/{sub}' for i in g], name=f'g{g[0]}-{g[-1]}:{sub}', value=value)
+  return out
+
+
+def flat_block(params: dict, i: int, *, block_path: str = 'layers', include: str = r'kernel$') -> np.ndarray:
+  """Block i's selected weights, flattened and concatenated (float64), for similarity."""
+  ws = _block_weights(core.resolve(params), i, block_path, include)
+  return np.concatenate([np.asarray(core.materialize(w), np.float64).ravel() for _, w in sorted(ws.items())])
+
+
+def similarity(params: dict, *, block_path: str = 'layers', include: str = r'kernel$') -> np.ndarray:
+  """Cosine similarity [L, L] float64 of the blocks' flattened weights."""
+  n = len(_blocks(params, block_path))
+  flat = np.stack([flat_block(params, i, block_path=block_path, include=include) for i in range(n)])
+  flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-300)
+  return flat @ flat.T
+
+
+def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layers', include: str = r'kernel$',
+                      method: str = 'agglomerative') -> Groups:
+  """Blocks grouped by cosine similarity of their weights into `num_groups` groups.
+
+  method: 'agglomerative' (average linkage: repeatedly merge the two groups of highest mean pairwise cosine)
+    or 'greedy' (visit blocks in order; join the most similar open group, by its first block, while more
+    blocks remain than groups to open).
+  """
+  sim = similarity(params, block_path=block_path, include=include)
+  n = len(sim)
+  if not 1 <= num_groups <= n:
+    raise ValueError(f'similarity_groups: num_groups={num_groups} must be in [1, {n}] (the number of blocks).')
+  if method == 'agglomerative':
+    groups = [[i] for i in range(n)]
+    while len(groups) > num_groups:
+      best, pair = -np.inf, (0, 1)
+      for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+          s = float(np.mean(sim[np.ix_(groups[a], groups[b])]))
+          if s > best:
+            best, pair = s, (a, b)
+      a, b = pair
+      groups[a] = sorted(groups[a] + groups[b])
+      del groups[b]
+  elif method == 'greedy':
+    groups = []
+    for i in range(n):
+      must_open = n - i <= num_groups - len(groups)
+      if groups and (len(groups) == num_groups or not must_open):
+        scores = [sim[i, g[0]] for g in groups]
+        if len(groups) == num_groups or max(scores) > 0:
+          groups[int(np.argmax(scores))].append(i)
+          continue
+      groups.append([i])
+  else:
+    raise ValueError(f"similarity_groups: method={method!r}; choose 'agglomerative' or 'greedy'.")
+  return tuple(sorted(tuple(g) for g in groups))
+
+
+def add_deltas(params: dict, key: jax.Array, *, rank: int = 4, alpha: float | None = None,
+               include: str = r'kernel$') -> dict:
+  """Every place that holds a `Shared` reference matching `include` gets its own LoRA delta over it.
+
+  a: [in, rank] ~ N(0, 1/in), b: [rank, out] = 0 (the model is unchanged at first), scale = alpha / rank
+  (default alpha = rank: scale 1).
+  """
+  if rank < 1:
+    raise ValueError(f'add_deltas: rank={rank} must be >= 1.')
+  rx = re.compile(include)
+  flat = core.flatten(params)
+  places = [p for p, w in flat.items() if isinstance(w, core.Shared) and rx.search(p)]
+  if not places:
+    raise ValueError(f'add_deltas: no Shared reference matches include={include!r}; share blocks first '
+                     '(share_blocks) or widen include.')
+  keys = dict(zip(places, jax.random.split(key, len(places))))
+  updates = {}
+  for p in places:
+    d_in, d_out = core.shape_of(flat[p])
+    if rank > min(d_in, d_out):
+      raise ValueError(f"add_deltas: rank={rank} exceeds min(in, out)={min(d_in, d_out)} at '{p}'.")
+    a = jax.random.normal(keys[p], (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+    updates[p] = core.LoRA(base=flat[p], lora_a=a, lora_b=jnp.zeros((rank, d_out), jnp.float32),
+                           scale=(alpha or rank) / rank)
+  return core.paths.replace(params, updates)
+
+
+def tie_embeddings(model: Any, params: dict, *, how: str = 'average') -> tuple[Any, dict]:
+  """(model with tied input/output embeddings, params without the separate head) for an untied causal LM.
+
+  how: 'average' (embedding = (E + Kᵀ) / 2, E [V, D] the input table, K [D, V] the head) or 'embedding' (keep E).
+  The model's config must have a `tie_embeddings` flag (Llama, Mistral, Qwen2); the tied head is Eᵀ.
+  """
+  import dataclasses
+  cfg = getattr(model, 'config', None)
+  if cfg is None or not hasattr(cfg, 'tie_embeddings'):
+    raise ValueError(f'tie_embeddings: {type(model).__name__} has no tie_embeddings config flag.')
+  if cfg.tie_embeddings:
+    raise ValueError('tie_embeddings: the model is already tied.')
+  if how not in ('average', 'embedding'):
+    raise ValueError(f"tie_embeddings: how={how!r}; choose 'average' or 'embedding'.")
+  flat = core.flatten(core.resolve(params))
+  emb_path = next(p for p in flat if p.endswith('embedding') and p.startswith('embed'))
+  head = next((p for p in flat if re.match(model.head_patterns[0], p) and p.endswith('kernel')), None)
+  if head is None:
+    raise KeyError(f'tie_embeddings: no head kernel matching {model.head_patterns[0]!r}.')
+  emb = jnp.asarray(core.materialize(flat[emb_path]))
+  if how == 'average':
+    emb = ((emb + jnp.asarray(core.materialize(flat[head])).T) / 2).astype(emb.dtype)
+  tied = type(model)(dataclasses.replace(cfg, tie_embeddings=True))
+  head_key = head.split('/')[0]
+  out = {k: v for k, v in params.items() if k != head_key}
+  return tied, core.paths.replace(out, {emb_path: emb})

@@ -1,0 +1,25 @@
+"""The low-rank, sharing and QLoRA table scripts run end to end in smoke mode and write their tables."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize('script, extra', [
+    ('lowrank_table.py', ['--methods=svd,svd_llm', '--reductions=0.5']),
+    ('sharing_table.py', []),
+])
+def test_table_script_smoke(script, extra, tmp_path):
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, str(REPO / 'experiments' / script), '--small',
+                        f'--output_dir={tmp_path}', *extra], env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads((tmp_path / 'results.json').read_text())['rows']
+  assert len(rows) >= 3 and all(r.get('ppl', 1) > 1 for r in rows)
+  assert '| ppl' in (tmp_path / 'table.md').read_text() or 'ppl |' in (tmp_path / 'table.md').read_text()
