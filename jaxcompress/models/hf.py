@@ -38,7 +38,7 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 SAFE_INDEX = 'model.safetensors.index.json'
 SAFE_SINGLE = 'model.safetensors'
 
-# Placement of each loaded tensor: (our path, array) -> array on devices. Default: jnp.asarray.
+# Placement of each loaded tensor: (our path, array) -> array on devices. Default: jax.device_put.
 Placer = Callable[[str, np.ndarray], jax.Array]
 # The final sharding of each parameter: (our path, shape) -> a jax.sharding.Sharding (e.g. a NamedSharding
 # from the model's sharding rules over a mesh).
@@ -166,7 +166,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   expected = {p: (tuple(s.shape), s.dtype) for p, s in core.flatten(model.abstract_params()).items()}
   table = model.hf_table()
   prefix = _detect_prefix(model, files, table)
-  place = place or (lambda _, x: jnp.asarray(x))
+  # device_put, not jnp.asarray: on CPU it adopts the aligned buffer the reader filled instead of copying it.
+  place = place or (lambda _, x: jax.device_put(x))
   handles: dict[Path, Any] = {}
   flat: dict[str, jax.Array] = {}
   used = set()

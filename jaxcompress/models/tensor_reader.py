@@ -22,6 +22,17 @@ DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dt
           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
 
 
+ALIGN = 64  # bytes: jax.device_put on CPU adopts a NumPy buffer this aligned instead of copying it
+
+
+def _aligned_empty(shape: list[int], dtype: np.dtype) -> np.ndarray:
+  """np.empty(shape, dtype) starting on an ALIGN-byte boundary, so placing it on a CPU device copies nothing."""
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  start = -raw.ctypes.data % ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class TensorFile:
   """One open safetensors file: `shape(name)`, `dtype(name)`, `read(name, index)`."""
 
@@ -69,7 +80,7 @@ class TensorFile:
               for s, d in zip(tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ())), shape)]
     if any(r is None for r in ranges):
       raise ValueError(f'TensorFile.read: index {index} has a slice with a step; only unit steps are read.')
-    out = np.empty([len(r) for r in ranges], dtype)
+    out = _aligned_empty([len(r) for r in ranges], dtype)
     if out.size == 0:
       return out
     # The trailing dimensions read whole form one contiguous run; the others are walked run by run.
