@@ -1,10 +1,19 @@
-"""`Masked`: a weight with a fixed pattern of zeros (unstructured, N:M, block or channel sparsity)."""
+"""`Masked`: a weight with a fixed pattern of zeros (unstructured, N:M, block or channel sparsity).
+
+`Masked` keeps the full value and a bool byte per entry, which training needs (the zeros stay zeros under
+updates of the full array), but a 50%-sparse float32 weight then takes 1.25x the dense bytes. For inference,
+`compact(params)` turns each `Masked` leaf with a plain value into a `PackedMasked`: the kept values and a
+one-bit-per-entry map (the on-disk layout of `Masked`), 0.53x the dense bytes at 50% sparsity.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -109,3 +118,93 @@ def _decode(desc: dict, src: serialize.Reader) -> Masked:
 
 
 serialize.register('masked', Masked, _encode, _decode)
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class PackedMasked(leaf_lib.Compressed):
+  """The inference form of a `Masked` weight: only the kept values and a bit per entry.
+
+  values: [K] the kept entries in row-major order of `shape` (K = entries the mask keeps).
+  bits:   uint8 [ceil(prod(shape) / 8)], the mask over the full shape, bit i of byte j = entry 8 j + i.
+  shape, dtype: static, of the dense weight.
+
+  `materialize()` unpacks the bits and scatters the values (a cumulative count gives each kept entry its index
+  in `values`); `matmul` multiplies by that dense array, so it saves memory, not time. Not for training: the
+  values carry no gradient back to the positions of a full array.
+  """
+
+  values: leaf_lib.Array
+  bits: leaf_lib.Array
+  logical_shape: tuple[int, ...] = leaf_lib.static(default=())
+
+  @property
+  def shape(self):
+    return tuple(self.logical_shape)
+
+  @property
+  def dtype(self):
+    return np.dtype(self.values.dtype)
+
+  def mask(self) -> jax.Array:
+    """bool [*shape], True where an entry is kept."""
+    return jnp.unpackbits(self.bits, count=self.size, bitorder='little').astype(bool).reshape(self.shape)
+
+  def materialize(self):
+    keep = self.mask().reshape(-1)
+    if self.values.shape[0] == 0:
+      return jnp.zeros(self.shape, self.dtype)
+    slot = jnp.cumsum(keep, dtype=jnp.int32) - 1  # index in `values` of each kept entry
+    dense = jnp.where(keep, self.values[jnp.maximum(slot, 0)], jnp.zeros((), self.dtype))
+    return dense.reshape(self.shape)
+
+  def kept(self) -> int:
+    return int(self.values.shape[0])
+
+  def sparsity(self) -> float:
+    return 1.0 - self.kept() / self.size
+
+  def stored_params(self):
+    return self.kept()
+
+  def memory_bytes(self):
+    return leaf_lib.memory_bytes(self.values) + leaf_lib.memory_bytes(self.bits)
+
+  def disk_bytes(self):
+    return self.memory_bytes()
+
+  def matmul_flops(self):
+    return 2 * self.kept()
+
+
+def pack(w: Masked) -> PackedMasked:
+  """A `Masked` weight with a plain (fully addressable) value -> its `PackedMasked` form, host-side."""
+  if leaf_lib.is_compressed(w.value):
+    raise ValueError(f'pack: the value of this Masked weight is a {type(w.value).__name__}; only a plain '
+                     'array value packs (compact() leaves composed weights as they are).')
+  value = serialize.host(w.value)
+  mask = np.broadcast_to(serialize.host(w.mask).astype(bool), value.shape)
+  return PackedMasked(values=jnp.asarray(value[mask]),
+                      bits=jnp.asarray(np.packbits(mask.reshape(-1), bitorder='little')),
+                      logical_shape=tuple(value.shape))
+
+
+def compact(params: Any) -> Any:
+  """Every `Masked` leaf with a plain value replaced by `pack(leaf)`; everything else as it is."""
+  return jax.tree.map(lambda w: pack(w) if isinstance(w, Masked) and not leaf_lib.is_compressed(w.value) else w,
+                      params, is_leaf=leaf_lib.is_weight_leaf)
+
+
+def _encode_packed(w: PackedMasked, out: serialize.Writer) -> dict:
+  out.put('.bitmap', w.bits)
+  out.put('.kept', w.values)
+  return {'shape': list(w.shape), 'dtype': str(w.dtype)}
+
+
+def _decode_packed(desc: dict, src: serialize.Reader) -> PackedMasked:
+  values = src.get('.kept').astype(np.dtype(desc['dtype']))
+  return PackedMasked(values=jnp.asarray(values), bits=jnp.asarray(src.get('.bitmap')),
+                      logical_shape=tuple(desc['shape']))
+
+
+serialize.register('packed_masked', PackedMasked, _encode_packed, _decode_packed)
