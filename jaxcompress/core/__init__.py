@@ -10,7 +10,7 @@ from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compress
                                    shape_of, stored_params)
 from jaxcompress.core.linear import embedding_lookup, linear, linear_transposed
 from jaxcompress.core.lowrank import LoRA, LowRank
-from jaxcompress.core.masked import Masked
+from jaxcompress.core.masked import Masked, PackedMasked
 from jaxcompress.core.paths import flatten, map_with_path
 from jaxcompress.core.quantized import Quantized, fake_quantize, quantize
 from jaxcompress.core.select import Rules, Selection, select, select_by
@@ -22,6 +22,7 @@ __all__ = [
     'LoRA',
     'LowRank',
     'Masked',
+    'PackedMasked',
     'Quantized',
     'Rules',
     'Selection',

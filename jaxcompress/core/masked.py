@@ -1,10 +1,19 @@
-"""`Masked`: a weight with a fixed pattern of zeros (unstructured, N:M, block or channel sparsity)."""
+"""`Masked`: a weight with a fixed pattern of zeros (unstructured, N:M, block or channel sparsity).
+
+`Masked` keeps the full value and a bool byte per entry, which training needs (the zeros stay zeros under
+updates of the full array), but a 50%-sparse float32 weight then takes 1.25x the dense bytes. For inference,
+`compact(params)` turns each `Masked` leaf with a plain value into a `PackedMasked`: the kept values and a
+one-bit-per-entry map (the on-disk layout of `Masked`), 0.53x the dense bytes at 50% sparsity.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -109,3 +118,102 @@ def _decode(desc: dict, src: serialize.Reader) -> Masked:
 
 
 serialize.register('masked', Masked, _encode, _decode)
+
+
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder='little').astype(np.int32)
+_BYTE_COUNTS = _BYTE_BITS.sum(1)  # [256]: set bits of each byte value
+_BITS_BEFORE = np.cumsum(_BYTE_BITS, axis=1) - _BYTE_BITS  # [256, 8]: set bits below bit i of each byte value
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class PackedMasked(leaf_lib.Compressed):
+  """The inference form of a `Masked` weight: only the kept values and a bit per entry.
+
+  values: [K] the kept entries in row-major order of `shape` (K = entries the mask keeps).
+  bits:   uint8 [ceil(prod(shape) / 8)], the mask over the full shape, bit i of byte j = entry 8 j + i.
+  shape, dtype: static, of the dense weight.
+
+  `materialize()` unpacks the bits and scatters the values (a cumulative count gives each kept entry its index
+  in `values`); `matmul` multiplies by that dense array, so it saves memory, not time. Not for training: the
+  values carry no gradient back to the positions of a full array.
+  """
+
+  values: leaf_lib.Array
+  bits: leaf_lib.Array
+  logical_shape: tuple[int, ...] = leaf_lib.static(default=())
+
+  @property
+  def shape(self):
+    return tuple(self.logical_shape)
+
+  @property
+  def dtype(self):
+    return np.dtype(self.values.dtype)
+
+  def mask(self) -> jax.Array:
+    """bool [*shape], True where an entry is kept."""
+    return jnp.unpackbits(self.bits, count=self.size, bitorder='little').astype(bool).reshape(self.shape)
+
+  def materialize(self):
+    if self.values.shape[0] == 0:
+      return jnp.zeros(self.shape, self.dtype)
+    # Index in `values` of each kept entry: kept entries before its byte (a prefix sum over bytes, 8x shorter
+    # than one over entries) plus kept entries before it within its byte (a 256 x 8 table).
+    counts = jnp.asarray(_BYTE_COUNTS)[self.bits]
+    before_byte = jnp.cumsum(counts) - counts
+    slot = (before_byte[:, None] + jnp.asarray(_BITS_BEFORE)[self.bits]).reshape(-1)[:self.size]
+    keep = self.mask().reshape(-1)
+    dense = jnp.where(keep, self.values[jnp.minimum(slot, self.values.shape[0] - 1)], jnp.zeros((), self.dtype))
+    return dense.reshape(self.shape)
+
+  def kept(self) -> int:
+    return int(self.values.shape[0])
+
+  def sparsity(self) -> float:
+    return 1.0 - self.kept() / self.size
+
+  def stored_params(self):
+    return self.kept()
+
+  def memory_bytes(self):
+    return leaf_lib.memory_bytes(self.values) + leaf_lib.memory_bytes(self.bits)
+
+  def disk_bytes(self):
+    return self.memory_bytes()
+
+  def matmul_flops(self):
+    return 2 * self.kept()
+
+
+def pack(w: Masked) -> PackedMasked:
+  """A `Masked` weight with a plain (fully addressable) value -> its `PackedMasked` form, host-side."""
+  if leaf_lib.is_compressed(w.value):
+    raise ValueError(f'pack: the value of this Masked weight is a {type(w.value).__name__}; only a plain '
+                     'array value packs (compact() leaves composed weights as they are).')
+  value = serialize.host(w.value)
+  mask = np.broadcast_to(serialize.host(w.mask).astype(bool), value.shape)
+  return PackedMasked(values=jnp.asarray(value[mask]),
+                      bits=jnp.asarray(np.packbits(mask.reshape(-1), bitorder='little')),
+                      logical_shape=tuple(value.shape))
+
+
+def compact(params: Any) -> Any:
+  """Every `Masked` leaf with a plain value replaced by `pack(leaf)`; everything else as it is."""
+  return jax.tree.map(lambda w: pack(w) if isinstance(w, Masked) and not leaf_lib.is_compressed(w.value) else w,
+                      params, is_leaf=leaf_lib.is_weight_leaf)
+
+
+def _encode_packed(w: PackedMasked, out: serialize.Writer) -> dict:
+  out.put('.bitmap', w.bits)
+  out.put('.kept', w.values)
+  return {'shape': list(w.shape), 'dtype': str(w.dtype)}
+
+
+def _decode_packed(desc: dict, src: serialize.Reader) -> PackedMasked:
+  values = src.get('.kept').astype(np.dtype(desc['dtype']))
+  return PackedMasked(values=jnp.asarray(values), bits=jnp.asarray(src.get('.bitmap')),
+                      logical_shape=tuple(desc['shape']))
+
+
+serialize.register('packed_masked', PackedMasked, _encode_packed, _decode_packed)

@@ -139,7 +139,9 @@ class Model(abc.ABC):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = layers.attention_mask(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), t,
                                  causal=self.causal, key_valid=attention_mask, window=self._window())
-    return layers.Context(positions=positions, mask=mask)
+    # The mask is built from index positions, so a causal model's query i never sees a key after i.
+    return layers.Context(positions=positions, mask=mask,
+                          causal_block=layers.CAUSAL_BLOCK if self.causal else None)
 
   def embed(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
             token_types: jax.Array | None = None) -> jax.Array:

@@ -33,6 +33,14 @@ def _t_out(x):
   return np.ascontiguousarray(x.T)
 
 
+def _same_index(index):
+  return tuple(index)
+
+
+def _t_index(index):
+  return tuple(reversed(index))
+
+
 def _same_shape(s):
   return tuple(s)
 
@@ -50,6 +58,9 @@ class TensorMap:
   to_ours: ToOurs = _same_in  # HF array -> our arrays
   to_hf: ToHF = _same_out  # our arrays -> HF array
   hf_shape: HFShape = _same_shape  # our shapes -> the HF tensor's shape (checked before converting)
+  # A slice of our (single) array, one slice per dimension -> the slice of the HF tensor holding it; None
+  # when a slice of ours is not one slice of the HF tensor (a split), so loading reads the whole tensor.
+  hf_index: Callable[[tuple[slice, ...]], tuple[slice, ...]] | None = _same_index
 
   def format(self, i: int) -> TensorMap:
     return dataclasses.replace(self, hf=self.hf.format(i=i), ours=tuple(o.format(i=i) for o in self.ours))
@@ -61,7 +72,7 @@ def same(hf: str, ours: str) -> TensorMap:
 
 def linear_weight(hf: str, ours: str) -> TensorMap:
   """torch.nn.Linear stores [out, in]; our kernels are [in, out]."""
-  return TensorMap(hf, (ours,), _t_in, _t_out, _t_shape)
+  return TensorMap(hf, (ours,), _t_in, _t_out, _t_shape, _t_index)
 
 
 def split(hf: str, ours: Sequence[str], axis: int) -> TensorMap:
@@ -74,7 +85,7 @@ def split(hf: str, ours: Sequence[str], axis: int) -> TensorMap:
     return tuple(out)
 
   return TensorMap(hf, tuple(ours), lambda x: tuple(np.split(x, n, axis=axis)),
-                   lambda *xs: np.concatenate(xs, axis=axis), fused_shape)
+                   lambda *xs: np.concatenate(xs, axis=axis), fused_shape, None)
 
 
 def expand(rows: Sequence[TensorMap], num_layers: int) -> list[TensorMap]:

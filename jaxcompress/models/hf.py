@@ -3,8 +3,10 @@
     model, params = from_pretrained('path/to/dir')          # config.json + *.safetensors
     save_pretrained('out/dir', model, params)               # transformers loads it back
 
-Loading reads one tensor at a time (optionally placing each on devices as it arrives), converts it with the
-family's table (`hf_table`) and checks it against the shape the config implies. Pickle checkpoints (`*.bin`,
+Loading reads one tensor at a time with positioned reads (no memory map: `tensor_reader`), converts it with the
+family's table (`hf_table`), checks it against the shape the config implies and places it on its devices before
+reading the next, so host memory peaks near one tensor beyond the parameters. With `shardings=`, each process
+reads only the slices its own devices hold (a checkpoint larger than one host loads onto a pod). Pickle checkpoints (`*.bin`,
 `*.pt`) are refused. Errors name the tensor, the file and the expected shape.
 """
 
@@ -25,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
+from jaxcompress.models import tensor_reader
 from jaxcompress.models.base import Model
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.gpt2 import GPT2
@@ -35,8 +38,11 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 SAFE_INDEX = 'model.safetensors.index.json'
 SAFE_SINGLE = 'model.safetensors'
 
-# Placement of each loaded tensor: (our path, array) -> array on devices. Default: jnp.asarray.
+# Placement of each loaded tensor: (our path, array) -> array on devices. Default: jax.device_put.
 Placer = Callable[[str, np.ndarray], jax.Array]
+# The final sharding of each parameter: (our path, shape) -> a jax.sharding.Sharding (e.g. a NamedSharding
+# from the model's sharding rules over a mesh).
+ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 
 def supported_model_types() -> dict[str, type[Model]]:
@@ -142,43 +148,70 @@ def _open(file: Path):
                      'again.') from None
 
 
-def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place: Placer | None = None
-                    ) -> tuple[Model, dict]:
+def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place: Placer | None = None,
+                    shardings: ShardingFn | None = None) -> tuple[Model, dict]:
   """Loads a Hugging Face checkpoint directory into (model spec, params).
 
   dtype: cast floating tensors to this dtype (default: keep the checkpoint's).
-  place: called as place(path, array) for each tensor, e.g. to device_put it with a sharding.
+  place: called as place(path, array) for each whole tensor, e.g. to device_put it.
+  shardings: called as shardings(path, shape) -> the parameter's sharding; each parameter is built with
+    `jax.make_array_from_callback`, reading from the file only the slices this process's devices hold
+    (tensors a table row splits, GPT-2's fused qkv, are read whole and sliced). Works across processes.
   """
+  if place is not None and shardings is not None:
+    raise ValueError('from_pretrained: give place= or shardings=, not both (shardings= places each slice).')
   path = resolve_dir(name_or_path)
   files = _tensor_files(path)
   model = _model_from_config(path, frozenset(files))
   expected = {p: (tuple(s.shape), s.dtype) for p, s in core.flatten(model.abstract_params()).items()}
   table = model.hf_table()
   prefix = _detect_prefix(model, files, table)
-  place = place or (lambda _, x: jnp.asarray(x))
+  # device_put, not jnp.asarray: on CPU it adopts the aligned buffer the reader filled instead of copying it.
+  place = place or (lambda _, x: jax.device_put(x))
   handles: dict[Path, Any] = {}
   flat: dict[str, jax.Array] = {}
   used = set()
-  for row in table:
-    name = prefix + row.hf if prefix + row.hf in files else row.hf
-    wants = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
-    if name not in files:
-      raise KeyError(f"checkpoint '{path}' lacks tensor '{_hf_name(model, row.hf, prefix)}' (for {wants}).")
-    hf_array = _read_tensor(path, files, handles, name)
-    want_hf = tuple(row.hf_shape(*(expected[o][0] for o in row.ours)))
-    if tuple(hf_array.shape) != want_hf:
-      raise ValueError(f"tensor '{name}' in '{files[name].name}' has shape {list(hf_array.shape)}; config.json "
-                       f'implies {list(want_hf)} (for {wants}).')
-    used.add(name)
-    for our_path, arr in zip(row.ours, row.to_ours(hf_array)):
-      shape, _ = expected[our_path]
-      if tuple(arr.shape) != shape:  # a table whose hf_shape disagrees with its conversion
-        raise ValueError(f"tensor '{name}' gives {list(arr.shape)} for '{our_path}', not {list(shape)}; this is "
-                         f'a bug in the {model.family} table.')
-      if dtype is not None and jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(dtype)
-      flat[our_path] = place(our_path, arr)
-  _check_unused(model, path, files, handles, used, prefix)
+  try:
+    for row in table:
+      name = prefix + row.hf if prefix + row.hf in files else row.hf
+      wants = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
+      if name not in files:
+        raise KeyError(f"checkpoint '{path}' lacks tensor '{_hf_name(model, row.hf, prefix)}' (for {wants}).")
+      reader = _reader(path, files, handles, name)
+      hf_shape = reader.shape(name)
+      want_hf = tuple(row.hf_shape(*(expected[o][0] for o in row.ours)))
+      if hf_shape != want_hf:
+        raise ValueError(f"tensor '{name}' in '{files[name].name}' has shape {list(hf_shape)}; config.json "
+                         f'implies {list(want_hf)} (for {wants}).')
+      used.add(name)
+      cast = lambda a: a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+      if shardings is not None and row.hf_index is not None and len(row.ours) == 1:
+        our_path = row.ours[0]
+        shape = expected[our_path][0]
+
+        def read_slice(index, row=row, reader=reader, name=name, shape=shape):
+          index = tuple(slice(*s.indices(d)) for s, d in zip(index, shape))
+          return cast(row.to_ours(_read(reader, name, row.hf_index(index)))[0])
+
+        flat[our_path] = jax.make_array_from_callback(shape, shardings(our_path, shape), read_slice)
+        continue
+      hf_array = _read(reader, name)
+      for our_path, arr in zip(row.ours, row.to_ours(hf_array)):
+        shape, _ = expected[our_path]
+        if tuple(arr.shape) != shape:  # a table whose hf_shape disagrees with its conversion
+          raise ValueError(f"tensor '{name}' gives {list(arr.shape)} for '{our_path}', not {list(shape)}; this is "
+                           f'a bug in the {model.family} table.')
+        arr = cast(arr)
+        if shardings is not None:
+          flat[our_path] = jax.make_array_from_callback(shape, shardings(our_path, shape), lambda i, a=arr: a[i])
+        else:
+          flat[our_path] = place(our_path, arr)
+        del arr
+      del hf_array  # the host copy goes before the next tensor is read
+    _check_unused(model, path, files, handles, used, prefix)
+  finally:
+    for reader, _ in handles.values():
+      reader.close()
   missing = set(expected) - set(flat)
   if missing:
     raise KeyError(f'conversion table leaves {sorted(missing)} unset; this is a bug in the {model.family} table.')
@@ -194,25 +227,35 @@ def _detect_prefix(model: Model, files: dict[str, Path], table) -> str:
 
 
 def _read_tensor(path: Path, files: dict[str, Path], handles: dict[Path, Any], name: str) -> np.ndarray:
+  return _read(_reader(path, files, handles, name), name)
+
+
+def _reader(path: Path, files: dict[str, Path], handles: dict[Path, Any], name: str) -> tensor_reader.TensorFile:
+  """The open file holding tensor `name` (checked to hold it)."""
   file = files[name]
-  handle, names = _handle(handles, file)
+  reader, names = _handle(handles, file)
   if name not in names:
     holders = [f.name for f in sorted(path.glob('*.safetensors')) if f != file and name in _handle(handles, f)[1]]
     where = f"; it is in '{holders[0]}'" if holders else '; no shard holds it'
     raise ValueError(f"'{path / SAFE_INDEX}' maps tensor '{name}' to '{file.name}', which does not hold it{where}. "
                      'The index does not match the shards: download or export the checkpoint again.')
+  return reader
+
+
+def _read(reader: tensor_reader.TensorFile, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
   try:
-    return handle.get_tensor(name)
-  except (SafetensorError, OSError) as e:
-    raise ValueError(f"reading tensor '{name}' from '{file}' failed ({e}); the file is truncated or "
+    return reader.read(name, index)
+  except OSError as e:
+    raise ValueError(f"reading tensor '{name}' from '{reader.path}' failed ({e}); the file is truncated or "
                      'corrupt.') from None
 
 
-def _handle(handles: dict[Path, Any], file: Path) -> tuple[Any, frozenset[str]]:
-  """An open safetensors file and the names it holds, opened once per load."""
+def _handle(handles: dict[Path, Any], file: Path) -> tuple[tensor_reader.TensorFile, frozenset[str]]:
+  """A reader of one safetensors file and the names it holds, opened once per load. The file is first
+  validated by safetensors itself (its header checks give the errors users know)."""
   if file not in handles:
-    handle = _open(file)
-    handles[file] = (handle, frozenset(handle.keys()))
+    names = frozenset(_open(file).keys())
+    handles[file] = (tensor_reader.TensorFile(file), names)
   return handles[file]
 
 

@@ -173,11 +173,14 @@ class Context:
   positions:   [batch, q_len] int32 absolute positions of the queries.
   mask:        [batch, 1, q_len, k_len] bool, True where a query may attend to a key.
   cache_index: int32 scalar: where this step's keys are written in a KV cache (None without a cache).
+  causal_block: static; when set, `mask` never lets query i see a key after index i (a causal full-sequence
+    pass), so attention runs in query blocks of this size and skips the keys after each block.
   """
 
   positions: jax.Array
   mask: jax.Array
   cache_index: jax.Array | None = None
+  causal_block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def attention_mask(q_pos: jax.Array, k_len: int, *, causal: bool, key_valid: jax.Array | None = None,
@@ -195,14 +198,37 @@ def attention_mask(q_pos: jax.Array, k_len: int, *, causal: bool, key_valid: jax
   return allowed[:, None]
 
 
+# Query block of causal full-sequence attention. Measured on 2 CPU cores (8x512, 12 heads over 4 key/value
+# heads): blocks of 64-128 queries run the attention 2-3x faster than one [T, S] block, since they skip the
+# masked upper triangle and their logits stay in cache; 256 is slower again.
+CAUSAL_BLOCK = 128
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *,
-                          return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          return_probs: bool = False, causal_block: int | None = None
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Grouped-query attention with a float32 softmax.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K; mask: [B, 1, T, S] bool -> [B, T, N, H].
   return_probs: also return the attention probabilities [B, N, T, S] (in v's dtype, as used); query head n
     reads key/value head n // (N / K), as in transformers.
+  causal_block: the caller guarantees that query i sees no key after index i (S == T): queries run in blocks of
+    this many, each against keys up to its last query only (the skipped logits would be masked anyway, so the
+    result is the same up to float rounding of the softmax sums). Ignored with return_probs.
   """
+  t = q.shape[1]
+  if causal_block and not return_probs and k.shape[1] == t and t > causal_block:
+    outs = []
+    for start in range(0, t, causal_block):
+      end = min(start + causal_block, t)
+      outs.append(_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end], scale)[0])
+    return jnp.concatenate(outs, axis=1)
+  out, probs = _attention(q, k, v, mask, scale)
+  return (out, probs) if return_probs else out
+
+
+def _attention(q, k, v, mask, scale):
+  """One block of `dot_product_attention`: (out [B, T, N, H], probabilities [B, N, T, S])."""
   b, t, n, h = q.shape
   kv = k.shape[2]
   if n % kv:
@@ -212,9 +238,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, h)
-  if return_probs:
-    return out, probs.reshape(b, n, t, probs.shape[-1])
-  return out
+  return out, probs.reshape(b, n, t, probs.shape[-1])
 
 
 def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
@@ -246,7 +270,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, cac
   if cache is not None:
     cache = update_cache(cache, k, v, ctx.cache_index)
     k, v = cache['k'].astype(q.dtype), cache['v'].astype(q.dtype)
-  out = dot_product_attention(q, k, v, ctx.mask, scale, return_probs=return_probs)
+  out = dot_product_attention(q, k, v, ctx.mask, scale, return_probs=return_probs,
+                              causal_block=None if cache is not None else ctx.causal_block)
   out, probs = out if return_probs else (out, None)
   out = out.reshape(*out.shape[:2], -1)
   return (out, cache, probs) if return_probs else (out, cache)

@@ -112,13 +112,19 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
       return (add(grads, g), loss + l, weight + w, add(metrics, m)), None
 
-    zero_grads = jax.tree.map(jnp.zeros_like, trained)
-    first = jax.tree.map(lambda x: x[0], micro)
-    metric_shapes = jax.eval_shape(
-        lambda: micro_grads(trained, fixed, state.frozen, state.transform_state, first, rng)[3])
-    zeros = (zero_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
-    (grads, loss, weight, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    if accum_steps == 1:  # no loop: a one-trip scan would add zeroed gradient buffers and a sum over them
+      grads, loss, weight, metrics = micro_grads(trained, fixed, state.frozen, state.transform_state, batch,
+                                                 jax.random.fold_in(rng, 0))
+      loss, weight = loss.astype(jnp.float32), weight.astype(jnp.float32)
+      metrics = jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
+    else:
+      zero_grads = jax.tree.map(jnp.zeros_like, trained)
+      first = jax.tree.map(lambda x: x[0], micro)
+      metric_shapes = jax.eval_shape(
+          lambda: micro_grads(trained, fixed, state.frozen, state.transform_state, first, rng)[3])
+      zeros = (zero_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes))
+      (grads, loss, weight, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
 
     weight = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
@@ -137,8 +143,10 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     # optimizer state must be finite too, or the step is refused, so no checkpoint ever holds inf or NaN.
     new = update()
     finite = finite & all_finite(new)
-    params, opt_state, transform_state = jax.lax.cond(
-        finite, lambda: new, lambda: (state.params, state.opt_state, state.transform_state))
+    # A per-array select fuses into the update's loops; a lax.cond would copy every output buffer.
+    keep = lambda a, b: jnp.where(finite, a, b) if _selectable(a) else jax.lax.cond(finite, lambda: a, lambda: b)
+    params, opt_state = jax.tree.map(keep, new[:2], (state.params, state.opt_state))
+    transform_state = jax.lax.cond(finite, lambda: new[2], lambda: state.transform_state)
     new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, opt_state=opt_state,
                               transform_state=transform_state)
     out = {'loss': loss, 'grad_norm': grad_norm, 'weight': weight, 'finite': finite.astype(jnp.float32),
@@ -146,6 +154,11 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     return new_state, out
 
   return step
+
+
+def _selectable(x) -> bool:
+  """An array `jnp.where` can select (not a typed PRNG key or another extended dtype)."""
+  return hasattr(x, 'dtype') and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
 
 
 def compile_step(step: StepFn, *, state_sharding: Any = None, batch_sharding: Any = None,
