@@ -36,7 +36,7 @@ def main(argv):
   from experiments import compress_runs
   from jaxcompress import calibration, lowrank
 
-  steps = 2 if FLAGS.small else FLAGS.steps
+  steps = min(FLAGS.steps, 2) if FLAGS.small else FLAGS.steps
   model, params, train, valid = compress_runs.model_and_data(FLAGS.model, small=FLAGS.small, seed=FLAGS.seed)
   out = pathlib.Path(FLAGS.output_dir)
   calib = compress_runs.calibration_batches(train, 2 if FLAGS.small else FLAGS.calib_batches)

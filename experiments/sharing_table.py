@@ -37,7 +37,7 @@ def main(argv):
   from jaxcompress import core, sharing
   from jaxcompress.train import loop
 
-  steps = 2 if FLAGS.small else FLAGS.steps
+  steps = min(FLAGS.steps, 2) if FLAGS.small else FLAGS.steps
   model, params, train, valid = compress_runs.model_and_data(FLAGS.model, small=FLAGS.small, seed=FLAGS.seed)
   out = pathlib.Path(FLAGS.output_dir)
   out.mkdir(parents=True, exist_ok=True)
