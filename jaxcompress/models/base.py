@@ -275,7 +275,8 @@ class Model(abc.ABC):
     empty are dropped.
     """
     if not self.linear_groups:
-      raise NotImplementedError(f'{type(self).__name__} declares no linear_groups.')
+      raise ValueError(f'{type(self).__name__} declares no linear_groups; set the class attribute to its blocks\' '
+                       'linear groups in call order (see models.LinearGroup) to use block structure.')
     if block_params is None:
       return self.linear_groups
     flat = core.paths.flatten(block_params)
