@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.train.pretrain_runs import free_port
+from tests import multiprocess
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = (16, 8)
 
 
@@ -51,27 +45,13 @@ def process_main(coordinator: str, process_id: int) -> None:
   out = {'value_nonzeros': core.nonzeros(v), 'kept': params['b']['kernel'].kept(),
          'masked_nonzeros': counts['b/kernel'].nonzero, 'params': total.params,
          'stored_b': counts['b/kernel'].stored, 'total_nonzero': total.nonzero}
-  print('RESULT ' + json.dumps(out), flush=True)
+  multiprocess.result_line(out)
   jax.distributed.shutdown()
 
 
 def test_counts_across_two_processes(tmp_path):
-  coordinator = f'localhost:{free_port()}'
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  code = 'import sys, tests.core.test_multihost_stats as t; t.process_main(sys.argv[1], int(sys.argv[2]))'
-  logs = [tmp_path / f'p{i}.log' for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, '-c', code, coordinator, str(i)], cwd=REPO, env=env,
-                            stdout=log.open('w'), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
-  try:
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+  results = multiprocess.run_two_processes(tmp_path, 'tests.core.test_multihost_stats')
   want = expected()
-  for log in logs:
-    got = json.loads(next(line for line in log.read_text().splitlines() if line.startswith('RESULT '))[7:])
+  for got in results:
     assert {k: got[k] for k in want} == want
     assert got['stored_b'] == want['kept'] and got['total_nonzero'] == want['value_nonzeros'] + want['masked_nonzeros']

@@ -3,17 +3,12 @@ process holds exactly its slices of the checkpoint, and reads about half of the 
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.train.pretrain_runs import free_port
+from tests import multiprocess
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _model():
@@ -54,8 +49,8 @@ def process_main(coordinator: str, process_id: int, directory: str) -> None:
       mismatched.append(path)
   fsdp_split = sum(1 for p, s in specs.items() if 'fsdp' in tuple(s))
   total = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(whole))
-  print('RESULT ' + json.dumps({'read': sharded_bytes, 'total': total, 'mismatched': mismatched,
-                                'fsdp_split': fsdp_split}), flush=True)
+  multiprocess.result_line({'read': sharded_bytes, 'total': total, 'mismatched': mismatched,
+                            'fsdp_split': fsdp_split})
   jax.distributed.shutdown()
 
 
@@ -65,23 +60,8 @@ def test_two_processes_read_their_own_slices(tmp_path):
   from jaxcompress import models
   model = _model()
   models.save_pretrained(tmp_path / 'ckpt', model, model.init(jax.random.key(0)))
-  coordinator = f'localhost:{free_port()}'
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  code = ('import sys, tests.models.test_sharded_load as t; '
-          't.process_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])')
-  logs = [tmp_path / f'p{i}.log' for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, '-c', code, coordinator, str(i), str(tmp_path / 'ckpt')], cwd=REPO,
-                            env=env, stdout=log.open('w'), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
-  try:
-    codes = [p.wait(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
-  for log in logs:
-    got = json.loads(next(line for line in log.read_text().splitlines() if line.startswith('RESULT '))[7:])
+  results = multiprocess.run_two_processes(tmp_path, 'tests.models.test_sharded_load', str(tmp_path / 'ckpt'))
+  for got in results:
     print(f"process read {got['read']} of {got['total']} checkpoint bytes ({got['read'] / got['total']:.2f})")
     assert got['mismatched'] == [] and got['fsdp_split'] >= 7
     # Every fsdp-split weight is read half by each process; only the small norm scales are read whole.
