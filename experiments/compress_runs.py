@@ -38,9 +38,8 @@ def model_and_data(name: str, *, small: bool, seed: int, data_dir: str | None = 
 
 def perplexity(model, params, valid: np.ndarray, batch_size: int = 16) -> float:
   """Held-out perplexity over every token of the rows (the fixture's own evaluation)."""
-  from jaxcompress.train import evaluate, sharding
-  fn = evaluate.make_lm_eval(model, valid, batch_size=batch_size, mesh=sharding.make_mesh(1, 1, 1))
-  return float(fn(params)['valid/perplexity'])
+  from jaxcompress.eval import lm
+  return lm.rows_perplexity(model, params, valid, batch_size=batch_size).perplexity
 
 
 def calibration_batches(train, n: int) -> list[dict[str, np.ndarray]]:

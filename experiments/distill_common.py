@@ -7,12 +7,11 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import models
 from jaxcompress.data import pipeline
-from jaxcompress.eval import token_nll
+from jaxcompress.eval import rows_perplexity
 from jaxcompress.train import loop, optim
 
 
@@ -36,9 +35,7 @@ def fixture_setup(name: str, batch_size: int):
 
 def heldout_nll(model, params, rows: np.ndarray, batch: int = 16) -> float:
   """Mean next-token NLL (nats) over the held-out rows [N, T + 1]."""
-  fn = jax.jit(lambda p, x, y: token_nll(model.apply(p, x).astype(jnp.float32), y).sum())
-  total = sum(float(fn(params, rows[i:i + batch, :-1], rows[i:i + batch, 1:])) for i in range(0, len(rows), batch))
-  return total / (rows.shape[0] * (rows.shape[1] - 1))
+  return rows_perplexity(model, params, rows, batch_size=batch).mean_nll
 
 
 def train(name, model, params, objective, data, *, steps, lr, seed, out: pathlib.Path, frozen=None):

@@ -22,7 +22,6 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -61,14 +60,7 @@ def load():
 
 
 def held_out_ppl(model, params, valid) -> float:
-  nll = count = 0.0
-  fn = jax.jit(lm.sequence_nll, static_argnums=0)
-  for lo in range(0, len(valid), BATCH):
-    rows = jnp.asarray(valid[lo:lo + BATCH])
-    s, c = fn(model, params, rows[:, :-1], rows[:, 1:], jnp.ones(rows[:, 1:].shape, bool))
-    nll += float(jnp.sum(s))
-    count += float(jnp.sum(c))
-  return float(np.exp(nll / count))
+  return lm.rows_perplexity(model, params, valid, batch_size=BATCH).perplexity
 
 
 def outlier_ratio(model, params, calib) -> dict[str, float]:

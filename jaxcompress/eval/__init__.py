@@ -2,7 +2,8 @@
 
 from jaxcompress.eval.fidelity import (CosineSimilarity, compare_lm, embedding_cosine, logit_kl, relative_error,
                                        token_kl, top1_agreement)
-from jaxcompress.eval.lm import PerplexityResult, perplexity, token_nll, unigram_perplexity, windows
+from jaxcompress.eval.lm import (PerplexityResult, perplexity, rows_perplexity, token_nll, unigram_perplexity,
+                                 windows)
 
 __all__ = [
     'CosineSimilarity',
@@ -11,6 +12,7 @@ __all__ = [
     'embedding_cosine',
     'logit_kl',
     'perplexity',
+    'rows_perplexity',
     'relative_error',
     'token_kl',
     'token_nll',

@@ -128,11 +128,27 @@ def perplexity(model: Model, params: Params, tokens: np.ndarray | jax.Array, *, 
   tokens = _check_stream(model, tokens, max_length, stride, batch_size)
   stride = max_length if stride is None else stride
   inputs, targets, mask = windows(tokens, max_length, stride)
+  return _score(model, params, inputs, targets, mask, batch_size)
+
+
+def _score(model: Model, params: Params, inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+           batch_size: int) -> PerplexityResult:
+  """Summed NLL and scored tokens of [N, L] windows, in fixed-size batches (one compile)."""
   batch = min(batch_size, inputs.shape[0])
   # Dispatch every batch before reading any result back, so host and device overlap.
   per_batch = [_windows_nll(model, params, x, y, m) for x, y, m in _batches(inputs, targets, mask, batch)]
   nll, count = (np.concatenate(parts) for parts in zip(*jax.device_get(per_batch)))
   return PerplexityResult(nll=float(np.sum(nll, dtype=np.float64)), count=int(np.sum(count)))
+
+
+def rows_perplexity(model: Model, params: Params, rows: np.ndarray | jax.Array, *, batch_size: int = 16
+                    ) -> PerplexityResult:
+  """Perplexity over every next-token of packed rows [N, T + 1] (inputs [:, :-1], targets [:, 1:]): the held-out
+  score of a model trained on such rows."""
+  rows = np.asarray(rows)
+  if rows.ndim != 2 or rows.shape[1] < 2 or not len(rows):
+    raise ValueError(f'rows_perplexity: rows must be [N >= 1, T + 1 >= 2] token ids, got shape {rows.shape}.')
+  return _score(model, params, rows[:, :-1], rows[:, 1:], np.ones(rows[:, 1:].shape, bool), batch_size)
 
 
 def unigram_perplexity(train_tokens: np.ndarray | jax.Array, eval_tokens: np.ndarray | jax.Array,
