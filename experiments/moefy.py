@@ -89,7 +89,6 @@ def main(argv):
   g, u, dn = (mlp[n]['kernel'] for n in ('gate_proj', 'up_proj', 'down_proj'))
   x = jax.random.normal(jax.random.key(1), (64 if FLAGS.small else FLAGS.speed_tokens, g.shape[0]), jnp.float32)
   dense_fn = jax.jit(lambda x: (jax.nn.silu(x @ g) * (x @ u)) @ dn)
-  speeds = []
   for r in rows[1:]:
     moe_fn = jax.jit(lambda x, k=r['top_k']: architecture.moe_mlp_dispatch(x, moes[0], k, 'silu', FLAGS.capacity))
     jax.block_until_ready(dense_fn(x))

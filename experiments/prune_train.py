@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from jaxcompress import core, models, provenance, pruning
+from jaxcompress import models, provenance, pruning
 from jaxcompress.data import pipeline
 from jaxcompress.eval import lm
 from jaxcompress.pruning import gradual
