@@ -8,7 +8,7 @@
 --model and --reference are each 'fixture' (the committed causal-LM fixture), 'minilm' (all-MiniLM-L6-v2), a
 Hugging Face checkpoint directory (config.json + safetensors), or a compressed-checkpoint directory: config.json
 (the architecture, `model.hf_config()`) next to one safetensors file written by `core.serialize.save` (masks,
-codes and low-rank factors kept as such; see `save_compressed`).
+codes and low-rank factors kept as such; `experiments/model_dirs.py` writes and reads one).
 
 Quality. Causal LMs: held-out perplexity over packed rows [N, T + 1] (inputs [:, :-1], targets [:, 1:]): the
 fixture's held-out rows by default (`fixture.data()`), or --rows=<file.npy>. Scored by `eval.lm.sequence_nll`
@@ -39,6 +39,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments import model_dirs
+
 flags.DEFINE_string('model', None, "Model to evaluate: 'fixture', 'minilm', a Hugging Face checkpoint directory or "
                     'a compressed-checkpoint directory.')
 flags.DEFINE_string('reference', None, "Reference model, the same kinds as --model (usually the uncompressed "
@@ -63,86 +65,6 @@ flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
 flags.DEFINE_string('cpu_collectives', None, "Multi-host on CPU: 'gloo'.")
 FLAGS = flags.FLAGS
-
-COMPRESSED_FILE = 'model.jc.safetensors'  # the name `save_compressed` writes
-
-
-# Checkpoint directories ---------------------------------------------------------------------------------------
-
-def compressed_file(directory: str | os.PathLike) -> pathlib.Path | None:
-  """The `core.serialize` file of a compressed-checkpoint directory, or None if the directory holds none."""
-  from safetensors import safe_open
-
-  from jaxcompress.core import serialize
-  found = []
-  for f in sorted(pathlib.Path(directory).glob('*.safetensors')):
-    with safe_open(str(f), framework='numpy') as handle:
-      if (handle.metadata() or {}).get('format') == serialize.FORMAT:
-        found.append(f)
-  if len(found) > 1:
-    raise ValueError(f"'{directory}' holds several compressed checkpoints ({', '.join(f.name for f in found)}); "
-                     'keep one per directory.')
-  return found[0] if found else None
-
-
-def check_model_arg(flag: str, name: str | None) -> pathlib.Path:
-  """The directory of a --model / --reference value, or a ValueError naming the flag, the value and the fix."""
-  from experiments import fixture
-  if not name:
-    raise ValueError(f"--{flag} is required: 'fixture', 'minilm', a Hugging Face checkpoint directory or a "
-                     'compressed-checkpoint directory.')
-  if name not in fixture.NAMES and not pathlib.Path(name).expanduser().is_dir():
-    raise ValueError(f"--{flag}={name!r}: the directory '{name}' does not exist; give 'fixture', 'minilm' or an "
-                     'existing checkpoint directory.')
-  try:
-    path = fixture.resolve(name)
-  except FileNotFoundError as e:
-    raise ValueError(f'--{flag}: {e}') from None
-  if not list(path.glob('*.safetensors')) and not (path / 'model.safetensors.index.json').exists():
-    raise ValueError(f"--{flag}={name!r}: '{path}' has config.json but no safetensors weights.")
-  return path
-
-
-def save_compressed(directory: str | os.PathLike, model, params, metadata: dict | None = None) -> pathlib.Path:
-  """Writes a compressed-checkpoint directory: config.json (the architecture) and `model.jc.safetensors`
-  (`core.serialize.save`: compressed leaves kept compressed). `load` reads it back."""
-  from jaxcompress.core import serialize
-  out = pathlib.Path(directory)
-  out.mkdir(parents=True, exist_ok=True)
-  model.hf_config().save_pretrained(str(out))
-  serialize.save(out / COMPRESSED_FILE, params, metadata)
-  return out
-
-
-def load(name: str | os.PathLike):
-  """(model spec, params, kind) of a --model / --reference value; kind is 'hf' or 'compressed'."""
-  import transformers
-
-  from experiments import fixture
-  from jaxcompress import core, models
-  from jaxcompress.core import serialize
-  path = fixture.resolve(name)
-  file = compressed_file(path)
-  if file is None:
-    model, params = fixture.load(name)
-    return model, params, 'hf'
-  params = serialize.load(file)
-  # The few architecture choices a BERT config leaves to the tensors present (pooler, MLM head).
-  present = frozenset(n for key, n in (('pooler', 'pooler.dense.weight'), ('mlm_head', 'cls.predictions.bias'))
-                      if key in params)
-  hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
-  families = models.supported_model_types()
-  if hf_cfg.model_type not in families:
-    raise ValueError(f"'{path / 'config.json'}': model_type {hf_cfg.model_type!r} is not supported; supported: "
-                     f'{sorted(families)}.')
-  model = families[hf_cfg.model_type].from_hf_config(hf_cfg, present)
-  have = set(core.flatten(core.resolve(params)))
-  want = set(core.flatten(model.abstract_params()))
-  if have != want:
-    raise ValueError(f"'{file}' does not match '{path / 'config.json'}': missing {sorted(want - have)[:5]}, "
-                     f'unexpected {sorted(have - want)[:5]}.')
-  return model, params, 'compressed'
-
 
 # Measurements -------------------------------------------------------------------------------------------------
 
@@ -234,8 +156,8 @@ def speed_ratio(forward_ref, forward_model, repeats: int) -> dict[str, float]:
 def check_flags() -> dict[str, Any]:
   """Validates every flag before any work; returns the resolved paths. Raises ValueError naming the flag."""
   import numpy as np
-  resolved = {'model': check_model_arg('model', FLAGS.model),
-              'reference': check_model_arg('reference', FLAGS.reference)}
+  resolved = {'model': model_dirs.check_model_arg('model', FLAGS.model),
+              'reference': model_dirs.check_model_arg('reference', FLAGS.reference)}
   for name in ('batch_size', 'sentences', 'max_len'):
     if FLAGS[name].value < 1:
       raise ValueError(f'--{name}={FLAGS[name].value} must be >= 1.')
@@ -286,8 +208,8 @@ def main(argv):
     raise app.UsageError(f'--batch_size={FLAGS.batch_size} must be a multiple of {divisor} (data x fsdp devices '
                          f'of the mesh {dict(mesh.shape)}).')
 
-  model, params, kind = load(FLAGS.model)
-  ref_model, ref_params, ref_kind = load(FLAGS.reference)
+  model, params, kind = model_dirs.load(FLAGS.model)
+  ref_model, ref_params, ref_kind = model_dirs.load(FLAGS.reference)
   if model.causal != ref_model.causal:
     raise app.UsageError(f'--model is {"a causal LM" if model.causal else "an encoder"} but --reference is '
                          f'{"a causal LM" if ref_model.causal else "an encoder"}; compare like with like.')
