@@ -21,7 +21,8 @@ Speed: the reference's forward time over the model's on one batch, jitted, timed
 ratio > 1: the model is faster). Writes results.json, report.md, config.json and environment.json.
 
 Multi-host: give --coordinator, --num_processes and --process_id (with --cpu_collectives=gloo for CPU
-processes), or nothing on TPU pods, SLURM and GKE JobSets, where the platform provides them (see launch/).
+processes), or nothing on TPU pods, SLURM and GKE TPU JobSets, where the platform provides them (the launchers in
+launch/ pass these flags through unchanged, and launch/gke_jobset.py adds them for GPU JobSets).
 """
 
 from __future__ import annotations
