@@ -22,6 +22,7 @@ This only renders (a dry run by construction); `kubectl apply -f -` submits it.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -107,6 +108,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
       p.error(f'--{field}={getattr(args, field)} must be >= 1.')
   if args.max_restarts < 0 or args.grace_seconds < 0:
     p.error('--max_restarts and --grace_seconds must be >= 0.')
+  if args.accelerator == 'tpu':
+    if not re.fullmatch(r'\d+(x\d+)+', args.tpu_topology):
+      p.error(f'--tpu_topology={args.tpu_topology!r}: give chips per dimension, e.g. 2x2, 4x4 or 2x2x4.')
+    chips = math.prod(int(n) for n in args.tpu_topology.split('x'))
+    if chips != args.hosts * args.chips_per_host:
+      p.error(f'--tpu_topology={args.tpu_topology} has {chips} chips but --hosts={args.hosts} x '
+              f'--chips_per_host={args.chips_per_host} = {args.hosts * args.chips_per_host}; make them agree '
+              f'(e.g. --hosts={max(chips // args.chips_per_host, 1)}).')
   if args.run_dir_volume and ':' not in args.run_dir_volume:
     p.error(f'--run_dir_volume={args.run_dir_volume!r}: give CLAIM:MOUNT_PATH, e.g. runs-pvc:/mnt/runs.')
   if not args.script.endswith('.py'):

@@ -101,10 +101,15 @@ def test_gke_tpu_jobset_leaves_the_peers_to_the_platform():
   assert container['volumeMounts'] == [{'name': 'runs', 'mountPath': '/mnt/runs'}]
 
 
-def test_gke_refuses_a_bad_name():
-  proc = subprocess.run([sys.executable, str(ROOT / 'launch' / 'gke_jobset.py'), '--name=Bad_Name', '--image=i',
+@pytest.mark.parametrize('args, message', [
+    (['--name=Bad_Name'], "--name='Bad_Name'"),
+    (['--name=ok', '--hosts=2', '--chips_per_host=4', '--tpu_topology=4x4'],
+     '--tpu_topology=4x4 has 16 chips but --hosts=2 x --chips_per_host=4 = 8'),
+])
+def test_gke_refuses_bad_flags_by_name(args, message):
+  proc = subprocess.run([sys.executable, str(ROOT / 'launch' / 'gke_jobset.py'), *args, '--image=i',
                          'experiments/evaluate.py'], capture_output=True, text=True, cwd=ROOT, timeout=60)
-  assert proc.returncode != 0 and "--name='Bad_Name'" in proc.stderr
+  assert proc.returncode != 0 and message in proc.stderr
 
 
 @pytest.fixture(scope='module')
