@@ -175,3 +175,14 @@ def buckets_for(n_blocks: int, most: int = 8) -> int:
   while n_blocks % b:
     b //= 2
   return b
+
+
+def sub_block_size(block_size: int, m: int = 1, target: int = 16) -> int:
+  """Rows solved one by one before a matmul updates the rest of their block: a multiple of m dividing
+  block_size, ≤ target where possible (the rank-1 updates then touch a [target, out] slab that stays in cache)."""
+  groups = block_size // m
+  best = 1
+  for g in range(1, groups + 1):
+    if groups % g == 0 and g * m <= max(target, m):
+      best = g
+  return best * m

@@ -58,7 +58,7 @@ def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, 
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
   kept = jnp.ones(w.shape, bool)
 
-  sub = _sub_block(bs, nm[1] if nm else 1)
+  sub = inverse_hessian.sub_block_size(bs, nm[1] if nm else 1)
 
   def row(i, carry):
     w2, e2, pruned, u2 = carry
@@ -121,17 +121,6 @@ def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, 
   buckets = inverse_hessian.buckets_for(n_blocks)
   w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
   return w[:n_in], kept[:n_in]
-
-
-def _sub_block(block_size: int, m: int, target: int = 16) -> int:
-  """Rows solved one by one before a lazy update within a block: a multiple of m dividing block_size, ≤ target
-  where possible."""
-  groups = block_size // m
-  best = 1
-  for g in range(1, groups + 1):
-    if groups % g == 0 and g * m <= max(target, m):
-      best = g
-  return best * m
 
 
 def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,

@@ -79,6 +79,7 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
   buckets = inverse_hessian.buckets_for(nb)
+  sub = inverse_hessian.sub_block_size(block_size)
 
   def block(b, carry):
     w, q_all, sp, zp = carry
@@ -86,23 +87,37 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
     w1 = jax.lax.dynamic_slice_in_dim(w, i1, block_size, 0)
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
 
-    def column(i, c):
-      w1, e1, q1, sp, zp = c
-      row = i1 + i
+    def column(r, i, c):
+      w2, e2, q2, sp, zp, u2 = c
+      row = i1 + r + i
       g = gidx[row]
       if not static:  # a group starts here: its grid from the weights as the previous blocks left them
         def fresh(spz):
           s, z = grid_params(jax.lax.dynamic_slice_in_dim(w, jnp.minimum(row, n - gs), gs, 0), bits, symmetric)
           return spz[0].at[g].set(s), spz[1].at[g].set(z)
         sp, zp = jax.lax.cond((row % gs == 0) & (row < n), fresh, lambda spz: spz, (sp, zp))
-      x = w1[i]
+      x = w2[i]
       q, deq = _encode(x, sp[g], zp[g], bits, symmetric)
-      err = (x - deq) / u1[i, i]
-      w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
-      return w1, e1.at[i].set(err), q1.at[i].set(q), sp, zp
+      err = (x - deq) / u2[i, i]
+      w2 = w2 - u2[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+      return w2, e2.at[i].set(err), q2.at[i].set(q), sp, zp, u2
+
+    def sub_block(s, c):
+      # `sub` rows one by one (a small working set), then one matmul updates the rest of the block
+      w1, e1, q1, sp, zp = c
+      r = s * sub
+      zeros = jnp.zeros((sub, out), dtype)
+      w2, e2, q2, sp, zp, _ = jax.lax.fori_loop(
+          0, sub, functools.partial(column, r),
+          (jax.lax.dynamic_slice_in_dim(w1, r, sub, 0), zeros, zeros, sp, zp,
+           jax.lax.dynamic_slice(u1, (r, r), (sub, sub))))
+      w1 = w1 - jax.lax.dynamic_slice_in_dim(u1, r, sub, 0).T @ e2
+      w1 = jax.lax.dynamic_update_slice_in_dim(w1, w2, r, 0)
+      return (w1, jax.lax.dynamic_update_slice_in_dim(e1, e2, r, 0), jax.lax.dynamic_update_slice_in_dim(q1, q2, r, 0),
+              sp, zp)
 
     zeros = jnp.zeros((block_size, out), dtype)
-    _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size, column, (w1, zeros, zeros, sp, zp))
+    _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size // sub, sub_block, (w1, zeros, zeros, sp, zp))
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
     # rows of this block change too, but are done: one GEMM over the window of rows from the block on
     w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
