@@ -48,7 +48,7 @@ def xtx(x: jax.Array) -> jax.Array:
   return jnp.matmul(xf.T, xf, precision=HIGHEST)
 
 
-def inverse_cholesky_lower(a: jax.Array, leaf: int = 512) -> jax.Array:
+def inverse_cholesky_lower(a: jax.Array, leaf: int = 1024) -> jax.Array:
   """L⁻¹ [n, n] lower triangular, where a = LLᵀ is symmetric positive definite (non-finite when it is not).
 
   Blocked by halves, so nearly all the work is matmuls (XLA's CPU Cholesky and triangular solve are slower per
@@ -169,7 +169,7 @@ def lazy_update(w: jax.Array, u_rows: jax.Array, err: jax.Array, start: jax.Arra
   return lax.switch(jnp.minimum(start // size, buckets - 1), [tail(k) for k in range(buckets)], w)
 
 
-def buckets_for(n_blocks: int, most: int = 8) -> int:
+def buckets_for(n_blocks: int, most: int = 4) -> int:
   """The largest of most, most/2, ..., 1 that divides n_blocks (windows of `lazy_update` on block boundaries)."""
   b = most
   while n_blocks % b:
