@@ -37,8 +37,9 @@ def check_finite(a, name: str, caller: str) -> None:
   a = np.asarray(a)
   bad = int(a.size - np.count_nonzero(np.isfinite(a)))
   if bad:
-    raise ValueError(f'{caller}: {name} has {bad} NaN/inf entries of {a.size}; clean the weights or the '
-                     'calibration data (or the model producing it) first.')
+    raise ValueError(f'{caller}: {name} has {bad} NaN/inf entries of {a.size} (a NaN or inf makes every solved '
+                     'weight meaningless); clean the weights or the calibration data (or the model producing it) '
+                     'first.')
 
 
 @jax.jit

@@ -25,6 +25,6 @@ def check_calibration(x: jax.Array, w: jax.Array, *, caller: str) -> jax.Array:
     raise ValueError(f'{caller}: x holds no calibration tokens (shape {x.shape}); give at least one row.')
   bad = int(x.size - np.count_nonzero(np.isfinite(np.asarray(x))))  # on the host: no compile, zero-copy on CPU
   if bad:
-    raise ValueError(f'{caller}: the calibration inputs x hold {bad} NaN/inf entries; clean the data or the model '
-                     'first.')
+    raise ValueError(f'{caller}: the calibration inputs x hold NaN or inf ({bad} NaN/inf entries); clean the data '
+                     'or the model first.')
   return x

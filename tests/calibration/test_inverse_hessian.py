@@ -86,7 +86,7 @@ def test_nan_in_weights_or_inputs_is_refused_by_name(solver):
   bad_w[4, 2], bad_x[7, 5] = np.nan, np.inf
   with pytest.raises(ValueError, match='w has 1 NaN/inf'):
     fn(bad_w, x)
-  with pytest.raises(ValueError, match='x (has|hold) 1 NaN/inf'):
+  with pytest.raises(ValueError, match=r'x (has|hold).*\b1 NaN/inf'):
     fn(w, bad_x)
   with pytest.raises(ValueError, match='no calibration tokens'):
     fn(w, x[:0])
