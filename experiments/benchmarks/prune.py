@@ -96,6 +96,15 @@ def main(argv):
                            results=results)
 
 
+def current_rss() -> int:
+  """Resident bytes now (Linux /proc; 0 elsewhere)."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except OSError:
+    return 0
+
+
 def model_run():
   """SparseGPT over a whole Llama-3.2-1B-shaped model at reduced width, block by block through
   `calibration.run_sequential` (offload=True): seconds per block and peak RSS against the parameter bytes."""
@@ -115,8 +124,10 @@ def model_run():
         f'{cfg.num_layers} blocks, vocab {cfg.vocab_size}; {param_bytes / 2**20:.0f} MiB of float32 parameters; '
         f'{len(batches)} batches of [{FLAGS.batch}, {FLAGS.seq_len}] tokens', flush=True)
   marks = {}
+  rss_during = [0]
 
   def on_step(phase, block, batch):
+    rss_during[0] = max(rss_during[0], current_rss())
     if block >= 0:
       marks.setdefault(block, [time.perf_counter(), 0.0])[1] = time.perf_counter()
 
@@ -134,8 +145,10 @@ def model_run():
   print(f'total {wall:.1f} s wall, {cpu:.1f} s CPU; first block {per_block[0]:.1f} s (compiles), later blocks '
         f'median {sorted(per_block[1:])[len(per_block[1:]) // 2] if len(per_block) > 1 else float("nan"):.1f} s; '
         f'{len(kept)} kernels pruned, kept fraction {np.mean(kept):.3f}')
-  print(f'peak RSS {rss / 2**20:.0f} MiB (before pruning {rss0 / 2**20:.0f} MiB) against {param_bytes / 2**20:.0f} '
-        f'MiB of parameters: {rss / param_bytes:.2f}x; load average (1 min) {os.getloadavg()[0]:.1f}')
+  print(f'peak RSS {rss / 2**20:.0f} MiB (peak before pruning, from building the random model, {rss0 / 2**20:.0f} '
+        f'MiB); largest RSS sampled after each pruning step {rss_during[0] / 2**20:.0f} MiB; against '
+        f'{param_bytes / 2**20:.0f} MiB of parameters: {rss_during[0] / param_bytes:.2f}x; load average (1 min) '
+        f'{os.getloadavg()[0]:.1f}')
 
 
 if __name__ == '__main__':
