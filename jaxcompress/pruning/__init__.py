@@ -14,8 +14,7 @@ from jaxcompress.pruning.masks import (erk_sparsities, layer_sparsities, magnitu
 from jaxcompress.pruning.oneshot import (MagnitudeConfig, SparseGPTConfig, WandaConfig, magnitude, sparsegpt,
                                          wanda)
 from jaxcompress.pruning.sparse_training import MaskState, keep_masks, mask_tree, masked_optimizer
-from jaxcompress.pruning.sparsegpt import (hessian_from_inputs, inverse_cholesky_upper, sparsegpt_from_hessian,
-                                           sparsegpt_layer)
+from jaxcompress.pruning.sparsegpt import sparsegpt_from_hessian, sparsegpt_layer
 from jaxcompress.pruning.wanda import wanda_from_norms, wanda_layer, wanda_score
 
 __all__ = [
@@ -24,8 +23,6 @@ __all__ = [
     'SparseGPTConfig',
     'WandaConfig',
     'erk_sparsities',
-    'hessian_from_inputs',
-    'inverse_cholesky_upper',
     'keep_masks',
     'layer_sparsities',
     'magnitude',

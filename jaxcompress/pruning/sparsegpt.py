@@ -21,48 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcompress import core
+from jaxcompress.calibration import inverse_hessian
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning.inputs import check_calibration, check_kernel
 
 HIGHEST = lax.Precision.HIGHEST
-
-
-def hessian_from_inputs(x: jax.Array) -> jax.Array:
-  """XᵀX [in, in] float32 from x [tokens, in] (HIGHEST: accelerators would otherwise use bf16 passes)."""
-  xf = x.astype(jnp.float32)
-  return jnp.matmul(xf.T, xf, precision=HIGHEST)
-
-
-def inverse_cholesky_upper(h: jax.Array) -> jax.Array:
-  """U upper triangular [n, n] with UᵀU = h⁻¹ (h symmetric positive definite).
-
-  With P the reversal, PhP = LLᵀ gives h⁻¹ = (P L⁻ᵀ P)(P L⁻¹ P), and P L⁻¹ P is upper triangular; L⁻¹ comes from
-  `inverse_cholesky_lower`, which is matmuls but for small leaves.
-  """
-  return inverse_cholesky_lower(h[::-1, ::-1])[::-1, ::-1]
-
-
-def inverse_cholesky_lower(a: jax.Array, leaf: int = 512) -> jax.Array:
-  """L⁻¹ [n, n] lower triangular, where a = LLᵀ is symmetric positive definite.
-
-  Blocked by halves, so nearly all the work is matmuls (XLA's CPU Cholesky and triangular solve are several
-  times slower per flop than its matmul): with a = [[A, Bᵀ], [B, C]],
-      L₁⁻¹ = rec(A),  L₂₁ = B L₁⁻ᵀ,  L₂⁻¹ = rec(C - L₂₁ L₂₁ᵀ),  (L⁻¹)₂₁ = -L₂⁻¹ L₂₁ L₁⁻¹.
-  The recursion has depth log2(n / leaf) and its shapes are fixed by n: one compile per layer shape.
-  """
-  n = a.shape[0]
-  if n <= leaf:
-    chol = jnp.linalg.cholesky(a)
-    return lax.linalg.triangular_solve(chol, jnp.eye(n, dtype=a.dtype), left_side=True, lower=True)
-  m = n // 2
-  inv1 = inverse_cholesky_lower(a[:m, :m], leaf)
-  l21 = jnp.matmul(a[m:, :m], inv1.T, precision=HIGHEST)
-  schur = a[m:, m:] - jnp.matmul(l21, l21.T, precision=HIGHEST)
-  inv2 = inverse_cholesky_lower((schur + schur.T) / 2, leaf)
-  inv21 = -jnp.matmul(jnp.matmul(inv2, l21, precision=HIGHEST), inv1, precision=HIGHEST)
-  top = jnp.concatenate([inv1, jnp.zeros((m, n - m), a.dtype)], axis=1)
-  return jnp.concatenate([top, jnp.concatenate([inv21, inv2], axis=1)], axis=0)
-
 
 def kth_smallest_nonnegative(x: jax.Array, k: jax.Array) -> jax.Array:
   """The k-th smallest (0-based) of x [n] float32 ≥ 0 (inf allowed), exactly: a bisection over the float bits,
@@ -79,25 +42,14 @@ def kth_smallest_nonnegative(x: jax.Array, k: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def prepare_hessian(w: jax.Array, h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
-  """(w with dead inputs zeroed, damped h): an input never active (H[j, j] = 0) gets H[j, j] = 1 and its row of
-  w is zeroed (it contributes nothing to the output), then λ = damp · mean(diag H) is added to the diagonal."""
-  diag = jnp.diagonal(h)
-  dead = diag <= 0
-  h = h + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
-  w = jnp.where(dead[:, None], jnp.zeros((), w.dtype), w)
-  diag = jnp.diagonal(h)
-  h = h / jnp.mean(diag)  # scale-free (the solver is invariant to it) and well inside float32's range
-  return w, h + damp * jnp.eye(h.shape[0], dtype=h.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=('nm', 'block_size'))
-def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, nm: tuple[int, int] | None,
-           block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(reconstructed w [in, out] float32 with pruned entries 0, kept mask [in, out] bool, all-finite flag)."""
+def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, nm: tuple[int, int] | None,
+           block_size: int) -> tuple[jax.Array, jax.Array]:
+  """(reconstructed w [in, out] float32 with pruned entries 0, kept mask [in, out] bool) from the upper factor u
+  [in, in] of the damped H⁻¹ and the dead inputs [in] (their rows are zeroed: they never reach the output)."""
   n_in, n_out = w.shape
-  w, h = prepare_hessian(w.astype(jnp.float32), h.astype(jnp.float32), damp)
-  u = inverse_cholesky_upper(h)
+  w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
+  u = u.astype(jnp.float32)
   bs = block_size
   n_blocks = -(-n_in // bs)
   pad = n_blocks * bs - n_in
@@ -106,7 +58,7 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
   kept = jnp.ones(w.shape, bool)
 
-  sub = _sub_block(bs, nm[1] if nm else 1)
+  sub = inverse_hessian.sub_block_size(bs, nm[1] if nm else 1)
 
   def row(i, carry):
     w2, e2, pruned, u2 = carry
@@ -160,25 +112,15 @@ def _solve(w: jax.Array, h: jax.Array, sparsity: jax.Array, damp: jax.Array, *, 
     else:
       pruned = jnp.zeros(w1.shape, bool)
     w1, e1, pruned, _ = lax.fori_loop(0, bs // sub, sub_block, (w1, jnp.zeros_like(w1), pruned, u1))
-    # Lazy update of the rows after the block; the block's own rows are overwritten just after.
-    w = w - jnp.matmul(u_rows.T, e1, precision=HIGHEST)
+    # Lazy update of the rows after the block (one GEMM over a window that starts at or before the block); the
+    # block's own rows are overwritten just after.
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
     w = lax.dynamic_update_slice(w, w1, (i1, 0))
     return w, lax.dynamic_update_slice(kept, ~pruned, (i1, 0))
 
+  buckets = inverse_hessian.buckets_for(n_blocks)
   w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
-  w, kept = w[:n_in], kept[:n_in]
-  return w, kept, jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(u))
-
-
-def _sub_block(block_size: int, m: int, target: int = 16) -> int:
-  """Rows solved one by one before a lazy update within a block: a multiple of m dividing block_size, ≤ target
-  where possible."""
-  groups = block_size // m
-  best = 1
-  for g in range(1, groups + 1):
-    if groups % g == 0 and g * m <= max(target, m):
-      best = g
-  return best * m
+  return w[:n_in], kept[:n_in]
 
 
 def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5, pattern: str | None = None,
@@ -188,7 +130,10 @@ def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
 
   sparsity: fraction pruned in [0, 1) (unstructured; selected adaptively per block of `block_size` rows).
   pattern: None / 'unstructured', or 'N:M' (e.g. '2:4': at most N kept of every M inputs of each output).
-  damp: λ = damp · mean(diag H) added to H's diagonal. Dead inputs (H[j, j] = 0) have their weights zeroed.
+  damp: λ = damp · mean(diag H) added to H's diagonal, multiplied by 10 (with a warning) while H + λI is not
+    positive definite in float32 (`calibration.inverse_hessian.inverse_factor`). Dead inputs (H[j, j] = 0: never
+    active) get H[j, j] = 1 and their weights zeroed, as in the paper's implementation.
+  Raises ValueError for NaN/inf in w or h, a zero h, or bad arguments.
   Returns core.Masked(value=reconstructed w in w's dtype, mask [in, out] bool).
   """
   check_kernel(w, caller='sparsegpt')
@@ -197,11 +142,7 @@ def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   if h.shape != (n_in, n_in):
     raise ValueError(f'sparsegpt: h has shape {h.shape}, expected ({n_in}, {n_in}) = XᵀX over the inputs of '
                      f'w [in, out] = {w.shape}.')
-  if not bool(jnp.all(jnp.isfinite(h))):
-    raise ValueError('sparsegpt: the Hessian XᵀX holds NaN or inf; check the calibration inputs.')
-  if not bool(jnp.any(jnp.diagonal(h) > 0)):
-    raise ValueError('sparsegpt: the Hessian is zero (no calibration token reached this layer, or every input '
-                     'is 0); give calibration data that exercises the layer.')
+  inverse_hessian.check_finite(w, 'w', 'sparsegpt')
   if not damp > 0:
     raise ValueError(f'sparsegpt: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal; '
                      'the paper uses 0.01).')
@@ -219,10 +160,8 @@ def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   else:
     sparsity = masks_lib.check_sparsity(sparsity, caller='sparsegpt')
   block_size = min(block_size, -(-n_in // (nm[1] if nm else 1)) * (nm[1] if nm else 1))
-  value, kept, finite = _solve(w, h, jnp.float32(sparsity), jnp.float32(damp), nm=nm, block_size=block_size)
-  if not bool(finite):
-    raise FloatingPointError(f'sparsegpt: the damped Hessian is not positive definite in float32 (damp={damp}); '
-                             'raise damp (e.g. 0.1) or give more calibration tokens.')
+  factor = inverse_hessian.inverse_factor(h.astype(jnp.float32), damp=damp, caller='sparsegpt')
+  value, kept = _solve(w, factor.u, factor.dead, jnp.float32(sparsity), nm=nm, block_size=block_size)
   return core.Masked(value=value.astype(w.dtype), mask=kept)
 
 
@@ -233,5 +172,5 @@ def sparsegpt_layer(w: jax.Array, x: jax.Array, *, sparsity: float = 0.5, patter
   See `sparsegpt_from_hessian` for the arguments; H = XᵀX is formed here in float32.
   """
   x = check_calibration(x, w, caller='sparsegpt_layer')
-  return sparsegpt_from_hessian(w, hessian_from_inputs(x), sparsity=sparsity, pattern=pattern,
+  return sparsegpt_from_hessian(w, inverse_hessian.xtx(x), sparsity=sparsity, pattern=pattern,
                                 block_size=block_size, damp=damp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,11 +34,15 @@ def check_finite(a, name: str, where: str) -> None:
     raise ValueError(f'{where}: {name} has {bad} NaN/inf entries; clean the weights or calibration data first.')
 
 
+# one compiled program per shape instead of a few eager ops (each an XLA compile on its first call)
+_pack_codes = jax.jit(qlib.pack_codes, static_argnums=1)
+
+
 def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=True) -> core.Quantized:
   """Integer codes [in, out] uint8 and per-group scale / zero [G, out] -> a `core.Quantized` leaf."""
   packed = bool(pack and qlib.packs(bits) and shape[0] % (8 // bits) == 0)
   if packed:
-    codes = qlib.pack_codes(codes, bits)
+    codes = _pack_codes(codes, bits)
   return core.Quantized(codes=codes, scale=jnp.asarray(scale).astype(scale_dtype),
                         zero=None if zero is None else jnp.asarray(zero).astype(scale_dtype), bits=bits,
                         group_size=group_size, fmt='int', packed=packed, logical_shape=tuple(shape))

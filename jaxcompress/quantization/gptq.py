@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import calibration, core
-from jaxcompress.quantization.common import check_bits, check_finite, check_group_size, make_leaf
-
-log = logging.getLogger(__name__)
+from jaxcompress.calibration import inverse_hessian
+from jaxcompress.quantization.common import check_bits, check_group_size, make_leaf
 
 def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
   """Scale and zero point per column of one group. w: [rows, out] -> scale [out], zero [out] (code units).
@@ -58,28 +54,14 @@ def _encode(w, scale, zero, bits, symmetric):
   return q, (q - zero) * scale
 
 
-def hessian_inverse_factor(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
-  """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹ (UᵀU = inverse) and whether it is finite.
-
-  With J the row reversal, chol(J H J) = L gives H = R Rᵀ for the upper triangular R = J L J, so
-  H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, never the dense inverse.
-  """
-  n = h.shape[0]
-  lam = damp * jnp.mean(jnp.diag(h))
-  hd = h + lam * jnp.eye(n, dtype=h.dtype)
-  r = jnp.linalg.cholesky(hd[::-1, ::-1])[::-1, ::-1]
-  u = jax.scipy.linalg.solve_triangular(r, jnp.eye(n, dtype=h.dtype), lower=False)
-  return u, jnp.all(jnp.isfinite(u))
-
-
 @functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size'))
-def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
-  """The GPTQ solver: w [in, out], h [in, in] (float) -> (codes [in, out] uint8, scale, zero [G, out], ok)."""
+def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_size):
+  """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
+  dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out])."""
   n, out = w.shape
   dtype = w.dtype
-  dead = jnp.diag(h) == 0
-  h = h + jnp.diag(dead.astype(dtype))  # inputs that are always zero: H_ii = 1, their weights do not matter
-  w = jnp.where(dead[:, None], 0.0, w)
+  u = u.astype(dtype)
+  w = jnp.where(dead[:, None], 0.0, w)  # inputs that are always zero (H_ii = 0): their weights do not matter
   gs = n if group_size is None else group_size
   groups = n // gs
   static = group_size is None or act_order  # parameters known before the solver runs
@@ -87,10 +69,8 @@ def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
     sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(w.reshape(groups, gs, out))
   else:
     sp = zp = jnp.ones((groups, out), dtype)
-  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(n)
-  w = w[perm]
-  h = h[perm][:, perm]
-  u, ok = hessian_inverse_factor(h, damp)
+  if act_order:
+    w = w[perm]
 
   # pad to whole blocks: padded rows come last, are dead (U = I there) and are dropped at the end
   nb = -(-n // block_size)
@@ -98,8 +78,8 @@ def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
   w = jnp.pad(w, ((0, pad), (0, 0)))
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
-  n_pad = nb * block_size
-  buckets = next(b for b in (8, 4, 2, 1) if nb % b == 0)
+  buckets = inverse_hessian.buckets_for(nb)
+  sub = inverse_hessian.sub_block_size(block_size)
 
   def block(b, carry):
     w, q_all, sp, zp = carry
@@ -107,38 +87,49 @@ def _solve(w, h, damp, *, bits, group_size, act_order, symmetric, block_size):
     w1 = jax.lax.dynamic_slice_in_dim(w, i1, block_size, 0)
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
 
-    def column(i, c):
-      w1, e1, q1, sp, zp = c
-      row = i1 + i
+    def column(r, i, c):
+      w2, e2, q2, sp, zp, u2 = c
+      row = i1 + r + i
       g = gidx[row]
       if not static:  # a group starts here: its grid from the weights as the previous blocks left them
         def fresh(spz):
           s, z = grid_params(jax.lax.dynamic_slice_in_dim(w, jnp.minimum(row, n - gs), gs, 0), bits, symmetric)
           return spz[0].at[g].set(s), spz[1].at[g].set(z)
         sp, zp = jax.lax.cond((row % gs == 0) & (row < n), fresh, lambda spz: spz, (sp, zp))
-      x = w1[i]
+      x = w2[i]
       q, deq = _encode(x, sp[g], zp[g], bits, symmetric)
-      err = (x - deq) / u1[i, i]
-      w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
-      return w1, e1.at[i].set(err), q1.at[i].set(q), sp, zp
+      err = (x - deq) / u2[i, i]
+      w2 = w2 - u2[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
+      return w2, e2.at[i].set(err), q2.at[i].set(q), sp, zp, u2
+
+    def sub_block(s, c):
+      # `sub` rows one by one (a small working set), then one matmul updates the rest of the block
+      w1, e1, q1, sp, zp = c
+      r = s * sub
+      zeros = jnp.zeros((sub, out), dtype)
+      w2, e2, q2, sp, zp, _ = jax.lax.fori_loop(
+          0, sub, functools.partial(column, r),
+          (jax.lax.dynamic_slice_in_dim(w1, r, sub, 0), zeros, zeros, sp, zp,
+           jax.lax.dynamic_slice(u1, (r, r), (sub, sub))))
+      w1 = w1 - jax.lax.dynamic_slice_in_dim(u1, r, sub, 0).T @ e2
+      w1 = jax.lax.dynamic_update_slice_in_dim(w1, w2, r, 0)
+      return (w1, jax.lax.dynamic_update_slice_in_dim(e1, e2, r, 0), jax.lax.dynamic_update_slice_in_dim(q1, q2, r, 0),
+              sp, zp)
 
     zeros = jnp.zeros((block_size, out), dtype)
-    _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size, column, (w1, zeros, zeros, sp, zp))
+    _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size // sub, sub_block, (w1, zeros, zeros, sp, zp))
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
-    # rows of this block change too, but are done. Only rows from the block on need the update: the matmul
-    # runs over the last of `buckets` static windows that still holds the block (about half the work of
-    # updating every row, with one compile).
-    def tail(k):
-      start = k * (n_pad // buckets)
-      return lambda w: w.at[start:].add(-(u_rows[:, start:].T @ e1))
-    w = jax.lax.switch(jnp.minimum(i1 // (n_pad // buckets), buckets - 1), [tail(k) for k in range(buckets)], w)
+    # rows of this block change too, but are done: one GEMM over the window of rows from the block on
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
     q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1, i1, 0)
     return w, q_all, sp, zp
 
   q_all = jnp.zeros_like(w)
   _, q_all, sp, zp = jax.lax.fori_loop(0, nb, block, (w, q_all, sp, zp))
-  codes = jnp.zeros((n, out), jnp.uint8).at[perm].set(q_all[:n].astype(jnp.uint8))
-  return codes, sp, zp, ok
+  codes = q_all[:n].astype(jnp.uint8)
+  if act_order:
+    codes = jnp.zeros((n, out), jnp.uint8).at[perm].set(codes)
+  return codes, sp, zp
 
 
 def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = None,
@@ -150,7 +141,9 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   `calibration.hessian()`). bits: 2..8; group_size: rows per scale (divides in) or None for per-channel;
   act_order: visit input rows by decreasing diag(H); symmetric: symmetric grid (zero=None in the leaf);
   block_size: rows per lazy-update block; damp: λ = damp · mean(diag H) added to the diagonal. When H + λI is
-  not positive definite, λ is multiplied by 10 (up to `max_damp_tries` times) with a warning.
+  not positive definite, λ is multiplied by 10 (up to `max_damp_tries` times) with a warning
+  (`calibration.inverse_hessian.inverse_factor`). Dead inputs (H_ii = 0) get H_ii = 1 and their weights zeroed, as in
+  the paper's implementation. Raises ValueError for NaN/inf in w or h or a zero h.
   Returns a `core.Quantized` (fmt='int', scale in w's dtype, codes packed when bits divides 8).
   """
   where = 'gptq'
@@ -164,24 +157,14 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
     raise ValueError(f'{where}: block_size={block_size!r} must be a positive integer.')
   if not damp > 0:
     raise ValueError(f'{where}: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal).')
-  check_finite(w, 'w', where)
-  check_finite(h, 'the Hessian (calibration inputs)', where)
+  inverse_hessian.check_finite(w, 'w', where)
   dtype = jnp.promote_types(w.dtype, jnp.float32)
   block_size = min(block_size, w.shape[0])
-  d = float(damp)
-  for attempt in range(max_damp_tries + 1):
-    codes, scale, zero, ok = _solve(w.astype(dtype), h.astype(dtype), jnp.asarray(d, dtype), bits=int(bits),
-                                    group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
-                                    block_size=block_size)
-    if bool(ok):
-      break
-    if attempt == max_damp_tries:
-      raise ValueError(f'{where}: the Hessian is not positive definite even with damp={d:g}; check the '
-                       'calibration inputs (too few tokens or degenerate features) or raise damp.')
-    warnings.warn(f'{where}: H + {d:g}·mean(diag H)·I is not positive definite; raising damp to {d * 10:g}.',
-                  RuntimeWarning, stacklevel=2)
-    log.warning('gptq: Hessian not positive definite with damp=%g, retrying with %g', d, d * 10)
-    d *= 10
+  factor = inverse_hessian.inverse_factor(h.astype(dtype), damp=float(damp), caller=where, act_order=bool(act_order),
+                                  max_tries=max_damp_tries)
+  codes, scale, zero = _solve(w.astype(dtype), factor.u, factor.dead, factor.perm, bits=int(bits),
+                              group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
+                              block_size=block_size)
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                    shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
 
@@ -194,17 +177,16 @@ def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | N
   Same arguments as `gptq_from_hessian`; H = XᵀX in float32. Returns a `core.Quantized`.
   """
   x = jnp.asarray(x)
-  if x.shape[-1] != jnp.shape(w)[0]:
-    raise ValueError(f'gptq_layer: x [..., {x.shape[-1]}] does not match w {jnp.shape(w)} ([in, out]).')
-  check_finite(x, 'x', 'gptq_layer')
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.promote_types(x.dtype, jnp.float32))
-  return gptq_from_hessian(w, _xtx(x), bits=bits, group_size=group_size, act_order=act_order,
+  if x.ndim < 2 or x.shape[-1] != jnp.shape(w)[0]:
+    raise ValueError(f'gptq_layer: x has shape {x.shape}; expected [..., {jnp.shape(w)[0]}] (the inputs of w '
+                     f'[in, out] = {jnp.shape(w)}).')
+  if x.size == 0:
+    raise ValueError(f'gptq_layer: x holds no calibration tokens (shape {x.shape}); give at least one row.')
+  inverse_hessian.check_finite(x, 'x', 'gptq_layer')
+  x = x.reshape(-1, x.shape[-1])
+  h = inverse_hessian.xtx(x) if x.dtype != jnp.float64 else x.T @ x
+  return gptq_from_hessian(w, h, bits=bits, group_size=group_size, act_order=act_order,
                            symmetric=symmetric, block_size=block_size, damp=damp)
-
-
-@jax.jit
-def _xtx(x):
-  return x.T @ x
 
 
 def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, pruning
+from jaxcompress.calibration import inverse_hessian
 from tests.pruning import reference as ref
 
 # the module (the package's `sparsegpt` attribute is the model-level function)
@@ -57,7 +58,7 @@ def test_inverse_cholesky_is_upper_factor_of_inverse():
   rs = np.random.RandomState(2)
   a = rs.randn(20, 12)
   h = a.T @ a + 0.1 * np.eye(12)
-  u = np.asarray(pruning.inverse_cholesky_upper(f32(h)), np.float64)
+  u = np.asarray(inverse_hessian.inverse_cholesky_upper(f32(h)), np.float64)
   assert np.allclose(np.tril(u, -1), 0)
   np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-4, atol=1e-5)
 

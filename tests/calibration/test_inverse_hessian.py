@@ -1,0 +1,115 @@
+"""The shared inverse-Hessian factor of the one-shot solvers against NumPy float64, its damping retries and bad
+input, the windowed lazy update, and the bad-input behaviour of SparseGPT and GPTQ on top of it."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress import pruning, quantization
+from jaxcompress.calibration import inverse_hessian as ih
+
+
+def hessian(seed=0, n=24, tokens=40, dead=()):
+  rs = np.random.RandomState(seed)
+  x = rs.randn(tokens, n) * rs.uniform(0.2, 3.0, n)
+  x[:, list(dead)] = 0
+  return x.T @ x
+
+
+@pytest.mark.parametrize('act_order', [False, True])
+def test_factor_is_upper_cholesky_of_damped_inverse(act_order):
+  h = hessian(dead=(3, 7))
+  f = ih.inverse_factor(jnp.asarray(h, jnp.float32), damp=0.05, act_order=act_order)
+  # float64 reference, the papers' recipe: dead H_jj = 1, λ = damp · mean(diag H), U = chol((H + λI)⁻¹)ᵀ
+  dead = np.diag(h) == 0
+  want_h = h + np.diag(dead.astype(float))
+  want_h = want_h + 0.05 * np.mean(np.diag(want_h)) * np.eye(24)
+  perm = np.argsort(-np.diag(want_h), kind='stable') if act_order else np.arange(24)
+  want_h = want_h[perm][:, perm]
+  np.testing.assert_array_equal(np.asarray(f.dead), dead)
+  np.testing.assert_array_equal(np.asarray(f.perm), perm)
+  u = np.asarray(f.u, np.float64) / np.sqrt(np.mean(np.diag(h + np.diag(dead.astype(float)))))  # H was scaled
+  want = np.linalg.cholesky(np.linalg.inv(want_h)).T
+  assert np.allclose(np.tril(u, -1), 0)
+  assert np.linalg.norm(u - want) / np.linalg.norm(want) < 1e-4
+  assert f.damp == 0.05
+
+
+def test_inverse_cholesky_by_halves_matches_numpy():
+  h = hessian(1, n=40, tokens=80) + np.eye(40)
+  u = np.asarray(ih.inverse_cholesky_lower(jnp.asarray(h, jnp.float32), leaf=8), np.float64)  # 3 levels
+  want = np.linalg.inv(np.linalg.cholesky(h))
+  assert np.linalg.norm(u - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_not_positive_definite_raises_damping_then_fails_clearly(caplog):
+  h = np.eye(8)
+  h[0, 1] = h[1, 0] = 1.2  # eigenvalue -0.2: fails until damp ≥ 0.2 (of mean diag 1)
+  with pytest.warns(RuntimeWarning, match='raising damp to 1'):
+    f = ih.inverse_factor(jnp.asarray(h, jnp.float32), damp=0.01, caller='test')
+  assert f.damp == 1.0 and np.isfinite(np.asarray(f.u)).all()
+  with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match='not positive definite even with damp=0.1'):
+    ih.inverse_factor(jnp.asarray(h, jnp.float32), damp=0.01, max_tries=1)
+
+
+@pytest.mark.parametrize('bad,match', [('nan', 'NaN/inf'), ('zero', 'the Hessian is zero'), ('shape', 'square'),
+                                       ('damp', 'damp=0')])
+def test_bad_hessians_are_refused(bad, match):
+  h = hessian()
+  h = {'nan': np.where(np.eye(24) > 0, np.nan, h), 'zero': 0 * h, 'shape': h[:, :5], 'damp': h}[bad]
+  with pytest.raises(ValueError, match=match):
+    ih.inverse_factor(jnp.asarray(h, jnp.float32), damp=0 if bad == 'damp' else 0.01)
+
+
+@pytest.mark.parametrize('start', [0, 8, 16, 40])
+def test_lazy_update_equals_the_full_update(start):
+  rs = np.random.RandomState(start)
+  w, e = rs.randn(48, 5), rs.randn(8, 5)
+  u_rows = np.triu(rs.randn(8, 48), start)  # rows of an upper factor: zero left of the block
+  got = ih.lazy_update(jnp.asarray(w), jnp.asarray(u_rows), jnp.asarray(e), jnp.int32(start), buckets=3)
+  np.testing.assert_allclose(np.asarray(got), w - u_rows.T @ e, rtol=1e-5, atol=1e-5)
+
+
+def _layer(n=32, out=8, tokens=64):
+  rs = np.random.RandomState(0)
+  return rs.randn(n, out).astype(np.float32), rs.randn(tokens, n).astype(np.float32)
+
+
+@pytest.mark.parametrize('solver', ['sparsegpt', 'gptq'])
+def test_nan_in_weights_or_inputs_is_refused_by_name(solver):
+  w, x = _layer()
+  fn = pruning.sparsegpt_layer if solver == 'sparsegpt' else quantization.gptq_layer
+  bad_w, bad_x = w.copy(), x.copy()
+  bad_w[4, 2], bad_x[7, 5] = np.nan, np.inf
+  with pytest.raises(ValueError, match='w has 1 NaN/inf'):
+    fn(bad_w, x)
+  with pytest.raises(ValueError, match=r'x (has|hold).*\b1 NaN/inf'):
+    fn(w, bad_x)
+  with pytest.raises(ValueError, match='no calibration tokens'):
+    fn(w, x[:0])
+  with pytest.raises(ValueError, match='the Hessian is zero'):
+    fn(w, 0 * x)
+
+
+@pytest.mark.parametrize('solver', ['sparsegpt', 'gptq'])
+def test_indefinite_hessian_gets_more_damping_and_a_finite_result(solver):
+  w, _ = _layer()
+  h = np.eye(32, dtype=np.float32)
+  h[0, 1] = h[1, 0] = 1.2
+  with pytest.warns(RuntimeWarning, match='raising damp'):
+    if solver == 'sparsegpt':
+      out = pruning.sparsegpt_from_hessian(w, h, block_size=16).materialize()
+    else:
+      out = quantization.gptq_from_hessian(w, h, block_size=16).materialize()
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_too_few_tokens_still_give_a_finite_solution():
+  w, x = _layer()
+  # 3 tokens for 32 inputs: XᵀX has rank 3, damping makes it positive definite
+  for out in (pruning.sparsegpt_layer(w, x[:3], block_size=16).value,
+              quantization.gptq_layer(w, x[:3], block_size=16).materialize()):
+    assert np.isfinite(np.asarray(out)).all()
