@@ -41,11 +41,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from safetensors import safe_open
+
 from jaxcompress import core
 from jaxcompress.calibration import driver
 from jaxcompress.calibration.driver import CompressBlock, Rows
 from jaxcompress.calibration.observers import Observer
-from jaxcompress.models import streaming
+from jaxcompress.models import streaming, tensor_reader
 
 MANIFEST = 'manifest.json'
 REST = 'rest.jc.safetensors'
@@ -53,6 +55,7 @@ FORMAT = 'jaxcompress-blocks/1'
 TMP_PREFIX = '.tmp-'
 # on_block(block index, record): called after each block is written (record: file, sha256, bytes, seconds).
 OnBlock = Callable[[int, dict], None]
+_ST_DTYPES = {np.dtype(v): k for k, v in tensor_reader.DTYPES.items()}
 
 
 def block_file(i: int) -> str:
@@ -264,11 +267,37 @@ def _verified_prefix(out: Path, manifest: dict, n_layers: int) -> int:
 
 
 def _write_params(path: Path, params) -> dict[str, Any]:
-  """core.serialize.save through a temporary file, fsynced and renamed: {'file', 'sha256', 'bytes'}."""
+  """core.serialize.save through a temporary file, made byte-deterministic, fsynced and renamed:
+  {'file', 'sha256', 'bytes'}."""
   def save(tmp):
     core.serialize.save(tmp, params)
+    _canonicalize(tmp)
   _atomic_path(path, save)
   return {'file': path.name, 'sha256': _sha256(path), 'bytes': path.stat().st_size}
+
+
+def _canonicalize(path: str) -> None:
+  """Rewrites a safetensors file with its tensors in name order and its header JSON with sorted keys.
+
+  The safetensors writer orders the header through a hash map, so the same tensors give different bytes from
+  run to run; the manifest's hashes, and a resumed run's files, must be the same bytes every time.
+  """
+  with safe_open(path, framework='numpy') as f:
+    metadata = f.metadata() or {}
+    tensors = {n: f.get_tensor(n) for n in sorted(f.keys())}
+  header, offset = {}, 0
+  for name, x in tensors.items():
+    code = _ST_DTYPES[np.dtype(x.dtype)]
+    header[name] = {'dtype': code, 'shape': list(x.shape), 'data_offsets': [offset, offset + x.nbytes]}
+    offset += x.nbytes
+  header['__metadata__'] = dict(sorted(metadata.items()))
+  text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  with open(path, 'wb') as f:
+    f.write(len(text).to_bytes(8, 'little'))
+    f.write(text)
+    for x in tensors.values():
+      f.write(np.ascontiguousarray(x).tobytes())
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
