@@ -85,7 +85,9 @@ def _shard_map_group(solve, args_list, names, mesh, axis) -> dict[str, Any]:
 
 def _compiled(solve, mesh, axis, nargs):
   spec = PartitionSpec(axis)
-  mapped = jax.shard_map(jax.vmap(solve), mesh=mesh, in_specs=(spec,) * nargs, out_specs=spec)
+  # check_vma=False: solvers with loops carry values built inside the loop (the problems are independent, so
+  # nothing in them is a collective whose replication the check would guard)
+  mapped = jax.shard_map(jax.vmap(solve), mesh=mesh, in_specs=(spec,) * nargs, out_specs=spec, check_vma=False)
   # gathered to every device (and process) inside the program: the results are small next to the Hessians
   return jax.jit(mapped, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
