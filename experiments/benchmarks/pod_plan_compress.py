@@ -77,6 +77,7 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'Tokens per row.')
 _PER_GROUP = flags.DEFINE_boolean('per_group', False, 'Calibrate the largest input group only (down_proj).')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 16.0, 'Memory of one chip to compare with (16: TPU v5e).')
 _OUT = flags.DEFINE_string('out', None, 'Also write the results here as JSON.')
+_PROGRAMS = flags.DEFINE_list('programs', ['calibrate', 'solve'], 'Which programs to compile.')
 
 
 def abstract(shape, dtype, sharding):
@@ -139,6 +140,8 @@ def main(argv) -> None:
   results = {'preset': _PRESET.value, 'devices': len(devices), 'devices_note': DEVICES_NOTE, 'programs': {}}
   for name, make in (('calibrate', functools.partial(calibrate_program, model, mesh, _PER_GROUP.value)),
                      ('solve', functools.partial(solve_program, model, mesh))):
+    if name not in _PROGRAMS.value:
+      continue
     t0 = time.perf_counter()
     lowered, what = make()
     t1 = time.perf_counter()

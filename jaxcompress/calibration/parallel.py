@@ -10,7 +10,7 @@ its last problem to a multiple of the device count) and solved at once:
 
   traceable=True: `jax.shard_map(jax.vmap(solve))` over the mesh axis, one slice of the stack per device
     (works across processes; every process passes all problems, as calibration leaves the statistics
-    replicated); the results are gathered to every process.
+    replicated); the results are gathered on every process's host.
   traceable=False: for solvers with host-side checks (they call bool() on arrays, e.g.
     `pruning.sparsegpt_from_hessian`), problems go round-robin to this process's devices, one thread per
     device, and come back to the host. Across processes each process solves every problem (the same numbers
@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Solve = Callable[..., Any]  # solve(*arrays) -> a pytree (e.g. a core.Masked or core.Quantized leaf)
@@ -79,8 +80,12 @@ def _shard_map_group(solve, args_list, names, mesh, axis) -> dict[str, Any]:
   inputs = [jax.make_array_from_callback(x.shape, split, lambda idx, x=x: x[idx]) for x in stacked]
   run = _compiled(solve, mesh, axis, len(stacked))
   out = run(*inputs)
-  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), out)
-  return {name: jax.tree.map(lambda x, k=k: x[k], host) for k, name in enumerate(names)}
+  # gathered on the host, not on the devices: a device never holds more than its own problems' results
+  if jax.process_count() > 1:
+    host = multihost_utils.process_allgather(out, tiled=True)
+  else:
+    host = jax.tree.map(np.asarray, out)
+  return {name: jax.tree.map(lambda x, k=k: np.asarray(x[k]), host) for k, name in enumerate(names)}
 
 
 def _compiled(solve, mesh, axis, nargs):
@@ -88,8 +93,7 @@ def _compiled(solve, mesh, axis, nargs):
   # check_vma=False: solvers with loops carry values built inside the loop (the problems are independent, so
   # nothing in them is a collective whose replication the check would guard)
   mapped = jax.shard_map(jax.vmap(solve), mesh=mesh, in_specs=(spec,) * nargs, out_specs=spec, check_vma=False)
-  # gathered to every device (and process) inside the program: the results are small next to the Hessians
-  return jax.jit(mapped, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return jax.jit(mapped)
 
 
 def _threaded(solve, problems, devices) -> dict[str, Any]:
