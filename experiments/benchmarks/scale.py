@@ -54,6 +54,7 @@ flags.DEFINE_integer('group_size', 128, 'GPTQ rows per scale')
 flags.DEFINE_integer('seed', 0, 'seed of the random weights and the calibration tokens')
 flags.DEFINE_integer('kill_trials', 0, 'SIGKILL-and-rerun trials on a small model')
 flags.DEFINE_bool('parallel', False, 'time one block\'s solves on 8 virtual devices vs 1')
+flags.DEFINE_bool('main', True, 'write and compress the main model (--nomain: only the kill / parallel phases)')
 flags.DEFINE_bool('small', False, 'a tiny model and every phase: the smoke test')
 flags.DEFINE_string('phase', '', 'internal: run one phase in this process (write | compress)')
 flags.DEFINE_bool('mesh', False, 'internal: solve over a mesh of every device')
@@ -263,11 +264,13 @@ def main(argv) -> None:
     raise SystemExit(f'{work}: {free.f_bavail * free.f_frsize / 1e9:.1f} GB free, the checkpoint and its output '
                      f'need about {need / 1e9:.1f} GB; pass --dir on a larger disk.')
   print(f'model: {n / 1e9:.3f} B parameters, {n * 2 / 1e9:.2f} GB in bf16', flush=True)
-  wrote = child('write', c, work=work)
-  results['checkpoint_bytes'] = wrote['bytes']
-  run = child('compress', c, work=work, layers=FLAGS.layers)
-  results['compress'] = run
-  blocks = run['blocks']
+  blocks = []
+  if FLAGS.main:
+    wrote = child('write', c, work=work)
+    results['checkpoint_bytes'] = wrote['bytes']
+    run = child('compress', c, work=work, layers=FLAGS.layers)
+    results['compress'] = run
+    blocks = run['blocks']
   if blocks:
     # block 0 includes compiling the solvers for every shape; later blocks reuse them
     steady = blocks[1:] or blocks
@@ -328,8 +331,9 @@ def parallel(work: pathlib.Path, c: dict) -> dict:
 
 
 def print_table(r: dict) -> None:
-  print(f"\nmodel {r['params'] / 1e9:.3f} B params, checkpoint {r['checkpoint_bytes'] / 2**30:.2f} GiB "
-        f"({r['machine']})")
+  if 'checkpoint_bytes' in r:
+    print(f"\nmodel {r['params'] / 1e9:.3f} B params, checkpoint {r['checkpoint_bytes'] / 2**30:.2f} GiB "
+          f"({r['machine']})")
   s = r.get('summary')
   if s:
     print('| block | seconds | solve seconds | RSS after (GiB) |\n|---|---:|---:|---:|')

@@ -14,7 +14,7 @@ The model is never whole in host memory. For block i (as `run_sequential`, true-
     the manifest records block i's sha256 and h_{i+1}'s (written atomically last)
 
 Peak host memory is about one block (input and compressed) plus its statistics plus one batch of hidden
-states. Everything outside the blocks (embedding, final norm, head) is copied unchanged to `rest.jc.safetensors`.
+states. Everything outside the blocks (embedding, final norm, head) is copied unchanged to `rest_<part>.jc.safetensors`.
 
 Resuming: the same call on the same output directory verifies every recorded block file against its hash,
 keeps the verified prefix, takes h from its file (or re-derives it from the embedding through the stored
@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,7 +51,7 @@ from jaxcompress.calibration.observers import Observer
 from jaxcompress.models import streaming, tensor_reader
 
 MANIFEST = 'manifest.json'
-REST = 'rest.jc.safetensors'
+REST = 'rest_{}.jc.safetensors'  # one file per top-level part outside the blocks
 FORMAT = 'jaxcompress-blocks/1'
 TMP_PREFIX = '.tmp-'
 # on_block(block index, record): called after each block is written (record: file, sha256, bytes, seconds).
@@ -81,7 +82,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   mesh, data_axis: split batch rows over the mesh's data axis (`calibrate(mesh=)`); hidden states on disk
     hold this process's rows; process 0 writes the output files.
   layers: stop after this many blocks (a partial run, e.g. for timing); the same call without it goes on.
-  Output: output_dir/{manifest.json, config.json, rest.jc.safetensors, block_XXXXX.jc.safetensors,
+  Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
   h_XXXXX[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
   """
   if not callable(compress_block):
@@ -103,10 +104,14 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     manifest = _open_output(out, fingerprint, writer)
     if writer and 'rest' not in manifest:
       _copy_atomic(Path(ckpt.path) / 'config.json', out / 'config.json')
-      rest = ckpt.read(lambda p: not p.startswith(prefix))
-      manifest['rest'] = _write_params(out / REST, rest)
+      records = []
+      for key in sorted({p.split('/', 1)[0] for p in ckpt.paths() if not p.startswith(prefix)}):
+        # one top-level part (embedding, final norm, head) in memory at a time
+        part = ckpt.read(lambda p, key=key: p.split('/', 1)[0] == key)
+        records.append(_write_params(out / REST.format(key), part))
+        del part
+      manifest['rest'] = records
       _write_manifest(out, manifest)
-    rest_params = ckpt.read(lambda p: not p.startswith(prefix))
     start = _verified_prefix(out, manifest, n_layers)
     if writer:
       manifest['blocks'] = {k: v for k, v in manifest['blocks'].items() if int(k) < start}
@@ -119,8 +124,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
     h_path = acts.path(start)
     if not acts.valid(start, manifest):
-      h_path = _derive(model, rest_params, out, start, dev_rows, place, acts, on_step)
-    del rest_params
+      h_path = _derive(model, ckpt, out, start, dev_rows, place, acts, on_step)
 
     shardings = place.shardings()
     for i in range(start, stop):
@@ -185,11 +189,13 @@ def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"load_compressed: '{out}' holds no finished compression (manifest.json "
                      f"{'missing' if manifest is None else 'says incomplete'}); run compress_checkpoint again with "
                      'the same arguments to finish it.')
-  for name, rec in [('rest', manifest['rest']), *manifest['blocks'].items()]:
+  for rec in [*manifest['rest'], *manifest['blocks'].values()]:
     if _sha256(out / rec['file']) != rec['sha256']:
       raise ValueError(f"load_compressed: '{out / rec['file']}' does not match the sha256 in the manifest; the "
                        'file was changed or damaged: rerun compress_checkpoint to rewrite it.')
-  params = core.serialize.load(out / manifest['rest']['file'])
+  params = {}
+  for rec in manifest['rest']:
+    params.update(core.serialize.load(out / rec['file']))
   blocks = {int(i): core.serialize.load(out / rec['file']) for i, rec in manifest['blocks'].items()}
   params[manifest['block_path']] = {i: blocks[i] for i in sorted(blocks)}
   return params
@@ -284,20 +290,26 @@ def _canonicalize(path: str) -> None:
   """
   with safe_open(path, framework='numpy') as f:
     metadata = f.metadata() or {}
-    tensors = {n: f.get_tensor(n) for n in sorted(f.keys())}
-  header, offset = {}, 0
-  for name, x in tensors.items():
-    code = _ST_DTYPES[np.dtype(x.dtype)]
-    header[name] = {'dtype': code, 'shape': list(x.shape), 'data_offsets': [offset, offset + x.nbytes]}
-    offset += x.nbytes
-  header['__metadata__'] = dict(sorted(metadata.items()))
-  text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
-  text += b' ' * (-len(text) % 8)
-  with open(path, 'wb') as f:
-    f.write(len(text).to_bytes(8, 'little'))
-    f.write(text)
-    for x in tensors.values():
-      f.write(np.ascontiguousarray(x).tobytes())
+  src = tensor_reader.TensorFile(path)
+  try:
+    names = sorted(src.names())
+    header, offset = {}, 0
+    for name in names:
+      nbytes = int(np.prod(src.shape(name), dtype=np.int64)) * src.dtype(name).itemsize
+      header[name] = {'dtype': _ST_DTYPES[src.dtype(name)], 'shape': list(src.shape(name)),
+                      'data_offsets': [offset, offset + nbytes]}
+      offset += nbytes
+    header['__metadata__'] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    with open(f'{path}.canonical', 'wb') as f:  # one tensor in memory at a time
+      f.write(len(text).to_bytes(8, 'little'))
+      f.write(text)
+      for name in names:
+        f.write(src.read(name).tobytes())
+  finally:
+    src.close()
+  os.replace(f'{path}.canonical', path)
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
@@ -319,8 +331,9 @@ def _atomic_path(path: Path, save: Callable[[str], None]) -> None:
   except BaseException:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
-    with contextlib.suppress(OSError):
-      os.unlink(f'{tmp}.tmp')  # serialize.save's own temporary name
+    for suffix in ('.tmp', '.canonical'):  # serialize.save's and _canonicalize's own temporary names
+      with contextlib.suppress(OSError):
+        os.unlink(f'{tmp}{suffix}')
     raise
   dfd = os.open(path.parent, os.O_RDONLY)
   try:
@@ -440,11 +453,19 @@ def _npy_header(shape) -> bytes:
   return buf.getvalue()
 
 
-def _derive(model, rest, out: Path, start: int, dev_rows: list[Rows], place, acts: _ActivationFile,
+def _derive(model, ckpt, out: Path, start: int, dev_rows: list[Rows], place, acts: _ActivationFile,
             on_step) -> Path:
-  """h_start from the embedding through the stored blocks 0..start-1 (as read back from disk)."""
+  """h_start from the embedding through the stored blocks 0..start-1 (as read back from disk).
+
+  Only the top-level parameters outside the blocks and heads are read (the embedding, norms); the rest enter
+  the jitted embedding as zeros of their shape, which XLA drops since nothing reads them.
+  """
   shardings = place.shardings()
-  abstract = {model.block_path: model.abstract_params()[model.block_path], core.SHARED: {}}
+  shapes = model.abstract_params()
+  heads = [re.compile(p) for p in model.head_patterns]
+  keep = {k for k in shapes if k != model.block_path and not any(h.search(f'{k}/') for h in heads)}
+  rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
+  abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
   rest_dev = place.replicated(rest)
   embed = jax.jit(lambda rest, r: driver._constrain_rows(
       model.embed(driver._fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))

@@ -61,4 +61,4 @@ def output_hashes(out):
   import json
   import pathlib
   manifest = json.loads((pathlib.Path(out) / 'manifest.json').read_text())
-  return {r['file']: r['sha256'] for r in [manifest['rest'], *manifest['blocks'].values()]}
+  return {r['file']: r['sha256'] for r in [*manifest['rest'], *manifest['blocks'].values()]}
