@@ -12,9 +12,9 @@ Programs, as `calibration.compress_checkpoint` runs them on a ('data',) mesh of 
   calibrate: one block on one batch (`calibration.driver._block_step` with the `hessian()` observer): the
     batch rows split over the devices, the block's bf16 weights and every kernel's XᵀX [in, in] float32
     replicated (all-reduced in the program), XᵀX donated. --per_group compiles only the largest group (down).
-  solve: `calibration.solve_parallel(traceable=True)`'s program: the block's same-shaped problems stacked
-    and split over the devices (shard_map of a vmap), here SparseGPT then GPTQ of the largest problem
-    (down_proj: w [intermediate, hidden], H [intermediate, intermediate]), one problem per device. The traced
+  sparsegpt, gptq (and both, in one program): `calibration.solve_parallel(traceable=True)`'s program: the
+    block's same-shaped problems stacked and split over the devices (shard_map of a vmap), here the largest
+    problem (down_proj: w [intermediate, hidden], H [intermediate, intermediate]), one per device. The traced
     solvers are the families' jitted cores (`pruning.sparsegpt._solve`, `quantization.gptq._solve`), since
     their public wrappers check their inputs on the host.
 Nothing is allocated. What the CPU compiler reports is a plan, not a measurement of a TPU (see pod_plan.py).
@@ -77,7 +77,8 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'Tokens per row.')
 _PER_GROUP = flags.DEFINE_boolean('per_group', False, 'Calibrate the largest input group only (down_proj).')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 16.0, 'Memory of one chip to compare with (16: TPU v5e).')
 _OUT = flags.DEFINE_string('out', None, 'Also write the results here as JSON.')
-_PROGRAMS = flags.DEFINE_list('programs', ['calibrate', 'solve'], 'Which programs to compile.')
+_PROGRAMS = flags.DEFINE_list('programs', ['calibrate', 'sparsegpt', 'gptq'],
+                               "Programs to compile: calibrate, sparsegpt, gptq, both (SparseGPT + GPTQ in one).")
 
 
 def abstract(shape, dtype, sharding):
@@ -105,8 +106,12 @@ def calibrate_program(model, mesh, per_group: bool):
   return lowered, f'{len(kernels)} XᵀX, batch {_BATCH.value} x {_SEQ_LEN.value} over {mesh.size} devices'
 
 
-def solve_program(model, mesh):
-  """The lowered solve of the largest problem (down_proj), one stacked problem per device."""
+def solve_program(model, mesh, kind: str):
+  """The lowered solve of the largest problem (down_proj), one stacked problem per device.
+
+  kind: 'sparsegpt' or 'gptq' (each its own program, as `scale.py`'s per-kernel solver calls them one after
+  the other), or 'both' in one program (their float32 temporaries then overlap in one buffer plan).
+  """
   import importlib  # the modules, not the functions of the same name that the packages export
   sparsegpt = importlib.import_module('jaxcompress.pruning.sparsegpt')
   gptq = importlib.import_module('jaxcompress.quantization.gptq')
@@ -114,18 +119,24 @@ def solve_program(model, mesh):
   n_in, n_out = c.intermediate_size, c.hidden_size
   group = min(128, n_in)
 
-  def solve(w, h):
+  def prune(w, h):
     value, kept, _ = sparsegpt._solve(w, h, jnp.float32(0.5), jnp.float32(0.01), nm=None, block_size=128)
-    codes, scale, zero, _ = gptq._solve(value, h, jnp.float32(0.01), bits=4, group_size=group, act_order=False,
-                                        symmetric=False, block_size=128)
-    return kept, codes, scale, zero
+    return value, kept
 
+  def quantize(w, h):
+    codes, scale, zero, _ = gptq._solve(w, h, jnp.float32(0.01), bits=4, group_size=group, act_order=False,
+                                        symmetric=False, block_size=128)
+    return codes, scale, zero
+
+  solve = {'sparsegpt': prune, 'gptq': quantize, 'both': lambda w, h: (prune(w, h)[1], *quantize(prune(w, h)[0], h))
+           }[kind]
   d = mesh.size
   split = NamedSharding(mesh, P('data'))
   w = abstract((d, n_in, n_out), jnp.float32, split)
   h = abstract((d, n_in, n_in), jnp.float32, split)
   program = calibration.parallel._compiled(solve, mesh, 'data', 2)
-  return program.lower(w, h), f'SparseGPT 50% + GPTQ W4 g{group} of w [{n_in}, {n_out}], one per device'
+  what = {'sparsegpt': 'SparseGPT 50%', 'gptq': f'GPTQ W4 g{group}', 'both': f'SparseGPT 50% + GPTQ W4 g{group}'}
+  return program.lower(w, h), f'{what[kind]} of w [{n_in}, {n_out}] (down_proj), one problem per device'
 
 
 def main(argv) -> None:
@@ -139,7 +150,9 @@ def main(argv) -> None:
   print(f'jax {jax.__version__}: {len(devices)} x {devices[0].device_kind}; {_PRESET.value}', flush=True)
   results = {'preset': _PRESET.value, 'devices': len(devices), 'devices_note': DEVICES_NOTE, 'programs': {}}
   for name, make in (('calibrate', functools.partial(calibrate_program, model, mesh, _PER_GROUP.value)),
-                     ('solve', functools.partial(solve_program, model, mesh))):
+                     ('sparsegpt', functools.partial(solve_program, model, mesh, 'sparsegpt')),
+                     ('gptq', functools.partial(solve_program, model, mesh, 'gptq')),
+                     ('both', functools.partial(solve_program, model, mesh, 'both'))):
     if name not in _PROGRAMS.value:
       continue
     t0 = time.perf_counter()

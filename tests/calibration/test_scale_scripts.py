@@ -30,7 +30,8 @@ def test_pod_plan_compress_compiles_both_programs_with_replicated_statistics(tmp
   assert proc.returncode == 0, proc.stderr[-3000:]
   plan = json.loads(out.read_text())
   assert plan['devices'] == 8
-  calib, solve = plan['programs']['calibrate'], plan['programs']['solve']
+  calib, solve = plan['programs']['calibrate'], plan['programs']['gptq']
+  assert plan['programs']['sparsegpt']['fits']
   # every kernel's XᵀX (6 of 64², down 128², float32) is an argument of each device, beside its 1/8 of h
   xtx = (6 * 64 * 64 + 128 * 128) * 4
   assert calib['memory']['argument'] >= xtx + 8 * 16 * 64 * 4 // 8
