@@ -101,7 +101,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     n_layers = model.config.num_layers
     prefix = f'{model.block_path}/'
     fingerprint = _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype)
-    manifest = _open_output(out, fingerprint, writer)
+    # process 0 prepares the directory (refusal, rest files, trimming); the others then read its manifest
+    manifest = _open_output(out, fingerprint, writer) if writer else None
     if writer and 'rest' not in manifest:
       _copy_atomic(Path(ckpt.path) / 'config.json', out / 'config.json')
       records = []
@@ -112,11 +113,18 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
         del part
       manifest['rest'] = records
       _write_manifest(out, manifest)
-    start = _verified_prefix(out, manifest, n_layers)
     if writer:
+      start = _verified_prefix(out, manifest, n_layers)
       manifest['blocks'] = {k: v for k, v in manifest['blocks'].items() if int(k) < start}
       manifest['complete'] = start == n_layers
       _write_manifest(out, manifest)
+    _barrier('output directory ready')
+    if not writer:
+      manifest = _read_manifest(out)
+      if manifest is None or manifest.get('fingerprint') != fingerprint:
+        raise ValueError(f"compress_checkpoint: process {pid} computed another fingerprint than process 0 for "
+                         f"'{out}'; every process must pass the same input, recipe, seed and options.")
+      start = len(manifest['blocks'])
     stop = n_layers if layers is None else min(n_layers, int(layers))
     if start >= stop:
       return manifest
@@ -176,9 +184,10 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           on_block(i, record)
       acts.remove(h_path)
       h_path = nxt
-    if manifest['complete']:
+    if stop == n_layers:
       acts.remove(h_path)
-  return manifest
+  _barrier('compression done')
+  return manifest if writer else _read_manifest(out)
 
 
 def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -212,13 +221,18 @@ def _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype) -> dict[s
         x = np.ascontiguousarray(np.asarray(x))
         data.update(f'{x.dtype}{x.shape}'.encode())
         data.update(x.tobytes())
+  digest = data.hexdigest()
+  if jax.process_count() > 1:  # each process passes its own rows: fingerprint them all
+    from jax.experimental import multihost_utils
+    every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    digest = hashlib.sha256(np.asarray(every).tobytes()).hexdigest()
   try:
     recipe_json = json.loads(json.dumps(recipe, sort_keys=True))
   except TypeError as e:
     raise TypeError(f'compress_checkpoint: recipe={recipe!r} must be JSON-able (configs as dicts: '
                     f'dataclasses.asdict(config)); {e}.') from None
   return {'format': FORMAT, 'input': ckpt.fingerprint(), 'recipe': recipe_json, 'seed': int(seed),
-          'data': data.hexdigest(), 'observer': observer.init.__qualname__, 'per_group': bool(per_group),
+          'data': digest, 'observer': observer.init.__qualname__, 'per_group': bool(per_group),
           'dtype': None if dtype is None else str(np.dtype(dtype)), 'block_path': ckpt.model.block_path}
 
 

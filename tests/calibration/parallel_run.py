@@ -40,6 +40,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('out')
   parser.add_argument('--mesh', action='store_true')
+  parser.add_argument('--ooc', default='', help='also compress this checkpoint out of core (into OUT.ooc/)')
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
@@ -66,6 +67,12 @@ def main() -> None:
     for name, tree in results.items():
       for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         flat[f'{tag}/{name}{jax.tree_util.keystr(path)}'] = np.asarray(x)
+  if args.ooc:  # data-parallel calibration + the cheap solver, rows split over the processes
+    per = 8 // jax.process_count()
+    lo = jax.process_index() * per
+    batches = [{'tokens': b['tokens'][lo:lo + per]} for b in oc.batches(b=8)]
+    cal.compress_checkpoint(args.ooc, f'{args.out}.ooc', oc.cheap_block, batches, observer=cal.hessian(),
+                            recipe={'cheap': 1}, per_group=True, mesh=mesh)
   if jax.process_index() == 0:
     np.savez(args.out, **flat)
 
