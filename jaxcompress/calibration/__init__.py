@@ -8,6 +8,8 @@ Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are opta
 """
 
 from jaxcompress.calibration.driver import CompressBlock, Rows, calibrate, run_sequential
+from jaxcompress.calibration.parallel import solve_parallel
+from jaxcompress.calibration.out_of_core import compress_checkpoint, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
                                                norms)
 
@@ -21,7 +23,10 @@ __all__ = [
     'calibrate',
     'column_norms',
     'combine',
+    'compress_checkpoint',
     'hessian',
+    'load_compressed',
     'norms',
     'run_sequential',
+    'solve_parallel',
 ]

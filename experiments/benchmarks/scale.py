@@ -1,0 +1,356 @@
+"""Compression at scale on one small host: a ~3B-parameter Llama, never whole in memory, SparseGPT then GPTQ.
+
+    python experiments/benchmarks/scale.py --layers=2                  # write the 3B checkpoint, compress 2 blocks
+    python experiments/benchmarks/scale.py --layers=2 --kill_trials=5 --parallel
+    python experiments/benchmarks/scale.py --small                     # a tiny model, compression only: the test
+
+Phases (each in a fresh interpreter, so its peak RSS (VmHWM) is its own):
+  1. write: a random Llama (default hidden 3072, 28 layers, intermediate 8192, 24 heads / 8 KV heads, vocab
+     32000: 3.01 B parameters, 6.0 GB in bf16) as an HF checkpoint, one safetensors shard per block, each
+     tensor generated from its own PRNG key and written before the next is made (skipped when present).
+  2. compress: `calibration.compress_checkpoint` with a per-kernel SparseGPT 50% then GPTQ W4 g128 of the
+     pruned weights under the same mask (`core.Masked(core.Quantized)`), true-sequential per input group, the
+     kernels of each group solved with `calibration.solve_parallel`. Prints seconds per block (solve and
+     total), the peak RSS against the checkpoint's bytes (goal: at most 25%), and the full-model time
+     extrapolated from the blocks run (labelled as such).
+  3. --kill_trials: on a small model, a compression SIGKILLed after a random delay, then rerun, gives the same
+     output file hashes as an uninterrupted run (each trial).
+  4. --parallel: one block of a mid-size model compressed with its solves on 1 device and on 8 virtual devices
+     (XLA_FLAGS host device count): solve-phase seconds of each, their ratio, and whether the outputs are
+     identical. On a CPU host the 8 "devices" share its cores.
+Results: --out/results.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string('dir', '/tmp/jaxcompress_scale', 'work directory: checkpoints and compressed outputs')
+flags.DEFINE_string('out', '', 'results directory (default: --dir/results)')
+flags.DEFINE_integer('hidden', 3072, 'hidden size')
+flags.DEFINE_integer('num_layers', 28, 'blocks of the model')
+flags.DEFINE_integer('intermediate', 8192, 'MLP width')
+flags.DEFINE_integer('heads', 24, 'attention heads')
+flags.DEFINE_integer('kv_heads', 8, 'key/value heads')
+flags.DEFINE_integer('vocab', 32000, 'vocabulary')
+flags.DEFINE_integer('layers', 0, 'compress only the first N blocks (0: all); a rerun without it goes on')
+flags.DEFINE_integer('batches', 4, 'calibration batches')
+flags.DEFINE_integer('batch', 2, 'rows per calibration batch')
+flags.DEFINE_integer('seq_len', 256, 'tokens per row')
+flags.DEFINE_integer('group_size', 128, 'GPTQ rows per scale')
+flags.DEFINE_integer('seed', 0, 'seed of the random weights and the calibration tokens')
+flags.DEFINE_integer('kill_trials', 0, 'SIGKILL-and-rerun trials on a small model')
+flags.DEFINE_bool('parallel', False, 'time one block\'s solves on 8 virtual devices vs 1')
+flags.DEFINE_bool('main', True, 'write and compress the main model (--nomain: only the kill / parallel phases)')
+flags.DEFINE_bool('small', False, 'a tiny model and every phase: the smoke test')
+flags.DEFINE_string('phase', '', 'internal: run one phase in this process (write | compress)')
+flags.DEFINE_bool('mesh', False, 'internal: solve over a mesh of every device')
+flags.DEFINE_float('kill_after', 0.0, 'internal: SIGKILL this process after this many seconds')
+FLAGS = flags.FLAGS
+
+SMALL = dict(hidden=128, num_layers=3, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
+             seq_len=32, group_size=32)
+KILL_MODEL = dict(hidden=128, num_layers=4, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
+                  seq_len=32, group_size=32)
+PARALLEL_MODEL = dict(hidden=1024, num_layers=2, intermediate=2816, heads=8, kv_heads=8, vocab=1024, batches=2,
+                      batch=2, seq_len=128, group_size=128)
+SHAPE_FLAGS = ('hidden', 'num_layers', 'intermediate', 'heads', 'kv_heads', 'vocab', 'batches', 'batch', 'seq_len',
+               'group_size')
+
+
+def param_count(c: dict) -> int:
+  d, f, v = c['hidden'], c['intermediate'], c['vocab']
+  kv = d // c['heads'] * c['kv_heads']
+  block = d * (2 * d + 2 * kv) + 3 * d * f + 2 * d
+  return c['num_layers'] * block + 2 * v * d + d  # untied head
+
+
+def spec(c: dict):
+  from jaxcompress import models
+  return models.Llama(models.LlamaConfig(vocab_size=c['vocab'], hidden_size=c['hidden'],
+                                         intermediate_size=c['intermediate'], num_layers=c['num_layers'],
+                                         num_heads=c['heads'], num_kv_heads=c['kv_heads'],
+                                         max_position_embeddings=max(2048, c['seq_len'])))
+
+
+# Phase 1: the checkpoint, tensor by tensor ------------------------------------------------------------------------
+
+
+def write_checkpoint(path: pathlib.Path, c: dict, seed: int) -> int:
+  """A random bf16 HF Llama checkpoint; returns its tensor bytes. Never more than one tensor in memory."""
+  import jax
+  import ml_dtypes
+  import numpy as np
+  model = spec(c)
+  if (path / 'model.safetensors.index.json').exists():
+    return json.loads((path / 'model.safetensors.index.json').read_text())['metadata']['total_size']
+  path.mkdir(parents=True, exist_ok=True)
+  model.hf_config().save_pretrained(str(path))
+  d, f, v = c['hidden'], c['intermediate'], c['vocab']
+  kv = d // c['heads'] * c['kv_heads']
+  shards = {'model-outer.safetensors': [('model.embed_tokens.weight', (v, d)), ('model.norm.weight', (d,)),
+                                        ('lm_head.weight', (v, d))]}
+  for i in range(c['num_layers']):
+    p = f'model.layers.{i}.'
+    shards[f'model-layer-{i:03d}.safetensors'] = [
+        (p + 'input_layernorm.weight', (d,)), (p + 'post_attention_layernorm.weight', (d,)),
+        (p + 'self_attn.q_proj.weight', (d, d)), (p + 'self_attn.k_proj.weight', (kv, d)),
+        (p + 'self_attn.v_proj.weight', (kv, d)), (p + 'self_attn.o_proj.weight', (d, d)),
+        (p + 'mlp.gate_proj.weight', (f, d)), (p + 'mlp.up_proj.weight', (f, d)), (p + 'mlp.down_proj.weight', (d, f))]
+  key = jax.random.key(seed)
+  weight_map, total, k = {}, 0, 0
+  for fname, tensors in shards.items():
+    header, offset = {}, 0
+    for name, shape in tensors:
+      n = int(np.prod(shape)) * 2
+      header[name] = {'dtype': 'BF16', 'shape': list(shape), 'data_offsets': [offset, offset + n]}
+      offset += n
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    tmp = path / f'.{fname}.tmp'
+    with open(tmp, 'wb') as out:
+      out.write(len(text).to_bytes(8, 'little'))
+      out.write(text)
+      for name, shape in tensors:
+        if name.endswith('norm.weight'):
+          x = np.ones(shape, ml_dtypes.bfloat16)
+        else:  # fan-in scaled, so hidden states keep their size through 28 random blocks
+          scale = 1.0 / np.sqrt(shape[-1]) if 'embed' not in name else 1.0
+          x = np.asarray(jax.random.normal(jax.random.fold_in(key, k), shape, jax.numpy.float32) * scale
+                         ).astype(ml_dtypes.bfloat16)
+        out.write(x.tobytes())
+        weight_map[name] = fname
+        total += x.nbytes
+        k += 1
+        del x
+    os.replace(tmp, path / fname)
+  (path / 'model.safetensors.index.json').write_text(json.dumps({'metadata': {'total_size': total},
+                                                                 'weight_map': weight_map}))
+  return total
+
+
+# Phase 2: compression --------------------------------------------------------------------------------------------
+
+
+def recipe(c: dict) -> dict:
+  return {'sparsegpt': {'sparsity': 0.5, 'block_size': 128, 'damp': 0.01},
+          'gptq': {'bits': 4, 'group_size': c['group_size'], 'damp': 0.01}}
+
+
+def make_compress_block(c: dict, mesh):
+  import jax.numpy as jnp
+  from jaxcompress import calibration, core, pruning, quantization
+
+  def kernel(w, h):
+    m = pruning.sparsegpt_from_hessian(w, h, sparsity=0.5, block_size=128, damp=0.01)
+    q = quantization.gptq_from_hessian(m.value, h, bits=4, group_size=c['group_size'], damp=0.01)
+    return core.Masked(value=q, mask=m.mask)
+
+  def compress_block(i, block, stats):
+    del i
+    # bf16 weights are solved in float32 and the leaves stored with bf16 scales / values
+    problems = {p: (jnp.asarray(core.paths.get(block, p)), st['xtx']) for p, st in stats.items()}
+    solved = calibration.solve_parallel(kernel, problems, mesh=mesh)
+    return core.paths.replace(block, solved)
+
+  return compress_block
+
+
+def calibration_batches(c: dict, seed: int):
+  import numpy as np
+  rs = np.random.RandomState(seed)
+  return [{'tokens': rs.randint(0, c['vocab'], (c['batch'], c['seq_len'])).astype(np.int32)}
+          for _ in range(c['batches'])]
+
+
+def compress(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, layers: int, use_mesh: bool) -> dict:
+  import jax
+  from jaxcompress import calibration
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,)) if use_mesh \
+      else None
+  blocks = []
+
+  def on_block(i, record):
+    blocks.append({'block': i, **{k: record[k] for k in ('seconds', 'solve_seconds', 'bytes')}, 'rss': rss()})
+    print(f'block {i}: {record["seconds"]:.1f} s (solve {record["solve_seconds"]:.1f} s), '
+          f'{record["bytes"] / 2**20:.1f} MiB, RSS {rss() / 2**30:.2f} GiB', flush=True)
+
+  t0 = time.perf_counter()
+  manifest = calibration.compress_checkpoint(src, out, make_compress_block(c, mesh), calibration_batches(c, seed),
+                                             observer=calibration.hessian(), recipe=recipe(c), seed=seed,
+                                             per_group=True, layers=layers or None, on_block=on_block)
+  return {'blocks': blocks, 'seconds': time.perf_counter() - t0, 'complete': manifest['complete'],
+          'peak_rss': vm_hwm(), 'hashes': {r['file']: r['sha256'] for r in manifest['blocks'].values()}}
+
+
+def rss() -> int:
+  return _status('VmRSS:')
+
+
+def vm_hwm() -> int:
+  return _status('VmHWM:')
+
+
+def _status(field: str) -> int:
+  for line in open('/proc/self/status'):
+    if line.startswith(field):
+      return int(line.split()[1]) * 1024
+  return 0
+
+
+# Driver: each phase in a fresh interpreter ------------------------------------------------------------------------
+
+
+def child(phase: str, c: dict, *, work: pathlib.Path, devices: int = 1, layers: int = 0, mesh: bool = False,
+          kill_after: float = 0.0, timeout: float | None = None) -> dict | None:
+  args = [sys.executable, __file__, f'--phase={phase}', f'--dir={work}', f'--seed={FLAGS.seed}',
+          f'--layers={layers}', f'--mesh={mesh}', f'--kill_after={kill_after}']
+  args += [f'--{k}={c[k]}' for k in SHAPE_FLAGS]
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+             PYTHONPATH=str(REPO))
+  proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+  if kill_after and proc.returncode == -signal.SIGKILL:
+    return None
+  if proc.returncode != 0:
+    raise RuntimeError(f'phase {phase} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}')
+  sys.stdout.write(''.join(l + '\n' for l in proc.stdout.splitlines() if not l.startswith('RESULT ')))
+  return json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1][len('RESULT '):])
+
+
+def run_phase() -> None:
+  c = {k: getattr(FLAGS, k) for k in SHAPE_FLAGS}
+  work = pathlib.Path(FLAGS.dir)
+  src = work / f'llama-{c["hidden"]}x{c["num_layers"]}'
+  if FLAGS.kill_after:
+    import threading
+    threading.Timer(FLAGS.kill_after, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+  if FLAGS.phase == 'write':
+    result = {'bytes': write_checkpoint(src, c, FLAGS.seed), 'params': param_count(c), 'path': str(src)}
+  else:
+    import jax
+    out = work / (f'out-{src.name}' + (f'-mesh{jax.device_count()}' if FLAGS.mesh else ''))
+    result = compress(src, out, c, FLAGS.seed, FLAGS.layers, FLAGS.mesh)
+  print('RESULT ' + json.dumps(result), flush=True)
+  os._exit(0)  # a pending kill timer must not outlive the phase
+
+
+def main(argv) -> None:
+  del argv
+  if FLAGS.phase:
+    run_phase()
+    return
+  work = pathlib.Path(FLAGS.dir)
+  results_dir = pathlib.Path(FLAGS.out or work / 'results')
+  results_dir.mkdir(parents=True, exist_ok=True)
+  c = dict(SMALL) if FLAGS.small else {k: getattr(FLAGS, k) for k in SHAPE_FLAGS}
+  results: dict = {'config': c, 'params': param_count(c), 'machine': 'shared 2-core CPU host'}
+  n = param_count(c)
+  need = n * 2 * 1.3
+  free = os.statvfs(work.parent if not work.exists() else work)
+  if free.f_bavail * free.f_frsize < need:
+    raise SystemExit(f'{work}: {free.f_bavail * free.f_frsize / 1e9:.1f} GB free, the checkpoint and its output '
+                     f'need about {need / 1e9:.1f} GB; pass --dir on a larger disk.')
+  print(f'model: {n / 1e9:.3f} B parameters, {n * 2 / 1e9:.2f} GB in bf16', flush=True)
+  blocks = []
+  if FLAGS.main:
+    wrote = child('write', c, work=work)
+    results['checkpoint_bytes'] = wrote['bytes']
+    run = child('compress', c, work=work, layers=FLAGS.layers)
+    results['compress'] = run
+    blocks = run['blocks']
+  if blocks:
+    # block 0 includes compiling the solvers for every shape; later blocks reuse them
+    steady = blocks[1:] or blocks
+    per_block = sum(b['seconds'] for b in steady) / len(steady)
+    outside = run['seconds'] - sum(b['seconds'] for b in blocks)  # start, embedding, rest file
+    results['summary'] = {
+        'blocks_run': len(blocks), 'steady_block_s': per_block,
+        'steady_solve_s': sum(b['solve_seconds'] for b in steady) / len(steady),
+        'peak_rss_bytes': run['peak_rss'], 'rss_over_checkpoint': run['peak_rss'] / wrote['bytes'],
+        'extrapolated_full_s': blocks[0]['seconds'] + per_block * (c['num_layers'] - 1) + outside}
+  save = lambda: (results_dir / 'results.json').write_text(json.dumps(results, indent=1))
+  save()
+  print_table(results)
+  trials = 0 if FLAGS.small else FLAGS.kill_trials
+  if trials:
+    results['kill_trials'] = kill_trials(work, dict(KILL_MODEL), trials)
+    save()
+  if FLAGS.parallel:
+    results['parallel'] = parallel(work, dict(PARALLEL_MODEL))
+    save()
+  print_table(results)
+
+
+def kill_trials(work: pathlib.Path, c: dict, trials: int) -> list[dict]:
+  """SIGKILL a compression after a random delay, rerun it, compare hashes with an uninterrupted run."""
+  import shutil
+  work = work / 'kill'
+  child('write', c, work=work)
+  ref = child('compress', c, work=work)
+  out = work / f'out-llama-{c["hidden"]}x{c["num_layers"]}'
+  shutil.move(out, work / 'reference')
+  full = ref['seconds']
+  rng = random.Random(FLAGS.seed)
+  rows = []
+  for t in range(trials):
+    shutil.rmtree(out, ignore_errors=True)
+    delay = rng.uniform(0.3, 1.0) * (full + 4)  # + interpreter start; some trials die before any block
+    killed = child('compress', c, work=work, kill_after=delay) is None
+    done = sorted(json.loads((out / 'manifest.json').read_text())['blocks']) if (out / 'manifest.json').exists() \
+        else []
+    again = child('compress', c, work=work)
+    rows.append({'trial': t, 'kill_after_s': round(delay, 2), 'killed': killed, 'blocks_before_kill': len(done),
+                 'identical': again['hashes'] == ref['hashes']})
+    print(f'kill trial {t}: killed={killed} after {delay:.1f} s with {len(done)} blocks done; rerun identical: '
+          f'{rows[-1]["identical"]}', flush=True)
+  shutil.rmtree(work / 'reference', ignore_errors=True)
+  return rows
+
+
+def parallel(work: pathlib.Path, c: dict) -> dict:
+  work = work / 'parallel'
+  child('write', c, work=work)
+  one = child('compress', c, work=work, devices=1, mesh=True)
+  eight = child('compress', c, work=work, devices=8, mesh=True)
+  # the last block: the first one also compiles every solver (per device with 8 devices)
+  s1, s8 = one['blocks'][-1]['solve_seconds'], eight['blocks'][-1]['solve_seconds']
+  return {'solve_s_1': s1, 'solve_s_8': s8, 'ratio_1_over_8': s1 / s8, 'identical': one['hashes'] == eight['hashes']}
+
+
+def print_table(r: dict) -> None:
+  if 'checkpoint_bytes' in r:
+    print(f"\nmodel {r['params'] / 1e9:.3f} B params, checkpoint {r['checkpoint_bytes'] / 2**30:.2f} GiB "
+          f"({r['machine']})")
+  s = r.get('summary')
+  if s:
+    print('| block | seconds | solve seconds | RSS after (GiB) |\n|---|---:|---:|---:|')
+    for b in r['compress']['blocks']:
+      print(f"| {b['block']} | {b['seconds']:.1f} | {b['solve_seconds']:.1f} | {b['rss'] / 2**30:.2f} |")
+    print(f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB = {100 * s['rss_over_checkpoint']:.1f}% of the "
+          f"checkpoint (goal <= 25%); {s['blocks_run']} blocks run, {s['steady_block_s']:.1f} s/block after the "
+          f"first; "
+          f"EXTRAPOLATED full model ({r['config']['num_layers']} blocks): {s['extrapolated_full_s'] / 3600:.2f} h")
+  for t in r.get('kill_trials', []):
+    print(f"kill trial {t['trial']}: killed={t['killed']} blocks done={t['blocks_before_kill']} "
+          f"identical={t['identical']}")
+  p = r.get('parallel')
+  if p:
+    print(f"solve phase, one block (after the first): 1 device {p['solve_s_1']:.2f} s, 8 virtual devices {p['solve_s_8']:.2f} s, "
+          f"ratio {p['ratio_1_over_8']:.2f}; outputs identical: {p['identical']}")
+
+
+if __name__ == '__main__':
+  app.run(main)

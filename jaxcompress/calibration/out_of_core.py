@@ -1,0 +1,502 @@
+"""Out-of-core, resumable sequential compression of a checkpoint larger than host memory.
+
+    manifest = compress_checkpoint('llama-3b/', 'llama-3b-sparse/', compress_block, batches,
+                                   observer=calibration.hessian(), recipe={'sparsegpt': 0.5}, seed=0)
+    params = load_compressed('llama-3b-sparse/')
+
+The model is never whole in host memory. For block i (as `run_sequential`, true-sequential with per_group):
+
+    read block i's tensors from the input safetensors (positioned reads, `models.streaming`)
+    calibrate it on the hidden states h_i (a .npy file on disk, read one batch at a time)
+    new_i = compress_block(i, block_i, stats)
+    write new_i to output_dir/block_00000i.jc.safetensors (core.serialize; tmp + fsync + rename)
+    h_{i+1} = new_i(h_i) with new_i as read back from that file, written to disk the same way
+    the manifest records block i's sha256 and h_{i+1}'s (written atomically last)
+
+Peak host memory is about one block (input and compressed) plus its statistics plus one batch of hidden
+states. Everything outside the blocks (embedding, final norm, head) is copied unchanged to `rest_<part>.jc.safetensors`.
+
+Resuming: the same call on the same output directory verifies every recorded block file against its hash,
+keeps the verified prefix, takes h from its file (or re-derives it from the embedding through the stored
+blocks when that file is missing or does not match) and goes on; the result is bit-identical to an
+uninterrupted run, because the forward pass always runs the blocks as read back from disk. A directory holding
+another run (a different input checkpoint, recipe, seed, observer or calibration data: the fingerprint in
+manifest.json) is refused. A write that fails (disk full) leaves only a temporary file, which the next run
+removes: a block is complete only once the manifest says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from safetensors import safe_open
+
+from jaxcompress import core
+from jaxcompress.calibration import driver
+from jaxcompress.calibration.driver import CompressBlock, Rows
+from jaxcompress.calibration.observers import Observer
+from jaxcompress.models import streaming, tensor_reader
+
+MANIFEST = 'manifest.json'
+REST = 'rest_{}.jc.safetensors'  # one file per top-level part outside the blocks
+FORMAT = 'jaxcompress-blocks/1'
+TMP_PREFIX = '.tmp-'
+# on_block(block index, record): called after each block is written (record: file, sha256, bytes, seconds).
+OnBlock = Callable[[int, dict], None]
+_ST_DTYPES = {np.dtype(v): k for k, v in tensor_reader.DTYPES.items()}
+
+
+def block_file(i: int) -> str:
+  return f'block_{i:05d}.jc.safetensors'
+
+
+def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, compress_block: CompressBlock,
+                        batches: Iterable[Any], *, observer: Observer, recipe: Mapping[str, Any], seed: int = 0,
+                        per_group: bool = False, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
+                        data_axis: str | tuple[str, ...] = 'data', layers: int | None = None,
+                        on_block: OnBlock | None = None, on_step: driver.OnStep | None = None) -> dict[str, Any]:
+  """Compresses the HF checkpoint in `input_dir` block by block into `output_dir`; returns the manifest.
+
+  compress_block(i, block params (device), {kernel path in block: stats}) -> compressed block params (any
+    registered leaf kinds), as `run_sequential` calls it.
+  batches: calibration batches as `calibrate` takes them; all must have the same shape (checked first).
+  observer: the statistics compress_block reads (e.g. `hessian()`).
+  recipe: a JSON-able description of what compress_block does (its configs); part of the fingerprint, so a
+    changed recipe is refused instead of mixed with blocks of the old one.
+  seed: the seed behind compress_block's randomness, if any (fingerprint too).
+  per_group: calibrate each input group of the block on the block as compressed so far (`run_sequential`).
+  dtype: cast floating parameters to this dtype on read (default: the checkpoint's).
+  mesh, data_axis: split batch rows over the mesh's data axis (`calibrate(mesh=)`); hidden states on disk
+    hold this process's rows; process 0 writes the output files.
+  layers: stop after this many blocks (a partial run, e.g. for timing); the same call without it goes on.
+  Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
+  h_XXXXX[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
+  """
+  if not callable(compress_block):
+    raise TypeError(f'compress_checkpoint: compress_block={compress_block!r} must be a function '
+                    '(block index, block params, stats) -> block params.')
+  if not isinstance(observer, Observer):
+    raise TypeError(f'compress_checkpoint: observer={observer!r} is not an Observer; use e.g. '
+                    'calibration.hessian().')
+  out = Path(output_dir)
+  rows = _check_batches(batches)
+  place = driver._Placement(mesh, data_axis, offload=True)
+  pid = jax.process_index()
+  writer = pid == 0
+  with streaming.CheckpointStream(input_dir, dtype=dtype) as ckpt:
+    model = ckpt.model
+    n_layers = model.config.num_layers
+    prefix = f'{model.block_path}/'
+    fingerprint = _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype)
+    # process 0 prepares the directory (refusal, rest files, trimming); the others then read its manifest
+    manifest = _open_output(out, fingerprint, writer) if writer else None
+    if writer and 'rest' not in manifest:
+      _copy_atomic(Path(ckpt.path) / 'config.json', out / 'config.json')
+      records = []
+      for key in sorted({p.split('/', 1)[0] for p in ckpt.paths() if not p.startswith(prefix)}):
+        # one top-level part (embedding, final norm, head) in memory at a time
+        part = ckpt.read(lambda p, key=key: p.split('/', 1)[0] == key)
+        records.append(_write_params(out / REST.format(key), part))
+        del part
+      manifest['rest'] = records
+      _write_manifest(out, manifest)
+    if writer:
+      start = _verified_prefix(out, manifest, n_layers)
+      manifest['blocks'] = {k: v for k, v in manifest['blocks'].items() if int(k) < start}
+      manifest['complete'] = start == n_layers
+      _write_manifest(out, manifest)
+    _barrier('output directory ready')
+    if not writer:
+      manifest = _read_manifest(out)
+      if manifest is None or manifest.get('fingerprint') != fingerprint:
+        raise ValueError(f"compress_checkpoint: process {pid} computed another fingerprint than process 0 for "
+                         f"'{out}'; every process must pass the same input, recipe, seed and options.")
+      start = len(manifest['blocks'])
+    stop = n_layers if layers is None else min(n_layers, int(layers))
+    if start >= stop:
+      return manifest
+    dev_rows = [place.rows(r) for r in rows]
+    acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
+    h_path = acts.path(start)
+    if not acts.valid(start, manifest):
+      h_path = _derive(model, ckpt, out, start, dev_rows, place, acts, on_step)
+
+    shardings = place.shardings()
+    for i in range(start, stop):
+      t0 = time.perf_counter()
+      block = place.replicated(ckpt.read(lambda p, i=i: p.startswith(f'{prefix}{i}/'))[model.block_path][i])
+      first = place.fetch(acts.read(h_path, 0))
+      shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0]))
+      del first
+      passes = [tuple(shapes)] if not per_group else driver._group_passes(
+          model, {model.block_path: {i: block}}, i, shapes)
+      for kernels in passes:
+        stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
+        for j, r in enumerate(dev_rows):
+          _, stats = driver._block_step(model, observer, block, place.fetch(acts.read(h_path, j)), r, stats,
+                                        shardings=shardings, outputs=False)
+          if on_step:
+            on_step('stats', i, j)
+        stats = {p: stats[p] for p in kernels}
+        new = compress_block(i, block, stats)
+        del stats, block
+        block = place.replicated(new)
+        del new
+      solve_seconds = time.perf_counter() - t0
+      record = None
+      if writer:
+        record = _write_params(out / block_file(i), block)
+      _barrier(f'block {i} written')
+      del block
+      # The forward runs the block as stored: a resumed run re-derives exactly these hidden states.
+      block = place.replicated(core.serialize.load(out / block_file(i)))
+      nxt = acts.path(i + 1)
+      with acts.writer(nxt) as put:
+        for j, r in enumerate(dev_rows):
+          h = driver._block_step(model, None, block, place.fetch(acts.read(h_path, j)), r, None,
+                                 shardings=shardings, outputs=True)[0]
+          put(j, place.keep(h))
+          del h
+          if on_step:
+            on_step('forward', i, j)
+      del block
+      _barrier(f'hidden states after block {i} written')
+      if writer:
+        record.update(seconds=time.perf_counter() - t0, solve_seconds=solve_seconds)
+        manifest['blocks'][str(i)] = record
+        manifest['activations'] = {'block': i + 1, 'sha256': acts.digests(i + 1)}
+        manifest['complete'] = i + 1 == n_layers
+        _write_manifest(out, manifest)
+        if on_block:
+          on_block(i, record)
+      acts.remove(h_path)
+      h_path = nxt
+    if stop == n_layers:
+      acts.remove(h_path)
+  _barrier('compression done')
+  return manifest if writer else _read_manifest(out)
+
+
+def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
+  """The full parameter tree of a finished `compress_checkpoint` output (every file checked against its hash)."""
+  out = Path(output_dir)
+  manifest = _read_manifest(out)
+  if manifest is None or not manifest.get('complete'):
+    raise ValueError(f"load_compressed: '{out}' holds no finished compression (manifest.json "
+                     f"{'missing' if manifest is None else 'says incomplete'}); run compress_checkpoint again with "
+                     'the same arguments to finish it.')
+  for rec in [*manifest['rest'], *manifest['blocks'].values()]:
+    if _sha256(out / rec['file']) != rec['sha256']:
+      raise ValueError(f"load_compressed: '{out / rec['file']}' does not match the sha256 in the manifest; the "
+                       'file was changed or damaged: rerun compress_checkpoint to rewrite it.')
+  params = {}
+  for rec in manifest['rest']:
+    params.update(core.serialize.load(out / rec['file']))
+  blocks = {int(i): core.serialize.load(out / rec['file']) for i, rec in manifest['blocks'].items()}
+  params[manifest['block_path']] = {i: blocks[i] for i in sorted(blocks)}
+  return params
+
+
+# Output directory and manifest -----------------------------------------------------------------------------------
+
+
+def _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype) -> dict[str, Any]:
+  data = hashlib.sha256()
+  for r in rows:
+    for x in r:
+      if x is not None:
+        x = np.ascontiguousarray(np.asarray(x))
+        data.update(f'{x.dtype}{x.shape}'.encode())
+        data.update(x.tobytes())
+  digest = data.hexdigest()
+  if jax.process_count() > 1:  # each process passes its own rows: fingerprint them all
+    from jax.experimental import multihost_utils
+    every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    digest = hashlib.sha256(np.asarray(every).tobytes()).hexdigest()
+  try:
+    recipe_json = json.loads(json.dumps(recipe, sort_keys=True))
+  except TypeError as e:
+    raise TypeError(f'compress_checkpoint: recipe={recipe!r} must be JSON-able (configs as dicts: '
+                    f'dataclasses.asdict(config)); {e}.') from None
+  return {'format': FORMAT, 'input': ckpt.fingerprint(), 'recipe': recipe_json, 'seed': int(seed),
+          'data': digest, 'observer': observer.init.__qualname__, 'per_group': bool(per_group),
+          'dtype': None if dtype is None else str(np.dtype(dtype)), 'block_path': ckpt.model.block_path}
+
+
+def _open_output(out: Path, fingerprint: dict, writer: bool) -> dict[str, Any]:
+  """The manifest of a run to continue, or a new one; refuses a directory holding something else."""
+  manifest = _read_manifest(out)
+  if manifest is not None:
+    if manifest.get('fingerprint') != fingerprint:
+      diff = sorted(k for k in set(fingerprint) | set(manifest.get('fingerprint', {}))
+                    if manifest.get('fingerprint', {}).get(k) != fingerprint.get(k))
+      raise ValueError(f"compress_checkpoint: '{out}' holds a compression of another run (its fingerprint differs "
+                       f'in {diff}); give an empty or new output_dir, or delete this one to start over.')
+  elif out.exists() and any(not p.name.startswith(TMP_PREFIX) for p in out.iterdir()):
+    raise ValueError(f"compress_checkpoint: output_dir '{out}' is not empty and has no {MANIFEST}; give an empty "
+                     'or new directory.')
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(f'{TMP_PREFIX}*'):  # half-written files of a run that died mid-write
+      p.unlink()
+  if manifest is None:
+    manifest = {'fingerprint': fingerprint, 'block_path': fingerprint['block_path'], 'blocks': {},
+                'complete': False}
+    if writer:
+      _write_manifest(out, manifest)
+  return manifest
+
+
+def _read_manifest(out: Path) -> dict | None:
+  path = out / MANIFEST
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"'{path}' is unreadable ({e}); it is written atomically, so something else changed it. "
+                     'Delete the output directory to start over.') from None
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+  _atomic(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1, sort_keys=True) + '\n').encode()))
+
+
+def _verified_prefix(out: Path, manifest: dict, n_layers: int) -> int:
+  """Blocks 0..k-1 whose files exist and match their recorded sha256: the run continues at k."""
+  k = 0
+  while k < n_layers:
+    rec = manifest['blocks'].get(str(k))
+    if rec is None or not (out / rec['file']).exists() or _sha256(out / rec['file']) != rec['sha256']:
+      break
+    k += 1
+  return k
+
+
+def _write_params(path: Path, params) -> dict[str, Any]:
+  """core.serialize.save through a temporary file, made byte-deterministic, fsynced and renamed:
+  {'file', 'sha256', 'bytes'}."""
+  def save(tmp):
+    core.serialize.save(tmp, params)
+    _canonicalize(tmp)
+  _atomic_path(path, save)
+  return {'file': path.name, 'sha256': _sha256(path), 'bytes': path.stat().st_size}
+
+
+def _canonicalize(path: str) -> None:
+  """Rewrites a safetensors file with its tensors in name order and its header JSON with sorted keys.
+
+  The safetensors writer orders the header through a hash map, so the same tensors give different bytes from
+  run to run; the manifest's hashes, and a resumed run's files, must be the same bytes every time.
+  """
+  with safe_open(path, framework='numpy') as f:
+    metadata = f.metadata() or {}
+  src = tensor_reader.TensorFile(path)
+  try:
+    names = sorted(src.names())
+    header, offset = {}, 0
+    for name in names:
+      nbytes = int(np.prod(src.shape(name), dtype=np.int64)) * src.dtype(name).itemsize
+      header[name] = {'dtype': _ST_DTYPES[src.dtype(name)], 'shape': list(src.shape(name)),
+                      'data_offsets': [offset, offset + nbytes]}
+      offset += nbytes
+    header['__metadata__'] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
+    text += b' ' * (-len(text) % 8)
+    with open(f'{path}.canonical', 'wb') as f:  # one tensor in memory at a time
+      f.write(len(text).to_bytes(8, 'little'))
+      f.write(text)
+      for name in names:
+        f.write(src.read(name).tobytes())
+  finally:
+    src.close()
+  os.replace(f'{path}.canonical', path)
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+  """write(binary file) into a temporary file beside `path`, fsync, rename over `path`, fsync the directory."""
+  def save(tmp):
+    with open(tmp, 'wb') as f:
+      write(f)
+  _atomic_path(path, save)
+
+
+def _atomic_path(path: Path, save: Callable[[str], None]) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f'{TMP_PREFIX}{path.name}-', dir=path.parent)
+  os.close(fd)
+  try:
+    save(tmp)
+    with open(tmp, 'rb+') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    for suffix in ('.tmp', '.canonical'):  # serialize.save's and _canonicalize's own temporary names
+      with contextlib.suppress(OSError):
+        os.unlink(f'{tmp}{suffix}')
+    raise
+  dfd = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(dfd)
+  finally:
+    os.close(dfd)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+  _atomic(dst, lambda f: shutil.copyfileobj(open(src, 'rb'), f))
+
+
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# Calibration batches and hidden states --------------------------------------------------------------------------
+
+
+def _check_batches(batches: Iterable[Any]) -> list[Rows]:
+  """Host Rows of every batch; all must agree in shape (one hidden-state file, one compile), else an error
+  naming the first batch that differs, before any work."""
+  rows = [jax.tree.map(np.asarray, driver._as_rows(b, j)) for j, b in enumerate(batches)]
+  if not rows:
+    raise ValueError('compress_checkpoint: batches is empty; give at least one batch of tokens [B, T].')
+  sig = lambda r: tuple(None if x is None else (x.shape, str(x.dtype)) for x in r)
+  for j, r in enumerate(rows[1:], 1):
+    if sig(r) != sig(rows[0]):
+      raise ValueError(f'compress_checkpoint: calibration batch {j} has (tokens, attention_mask, token_types) '
+                       f'{sig(r)}, batch 0 has {sig(rows[0])}; every batch must have the same shape and fields '
+                       '(pad or re-batch them to [B, T]).')
+  return rows
+
+
+class _ActivationFile:
+  """Hidden states between blocks: h_XXXXX[_pP].npy [batches, B_local, T, D] float32, read and written one
+  batch at a time with positioned I/O (no memory map, whose pages would count as resident)."""
+
+  def __init__(self, out: Path, rows: list[Rows], d: int, pid: int):
+    b, t = rows[0].tokens.shape  # with several processes: this process's own rows
+    self.out, self.shape, self.pid = out, (len(rows), b, t, d), pid
+    self.suffix = f'_p{pid}' if jax.process_count() > 1 else ''
+    header = _npy_header(self.shape)
+    self.offset = len(header)
+    self.header = header
+
+  def path(self, i: int) -> Path:
+    return self.out / f'h_{i:05d}{self.suffix}.npy'
+
+  def batch_bytes(self) -> int:
+    return int(np.prod(self.shape[1:])) * 4
+
+  def read(self, path: Path, j: int) -> np.ndarray:
+    with open(path, 'rb') as f:
+      f.seek(self.offset + j * self.batch_bytes())
+      x = np.fromfile(f, np.float32, int(np.prod(self.shape[1:])))
+    if x.size != int(np.prod(self.shape[1:])):
+      raise ValueError(f"hidden states file '{path}' is truncated; delete it and rerun (it is re-derived).")
+    return x.reshape(self.shape[1:])
+
+  @contextlib.contextmanager
+  def writer(self, path: Path):
+    """put(j, h [B, T, D]) writes batch j; the file appears under `path` only once every batch is written."""
+    fd, tmp = tempfile.mkstemp(prefix=f'{TMP_PREFIX}{path.name}-', dir=self.out)
+    try:
+      with os.fdopen(fd, 'wb') as f:
+        f.write(self.header)
+
+        def put(j, h):
+          h = np.ascontiguousarray(np.asarray(h, np.float32))
+          if h.shape != self.shape[1:]:
+            raise ValueError(f'hidden states of batch {j} have shape {h.shape}, expected {self.shape[1:]}.')
+          f.seek(self.offset + j * self.batch_bytes())
+          f.write(h.tobytes())
+
+        yield put
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
+      raise
+
+  def digests(self, i: int) -> str:
+    return _sha256(self.path(i))
+
+  def valid(self, i: int, manifest: dict) -> bool:
+    rec = manifest.get('activations') or {}
+    path = self.path(i)
+    if i == 0 or rec.get('block') != i or not path.exists():
+      return False
+    if jax.process_count() > 1:
+      return False  # only process 0's digest is in the manifest: re-derive (cheap next to solving)
+    return _sha256(path) == rec.get('sha256')
+
+  def remove(self, path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+      path.unlink()
+
+
+def _npy_header(shape) -> bytes:
+  import io
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buf, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                             'fortran_order': False, 'shape': tuple(shape)})
+  return buf.getvalue()
+
+
+def _derive(model, ckpt, out: Path, start: int, dev_rows: list[Rows], place, acts: _ActivationFile,
+            on_step) -> Path:
+  """h_start from the embedding through the stored blocks 0..start-1 (as read back from disk).
+
+  Only the top-level parameters outside the blocks and heads are read (the embedding, norms); the rest enter
+  the jitted embedding as zeros of their shape, which XLA drops since nothing reads them.
+  """
+  shardings = place.shardings()
+  shapes = model.abstract_params()
+  heads = [re.compile(p) for p in model.head_patterns]
+  keep = {k for k in shapes if k != model.block_path and not any(h.search(f'{k}/') for h in heads)}
+  rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
+  abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
+  rest_dev = place.replicated(rest)
+  embed = jax.jit(lambda rest, r: driver._constrain_rows(
+      model.embed(driver._fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  path = acts.path(0)
+  with acts.writer(path) as put:
+    for j, r in enumerate(dev_rows):
+      put(j, place.keep(embed(rest_dev, r)))
+      if on_step:
+        on_step('embed', -1, j)
+  del rest_dev
+  for i in range(start):
+    block = place.replicated(core.serialize.load(out / block_file(i)))
+    nxt = acts.path(i + 1)
+    with acts.writer(nxt) as put:
+      for j, r in enumerate(dev_rows):
+        put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(path, j)), r, None,
+                                             shardings=shardings, outputs=True)[0]))
+    acts.remove(path)
+    path = nxt
+  return path
