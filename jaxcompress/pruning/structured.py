@@ -173,21 +173,30 @@ def fisher(model: Model, params: Params, batches: Sequence[dict[str, jax.Array]]
            key: jax.Array | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Diagonal Fisher of every attention unit's and MLP neuron's mask: Σ over examples of (∂loss/∂m)² at m = 1.
 
-  loss_fn(params, batch, key) -> per-example losses [B] float (B backward passes per batch: one gradient per
-    example, as the Fisher needs); key: folded with the batch index and passed on (for sampled losses).
+  loss_fn(params, example, key) -> loss [] or losses [P] float: `example` is one row of a batch (every field
+    [1, ...]); each of the P values (e.g. P sampled targets of the model's own output distribution, which gives
+    the true rather than the empirical Fisher) adds its own squared gradient. The gradient of every example is
+    taken separately (vmapped), as the Fisher needs.
+  key: split per example and passed on (for sampled losses).
   Returns (per layer [units_l], per layer [width_l]) float64.
   """
   batches = check_batches(batches, 'fisher')
   key = jax.random.key(0) if key is None else key
   masks = ones_masks(model, params)
 
+  def example_loss(m, example, k):
+    one = jax.tree.map(lambda x: x[None], example)
+    return jnp.atleast_1d(loss_fn(apply_masks(model, params, *m), one, k).astype(jnp.float32))
+
   @jax.jit
   def squared_grads(masks, batch, k):
-    per_example = jax.jacrev(lambda m: loss_fn(apply_masks(model, params, *m), batch, k))(masks)
-    return jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0), per_example)
+    keys = jax.random.split(k, batch['tokens'].shape[0])
+    jac = jax.vmap(jax.jacrev(example_loss), in_axes=(None, 0, 0))(masks, batch, keys)  # [B, P, units]
+    return jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=(0, 1)), jac)
 
   total = None
   for b, batch in enumerate(batches):
+    batch = {n: x for n, x in batch.items() if x is not None}
     sq = jax.tree.map(lambda x: np.asarray(x, np.float64), squared_grads(masks, batch, jax.random.fold_in(key, b)))
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(sq)):
       raise ValueError(f'fisher: calibration batch {b} gives a non-finite gradient; check its tokens, mask and '
@@ -320,14 +329,19 @@ def slice_units(model: Model, params: Params, keep: Keep) -> tuple[Model, Params
     flat = dict(core.paths.flatten(block))
     cols = {ATTN_Q: q_cols, ATTN_K: kv_cols, ATTN_V: kv_cols, **{p: kn for p in u.mlp_in}}
     for path, c in cols.items():
-      flat[path] = _dense(flat[path], path)[:, c]
+      flat[path] = _take(_dense(flat[path], path), c, axis=1)
       bias = path[:-len('kernel')] + 'bias'
       if bias in flat:
-        flat[bias] = flat[bias][c]
-    flat[ATTN_O] = _dense(flat[ATTN_O], ATTN_O)[q_cols]
-    flat[u.mlp_out] = _dense(flat[u.mlp_out], u.mlp_out)[kn]
+        flat[bias] = _take(flat[bias], c, axis=0)
+    flat[ATTN_O] = _take(_dense(flat[ATTN_O], ATTN_O), q_cols, axis=0)
+    flat[u.mlp_out] = _take(_dense(flat[u.mlp_out], u.mlp_out), kn, axis=0)
     layers.append(core.paths.replace(block, flat))
   return model, {**params, model.block_path: _like(params[model.block_path], layers)}
+
+
+def _take(x, where: np.ndarray, axis: int) -> jax.Array:
+  # On the host: slicing concrete weights once needs no compiled gather per shape.
+  return jnp.asarray(np.compress(where, np.asarray(x), axis=axis))
 
 
 def _dense(w, path: str):
@@ -361,7 +375,8 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
   (X'_u: unit u's attention output [tokens, group·hd] in the pruned model, W_o,u its o_proj rows), and then the
   MLP neuron scales solve the same with the MLP's residual sum. Padding tokens are excluded. The normal
   equations G s = c are accumulated over the batches (G = Σ blocks of (XᵀX) ∘ (W Wᵀ)) and solved in float64
-  with damping · mean(diag G) added to the diagonal; damping=0 gives the least-squares solution itself.
+  with a ridge towards s = 1 of damping · mean(diag G) (`solve_scales`); damping=0 gives the least-squares
+  solution itself.
   s is folded into o_proj / down_proj rows.
   """
   _check_family(model)
@@ -374,7 +389,8 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
   ctxs = [model.context(b['tokens'], attention_mask=b.get('attention_mask')) for b in batches]
   weights = [jnp.ones(b['tokens'].shape, jnp.float32) if b.get('attention_mask') is None
              else jnp.asarray(b['attention_mask'], jnp.float32) for b in batches]
-  h_dense = [model.embed(params, b['tokens'], token_types=b.get('token_types')) for b in batches]
+  embed = jax.jit(lambda p, tokens, types: model.embed(p, tokens, token_types=types))
+  h_dense = [embed(params, b['tokens'], b.get('token_types')) for b in batches]
   h_small = list(h_dense)
   layers = _blocks(small_model, small)
   rows = u.group * u.head_dim
@@ -415,7 +431,8 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
         g = gb if g is None else g + gb
         c = cb if c is None else c + cb
       scales = solve_scales(np.asarray(g, np.float64), np.asarray(c, np.float64), size, damping)
-      flat[kernel] = flat[kernel] * jnp.asarray(np.repeat(scales, size), flat[kernel].dtype)[:, None]
+      w = np.asarray(flat[kernel])
+      flat[kernel] = jnp.asarray((w * np.repeat(scales, size)[:, None]).astype(w.dtype))
       layers[i] = core.paths.replace(layers[i], flat)
     h_small = [sublayer_sums(layers[i], h, c)[5] for h, c in zip(h_small, ctxs)]
     h_dense = [d[5] for d in dense]
@@ -434,12 +451,14 @@ def _bias(flat, kernel, dtype):
 
 def solve_scales(g: np.ndarray, c: np.ndarray, size: int, damping: float) -> np.ndarray:
   """Unit scales from per-column normal equations: G [n·size, n·size] and c [n·size] summed over each unit's
-  `size` columns, then (G_u + damping · mean(diag G_u) · I) s = c_u solved by least squares (float64)."""
+  `size` columns, then (G_u + λ·I) s = c_u + λ, λ = damping · mean(diag G_u), solved by least squares in
+  float64: a ridge that pulls the scales towards 1 (damping=0: the plain least-squares solution)."""
   n = g.shape[0] // size
   gu = g.reshape(n, size, n, size).sum(axis=(1, 3))
   cu = c.reshape(n, size).sum(axis=1)
-  if damping:
-    gu = gu + damping * max(float(np.mean(np.diag(gu))), 1e-30) * np.eye(n)
+  if damping:  # ridge towards 1 (the unpruned scale), not towards 0
+    lam = damping * max(float(np.mean(np.diag(gu))), 1e-30)
+    gu, cu = gu + lam * np.eye(n), cu + lam
   s = np.linalg.lstsq(gu, cu, rcond=None)[0]
   if not np.isfinite(s).all():
     raise ValueError('tune: the least-squares scales are not finite; the calibration data gives degenerate '
@@ -517,9 +536,13 @@ def pad_to_dense(model: Model, params: Params, keep: Keep) -> Params:
   return {**params, model.block_path: _like(params[model.block_path], layers)}
 
 
-def _scatter(x, where: np.ndarray, axis: int):
+def _scatter(x, where: np.ndarray, axis: int) -> jax.Array:
+  x = np.asarray(x)
   shape = list(x.shape)
   shape[axis] = where.size
-  out = jnp.zeros(shape, x.dtype)
-  idx = np.flatnonzero(where)
-  return out.at[idx].set(x) if axis == 0 else out.at[:, idx].set(x)
+  out = np.zeros(shape, x.dtype)
+  if axis == 0:
+    out[where] = x
+  else:
+    out[:, where] = x
+  return jnp.asarray(out)

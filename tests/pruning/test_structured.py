@@ -27,7 +27,8 @@ def _bert():
   params = jax.jit(model.init)(jax.random.key(1))
   # Nonzero biases, so that a bias that is sliced or kept wrongly changes the output.
   rng = np.random.default_rng(1)
-  return model, jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), params)
+  return model, jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32)),
+                             params)
 
 
 def _batches(model, n=2, b=3, t=6):
@@ -58,7 +59,7 @@ def _keep(model, params, seed=3):
 
 
 @pytest.mark.parametrize('make', [_llama, _bert])
-def test_sliced_equals_masked(make):
+def test_sliced_equals_masked(make, tmp_path):
   model, params = make()
   keep = _keep(model, params)
   batch = _batches(model, n=1)[0]
@@ -75,12 +76,17 @@ def test_sliced_equals_masked(make):
   assert jax.tree.map(jnp.shape, padded) == jax.tree.map(jnp.shape, params)
   np.testing.assert_allclose(run(padded, batch['tokens'], attention_mask=batch['attention_mask']), want,
                              atol=1e-6, rtol=1e-6)
+  # saved with its per-layer widths and loaded back: the same numbers
+  structured.save(tmp_path / 'm', small_model, small)
+  loaded_model, loaded = structured.load(tmp_path / 'm')
+  assert loaded_model == small_model
+  np.testing.assert_array_equal(run(loaded, batch['tokens'], attention_mask=batch['attention_mask']), got)
 
 
-@pytest.mark.parametrize('make', [_llama, _bert])
-def test_fisher_matches_finite_differences(make):
-  """Σ_examples (∂loss/∂m)² with each gradient by central differences in float64 on the masks."""
-  model, params = make()
+def test_fisher_matches_finite_differences():
+  """Σ_examples (∂loss/∂m)² with each gradient by central differences in float64 on the masks (grouped-query
+  Llama with biases; BERT's masks go through the same apply_masks)."""
+  model, params = _llama()
   batches = _batches(model)
   loss = _loss(model)
   hf, nf = structured.fisher(model, params, batches, loss)
@@ -97,7 +103,8 @@ def test_fisher_matches_finite_differences(make):
 
     for i, got in ((0, hf[0]), (1, hf[1]), (2, nf[0]), (3, nf[1])):
       for j in (0, 1):
-        # Richardson extrapolation of central differences: O(eps⁴) truncation, the models keep float32 internals (norm statistics, softmax), so differences carry ~1e-3 noise
+        # Richardson extrapolation of central differences: O(eps⁴) truncation. The models keep float32
+        # internals (norm statistics, softmax), so the differences carry ~1e-3 relative noise.
         total = sum(np.sum(((4 * derivative(i, j, b, 1e-2) - derivative(i, j, b, 2e-2)) / 3) ** 2) for b in batches)
         np.testing.assert_allclose(got[j], total, rtol=5e-3, atol=1e-4 * max(float(np.max(f)) for f in hf + nf))
 
@@ -135,11 +142,13 @@ def test_tune_solves_the_least_squares_of_each_sublayer(make):
   u = structured.units(small_model, small)
   rows = u.group * u.head_dim
   a_cols, r_all = [], []
+  embed = jax.jit(model.embed)
+  inputs = jax.jit(lambda bp, h, ctx: model.block_linear_inputs(bp, h, ctx)[1])
   for batch in batches:
     ctx = model.context(batch['tokens'], attention_mask=batch['attention_mask'])
-    h = model.embed(params, batch['tokens'])
-    _, xd = model.block_linear_inputs(model.block_params(params, 0), h, ctx)
-    _, xs = model.block_linear_inputs(small['layers'][0], h, ctx)
+    h = embed(params, batch['tokens'])
+    xd = inputs(model.block_params(params, 0), h, ctx)
+    xs = inputs(small['layers'][0], h, ctx)
     w = batch['attention_mask'].reshape(-1).astype(bool)
     f64 = lambda x: np.asarray(x, np.float64).reshape(-1, x.shape[-1])[w]
     bp, sp = params['layers'][0]['attn']['o_proj'], small['layers'][0]['attn']['o_proj']
@@ -153,7 +162,7 @@ def test_tune_solves_the_least_squares_of_each_sublayer(make):
   got_w = np.asarray(tuned['layers'][0]['attn']['o_proj']['kernel'], np.float64)
   scale = got_w[::rows, 0] / np.asarray(small['layers'][0]['attn']['o_proj']['kernel'], np.float64)[::rows, 0]
   np.testing.assert_allclose(scale, want, rtol=2e-4)
-  # Nothing pruned: the scales are 1 and the model is unchanged.
+  # Nothing pruned: every scale (attention and MLP, every layer) is 1 and the model is unchanged.
   full = structured.Keep(tuple(np.ones(n, bool) for n in structured.units(model, params).heads),
                          tuple(np.ones(n, bool) for n in structured.units(model, params).neurons))
   same = structured.tune(model, params, *structured.slice_units(model, params, full), batches, damping=0.0)
@@ -161,30 +170,13 @@ def test_tune_solves_the_least_squares_of_each_sublayer(make):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
-def test_tuning_lowers_the_reconstruction_error():
-  model, params = _bert()
-  batches = _batches(model, n=3, b=4, t=8)
-  keep = _keep(model, params, seed=11)
-  small_model, small = structured.slice_units(model, params, keep)
-  tuned = structured.tune(model, params, small_model, small, batches)
-  run = jax.jit(model.apply)
-  err = lambda p: sum(float(jnp.sum(jnp.square(run(p, b['tokens'], attention_mask=b['attention_mask'])
-                                               - run(params, b['tokens'], attention_mask=b['attention_mask']))))
-                      for b in batches)
-  assert err(tuned) < err(small)
-
-
-def test_save_load_round_trip_and_layer_drop(tmp_path):
+def test_layer_drop():
   model, params = _llama()
-  small_model, small = structured.slice_units(model, params, _keep(model, params))
-  structured.save(tmp_path / 'm', small_model, small)
-  loaded_model, loaded = structured.load(tmp_path / 'm')
   tokens = _batches(model, n=1)[0]['tokens']
-  np.testing.assert_array_equal(loaded_model.apply(loaded, tokens), small_model.apply(small, tokens))
   drop_model, dropped = structured.drop_layers(model, params, [1])
-  ctx = model.context(tokens)
-  want = model.head(params, model.block(params['layers'][1], model.embed(params, tokens), ctx))
-  np.testing.assert_allclose(drop_model.apply(dropped, tokens), want, atol=1e-6)
+  only_second = jax.jit(lambda p, t: model.head(p, model.block(p['layers'][1], model.embed(p, t), model.context(t))))
+  np.testing.assert_allclose(jax.jit(drop_model.apply)(dropped, tokens), only_second(params, tokens), atol=1e-6)
+  assert drop_model.config.num_layers == 1
 
 
 def test_bad_inputs_are_refused():
