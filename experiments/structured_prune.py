@@ -11,7 +11,9 @@ likelihood of y ~ N(e(x), I) with e the normalized sentence embedding and y samp
 (--probes samples per sentence), whose Fisher is diag(JᵀJ), J = ∂e/∂mask: the true Fisher of a Gaussian output
 model, which ranks units by how much they move the embedding. The fixture's loss is the next-token NLL of the
 real text (the empirical Fisher, as Kwon et al. with labels).
-Rows: 'Fisher' keeps the searched units as they are; '+ LS' adds the layer-wise least-squares scales; 'layer drop'
+Rows: 'Fisher' keeps the searched units as they are; '+ LS' adds the layer-wise least-squares scales (for
+MiniLM's post-norm blocks measured through the following LayerNorm, and once more in the plain residual metric
+of Kwon et al., 'plain residual'); 'layer drop'
 keeps the first k blocks, k the most whose FLOPs fit the budget (and the next k up, over budget).
 Speed: dense over pruned forward time, jitted, timed interleaved in one run (the host may be shared).
 """
@@ -191,6 +193,12 @@ def main(argv):
                      **score(small_model, tuned), 'tune_s': tune_s})
     print(rows_out[-1], flush=True)
     timed[f'Fisher + LS {budget:.0%}'] = forward(small_model, tuned)
+    if model.family == 'bert':  # the same least squares in the plain residual metric (no LayerNorm weighting)
+      plain = structured.tune(model, params, small_model, sliced, tune_batches, damping=FLAGS.damping,
+                              norm_metric=False)
+      rows_out.append({'row': f'Fisher + LS, plain residual {budget:.0%}', 'budget': budget, 'flops': flops,
+                       **score(small_model, plain)})
+      print(rows_out[-1], flush=True)
     cum = np.cumsum(layer_share)
     k_fit = int(np.sum(cum <= budget + 1e-9))
     for k in sorted({max(k_fit, 1), min(k_fit + 1, n_layers)}):

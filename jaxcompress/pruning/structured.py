@@ -364,7 +364,7 @@ def drop_layers(model: Model, params: Params, keep: Sequence[int]) -> tuple[Mode
 
 
 def tune(model: Model, params: Params, small_model: Model, small: Params, batches: Sequence[dict[str, jax.Array]],
-         *, damping: float = 1e-4) -> Params:
+         *, damping: float = 1e-4, norm_metric: bool = True) -> Params:
   """Kwon's mask tuning on the sliced model, layer by layer and sublayer by sublayer.
 
   For each layer l, with x the dense model's input to it and x' the pruned model's (its tuned earlier layers
@@ -377,6 +377,10 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
   equations G s = c are accumulated over the batches (G = Σ blocks of (XᵀX) ∘ (W Wᵀ)) and solved in float64
   with a ridge towards s = 1 of damping · mean(diag G) (`solve_scales`); damping=0 gives the least-squares
   solution itself.
+  norm_metric: in a post-norm block (BERT) measure the residual error as the LayerNorm after it sees it, to
+    first order: centred over the features, times the norm's scale, over each token's standard deviation (of
+    the dense sum). Otherwise a few huge-norm tokens and outlier features that the norm divides away dominate
+    the fit. Without it (or in a pre-norm block) the plain residual error above.
   s is folded into o_proj / down_proj rows.
   """
   _check_family(model)
@@ -406,11 +410,18 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
     return s_a, h1, s_m, x[ATTN_O], x[u.mlp_out], out
 
   @jax.jit
-  def normal_eq(x, w, target, base, weight):
-    """G = (XᵀX) ∘ (W Wᵀ), c = Σ_tokens X ∘ ((target - base) Wᵀ), padding weighted out."""
+  def normal_eq(x, w, target, base, weight, gamma):
+    """G = (XᵀX) ∘ (W Wᵀ), c = Σ_tokens X ∘ ((target - base) Wᵀ), padding weighted out; with gamma [D] (the
+    norm metric) W and the residual are centred over features and scaled by gamma, each token by 1/std."""
+    d = target.shape[-1]
+    t32 = target.reshape(-1, d).astype(jnp.float32)
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * weight.reshape(-1, 1)
-    r = (target - base).reshape(-1, target.shape[-1]).astype(jnp.float32)
+    r = t32 - base.reshape(-1, d).astype(jnp.float32)
     w = w.astype(jnp.float32)
+    if gamma is not None:
+      inv_std = jax.lax.rsqrt(jnp.var(t32, axis=-1, keepdims=True) + 1e-6)
+      x, r = x * inv_std, (r - r.mean(-1, keepdims=True)) * gamma * inv_std
+      w = (w - w.mean(-1, keepdims=True)) * gamma
     hp = jax.lax.Precision.HIGHEST
     return (jnp.dot(x.T, x, precision=hp) * jnp.dot(w, w.T, precision=hp),
             jnp.sum(x * jnp.dot(r, w.T, precision=hp), axis=0))
@@ -427,7 +438,10 @@ def tune(model: Model, params: Params, small_model: Model, small: Params, batche
         s_a, h1, _, x_o, x_d, _ = sublayer_sums(layers[i], h, ctx)
         target, base, x = ((dense[b][0], h, x_o) if part == 'attn' else (dense[b][2], h1, x_d))
         base = base + _bias(flat, kernel, base.dtype)
-        gb, cb = normal_eq(x, flat[kernel], target, base, weights[b])
+        gamma = None
+        if post_norm and norm_metric:
+          gamma = core.materialize(flat[('attn_norm' if part == 'attn' else 'mlp_norm') + '/scale']).astype(jnp.float32)
+        gb, cb = normal_eq(x, flat[kernel], target, base, weights[b], gamma)
         g = gb if g is None else g + gb
         c = cb if c is None else c + cb
       scales = solve_scales(np.asarray(g, np.float64), np.asarray(c, np.float64), size, damping)
