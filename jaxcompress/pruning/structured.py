@@ -235,8 +235,13 @@ def search(model: Model, params: Params, head_fisher: Sequence[np.ndarray], neur
   layers: indices of the blocks that may be pruned (None: all); the others are kept whole, and their FLOPs
     count against the budget.
   """
-  if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+  try:
+    ok = 0 < float(budget) <= 1  # False for NaN
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
     raise ValueError(f'search: budget={budget!r} must be a fraction of the dense FLOPs in (0, 1], e.g. 0.6.')
+  budget = float(budget)
   u = units(model, params)
   n_layers = len(u.heads)
   layers = _check_layers(layers, n_layers)

@@ -183,7 +183,7 @@ def test_bad_inputs_are_refused():
   model, params = _llama()
   u = structured.units(model, params)
   hf, nf = [np.ones(n) for n in u.heads], [np.ones(n) for n in u.neurons]
-  for budget in (0.0, 1.5, -0.1):
+  for budget in (0.0, 1.5, -0.1, float('nan'), '60%'):
     with pytest.raises(ValueError, match='budget'):
       structured.search(model, params, hf, nf, budget=budget, seq_len=8)
   with pytest.raises(ValueError, match='selects none'):
