@@ -55,6 +55,7 @@ def _keep(model, params, seed=3):
   heads = [rng.random(n) < 0.5 for n in u.heads]
   neurons = [rng.random(n) < 0.6 for n in u.neurons]
   heads[0][:] = False  # a layer with no attention left
+  heads[-1][0], heads[-1][-1] = True, False  # and one with some
   return structured.Keep(tuple(heads), tuple(neurons))
 
 
