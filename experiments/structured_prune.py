@@ -174,7 +174,7 @@ def main(argv):
     def forward(m, p):
       return lambda: fwd(m, p, x_time)
 
-  rows_out, timings = [], {}
+  rows_out = []
   dense_row = {'row': 'dense', 'budget': 1.0, 'flops': 1.0, **score(model, params)}
   rows_out.append(dense_row)
   print(dense_row, flush=True)
