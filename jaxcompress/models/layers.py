@@ -217,6 +217,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     result is the same up to float rounding of the softmax sums). Ignored with return_probs.
   """
   t = q.shape[1]
+  if q.shape[2] == 0:  # every head of a structurally pruned layer removed: nothing to attend with
+    out = jnp.zeros(q.shape, v.dtype)
+    return (out, jnp.zeros((q.shape[0], 0, t, k.shape[1]), v.dtype)) if return_probs else out
   if causal_block and not return_probs and k.shape[1] == t and t > causal_block:
     outs = []
     for start in range(0, t, causal_block):

@@ -28,3 +28,13 @@ def test_prune_benchmark_small(tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['sparsegpt']['first_wall_s'] > 0 and 'first result (compile included)' in out
   assert {'xtx', 'factor', 'loop', 'compile_factor', 'compile_loop'} <= set(results['sparsegpt_phases'])
+
+
+def test_structured_prune_small(tmp_path):
+  out = run('experiments/structured_prune.py', '--small', '--repeats=1', f'--output_dir={tmp_path}')
+  results = json.loads((tmp_path / 'results.json').read_text())
+  rows = {r['row']: r for r in results['rows']}
+  assert {'dense', 'Fisher 60%', 'Fisher + LS 60%'} <= set(rows)
+  assert rows['Fisher 60%']['flops'] <= 0.6 and rows['dense']['nn_agreement'] == 1.0
+  assert results['speed']['dense']['speedup_vs_dense'] == 1.0
+  assert '| Fisher + LS 60% |' in out and (tmp_path / 'table.md').exists()
