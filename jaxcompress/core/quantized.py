@@ -190,9 +190,10 @@ def _grouped(w: jax.Array, group_size: int | None) -> jax.Array:
   rows = w.shape[0]
   gs = rows if group_size is None else group_size
   if not isinstance(gs, int) or gs <= 0:
-    raise ValueError(f'group_size={group_size!r} must be a positive integer (or None for one group per column).')
+    raise ValueError(f'quantize: group_size={group_size!r} must be a positive integer (or None for one group per '
+                     'column).')
   if rows % gs:
-    raise ValueError(f'group_size={group_size} does not divide the input dimension {rows}; '
+    raise ValueError(f'quantize: group_size={group_size} does not divide the input dimension {rows}; '
                      f'pick a divisor of {rows} or group_size=None for one group per column.')
   return w.reshape(rows // gs, gs, *w.shape[1:])
 
