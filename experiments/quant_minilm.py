@@ -36,6 +36,7 @@ flags.DEFINE_integer('seed', 0, 'Seed of the sentence shuffle (and of the --smal
 flags.DEFINE_integer('calib', 128, 'Calibration sentences.')
 flags.DEFINE_integer('eval', 512, 'Held-out sentences embedded and compared.')
 flags.DEFINE_integer('max_len', 64, 'Tokens per sentence (truncated / padded).')
+flags.DEFINE_list('methods', [], 'Only rows whose method starts with one of these (e.g. AWQ,RTN); empty: all.')
 flags.DEFINE_bool('small', False, 'Tiny random BERT and random tokens (a smoke test in seconds).')
 FLAGS = flags.FLAGS
 
@@ -103,6 +104,8 @@ def main(argv):
   rows = []
 
   def add(method, setting, make):
+    if FLAGS.methods and not any(method.startswith(m) for m in FLAGS.methods):
+      return
     t = time.time()
     q = make()
     seconds = time.time() - t
@@ -130,7 +133,7 @@ def main(argv):
             f'{e_ids.shape[0]} held-out sentences, {e_ids.shape[1]} tokens max.']
   text = '\n'.join(table)
   out = pathlib.Path(FLAGS.output_dir)
-  provenance.write_run_dir(out, config={k: FLAGS[k].value for k in ('seed', 'calib', 'eval', 'max_len', 'small')},
+  provenance.write_run_dir(out, config={k: FLAGS[k].value for k in ('seed', 'calib', 'eval', 'max_len', 'methods', 'small')},
                            results={'rows': rows, 'calib_sentences': int(c_ids.shape[0]),
                                     'eval_sentences': int(e_ids.shape[0]), 'seconds': time.time() - t0})
   (out / 'table.md').write_text(text + '\n')
