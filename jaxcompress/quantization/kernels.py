@@ -104,13 +104,18 @@ def supports(w, x) -> bool:
   rows = 1
   for d in x.shape[:-1]:
     rows *= d
-  n = w.shape[1]
-  return rows <= MAX_ROWS and (n <= BLOCK_N or n % BLOCK_N == 0)
+  k, n = w.shape
+  pow2 = lambda v: v > 0 and v & (v - 1) == 0  # Triton blocks are powers of two: x's block is [rows, in]
+  return (rows <= MAX_ROWS and (n <= BLOCK_N or n % BLOCK_N == 0) and pow2(k) and pow2(w.scale.shape[0])
+          and pow2(min(n, BLOCK_N)))
 
 
 def linear(x: jax.Array, w: core.Quantized) -> jax.Array:
-  """x [..., in] @ w via `quantized_matmul` (x flattened to [M, in]) -> [..., out]."""
-  y = quantized_matmul(x.reshape(-1, x.shape[-1]), w, block_n=BLOCK_N)
+  """x [..., in] @ w via `quantized_matmul` (x flattened to [M, in], rows padded to a power of two) -> [..., out]."""
+  x2 = x.reshape(-1, x.shape[-1])
+  m = x2.shape[0]
+  padded = 1 << (m - 1).bit_length()
+  y = quantized_matmul(jnp.pad(x2, ((0, padded - m), (0, 0))), w, block_n=BLOCK_N)[:m]
   return y.reshape(*x.shape[:-1], w.shape[1])
 
 
