@@ -133,7 +133,8 @@ def main(argv):
             f'{e_ids.shape[0]} held-out sentences, {e_ids.shape[1]} tokens max.']
   text = '\n'.join(table)
   out = pathlib.Path(FLAGS.output_dir)
-  provenance.write_run_dir(out, config={k: FLAGS[k].value for k in ('seed', 'calib', 'eval', 'max_len', 'methods', 'small')},
+  keys = ('seed', 'calib', 'eval', 'max_len', 'methods', 'small')
+  provenance.write_run_dir(out, config={k: FLAGS[k].value for k in keys},
                            results={'rows': rows, 'calib_sentences': int(c_ids.shape[0]),
                                     'eval_sentences': int(e_ids.shape[0]), 'seconds': time.time() - t0})
   (out / 'table.md').write_text(text + '\n')
