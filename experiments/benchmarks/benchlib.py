@@ -49,3 +49,15 @@ def memory_need(compiled: Any) -> dict[str, int]:
          'alias': m.alias_size_in_bytes, 'generated_code': m.generated_code_size_in_bytes}
   out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
   return out
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
+  """Each fn warmed up once, then `repeats` rounds that call every fn once in turn, so that load from other work
+  on a shared host falls on all of them alike and their ratios stay meaningful."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      times[k].append(timed(fn)[1])
+  return {k: Timing(tuple(v)) for k, v in times.items()}

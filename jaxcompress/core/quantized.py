@@ -128,6 +128,31 @@ class Quantized(leaf_lib.Compressed):
       w = w * _expand(self.scale, self.shape[0]).astype(jnp.float32)
     return w.astype(self.dtype)
 
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The dense weight [in, out] in `dtype` (default: the leaf's), formed group-wise with broadcast scales."""
+    dtype = self.dtype if dtype is None else dtype
+    if self.fmt != 'int' or self.scale is None:
+      return self.materialize().astype(dtype)
+    rows, out = self.shape
+    g = self.groups
+    q = self.codes_unpacked().reshape(g, rows // g, out).astype(jnp.float32)
+    zero = jnp.float32(2 ** (self.bits - 1)) if self.zero is None else self.zero.astype(jnp.float32)[:, None]
+    return ((q - zero) * self.scale.astype(jnp.float32)[:, None]).reshape(rows, out).astype(dtype)
+
+  def matmul(self, x):
+    """x [..., in] @ self -> [..., out] in x's dtype.
+
+    A backend with a registered weight-only kernel (`register_kernel`; the quantization family registers its
+    Pallas int4/int8 kernel for GPU and TPU) gets it where the kernel supports the leaf. Otherwise the weight
+    is dequantized once per call inside the surrounding jit and multiplied by one dense dot in x's dtype: on
+    CPU this is measured to be as fast as the float weight (XLA's CPU int8 / bf16 dots are several times
+    slower than its float32 one), see experiments/benchmarks/quant_matmul.py.
+    """
+    kernel = _KERNELS.get(jax.default_backend())
+    if kernel is not None and kernel[0](self, x):
+      return kernel[1](x, self)
+    return jnp.matmul(x, self.dequantize(x.dtype))
+
   def stored_params(self):
     return self.size
 
@@ -144,6 +169,16 @@ class Quantized(leaf_lib.Compressed):
     return 2 * self.size
 
 
+# backend name ('gpu', 'tpu', ...) -> (supports(w, x) -> bool, matmul(x, w) -> y): weight-only kernels that a
+# family registers; core imports no family, so without a registration every backend dequantizes then dots.
+_KERNELS: dict[str, tuple] = {}
+
+
+def register_kernel(backend: str, supports, matmul) -> None:
+  """Use `matmul(x, w)` for `Quantized.matmul` on `backend` wherever `supports(w, x)` is true (static check)."""
+  _KERNELS[backend] = (supports, matmul)
+
+
 def _expand(per_group: jax.Array, rows: int) -> jax.Array:
   """[groups, out] -> [rows, out], each group row repeated rows // groups times."""
   per_group = jnp.asarray(per_group)
@@ -155,9 +190,10 @@ def _grouped(w: jax.Array, group_size: int | None) -> jax.Array:
   rows = w.shape[0]
   gs = rows if group_size is None else group_size
   if not isinstance(gs, int) or gs <= 0:
-    raise ValueError(f'group_size={group_size!r} must be a positive integer (or None for one group per column).')
+    raise ValueError(f'quantize: group_size={group_size!r} must be a positive integer (or None for one group per '
+                     'column).')
   if rows % gs:
-    raise ValueError(f'group_size={group_size} does not divide the input dimension {rows}; '
+    raise ValueError(f'quantize: group_size={group_size} does not divide the input dimension {rows}; '
                      f'pick a divisor of {rows} or group_size=None for one group per column.')
   return w.reshape(rows // gs, gs, *w.shape[1:])
 

@@ -153,11 +153,12 @@ class Bert(base.Model):
   hf_prefixes: ClassVar[tuple[str, ...]] = ('bert.', '')
   hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'embeddings\.token_type_ids$')
   # Post-norm: q/k/v read the block input (normed by the previous block's mlp_norm or the embedding norm);
-  # up_proj reads attn_norm's output.
+  # up_proj reads attn_norm's output, but that output is also the MLP's residual, so no per-channel scale can
+  # be folded into attn_norm (norm=None).
   linear_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
       base.LinearGroup('attn_in', ('attn/q_proj/kernel', 'attn/k_proj/kernel', 'attn/v_proj/kernel')),
       base.LinearGroup('attn_out', ('attn/o_proj/kernel',)),
-      base.LinearGroup('mlp_in', ('mlp/up_proj/kernel',), 'attn_norm'),
+      base.LinearGroup('mlp_in', ('mlp/up_proj/kernel',)),
       base.LinearGroup('mlp_out', ('mlp/down_proj/kernel',)))
   head_patterns: ClassVar[tuple[str, ...]] = (r'^pooler/', r'^mlm_head/')
 

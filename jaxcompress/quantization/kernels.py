@@ -6,8 +6,12 @@ low bits first, as `core.Quantized` packs them), applies its group's scale and z
 x_block @ w_block in float32. Only `core.Quantized` leaves with fmt='int' and 4 or 8 bits are handled.
 
 On CPU the kernel runs with `interpret=True` (that is how it is tested, against dequantize-then-matmul); it
-has not been compiled or timed on a GPU here. `core.linear` does not dispatch to it yet: call
-`quantized_matmul` directly.
+has not been compiled or timed on a GPU here. Importing this module registers it with
+`core.quantized.register_kernel` for the 'gpu' and 'tpu' backends, so `core.linear` (through
+`Quantized.matmul`) sends every supported leaf there on those backends: fmt='int', 4 or 8 bits, at most
+`MAX_ROWS` rows of x (decode; larger prefill batches dequantize and use the backend's dense dot), and an output
+width that `BLOCK_N` divides (or smaller than it). CPU keeps the dequantize-then-dot path, which measures
+fastest there.
 """
 
 from __future__ import annotations
@@ -87,3 +91,33 @@ def _call(x, codes, scale, zero, *, k, gs, packed, block_n, interpret):
       out_specs=pl.BlockSpec((m, block_n), lambda j: (0, j)),
       interpret=interpret,
   )(x, codes, scale, zero)
+
+
+BLOCK_N = 128  # output columns per program of the registered kernel
+MAX_ROWS = 64  # x rows up to which the registered kernel is used (the whole x block is loaded per program)
+
+
+def supports(w, x) -> bool:
+  """Whether `quantized_matmul` takes this leaf and input (static: shapes and leaf fields only)."""
+  if not isinstance(w, core.Quantized) or w.fmt != 'int' or w.bits not in (4, 8) or w.scale is None:
+    return False
+  rows = 1
+  for d in x.shape[:-1]:
+    rows *= d
+  k, n = w.shape
+  pow2 = lambda v: v > 0 and v & (v - 1) == 0  # Triton blocks are powers of two: x's block is [rows, in]
+  return (rows <= MAX_ROWS and (n <= BLOCK_N or n % BLOCK_N == 0) and pow2(k) and pow2(w.scale.shape[0])
+          and pow2(min(n, BLOCK_N)))
+
+
+def linear(x: jax.Array, w: core.Quantized) -> jax.Array:
+  """x [..., in] @ w via `quantized_matmul` (x flattened to [M, in], rows padded to a power of two) -> [..., out]."""
+  x2 = x.reshape(-1, x.shape[-1])
+  m = x2.shape[0]
+  padded = 1 << (m - 1).bit_length()
+  y = quantized_matmul(jnp.pad(x2, ((0, padded - m), (0, 0))), w, block_n=BLOCK_N)[:m]
+  return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+for _backend in ('gpu', 'tpu'):
+  core.quantized.register_kernel(_backend, supports, linear)

@@ -81,6 +81,19 @@ def test_model_awq_folds_scales_into_norms_and_beats_rtn():
   assert not np.allclose(norm, core.paths.get(params, 'layers/0/attn_norm/scale'))  # 1/s went into the norm
   r3 = core.select(params).map(lambda _, w: quantization.quantize_weight(w, bits=3, group_size=16), params)
   assert _logit_error(q3, params, tokens) < _logit_error(r3, params, tokens)
+  # no_clip=('q_proj', 'k_proj') (the paper's code): q/k are scaled but not clipped; v, of the same group, is
+  q3 = quantization.awq(LLAMA, params, _batches(), quantization.AWQConfig(bits=3, group_size=16,
+                                                                          no_clip=('q_proj', 'k_proj')))
+  block = q3['layers'][0]
+  norm = np.asarray(core.paths.get(block, 'attn_norm/scale'))
+  s = np.asarray(core.paths.get(params, 'layers/0/attn_norm/scale'), np.float64) / norm
+  for name, clipped in (('q_proj', False), ('k_proj', False), ('v_proj', True)):
+    w = np.asarray(core.paths.get(params, f'layers/0/attn/{name}/kernel'), np.float64)
+    plain = np.asarray(quantization.quantize_weight(jnp.asarray(w * s[:, None], jnp.float32), bits=3,
+                                                    group_size=16).materialize())
+    got = np.asarray(core.paths.get(block, f'attn/{name}/kernel').materialize())
+    same = np.isclose(got, plain, rtol=1e-5, atol=1e-6).mean()
+    assert (same < 0.99) if clipped else (same > 0.99), (name, same)
 
 
 def test_model_gptq_quantizes_every_block_linear_and_beats_rtn():

@@ -35,3 +35,20 @@ def test_fake_quant_refuses_other_compressed_kinds(params):
   lowrank = core.paths.replace(params, {'layers/0/mlp/up_proj/kernel': core.LowRank(w[:, :4], w[:4, :])})
   with pytest.raises(TypeError, match='cannot fake-quantize a LowRank weight'):
     quantization.fake_quant(bits=4, group_size=16).forward(lowrank, ())
+
+
+def test_llm_qat_objective_is_the_float64_kl_to_the_teacher(params):
+  student = core.select(params).map(lambda _, w: core.fake_quantize(w, bits=3, group_size=16, pack=False), params)
+  obj = quantization.llm_qat.distillation_objective(MODEL)
+  loss, (weight, metrics) = obj(student, params, BATCH, None)
+  t = np.asarray(MODEL.apply(params, BATCH['inputs']), np.float64)
+  s = np.asarray(MODEL.apply(student, BATCH['inputs']), np.float64)
+  log_t = t - np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1, keepdims=True)) - t.max(-1, keepdims=True)
+  log_s = s - np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True)) - s.max(-1, keepdims=True)
+  mask = np.asarray(BATCH.get('mask', np.ones(BATCH['targets'].shape)), np.float64)
+  want = ((np.exp(log_t) * (log_t - log_s)).sum(-1) * mask).sum()
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+  assert float(weight) == mask.sum() and float(metrics['kl']) == float(loss)
+  assert abs(float(obj(params, params, BATCH, None)[0])) < 1e-4  # the teacher itself: zero divergence
+  with pytest.raises(ValueError, match='frozen=params'):
+    obj(student, None, BATCH, None)

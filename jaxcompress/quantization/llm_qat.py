@@ -1,0 +1,44 @@
+"""LLM-QAT: quantization-aware training distilled from the full-precision model (Liu et al., "LLM-QAT:
+Data-Free Quantization Aware Training for Large Language Models", 2023).
+
+The student is the model under `fake_quant` (or `add_lsq`) in the step's forward; the teacher is the same model
+in full precision, its params passed as `TrainState.frozen` (`loop.fit(..., frozen=params)`). The loss is the
+paper's: the cross-entropy of the student's next-token distribution against the teacher's whole distribution,
+per token, at temperature 1,
+
+    L = Σ_t mask_t · Σ_v p_teacher(v | x_<t) · (log p_teacher(v | x_<t) − log p_student(v | x_<t))
+
+(the KL divergence; it differs from the cross-entropy by the teacher's entropy, a constant). The paper
+generates its training text from the teacher; here any causal-LM batches serve (the fixture's own data).
+This module keeps its own copy of the loss so that the quantization family does not depend on distillation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.eval import token_nll
+from jaxcompress.train import objectives
+
+
+def distillation_objective(model, *, remat: bool = False) -> objectives.Objective:
+  """objective(params, frozen=teacher params, batch, rng): KL(teacher ‖ student) summed over masked tokens.
+
+  Batches as for `objectives.causal_lm` (inputs, targets [B, T] int32, optional mask); metrics 'kl' and 'nll'
+  (the student's next-token NLL on the targets), sums the step turns into per-token means.
+  """
+  def objective(params, frozen, batch, rng):
+    del rng
+    if frozen is None:
+      raise ValueError('llm_qat: the distillation objective needs the full-precision teacher params as '
+                       'TrainState.frozen: loop.fit(..., frozen=params).')
+    logits = model.apply(params, batch['inputs'], remat=remat).astype(jnp.float32)
+    teacher = jax.lax.stop_gradient(model.apply(frozen, batch['inputs']).astype(jnp.float32))
+    log_t, log_s = jax.nn.log_softmax(teacher, -1), jax.nn.log_softmax(logits, -1)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+    mask = objectives.token_mask(batch)
+    nll = token_nll(logits, batch['targets'])
+    return (kl * mask).sum(), (mask.sum(), {'kl': (kl * mask).sum(), 'nll': (nll * mask).sum()})
+
+  return objective
