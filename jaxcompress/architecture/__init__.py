@@ -6,6 +6,7 @@ clustering their neurons (Zhang et al. 2022).
 
 from jaxcompress.architecture import moefication
 from jaxcompress.architecture.gqa import convert_to_gqa, kv_cache_bytes, pool_heads
-from jaxcompress.architecture.moefication import moe_mlp, moe_mlp_dispatch, moefy
+from jaxcompress.architecture.moefication import moe_mlp, moe_mlp_dispatch, moefy, moefy_model
 
-__all__ = ['convert_to_gqa', 'kv_cache_bytes', 'moe_mlp', 'moe_mlp_dispatch', 'moefication', 'moefy', 'pool_heads']
+__all__ = ['convert_to_gqa', 'kv_cache_bytes', 'moe_mlp', 'moe_mlp_dispatch', 'moefication', 'moefy', 'moefy_model',
+           'pool_heads']
