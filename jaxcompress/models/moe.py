@@ -71,14 +71,28 @@ def dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: flo
   e = moe['router'].shape[1]
   cap = capacity_of(n, e, top_k, capacity_factor)
   w = route(x, moe, top_k)  # [N, E]
-  scores = x.astype(jnp.float32) @ moe['router'].astype(jnp.float32)
-  pick = jnp.where(w.T > 0, scores.T, -jnp.inf)  # [E, N]
-  top, idx = jax.lax.top_k(pick, cap)  # [E, C]: each expert's highest-scoring tokens among those that chose it
-  keep = jnp.isfinite(top)
-  xe = jnp.take(x, idx, axis=0)  # [E, C, d]
-  h = expert_hidden(jnp.swapaxes(xe, 0, 1), moe, act)  # [C, E, f]
-  ye = jnp.einsum('cef,efd->ecd', h, moe['down']) * keep[..., None].astype(x.dtype)
-  y = jnp.zeros_like(x).at[idx.reshape(-1)].add(ye.reshape(-1, d))
+  scores = x.astype(jnp.float32) @ moe['router'].astype(jnp.float32)  # (shared with route's under jit)
+  if cap == n:  # every expert has room for every token: no selection, no gather
+    idx, keep = None, w.T > 0
+    xe = jnp.broadcast_to(x, (e, n, d))
+  else:
+    pick = jnp.where(w.T > 0, scores.T, -jnp.inf)  # [E, N]
+    top, idx = jax.lax.top_k(pick, cap)  # [E, C]: each expert's highest-scoring tokens among those that chose it
+    keep = jnp.isfinite(top)
+    xe = jnp.take(x, idx, axis=0)  # [E, C, d]
+  # Expert-major batched matmuls (the expert axis leading in every operand: no transposes).
+  h = jnp.einsum('ecd,edf->ecf', xe, moe['up'])
+  if 'up_bias' in moe:
+    h = h + moe['up_bias'][:, None]
+  if 'gate' in moe:
+    g = jnp.einsum('ecd,edf->ecf', xe, moe['gate'])
+    if 'gate_bias' in moe:
+      g = g + moe['gate_bias'][:, None]
+    h = layers.activation(act)(g) * h
+  else:
+    h = layers.activation(act)(h)
+  ye = jnp.einsum('ecf,efd->ecd', h, moe['down']) * keep[..., None].astype(x.dtype)
+  y = ye.sum(0) if idx is None else jnp.zeros_like(x).at[idx.reshape(-1)].add(ye.reshape(-1, d))
   if 'down_bias' in moe:
     y = y + moe['down_bias']
   dropped = 1.0 - keep.sum() / jnp.maximum(w.sum(), 1.0)
