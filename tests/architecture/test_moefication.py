@@ -88,3 +88,7 @@ def test_moe_model_with_every_expert_is_the_dense_model():
     moefication.moefy_model(MODEL, params, num_experts=4, top_k=5, key=jax.random.key(0))
   with pytest.raises(ValueError, match='already a mixture'):
     moefication.moefy_model(spec, moe, num_experts=4, top_k=2, key=jax.random.key(0))
+  with pytest.raises(ValueError, match='capacity=0'):
+    models.Llama(dataclasses.replace(spec.config, moe_capacity=0.0)).init(jax.random.key(0))
+  with pytest.raises(ValueError, match='moe_experts=4; a MoEfied MLP has no Hugging Face'):
+    spec.hf_config()
