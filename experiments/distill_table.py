@@ -11,7 +11,10 @@ Rows (every trained row: same student shape, same steps, same batches, same opti
   layers + LM              the teacher's blocks, plain next-token loss (what the initialization alone gives)
   layers + soft KL         Hinton et al. 2015, temperature --temperature, alpha --alpha
   layers + reverse KL      MiniLLM's mode-seeking divergence (on the data, not on-policy samples)
-  layers + GKD (JSD beta)  generalized Jensen-Shannon (on the data, not on-policy samples)
+  layers + JSD (beta)      generalized Jensen-Shannon on the data (GKD with lambda = 0: supervised KD)
+  layers + GKD on-policy   generalized JSD where, with probability --gkd_fraction, a batch keeps its first
+                           --prompt_len tokens and the rest is sampled from the current student inside the step
+                           (Agarwal et al. 2024); divergence only (alpha 1: sampled tokens have no reference)
   layers + seq-level KD    plain LM loss on text the teacher sampled with KV-cache decoding (--seq_kd)
 Perplexity is on held-out rows the fixture never saw. Writes results.json, table.md, config and environment.
 """
@@ -52,6 +55,8 @@ flags.DEFINE_list('layers', [], 'Teacher blocks the student keeps (default: ever
 flags.DEFINE_float('temperature', 1.0, 'Temperature of the logit terms.')
 flags.DEFINE_float('alpha', 0.9, 'Weight of the distillation term against the next-token loss.')
 flags.DEFINE_float('beta', 0.5, "GKD's beta.")
+flags.DEFINE_float('gkd_fraction', 0.5, 'GKD lambda: share of batches whose continuations the student samples.')
+flags.DEFINE_integer('prompt_len', 16, 'Data tokens kept as the prompt of an on-policy batch.')
 flags.DEFINE_integer('eval_rows', 64, 'Held-out rows scored.')
 flags.DEFINE_boolean('seq_kd', True, 'Also train on teacher-generated text (sequence-level KD).')
 flags.DEFINE_integer('seq_kd_rows', 256, 'Distinct teacher-generated sequences (the rows cycle over them).')
@@ -103,12 +108,18 @@ def main(argv):
   p, s = common.train('layers_lm', student, sparams, lm, data, steps=steps, lr=FLAGS.learning_rate, seed=FLAGS.seed,
                out=out)
   add('layers + LM', student, p, s)
-  for output, label in (('soft_kl', 'soft KL'), ('reverse_kl', 'reverse KL'), ('jsd', f'GKD (JSD b={FLAGS.beta:g})')):
+  for output, label in (('soft_kl', 'soft KL'), ('reverse_kl', 'reverse KL'), ('jsd', f'JSD b={FLAGS.beta:g} (data)')):
     cfg = distillation.DistillConfig(output=output, temperature=FLAGS.temperature, alpha=FLAGS.alpha,
                                      beta=FLAGS.beta)
     p, s = common.train(output, student, sparams, distillation.distillation(student, teacher, cfg), data, steps=steps,
                  lr=FLAGS.learning_rate, seed=FLAGS.seed, out=out, frozen=tparams)
     add(f'layers + {label}', student, p, s)
+  gkd = distillation.DistillConfig(output='jsd', temperature=FLAGS.temperature, alpha=1.0, beta=FLAGS.beta)
+  policy = distillation.OnPolicyConfig(fraction=FLAGS.gkd_fraction, prompt_len=4 if FLAGS.small else FLAGS.prompt_len)
+  p, s = common.train('gkd_on_policy', student, sparams,
+                      distillation.on_policy_distillation(student, teacher, gkd, policy), data, steps=steps,
+                      lr=FLAGS.learning_rate, seed=FLAGS.seed, out=out, frozen=tparams)
+  add(f'layers + GKD on-policy (JSD b={FLAGS.beta:g}, lambda={FLAGS.gkd_fraction:g})', student, p, s)
   if FLAGS.seq_kd:
     t0 = time.perf_counter()
     text = teacher_text(teacher, tparams, data, 16 if FLAGS.small else FLAGS.seq_kd_rows, FLAGS.seed)
@@ -121,9 +132,9 @@ def main(argv):
   header = '| row | held-out perplexity | train s |\n|---|---|---|\n'
   secs = lambda r: '' if r['train_s'] is None else f"{r['train_s']:.0f}"
   table = header + ''.join(f"| {r['row']} | {r['perplexity']:.2f} | {secs(r)} |\n" for r in rows)
-  config = {'flags': {k: FLAGS[k].value for k in ('model', 'seed', 'steps', 'batch_size', 'learning_rate',
-                                                   'scratch_learning_rate', 'scratch_same_lr', 'layers', 'temperature', 'alpha',
-                                                   'beta', 'eval_rows', 'seq_kd', 'seq_kd_rows', 'small')},
+  config = {'flags': {k: FLAGS[k].value for k in (
+      'model', 'seed', 'steps', 'batch_size', 'learning_rate', 'scratch_learning_rate', 'scratch_same_lr', 'layers',
+      'temperature', 'alpha', 'beta', 'gkd_fraction', 'prompt_len', 'eval_rows', 'seq_kd', 'seq_kd_rows', 'small')},
             'student_layers': [t - 1 for _, t in layer_map[1:]], 'steps': steps,
             'tokens_per_row': steps * data.tokens_per_batch}
   provenance.write_run_dir(out, config=config, results={'rows': rows})

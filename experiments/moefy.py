@@ -1,16 +1,20 @@
-"""MoEfication of the causal-LM fixture: perplexity against the fraction of FFN neurons active per token, and
-the measured FFN speed-up of running only the selected experts.
+"""MoEfication of the causal-LM fixture run as a real mixture of experts: perplexity against the fraction of FFN
+neurons active per token, and the measured FFN and whole-forward speed-ups of running only the selected experts.
 
-    python experiments/moefy.py                        # fixture, 8 experts per FFN, top-k in 8, 4, 2, 1
+    python experiments/moefy.py                        # fixture, 8 experts per FFN, top 8, 6, 4, 2 (100/75/50/25%)
     python experiments/moefy.py --small                # a tiny random model, seconds
 
-Every block's SwiGLU MLP is split into --experts balanced clusters of neurons (`architecture.moefy`), routed
-by the clusters' mean gate column; no training. Perplexity uses the exact top-k MLP (`moe_mlp`). Speed: one
-FFN on --speed_tokens tokens, dense (three matmuls) against `moe_mlp_dispatch` (only the selected experts'
-FLOPs, capacity factor --capacity), jitted and timed interleaved on a shared host.
+Every block's SwiGLU MLP is split into --experts balanced clusters of neurons and the model runs as
+`LlamaConfig(moe_experts=E, moe_top_k=k, moe_capacity=c)` (`architecture.moefy_model`, `models.moe`): each
+token is routed (by the clusters' mean gate column) to its top k experts and each expert computes only the
+C = ceil(c N k / E) tokens it takes, so the FFN FLOPs are c k / E of the dense ones. No training. Perplexity
+columns: the model as it runs (tokens an expert has no room for lose it, the dropped share is reported) and
+the exact top-k mixture (no capacity limit, dense FLOPs: what routing alone costs).
 
-The blocks are composed here from the model's own pieces (norms and attention of `model.bind_block`), with the
-MoE MLP in place of the dense one; the models package itself has no MoE block.
+Speed: the MLP of block 0 on the fixture's batch of tokens (--speed_batch rows of the held-out length), dense
+module against the mixture module, and the whole forward pass of the dense model against the mixture model;
+jitted, called interleaved (the host is shared with other work, so only ratios from one run are meaningful),
+medians.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses
 import pathlib
 import statistics
 
@@ -39,24 +44,26 @@ flags.DEFINE_string('model', 'fixture', "'fixture' or a Hugging Face Llama check
 flags.DEFINE_string('output_dir', 'runs/moefy', 'Where results.json and table.md go.')
 flags.DEFINE_integer('seed', 0, 'Seed of the k-means initializations.')
 flags.DEFINE_integer('experts', 8, 'Experts per FFN.')
-flags.DEFINE_list('top_k', ['8', '4', '2', '1'], 'Experts run per token.')
+flags.DEFINE_list('top_k', ['8', '6', '4', '2'], 'Experts run per token.')
 flags.DEFINE_integer('eval_rows', 32, 'Held-out rows scored.')
-flags.DEFINE_integer('speed_tokens', 1024, 'Tokens of the FFN timing.')
-flags.DEFINE_float('capacity', 1.25, 'Capacity factor of the dispatched MoE.')
+flags.DEFINE_integer('speed_batch', 8, 'Rows of the timed forward passes.')
+flags.DEFINE_integer('repeats', 15, 'Timed calls of each candidate.')
+flags.DEFINE_float('capacity', 1.0, 'Capacity factor of the mixture (1.0: exactly top_k / E of the FFN FLOPs).')
 flags.DEFINE_boolean('small', False, 'Tiny random model, a smoke test.')
 FLAGS = flags.FLAGS
 
 
-def moe_logits(model, params, moes, tokens, top_k):
-  """Logits [B, T, V] with every block's MLP replaced by its top_k MoE."""
-  ctx = model.context(tokens)
-  h = model.embed(params, tokens)
-  act = model.config.hidden_act
-  for i, moe in enumerate(moes):
-    blk = model.bind_block(model.block_params(params, i))
-    h = h + blk.attn(blk.attn_norm(h), ctx)[0]
-    h = h + architecture.moe_mlp(blk.mlp_norm(h), moe, top_k, act).astype(h.dtype)
-  return model.head(params, h)
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+  """{name: median seconds}, each callable compiled first and then called in turn with the others."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv):
@@ -67,50 +74,62 @@ def main(argv):
   else:
     model, params, _, valid = common.fixture_setup(FLAGS.model, 16)
   valid = valid[:FLAGS.eval_rows]
-  keys = jax.random.split(jax.random.key(FLAGS.seed), model.num_layers(params))
   experts = 4 if FLAGS.small else FLAGS.experts
+  tops = [int(k) for k in FLAGS.top_k if int(k) <= experts] if not FLAGS.small else [4, 2]
   t0 = time.perf_counter()
-  moes = [architecture.moefy(model.block_params(params, i)['mlp'], experts, keys[i])
-          for i in range(model.num_layers(params))]
+  spec, moe = architecture.moefy_model(model, params, num_experts=experts, top_k=experts,
+                                       key=jax.random.key(FLAGS.seed), capacity=FLAGS.capacity)
   cluster_s = time.perf_counter() - t0
-  x_in, y = valid[:, :-1], valid[:, 1:]
+  at = lambda k, c=FLAGS.capacity: type(spec)(dataclasses.replace(spec.config, moe_top_k=k, moe_capacity=c))
   dense = common.heldout_nll(model, params, valid)
   rows = [{'top_k': None, 'active': 1.0, 'perplexity': float(np.exp(dense))}]
   print(f'dense                    ppl {np.exp(dense):9.2f}', flush=True)
-  fn = jax.jit(lambda p, m, x, k: token_nll(moe_logits(model, p, m, x, k).astype(jnp.float32), y[:x.shape[0]]),
-               static_argnums=3)
-  for k in [int(k) for k in FLAGS.top_k if int(k) <= experts]:
-    nll = float(np.mean(np.asarray(fn(params, moes, x_in, k))))
-    rows.append({'top_k': k, 'active': k / experts, 'perplexity': float(np.exp(nll))})
-    print(f'top {k} of {experts} experts  ppl {np.exp(nll):9.2f}', flush=True)
+  x_in, y = jnp.asarray(valid[:, :-1]), jnp.asarray(valid[:, 1:])
+  for k in tops:
+    # Exact top-k: a capacity of E / k lets every expert take every token that picked it.
+    exact = float(np.exp(common.heldout_nll(at(k, experts / k), moe, valid)))
+    nll = float(np.exp(common.heldout_nll(at(k), moe, valid)))
+    rows.append({'top_k': k, 'active': k / experts, 'perplexity': nll, 'perplexity_exact_topk': exact,
+                 'flops_fraction': min(1.0, FLAGS.capacity * k / experts)})
+    print(f'top {k} of {experts} experts  ppl {nll:9.2f} (exact top-k {exact:9.2f})', flush=True)
 
-  # FFN speed: dense three-matmul SwiGLU against the dispatched MoE, on one block's weights.
-  mlp = model.block_params(params, 0)['mlp']
-  g, u, dn = (mlp[n]['kernel'] for n in ('gate_proj', 'up_proj', 'down_proj'))
-  x = jax.random.normal(jax.random.key(1), (64 if FLAGS.small else FLAGS.speed_tokens, g.shape[0]), jnp.float32)
-  dense_fn = jax.jit(lambda x: (jax.nn.silu(x @ g) * (x @ u)) @ dn)
+  # Dropped selections of each top-k on the timed batch, from the block-0 MLP input.
+  tokens = x_in[:FLAGS.speed_batch]
+  _, inter = model.apply(params, tokens, intermediates=('hidden_states',))
+  blk0 = model.bind_block(model.block_params(params, 0))
+  h = inter['hidden_states'][0]
+  h = h + blk0.attn(blk0.attn_norm(h), model.context(tokens))[0]
+  mlp_in = blk0.mlp_norm(h)
+  fns = {'dense_ffn': jax.jit(lambda x: blk0.mlp(x)).lower(mlp_in).compile(),
+         'dense_model': jax.jit(lambda t: model.apply(params, t)).lower(tokens).compile()}
   for r in rows[1:]:
-    moe_fn = jax.jit(lambda x, k=r['top_k']: architecture.moe_mlp_dispatch(x, moes[0], k, 'silu', FLAGS.capacity))
-    jax.block_until_ready(dense_fn(x))
-    _, dropped = jax.block_until_ready(moe_fn(x))
-    td, tm = [], []
-    for _ in range(3 if FLAGS.small else 20):
-      t0 = time.perf_counter(); jax.block_until_ready(dense_fn(x)); td.append(time.perf_counter() - t0)
-      t0 = time.perf_counter(); jax.block_until_ready(moe_fn(x)); tm.append(time.perf_counter() - t0)
-    r.update(ffn_speedup=statistics.median(td) / statistics.median(tm), dropped=float(dropped),
-             flops_fraction=min(1.0, FLAGS.capacity * r['top_k'] / experts))
-  table = ('| experts run | FFN neurons active | held-out perplexity | FFN FLOPs (dispatched) | FFN speed-up '
-           '(measured) | selections dropped |\n|---|---|---|---|---|---|\n'
-           f"| dense | 100% | {rows[0]['perplexity']:.2f} | 1.00 | 1.00x | |\n" +
+    m = at(r['top_k'])
+    mblk = m.bind_block(moe['layers'][0])
+    fns[f"ffn_{r['top_k']}"] = jax.jit(lambda x, b=mblk: b.mlp(x)).lower(mlp_in).compile()
+    fns[f"model_{r['top_k']}"] = jax.jit(lambda t, m=m: m.apply(moe, t)).lower(tokens).compile()
+    w = mblk.mlp.weights()
+    _, dropped = architecture.moe_mlp_dispatch(mlp_in.reshape(-1, mlp_in.shape[-1]), w, r['top_k'],
+                                               model.config.hidden_act, FLAGS.capacity)
+    r['dropped'] = float(dropped)
+  args = {k: (mlp_in if k.endswith('ffn') or k.startswith('ffn') else tokens) for k in fns}
+  med = interleaved({k: (lambda f=f, a=args[k]: f(a)) for k, f in fns.items()}, 3 if FLAGS.small else FLAGS.repeats)
+  for r in rows[1:]:
+    r.update(ffn_speedup=med['dense_ffn'] / med[f"ffn_{r['top_k']}"],
+             model_speedup=med['dense_model'] / med[f"model_{r['top_k']}"])
+  table = ('| experts run | FFN neurons active | perplexity (as run) | exact top-k perplexity | FFN FLOPs | '
+           'FFN speed-up | forward speed-up | selections dropped |\n|---|---|---|---|---|---|---|---|\n'
+           f"| dense | 100% | {rows[0]['perplexity']:.2f} | | 1.00 | 1.00x | 1.00x | |\n" +
            ''.join(f"| top {r['top_k']} of {experts} | {100 * r['active']:.1f}% | {r['perplexity']:.2f} | "
-                   f"{r['flops_fraction']:.2f} | {r['ffn_speedup']:.2f}x | {100 * r['dropped']:.1f}% |\n"
-                   for r in rows[1:]))
+                   f"{r['perplexity_exact_topk']:.2f} | {r['flops_fraction']:.2f} | {r['ffn_speedup']:.2f}x | "
+                   f"{r['model_speedup']:.2f}x | {100 * r['dropped']:.1f}% |\n" for r in rows[1:]))
   provenance.write_run_dir(out, config={'flags': {n: FLAGS[n].value for n in (
-      'model', 'seed', 'experts', 'top_k', 'eval_rows', 'speed_tokens', 'capacity', 'small')},
-      'cluster_s': cluster_s}, results={'rows': rows})
+      'model', 'seed', 'experts', 'top_k', 'eval_rows', 'speed_batch', 'repeats', 'capacity', 'small')},
+      'cluster_s': cluster_s}, results={'rows': rows, 'median_s': med, 'device': str(jax.devices()[0])})
   (out / 'table.md').write_text(table)
-  print(f'\n{experts} experts per FFN (balanced k-means, {cluster_s:.0f} s for all layers), no training; '
-        f'{len(valid)} held-out rows; FFN timing on {x.shape[0]} tokens, interleaved medians, shared host\n')
+  print(f'\n{experts} experts per FFN (balanced k-means, {cluster_s:.0f} s for all layers), capacity factor '
+        f'{FLAGS.capacity:g}, no training; {len(valid)} held-out rows; timing on {tokens.shape[0]} x '
+        f'{tokens.shape[1]} tokens, interleaved medians of {FLAGS.repeats} calls on a shared host '
+        f'({jax.devices()[0].platform})\n')
   print(table)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxcompress import core
 from jaxcompress.models import Model
+from jaxcompress.train import transforms
 
 
 def pool_heads(w: jnp.ndarray, kv_heads: int, target: int, head_dim: int) -> jnp.ndarray:
@@ -67,3 +68,72 @@ def kv_cache_bytes(model: Model, params: dict, batch: int, max_len: int, dtype=j
     width = core.shape_of(model.block_params(params, i)['attn']['k_proj']['kernel'])[1]
     total += 2 * batch * max_len * width * jnp.dtype(dtype).itemsize
   return total
+
+
+# Multi-head models without a key/value head count (BERT): grouped-query attention as tied heads ---------------
+
+
+def _head_counts(model: Model, kv_heads: int) -> tuple[int, int]:
+  """(query heads N, head_dim) of a multi-head model, with kv_heads checked to divide N."""
+  c = model.config
+  n = c.num_heads
+  if getattr(c, 'num_kv_heads', n) != n:
+    raise ValueError(f'group_kv_heads: the model already has {c.num_kv_heads} key/value heads for {n} query '
+                     'heads; use convert_to_gqa for grouped-query families.')
+  if not isinstance(kv_heads, int) or kv_heads < 1 or n % kv_heads:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(f'group_kv_heads: kv_heads={kv_heads} does not divide the {n} attention heads; choose one of '
+                     f'{divisors}.')
+  return n, getattr(c, 'head_dim', None) or c.hidden_size // n
+
+
+def group_kv_heads(model: Model, params: dict, kv_heads: int) -> dict:
+  """Params whose k/v kernels [in, N H] and biases [N H] are mean-pooled to kv_heads heads ([in, G H], [G H]).
+
+  For multi-head models without a key/value head count (BERT, GPT-2 with separate q/k/v): the pooled params do
+  not run as they are; `expand_kv_heads` (or the `kv_groups` transform inside training) repeats each pooled
+  head for its N / G query heads, which is exactly grouped-query attention (query head n reads key/value head
+  n // (N / G)). The K/V projections and whatever a cache would hold shrink by N / G.
+  """
+  n, hd = _head_counts(model, kv_heads)
+  return _map_kv(model, params, lambda w: pool_heads(w, n, kv_heads, hd))
+
+
+def expand_kv_heads(model: Model, params: dict, kv_heads: int) -> dict:
+  """Grouped params (`group_kv_heads`) -> the multi-head params the model runs: each of the kv_heads k/v heads
+  repeated N / kv_heads times (consecutive query heads share one). Differentiable (gradients of the copies add
+  up on the shared head)."""
+  n, hd = _head_counts(model, kv_heads)
+
+  def expand(w):
+    lead = w.shape[:-1]
+    if w.shape[-1] != kv_heads * hd:
+      raise ValueError(f'expand_kv_heads: a k/v tensor of width {w.shape[-1]} is not kv_heads={kv_heads} heads of '
+                       f'{hd}; pass params from group_kv_heads with the same kv_heads.')
+    g = w.reshape(*lead, kv_heads, 1, hd)
+    return jnp.broadcast_to(g, (*lead, kv_heads, n // kv_heads, hd)).reshape(*lead, n * hd)
+
+  return _map_kv(model, params, expand)
+
+
+def kv_groups(model: Model, kv_heads: int):
+  """A `train.transforms.Transform` whose forward expands grouped k/v heads, so `fit` trains the pooled heads
+  (params from `group_kv_heads`) of a multi-head model as grouped-query attention."""
+  return transforms.Transform(forward=lambda params, state: expand_kv_heads(model, params, kv_heads))
+
+
+def _map_kv(model: Model, params: dict, fn) -> dict:
+  blocks = dict(params[model.block_path])
+  for i, bp in blocks.items():
+    attn = dict(bp['attn'])
+    for name in ('k_proj', 'v_proj'):
+      lin = dict(attn[name])
+      for leaf in ('kernel', 'bias'):
+        if lin.get(leaf) is not None:
+          if not isinstance(lin[leaf], (jax.Array, np.ndarray)) and not hasattr(lin[leaf], 'shape'):
+            raise ValueError(f'group_kv_heads: layers/{i}/attn/{name}/{leaf} is a {type(lin[leaf]).__name__} '
+                             'leaf; group the dense checkpoint, then compress.')
+          lin[leaf] = fn(jnp.asarray(lin[leaf]))
+      attn[name] = lin
+    blocks[i] = {**bp, 'attn': attn}
+  return {**params, model.block_path: blocks}

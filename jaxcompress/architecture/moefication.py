@@ -5,6 +5,7 @@ only those: fewer FLOPs from the same weights.
     moe = moefy(params['layers'][i]['mlp'], num_experts=8, key=key)   # gated (SwiGLU) or plain MLP weights
     y = moe_mlp(x, moe, top_k=2, act='silu')                          # exact: the selected experts' sum
     y, dropped = moe_mlp_dispatch(x, moe, top_k=2, act='silu')        # the same, computing only those experts
+    spec, p = moefy_model(model, params, num_experts=8, top_k=2, key=key)  # a Llama running top-2 in every block
 
 A neuron j of a gated FFN is (gate[:, j], up[:, j], down[j, :]); neurons with similar input weights fire
 together, so balanced k-means over the normalized input columns groups them into equal-size experts. The
@@ -14,12 +15,15 @@ proxy for how strongly the expert fires.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import core
-from jaxcompress.models import layers
+from jaxcompress.models import Model
+from jaxcompress.models import moe as moe_lib
 
 
 def balanced_kmeans(points: np.ndarray, k: int, key: jax.Array, iters: int = 20) -> np.ndarray:
@@ -75,6 +79,8 @@ def moefy(mlp: dict, num_experts: int, key: jax.Array, iters: int = 20) -> dict:
     out['gate'] = jnp.asarray(take_cols(gate))
   if 'up_proj/bias' in flat:
     out['up_bias'] = jnp.asarray(np.asarray(flat['up_proj/bias'])[neurons])
+  if gate is not None and 'gate_proj/bias' in flat:
+    out['gate_bias'] = jnp.asarray(np.asarray(flat['gate_proj/bias'])[neurons])
   if 'down_proj/bias' in flat:
     out['down_bias'] = jnp.asarray(flat['down_proj/bias'])
   router_src = out['gate'] if gate is not None else out['up']
@@ -82,58 +88,32 @@ def moefy(mlp: dict, num_experts: int, key: jax.Array, iters: int = 20) -> dict:
   return out
 
 
-def route(x: jax.Array, moe: dict, top_k: int) -> jax.Array:
-  """x [..., d] -> [..., E] float32 weights: 1 for each token's top_k experts by router score, else 0."""
-  e = moe['router'].shape[1]
-  if not 1 <= top_k <= e:
-    raise ValueError(f'route: top_k={top_k} must lie in [1, {e}] (the number of experts).')
-  scores = x.astype(jnp.float32) @ moe['router']
-  idx = jax.lax.top_k(scores, top_k)[1]
-  return jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=-2)
+# The runtime lives with the models (a Llama option runs it inside every block); these names stay here.
+route = moe_lib.route
+moe_mlp = moe_lib.dense
+moe_mlp_dispatch = moe_lib.dispatch
 
 
-def _expert_hidden(x, moe, act):
-  """x [..., E, d] (a row per expert) -> the experts' hidden activations [..., E, f/E]."""
-  h = jnp.einsum('...ed,edf->...ef', x, moe['up'])
-  if 'up_bias' in moe:
-    h = h + moe['up_bias']
-  if 'gate' in moe:
-    return layers.activation(act)(jnp.einsum('...ed,edf->...ef', x, moe['gate'])) * h
-  return layers.activation(act)(h)
-
-
-def moe_mlp(x: jax.Array, moe: dict, top_k: int, act: str) -> jax.Array:
-  """The MoEfied MLP, exact: x [..., d] -> sum over each token's top_k experts [..., d]. Computes every expert
-  and masks (for quality measurements; `moe_mlp_dispatch` computes only the selected ones)."""
-  w = route(x, moe, top_k)
-  e = moe['router'].shape[1]
-  xe = jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], e, x.shape[-1]))
-  h = _expert_hidden(xe, moe, act) * w[..., None]
-  y = jnp.einsum('...ef,efd->...d', h, moe['down'])
-  return y + moe['down_bias'] if 'down_bias' in moe else y
-
-
-def moe_mlp_dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: float = 1.25
-                     ) -> tuple[jax.Array, jax.Array]:
-  """The MoEfied MLP computing only selected experts: x [N, d] -> (y [N, d], fraction of (token, expert)
-  selections dropped because an expert's capacity C = ceil(capacity_factor N top_k / E) was full).
-
-  Each expert gathers its C highest-scoring tokens among those that chose it, so FLOPs are
-  capacity_factor * top_k / E of the dense MLP's; with no drops y equals `moe_mlp`.
+def moefy_model(model: Model, params: dict, *, num_experts: int, top_k: int, key: jax.Array,
+                capacity: float = 1.25, iters: int = 20) -> tuple[Model, dict]:
+  """(spec, params) of the model with every block's MLP MoEfied (`moefy`) and run as a mixture that computes
+  only each token's top_k experts (`models.moe.MoEMLP`, `LlamaConfig.moe_*`). Attention, norms, embeddings
+  and head are shared with `params`. Another top_k or capacity needs no new params:
+  `type(model)(dataclasses.replace(spec.config, moe_top_k=k))`.
   """
-  n, _ = x.shape
-  e = moe['router'].shape[1]
-  cap = min(n, int(np.ceil(capacity_factor * n * top_k / e)))
-  w = route(x, moe, top_k)  # [N, E]
-  scores = x.astype(jnp.float32) @ moe['router']
-  pick = jnp.where(w.T > 0, scores.T, -jnp.inf)  # [E, N]
-  top, idx = jax.lax.top_k(pick, cap)  # [E, C]
-  keep = jnp.isfinite(top).astype(x.dtype)
-  xe = jnp.take(x, idx, axis=0)  # [E, C, d]
-  h = _expert_hidden(jnp.swapaxes(xe, 0, 1), moe, act)  # [C, E, f/E]
-  ye = jnp.einsum('cef,efd->ecd', h, moe['down']) * keep[..., None]
-  y = jnp.zeros_like(x).at[idx.reshape(-1)].add(ye.reshape(-1, x.shape[1]))
-  if 'down_bias' in moe:
-    y = y + moe['down_bias']
-  dropped = 1.0 - keep.sum() / jnp.maximum(w.sum(), 1.0)
-  return y, dropped
+  c = model.config
+  if not hasattr(c, 'moe_experts'):
+    raise ValueError(f'moefy_model: {type(model).__name__} has no mixture-of-experts option; the Llama family '
+                     'has one (use moefy and moe_mlp_dispatch on other MLPs).')
+  if c.moe_experts:
+    raise ValueError(f'moefy_model: the model is already a mixture of {c.moe_experts} experts.')
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f'moefy_model: top_k={top_k} must lie in [1, num_experts={num_experts}].')
+  keys = jax.random.split(key, model.num_layers(params))
+  blocks = {}
+  for i, k in enumerate(keys):
+    bp = model.block_params(params, i)
+    moe = moefy(bp['mlp'], num_experts, k, iters)
+    blocks[i] = {**params[model.block_path][i], 'mlp': {n: v for n, v in moe.items() if n != 'neurons'}}
+  spec = type(model)(dataclasses.replace(c, moe_experts=num_experts, moe_top_k=top_k, moe_capacity=capacity))
+  return spec, {**params, model.block_path: blocks}

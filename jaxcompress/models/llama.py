@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
-from jaxcompress.models import base, convert, layers
+from jaxcompress.models import base, convert, layers, moe
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +45,9 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
   pad_token_id: int | None = None
+  moe_experts: int = 0  # > 0: every MLP is a mixture of this many experts (models.moe, from MoEfication)
+  moe_top_k: int = 0  # experts each token runs (with moe_experts)
+  moe_capacity: float = 1.25  # tokens per expert over its even share N top_k / E (the rest are dropped)
 
   @property
   def dim_per_head(self) -> int:
@@ -89,7 +92,13 @@ class MLP(nnx.Module):
 
 def block(cfg: LlamaConfig, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:
   norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-  return layers.PreNormBlock(norm(), Attention(cfg, dtype, rngs), norm(), MLP(cfg, dtype, rngs), cfg.dim_per_head)
+  if cfg.moe_experts:
+    mlp = moe.MoEMLP(cfg.hidden_size, cfg.intermediate_size, experts=cfg.moe_experts, top_k=cfg.moe_top_k,
+                     capacity=cfg.moe_capacity, gated=True, bias=cfg.mlp_bias, act=cfg.hidden_act,
+                     std=cfg.initializer_range, dtype=dtype, rngs=rngs)
+  else:
+    mlp = MLP(cfg, dtype, rngs)
+  return layers.PreNormBlock(norm(), Attention(cfg, dtype, rngs), norm(), mlp, cfg.dim_per_head)
 
 
 class LlamaLM(nnx.Module):
@@ -205,6 +214,9 @@ class Llama(base.Model):
   def hf_config(self):
     import transformers
     c = self.config
+    if c.moe_experts:
+      raise ValueError(f'Llama export: moe_experts={c.moe_experts}; a MoEfied MLP has no Hugging Face Llama '
+                       'layout. Export the dense model the experts were split from.')
     kwargs = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,

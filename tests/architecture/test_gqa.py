@@ -1,6 +1,7 @@
 """MHA -> GQA/MQA conversion: the pooling against NumPy, exactness when grouped heads agree, bad targets."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,3 +56,36 @@ def test_bad_targets_are_named(params):
                                        intermediate_size=8))
   with pytest.raises(ValueError, match='no num_kv_heads'):
     architecture.convert_to_gqa(bert, {}, 1)
+
+
+BERT = models.Bert(models.BertConfig(vocab_size=30, hidden_size=24, num_layers=2, num_heads=6,
+                                     intermediate_size=32, max_position_embeddings=16))
+
+
+def test_encoder_groups_are_grouped_query_attention():
+  """BERT 6 heads -> 2 key/value heads: pooled like NumPy, and the expanded model equals a float64 GQA
+  attention of the grouped heads (query head n reads key/value head n // 3)."""
+  p = jax.jit(BERT.init)(jax.random.key(1))
+  grouped = architecture.group_kv_heads(BERT, p, 2)
+  k = np.asarray(p['layers'][0]['attn']['k_proj']['kernel'], np.float64).reshape(24, 6, 4)
+  np.testing.assert_allclose(grouped['layers'][0]['attn']['k_proj']['kernel'],
+                             k.reshape(24, 2, 3, 4).mean(2).reshape(24, 8), rtol=1e-6, atol=1e-7)
+  run = architecture.expand_kv_heads(BERT, grouped, 2)
+  x = np.asarray(jax.random.normal(jax.random.key(2), (2, 5, 24)))
+  ctx = BERT.context(jnp.zeros((2, 5), jnp.int32))
+  out = BERT.bind_block(run['layers'][0]).attn(jnp.asarray(x), ctx)
+  out = out[0] if isinstance(out, tuple) else out
+  a = {n: {kk: np.asarray(v, np.float64) for kk, v in grouped['layers'][0]['attn'][n].items()}
+       for n in ('q_proj', 'k_proj', 'v_proj', 'o_proj')}
+  lin = lambda n: x @ a[n]['kernel'] + a[n]['bias']
+  q, kk, v = lin('q_proj').reshape(2, 5, 6, 4), lin('k_proj').reshape(2, 5, 2, 4), lin('v_proj').reshape(2, 5, 2, 4)
+  s = np.einsum('bqnh,bknh->bnqk', q, kk[:, :, np.arange(6) // 3]) / 2.0
+  pr = np.exp(s - s.max(-1, keepdims=True))
+  pr /= pr.sum(-1, keepdims=True)
+  o = np.einsum('bnqk,bknh->bqnh', pr, v[:, :, np.arange(6) // 3]).reshape(2, 5, 24)
+  np.testing.assert_allclose(out, o @ a['o_proj']['kernel'] + a['o_proj']['bias'], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r'kv_heads=4 does not divide the 6 attention heads.*\[1, 2, 3, 6\]'):
+    architecture.group_kv_heads(BERT, p, 4)
+  with pytest.raises(ValueError, match='already has 2 key/value heads'):
+    architecture.group_kv_heads(MHA.__class__(MHA.config.__class__(**{**MHA.config.__dict__, 'num_kv_heads': 2})),
+                                {}, 1)
