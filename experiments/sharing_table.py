@@ -27,6 +27,8 @@ flags.DEFINE_integer('steps', 100, 'Recovery steps; 0 skips recovery.')
 flags.DEFINE_integer('batch_size', 8, 'Rows per recovery step.')
 flags.DEFINE_float('learning_rate', 1e-3, 'Recovery peak learning rate.')
 flags.DEFINE_integer('delta_rank', 8, 'Rank of the per-layer LoRA deltas.')
+flags.DEFINE_list('variants', [], 'Run only these variants (dense, albert_all, groups_of_2, similarity, '
+                  'groups_of_2_lora, albert_all_lora); default all.')
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +59,9 @@ def main(argv):
   }
   rows = []
   for i, (name, make) in enumerate(variants.items()):
+    ident = name.split(' ')[0] + ('_lora' if 'LoRA' in name else '')
+    if FLAGS.variants and ident not in FLAGS.variants:
+      continue
     p = make()
     totals = core.stats.totals(p)
     disk = core.serialize.save(out / f'variant{i}.safetensors', p)
