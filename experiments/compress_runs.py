@@ -52,11 +52,16 @@ def calibration_batches(train, n: int) -> list[dict[str, np.ndarray]]:
 
 
 def recover(model, params, train, *, steps: int, run_dir: pathlib.Path, seed: int, trainable=None,
-            learning_rate: float = 1e-3) -> Any:
-  """params after `steps` of causal-LM fine-tuning with loop.fit (a fresh run in run_dir each time)."""
+            learning_rate: float = 1e-3, batch_size: int | None = None) -> Any:
+  """params after `steps` of causal-LM fine-tuning with loop.fit (a fresh run in run_dir each time);
+  batch_size: rows per step (default the training batches' own)."""
+  import dataclasses
+
   from jaxcompress.train import loop, objectives, optim, state
   if steps <= 0:
     return params
+  if batch_size:
+    train = dataclasses.replace(train, batch_size=batch_size)
   shutil.rmtree(run_dir, ignore_errors=True)
   cfg = loop.LoopConfig(steps=steps, batch_size=train.batch_size, run_dir=str(run_dir), seed=seed,
                         checkpoint_every=0, async_checkpoint=False, progress=False, log_every=max(1, steps // 4),
@@ -76,10 +81,11 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def write(output_dir: str, config: dict, rows: list[dict], table: str) -> None:
+def write(output_dir: str, config: dict, rows: list[dict], table: str, extra: dict | None = None) -> None:
+  """results.json ({'rows': rows, **extra}) with provenance, and table.md; prints the table."""
   from jaxcompress import provenance
   out = pathlib.Path(output_dir)
-  provenance.write_run_dir(out, config=config, results={'rows': rows})
+  provenance.write_run_dir(out, config=config, results={'rows': rows, **(extra or {})})
   (out / 'table.md').write_text(table + '\n')
   print(table)
   print(f'results: {out / "results.json"}')

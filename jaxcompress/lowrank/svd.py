@@ -21,14 +21,15 @@ starts from equally scaled factors.
   matrix).
 
 Ranks are chosen by `RankRule`: a fixed rank, an energy threshold, a uniform parameter fraction per kernel, or
-one parameter budget over all selected kernels allocated greedily by the σ² a rank buys per parameter.
+one parameter budget over all selected kernels allocated greedily by the σ² a rank buys per parameter (a kernel
+whose rank would reach its break-even point, d/2 for a square d×d one, stays dense instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -180,34 +181,62 @@ def energy_rank(sigma: np.ndarray, energy: float) -> int:
   return int(min(len(e), np.searchsorted(e, energy * e[-1] * (1 - 1e-12)) + 1))
 
 
+def break_even_rank(shape: tuple[int, int]) -> int:
+  """The largest rank whose factors [in, r] + [r, out] hold fewer parameters than the dense [in, out] kernel.
+
+  A square d×d kernel saves parameters only below d/2: rank d/2 already stores as many as the dense kernel."""
+  d_in, d_out = shape
+  return max(0, min(min(d_in, d_out), (d_in * d_out - 1) // (d_in + d_out)))
+
+
 def budget_ranks(spectra: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]],
-                 budget: float) -> dict[str, int]:
-  """Ranks keeping `budget` of the kernels' total dense parameters, greedily: every kernel starts at rank 1,
-  then the next singular value with the largest σ² per parameter (in + out) is added while it fits."""
+                 budget: float) -> dict[str, int | None]:
+  """Ranks keeping `budget` of the kernels' total dense parameters, allocated across kernels greedily.
+
+  Every kernel starts at rank 1; then the step with the largest σ² bought per parameter is taken while it fits:
+  the next singular value (costs in + out), or, for a kernel already at its `break_even_rank`, staying dense
+  (costs the rest of in·out, buys every discarded σ²). A kernel that stays dense gets rank None. This spends a
+  20% reduction where it is cheapest instead of cutting every kernel by 20%, and never stores factors larger
+  than the dense kernel.
+  """
   total = sum(i * o for i, o in shapes.values())
   floor = sum(i + o for i, o in shapes.values())
   left = budget * total - floor
   if left < 0:
     raise ValueError(f'budget={budget} keeps {budget * total:.0f} parameters, less than rank 1 everywhere '
                      f'({floor}); raise the budget.')
-  ranks = {p: 1 for p in shapes}
-  heap = [(-float(spectra[p][1]) ** 2 / sum(shapes[p]), p) for p in shapes if len(spectra[p]) > 1]
+  ranks: dict[str, int | None] = {p: 1 for p in shapes}
+  tails = {p: np.cumsum(np.square(np.asarray(spectra[p], np.float64))[::-1])[::-1] for p in shapes}
+
+  def next_step(p):
+    """(−gain per parameter, p, cost) of p's next step, or None when p is dense."""
+    r, (d_in, d_out) = ranks[p], shapes[p]
+    if r is None:
+      return None
+    if r < break_even_rank(shapes[p]):
+      return (-float(spectra[p][r]) ** 2 / (d_in + d_out), p, d_in + d_out)
+    cost = d_in * d_out - r * (d_in + d_out)
+    tail = float(tails[p][r]) if r < len(tails[p]) else 0.0
+    return (-tail / max(cost, 1), p, cost)
+
+  heap = [s for s in map(next_step, shapes) if s is not None]
   heapq.heapify(heap)
   while heap:
-    gain, p = heapq.heappop(heap)
-    cost = sum(shapes[p])
+    _, p, cost = heapq.heappop(heap)
     if cost > left:
-      continue  # this kernel's next rank does not fit; cheaper ones still may
+      continue  # this kernel's next step does not fit; cheaper ones still may
     left -= cost
-    ranks[p] += 1
-    if ranks[p] < len(spectra[p]):
-      heapq.heappush(heap, (-float(spectra[p][ranks[p]]) ** 2 / cost, p))
+    ranks[p] = None if ranks[p] >= break_even_rank(shapes[p]) else ranks[p] + 1
+    step = next_step(p)
+    if step is not None:
+      heapq.heappush(heap, step)
   return ranks
 
 
 def choose_ranks(rule: RankRule, spectra: Mapping[str, np.ndarray],
-                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-  """{path: rank} for every kernel, by the rule (spectra: singular values of S·W, descending)."""
+                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, int | None]:
+  """{path: rank} for every kernel, by the rule (spectra: singular values of S·W, descending); None: the
+  kernel stays dense (budget rule only)."""
   if rule.rank is not None:
     for p, sh in shapes.items():
       check_rank(rule.rank, sh, p)
@@ -261,7 +290,7 @@ def compress(params: Any, *, config: SVDConfig = SVDConfig(), stats: Mapping[str
   need_spectra = config.ranks.energy is not None or config.ranks.budget is not None
   spectra = {p: np.asarray(spectrum(weights[p], s[p])) for p in sel.paths} if need_spectra else {}
   ranks = choose_ranks(config.ranks, spectra, shapes)
-  return sel.map(lambda p, w: factorize(w, ranks[p], s[p]), params)
+  return sel.map(lambda p, w: w if ranks[p] is None else factorize(w, ranks[p], s[p]), params)
 
 
 def ranks_of(params: Any) -> dict[str, int]:
@@ -270,21 +299,27 @@ def ranks_of(params: Any) -> dict[str, int]:
 
 
 def fisher_rows(model: Any, params: Any, batches: Iterable[Mapping[str, Any]], *,
-                rules: core.Rules = core.Rules()) -> dict[str, jax.Array]:
+                rules: core.Rules = core.Rules(),
+                loss: Callable[[Any, Mapping[str, jax.Array]], jax.Array] | None = None) -> dict[str, jax.Array]:
   """FWSVD's row importances: {kernel path: Σ_batches Σ_out (∂L/∂W)² [in] float32}.
 
-  batches: {'inputs': [B, T] int32, 'targets': [B, T] int32, optional 'mask'}; L is each batch's mean
-  next-token cross-entropy (the gradient of one batch is one sample of the empirical Fisher).
+  loss(params, batch) -> scalar: one batch's loss (the gradient of one batch is one sample of the empirical
+  Fisher). Default: the causal-LM mean next-token cross-entropy over batches {'inputs': [B, T] int32,
+  'targets': [B, T] int32, optional 'mask'}. Models without a language-model loss pass their own, e.g.
+  `output_fisher_loss` for an embedding model.
   """
   sel = core.select_by(params, rules)
 
+  def lm_loss(p, batch):
+    logits = model.apply(p, batch['inputs'])
+    mask = batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32))
+    return jnp.sum(lm.token_nll(logits, batch['targets']) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  loss = loss or lm_loss
+
   @jax.jit
   def sq_grad(p, batch):
-    def loss(p):
-      logits = model.apply(p, batch['inputs'])
-      mask = batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32))
-      return jnp.sum(lm.token_nll(logits, batch['targets']) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    g = core.flatten(jax.grad(loss)(p))
+    g = core.flatten(jax.grad(loss)(p, batch))
     return {q: jnp.sum(jnp.square(g[q]), axis=1) for q in sel.paths}
 
   total = None
@@ -295,3 +330,13 @@ def fisher_rows(model: Any, params: Any, batches: Iterable[Mapping[str, Any]], *
   if total is None:
     raise ValueError('fisher_rows: batches is empty; give at least one calibration batch.')
   return total
+
+
+def output_fisher_loss(forward: Callable[[Any, Mapping[str, jax.Array]], jax.Array]):
+  """A `fisher_rows` loss for a model without labels (e.g. sentence embeddings): εᵀ f(x) with ε ~ N(0, I).
+
+  For the output model y ~ N(f(x), I) the score at a label drawn from the model is (y − f)ᵀ J = εᵀ J, so
+  E[(∂/∂W εᵀ f)²] is the diagonal of the true Fisher Jᵀ J. forward(params, batch) -> [B, D] outputs; batch
+  must hold 'noise' [B, D] float32 drawn from N(0, 1) (a fresh draw per batch, from one seed).
+  """
+  return lambda p, batch: jnp.sum(forward(p, batch) * batch['noise'])

@@ -119,3 +119,17 @@ def test_lora_on_a_path_that_matches_nothing_is_named(params):
     lowrank.add_lora(params, jax.random.key(0), rules=core.Rules(include='nothing_here'))
   with pytest.raises(ValueError, match='rank=40 exceeds min'):
     lowrank.add_lora(params, jax.random.key(0), rank=40)
+
+
+def test_merging_into_a_base_of_another_shape_is_named(params):
+  adapted = _trained(lowrank.add_lora(params, jax.random.key(3), rank=4))
+  flat = core.flatten(params)
+  path = 'layers/0/mlp/up_proj/kernel'
+  wide = core.paths.replace(params, {path: jnp.zeros((flat[path].shape[0], flat[path].shape[1] + 8))})
+  with pytest.raises(ValueError, match=rf"'{path}': weight of shape \(32, 72\), but the adapter was trained on a "
+                                       r'base of shape \(32, 64\)'):
+    lowrank.merge_into(wide, adapted)
+  with pytest.raises(KeyError, match="LoRA at 'layers/0/attn/k_proj/kernel', which params lack"):
+    lowrank.merge_into({k: v for k, v in params.items() if k != 'layers'}, adapted)
+  with pytest.raises(ValueError, match='holds no LoRA leaf'):
+    lowrank.merge_into(params, params)

@@ -1,4 +1,4 @@
-"""The low-rank, sharing and QLoRA table scripts run end to end in smoke mode and write their tables."""
+"""The low-rank, MiniLM-fidelity and sharing table scripts run end to end in smoke mode and write their tables."""
 
 import json
 import os
@@ -14,6 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize('script, extra', [
     ('lowrank_table.py', ['--methods=svd,svd_llm', '--reductions=0.5']),
     ('sharing_table.py', ['--steps=0']),  # recovery runs in the low-rank smoke run and the sharing tests
+    ('lowrank_minilm.py', ['--methods=svd,fwsvd', '--reductions=0.5']),  # a tiny random BERT; output Fisher
 ])
 def test_table_script_smoke(script, extra, tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
@@ -21,5 +22,10 @@ def test_table_script_smoke(script, extra, tmp_path):
                         f'--output_dir={tmp_path}', *extra], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads((tmp_path / 'results.json').read_text())['rows']
+  table = (tmp_path / 'table.md').read_text()
+  if script == 'lowrank_minilm.py':
+    assert len(rows) == 2 and all(0 < r['budget_cos_mean'] <= 1 + 1e-6 for r in rows)
+    assert '| budget_cos_mean' in table
+    return
   assert len(rows) >= 3 and all(r.get('ppl', 1) > 1 for r in rows)
-  assert '| ppl' in (tmp_path / 'table.md').read_text() or 'ppl |' in (tmp_path / 'table.md').read_text()
+  assert '| ppl' in table or 'ppl |' in table

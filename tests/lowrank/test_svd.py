@@ -162,3 +162,39 @@ def test_weighted_factors_are_balanced():
   a, b = np.asarray(lr.a, np.float64), np.asarray(lr.b, np.float64)
   np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=1e-4)
   np.testing.assert_allclose(a.T @ a, np.diag(np.diag(a.T @ a)), atol=1e-4 * np.abs(a.T @ a).max())
+
+
+def test_svd_llm_squared_output_loss_is_sum_of_squared_discarded_values():
+  # ‖(W − W')ᵀ Xᵀ‖² = Σ_{i>r} σ_i² of the whitened Lᵀ W, every rank, against float64 (no damping).
+  xd, wd = np.asarray(X, np.float64), np.asarray(W, np.float64)
+  sig = np.linalg.svd(np.linalg.cholesky(xd.T @ xd).T @ wd, compute_uv=False)
+  s = lowrank.whitening({'xtx': jnp.asarray(xd.T @ xd, jnp.float32), 'count': 300}, damp=0.0)
+  for r in (1, 3, 6, 11):
+    delta = wd - np.asarray(core.materialize(lowrank.factorize(W, r, s)), np.float64)
+    np.testing.assert_allclose(np.sum(np.square(delta.T @ xd.T)), np.sum(sig[r:] ** 2), rtol=2e-4)
+
+
+def test_budget_never_stores_factors_larger_than_the_dense_kernel():
+  assert lowrank.break_even_rank((256, 256)) == 127 and lowrank.break_even_rank((8, 8)) == 3
+  assert lowrank.break_even_rank((256, 768)) == (256 * 768 - 1) // 1024
+  shapes = {'flat': (8, 8), 'steep1': (8, 8), 'steep2': (8, 8)}
+  spectra = {'flat': np.ones(8), 'steep1': 2.0 ** -np.arange(8.0), 'steep2': 3.0 ** -np.arange(8.0)}
+  for budget in (0.3, 0.5, 0.8, 0.95):
+    ranks = lowrank.budget_ranks(spectra, shapes, budget)
+    cost = sum(64 if r is None else 16 * r for r in ranks.values())
+    assert cost <= budget * 192
+    assert all(r is None or 1 <= r <= 3 for r in ranks.values())
+  # At 80% kept the flat spectrum (worst for a low-rank cut) stays dense; the steep ones are cut.
+  ranks = lowrank.budget_ranks(spectra, shapes, 0.8)
+  assert ranks['flat'] is None and ranks['steep1'] is not None and ranks['steep2'] is not None
+
+
+def test_output_fisher_rows_of_a_linear_map_against_numpy():
+  rs = np.random.RandomState(3)
+  x, w = rs.randn(2, 5, 4).astype(np.float32), rs.randn(4, 3).astype(np.float32)
+  noise = rs.randn(2, 5, 3).astype(np.float32)
+  params = {'lin': {'kernel': jnp.asarray(w)}}
+  loss = lowrank.output_fisher_loss(lambda p, b: b['x'] @ p['lin']['kernel'])
+  got = lowrank.fisher_rows(None, params, [{'x': x[i], 'noise': noise[i]} for i in range(2)], loss=loss)
+  ref = sum(np.sum(np.square(x[i].astype(np.float64).T @ noise[i].astype(np.float64)), axis=1) for i in range(2))
+  np.testing.assert_allclose(got['lin/kernel'], ref, rtol=1e-5)
