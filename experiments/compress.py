@@ -50,6 +50,7 @@ flags.DEFINE_integer('seed', 0, 'The one seed every random choice derives from.'
 flags.DEFINE_string('output_dir', 'runs/compress', 'Where the run writes its files (replaced files only).')
 flags.DEFINE_bool('save', True, 'Write compressed.jxc, orbax/ and hf/ (False: report and metrics only).')
 flags.DEFINE_bool('per_stage_eval', True, 'Evaluate after every stage (the points of stages.png).')
+flags.DEFINE_bool('measure', True, 'Measure speed, fine-tuning cost and energy (False: size and quality only).')
 flags.DEFINE_integer('timing_reps', 5, 'Interleaved repetitions of the dense/compressed speed measurements.',
                      lower_bound=1)
 flags.DEFINE_integer('data', -1, 'Mesh: data-parallel devices splitting calibration rows (-1 fills).')
@@ -338,9 +339,21 @@ def _mb(b: float) -> str:
   return f'{b / 2**20:.2f} MiB'
 
 
+MEASURED = ('forward_s_dense', 'forward_s', 'speedup', 'train_step_s_dense', 'train_step_s', 'train_step_ratio',
+            'trainable_bytes_dense', 'trainable_bytes', 'memory_bytes_dense', 'memory_bytes', 'peak_rss_bytes',
+            'joule_per_token_dense', 'joule_per_token')
+
+
+def leaf_kinds_of(res: dict) -> dict:
+  return res.get('leaf_kinds', {})
+
+
 def report(cfg: dict, setup: Setup, res: dict) -> str:
   q, higher = quality_metric(setup)
   s, m = res['size'], res['measure']
+  if m is None:  # not measured (--measure=false): those cells say so
+    m = {k: float('nan') for k in MEASURED}
+    m['leaf_kinds'] = leaf_kinds_of(res)
   dq, cq = res['quality_dense'][q], res['quality'][q]
   drop = (dq - cq) if higher else (cq - dq)
   bits_saved = 32.0 - s['bits_per_weight']
@@ -451,9 +464,9 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
          'quality': {k: v for k, v in records[-1].items() if k in ('cosine_mean', 'cosine_min', 'perplexity',
                                                                    'mean_nll')},
          'size': size(model, params, setup.params, cfg['seq_len']), 'compress_s': compress_s, 'stages': records,
-         'params_hash': params_hash(params)}
-  res['measure'] = measure(setup, (setup.model, setup.params), model, params, reps=cfg.get('timing_reps', 5),
-                           seq_len=cfg['seq_len'])
+         'params_hash': params_hash(params), 'leaf_kinds': leaf_kinds(params)}
+  res['measure'] = (measure(setup, (setup.model, setup.params), model, params, reps=cfg.get('timing_reps', 5),
+                            seq_len=cfg['seq_len']) if cfg.get('measure', True) else None)
   provenance.atomic_write(out / 'metrics.jsonl', ''.join(json.dumps(provenance.to_jsonable(r)) + '\n'
                                                         for r in records))
   if save:
@@ -522,6 +535,7 @@ def main(argv):
   mesh = _mesh()
   cfg = {k: FLAGS[k].value for k in ('model', 'recipe', 'calib_data', 'eval_data', 'calib_samples', 'eval_samples',
                                      'seq_len', 'batch_size', 'seed', 'output_dir', 'per_stage_eval', 'timing_reps',
+                                     'measure',
                                      'data', 'fsdp', 'tensor')}
   import jax
   if jax.process_count() > 1:

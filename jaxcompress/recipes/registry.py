@@ -109,9 +109,36 @@ def make_config(method: Method, kwargs: dict[str, Any]):
       raise ValueError(f'{method.name}: {k}={v!r} is not a {_show(hints[k])}.')
     values[k] = v
   try:
-    return method.config(**values)
+    config = method.config(**values)
   except (TypeError, ValueError) as e:
     raise ValueError(f'{method.name}: {e}') from e
+  check_ranges(method.name, config)
+  return config
+
+
+RANGES = {  # field: (low, high, inclusive high) checked for every method that has the field
+    'sparsity': (0.0, 1.0, False), 'bits': (2, 8, True), 'group_size': (1, None, True), 'steps': (1, None, True),
+    'learning_rate': (0.0, None, True), 'keep': (0.0, 1.0, False), 'energy': (0.0, 1.0, True),
+    'budget': (0.0, 1.0, False), 'rank': (1, None, True), 'kv_heads': (1, None, True), 'group': (1, None, True),
+    'average_bits': (2, 8, True), 'outlier_fraction': (0.0, 1.0, False), 'iters': (1, None, True),
+}
+RANGE_EXCEPTIONS = {('pq', 'bits'): (1, 16, True)}
+
+
+def check_ranges(name: str, config) -> None:
+  """Values outside their field's range fail at parse time (e.g. bits=12, sparsity=1.5), naming the range."""
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    rng = RANGE_EXCEPTIONS.get((name, f.name), RANGES.get(f.name))
+    if rng is None or v is None or isinstance(v, (bool, str, tuple)):
+      continue
+    lo, hi, closed = rng
+    ok = v >= lo if lo != 0.0 or isinstance(lo, int) else v > lo
+    ok = ok and (hi is None or (v <= hi if closed else v < hi))
+    if not ok:
+      span = f'({lo}, ' if isinstance(lo, float) and lo == 0.0 else f'[{lo}, '
+      span += 'inf)' if hi is None else f'{hi}{"]" if closed else ")"}'
+      raise ValueError(f'{name}: {f.name}={v!r} is outside {span}.')
 
 
 def _tuples(v):

@@ -29,10 +29,25 @@ def stage_key(ctx: Context, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(ctx.seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _batches(ctx: Context) -> list:
+def _batches(ctx: Context, *, split: bool = False) -> list:
+  """The calibration batches. split: this process's share of each batch's rows, for family functions that take
+  `mesh=` (the calibration driver all-reduces their statistics); functions without it see every row."""
   if not ctx.calib:
     raise ValueError('this stage needs calibration batches (--calib_data); none were given.')
-  return list(ctx.calib)
+  if not split or ctx.mesh is None or jax.process_count() == 1:
+    return list(ctx.calib)
+  n, i = jax.process_count(), jax.process_index()
+
+  def mine(b):
+    rows = len(next(iter(b.values())))
+    if rows % n:
+      raise ValueError(f'calibration batches of {rows} rows do not split over {n} processes; use a multiple.')
+    return {k: v[i * rows // n:(i + 1) * rows // n] for k, v in b.items()}
+  return [mine(b) for b in ctx.calib]
+
+
+def _mesh_kwargs(ctx: Context) -> dict:
+  return {} if ctx.mesh is None else {'mesh': ctx.mesh}
 
 
 # Masked kernels under quantizers ---------------------------------------------------------------------------------
@@ -69,11 +84,12 @@ def magnitude(ctx, model, params, cfg):
 
 
 def wanda(ctx, model, params, cfg):
-  return model, pruning.wanda(model, params, _batches(ctx), config=cfg, mesh=ctx.mesh)
+  return model, pruning.wanda(model, params, _batches(ctx, split=True), config=cfg, **_mesh_kwargs(ctx))
 
 
 def sparsegpt(ctx, model, params, cfg):
-  return model, pruning.sparsegpt(model, params, _batches(ctx), config=cfg, mesh=ctx.mesh)
+  return model, pruning.sparsegpt(model, params, _batches(ctx, split=True), config=cfg,
+                                    **_mesh_kwargs(ctx))
 
 
 # Quantization ------------------------------------------------------------------------------------------------------
@@ -91,7 +107,7 @@ def _target_selection(model, params, target: str, include: str):
   if target not in ('blocks', 'embeddings', 'all'):
     raise ValueError(f"target={target!r}: choose 'blocks', 'embeddings' or 'all'.")
   sel = model.select(params, embeddings=target != 'blocks')
-  emb = core.select(params, include=r'embedding$').paths
+  emb = core.select(params, include=r'embedding$', embeddings=True).paths
   keep = [p for p in sel.paths if (target == 'all' or (p in emb) == (target == 'embeddings'))]
   rx = re.compile(include)
   keep = [p for p in keep if rx.search(p)]
@@ -186,7 +202,7 @@ def _lowrank(method: str):
                                   rules=model.selection_rules())
     elif method in ('asvd', 'svd_llm'):
       obs = calibration.abs_mean() if method == 'asvd' else calibration.hessian()
-      stats = calibration.calibrate(model, params, _batches(ctx), obs, mesh=ctx.mesh)
+      stats = calibration.calibrate(model, params, _batches(ctx, split=True), obs, **_mesh_kwargs(ctx))
     return model, lowrank.compress(params, config=svd_cfg, stats=stats)
   return apply
 
