@@ -469,9 +469,11 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
                             seq_len=cfg['seq_len']) if cfg.get('measure', True) else None)
   provenance.atomic_write(out / 'metrics.jsonl', ''.join(json.dumps(provenance.to_jsonable(r)) + '\n'
                                                         for r in records))
-  if save:
+  import jax
+  if save and jax.process_index() == 0:  # every process holds the same compressed model; one writes it
     core.serialize.save(out / 'compressed.jxc', params, metadata={'recipe': res['recipe'], 'model': cfg['model']})
-    _save_orbax(out / 'orbax', params)
+    if jax.process_count() == 1:  # orbax would coordinate a save across processes; this tree is process-local
+      _save_orbax(out / 'orbax', params)
     models.save_pretrained(out / 'hf', model, params)
   text = report(cfg, setup, res)
   provenance.atomic_write(out / 'report.md', text)

@@ -50,6 +50,17 @@ def _mesh_kwargs(ctx: Context) -> dict:
   return {} if ctx.mesh is None else {'mesh': ctx.mesh}
 
 
+def _local(tree):
+  """Arrays replicated over a multi-process mesh -> this process's copy (later stages run on one device)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f'a stage returned an array of shape {x.shape} split over processes; expected replicated.')
+      return jnp.asarray(x.addressable_data(0))
+    return x
+  return jax.tree.map(one, tree)
+
+
 # Masked kernels under quantizers ---------------------------------------------------------------------------------
 
 def _unmask(params):
@@ -84,12 +95,12 @@ def magnitude(ctx, model, params, cfg):
 
 
 def wanda(ctx, model, params, cfg):
-  return model, pruning.wanda(model, params, _batches(ctx, split=True), config=cfg, **_mesh_kwargs(ctx))
+  return model, _local(pruning.wanda(model, params, _batches(ctx, split=True), config=cfg, **_mesh_kwargs(ctx)))
 
 
 def sparsegpt(ctx, model, params, cfg):
-  return model, pruning.sparsegpt(model, params, _batches(ctx, split=True), config=cfg,
-                                    **_mesh_kwargs(ctx))
+  return model, _local(pruning.sparsegpt(model, params, _batches(ctx, split=True), config=cfg,
+                                           **_mesh_kwargs(ctx)))
 
 
 # Quantization ------------------------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def _lowrank(method: str):
                                   rules=model.selection_rules())
     elif method in ('asvd', 'svd_llm'):
       obs = calibration.abs_mean() if method == 'asvd' else calibration.hessian()
-      stats = calibration.calibrate(model, params, _batches(ctx, split=True), obs, **_mesh_kwargs(ctx))
+      stats = _local(calibration.calibrate(model, params, _batches(ctx, split=True), obs, **_mesh_kwargs(ctx)))
     return model, lowrank.compress(params, config=svd_cfg, stats=stats)
   return apply
 
@@ -280,8 +291,9 @@ def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learn
 
 def _kd(model, ctx: Context, cfg) -> Any:
   output = cfg.output or ('soft_kl' if model.causal else 'embedding')
-  dcfg = distillation.DistillConfig(output=output, temperature=getattr(cfg, 'temperature', 2.0),
-                                    alpha=getattr(cfg, 'alpha', 0.5))
+  # An encoder has no task loss: its objective is the KD term alone (alpha=1).
+  alpha = getattr(cfg, 'alpha', 0.5) if model.causal else 1.0
+  dcfg = distillation.DistillConfig(output=output, temperature=getattr(cfg, 'temperature', 2.0), alpha=alpha)
   return distillation.distillation(model, ctx.reference_model, dcfg)
 
 
