@@ -126,7 +126,7 @@ def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
 
 def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
   one = subprocess.run([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "one"}'],
-                       env=runs.env(1), capture_output=True, text=True, timeout=300, cwd=runs.ROOT)
+                       env=runs.env(1), capture_output=True, text=True, timeout=900, cwd=runs.ROOT)
   assert one.returncode == 0, one.stderr[-3000:]
   port = runs.free_port()
   logs = [tmp_path / f'p{i}.log' for i in range(2)]
@@ -135,7 +135,7 @@ def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
                              '--cpu_collectives=gloo'],
                             env=runs.env(1), stdout=logs[i].open('w'), stderr=subprocess.STDOUT, cwd=runs.ROOT)
            for i in range(2)]
-  codes = [p.wait(timeout=300) for p in procs]
+  codes = [p.wait(timeout=900) for p in procs]
   assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
   ref = json.loads((tmp_path / 'one' / 'results.json').read_text())
   for i in range(2):

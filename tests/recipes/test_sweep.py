@@ -16,7 +16,7 @@ def sweep(out, *flags):
                          '--calib_samples=16', '--eval_samples=8', '--recipes=rtn(bits={bits}, group_size=16)',
                          '--recipes=magnitude(sparsity=0.5) > rtn(bits={bits}, group_size=16)',
                          '--grid={"bits": [4, 8]}', *flags],
-                        env=runs.env(1), capture_output=True, text=True, timeout=300, cwd=runs.ROOT)
+                        env=runs.env(1), capture_output=True, text=True, timeout=900, cwd=runs.ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
