@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from absl import app, flags
 
-DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, target="embeddings") > '
-                  'magnitude(sparsity=0.05, include=("mlp/",)) > gptq(bits=4, group_size=128)')
+DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, target="embeddings") > wanda(sparsity=0.1, include=("mlp/",)) > '
+                  'gptq(bits=4, group_size=128, act_order=True)')
 MODELS = ('minilm', 'fixture', 'tiny')
 
 flags.DEFINE_string('model', 'minilm', "'minilm' (all-MiniLM-L6-v2), 'fixture' (the causal-LM fixture), 'tiny' (a "
@@ -42,7 +42,7 @@ flags.DEFINE_string('calib_data', 'default', "Calibration text: 'default' (fortu
                     "fixture's training rows for causal LMs), a .txt file (one text per line) or a .npy of token rows.")
 flags.DEFINE_string('eval_data', 'default', "Evaluation text: 'default' (held-out fortunes sentences / the fixture's "
                     'held-out rows), a .txt file or a .npy of token rows [N, T + 1].')
-flags.DEFINE_integer('calib_samples', 128, 'Calibration sequences.', lower_bound=1)
+flags.DEFINE_integer('calib_samples', 512, 'Calibration sequences.', lower_bound=1)
 flags.DEFINE_integer('eval_samples', 256, 'Evaluation sequences.', lower_bound=1)
 flags.DEFINE_integer('seq_len', 64, 'Tokens per encoder sentence (longer ones are cut).', lower_bound=8)
 flags.DEFINE_integer('batch_size', 32, 'Sequences per calibration, evaluation and training batch.', lower_bound=1)
