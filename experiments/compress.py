@@ -243,7 +243,7 @@ def _forward(setup: Setup, model):
     x = jnp.asarray(setup.eval_tokens[:8, :-1])
     f = jax.jit(lambda p: model.apply(p, x))
   else:
-    x, m = jnp.asarray(setup.eval_tokens[:32]), jnp.asarray(setup.eval_mask[:32])
+    x, m = jnp.asarray(setup.eval_tokens[:8]), jnp.asarray(setup.eval_mask[:8])
     f = jax.jit(lambda p: model.sentence_embedding(p, x, m))
   return f
 
@@ -256,7 +256,7 @@ def _loss(setup: Setup, model, reference_out):
   if setup.causal:
     x = jnp.asarray(setup.eval_tokens[:8])
     return lambda p: lm.token_nll(model.apply(p, x[:, :-1]).astype(jnp.float32), x[:, 1:]).mean()
-  x, m = jnp.asarray(setup.eval_tokens[:32]), jnp.asarray(setup.eval_mask[:32])
+  x, m = jnp.asarray(setup.eval_tokens[:8]), jnp.asarray(setup.eval_mask[:8])
   return lambda p: 1 - jnp.mean(jnp.sum(model.sentence_embedding(p, x, m) * reference_out, -1))
 
 
