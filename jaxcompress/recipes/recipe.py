@@ -1,0 +1,156 @@
+"""A recipe: an ordered list of stages across families, parsed and checked before any work.
+
+    'sparsegpt(sparsity=0.5, pattern="2:4") > gptq(bits=4, group_size=128) > distill(steps=500)'
+
+or a JSON file holding `[{"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 4}]` (or
+`{"stages": [...]}`). Arguments are Python/JSON literals; lists become tuples.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+from jaxcompress.recipes import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  method: registry.Method  # the registered method
+  config: Any  # its frozen config (registered defaults, then the recipe's arguments)
+  args: tuple[tuple[str, Any], ...]  # the arguments as written (for the report)
+
+  @property
+  def name(self) -> str:
+    return self.method.name
+
+  def __str__(self) -> str:
+    return f'{self.name}(' + ', '.join(f'{k}={v!r}' for k, v in self.args) + ')'
+
+
+def split_stages(text: str) -> list[str]:
+  """Top-level '>'-separated pieces of `text` (a '>' inside parentheses, brackets or quotes stays)."""
+  pieces, depth, quote, start = [], 0, None, 0
+  for i, c in enumerate(text):
+    if quote:
+      quote = None if c == quote else quote
+    elif c in '\'"':
+      quote = c
+    elif c in '([{':
+      depth += 1
+    elif c in ')]}':
+      depth -= 1
+    elif c == '>' and depth == 0:
+      pieces.append(text[start:i])
+      start = i + 1
+  pieces.append(text[start:])
+  return [p.strip() for p in pieces]
+
+
+def _parse_stage(text: str) -> tuple[str, dict[str, Any]]:
+  if not text:
+    raise ValueError('recipe: an empty stage (two ">" in a row, or one at an end).')
+  try:
+    node = ast.parse(text, mode='eval').body
+  except SyntaxError as e:
+    raise ValueError(f'recipe: cannot parse stage {text!r}; write name(arg=value, ...).') from e
+  if isinstance(node, ast.Name):
+    return node.id, {}
+  if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+    raise ValueError(f'recipe: stage {text!r} must be name or name(arg=value, ...) with keyword arguments only.')
+  kwargs = {}
+  for kw in node.keywords:
+    try:
+      kwargs[kw.arg] = ast.literal_eval(kw.value)
+    except ValueError as e:
+      raise ValueError(f'recipe: {node.func.id}: {kw.arg}={ast.unparse(kw.value)} is not a literal '
+                       '(number, string, True/False/None, tuple or list).') from e
+  return node.func.id, kwargs
+
+
+def parse(recipe: str | list) -> list[Stage]:
+  """Stages of a recipe string, a JSON file path ('*.json') or a list of {'method': name, **args} mappings.
+
+  Raises ValueError naming the valid methods / fields for an unknown name or argument, and for stages that do
+  not compose (see `plan`).
+  """
+  if isinstance(recipe, str) and recipe.strip().endswith('.json'):
+    path = pathlib.Path(recipe.strip())
+    if not path.is_file():
+      raise ValueError(f'recipe: {path} is not a file (a JSON recipe is a list of {{"method": ..., args}}).')
+    recipe = json.loads(path.read_text())
+  if isinstance(recipe, dict):
+    recipe = recipe.get('stages', recipe)
+  if isinstance(recipe, str):
+    raw = [_parse_stage(s) for s in split_stages(recipe)]
+  elif isinstance(recipe, list):
+    raw = []
+    for item in recipe:
+      if not isinstance(item, dict) or 'method' not in item:
+        raise ValueError(f'recipe: JSON stage {item!r} must be an object with a "method" key.')
+      raw.append((item['method'], {k: v for k, v in item.items() if k != 'method'}))
+  else:
+    raise ValueError(f'recipe: {recipe!r} is neither a recipe string, a JSON file nor a list of stages.')
+  if not raw:
+    raise ValueError('recipe: no stages.')
+  stages = []
+  for name, kwargs in raw:
+    method = registry.get(name)
+    stages.append(Stage(method, registry.make_config(method, kwargs), tuple(kwargs.items())))
+  plan(stages)
+  return stages
+
+
+def scopes(stage: Stage) -> tuple[str, ...]:
+  """Which weights a stage changes: 'blocks', 'embeddings' or both (from a config's `target` field if it has
+  one; training and architecture stages touch everything)."""
+  target = getattr(stage.config, 'target', None)
+  if target == 'embeddings':
+    return ('embeddings',)
+  if target == 'blocks' or (target is None and stage.method.family in ('pruning', 'quantization', 'lowrank')):
+    return ('blocks',)
+  return ('blocks', 'embeddings')
+
+
+def plan(stages: list[Stage], *, can_train: bool = True) -> list[dict[str, frozenset[str]]]:
+  """The kernel states ({scope: tags}) before each stage; raises ValueError at the first stage that cannot run
+  after the ones before it (or that trains when `can_train` is False)."""
+  state = {'blocks': frozenset(), 'embeddings': frozenset()}
+  added_by: dict[tuple[str, str], str] = {}
+  states = []
+  for i, s in enumerate(stages):
+    for scope in scopes(s):
+      clash = sorted(state[scope] & s.method.forbids)
+      if clash:
+        raise ValueError(f'recipe: stage {i + 1} {s.name} cannot run on {scope} weights already '
+                         + ', '.join(f'{t} (by {added_by[scope, t]})' for t in clash)
+                         + f'; {s.name} needs weights that are not {", ".join(sorted(s.method.forbids))}. '
+                         'Reorder the stages (e.g. prune before quantizing) or drop one.')
+    if s.method.trains and not can_train:
+      raise ValueError(f'recipe: stage {i + 1} {s.name} trains, and this run has no training data.')
+    states.append(dict(state))
+    if s.method.adds:
+      for scope in scopes(s):
+        if s.method.family == 'sharing' and s.name == 'tie_embeddings' and scope == 'blocks':
+          continue
+        state[scope] = state[scope] | {s.method.adds}
+        added_by.setdefault((scope, s.method.adds), f'stage {i + 1} {s.name}')
+  return states
+
+
+def to_string(stages: list[Stage]) -> str:
+  return ' > '.join(str(s) for s in stages)
+
+
+def run(stages: list[Stage], ctx: registry.Context, model, params, *, on_stage=None):
+  """(model, params) after every stage in order; on_stage(i, stage, model, params, seconds) after each."""
+  import time
+  for i, s in enumerate(stages):
+    t0 = time.perf_counter()
+    model, params = s.method.apply(ctx, model, params, s.config)
+    if on_stage is not None:
+      on_stage(i, s, model, params, time.perf_counter() - t0)
+  return model, params

@@ -1,0 +1,376 @@
+"""Every family's methods as recipe stages: `(ctx, model, params, config) -> (model, params)`, registered by name.
+
+Each stage calls the family's public functions; the configs defined here only exist where a family's function
+takes loose arguments instead of a config dataclass. A quantizer given `core.Masked` kernels quantizes the
+surviving values (pruned entries at zero) and keeps the mask around the quantized value (sparse + quantized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+import shutil
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress import (architecture, calibration, core, distillation, lowrank, pruning, quantization, sharing)
+from jaxcompress.recipes.registry import Context, register
+
+BLOCKS = r'kernel$'
+MAY_TRAIN = ('pruning', 'quantization')  # families whose leaves keep training (masks / codes stay fixed)
+
+
+def stage_key(ctx: Context, name: str) -> jax.Array:
+  """The key of a stage: the run's seed folded with the method's name (the same recipe and seed, the same key)."""
+  return jax.random.fold_in(jax.random.key(ctx.seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _batches(ctx: Context, *, split: bool = False) -> list:
+  """The calibration batches. split: this process's share of each batch's rows, for family functions that take
+  `mesh=` (the calibration driver all-reduces their statistics); functions without it see every row."""
+  if not ctx.calib:
+    raise ValueError('this stage needs calibration batches (--calib_data); none were given.')
+  if not split or ctx.mesh is None or jax.process_count() == 1:
+    return list(ctx.calib)
+  n, i = jax.process_count(), jax.process_index()
+
+  def mine(b):
+    rows = len(next(iter(b.values())))
+    if rows % n:
+      raise ValueError(f'calibration batches of {rows} rows do not split over {n} processes; use a multiple.')
+    return {k: v[i * rows // n:(i + 1) * rows // n] for k, v in b.items()}
+  return [mine(b) for b in ctx.calib]
+
+
+def _mesh_kwargs(ctx: Context) -> dict:
+  return {} if ctx.mesh is None else {'mesh': ctx.mesh}
+
+
+def _local(tree):
+  """Arrays replicated over a multi-process mesh -> this process's copy (later stages run on one device)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f'a stage returned an array of shape {x.shape} split over processes; expected replicated.')
+      return jnp.asarray(x.addressable_data(0))
+    return x
+  return jax.tree.map(one, tree)
+
+
+# Masked kernels under quantizers ---------------------------------------------------------------------------------
+
+def _unmask(params):
+  """(params with every `Masked` leaf materialized, {path: mask})."""
+  flat = core.paths.flatten(params)
+  masks = {p: w.mask for p, w in flat.items() if isinstance(w, core.Masked)}
+  if not masks:
+    return params, masks
+  return core.paths.replace(params, {p: flat[p].materialize() for p in masks}), masks
+
+
+def _remask(params, masks):
+  if not masks:
+    return params
+  flat = core.paths.flatten(params)
+  return core.paths.replace(params, {p: core.Masked(flat[p], m) for p, m in masks.items()})
+
+
+def _masked_through(fn):
+  """A model-level quantizer that also takes `Masked` kernels (quantized values, masks kept)."""
+  def apply(ctx, model, params, cfg):
+    dense, masks = _unmask(params)
+    model, out = fn(ctx, model, dense, cfg)
+    return model, _remask(out, masks)
+  return apply
+
+
+# Pruning -----------------------------------------------------------------------------------------------------------
+
+def magnitude(ctx, model, params, cfg):
+  return model, pruning.magnitude(params, config=cfg, model=model)
+
+
+def wanda(ctx, model, params, cfg):
+  return model, _local(pruning.wanda(model, params, _batches(ctx, split=True), config=cfg, **_mesh_kwargs(ctx)))
+
+
+def sparsegpt(ctx, model, params, cfg):
+  return model, _local(pruning.sparsegpt(model, params, _batches(ctx, split=True), config=cfg,
+                                           **_mesh_kwargs(ctx)))
+
+
+# Quantization ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RTNConfig:
+  bits: int = 4  # weight bits (2..8)
+  group_size: int | None = 128  # rows per scale (None: one per output column); kernels it does not divide: None
+  symmetric: bool = False  # symmetric grid instead of min-max
+  target: str = 'blocks'  # 'blocks' (block kernels), 'embeddings' (embedding tables) or 'all'
+  include: str = '.'  # path regex within the target
+
+
+def _target_selection(model, params, target: str, include: str):
+  if target not in ('blocks', 'embeddings', 'all'):
+    raise ValueError(f"target={target!r}: choose 'blocks', 'embeddings' or 'all'.")
+  sel = model.select(params, embeddings=target != 'blocks')
+  emb = core.select(params, include=r'embedding$', embeddings=True).paths
+  keep = [p for p in sel.paths if (target == 'all' or (p in emb) == (target == 'embeddings'))]
+  rx = re.compile(include)
+  keep = [p for p in keep if rx.search(p)]
+  if not keep:
+    raise ValueError(f'target={target!r} include={include!r} selects no weight of {type(model).__name__}.')
+  return core.select(params, include=[f'^{re.escape(p)}$' for p in keep], embeddings=True, head=True)
+
+
+def rtn(ctx, model, params, cfg: RTNConfig):
+  def one(_, w):
+    gs = cfg.group_size if cfg.group_size is None or core.shape_of(w)[0] % cfg.group_size == 0 else None
+    return quantization.quantize_weight(jnp.asarray(w), bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric)
+  return model, _target_selection(model, params, cfg.target, cfg.include).map(one, params)
+
+
+def gptq(ctx, model, params, cfg):
+  return model, quantization.gptq(model, params, _batches(ctx), cfg)
+
+
+def awq(ctx, model, params, cfg):
+  return model, quantization.awq(model, params, _batches(ctx), cfg)
+
+
+def w8a8(ctx, model, params, cfg):
+  return model, quantization.w8a8(model, params, _batches(ctx), cfg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NonUniformConfig:
+  bits: int = 3  # codebook entries 2^bits per output column
+  outlier_fraction: float = 0.0  # fraction of weights kept in float (dense-and-sparse)
+  iters: int = 20  # weighted k-means iterations
+
+
+def nonuniform(ctx, model, params, cfg: NonUniformConfig):
+  return model, quantization.squeezellm(model, params, _batches(ctx), bits=cfg.bits,
+                                        outlier_fraction=cfg.outlier_fraction, iters=cfg.iters)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixedConfig:
+  average_bits: float = 3.5  # mean code bits over all block kernels
+  candidates: tuple[int, ...] = (2, 3, 4, 8)  # widths a kernel may get
+  group_size: int | None = 128  # GPTQ rows per scale
+  damp: float = 0.01  # GPTQ damping
+
+
+def mixed(ctx, model, params, cfg: MixedConfig):
+  out, _ = quantization.mixed_precision(model, params, _batches(ctx), average_bits=cfg.average_bits,
+                                        candidates=cfg.candidates, group_size=cfg.group_size, damp=cfg.damp)
+  return model, out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PQConfig:
+  d: int = 4  # rows per sub-vector
+  bits: int = 8  # log2 of the centroids per subspace
+  iters: int = 20  # k-means iterations
+
+
+def pq(ctx, model, params, cfg: PQConfig):
+  key = stage_key(ctx, 'pq')
+  sel = model.select(params)
+  keys = dict(zip(sel.paths, jax.random.split(key, len(sel.paths))))
+  return model, sel.map(lambda p, w: quantization.product_quantize(jnp.asarray(w), keys[p], d=cfg.d, bits=cfg.bits,
+                                                                   iters=cfg.iters), params)
+
+
+# Low-rank ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig:
+  keep: float | None = 0.5  # each kernel keeps this fraction of its parameters (unless rank/energy/budget is set)
+  rank: int | None = None  # one rank for every kernel
+  energy: float | None = None  # smallest rank reaching this fraction of the (weighted) spectrum's energy
+  budget: float | None = None  # all kernels together keep this fraction; ranks allocated greedily
+  alpha: float = 0.5  # ASVD's exponent of the mean activation magnitude
+  damp: float = 1e-4  # SVD-LLM's damping of XᵀX
+
+
+def _lowrank(method: str):
+  def apply(ctx, model, params, cfg: LowRankConfig):
+    chosen = {k: getattr(cfg, k) for k in ('rank', 'energy', 'budget') if getattr(cfg, k) is not None}
+    rule = lowrank.RankRule(**(chosen or {'keep': cfg.keep}))
+    svd_cfg = lowrank.SVDConfig(method=method, ranks=rule, alpha=cfg.alpha, damp=cfg.damp,
+                                rules=model.selection_rules())
+    stats = None
+    if method == 'fwsvd':
+      if ctx.train is None:
+        raise ValueError('fwsvd needs training batches with targets for its Fisher rows.')
+      stats = lowrank.fisher_rows(model, params, [ctx.train.batch(i) for i in range(len(ctx.calib) or 1)],
+                                  rules=model.selection_rules())
+    elif method in ('asvd', 'svd_llm'):
+      obs = calibration.abs_mean() if method == 'asvd' else calibration.hessian()
+      stats = _local(calibration.calibrate(model, params, _batches(ctx, split=True), obs, **_mesh_kwargs(ctx)))
+    return model, lowrank.compress(params, config=svd_cfg, stats=stats)
+  return apply
+
+
+# Sharing and architecture ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShareConfig:
+  group: int = 2  # consecutive blocks per shared group (ALBERT: all of them)
+  include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
+  average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
+
+
+def share(ctx, model, params, cfg: ShareConfig):
+  groups = sharing.consecutive_groups(model.num_layers(params), cfg.group)
+  return model, sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include,
+                                     average=cfg.average)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TieConfig:
+  how: str = 'average'  # 'average' of the input table and the head, or 'embedding' (keep the input table)
+
+
+def tie(ctx, model, params, cfg: TieConfig):
+  return sharing.tie_embeddings(model, params, how=cfg.how)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GQAConfig:
+  kv_heads: int = 1  # key/value heads after mean-pooling (1: MQA)
+
+
+def gqa(ctx, model, params, cfg: GQAConfig):
+  return architecture.convert_to_gqa(model, params, cfg.kv_heads)
+
+
+# Training stages ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecoverConfig:
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+  output: str | None = None  # KD output term: None picks 'soft_kl' for causal LMs, 'embedding' for encoders
+  temperature: float = 2.0  # softening of both distributions in the logit terms
+  alpha: float = 0.5  # weight of KD against the task loss (causal LMs; encoders use KD alone)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+  rank: int = 8  # adapter rank
+  lora_alpha: float = 16.0  # adapter scale numerator (scale = lora_alpha / rank)
+  steps: int = 100  # optimizer steps (KD from the uncompressed model)
+  learning_rate: float = 1e-3  # peak learning rate
+  merge: bool = False  # fold the adapters into dense kernels afterwards (False keeps base + adapter leaves)
+
+
+def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float, trainable=None):
+  from jaxcompress.train import loop, optim, state
+  if ctx.train is None:
+    raise ValueError(f'{name} trains, and this run has no training batches.')
+  if steps <= 0:
+    raise ValueError(f'{name}: steps={steps} must be > 0.')
+  run_dir = pathlib.Path(ctx.run_dir or '.') / 'stages' / name
+  shutil.rmtree(run_dir, ignore_errors=True)
+  cfg = loop.LoopConfig(steps=steps, batch_size=ctx.train.batch_size, run_dir=str(run_dir), seed=ctx.seed,
+                        checkpoint_every=0, async_checkpoint=False, progress=False, resume=False,
+                        log_every=max(1, steps // 4), mesh=(1, 1, 1))
+  opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
+                                                   total_steps=steps))
+  result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=ctx.train,
+                    trainable=trainable or state.floating, frozen=ctx.reference)
+  return result.state.params
+
+
+def _kd(model, ctx: Context, cfg) -> Any:
+  output = cfg.output or ('soft_kl' if model.causal else 'embedding')
+  # An encoder has no task loss: its objective is the KD term alone (alpha=1).
+  alpha = getattr(cfg, 'alpha', 0.5) if model.causal else 1.0
+  dcfg = distillation.DistillConfig(output=output, temperature=getattr(cfg, 'temperature', 2.0), alpha=alpha)
+  return distillation.distillation(model, ctx.reference_model, dcfg)
+
+
+def distill(ctx, model, params, cfg: RecoverConfig):
+  return model, _fit(ctx, 'distill', model, params, _kd(model, ctx, cfg), steps=cfg.steps,
+                     learning_rate=cfg.learning_rate)
+
+
+def lora(ctx, model, params, cfg: LoRAConfig):
+  adapted = lowrank.add_lora(params, stage_key(ctx, 'lora'), rank=cfg.rank, alpha=cfg.lora_alpha,
+                             rules=model.selection_rules())
+  kd = _kd(model, ctx, RecoverConfig(output=None))
+  out = _fit(ctx, 'lora', model, adapted, kd, steps=cfg.steps, learning_rate=cfg.learning_rate,
+             trainable=lowrank.LORA_TRAINABLE)
+  return model, lowrank.merge(out) if cfg.merge else out
+
+
+# The registry ------------------------------------------------------------------------------------------------------
+
+COMPRESSED = ('masked', 'quantized', 'lowrank', 'shared', 'adapter')
+
+register('magnitude', pruning.MagnitudeConfig, magnitude, family='pruning', forbids=COMPRESSED, adds='masked',
+         paper='Han et al., "Learning both Weights and Connections for Efficient Neural Networks" (NeurIPS 2015)')
+register('wanda', pruning.WandaConfig, wanda, family='pruning', forbids=COMPRESSED, adds='masked', calibrated=True,
+         paper='Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (ICLR 2024)')
+register('sparsegpt', pruning.SparseGPTConfig, sparsegpt, family='pruning', forbids=COMPRESSED, adds='masked',
+         calibrated=True, paper='Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately '
+         'Pruned in One-Shot" (ICML 2023)')
+register('rtn', RTNConfig, _masked_through(rtn), family='quantization',
+         forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized',
+         paper='round-to-nearest min-max baseline (Jacob et al., CVPR 2018 grids)')
+register('gptq', quantization.GPTQConfig, _masked_through(gptq), family='quantization',
+         forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized', calibrated=True,
+         paper='Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained '
+         'Transformers" (ICLR 2023)')
+register('awq', quantization.AWQConfig, _masked_through(awq), family='quantization',
+         forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized', calibrated=True,
+         paper='Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration" '
+         '(MLSys 2024)')
+register('w8a8', quantization.W8A8Config, w8a8, family='quantization', forbids=COMPRESSED, adds='quantized',
+         calibrated=True, defaults={'alpha': None}, paper='int8 weights per channel, int8 activations per token')
+register('smoothquant', quantization.W8A8Config, w8a8, family='quantization', forbids=COMPRESSED, adds='quantized',
+         calibrated=True, defaults={'alpha': 0.5},
+         paper='Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for LLMs" (ICML 2023)')
+register('llm_int8', quantization.W8A8Config, w8a8, family='quantization', forbids=COMPRESSED, adds='quantized',
+         calibrated=True, defaults={'alpha': None, 'outlier_threshold': 6.0},
+         paper='Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale" (NeurIPS 2022)')
+register('nonuniform', NonUniformConfig, nonuniform, family='quantization', forbids=COMPRESSED, adds='quantized',
+         calibrated=True, paper='Kim et al., "SqueezeLLM: Dense-and-Sparse Quantization" (ICML 2024)')
+register('mixed', MixedConfig, mixed, family='quantization', forbids=COMPRESSED, adds='quantized', calibrated=True,
+         paper='per-layer widths from measured GPTQ sensitivity (HAWQ-style allocation, Dong et al., ICCV 2019)')
+register('pq', PQConfig, pq, family='quantization', forbids=COMPRESSED, adds='quantized',
+         paper='Jégou et al., "Product Quantization for Nearest Neighbor Search" (TPAMI 2011); Stock et al., '
+         '"And the Bit Goes Down" (ICLR 2020)')
+register('svd', LowRankConfig, _lowrank('svd'), family='lowrank', forbids=COMPRESSED, adds='lowrank',
+         paper='truncated SVD (Eckart-Young); Denton et al. (NeurIPS 2014)')
+register('fwsvd', LowRankConfig, _lowrank('fwsvd'), family='lowrank', forbids=COMPRESSED, adds='lowrank',
+         trains=False, paper='Hsu et al., "Language Model Compression with Weighted Low-rank Factorization" '
+         '(ICLR 2022)')
+register('asvd', LowRankConfig, _lowrank('asvd'), family='lowrank', forbids=COMPRESSED, adds='lowrank',
+         calibrated=True, paper='Yuan et al., "ASVD: Activation-aware Singular Value Decomposition" (2023)')
+register('svd_llm', LowRankConfig, _lowrank('svd_llm'), family='lowrank', forbids=COMPRESSED, adds='lowrank',
+         calibrated=True, paper='Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition" (2024)')
+register('lora', LoRAConfig, lora, family='lowrank', forbids=('adapter', 'shared'), adds='adapter', trains=True,
+         paper='Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022), trained by KD')
+register('qlora', LoRAConfig, lora, family='lowrank', forbids=('adapter', 'shared'), adds='adapter', trains=True,
+         paper='Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023): LoRA over a '
+         'quantized base')
+register('share', ShareConfig, share, family='sharing', forbids=COMPRESSED + ('architecture',), adds='shared',
+         paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks')
+register('tie_embeddings', TieConfig, tie, family='sharing', forbids=COMPRESSED, adds='shared',
+         paper='Press & Wolf, "Using the Output Embedding to Improve Language Models" (EACL 2017)')
+register('gqa', GQAConfig, gqa, family='architecture', forbids=COMPRESSED, adds='architecture',
+         paper='Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head '
+         'Checkpoints" (EMNLP 2023)')
+register('distill', RecoverConfig, distill, family='distillation', trains=True,
+         paper='Hinton et al., "Distilling the Knowledge in a Neural Network" (2015): recovery fine-tuning with KD '
+         'from the uncompressed model')
+register('recover', RecoverConfig, distill, family='distillation', trains=True, defaults={'alpha': 0.0},
+         paper='task-loss fine-tuning of the compressed model (alpha=0: no KD term; encoders always use KD)')

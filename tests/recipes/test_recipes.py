@@ -1,0 +1,144 @@
+"""Recipes: parsing and planning fail before any work; a run is reproducible, also across 2 processes."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress import core, recipes
+from jaxcompress.recipes import registry
+from tests.train import pretrain_runs as runs
+
+SCRIPT = runs.ROOT / 'experiments' / 'compress.py'
+EXAMPLE = 'sparsegpt(sparsity=0.5, pattern="2:4") > gptq(bits=4, group_size=128) > distill(steps=500)'
+
+
+def test_parse_the_example_and_its_json_form(tmp_path):
+  stages = recipes.parse(EXAMPLE)
+  assert [s.name for s in stages] == ['sparsegpt', 'gptq', 'distill']
+  assert stages[0].config.pattern == '2:4' and stages[0].config.sparsity == 0.5
+  assert stages[1].config.bits == 4 and stages[1].config.group_size == 128 and stages[1].config.damp == 0.01
+  assert stages[2].config.steps == 500
+  file = tmp_path / 'r.json'
+  file.write_text(json.dumps([{'method': 'sparsegpt', 'sparsity': 0.5, 'pattern': '2:4'},
+                              {'method': 'gptq', 'bits': 4, 'group_size': 128}, {'method': 'distill', 'steps': 500}]))
+  assert [s.config for s in recipes.parse(str(file))] == [s.config for s in stages]
+  assert recipes.to_string(recipes.parse(recipes.to_string(stages))) == recipes.to_string(stages)
+
+
+@pytest.mark.parametrize('text, needle', [
+    ('gptq > nosuch(bits=3)', 'registered methods: asvd, awq'),
+    ('gptq(bitz=3)', "unknown argument(s) ['bitz']; valid: bits, group_size"),
+    ('gptq(bits="4")', "bits='4' is not a int"),
+    ('gptq(bits=12)', 'bits=12 is outside [2, 8]'),
+    ('magnitude(sparsity=1.5)', 'sparsity=1.5 is outside (0.0, 1.0)'),
+    ('svd(keep=0.5) > gptq(bits=4)', 'stage 2 gptq cannot run on blocks weights already lowrank (by stage 1 svd)'),
+    ('gptq(bits=4) > wanda(sparsity=0.5)', 'stage 2 wanda cannot run on blocks weights already quantized'),
+    ('gptq(bits=4) > rtn(bits=8)', 'already quantized'),
+    ('gptq(bits=4) >', 'empty stage'),
+    ('gptq(bits=x)', 'is not a literal'),
+])
+def test_bad_recipes_fail_at_parse_time_naming_the_valid_choices(text, needle):
+  with pytest.raises(ValueError) as e:
+    recipes.parse(text)
+  assert needle in str(e.value)
+
+
+def test_embeddings_and_blocks_are_planned_apart():
+  stages = recipes.parse('gptq(bits=4) > rtn(bits=8, target="embeddings")')
+  states = recipes.plan(stages)
+  assert states[1] == {'blocks': frozenset({'quantized'}), 'embeddings': frozenset()}
+  with pytest.raises(ValueError, match='embeddings weights already quantized'):
+    recipes.parse('rtn(bits=8, target="all") > rtn(bits=4, target="embeddings")')
+
+
+def test_every_method_is_listed_with_its_fields_and_paper():
+  text = recipes.describe()
+  for name, m in recipes.REGISTRY.items():
+    assert f'  {name}(' in text and m.paper in text
+  for name in ('magnitude', 'wanda', 'sparsegpt', 'rtn', 'gptq', 'awq', 'smoothquant', 'llm_int8', 'nonuniform',
+               'mixed', 'pq', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora', 'share', 'tie_embeddings', 'gqa',
+               'distill', 'recover'):
+    assert name in recipes.REGISTRY
+  assert 'smoothquant(alpha=0.5' in text and "llm_int8(alpha=None, outlier_threshold=6.0" in text
+
+
+def _tiny():
+  from experiments import compress
+  return compress.tiny_model(0)
+
+
+def test_a_method_registered_in_one_line_runs_in_a_recipe():
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class HalveConfig:
+    factor: float = 0.5  # what every block kernel is multiplied by
+
+  def halve(ctx, model, params, cfg):
+    return model, model.select(params).map(lambda _, w: w * cfg.factor, params)
+
+  recipes.register('halve_test', HalveConfig, halve, family='quantization', paper='none')
+  try:
+    model, params = _tiny()
+    stages = recipes.parse('halve_test(factor=0.25) > magnitude(sparsity=0.5)')
+    ctx = recipes.Context(reference_model=model, reference=params, calib=())
+    _, out = recipes.run(stages, ctx, model, params)
+    w, got = params['layers'][0]['mlp']['up_proj']['kernel'], out['layers'][0]['mlp']['up_proj']['kernel']
+    assert isinstance(got, core.Masked)
+    kept = np.asarray(got.mask)
+    np.testing.assert_array_equal(np.asarray(got.materialize())[kept], np.asarray(w)[kept] * 0.25)
+    assert abs(kept.mean() - 0.5) < 0.01
+  finally:
+    del registry.REGISTRY['halve_test']
+
+
+def test_quantizers_keep_masks_of_pruned_kernels():
+  model, params = _tiny()
+  rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
+  ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows},))
+  _, out = recipes.run(recipes.parse('wanda(sparsity=0.5) > gptq(bits=4, group_size=32)'), ctx, model, params)
+  leaf = out['layers'][1]['attn']['q_proj']['kernel']
+  assert isinstance(leaf, core.Masked) and isinstance(leaf.value, core.Quantized)
+  dense = np.asarray(leaf.materialize())
+  assert (dense[~np.asarray(leaf.mask)] == 0).all() and abs(np.asarray(leaf.mask).mean() - 0.5) < 0.01
+
+
+TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=16)', '--save=false',
+        '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16']
+
+
+def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
+  from experiments import compress
+  cfg = dict(model='tiny', recipe=TINY[1].split('=', 1)[1], calib_data='default', eval_data='default',
+             calib_samples=32, eval_samples=16, seq_len=16, batch_size=32, seed=0, per_stage_eval=False,
+             measure=False)
+  a = compress.run({**cfg, 'output_dir': str(tmp_path / 'a')}, save=False, verbose=False)
+  b = compress.run({**cfg, 'output_dir': str(tmp_path / 'b')}, save=False, verbose=False)
+  assert a['params_hash'] == b['params_hash']
+  assert a['quality'] == b['quality'] and a['size'] == b['size']
+  c = compress.run({**cfg, 'seed': 1, 'output_dir': str(tmp_path / 'c')}, save=False, verbose=False)
+  assert c['params_hash'] != a['params_hash']  # another seed: another model and data, so the hash can tell
+
+
+def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
+  one = subprocess.run([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "one"}'],
+                       env=runs.env(1), capture_output=True, text=True, timeout=900, cwd=runs.ROOT)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = runs.free_port()
+  logs = [tmp_path / f'p{i}.log' for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "two"}', '--data=2',
+                             f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+                             '--cpu_collectives=gloo'],
+                            env=runs.env(1), stdout=logs[i].open('w'), stderr=subprocess.STDOUT, cwd=runs.ROOT)
+           for i in range(2)]
+  codes = [p.wait(timeout=900) for p in procs]
+  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+  ref = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  for i in range(2):
+    got = json.loads((tmp_path / 'two' / f'process{i}' / 'results.json').read_text())
+    assert got['params_hash'] == ref['params_hash'], i
+    assert got['quality'] == ref['quality']
