@@ -424,7 +424,7 @@ def plot(setup: Setup, res: dict, path: pathlib.Path) -> None:
 
 def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, verbose: bool = True) -> dict:
   """Parse, load, calibrate, apply the recipe, evaluate, save, report. cfg: the flag values. Returns results."""
-  from jaxcompress import core, models, provenance, recipes
+  from jaxcompress import core, models, provenance, pruning, recipes
   stages = recipes.parse(cfg['recipe'])  # every name and argument is checked before any work
   out = pathlib.Path(cfg['output_dir'])
   t_load = time.perf_counter()
@@ -474,7 +474,10 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
     core.serialize.save(out / 'compressed.jxc', params, metadata={'recipe': res['recipe'], 'model': cfg['model']})
     if jax.process_count() == 1:  # orbax would coordinate a save across processes; this tree is process-local
       _save_orbax(out / 'orbax', params)
-    models.save_pretrained(out / 'hf', model, params)
+    if pruning.structured.is_narrowed(model, params):  # per-layer widths: our config field, not HF's
+      pruning.structured.save(out / 'hf', model, params)
+    else:
+      models.save_pretrained(out / 'hf', model, params)
   text = report(cfg, setup, res)
   provenance.atomic_write(out / 'report.md', text)
   plot(setup, res, out / 'stages.png')

@@ -27,7 +27,6 @@ import time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import math
 import pathlib
 
 import jax
@@ -102,23 +101,6 @@ def minilm_setup(seed, n_cal, n_held, max_len):
   return model, params, {'tokens': cal[0], 'attention_mask': cal[1]}, held
 
 
-def minilm_loss(model, probes):
-  def loss(params, example, key):
-    e = model.sentence_embedding(params, example['tokens'], example['attention_mask'])[0]
-    # y ~ N(e, I) sampled at the dense output: -log p(y) = ½‖y - e‖², gradient -(y - e)ᵀJ = -zᵀJ.
-    z = jax.random.normal(key, (probes, e.shape[0]), e.dtype)
-    return -(z @ e) / math.sqrt(probes)
-  return loss
-
-
-def fixture_loss(model):
-  def loss(params, example, key):
-    del key
-    rows = example['tokens']
-    return lm.token_nll(model.apply(params, rows[:, :-1]), rows[:, 1:]).sum()
-  return loss
-
-
 def main(argv):
   del argv
   out = pathlib.Path(FLAGS.output_dir)
@@ -142,7 +124,8 @@ def main(argv):
     seq_len = rows.shape[1] - 1
   if small:  # two blocks: the smoke test exercises every step with fewer shapes to compile
     model, params = structured.drop_layers(model, params, [0, 1])
-  loss = minilm_loss(model, FLAGS.probes) if FLAGS.model == 'minilm' else fixture_loss(model)
+  loss = (structured.embedding_loss(model, FLAGS.probes) if FLAGS.model == 'minilm'
+          else structured.next_token_loss(model))
   cal_batches = batches_of(cal, FLAGS.batch_size)
   tune_batches = [({'tokens': b['tokens'][:, :-1]} if FLAGS.model == 'fixture' else b) for b in cal_batches]
 

@@ -205,6 +205,28 @@ def fisher(model: Model, params: Params, batches: Sequence[dict[str, jax.Array]]
   return list(total[0]), list(total[1])
 
 
+def next_token_loss(model: Model) -> LossFn:
+  """`fisher`'s loss for a causal LM: the summed next-token NLL of the example's tokens [1, T]."""
+  from jaxcompress.eval import lm
+
+  def loss(params, example, key):
+    del key
+    rows = example['tokens']
+    return lm.token_nll(model.apply(params, rows[:, :-1]), rows[:, 1:]).sum()
+  return loss
+
+
+def embedding_loss(model: Model, probes: int = 4) -> LossFn:
+  """`fisher`'s loss for an encoder without labels: the true Fisher of a Gaussian N(e, I) around the sentence
+  embedding e. `probes` targets y ~ N(e, I) are drawn at the dense output; -log p(y) = ½‖y - e‖² has gradient
+  -(y - e)ᵀJ = -zᵀJ, so each probe adds (zᵀJ)² and their mean is diag(JᵀJ) in expectation."""
+  def loss(params, example, key):
+    e = model.sentence_embedding(params, example['tokens'], example['attention_mask'])[0]
+    z = jax.random.normal(key, (probes, e.shape[0]), e.dtype)
+    return -(z @ e) / math.sqrt(probes)
+  return loss
+
+
 def check_batches(batches: Sequence[dict[str, Any]], fn: str) -> list[dict[str, Any]]:
   """Calibration batches as a list; refuses an empty list and floating arrays holding NaN or inf."""
   batches = list(batches)
@@ -492,6 +514,15 @@ def layer_widths(model: Model, params: Params) -> dict[str, list[int]]:
   """{'heads': query heads per layer, 'kv_heads': key/value heads per layer, 'intermediate': MLP width}."""
   u = units(model, params)
   return {'heads': [h * u.group for h in u.heads], 'kv_heads': list(u.heads), 'intermediate': list(u.neurons)}
+
+
+def is_narrowed(model: Model, params: Params) -> bool:
+  """Whether any layer has fewer heads or a narrower MLP than the config says (an HF config cannot express it)."""
+  if model.family not in SUPPORTED:
+    return False
+  w = layer_widths(model, params)
+  return (any(h != model.config.num_heads for h in w['heads'])
+          or any(n != model.config.intermediate_size for n in w['intermediate']))
 
 
 def save(directory: str | os.PathLike, model: Model, params: Params) -> Path:

@@ -251,6 +251,41 @@ def gqa(ctx, model, params, cfg: GQAConfig):
   return architecture.convert_to_gqa(model, params, cfg.kv_heads)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StructuredConfig:
+  flops: float = 0.6  # kept fraction of the blocks' head and neuron FLOPs, in (0, 1]
+  tune: bool = True  # least-squares scales of the kept units (Kwon's mask tuning)
+  probes: int = 4  # encoders: sampled targets per sentence of the embedding Fisher
+
+
+def structured(ctx, model, params, cfg: StructuredConfig):
+  """Kwon et al.: Fisher of head and neuron masks on the calibration rows, the FLOPs-budget search, slicing,
+  then least-squares tuning. The result has physically narrower layers."""
+  batches = _batches(ctx)
+  loss = pruning.structured.next_token_loss(model) if model.causal else pruning.structured.embedding_loss(
+      model, cfg.probes)
+  heads, neurons = pruning.structured.fisher(model, params, batches, loss, key=stage_key(ctx, 'structured'))
+  seq_len = int(batches[0]['tokens'].shape[1])
+  keep = pruning.structured.search(model, params, heads, neurons, budget=cfg.flops, seq_len=seq_len)
+  small_model, small = pruning.structured.slice_units(model, params, keep)
+  if cfg.tune:
+    tune_batches = [{**b, 'tokens': b['tokens'][:, :-1]} if model.causal else b for b in batches]
+    small = pruning.structured.tune(model, params, small_model, small, tune_batches)
+  return small_model, small
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEfyConfig:
+  num_experts: int = 8  # experts each MLP's neurons are clustered into
+  top_k: int = 4  # experts each token runs
+  capacity: float = 1.25  # tokens an expert takes, as a multiple of its even share
+
+
+def moefy(ctx, model, params, cfg: MoEfyConfig):
+  return architecture.moefy_model(model, params, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                                  capacity=cfg.capacity, key=stage_key(ctx, 'moefy'))
+
+
 # Training stages ---------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -369,6 +404,12 @@ register('tie_embeddings', TieConfig, tie, family='sharing', forbids=COMPRESSED,
 register('gqa', GQAConfig, gqa, family='architecture', forbids=COMPRESSED, adds='architecture',
          paper='Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head '
          'Checkpoints" (EMNLP 2023)')
+register('structured', StructuredConfig, structured, family='pruning', forbids=COMPRESSED + ('architecture',),
+         adds='architecture', calibrated=True, paper='Kwon et al., "A Fast Post-Training Pruning Framework for '
+         'Transformers" (NeurIPS 2022): heads and neurons to a FLOPs budget, physically smaller layers')
+register('moefy', MoEfyConfig, moefy, family='architecture', forbids=COMPRESSED + ('architecture',),
+         adds='architecture', paper='Zhang et al., "MoEfication: Transformer Feed-forward Layers are Mixtures of '
+         'Experts" (ACL Findings 2022)')
 register('distill', RecoverConfig, distill, family='distillation', trains=True,
          paper='Hinton et al., "Distilling the Knowledge in a Neural Network" (2015): recovery fine-tuning with KD '
          'from the uncompressed model')
