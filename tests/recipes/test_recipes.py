@@ -107,6 +107,22 @@ def test_quantizers_keep_masks_of_pruned_kernels():
   assert (dense[~np.asarray(leaf.mask)] == 0).all() and abs(np.asarray(leaf.mask).mean() - 0.5) < 0.01
 
 
+def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_other():
+  from jaxcompress.pruning import structured
+  model, params = _tiny()
+  rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
+  ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows},))
+  small_model, small = recipes.run(recipes.parse('structured(flops=0.5)'), ctx, model, params)
+  assert structured.is_narrowed(small_model, small) and not structured.is_narrowed(model, params)
+  dense_flops = structured.block_flops(model, params, 16)
+  assert structured.block_flops(small_model, small, 16) <= 0.5 * dense_flops + 1e-6
+  moe_model, moe = recipes.run(recipes.parse('moefy(num_experts=4, top_k=2)'), ctx, model, params)
+  assert moe_model.config.moe_experts == 4 and moe_model.config.moe_top_k == 2
+  assert np.isfinite(np.asarray(moe_model.apply(moe, rows))).all()
+  with pytest.raises(ValueError, match='moefy'):
+    recipes.parse('structured(flops=0.5) > moefy()')
+
+
 TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=16)', '--save=false',
         '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16']
 
