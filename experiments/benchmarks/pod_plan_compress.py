@@ -115,18 +115,19 @@ def solve_program(model, mesh, kind: str):
   import importlib  # the modules, not the functions of the same name that the packages export
   sparsegpt = importlib.import_module('jaxcompress.pruning.sparsegpt')
   gptq = importlib.import_module('jaxcompress.quantization.gptq')
+  from jaxcompress.calibration import inverse_hessian
   c = model.config
   n_in, n_out = c.intermediate_size, c.hidden_size
   group = min(128, n_in)
 
-  def prune(w, h):
-    value, kept, _ = sparsegpt._solve(w, h, jnp.float32(0.5), jnp.float32(0.01), nm=None, block_size=128)
-    return value, kept
+  def prune(w, h):  # the shared damped inverse-Hessian factor, then the solver's loop (as sparsegpt_layer)
+    u, dead, _, _ = inverse_hessian._factor(h, jnp.float32(0.01), act_order=False)
+    return sparsegpt._solve(w, u, dead, jnp.float32(0.5), nm=None, block_size=128)
 
   def quantize(w, h):
-    codes, scale, zero, _ = gptq._solve(w, h, jnp.float32(0.01), bits=4, group_size=group, act_order=False,
-                                        symmetric=False, block_size=128)
-    return codes, scale, zero
+    u, dead, perm, _ = inverse_hessian._factor(h, jnp.float32(0.01), act_order=False)
+    return gptq._solve(w, u, dead, perm, bits=4, group_size=group, act_order=False, symmetric=False,
+                       block_size=128)
 
   solve = {'sparsegpt': prune, 'gptq': quantize, 'both': lambda w, h: (prune(w, h)[1], *quantize(prune(w, h)[0], h))
            }[kind]

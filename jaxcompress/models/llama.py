@@ -92,13 +92,14 @@ class MLP(nnx.Module):
 
 def block(cfg: LlamaConfig, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:
   norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+  attn = Attention(cfg, dtype, rngs)  # before the MLP: the order modules draw from `rngs` fixes the init
   if cfg.moe_experts:
     mlp = moe.MoEMLP(cfg.hidden_size, cfg.intermediate_size, experts=cfg.moe_experts, top_k=cfg.moe_top_k,
                      capacity=cfg.moe_capacity, gated=True, bias=cfg.mlp_bias, act=cfg.hidden_act,
                      std=cfg.initializer_range, dtype=dtype, rngs=rngs)
   else:
     mlp = MLP(cfg, dtype, rngs)
-  return layers.PreNormBlock(norm(), Attention(cfg, dtype, rngs), norm(), mlp, cfg.dim_per_head)
+  return layers.PreNormBlock(norm(), attn, norm(), mlp, cfg.dim_per_head)
 
 
 class LlamaLM(nnx.Module):

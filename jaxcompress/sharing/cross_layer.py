@@ -125,8 +125,9 @@ def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layer
   """Blocks grouped by cosine similarity of their weights into `num_groups` groups.
 
   method: 'agglomerative' (average linkage: repeatedly merge the two groups of highest mean pairwise cosine)
-    or 'greedy' (visit blocks in order; join the most similar open group, by its first block, while more
-    blocks remain than groups to open).
+    or 'greedy' (visit blocks in order; a block joins the most similar open group, by its first block, when
+    that similarity is above the mean similarity of all pairs of distinct blocks or no group may be opened,
+    and opens a group otherwise; the last blocks open groups while groups are missing).
   """
   sim = similarity(params, block_path=block_path, include=include)
   n = len(sim)
@@ -146,11 +147,12 @@ def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layer
       del groups[b]
   elif method == 'greedy':
     groups = []
+    typical = float((sim.sum() - np.trace(sim)) / max(n * (n - 1), 1))  # mean similarity of distinct blocks
     for i in range(n):
       must_open = n - i <= num_groups - len(groups)
       if groups and (len(groups) == num_groups or not must_open):
         scores = [sim[i, g[0]] for g in groups]
-        if len(groups) == num_groups or max(scores) > 0:
+        if len(groups) == num_groups or max(scores) > typical:
           groups[int(np.argmax(scores))].append(i)
           continue
       groups.append([i])
