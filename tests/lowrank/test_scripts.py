@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize('script, extra', [
-    ('lowrank_table.py', ['--methods=svd,svd_llm', '--reductions=0.5']),
+    ('lowrank_table.py', ['--methods=svd_llm', '--reductions=0.5']),
     ('sharing_table.py', ['--steps=0']),  # recovery runs in the low-rank smoke run and the sharing tests
     ('lowrank_minilm.py', ['--methods=svd,fwsvd', '--reductions=0.5']),  # a tiny random BERT; output Fisher
 ])
