@@ -7,7 +7,7 @@
 Every block linear of the W8 model is `Quantized` 8-bit per output channel, of the W4 model 4-bit g128 packed
 (asymmetric); embeddings, norms and the head stay float (float32 on CPU, bfloat16 on GPU/TPU). All three run the
 same jitted code: `core.linear` -> `Quantized.matmul`, which on GPU/TPU sends small-batch calls (decode) to the
-Pallas weight-only kernel of `jaxcompress.quantization.kernels` and on CPU dequantizes inside jit then dots in
+Pallas weight-only kernel (`jaxcompress.quantization.kernels.enable()`) and on CPU dequantizes inside jit then dots in
 float32. Prefill: one forward pass of --batch x --seq_len tokens (8 x 512). Decode: greedy `models.generate`
 with a KV cache, per-step time (time(N new) - time(1 new)) / (N - 1). The three models' calls are interleaved
 round by round, so the printed ratios quantized / float hold on a shared host.
@@ -62,6 +62,7 @@ def config(scale: float, layers: int, max_len: int) -> models.LlamaConfig:
 
 def main(argv):
   del argv
+  quantization.kernels.enable()  # the Pallas weight-only kernel on GPU/TPU (CPU keeps dequantize-then-dot)
   if _SMALL.value:
     for k, v in SMALL.items():
       if not flags.FLAGS[k].present:

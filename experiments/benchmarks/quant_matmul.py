@@ -5,7 +5,7 @@
 
 Every variant is jit-compiled `core.linear(x, w)` with x [--rows, in]: the dense weight (float32 on CPU, bfloat16
 on GPU/TPU); `Quantized` W8 (per output channel) and W4 g128 (packed two codes per byte), which on GPU/TPU
-dispatch to the Pallas weight-only kernel registered by `jaxcompress.quantization.kernels` (the weight is never
+dispatch to the Pallas weight-only kernel that `jaxcompress.quantization.kernels.enable()` registers (the weight is never
 materialised) and on CPU dequantize inside jit, then dot in float32; and `Int8Linear` W8A8 (per-token int8
 activations, int8 x int8 -> int32 dot_general). Calls are interleaved round by round (benchlib.interleaved), so
 ratios stay meaningful on a shared host. Batch-1 GEMV is memory bound: on a GPU the ratio to aim for is
@@ -65,6 +65,7 @@ def variants(d_in: int, d_out: int, rows: int, seed: int) -> tuple[dict, jnp.dty
 
 def main(argv):
   del argv
+  quantization.kernels.enable()  # the Pallas weight-only kernel on GPU/TPU (CPU keeps dequantize-then-dot)
   if _SMALL.value:
     for k, v in SMALL.items():
       if not flags.FLAGS[k].present:

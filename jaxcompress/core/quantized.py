@@ -142,8 +142,8 @@ class Quantized(leaf_lib.Compressed):
   def matmul(self, x):
     """x [..., in] @ self -> [..., out] in x's dtype.
 
-    A backend with a registered weight-only kernel (`register_kernel`; the quantization family registers its
-    Pallas int4/int8 kernel for GPU and TPU) gets it where the kernel supports the leaf. Otherwise the weight
+    A backend with a registered weight-only kernel (`register_kernel`; `quantization.kernels.enable()`
+    registers the family's Pallas int4/int8 kernel for GPU and TPU) gets it where the kernel supports the leaf. Otherwise the weight
     is dequantized once per call inside the surrounding jit and multiplied by one dense dot in x's dtype: on
     CPU this is measured to be as fast as the float weight (XLA's CPU int8 / bf16 dots are several times
     slower than its float32 one), see experiments/benchmarks/quant_matmul.py.

@@ -11,7 +11,7 @@ Esser et al. (ICLR 2020).
 
 from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
 from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_hessian, gptq_layer, layer_error
-from jaxcompress.quantization import kernels  # registers the GPU/TPU weight-only kernel with core
+from jaxcompress.quantization import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
 from jaxcompress.quantization import quantizers
 from jaxcompress.quantization import llm_qat
 from jaxcompress.quantization.lsq import LSQWeight, add_lsq

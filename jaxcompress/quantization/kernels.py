@@ -6,8 +6,8 @@ low bits first, as `core.Quantized` packs them), applies its group's scale and z
 x_block @ w_block in float32. Only `core.Quantized` leaves with fmt='int' and 4 or 8 bits are handled.
 
 On CPU the kernel runs with `interpret=True` (that is how it is tested, against dequantize-then-matmul); it
-has not been compiled or timed on a GPU here. Importing this module registers it with
-`core.quantized.register_kernel` for the 'gpu' and 'tpu' backends, so `core.linear` (through
+has not yet been compiled or timed on a GPU, so it is opt-in: `enable()` registers it with
+`core.quantized.register_kernel` for the 'gpu' and 'tpu' backends, after which `core.linear` (through
 `Quantized.matmul`) sends every supported leaf there on those backends: fmt='int', 4 or 8 bits, at most
 `MAX_ROWS` rows of x (decode; larger prefill batches dequantize and use the backend's dense dot), and an output
 width that `BLOCK_N` divides (or smaller than it). CPU keeps the dequantize-then-dot path, which measures
@@ -119,5 +119,8 @@ def linear(x: jax.Array, w: core.Quantized) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.shape[1])
 
 
-for _backend in ('gpu', 'tpu'):
-  core.quantized.register_kernel(_backend, supports, linear)
+def enable(backends: tuple[str, ...] = ('gpu', 'tpu')) -> None:
+  """Route supported `Quantized` matmuls on `backends` through this kernel (`core.quantized.register_kernel`).
+  Until then every backend dequantizes inside jit and runs its dense dot."""
+  for backend in backends:
+    core.quantized.register_kernel(backend, supports, linear)
