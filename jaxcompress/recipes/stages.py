@@ -124,7 +124,9 @@ def _target_selection(model, params, target: str, include: str):
   keep = [p for p in keep if rx.search(p)]
   if not keep:
     raise ValueError(f'target={target!r} include={include!r} selects no weight of {type(model).__name__}.')
-  return core.select(params, include=[f'^{re.escape(p)}$' for p in keep], embeddings=True, head=True)
+  # A tied head is the embedding table: selecting heads for a blocks-only target would quantize it too.
+  wide = target != 'blocks'
+  return core.select(params, include=[f'^{re.escape(p)}$' for p in keep], embeddings=wide, head=wide)
 
 
 def rtn(ctx, model, params, cfg: RTNConfig):

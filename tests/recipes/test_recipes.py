@@ -123,6 +123,23 @@ def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_oth
     recipes.parse('structured(flops=0.5) > moefy()')
 
 
+def test_rtn_targets_leave_a_tied_embedding_alone_unless_asked():
+  import jax
+
+  from jaxcompress import models
+  model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                          num_heads=4, num_kv_heads=2, max_position_embeddings=64,
+                                          tie_embeddings=True))
+  params = jax.jit(model.init)(jax.random.key(0))
+  ctx = recipes.Context(reference_model=model, reference=params, calib=())
+  for target, emb_quantized, blocks_quantized in (('blocks', False, True), ('embeddings', True, False),
+                                                  ('all', True, True)):
+    _, out = recipes.run(recipes.parse(f'rtn(bits=8, group_size=32, target="{target}")'), ctx, model, params)
+    flat = core.flatten(out)
+    assert isinstance(flat['embed/tokens/embedding'], core.Quantized) == emb_quantized, target
+    assert isinstance(flat['layers/0/attn/q_proj/kernel'], core.Quantized) == blocks_quantized, target
+
+
 TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=16)', '--save=false',
         '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16']
 
