@@ -157,8 +157,28 @@ def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None =
   header = {'format': FORMAT, 'tree': json.dumps(entries), 'user': json.dumps(metadata or {})}
   tmp = f'{os.fspath(path)}.tmp'
   save_file(tensors, tmp, metadata=header)
+  _sort_header(tmp)
   os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
   return sum(t.nbytes for t in tensors.values())
+
+
+def _sort_header(path: str) -> None:
+  """Rewrites a safetensors header with its keys sorted, in place, so equal params give equal bytes.
+
+  The safetensors writer keeps `__metadata__` in a hash map whose order changes from call to call; sorting gives
+  the same JSON text, hence the same length and offsets, in a fixed order (padded with the spaces the format
+  allows when the writer used longer escapes).
+  """
+  with open(path, 'r+b') as f:
+    n = int.from_bytes(f.read(8), 'little')
+    raw = f.read(n)
+    header = json.loads(raw)
+    header['__metadata__'] = dict(sorted(header.get('__metadata__', {}).items()))
+    text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+    if len(text) > n:  # never grows the header: keep the writer's (valid) order
+      return
+    f.seek(8)
+    f.write(text + b' ' * (n - len(text)))
 
 
 def load(path: str | os.PathLike) -> Any:

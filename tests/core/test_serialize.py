@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import chex
@@ -164,3 +165,14 @@ def test_overwrite_leaves_no_temporary_file(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['w.jc.safetensors']
   back = serialize.load(path)
   np.testing.assert_array_equal(np.asarray(core.materialize(back['a']['kernel'])), 2.0 * np.eye(4))
+
+
+def test_equal_params_give_equal_bytes(params, tmp_path):
+  # The safetensors writer orders header metadata differently from call to call; `save` fixes the order.
+  digests = set()
+  for i in range(6):
+    path = tmp_path / f'p{i}.safetensors'
+    serialize.save(path, params, metadata={'b': 1, 'a': 2, 'c': [3]})
+    digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+  assert len(digests) == 1
+  assert serialize.user_metadata(tmp_path / 'p0.safetensors') == {'b': 1, 'a': 2, 'c': [3]}
