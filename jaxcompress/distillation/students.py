@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
+
 from jaxcompress.models import Model
 
 
@@ -56,8 +58,8 @@ def every_other(num_layers: int) -> tuple[int, ...]:
 def select_layers(teacher: Model, params: dict, layers: Sequence[int] | None = None
                   ) -> tuple[Model, dict, tuple[tuple[int, int], ...]]:
   """(student spec, student params, layer map): the teacher with only `layers` (block indices in increasing
-  order; default `every_other`) kept, sharing everything else. The map pairs the embeddings (0, 0) and student
-  block i's output with that of the teacher block it came from."""
+  order; default `every_other`) kept, and the teacher's other weights. The map pairs the embeddings (0, 0) and student
+  block i's output with that of the teacher block it came from; the student's arrays are its own copies."""
   n = teacher.num_layers(params)
   layers = every_other(n) if layers is None else tuple(int(i) for i in layers)
   if not layers:
@@ -69,6 +71,8 @@ def select_layers(teacher: Model, params: dict, layers: Sequence[int] | None = N
     raise ValueError(f'select_layers: layers={layers} must be increasing without repeats.')
   blocks = params[teacher.block_path]
   student_params = {**params, teacher.block_path: {k: blocks[i] for k, i in enumerate(layers)}}
+  # The student owns its buffers: a training step that donates them must never free the teacher's.
+  student_params = jax.tree.map(lambda x: x.copy() if hasattr(x, 'copy') else x, student_params)
   student = type(teacher)(dataclasses.replace(teacher.config, num_layers=len(layers)))
   layer_map = ((0, 0),) + tuple((k + 1, i + 1) for k, i in enumerate(layers))
   return student, student_params, layer_map

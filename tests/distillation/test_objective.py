@@ -32,6 +32,16 @@ def test_select_layers_keeps_the_teachers_blocks(teacher_params):
     students.select_layers(TEACHER, teacher_params, [0, 4])
 
 
+def test_student_owns_its_buffers(teacher_params):
+  # A train step donates the student's buffers; they must not be the teacher's, which stays in use.
+  _, sp, _ = students.select_layers(TEACHER, teacher_params)
+  teacher_buffers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(teacher_params)}
+  shared = [x for x in jax.tree.leaves(sp) if x.unsafe_buffer_pointer() in teacher_buffers]
+  assert not shared
+  jax.tree.map(lambda x: x.delete(), sp)  # what donation does
+  assert all(not x.is_deleted() for x in jax.tree.leaves(teacher_params))
+
+
 def test_fresh_student_config():
   s = students.fresh(TEACHER, students.StudentConfig(depth=2, width=16, heads=2, ffn_ratio=3.0))
   c = s.config
