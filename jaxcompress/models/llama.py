@@ -152,7 +152,12 @@ class Llama(base.Model):
     return ((r'(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$', ('fsdp', 'tensor')),
             (r'(o_proj|down_proj)/kernel$', ('tensor', 'fsdp')),
             (r'^lm_head/kernel$', ('fsdp', 'tensor')),
-            (r'/embedding$', ('tensor', 'fsdp')))
+            (r'/embedding$', ('tensor', 'fsdp')),
+            # Mixture-of-experts MLPs (models.moe): [experts, in, out] stacks split like the dense pair, each
+            # expert whole on its devices' slice; the small router splits its input like the up projections.
+            (r'/mlp/(up|gate)$', (None, 'fsdp', 'tensor')),
+            (r'/mlp/down$', (None, 'tensor', 'fsdp')),
+            (r'/mlp/router$', ('fsdp', None)))
 
   def _module(self, rngs, dtype):
     return LlamaLM(self.config, dtype, rngs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -38,6 +39,15 @@ def test_sharding_rules_place_every_kernel_and_embedding(name):
       assert axes == ('tensor', 'fsdp'), path
     else:
       assert axes == (None,) * len(w.shape), path  # norms and biases are replicated
+
+
+def test_mixture_of_experts_weights_split_like_the_dense_mlp():
+  model = models.Llama(dataclasses.replace(SPECS['llama'].config, moe_experts=4, moe_top_k=2))
+  rules = model.sharding_rules()
+  flat = core.flatten(model.abstract_params())
+  got = {p.rsplit('/', 1)[1]: sharding.weight_axes(p, len(w.shape), rules) for p, w in flat.items() if '/mlp/' in p}
+  assert got == {'up': (None, 'fsdp', 'tensor'), 'gate': (None, 'fsdp', 'tensor'),
+                 'down': (None, 'tensor', 'fsdp'), 'router': ('fsdp', None)}
 
 
 def test_trees_without_a_model_fall_back_to_fsdp_only_rules():
