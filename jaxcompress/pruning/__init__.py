@@ -6,9 +6,9 @@ turns params into `core.Masked` leaves. Layer solvers with kernels w [in, out] a
 `wanda_layer` (Sun et al. 2023) and `sparsegpt_layer` (Frantar & Alistarh 2023), and their variants on streamed
 statistics. Model-level one-shot methods (`magnitude`, `wanda`, `sparsegpt`) run through the calibration driver.
 Training the surviving weights under a fixed mask follows Han et al., "Learning both Weights and Connections
-for Efficient Neural Networks" (NeurIPS 2015). Pruning during training: `gradual` (gradual magnitude, hard movement,
-SET, RigL) and `movement` (soft movement pruning with learned scores). `structured` removes whole heads, neurons and blocks without
-retraining (Kwon et al. 2022).
+for Efficient Neural Networks" (NeurIPS 2015). Pruning during training: `gradual` (gradual magnitude, hard
+movement, SET, RigL) and `movement` (soft movement pruning with learned scores). `structured` removes whole
+heads, neurons and blocks without retraining (Kwon et al. 2022).
 """
 
 from jaxcompress.pruning.masks import (erk_sparsities, layer_sparsities, magnitude_score, mask_from_scores, nm_mask,

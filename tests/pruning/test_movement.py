@@ -25,8 +25,8 @@ def _loss(params, x, y):
 
 
 def _reference(x, y, w, cfg, *, steps, lr):
-  """The paper's soft movement in float64: M = 1(S > τ), ∂L/∂S = ∂L/∂W'·W + λσ'(S)/N with Adam on S, SGD on W
-  with ∂L/∂W = ∂L/∂W'·M. Returns the masks, scores and weights after each step."""
+  """The paper's soft movement in float64: M = 1(S > τ), ∂L/∂S = ∂L/∂W'·W + λσ'(S)/N with Adam on S, SGD on
+  W with ∂L/∂W = ∂L/∂W'·M. Returns the masks, scores and weights after each step."""
   s = np.full(w.shape, cfg.initial_score)
   m1 = v1 = np.zeros_like(s)
   b1, b2, eps = 0.9, 0.999, 1e-8
