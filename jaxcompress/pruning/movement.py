@@ -20,7 +20,7 @@ floating array, and `soft_movement_optimizer(tx, config)` gives them their own A
 do with the weights') with the penalty's gradient λ σ(S)(1 - σ(S)) / N added first (the loss `fit` logs is L
 without λ R). `to_masked(params)` turns the trained leaves into `core.Masked` at the end.
 
-    params = movement.with_scores(params, SoftMovementConfig(penalty=300.0))
+    params = movement.with_scores(params, SoftMovementConfig(penalty=10.0))
     result = loop.fit(cfg, ..., params=params, optimizer=movement.soft_movement_optimizer(tx, config))
     pruned = movement.to_masked(result.state.params)       # core.Masked leaves, sparsity as reached
 """
@@ -95,7 +95,7 @@ class Scored(core.Compressed):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoftMovementConfig:
-  penalty: float = 100.0  # λ: weight of R(S) = mean σ(S) over the scored weights; sets the sparsity reached
+  penalty: float = 10.0  # λ: weight of R(S) = mean σ(S) over the scored weights; sets the sparsity reached
   threshold: float = 0.0  # τ: a weight is kept while its score is above it
   initial_score: float = 0.1  # S at the start, the same for every weight (above τ: the run starts dense)
   score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)

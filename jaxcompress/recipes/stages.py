@@ -360,11 +360,11 @@ def lora(ctx, model, params, cfg: LoRAConfig):
 _PRUNE_FORBIDS = ('masked', 'quantized', 'lowrank', 'shared', 'adapter')  # dense kernels only
 
 
-def _check_steps(cfg, fields: tuple[str, ...]) -> None:
+def _check_steps(cfg) -> None:
   """Schedule steps fall inside the run: 0 <= begin_step <= end_step <= steps, update_every >= 1."""
   begin = getattr(cfg, 'begin_step', 0)
   end = cfg.end_step if cfg.end_step is not None else cfg.steps
-  if 'begin_step' in fields and not 0 <= begin <= end:
+  if not 0 <= begin <= end:
     raise ValueError(f'begin_step={begin} must lie in [0, end_step={end}].')
   if cfg.end_step is not None and not 1 <= cfg.end_step <= cfg.steps:
     raise ValueError(f'end_step={cfg.end_step} must lie in [1, steps={cfg.steps}] (the schedule ends inside the '
@@ -386,7 +386,7 @@ class GradualPruneConfig:
   alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
-    _check_steps(self, ('begin_step',))
+    _check_steps(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -400,14 +400,14 @@ class DynamicSparseConfig:
   alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
-    _check_steps(self, ())
+    _check_steps(self)
     if not 0.0 < self.drop_fraction < 1.0:
       raise ValueError(f'drop_fraction={self.drop_fraction} must lie in (0, 1).')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoftMovementStageConfig:
-  penalty: float = 100.0  # λ on mean σ(S): sets the sparsity reached (larger: sparser); no target is hit exactly
+  penalty: float = 10.0  # λ on mean σ(S): sets the sparsity reached (larger: sparser); no target is hit exactly
   steps: int = 100  # optimizer steps
   learning_rate: float = 1e-4  # peak learning rate of the weights (warm-up then cosine decay)
   score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
