@@ -1,7 +1,8 @@
 """Pruning during training on the causal-LM fixture, each method run by `train.loop.fit` with the same budget
 (steps, batch, AdamW learning rate): gradual magnitude (cubic schedule, a Transform), hard movement, SET and
 RigL (the optax wrapper) and soft movement (learned scores, a penalty instead of a target). The trained params
-end as `core.Masked` kernels; the table gives the sparsity each reached and the held-out perplexity.
+end as `core.Masked` kernels; the table gives the sparsity each reached, the held-out perplexity, and which
+share of each kernel's largest pretrained weights (the 1 - sparsity largest |W|) the mask kept.
 
     python experiments/prune_train.py --steps=60
     python experiments/prune_train.py --small                  # a tiny random Llama (smoke)
@@ -67,6 +68,18 @@ def held_out_ppl(model, params, valid) -> float:
   return float(np.exp(float(jnp.sum(nll)) / float(jnp.sum(count))))
 
 
+def large_kept(dense, trained, paths, sparsity: float) -> float:
+  """Fraction of each kernel's (1 - sparsity) largest dense |W| that the trained mask keeps (magnitude: ~1)."""
+  kept = total = 0
+  dense, trained = core.flatten(dense), core.flatten(trained)
+  for p in paths:
+    a = np.abs(np.asarray(dense[p]))
+    big = a >= np.quantile(a, sparsity)
+    kept += int((np.asarray(trained[p].mask) & big).sum())
+    total += int(big.sum())
+  return kept / max(total, 1)
+
+
 def main(argv):
   del argv
   model, params, train, valid = load()
@@ -114,11 +127,14 @@ def main(argv):
     sparsity = pruning.sparsity_of(trained, sel)
     ppl = held_out_ppl(model, trained, valid)
     target = 'none (λ=%g)' % FLAGS.soft_penalty if name == 'soft_movement' else f'{FLAGS.sparsity}'
-    results[name] = {'perplexity': ppl, 'sparsity': sparsity, 'target': target, 'steps': steps}
-    print(f'{name:<18} sparsity {sparsity:.3f} (target {target})  held-out perplexity {ppl:.2f}', flush=True)
-  lines = ['| method | target sparsity | reached sparsity | held-out perplexity |', '|---|---|---|---|',
-           f'| dense | - | 0 | {results["dense"]:.2f} |']
-  lines += [f'| {k} | {r["target"]} | {r["sparsity"]:.3f} | {r["perplexity"]:.2f} |'
+    large = large_kept(params, trained, sel.paths, FLAGS.sparsity)
+    results[name] = {'perplexity': ppl, 'sparsity': sparsity, 'target': target, 'steps': steps,
+                     'large_kept': large}
+    print(f'{name:<18} sparsity {sparsity:.3f} (target {target})  held-out perplexity {ppl:.2f}  '
+          f'largest {1 - FLAGS.sparsity:.0%} of |W| kept {large:.3f}', flush=True)
+  lines = ['| method | target sparsity | reached sparsity | held-out perplexity | largest weights kept |',
+           '|---|---|---|---|---|', f'| dense | - | 0 | {results["dense"]:.2f} | 1 |']
+  lines += [f'| {k} | {r["target"]} | {r["sparsity"]:.3f} | {r["perplexity"]:.2f} | {r["large_kept"]:.3f} |'
             for k, r in results.items() if k != 'dense']
   table = '\n'.join(lines)
   print(table)
