@@ -14,8 +14,9 @@ params into `core.Masked` leaves at the end (masks: the Transform's state, or `s
 `sparse_optimizer` zeroes pruned parameters through its own updates (update = -W where the mask is off), so it
 needs no Transform; entries regrown by RigL / SET start from zero as in the papers. (Hard movement therefore
 freezes the score of a pruned weight, since ∂L/∂W · 0 = 0, where the paper keeps W and lets it return;
-`movement.py`'s soft movement keeps the weights whole.) Recovery fine-tuning with masks frozen needs neither: `core.Masked` leaves keep
-their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense leaves).
+`movement.py`'s soft movement keeps the weights whole.) Recovery fine-tuning with masks frozen needs neither:
+`core.Masked` leaves keep their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense
+leaves).
 """
 
 from __future__ import annotations
