@@ -9,10 +9,14 @@
                                     al. 2020) at constant sparsity (drop the smallest |W|, regrow at random / by
                                     |∂L/∂W|, the drop fraction decaying with a cosine).
 
-Both keep masks as explicit state (checkpointed with the run). `sparse_optimizer` zeroes pruned parameters through
-its own updates (update = -W where the mask is off), so it needs no Transform; entries regrown by RigL / SET
-start from zero as in the papers. Recovery fine-tuning with masks frozen needs neither: `core.Masked` leaves keep
-their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense leaves).
+Both keep masks as explicit state (checkpointed with the run); `as_masked(params, masks)` turns the trained
+params into `core.Masked` leaves at the end (masks: the Transform's state, or `sparse_masks(opt_state)`).
+`sparse_optimizer` zeroes pruned parameters through its own updates (update = -W where the mask is off), so it
+needs no Transform; entries regrown by RigL / SET start from zero as in the papers. (Hard movement therefore
+freezes the score of a pruned weight, since ∂L/∂W · 0 = 0, where the paper keeps W and lets it return;
+`movement.py`'s soft movement keeps the weights whole.) Recovery fine-tuning with masks frozen needs neither:
+`core.Masked` leaves keep their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense
+leaves).
 """
 
 from __future__ import annotations
@@ -198,3 +202,23 @@ def _drop_and_grow(mask, w, g, key, frac, method):
   grow_score = jnp.where(after_drop, -jnp.inf, grow)
   grow_rank = jnp.argsort(jnp.argsort(-grow_score, stable=True), stable=True)
   return (after_drop | (grow_rank < k)).reshape(mask.shape)
+
+
+def sparse_masks(opt_state: Any) -> Any:
+  """The masks of the `SparseState` inside an optimizer state (sparse_optimizer's, possibly chained)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparseState))
+           if isinstance(s, SparseState)]
+  if len(found) != 1:
+    raise ValueError(f'sparse_masks: the optimizer state holds {len(found)} SparseState(s); expected the one of '
+                     'sparse_optimizer.')
+  return found[0].masks
+
+
+def as_masked(params: Any, masks: Any) -> Any:
+  """params with each kernel that has a mask as `core.Masked(value zeroed off the mask, mask)`.
+
+  masks: a tree like params (or like its trainable part) with bool arrays at the pruned kernels and None
+  elsewhere, as `gradual_magnitude`'s state and `sparse_masks(opt_state)` hold.
+  """
+  return jax.tree.map(lambda m, w: w if m is None else core.Masked(jnp.where(m, w, jnp.zeros((), w.dtype)), m),
+                      masks, params, is_leaf=lambda x: x is None)

@@ -308,7 +308,11 @@ class LoRAConfig:
   merge: bool = False  # fold the adapters into dense kernels afterwards (False keeps base + adapter leaves)
 
 
-def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float, trainable=None):
+def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float, trainable=None,
+         wrap=None, transforms=(), finish=None):
+  """Trains `params` for `steps` on ctx.train with a warm-up + cosine AdamW; wrap(tx) -> tx replaces the optimizer
+  (a method's optax wrapper), `transforms` run inside the step, finish(final TrainState) -> params (default: its
+  params)."""
   from jaxcompress.train import loop, optim, state
   if ctx.train is None:
     raise ValueError(f'{name} trains, and this run has no training batches.')
@@ -321,9 +325,11 @@ def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learn
                         log_every=max(1, steps // 4), mesh=(1, 1, 1))
   opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
                                                    total_steps=steps))
+  if wrap is not None:
+    opt = wrap(opt)
   result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=ctx.train,
-                    trainable=trainable or state.floating, frozen=ctx.reference)
-  return result.state.params
+                    trainable=trainable or state.floating, frozen=ctx.reference, transforms=transforms)
+  return result.state.params if finish is None else finish(result.state)
 
 
 def _kd(model, ctx: Context, cfg) -> Any:
@@ -346,6 +352,145 @@ def lora(ctx, model, params, cfg: LoRAConfig):
   out = _fit(ctx, 'lora', model, adapted, kd, steps=cfg.steps, learning_rate=cfg.learning_rate,
              trainable=lowrank.LORA_TRAINABLE)
   return model, lowrank.merge(out) if cfg.merge else out
+
+
+# Pruning during training -----------------------------------------------------------------------------------------
+# Each trains with `_fit` and returns `core.Masked` block kernels (what later stages, e.g. gptq, take).
+
+_PRUNE_FORBIDS = ('masked', 'quantized', 'lowrank', 'shared', 'adapter')  # dense kernels only
+
+
+def _check_steps(cfg) -> None:
+  """Schedule steps fall inside the run: 0 <= begin_step <= end_step <= steps, update_every >= 1."""
+  begin = getattr(cfg, 'begin_step', 0)
+  end = cfg.end_step if cfg.end_step is not None else cfg.steps
+  if not 0 <= begin <= end:
+    raise ValueError(f'begin_step={begin} must lie in [0, end_step={end}].')
+  if cfg.end_step is not None and not 1 <= cfg.end_step <= cfg.steps:
+    raise ValueError(f'end_step={cfg.end_step} must lie in [1, steps={cfg.steps}] (the schedule ends inside the '
+                     'run); None picks a default.')
+  if cfg.update_every is not None and cfg.update_every < 1:
+    raise ValueError(f'update_every={cfg.update_every} must be >= 1 (None: a tenth of the steps).')
+  if not 0.0 <= cfg.alpha <= 1.0:
+    raise ValueError(f'alpha={cfg.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradualPruneConfig:
+  sparsity: float = 0.5  # sparsity of every block kernel once the cubic schedule ends
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+  begin_step: int = 0  # first pruning step
+  end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
+  update_every: int | None = None  # steps between mask updates (None: a tenth of the steps)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    _check_steps(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamicSparseConfig:
+  sparsity: float = 0.5  # constant sparsity of every block kernel, from a random mask at step 0
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+  update_every: int | None = None  # steps between drop-and-regrow updates (None: a tenth of the steps)
+  end_step: int | None = None  # last mask update (None: 75% of steps, as RigL)
+  drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    _check_steps(self)
+    if not 0.0 < self.drop_fraction < 1.0:
+      raise ValueError(f'drop_fraction={self.drop_fraction} must lie in (0, 1).')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoftMovementStageConfig:
+  penalty: float = 10.0  # λ on mean σ(S): sets the sparsity reached (larger: sparser); no target is hit exactly
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate of the weights (warm-up then cosine decay)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  threshold: float = 0.0  # τ: a weight is kept while its score is above it
+  initial_score: float = 0.1  # every score at the start (above τ: the run starts dense)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    pruning.movement.check_config(pruning.movement.SoftMovementConfig(
+        penalty=self.penalty, threshold=self.threshold, initial_score=self.initial_score,
+        score_learning_rate=self.score_learning_rate))
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f'alpha={self.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+
+
+def _prune_objective(model, ctx: Context, alpha: float):
+  """The task loss alone (alpha=0, causal LMs: no teacher forward), else KD mixed in as `distill` does."""
+  from jaxcompress.train import objectives
+  if model.causal and alpha == 0.0:
+    return objectives.causal_lm(model)
+  return _kd(model, ctx, RecoverConfig(alpha=alpha))
+
+
+def _stage_seed(ctx: Context, name: str) -> int:
+  return int(jax.random.randint(stage_key(ctx, name), (), 0, 2 ** 31 - 1))
+
+
+def gradual(ctx, model, params, cfg: GradualPruneConfig):
+  end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
+  gcfg = pruning.gradual.GradualConfig(final_sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
+                                       frequency=cfg.update_every or max(1, cfg.steps // 10),
+                                       exclude=tuple(model.head_patterns))
+  out = _fit(ctx, 'gradual', model, params, _prune_objective(model, ctx, cfg.alpha), steps=cfg.steps,
+             learning_rate=cfg.learning_rate, transforms=pruning.gradual.gradual_magnitude(gcfg),
+             finish=lambda s: pruning.gradual.as_masked(s.params, s.transform_state))
+  return model, out
+
+
+def _sparse_optimizer(name: str):
+  def apply(ctx, model, params, cfg):
+    if name == 'movement':
+      end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
+      extra = dict(begin_step=cfg.begin_step)
+    else:
+      end = cfg.end_step if cfg.end_step is not None else max(1, round(0.75 * cfg.steps))
+      extra = dict(drop_fraction=cfg.drop_fraction, seed=_stage_seed(ctx, name))
+    scfg = pruning.gradual.SparseTrainingConfig(method=name, sparsity=cfg.sparsity, end_step=end,
+                                                update_every=cfg.update_every or max(1, cfg.steps // 10),
+                                                exclude=tuple(model.head_patterns), **extra)
+    out = _fit(ctx, name, model, params, _prune_objective(model, ctx, cfg.alpha), steps=cfg.steps,
+               learning_rate=cfg.learning_rate, wrap=lambda tx: pruning.gradual.sparse_optimizer(tx, scfg),
+               finish=lambda s: pruning.gradual.as_masked(s.params, pruning.gradual.sparse_masks(s.opt_state)))
+    return model, out
+  return apply
+
+
+def soft_movement(ctx, model, params, cfg: SoftMovementStageConfig):
+  mcfg = pruning.movement.SoftMovementConfig(penalty=cfg.penalty, threshold=cfg.threshold,
+                                             initial_score=cfg.initial_score,
+                                             score_learning_rate=cfg.score_learning_rate,
+                                             exclude=tuple(model.head_patterns))
+  out = _fit(ctx, 'soft_movement', model, pruning.movement.with_scores(params, mcfg),
+             _prune_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+             wrap=lambda tx: pruning.movement.soft_movement_optimizer(tx, mcfg),
+             finish=lambda s: pruning.movement.to_masked(s.params))
+  return model, out
+
+
+register('gradual', GradualPruneConfig, gradual, family='pruning', forbids=_PRUNE_FORBIDS, adds='masked',
+         trains=True, paper='Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model '
+         'compression" (2017): magnitude pruning to a cubic schedule during training')
+register('movement', GradualPruneConfig, _sparse_optimizer('movement'), family='pruning', forbids=_PRUNE_FORBIDS,
+         adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" '
+         '(NeurIPS 2020): hard movement, top-k of S = -Σ ∂L/∂W · W to the cubic schedule')
+register('soft_movement', SoftMovementStageConfig, soft_movement, family='pruning', forbids=_PRUNE_FORBIDS,
+         adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" '
+         '(NeurIPS 2020): soft movement, learned scores above a fixed threshold, sparsity set by λ·mean σ(S)')
+register('set', DynamicSparseConfig, _sparse_optimizer('set'), family='pruning', forbids=_PRUNE_FORBIDS,
+         adds='masked', trains=True, paper='Mocanu et al., "Scalable training of artificial neural networks with '
+         'adaptive sparse connectivity inspired by network science" (Nature Communications 2018): SET')
+register('rigl', DynamicSparseConfig, _sparse_optimizer('rigl'), family='pruning', forbids=_PRUNE_FORBIDS,
+         adds='masked', trains=True, paper='Evci et al., "Rigging the Lottery: Making All Tickets Winners" '
+         '(ICML 2020): RigL')
 
 
 # The registry ------------------------------------------------------------------------------------------------------

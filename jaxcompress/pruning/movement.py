@@ -1,0 +1,189 @@
+"""Soft movement pruning: learned importance scores, a fixed threshold, sparsity set by a penalty.
+
+Sanh, Wolf, Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (NeurIPS 2020), Sec. 4 (soft movement).
+Each selected weight W gets a trainable score S; the layer computes with W' = W ⊙ M, M = 1(S > τ) for a fixed,
+global threshold τ, and the scores are trained by a straight-through estimator of the mask's gradient:
+
+    ∂L/∂S = ∂L/∂W' · W          ∂L/∂W = ∂L/∂W' · M          loss = L + λ · R(S),  R(S) = mean σ(S)
+
+R is the paper's L1 penalty Σ σ(S) divided by the number N of scored weights (as the authors' code does), so λ
+does not depend on the model's size. No sparsity is asked for: λ pushes every score down, a weight survives
+while its movement (-∂L/∂W' · W, the weight moving away from zero) outweighs λ σ'(S) / N, and the sparsity the
+run ends at is whatever that balance gives (it is measured, not hit). A larger λ gives a sparser model. The
+common variant with a cubic schedule of the threshold on σ(S) is not what this implements.
+
+Why a leaf and an optax wrapper, not a Transform: the scores need the loss's gradient, which a Transform never
+sees, and the weights must stay dense (a pruned weight may come back while its score rises again), which rules
+out zeroing them as `gradual.sparse_optimizer` does. So the scores live in the params, in a `Scored` leaf whose
+`materialize()` is W ⊙ M with the straight-through gradient above; `train.loop.fit` trains them like any other
+floating array, and `soft_movement_optimizer(tx, config)` gives them their own Adam (their scale has nothing to
+do with the weights') with the penalty's gradient λ σ(S)(1 - σ(S)) / N added first (the loss `fit` logs is L
+without λ R). `to_masked(params)` turns the trained leaves into `core.Masked` at the end.
+
+    params = movement.with_scores(params, SoftMovementConfig(penalty=10.0))
+    result = loop.fit(cfg, ..., params=params, optimizer=movement.soft_movement_optimizer(tx, config))
+    pruned = movement.to_masked(result.state.params)       # core.Masked leaves, sparsity as reached
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxcompress import core
+from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core.select import KERNELS
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class Scored(core.Compressed):
+  """A weight being pruned by its learned scores: `value` where `scores > threshold`, zero elsewhere.
+
+  value:     [*shape] float, the dense weight W (kept whole during training).
+  scores:    [*shape] float32, the importance scores S.
+  threshold: static τ.
+
+  A training-time form (`to_masked` ends it): `materialize()` is W ⊙ M whose gradient is ∂L/∂W' · M for W and
+  ∂L/∂W' · W for S (straight through the step function).
+  """
+
+  value: Any
+  scores: Any
+  threshold: float = leaf_lib.static(default=0.0)
+
+  @property
+  def shape(self):
+    return leaf_lib.shape_of(self.value)
+
+  @property
+  def dtype(self):
+    return leaf_lib.dtype_of(self.value)
+
+  def mask(self) -> jax.Array:
+    """bool [*shape]: the weights kept now."""
+    return self.scores > self.threshold
+
+  def materialize(self):
+    hard = self.mask().astype(self.value.dtype)
+    # Value M, derivative 1 with respect to S: d(W ⊙ ste)/dS = W, d/dW = M.
+    ste = hard + (self.scores - lax.stop_gradient(self.scores)).astype(self.value.dtype)
+    return self.value * ste
+
+  def kept(self) -> int:
+    return leaf_lib.count_nonzero(self.mask())
+
+  def stored_params(self):
+    return self.kept()
+
+  def memory_bytes(self):
+    return leaf_lib.memory_bytes(self.value) + leaf_lib.memory_bytes(self.scores)
+
+  def disk_bytes(self):
+    # What it is saved as: `to_masked` gives a Masked leaf (kept values and a bit per entry).
+    return self.kept() * self.dtype.itemsize + -(-self.size // 8)
+
+  def matmul_flops(self):
+    return 2 * self.kept()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoftMovementConfig:
+  penalty: float = 10.0  # λ: weight of R(S) = mean σ(S) over the scored weights; sets the sparsity reached
+  threshold: float = 0.0  # τ: a weight is kept while its score is above it
+  initial_score: float = 0.1  # S at the start, the same for every weight (above τ: the run starts dense)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+
+
+def check_config(config: SoftMovementConfig, caller: str = 'soft movement') -> None:
+  c = config
+  if not (np.isfinite(c.penalty) and c.penalty >= 0):
+    raise ValueError(f'{caller}: penalty={c.penalty} must be a finite number >= 0 (larger: sparser).')
+  if not c.initial_score > c.threshold:
+    raise ValueError(f'{caller}: initial_score={c.initial_score} must be above threshold={c.threshold}, or '
+                     'every weight is pruned before the first step.')
+  if not (np.isfinite(c.score_learning_rate) and c.score_learning_rate > 0):
+    raise ValueError(f'{caller}: score_learning_rate={c.score_learning_rate} must be a positive number.')
+
+
+def with_scores(params: Any, config: SoftMovementConfig = SoftMovementConfig()) -> Any:
+  """params with each selected kernel as `Scored(value=w, scores=initial_score, threshold)`.
+
+  Raises ValueError if the rules select nothing or select a weight that is already compressed.
+  """
+  check_config(config, 'with_scores')
+  sel = core.select_by(params, core.Rules(include=config.include, exclude=config.exclude))
+  if not len(sel):
+    raise ValueError(f'with_scores: include={config.include!r} exclude={config.exclude!r} selects no parameter; '
+                     'see core.select(params) for the paths.')
+
+  def one(path, w):
+    if core.is_compressed(w):
+      raise ValueError(f'with_scores: {path} is a {type(w).__name__}; soft movement prunes dense kernels.')
+    return Scored(value=w, scores=jnp.full(jnp.shape(w), config.initial_score, jnp.float32),
+                  threshold=float(config.threshold))
+  return sel.map(one, params)
+
+
+def _is_score(path) -> bool:
+  return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'scores'
+
+
+def score_labels(params: Any) -> Any:
+  """A tree like params: 'scores' at the scores of `Scored` leaves, 'weights' elsewhere (None stays None)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: 'scores' if _is_score(p) else 'weights', params)
+
+
+def score_penalty(penalty: float) -> optax.GradientTransformation:
+  """Adds the gradient of penalty · mean σ(S) (over every score array it is given) to the score updates."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('score_penalty: update needs params (the scores); optax.multi_transform passes them.')
+    n = sum(int(np.size(g)) for g in jax.tree.leaves(updates))
+    add = lambda g, s: g + (penalty / max(n, 1)) * jax.nn.sigmoid(s) * (1 - jax.nn.sigmoid(s))
+    return jax.tree.map(add, updates, params), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def soft_movement_optimizer(tx: optax.GradientTransformation, config: SoftMovementConfig = SoftMovementConfig()
+                            ) -> optax.GradientTransformation:
+  """tx for the weights; for the scores of `Scored` leaves, the penalty's gradient then Adam at
+  `score_learning_rate`. Needs `params` in update (loop.fit passes them)."""
+  check_config(config, 'soft_movement_optimizer')
+  scores = optax.chain(score_penalty(config.penalty), optax.adam(config.score_learning_rate))
+  return optax.multi_transform({'weights': tx, 'scores': scores}, score_labels)
+
+
+def to_masked(params: Any) -> Any:
+  """Every `Scored` leaf -> `core.Masked(value zeroed where pruned, mask = S > τ)`; the rest unchanged."""
+  def one(w):
+    if not isinstance(w, Scored):
+      return w
+    m = w.mask()
+    return core.Masked(jnp.where(m, w.value, jnp.zeros((), w.value.dtype)), m)
+  return jax.tree.map(one, params, is_leaf=core.is_compressed)
+
+
+class MovementStats(NamedTuple):
+  kept: int  # weights kept over the scored kernels
+  total: int  # scored weights
+
+
+def kept_fraction(params: Any) -> MovementStats:
+  """How many scored weights are kept now (host-side)."""
+  leaves = [w for w in jax.tree.leaves(params, is_leaf=core.is_compressed) if isinstance(w, Scored)]
+  return MovementStats(sum(w.kept() for w in leaves), sum(w.size for w in leaves))
