@@ -228,12 +228,19 @@ class ShareConfig:
   group: int = 2  # consecutive blocks per shared group (ALBERT: all of them)
   include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
   average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
+  lora_rank: int = 0  # > 0: each block's shared kernels get their own LoRA delta of this rank (train with distill)
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f'lora_rank={self.lora_rank} must be >= 0 (0: no per-block deltas).')
 
 
 def share(ctx, model, params, cfg: ShareConfig):
   groups = sharing.consecutive_groups(model.num_layers(params), cfg.group)
-  return model, sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include,
-                                     average=cfg.average)
+  out = sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include, average=cfg.average)
+  if cfg.lora_rank:  # relaxed recursive sharing (Bae et al. 2024): a per-place low-rank delta over the storage
+    out = sharing.add_deltas(out, stage_key(ctx, 'share'), rank=cfg.lora_rank)
+  return model, out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -420,7 +427,8 @@ register('qlora', LoRAConfig, lora, family='lowrank', forbids=('adapter', 'share
          paper='Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023): LoRA over a '
          'quantized base')
 register('share', ShareConfig, share, family='sharing', forbids=COMPRESSED + ('architecture',), adds='shared',
-         paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks')
+         paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks; lora_rank: Bae et al., '
+         '"Relaxed Recursive Transformers" (2024)')
 register('tie_embeddings', TieConfig, tie, family='sharing', forbids=COMPRESSED, adds='shared',
          paper='Press & Wolf, "Using the Output Embedding to Improve Language Models" (EACL 2017)')
 register('gqa', GQAConfig, gqa, family='architecture', forbids=COMPRESSED, adds='architecture',

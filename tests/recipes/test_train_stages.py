@@ -147,3 +147,18 @@ def test_bad_training_stages_fail_at_parse_time(text, needle):
   with pytest.raises(ValueError) as e:
     recipes.parse(text)
   assert needle in str(e.value)
+
+
+def test_share_with_per_block_lora_deltas_starts_as_plain_sharing(setup2):
+  model, params, ctx = setup2
+  _, plain = _run('share(group=2)', ctx, model, params)
+  _, relaxed = _run('share(group=2, lora_rank=2)', ctx, model, params)
+  leaf = core.paths.get(relaxed, 'layers/1/mlp/up_proj/kernel')
+  assert isinstance(leaf, core.LoRA) and isinstance(leaf.base, core.Shared) and leaf.lora_a.shape == (32, 2)
+  tokens = ctx.calib[0]['tokens']
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(np.asarray(apply(relaxed, tokens)), np.asarray(apply(plain, tokens)), atol=1e-6)
+  with pytest.raises(ValueError, match='already shared'):
+    recipes.parse('share(lora_rank=2) > lora(rank=2)')
+  with pytest.raises(ValueError, match='lora_rank=-1 must be >= 0'):
+    recipes.parse('share(lora_rank=-1)')
