@@ -113,6 +113,8 @@ class RTNConfig:
   symmetric: bool = False  # symmetric grid instead of min-max
   target: str = 'blocks'  # 'blocks' (block kernels), 'embeddings' (embedding tables) or 'all'
   include: str = '.'  # path regex within the target
+  fmt: str = 'int'  # 'int' (min-max / absmax grid), 'nf4' (QLoRA's NormalFloat, 4 bits), 'fp8' or 'fp8_e5m2'
+  clip: str = 'none'  # 'mse': search a shrink of each group's range minimising the weight error (int, nf4)
 
 
 def _target_selection(model, params, target: str, include: str):
@@ -133,7 +135,8 @@ def _target_selection(model, params, target: str, include: str):
 def rtn(ctx, model, params, cfg: RTNConfig):
   def one(_, w):
     gs = cfg.group_size if cfg.group_size is None or core.shape_of(w)[0] % cfg.group_size == 0 else None
-    return quantization.quantize_weight(jnp.asarray(w), bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric)
+    return quantization.quantize_weight(jnp.asarray(w), bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric,
+                                        fmt=cfg.fmt, clip=cfg.clip)
   return model, _target_selection(model, params, cfg.target, cfg.include).map(one, params)
 
 
@@ -229,14 +232,21 @@ class ShareConfig:
   include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
   average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
   lora_rank: int = 0  # > 0: each block's shared kernels get their own LoRA delta of this rank (train with distill)
+  by: str = 'consecutive'  # grouping: 'consecutive' blocks, or by weight cosine: 'agglomerative' / 'greedy'
 
   def __post_init__(self):
     if self.lora_rank < 0:
       raise ValueError(f'lora_rank={self.lora_rank} must be >= 0 (0: no per-block deltas).')
+    if self.by not in ('consecutive', 'agglomerative', 'greedy'):
+      raise ValueError(f"by={self.by!r}; choose 'consecutive', 'agglomerative' or 'greedy'.")
 
 
 def share(ctx, model, params, cfg: ShareConfig):
-  groups = sharing.consecutive_groups(model.num_layers(params), cfg.group)
+  n = model.num_layers(params)
+  if cfg.by == 'consecutive':
+    groups = sharing.consecutive_groups(n, cfg.group)
+  else:  # as many groups as consecutive sharing would make, chosen by the similarity of the blocks' kernels
+    groups = sharing.similarity_groups(params, -(-n // cfg.group), block_path=model.block_path, method=cfg.by)
   out = sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include, average=cfg.average)
   if cfg.lora_rank:  # relaxed recursive sharing (Bae et al. 2024): a per-place low-rank delta over the storage
     out = sharing.add_deltas(out, stage_key(ctx, 'share'), rank=cfg.lora_rank)
@@ -457,12 +467,15 @@ class QATConfig:
   group_size: int | None = 128  # rows per scale (None: one per output column); kernels it does not divide: None
   symmetric: bool = False  # symmetric grid instead of min-max
   act_bits: int | None = None  # also round each block linear's input per token to this many bits (None: weights)
+  fmt: str = 'int'  # weight grid: 'int' (min-max / absmax), 'nf4' (4 bits) or 'fp8'
   steps: int = 100  # optimizer steps with the fake-quantized forward
   learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
 
   def __post_init__(self):
     if self.act_bits is not None and not 2 <= self.act_bits <= 16:
       raise ValueError(f'act_bits={self.act_bits} must lie in [2, 16] (or None: weights only).')
+    if self.fmt not in ('int', 'nf4', 'fp8'):
+      raise ValueError(f"fmt={self.fmt!r}; choose 'int', 'nf4' or 'fp8'.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -561,7 +574,7 @@ def _quantization_aware(objective_of):
   def apply(ctx, model, params, cfg: QATConfig):
     params = _dense_values(params)
     groups = _qat_groups(model, params, cfg.group_size)
-    kw = dict(bits=cfg.bits, symmetric=cfg.symmetric, act_bits=cfg.act_bits)
+    kw = dict(bits=cfg.bits, symmetric=cfg.symmetric, act_bits=cfg.act_bits, fmt=cfg.fmt)
     fq = [quantization.fake_quant(rules, group_size=gs, **kw) for rules, gs in groups]
     name = objective_of.__name__.strip('_')
     trained = _train(ctx, name, model, params, objective_of(model, ctx), steps=cfg.steps,
@@ -634,6 +647,11 @@ def seq_kd(ctx, model, params, cfg: SeqKDConfig):
                        learning_rate=cfg.learning_rate, teacher=False)
 
 
+def fresh_student(ctx, model, params, cfg):
+  student = distillation.students.fresh(model, cfg)
+  return student, jax.jit(student.init)(stage_key(ctx, 'fresh_student'))
+
+
 def drop_layers(ctx, model, params, cfg: DropLayersConfig):
   student, small, _ = distillation.students.select_layers(model, params, cfg.layers)
   return student, small
@@ -654,6 +672,10 @@ register('gkd', GKDConfig, gkd, family='distillation', trains=True,
          'Mistakes" (ICLR 2024)')
 register('seq_kd', SeqKDConfig, seq_kd, family='distillation', trains=True,
          paper='Kim & Rush, "Sequence-Level Knowledge Distillation" (EMNLP 2016)')
+register('fresh_student', distillation.students.StudentConfig, fresh_student, family='distillation',
+         forbids=COMPRESSED + ('architecture',), adds='architecture',
+         paper='a randomly initialised student of the model\'s family at the given depth and width (train it with '
+         'distill, e.g. Hinton et al. 2015)')
 register('drop_layers', DropLayersConfig, drop_layers, family='architecture', forbids=('shared', 'architecture'),
          adds='architecture', paper='Sanh et al., "DistilBERT" (2019): a shallower student from the teacher\'s '
          'own blocks (train it with distill)')

@@ -142,6 +142,11 @@ def test_tinybert_uniform_layer_map():
     ('gkd(prompt_len=0)', 'prompt_len=0 must be >= 1'),
     ('seq_kd(rows=0)', 'rows=0 must be >= 1'),
     ('drop_layers(layers=2)', 'layers=2 is not a'),
+    ('qat(fmt="nf3")', "fmt='nf3'; choose 'int', 'nf4' or 'fp8'"),
+    ('fresh_student(depth=1)', "missing 2 required keyword-only arguments: 'width' and 'heads'"),
+    ('fresh_student(depth=1, width=30, heads=4)', 'width=30 is not divisible by heads=4'),
+    ('gptq(bits=4) > fresh_student(depth=1, width=32, heads=4)', 'already quantized'),
+    ('share(by="x")', "by='x'; choose 'consecutive', 'agglomerative' or 'greedy'"),
 ])
 def test_bad_training_stages_fail_at_parse_time(text, needle):
   with pytest.raises(ValueError) as e:
@@ -162,3 +167,15 @@ def test_share_with_per_block_lora_deltas_starts_as_plain_sharing(setup2):
     recipes.parse('share(lora_rank=2) > lora(rank=2)')
   with pytest.raises(ValueError, match='lora_rank=-1 must be >= 0'):
     recipes.parse('share(lora_rank=-1)')
+
+
+def test_fresh_student_nf4_rtn_and_similarity_sharing_run(setup2):
+  model, params, ctx = setup2
+  student, sp = _run('fresh_student(depth=1, width=16, heads=2)', ctx, model, params)
+  assert student.config.num_layers == 1 and student.config.hidden_size == 16 and student.config.num_kv_heads == 1
+  assert sp['layers'][0]['mlp']['up_proj']['kernel'].shape == (16, 64)
+  _, q = _run('rtn(fmt="nf4", group_size=32, clip="mse")', ctx, model, params)
+  leaf = core.paths.get(q, 'layers/0/attn/q_proj/kernel')
+  assert isinstance(leaf, core.Quantized) and leaf.fmt == 'nf4' and leaf.group_size == 32
+  _, shared = _run('share(group=2, by="agglomerative")', ctx, model, params)
+  assert isinstance(core.paths.get(shared, 'layers/1/mlp/up_proj/kernel'), core.Shared)
