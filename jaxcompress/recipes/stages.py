@@ -322,6 +322,12 @@ class RecoverConfig:
   relation_heads: int = 1  # MiniLM: relation heads the Q/K/V widths are split into
   layer_map: tuple[tuple[int, int], ...] = ()  # (student, teacher) hidden-state layers; (): TinyBERT's uniform map
 
+  def __post_init__(self):  # the distillation family's checks of these values, at parse time
+    distillation.DistillConfig(output=self.output or 'soft_kl', temperature=self.temperature, alpha=self.alpha,
+                               beta=self.beta, hidden_weight=self.hidden_weight,
+                               attention_weight=self.attention_weight, relation_weight=self.relation_weight,
+                               relation_heads=self.relation_heads, layer_map=self.layer_map)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
@@ -459,7 +465,8 @@ register('recover', RecoverConfig, distill, family='distillation', trains=True, 
 
 # Training-time quantization and distillation stages ----------------------------------------------------------------
 # qat, lsq, llm_qat (quantization-aware training, ending in real `core.Quantized` leaves), gkd (on-policy
-# distillation), seq_kd (sequence-level KD) and drop_layers (a shallower student from the model's own blocks).
+# distillation), seq_kd (sequence-level KD), drop_layers (a shallower student from the model's own blocks) and
+# fresh_student (a randomly initialised one).
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QATConfig:

@@ -147,6 +147,9 @@ def test_tinybert_uniform_layer_map():
     ('fresh_student(depth=1, width=30, heads=4)', 'width=30 is not divisible by heads=4'),
     ('gptq(bits=4) > fresh_student(depth=1, width=32, heads=4)', 'already quantized'),
     ('share(by="x")', "by='x'; choose 'consecutive', 'agglomerative' or 'greedy'"),
+    ('distill(output="mse")', "output='mse'; choose from"),
+    ('distill(output="jsd", beta=0.0)', 'beta=0.0 must lie strictly between 0 and 1'),
+    ('recover(hidden_weight=-1.0)', 'hidden_weight=-1.0 must be >= 0'),
 ])
 def test_bad_training_stages_fail_at_parse_time(text, needle):
   with pytest.raises(ValueError) as e:
