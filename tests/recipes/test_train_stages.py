@@ -55,11 +55,11 @@ def test_every_new_stage_is_listed_with_its_paper_and_fields():
   assert 'act_bits=None' in text and 'hidden_weight=0.0' in text and 'fraction=0.5' in text
 
 
-def test_wanda_then_qat_keeps_masks_and_ends_in_trained_quantized_leaves_then_distill(setup):
+def test_pruning_then_qat_keeps_masks_and_ends_in_trained_quantized_leaves_then_distill(setup):
   model, params, ctx = setup
   recipes.parse('sparsegpt(sparsity=0.5) > qat(bits=4, group_size=64, act_bits=8, steps=2) > '
                 'distill(steps=1, hidden_weight=1.0)')  # the whole chain plans
-  _, sparse = _run('wanda(sparsity=0.5)', ctx, model, params)
+  _, sparse = _run('magnitude(sparsity=0.5)', ctx, model, params)  # any pruning's masks (no calibration here)
   _, q = _run('qat(bits=4, group_size=64, act_bits=8, steps=3, learning_rate=0.01)', ctx, model, sparse)
   untrained = quantization.finalize_qat(sparse, model.selection_rules(include=(r'down_proj/kernel$',)), bits=4,
                                         group_size=64)
