@@ -76,6 +76,8 @@ HARDWARE = {
     'LowRank': {'gpu': 'native (two dense matmuls)', 'tpu': 'native (two dense matmuls)', 'cpu': 'native'},
     'LoRA': {'gpu': 'native (base + two thin matmuls)', 'tpu': 'native', 'cpu': 'native'},
     'Int8Linear': {'gpu': 'native (int8 tensor cores)', 'tpu': 'native (int8 MXU)', 'cpu': 'native (VNNI)'},
+    'ActQuantized': {'gpu': 'native at 8/8 bits (int8 tensor cores), else emulated', 'tpu': 'emulated',
+                     'cpu': 'emulated (activations rounded in XLA)'},
     'Outliers': {'gpu': 'emulated (codebook lookup + sparse)', 'tpu': 'emulated', 'cpu': 'emulated'},
     'ProductQuantized': {'gpu': 'emulated (codebook lookup)', 'tpu': 'emulated', 'cpu': 'emulated'},
     'Shared': {'gpu': 'native (one buffer, several users)', 'tpu': 'native', 'cpu': 'native'},

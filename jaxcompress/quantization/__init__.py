@@ -20,9 +20,11 @@ from jaxcompress.quantization.mixed import allocate, mixed_precision
 from jaxcompress.quantization.nonuniform import (Outliers, squeezellm, squeezellm_from_hessian,
                                                    squeezellm_layer)
 from jaxcompress.quantization.pq import ProductQuantized, product_quantize
-from jaxcompress.quantization.qat import fake_quant, straight_through
+from jaxcompress.quantization import qat
+from jaxcompress.quantization.qat import ActQuantized, fake_quant, straight_through
+from jaxcompress.quantization.qat import finalize as finalize_qat
 from jaxcompress.quantization.quantizers import max_error, quantize_weight
 from jaxcompress.quantization.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['LSQWeight', 'add_lsq', 'finalize_lsq', 'AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'ProductQuantized', 'product_quantize', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
+__all__ = ['ActQuantized', 'finalize_qat', 'qat', 'LSQWeight', 'add_lsq', 'finalize_lsq', 'AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'ProductQuantized', 'product_quantize', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
            'quantizers', 'straight_through', 'llm_qat', 'kernels']

@@ -22,20 +22,26 @@ from jaxcompress.eval import token_nll
 from jaxcompress.train import objectives
 
 
-def distillation_objective(model, *, remat: bool = False) -> objectives.Objective:
+def distillation_objective(model, *, teacher=None, remat: bool = False) -> objectives.Objective:
   """objective(params, frozen=teacher params, batch, rng): KL(teacher ‖ student) summed over masked tokens.
 
+  teacher: the full-precision model when its architecture differs from `model`'s (default: `model` itself).
   Batches as for `objectives.causal_lm` (inputs, targets [B, T] int32, optional mask); metrics 'kl' and 'nll'
   (the student's next-token NLL on the targets), sums the step turns into per-token means.
   """
+  t_model = model if teacher is None else teacher
+
   def objective(params, frozen, batch, rng):
     del rng
     if frozen is None:
       raise ValueError('llm_qat: the distillation objective needs the full-precision teacher params as '
                        'TrainState.frozen: loop.fit(..., frozen=params).')
     logits = model.apply(params, batch['inputs'], remat=remat).astype(jnp.float32)
-    teacher = jax.lax.stop_gradient(model.apply(frozen, batch['inputs']).astype(jnp.float32))
-    log_t, log_s = jax.nn.log_softmax(teacher, -1), jax.nn.log_softmax(logits, -1)
+    t_logits = jax.lax.stop_gradient(t_model.apply(frozen, batch['inputs']).astype(jnp.float32))
+    if t_logits.shape != logits.shape:
+      raise ValueError(f'llm_qat: teacher logits {t_logits.shape} and student logits {logits.shape} differ; '
+                       'the teacher must share the vocabulary.')
+    log_t, log_s = jax.nn.log_softmax(t_logits, -1), jax.nn.log_softmax(logits, -1)
     kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
     mask = objectives.token_mask(batch)
     nll = token_nll(logits, batch['targets'])

@@ -2,15 +2,23 @@
 
 The forward uses round-to-nearest quantized weights; the backward treats the rounding as the identity (the
 straight-through estimator), so the float32 master weights learn to sit well on the quantization grid.
+With `act_bits`, each selected linear's input is also rounded per token (symmetric absmax, straight-through):
+the kernel is wrapped in an `ActQuantized` leaf, which stays on the weight after `finalize` so that inference
+rounds the activations as training did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxcompress import core
+from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import serialize
 from jaxcompress.train import transforms
 
 
@@ -19,13 +27,77 @@ def straight_through(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Arra
   return lambda w: w + jax.lax.stop_gradient(fn(w) - w)
 
 
+def quantize_tokens(x: jax.Array, bits: int) -> jax.Array:
+  """x [..., in] rounded per token to a symmetric `bits`-bit grid (scale max|x| / (2^(bits-1) - 1); an all-zero
+  token keeps scale 1), in x's dtype, gradient straight through the rounding."""
+  qmax = 2 ** (bits - 1) - 1
+  x32 = x.astype(jnp.float32)
+  s = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / qmax
+  s = jnp.where(s == 0, 1.0, s)
+  return straight_through(lambda v: jnp.clip(jnp.round(v / s), -qmax, qmax) * s)(x32).astype(x.dtype)
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class ActQuantized(core.Compressed):
+  """A linear whose input is rounded per token to `bits` bits before the matmul with `w` [in, out] (dense,
+  Masked or Quantized). `materialize()` is the weight; the activation rounding happens in `matmul`."""
+
+  w: Any
+  bits: int = leaf_lib.static(default=8)
+
+  @property
+  def shape(self):
+    return core.shape_of(self.w)
+
+  @property
+  def dtype(self):
+    return core.dtype_of(self.w)
+
+  def materialize(self):
+    return core.materialize(self.w)
+
+  def matmul(self, x):
+    return core.linear(quantize_tokens(x, self.bits), self.w)
+
+  def stored_params(self):
+    return core.stored_params(self.w)
+
+  def memory_bytes(self):
+    return core.memory_bytes(self.w)
+
+  def disk_bytes(self):
+    return core.disk_bytes(self.w)
+
+  def matmul_flops(self):
+    return core.matmul_flops(self.w)
+
+
+def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
+  return {'bits': w.bits, 'w': out.weight('.w', w.w)}
+
+
+def _decode(desc: dict, src: serialize.Reader) -> ActQuantized:
+  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'])
+
+
+serialize.register('act_quantized', ActQuantized, _encode, _decode)
+
+
+def _check_act_bits(act_bits, where: str) -> None:
+  if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 16):
+    raise ValueError(f'{where}: act_bits={act_bits!r} must be an integer in 2..16 or None (weights only).')
+
+
 def fake_quant(rules: core.Rules = core.Rules(), *, bits: int = 4, group_size: int | None = 128,
-               symmetric: bool = False, fmt: str = 'int') -> transforms.Transform:
+               symmetric: bool = False, fmt: str = 'int', act_bits: int | None = None) -> transforms.Transform:
   """A stateless Transform whose forward round-to-nearest quantizes the selected kernels (straight-through).
 
   rules: which kernels (`core.Rules`, default every block kernel); bits, group_size, symmetric, fmt: as in
-  `core.quantize`. `Masked` kernels are quantized under their mask; other compressed kinds are refused.
+  `core.quantize`; act_bits: also round each selected linear's input per token to this many bits (None: weights
+  only). `Masked` kernels are quantized under their mask; other compressed kinds are refused.
   """
+  _check_act_bits(act_bits, 'fake_quant')
   q = straight_through(lambda w: core.fake_quantize(w, bits=bits, group_size=group_size, symmetric=symmetric,
                                                     fmt=fmt, pack=False))
 
@@ -38,6 +110,27 @@ def fake_quant(rules: core.Rules = core.Rules(), *, bits: int = 4, group_size: i
 
   def forward(params, state):
     del state
-    return core.select_by(params, rules).map(lambda _, w: on_weight(w), params)
+    act = (lambda w: w) if act_bits is None else (lambda w: ActQuantized(w, bits=act_bits))
+    return core.select_by(params, rules).map(lambda _, w: act(on_weight(w)), params)
 
   return transforms.Transform(forward=forward)
+
+
+def finalize(params, rules: core.Rules = core.Rules(), *, bits: int = 4, group_size: int | None = 128,
+             symmetric: bool = False, fmt: str = 'int', act_bits: int | None = None):
+  """The selected kernels of QAT-trained params as real `core.Quantized` leaves, with the very grid `fake_quant`
+  used in training (same arguments: the quantized model computes what the last training forward computed).
+
+  `Masked` kernels become Masked(Quantized(value), mask), as `fake_quant` quantized their value under the mask;
+  with act_bits the result is wrapped in `ActQuantized` (inference rounds the activations as training did).
+  """
+  _check_act_bits(act_bits, 'qat.finalize')
+  def one(w):
+    if isinstance(w, core.Masked):
+      return core.Masked(one(w.value), w.mask)
+    if core.is_compressed(w):
+      raise TypeError(f'qat.finalize: cannot quantize a {type(w).__name__} weight; select dense or Masked ones.')
+    return core.quantize(w, bits=bits, group_size=group_size, symmetric=symmetric, fmt=fmt)
+
+  act = (lambda w: w) if act_bits is None else (lambda w: ActQuantized(w, bits=act_bits))
+  return core.select_by(params, rules).map(lambda _, w: act(one(w)), params)

@@ -8,6 +8,7 @@ surviving values (pruned entries at zero) and keeps the mask around the quantize
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import re
 import shutil
@@ -112,6 +113,8 @@ class RTNConfig:
   symmetric: bool = False  # symmetric grid instead of min-max
   target: str = 'blocks'  # 'blocks' (block kernels), 'embeddings' (embedding tables) or 'all'
   include: str = '.'  # path regex within the target
+  fmt: str = 'int'  # 'int' (min-max / absmax grid), 'nf4' (QLoRA's NormalFloat, 4 bits), 'fp8' or 'fp8_e5m2'
+  clip: str = 'none'  # 'mse': search a shrink of each group's range minimising the weight error (int, nf4)
 
 
 def _target_selection(model, params, target: str, include: str):
@@ -132,7 +135,8 @@ def _target_selection(model, params, target: str, include: str):
 def rtn(ctx, model, params, cfg: RTNConfig):
   def one(_, w):
     gs = cfg.group_size if cfg.group_size is None or core.shape_of(w)[0] % cfg.group_size == 0 else None
-    return quantization.quantize_weight(jnp.asarray(w), bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric)
+    return quantization.quantize_weight(jnp.asarray(w), bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric,
+                                        fmt=cfg.fmt, clip=cfg.clip)
   return model, _target_selection(model, params, cfg.target, cfg.include).map(one, params)
 
 
@@ -227,12 +231,26 @@ class ShareConfig:
   group: int = 2  # consecutive blocks per shared group (ALBERT: all of them)
   include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
   average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
+  lora_rank: int = 0  # > 0: each block's shared kernels get their own LoRA delta of this rank (train with distill)
+  by: str = 'consecutive'  # grouping: 'consecutive' blocks, or by weight cosine: 'agglomerative' / 'greedy'
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f'lora_rank={self.lora_rank} must be >= 0 (0: no per-block deltas).')
+    if self.by not in ('consecutive', 'agglomerative', 'greedy'):
+      raise ValueError(f"by={self.by!r}; choose 'consecutive', 'agglomerative' or 'greedy'.")
 
 
 def share(ctx, model, params, cfg: ShareConfig):
-  groups = sharing.consecutive_groups(model.num_layers(params), cfg.group)
-  return model, sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include,
-                                     average=cfg.average)
+  n = model.num_layers(params)
+  if cfg.by == 'consecutive':
+    groups = sharing.consecutive_groups(n, cfg.group)
+  else:  # as many groups as consecutive sharing would make, chosen by the similarity of the blocks' kernels
+    groups = sharing.similarity_groups(params, -(-n // cfg.group), block_path=model.block_path, method=cfg.by)
+  out = sharing.share_blocks(params, groups, block_path=model.block_path, include=cfg.include, average=cfg.average)
+  if cfg.lora_rank:  # relaxed recursive sharing (Bae et al. 2024): a per-place low-rank delta over the storage
+    out = sharing.add_deltas(out, stage_key(ctx, 'share'), rank=cfg.lora_rank)
+  return model, out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -297,6 +315,18 @@ class RecoverConfig:
   output: str | None = None  # KD output term: None picks 'soft_kl' for causal LMs, 'embedding' for encoders
   temperature: float = 2.0  # softening of both distributions in the logit terms
   alpha: float = 0.5  # weight of KD against the task loss (causal LMs; encoders use KD alone)
+  beta: float = 0.5  # generalized JSD's beta for output='jsd' (GKD on the data)
+  hidden_weight: float = 0.0  # TinyBERT: weight of the hidden-state MSE over layer_map
+  attention_weight: float = 0.0  # TinyBERT: weight of the attention-map MSE over layer_map
+  relation_weight: float = 0.0  # MiniLM: weight of the last block's Q-Q, K-K, V-V relation KL
+  relation_heads: int = 1  # MiniLM: relation heads the Q/K/V widths are split into
+  layer_map: tuple[tuple[int, int], ...] = ()  # (student, teacher) hidden-state layers; (): TinyBERT's uniform map
+
+  def __post_init__(self):  # the distillation family's checks of these values, at parse time
+    distillation.DistillConfig(output=self.output or 'soft_kl', temperature=self.temperature, alpha=self.alpha,
+                               beta=self.beta, hidden_weight=self.hidden_weight,
+                               attention_weight=self.attention_weight, relation_weight=self.relation_weight,
+                               relation_heads=self.relation_heads, layer_map=self.layer_map)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -336,8 +366,21 @@ def _kd(model, ctx: Context, cfg) -> Any:
   output = cfg.output or ('soft_kl' if model.causal else 'embedding')
   # An encoder has no task loss: its objective is the KD term alone (alpha=1).
   alpha = getattr(cfg, 'alpha', 0.5) if model.causal else 1.0
-  dcfg = distillation.DistillConfig(output=output, temperature=getattr(cfg, 'temperature', 2.0), alpha=alpha)
+  extra = {k: getattr(cfg, k) for k in ('beta', 'hidden_weight', 'attention_weight', 'relation_weight',
+                                        'relation_heads') if hasattr(cfg, k)}
+  if extra.get('hidden_weight') or extra.get('attention_weight'):
+    extra['layer_map'] = getattr(cfg, 'layer_map', ()) or uniform_layer_map(
+        model, ctx.reference_model, embeddings=not extra.get('attention_weight'))
+  dcfg = distillation.DistillConfig(output=output, temperature=getattr(cfg, 'temperature', 2.0), alpha=alpha,
+                                    **extra)
   return distillation.distillation(model, ctx.reference_model, dcfg)
+
+
+def uniform_layer_map(student, teacher, *, embeddings: bool = True) -> tuple[tuple[int, int], ...]:
+  """TinyBERT's uniform mapping: student block m (1..M) <- teacher block m·N/M, plus the embeddings (0, 0)
+  unless `embeddings` is False (attention transfer: the embeddings have no attention map)."""
+  m, n = student.config.num_layers, teacher.config.num_layers
+  return ((0, 0),) * embeddings + tuple((k, k * n // m) for k in range(1, m + 1))
 
 
 def distill(ctx, model, params, cfg: RecoverConfig):
@@ -545,7 +588,8 @@ register('qlora', LoRAConfig, lora, family='lowrank', forbids=('adapter', 'share
          paper='Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023): LoRA over a '
          'quantized base')
 register('share', ShareConfig, share, family='sharing', forbids=COMPRESSED + ('architecture',), adds='shared',
-         paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks')
+         paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks; lora_rank: Bae et al., '
+         '"Relaxed Recursive Transformers" (2024)')
 register('tie_embeddings', TieConfig, tie, family='sharing', forbids=COMPRESSED, adds='shared',
          paper='Press & Wolf, "Using the Output Embedding to Improve Language Models" (EACL 2017)')
 register('gqa', GQAConfig, gqa, family='architecture', forbids=COMPRESSED, adds='architecture',
@@ -562,3 +606,228 @@ register('distill', RecoverConfig, distill, family='distillation', trains=True,
          'from the uncompressed model')
 register('recover', RecoverConfig, distill, family='distillation', trains=True, defaults={'alpha': 0.0},
          paper='task-loss fine-tuning of the compressed model (alpha=0: no KD term; encoders always use KD)')
+
+
+# Training-time quantization and distillation stages ----------------------------------------------------------------
+# qat, lsq, llm_qat (quantization-aware training, ending in real `core.Quantized` leaves), gkd (on-policy
+# distillation), seq_kd (sequence-level KD), drop_layers (a shallower student from the model's own blocks) and
+# fresh_student (a randomly initialised one).
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QATConfig:
+  bits: int = 4  # weight bits (2..8)
+  group_size: int | None = 128  # rows per scale (None: one per output column); kernels it does not divide: None
+  symmetric: bool = False  # symmetric grid instead of min-max
+  act_bits: int | None = None  # also round each block linear's input per token to this many bits (None: weights)
+  fmt: str = 'int'  # weight grid: 'int' (min-max / absmax), 'nf4' (4 bits) or 'fp8'
+  steps: int = 100  # optimizer steps with the fake-quantized forward
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+
+  def __post_init__(self):
+    if self.act_bits is not None and not 2 <= self.act_bits <= 16:
+      raise ValueError(f'act_bits={self.act_bits} must lie in [2, 16] (or None: weights only).')
+    if self.fmt not in ('int', 'nf4', 'fp8'):
+      raise ValueError(f"fmt={self.fmt!r}; choose 'int', 'nf4' or 'fp8'.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQConfig:
+  bits: int = 4  # weight bits (2..8); symmetric, one learned step per output column
+  steps: int = 100  # optimizer steps training weights and steps together
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GKDConfig:
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+  fraction: float = 0.5  # lambda: probability that a batch's continuations are sampled from the student
+  divergence: str = 'jsd'  # 'jsd' (generalized JSD, GKD), 'soft_kl' (forward KL) or 'reverse_kl'
+  beta: float = 0.5  # the JSD's beta, in (0, 1): towards 0 forward KL, towards 1 reverse KL
+  temperature: float = 1.0  # softening of both distributions in the divergence
+  sample_temperature: float = 1.0  # the student's sampling temperature
+  prompt_len: int = 8  # tokens of each data row kept as the prompt; the student writes the rest
+  top_k: int | None = None  # sample among the student's top_k tokens only (None: the whole vocabulary)
+
+  def __post_init__(self):  # the family's own checks, at parse time
+    distillation.OnPolicyConfig(fraction=self.fraction, prompt_len=self.prompt_len,
+                                temperature=self.sample_temperature, top_k=self.top_k)
+    if self.divergence not in ('jsd', 'soft_kl', 'reverse_kl'):
+      raise ValueError(f"divergence={self.divergence!r}; choose 'jsd', 'soft_kl' or 'reverse_kl'.")
+    distillation.DistillConfig(output=self.divergence, beta=self.beta, temperature=self.temperature, alpha=1.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeqKDConfig:
+  steps: int = 100  # optimizer steps on the teacher's text
+  learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
+  rows: int = 256  # distinct sequences the uncompressed model samples (the batches cycle over them)
+  prompt_len: int = 8  # tokens of a training row each sample starts from
+  sample_temperature: float = 1.0  # the teacher's sampling temperature
+
+  def __post_init__(self):
+    for name in ('rows', 'prompt_len'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name}={getattr(self, name)} must be >= 1.')
+    if not self.sample_temperature > 0:
+      raise ValueError(f'sample_temperature={self.sample_temperature} must be > 0.')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DropLayersConfig:
+  layers: tuple[int, ...] | None = None  # blocks kept, increasing (None: every other block, as DistilBERT)
+
+
+def _train(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float,
+           transforms=(), trainable=None, teacher: bool = True):
+  """`loop.fit` of `objective` for a training stage, with `transforms`; teacher: hold the uncompressed params
+  as `frozen` (the objective distils from them)."""
+  from jaxcompress.train import loop, optim, state
+  if ctx.train is None:
+    raise ValueError(f'{name} trains, and this run has no training batches.')
+  run_dir = pathlib.Path(ctx.run_dir or '.') / 'stages' / name
+  shutil.rmtree(run_dir, ignore_errors=True)
+  cfg = loop.LoopConfig(steps=steps, batch_size=ctx.train.batch_size, run_dir=str(run_dir), seed=ctx.seed,
+                        checkpoint_every=0, async_checkpoint=False, progress=False, resume=False,
+                        log_every=max(1, steps // 4), mesh=(1, 1, 1))
+  opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
+                                                   total_steps=steps))
+  result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=ctx.train,
+                    transforms=transforms, trainable=trainable or state.floating,
+                    frozen=ctx.reference if teacher else None)
+  return result.state.params
+
+
+def _task_objective(model, ctx: Context):
+  """Plain QAT's loss: next-token NLL for causal LMs; encoders have no task loss and distil their embeddings."""
+  from jaxcompress.train import objectives
+  return objectives.causal_lm(model) if model.causal else _kd(model, ctx, RecoverConfig(output=None))
+
+
+def _qat_groups(model, params, group_size: int | None) -> list[tuple[core.Rules, int | None]]:
+  """(rules, group size) per set of block kernels sharing a group size (group_size where it divides the
+  kernel's input width, else one scale per column, as `rtn`)."""
+  sel = model.select(params)
+  groups: dict[int | None, list[str]] = {}
+  for path, shape in zip(sel.paths, sel.shapes):
+    gs = group_size if group_size is not None and shape[0] % group_size == 0 else None
+    groups.setdefault(gs, []).append(f'^{re.escape(path)}$')
+  return [(model.selection_rules(include=tuple(paths)), gs) for gs, paths in groups.items()]
+
+
+def _dense_values(params):
+  """`Masked` kernels with their pruned entries zeroed in the value (what a quantizer of a masked kernel sees)."""
+  dense, masks = _unmask(params)
+  return _remask(dense, masks)
+
+
+def _quantization_aware(objective_of):
+  """A QAT stage: train under `fake_quant` of every block kernel, then quantize with the same grids."""
+  def apply(ctx, model, params, cfg: QATConfig):
+    params = _dense_values(params)
+    groups = _qat_groups(model, params, cfg.group_size)
+    kw = dict(bits=cfg.bits, symmetric=cfg.symmetric, act_bits=cfg.act_bits, fmt=cfg.fmt)
+    fq = [quantization.fake_quant(rules, group_size=gs, **kw) for rules, gs in groups]
+    name = objective_of.__name__.strip('_')
+    trained = _train(ctx, name, model, params, objective_of(model, ctx), steps=cfg.steps,
+                     learning_rate=cfg.learning_rate, transforms=fq, teacher=name == 'llm_qat' or not model.causal)
+    for rules, gs in groups:  # one compiled quantization per group, not one dispatch per array op
+      trained = jax.jit(functools.partial(quantization.finalize_qat, rules=rules, group_size=gs, **kw))(trained)
+    return model, trained
+  return apply
+
+
+def _qat(model, ctx):
+  return _task_objective(model, ctx)
+
+
+def _llm_qat(model, ctx):
+  if not model.causal:
+    raise ValueError('llm_qat distils next-token distributions of a causal LM; for an encoder use qat (which '
+                     'distils the embeddings).')
+  return quantization.llm_qat.distillation_objective(model, teacher=ctx.reference_model)
+
+
+def lsq(ctx, model, params, cfg: LSQConfig):
+  dense, masks = _unmask(params)
+  wrapped = _remask(quantization.add_lsq(dense, model.selection_rules(), bits=cfg.bits), masks)
+  trained = _train(ctx, 'lsq', model, wrapped, _task_objective(model, ctx), steps=cfg.steps,
+                   learning_rate=cfg.learning_rate, teacher=not model.causal)
+  return model, jax.jit(quantization.finalize_lsq)(trained)
+
+
+def gkd(ctx, model, params, cfg: GKDConfig):
+  if not model.causal:
+    raise ValueError('gkd samples continuations from a causal LM; for an encoder use distill.')
+  dcfg = distillation.DistillConfig(output=cfg.divergence, beta=cfg.beta, temperature=cfg.temperature, alpha=1.0)
+  policy = distillation.OnPolicyConfig(fraction=cfg.fraction, prompt_len=cfg.prompt_len,
+                                       temperature=cfg.sample_temperature, top_k=cfg.top_k)
+  objective = distillation.on_policy_distillation(model, ctx.reference_model, dcfg, policy)
+  return model, _train(ctx, 'gkd', model, params, objective, steps=cfg.steps, learning_rate=cfg.learning_rate)
+
+
+def teacher_text(ctx: Context, cfg: SeqKDConfig):
+  """[rows, T + 1] int32 sequences the uncompressed model sampled from the first prompt_len tokens of training
+  rows (rows drawn with the stage key; KV-cache decoding, temperature cfg.sample_temperature)."""
+  import numpy as np
+
+  from jaxcompress import models
+  seqs = np.asarray(ctx.train.sequences)
+  t = seqs.shape[1]
+  if cfg.prompt_len >= t:
+    raise ValueError(f'seq_kd: prompt_len={cfg.prompt_len} leaves nothing to sample in rows of {t} tokens.')
+  key = stage_key(ctx, 'seq_kd')
+  pick, sample = jax.random.split(key)
+  rows = np.asarray(jax.random.choice(pick, len(seqs), (cfg.rows,), replace=len(seqs) < cfg.rows))
+  prompts = jnp.asarray(seqs[rows, :cfg.prompt_len], jnp.int32)
+  out, step = [], ctx.train.batch_size
+  for i in range(0, cfg.rows, step):
+    out.append(np.asarray(models.generate(ctx.reference_model, ctx.reference, prompts[i:i + step],
+                                          max_new_tokens=t - cfg.prompt_len, temperature=cfg.sample_temperature,
+                                          key=jax.random.fold_in(sample, i))))
+  return np.concatenate(out).astype(np.int32)
+
+
+def seq_kd(ctx, model, params, cfg: SeqKDConfig):
+  from jaxcompress.data import pipeline
+  from jaxcompress.train import objectives
+  if not model.causal or not hasattr(ctx.train, 'sequences'):
+    raise ValueError('seq_kd trains a causal LM on text its teacher samples; it needs causal-LM training rows.')
+  text = pipeline.LMBatches(sequences=teacher_text(ctx, cfg), batch_size=ctx.train.batch_size, seed=ctx.seed)
+  ctx = dataclasses.replace(ctx, train=text)
+  return model, _train(ctx, 'seq_kd', model, params, objectives.causal_lm(model), steps=cfg.steps,
+                       learning_rate=cfg.learning_rate, teacher=False)
+
+
+def fresh_student(ctx, model, params, cfg):
+  student = distillation.students.fresh(model, cfg)
+  return student, jax.jit(student.init)(stage_key(ctx, 'fresh_student'))
+
+
+def drop_layers(ctx, model, params, cfg: DropLayersConfig):
+  student, small, _ = distillation.students.select_layers(model, params, cfg.layers)
+  return student, small
+
+
+TRAINED_QUANT = ('quantized', 'lowrank', 'shared', 'adapter')  # fake_quant / add_lsq take dense or Masked
+register('qat', QATConfig, _quantization_aware(_qat), family='quantization', forbids=TRAINED_QUANT,
+         adds='quantized', trains=True,
+         paper='Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only '
+         'Inference" (CVPR 2018): straight-through fake quantization, then the same round-to-nearest grid')
+register('lsq', LSQConfig, lsq, family='quantization', forbids=TRAINED_QUANT, adds='quantized', trains=True,
+         paper='Esser et al., "Learned Step Size Quantization" (ICLR 2020)')
+register('llm_qat', QATConfig, _quantization_aware(_llm_qat), family='quantization', forbids=TRAINED_QUANT,
+         adds='quantized', trains=True, paper='Liu et al., "LLM-QAT: Data-Free Quantization Aware Training for '
+         'Large Language Models" (2023): QAT on KL to the full-precision model (trained on the corpus)')
+register('gkd', GKDConfig, gkd, family='distillation', trains=True,
+         paper='Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated '
+         'Mistakes" (ICLR 2024)')
+register('seq_kd', SeqKDConfig, seq_kd, family='distillation', trains=True,
+         paper='Kim & Rush, "Sequence-Level Knowledge Distillation" (EMNLP 2016)')
+register('fresh_student', distillation.students.StudentConfig, fresh_student, family='distillation',
+         forbids=COMPRESSED + ('architecture',), adds='architecture',
+         paper='a randomly initialised student of the model\'s family at the given depth and width (train it with '
+         'distill, e.g. Hinton et al. 2015)')
+register('drop_layers', DropLayersConfig, drop_layers, family='architecture', forbids=('shared', 'architecture'),
+         adds='architecture', paper='Sanh et al., "DistilBERT" (2019): a shallower student from the teacher\'s '
+         'own blocks (train it with distill)')

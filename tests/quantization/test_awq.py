@@ -104,3 +104,33 @@ def test_model_gptq_quantizes_every_block_linear_and_beats_rtn():
   assert kinds == {core.Quantized}
   r3 = core.select(params).map(lambda _, w: quantization.quantize_weight(w, bits=3, group_size=16), params)
   assert _logit_error(g3, params, tokens) < _logit_error(r3, params, tokens)
+
+
+def test_shared_input_group_scale_minimises_the_float64_group_output_error():
+  """A group of linears sharing an input (q/k/v after one norm; gate/up) gets one s, chosen (Lin et al. Sec. 3.2)
+  by the output error of the whole group: Σ_k ‖X W_k − (X / s) Q(diag(s) W_k)‖², which `awq` measures by searching
+  the concatenated kernels. This case is one where the group's α differs from each linear's own."""
+  import sys
+  awq_lib = sys.modules['jaxcompress.quantization.awq']
+  w1, x = _layer(3, out=24)
+  rng = np.random.default_rng(103)
+  w2 = rng.standard_normal((64, 40)) * rng.lognormal(0, 1, (64, 1))
+  xm = np.abs(x).mean(0)
+
+  def scales(a):
+    s = np.maximum(xm ** a, 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+  def best(ws):  # float64 argmin over the α grid of the summed output error
+    err = [sum(np.sum((x @ w - x @ (ref.rtn((w * scales(a / 20)[:, None]).T, bits=3, groupsize=16).T
+                                    / scales(a / 20)[:, None])) ** 2) for w in ws) for a in range(20)]
+    return scales(int(np.argmin(err)) / 20)
+
+  cfg = quantization.AWQConfig(bits=3, group_size=16, clip=False)
+  with jax.enable_x64(True):
+    search = lambda w: np.asarray(awq_lib.search(jnp.asarray(w), jnp.asarray(x.T @ x), jnp.asarray(xm), cfg)[0])
+    s_group = search(np.concatenate([w1, w2], axis=1))
+    np.testing.assert_allclose(s_group, best([w1, w2]), rtol=1e-9)
+    for w in (w1, w2):  # each linear alone would pick another scale
+      np.testing.assert_allclose(search(w), best([w]), rtol=1e-9)
+      assert not np.allclose(search(w), s_group)

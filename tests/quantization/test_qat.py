@@ -53,3 +53,52 @@ def test_llm_qat_objective_is_the_float64_kl_to_the_teacher(params):
   assert abs(float(obj(params, params, BATCH, None)[0])) < 1e-4  # the teacher itself: zero divergence
   with pytest.raises(ValueError, match='frozen=params'):
     obj(student, None, BATCH, None)
+
+
+def test_finalize_gives_quantized_leaves_computing_the_fake_quant_forward_exactly(params):
+  w = core.paths.get(params, 'layers/0/mlp/up_proj/kernel')
+  mask = np.random.default_rng(0).random(w.shape) > 0.5
+  masked = core.paths.replace(params, {'layers/0/mlp/up_proj/kernel': core.Masked(w * mask, mask)})
+  for act_bits in (None, 6):
+    fq = quantization.fake_quant(bits=3, group_size=16, act_bits=act_bits)
+    trained = jax.jit(lambda p: fq.forward(p, ()))(masked)
+    final = jax.jit(lambda p: quantization.finalize_qat(p, bits=3, group_size=16, act_bits=act_bits))(masked)
+    dense_final, dense_trained = (core.flatten(jax.jit(core.materialize_tree)(t)) for t in (final, trained))
+    for path in core.select(masked).paths:
+      leaf = core.paths.get(final, path)
+      inner = leaf.w if act_bits else leaf
+      assert isinstance(leaf, quantization.ActQuantized) == (act_bits is not None)
+      if path == 'layers/0/mlp/up_proj/kernel':
+        assert isinstance(inner, core.Masked) and isinstance(inner.value, core.Quantized)
+        np.testing.assert_array_equal(np.asarray(inner.mask), mask)
+      else:
+        assert isinstance(inner, core.Quantized) and inner.bits == 3 and inner.group_size == 16
+      np.testing.assert_array_equal(np.asarray(dense_final[path]), np.asarray(dense_trained[path]))
+  apply = jax.jit(MODEL.apply)  # with act_bits: the activations are rounded alike too
+  np.testing.assert_array_equal(np.asarray(apply(final, BATCH['inputs'])), np.asarray(apply(trained, BATCH['inputs'])))
+
+
+def test_act_quantized_matmul_is_the_float64_per_token_rounding_and_round_trips(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+  x[0, 0] = 0.0  # an all-zero token keeps scale 1, never 0/0
+  w = rng.normal(size=(16, 8)).astype(np.float32)
+  leaf = quantization.ActQuantized(core.quantize(w, bits=4, group_size=8), bits=5)
+  x64, qmax = x.astype(np.float64), 2 ** 4 - 1
+  s = np.abs(x64).max(-1, keepdims=True) / qmax
+  s[s == 0] = 1.0
+  want = np.clip(np.round(x64 / s), -qmax, qmax) * s @ np.asarray(leaf.w.materialize(), np.float64)
+  got = np.asarray(core.linear(jax.numpy.asarray(x), leaf), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(got).all() and not np.allclose(got, x64 @ np.asarray(leaf.w.materialize(), np.float64))
+  grad = jax.grad(lambda v: core.linear(v, leaf).sum())(jax.numpy.asarray(x))  # straight through the rounding
+  np.testing.assert_allclose(np.asarray(grad), np.broadcast_to(np.asarray(leaf.w.materialize()).sum(1), x.shape),
+                             rtol=1e-5)
+  path = tmp_path / 'a.jxc'
+  written = core.serialize.save(path, {'k': leaf})
+  back = core.serialize.load(path)['k']
+  assert isinstance(back, quantization.ActQuantized) and back.bits == 5
+  np.testing.assert_array_equal(np.asarray(back.materialize()), np.asarray(leaf.materialize()))
+  assert written == core.stats.totals({'k': leaf}).disk == core.disk_bytes(leaf.w)
+  with pytest.raises(ValueError, match='act_bits=1'):
+    quantization.fake_quant(act_bits=1)
