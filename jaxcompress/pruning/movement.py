@@ -24,10 +24,10 @@ sees, and the weights must stay dense (a pruned weight may come back while its s
 out zeroing them. So the scores live in the params, in a `Scored` leaf whose `materialize()` is W ⊙ M with the
 straight-through gradient above; `train.loop.fit` trains them like any other floating array, and
 `soft_movement_optimizer(tx, config)` / `hard_movement_optimizer(tx, config)` give them their own Adam (their
-scale has nothing to do with the weights'), soft movement's penalty gradient λ σ(S)(1 - σ(S)) / N added first (the loss `fit` logs is L without λ R). Hard
-movement's kept count is an int32 array of the leaf (`keep`, never trained); the Transform
-`topk_schedule(config)` sets it from the cubic schedule after each step. `to_masked(params)` turns the trained
-leaves into `core.Masked` at the end.
+scale has nothing to do with the weights'), soft movement's penalty gradient λ σ(S)(1 - σ(S)) / N added first
+(the loss `fit` logs is L without λ R). Hard movement's kept count is an int32 array of the leaf (`keep`, never
+trained); the Transform `topk_schedule(config)` sets it from the cubic schedule after each step.
+`to_masked(params)` turns the trained leaves into `core.Masked` at the end.
 
     params = movement.with_scores(params, SoftMovementConfig(penalty=10.0))
     result = loop.fit(cfg, ..., params=params, optimizer=movement.soft_movement_optimizer(tx, config))
