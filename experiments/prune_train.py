@@ -1,13 +1,16 @@
 """Pruning during training on the causal-LM fixture, each method run by `train.loop.fit` with the same budget
-(steps, batch, AdamW learning rate): gradual magnitude (cubic schedule, a Transform), hard movement, SET and
-RigL (the optax wrapper) and soft movement (learned scores, a penalty instead of a target). The trained params
+(steps, batch, AdamW learning rate): gradual magnitude (cubic schedule, a Transform), hard movement (learned
+scores, top-k to the cubic schedule, weights kept whole), soft movement (learned scores, a penalty instead of a
+target), SET and RigL (the optax wrapper, starting from the magnitude mask of the pretrained weights unless
+--sparse_init=random, the papers' start from scratch). The trained params
 end as `core.Masked` kernels; the table gives the sparsity each reached, the held-out perplexity, and which
 share of each kernel's largest pretrained weights (the 1 - sparsity largest |W|) the mask kept.
 
     python experiments/prune_train.py --steps=60
     python experiments/prune_train.py --small                  # a tiny random Llama (smoke)
 
-Soft movement has no sparsity target: --soft_penalty (λ) sets where it lands (larger: sparser).
+Soft movement has no sparsity target: --soft_penalty (λ) sets where it lands (larger: sparser). Both movement rows
+give their scores Adam at --score_learning_rate.
 Writes config.json, environment.json, results.json and table.md into --output_dir (each run's checkpoints under it).
 """
 
@@ -39,7 +42,9 @@ flags.DEFINE_integer('batch_size', 16, 'Rows per step.')
 flags.DEFINE_float('sparsity', 0.7, 'Target sparsity of every block kernel.')
 flags.DEFINE_float('learning_rate', 3e-4, 'AdamW learning rate.')
 flags.DEFINE_float('soft_penalty', 10.0, 'Soft movement: λ on the mean σ(S) of the scores (larger: sparser).')
-flags.DEFINE_float('score_learning_rate', 1e-2, 'Soft movement: Adam step size of the scores.')
+flags.DEFINE_float('score_learning_rate', 1e-2, 'Hard and soft movement: Adam step size of the scores.')
+flags.DEFINE_enum('sparse_init', 'magnitude', ['magnitude', 'random'],
+                  "SET / RigL step-0 mask: 'magnitude' (largest pretrained |W|) or 'random' (from scratch).")
 flags.DEFINE_list('methods', ['gradual_magnitude', 'movement', 'soft_movement', 'set', 'rigl'], 'Rows to run.')
 flags.DEFINE_integer('eval_rows', 128, 'Held-out rows scored.')
 flags.DEFINE_bool('small', False, 'A tiny random Llama on random tokens (smoke mode).')
@@ -92,8 +97,12 @@ def main(argv):
 
   def sparse(method):
     return gradual.sparse_optimizer(adamw(), gradual.SparseTrainingConfig(
-        method=method, sparsity=FLAGS.sparsity, update_every=every if method == 'movement' else max(1, steps // 6),
-        begin_step=1 if method == 'movement' else 0, end_step=end, seed=FLAGS.seed))
+        method=method, sparsity=FLAGS.sparsity, init=FLAGS.sparse_init, update_every=max(1, steps // 6),
+        end_step=end, seed=FLAGS.seed))
+
+  # Hard movement: the kept count follows the cubic schedule every step, as the paper.
+  hard = movement.HardMovementConfig(sparsity=FLAGS.sparsity, begin_step=1, end_step=end, update_every=1,
+                                     score_learning_rate=FLAGS.score_learning_rate)
 
   soft = movement.SoftMovementConfig(penalty=FLAGS.soft_penalty, score_learning_rate=FLAGS.score_learning_rate)
   # name: (fit arguments, start params, final TrainState -> params with core.Masked kernels)
@@ -101,8 +110,9 @@ def main(argv):
       'gradual_magnitude': (dict(optimizer=adamw(), transforms=gradual.gradual_magnitude(gradual.GradualConfig(
           final_sparsity=FLAGS.sparsity, begin_step=1, end_step=end, frequency=every))), params,
           lambda s: gradual.as_masked(s.params, s.transform_state)),
-      'movement': (dict(optimizer=sparse('movement')), params,
-                   lambda s: gradual.as_masked(s.params, gradual.sparse_masks(s.opt_state))),
+      'movement': (dict(optimizer=movement.hard_movement_optimizer(adamw(), hard),
+                        transforms=movement.topk_schedule(hard)), movement.with_scores(params, hard),
+                   lambda s: movement.to_masked(s.params)),
       'soft_movement': (dict(optimizer=movement.soft_movement_optimizer(adamw(), soft)),
                         movement.with_scores(params, soft), lambda s: movement.to_masked(s.params)),
       'set': (dict(optimizer=sparse('set')), params,
@@ -140,7 +150,7 @@ def main(argv):
   print(table)
   provenance.write_run_dir(FLAGS.output_dir, config={k: FLAGS[k].value for k in (
       'model', 'seed', 'steps', 'batch_size', 'sparsity', 'learning_rate', 'soft_penalty', 'score_learning_rate',
-      'methods', 'eval_rows', 'small')}, results=results)
+      'sparse_init', 'methods', 'eval_rows', 'small')}, results=results)
   with open(os.path.join(FLAGS.output_dir, 'table.md'), 'w') as f:
     f.write(table + '\n')
 

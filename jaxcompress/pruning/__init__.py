@@ -6,8 +6,8 @@ turns params into `core.Masked` leaves. Layer solvers with kernels w [in, out] a
 `wanda_layer` (Sun et al. 2023) and `sparsegpt_layer` (Frantar & Alistarh 2023), and their variants on streamed
 statistics. Model-level one-shot methods (`magnitude`, `wanda`, `sparsegpt`) run through the calibration driver.
 Training the surviving weights under a fixed mask follows Han et al., "Learning both Weights and Connections
-for Efficient Neural Networks" (NeurIPS 2015). Pruning during training: `gradual` (gradual magnitude, hard
-movement, SET, RigL) and `movement` (soft movement pruning with learned scores). `structured` removes whole
+for Efficient Neural Networks" (NeurIPS 2015). Pruning during training: `gradual` (gradual magnitude, SET,
+RigL) and `movement` (hard and soft movement pruning with learned scores). `structured` removes whole
 heads, neurons and blocks without retraining (Kwon et al. 2022).
 """
 

@@ -3,18 +3,20 @@
     gradual_magnitude(config)       a Transform: every `frequency` steps, prune the smallest |W| to the
                                     cubic schedule's sparsity (Zhu & Gupta, "To prune, or not to prune", 2017):
                                         s_t = s_f + (s_i - s_f) · (1 - (t - t_0) / (t_1 - t_0))³
-    sparse_optimizer(tx, config)    an optax wrapper for the methods whose score needs gradients, which a
-                                    Transform never sees: movement pruning (Sanh et al. 2020, S = -Σ_t ∂L/∂W · W,
-                                    hard top-k to the cubic schedule), SET (Mocanu et al. 2018) and RigL (Evci et
+    sparse_optimizer(tx, config)    an optax wrapper for dynamic sparse training, whose regrowth needs gradients
+                                    (which a Transform never sees): SET (Mocanu et al. 2018) and RigL (Evci et
                                     al. 2020) at constant sparsity (drop the smallest |W|, regrow at random / by
-                                    |∂L/∂W|, the drop fraction decaying with a cosine).
+                                    |∂L/∂W|, the drop fraction decaying with a cosine), starting from a random
+                                    mask (init='random', the papers' training from scratch) or, for a pretrained
+                                    model, from the magnitude mask at the target sparsity (init='magnitude', as
+                                    jaxpruner does for fine-tuning: a random 70% mask throws most of what was
+                                    learned away at step 0).
 
 Both keep masks as explicit state (checkpointed with the run); `as_masked(params, masks)` turns the trained
 params into `core.Masked` leaves at the end (masks: the Transform's state, or `sparse_masks(opt_state)`).
 `sparse_optimizer` zeroes pruned parameters through its own updates (update = -W where the mask is off), so it
-needs no Transform; entries regrown by RigL / SET start from zero as in the papers. (Hard movement therefore
-freezes the score of a pruned weight, since ∂L/∂W · 0 = 0, where the paper keeps W and lets it return;
-`movement.py`'s soft movement keeps the weights whole.) Recovery fine-tuning with masks frozen needs neither:
+needs no Transform; entries regrown by RigL / SET start from zero as in the papers. Movement pruning (hard and
+soft), which keeps the weights whole, is `movement.py`. Recovery fine-tuning with masks frozen needs neither:
 `core.Masked` leaves keep their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense
 leaves).
 """
@@ -117,20 +119,19 @@ def gradual_magnitude(config: GradualConfig = GradualConfig()) -> transforms.Tra
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseTrainingConfig:
-  method: str = 'rigl'  # 'rigl' | 'set' (constant sparsity) | 'movement' (cubic schedule to `sparsity`)
-  sparsity: float = 0.5  # target (movement: final) sparsity of every selected kernel
+  method: str = 'rigl'  # 'rigl' | 'set' (both at constant sparsity)
+  sparsity: float = 0.5  # sparsity of every selected kernel, from step 0
+  init: str = 'random'  # initial masks: 'random' (from scratch, as the papers) | 'magnitude' (largest |W|: pretrained)
   include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels made sparse
   exclude: str | tuple[str, ...] = ()  # path regexes left dense
   update_every: int = 100  # optimizer steps between mask updates
-  begin_step: int = 0  # movement: first pruning step
-  end_step: int = 1000  # rigl/set: last mask update; movement: step where the schedule reaches `sparsity`
-  drop_fraction: float = 0.3  # rigl/set: fraction of kept weights replaced at the first update (cosine decay)
-  seed: int = 0  # rigl/set: the initial random masks; set: where weights regrow
+  end_step: int = 1000  # last mask update
+  drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
+  seed: int = 0  # the initial random masks (init='random'); set: where weights regrow
 
 
 class SparseState(NamedTuple):
   masks: Any  # tree like the params: bool arrays at the sparse kernels, None elsewhere
-  scores: Any  # movement: accumulated -Σ ∂L/∂W · W at the sparse kernels (zeros for other methods)
   count: jax.Array  # int32 optimizer steps taken
   inner: optax.OptState
 
@@ -139,53 +140,49 @@ def sparse_optimizer(tx: optax.GradientTransformation, config: SparseTrainingCon
                      ) -> optax.GradientTransformation:
   """tx with sparse kernels (see module docstring); needs `params` in update (optax passes them in loop.fit)."""
   c = config
-  if c.method not in ('rigl', 'set', 'movement'):
-    raise ValueError(f"sparse_optimizer: method={c.method!r} must be 'rigl', 'set' or 'movement'.")
+  if c.method not in ('rigl', 'set'):
+    raise ValueError(f"sparse_optimizer: method={c.method!r} must be 'rigl' or 'set' (movement pruning is "
+                     'pruning.movement).')
+  if c.init not in ('random', 'magnitude'):
+    raise ValueError(f"sparse_optimizer: init={c.init!r} must be 'random' (from scratch) or 'magnitude' "
+                     '(a pretrained model).')
   masks_lib.check_sparsity(c.sparsity, caller='sparse_optimizer')
-  if not (0 < c.drop_fraction < 1) or c.update_every < 1 or c.end_step < c.begin_step:
+  if not (0 < c.drop_fraction < 1) or c.update_every < 1 or c.end_step < 0:
     raise ValueError(f'sparse_optimizer: need 0 < drop_fraction < 1 ({c.drop_fraction}), update_every >= 1 '
-                     f'({c.update_every}), begin_step <= end_step ({c.begin_step}, {c.end_step}).')
+                     f'({c.update_every}), end_step >= 0 ({c.end_step}).')
 
   def init(params):
     masks = _selected_masks(params, c.include, c.exclude, caller='sparse_optimizer')
-    if c.method != 'movement':  # constant sparsity from the start: random masks, as both papers begin
+    if c.init == 'magnitude':  # the largest |W| of each kernel: what a pretrained model already relies on
+      masks = _zip(lambda m, w: _prune_lowest(jnp.abs(w.astype(jnp.float32)), c.sparsity), masks, params)
+    else:  # a random mask, as both papers begin from scratch
       leaves, treedef = jax.tree.flatten(masks)
       keys = jax.random.split(jax.random.key(c.seed), max(len(leaves), 1))
       leaves = [_prune_lowest(jax.random.uniform(k, m.shape), c.sparsity) for k, m in zip(keys, leaves)]
       masks = jax.tree.unflatten(treedef, leaves)
-    scores = _zip(lambda m: jnp.zeros(m.shape, jnp.float32), masks)
-    return SparseState(masks, scores, jnp.zeros((), jnp.int32), tx.init(params))
+    return SparseState(masks, jnp.zeros((), jnp.int32), tx.init(params))
 
   def update(grads, state, params=None):
     if params is None:
       raise ValueError('sparse_optimizer: update needs params (optax.apply_updates callers pass them).')
     count = state.count + 1
     updates, inner = tx.update(grads, state.inner, params)
-    scores = state.scores
-    if c.method == 'movement':
-      scores = _zip(lambda m, s, g, w: s - (g * w).astype(jnp.float32), state.masks, scores, grads, params)
-      due = (count >= c.begin_step) & (count <= c.end_step) & (((count - c.begin_step) % c.update_every == 0) |
-                                                                (count == c.end_step))
-      s = cubic_sparsity(count, initial=0.0, final=c.sparsity, begin_step=c.begin_step, end_step=c.end_step)
-      new = lax.cond(due, lambda m: _zip(lambda m, sc: _prune_lowest(jnp.where(m, sc, -jnp.inf), s), m, scores),
-                     lambda m: m, state.masks)
-    else:
-      due = (count <= c.end_step) & (count % c.update_every == 0)
-      frac = c.drop_fraction / 2 * (1 + jnp.cos(math.pi * jnp.minimum(count, c.end_step) / max(c.end_step, 1)))
-      key = jax.random.fold_in(jax.random.key(c.seed), count)
+    due = (count <= c.end_step) & (count % c.update_every == 0)
+    frac = c.drop_fraction / 2 * (1 + jnp.cos(math.pi * jnp.minimum(count, c.end_step) / max(c.end_step, 1)))
+    key = jax.random.fold_in(jax.random.key(c.seed), count)
 
-      def regrow(masks):
-        leaves, treedef = jax.tree.flatten(masks)
-        keys = jax.random.split(key, max(len(leaves), 1))
-        tree_keys = jax.tree.unflatten(treedef, list(keys))
-        return _zip(lambda m, k, g, w, u: _drop_and_grow(m, w + u, g, k, frac, c.method), masks, tree_keys,
-                    grads, params, updates)
+    def regrow(masks):
+      leaves, treedef = jax.tree.flatten(masks)
+      keys = jax.random.split(key, max(len(leaves), 1))
+      tree_keys = jax.tree.unflatten(treedef, list(keys))
+      return _zip(lambda m, k, g, w, u: _drop_and_grow(m, w + u, g, k, frac, c.method), masks, tree_keys,
+                  grads, params, updates)
 
-      new = lax.cond(due, regrow, lambda m: m, state.masks)
+    new = lax.cond(due, regrow, lambda m: m, state.masks)
     # Kept-and-kept entries take tx's update; the others go (or stay) exactly to zero: -W + W = 0.
     updates = jax.tree.map(lambda m, old, u, w: u if m is None else jnp.where(m & old, u, -w), new, state.masks,
                            updates, params, is_leaf=lambda x: x is None)
-    return updates, SparseState(new, scores, count, inner)
+    return updates, SparseState(new, count, inner)
 
   return optax.GradientTransformation(init, update)
 

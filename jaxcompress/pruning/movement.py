@@ -1,28 +1,42 @@
-"""Soft movement pruning: learned importance scores, a fixed threshold, sparsity set by a penalty.
+"""Movement pruning: learned importance scores, kept whole weights, a straight-through mask.
 
-Sanh, Wolf, Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (NeurIPS 2020), Sec. 4 (soft movement).
-Each selected weight W gets a trainable score S; the layer computes with W' = W ⊙ M, M = 1(S > τ) for a fixed,
-global threshold τ, and the scores are trained by a straight-through estimator of the mask's gradient:
+Sanh, Wolf, Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (NeurIPS 2020), Sec. 3-4. Each selected
+weight W gets a trainable score S; the layer computes with W' = W ⊙ M, and the scores are trained by a
+straight-through estimator of the mask's gradient:
 
-    ∂L/∂S = ∂L/∂W' · W          ∂L/∂W = ∂L/∂W' · M          loss = L + λ · R(S),  R(S) = mean σ(S)
+    ∂L/∂S = ∂L/∂W' · W          ∂L/∂W = ∂L/∂W' · M
 
-R is the paper's L1 penalty Σ σ(S) divided by the number N of scored weights (as the authors' code does), so λ
-does not depend on the model's size. No sparsity is asked for: λ pushes every score down, a weight survives
-while its movement (-∂L/∂W' · W, the weight moving away from zero) outweighs λ σ'(S) / N, and the sparsity the
-run ends at is whatever that balance gives (it is measured, not hit). A larger λ gives a sparser model. The
-common variant with a cubic schedule of the threshold on σ(S) is not what this implements.
+Two ways of turning S into M:
+
+  hard movement   M = Top_v(S): the (1 - v) · N largest scores of each kernel, v following Zhu & Gupta's cubic
+                  schedule to the target sparsity (`HardMovementConfig`); no penalty. The weights stay whole, so
+                  a pruned weight keeps a score gradient ∂L/∂W' · W and returns once its score climbs back into
+                  the top; the scores accumulate -Σ_t ∂L/∂W' · W under plain SGD, the paper's movement.
+  soft movement   M = 1(S > τ) for a fixed, global threshold τ (`SoftMovementConfig`), loss = L + λ · R(S) with
+                  R(S) = mean σ(S): the paper's L1 penalty Σ σ(S) divided by the number N of scored weights (as
+                  the authors' code does), so λ does not depend on the model's size. No sparsity is asked for:
+                  λ pushes every score down, a weight survives while its movement (-∂L/∂W' · W) outweighs
+                  λ σ'(S) / N, and the sparsity reached is measured, not hit (larger λ: sparser). The common
+                  variant with a cubic schedule of the threshold on σ(S) is not what this implements.
 
 Why a leaf and an optax wrapper, not a Transform: the scores need the loss's gradient, which a Transform never
 sees, and the weights must stay dense (a pruned weight may come back while its score rises again), which rules
-out zeroing them as `gradual.sparse_optimizer` does. So the scores live in the params, in a `Scored` leaf whose
-`materialize()` is W ⊙ M with the straight-through gradient above; `train.loop.fit` trains them like any other
-floating array, and `soft_movement_optimizer(tx, config)` gives them their own Adam (their scale has nothing to
-do with the weights') with the penalty's gradient λ σ(S)(1 - σ(S)) / N added first (the loss `fit` logs is L
-without λ R). `to_masked(params)` turns the trained leaves into `core.Masked` at the end.
+out zeroing them. So the scores live in the params, in a `Scored` leaf whose `materialize()` is W ⊙ M with the
+straight-through gradient above; `train.loop.fit` trains them like any other floating array, and
+`soft_movement_optimizer(tx, config)` / `hard_movement_optimizer(tx, config)` give them their own Adam (their
+scale has nothing to do with the weights'), soft movement's penalty gradient λ σ(S)(1 - σ(S)) / N added first
+(the loss `fit` logs is L without λ R). Hard movement's kept count is an int32 array of the leaf (`keep`, never
+trained); the Transform `topk_schedule(config)` sets it from the cubic schedule after each step.
+`to_masked(params)` turns the trained leaves into `core.Masked` at the end.
 
     params = movement.with_scores(params, SoftMovementConfig(penalty=10.0))
     result = loop.fit(cfg, ..., params=params, optimizer=movement.soft_movement_optimizer(tx, config))
-    pruned = movement.to_masked(result.state.params)       # core.Masked leaves, sparsity as reached
+
+    config = HardMovementConfig(sparsity=0.7, end_step=700)
+    params = movement.with_scores(params, config)
+    result = loop.fit(cfg, ..., params=params, optimizer=movement.hard_movement_optimizer(tx, config),
+                      transforms=movement.topk_schedule(config))
+    pruned = movement.to_masked(result.state.params)       # core.Masked leaves
 """
 
 from __future__ import annotations
@@ -39,16 +53,21 @@ from jax import lax
 from jaxcompress import core
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core.select import KERNELS
+from jaxcompress.pruning import gradual as gradual_lib
+from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.train import transforms
 
 
 @leaf_lib.leaf_type
 @dataclasses.dataclass(frozen=True)
 class Scored(core.Compressed):
-  """A weight being pruned by its learned scores: `value` where `scores > threshold`, zero elsewhere.
+  """A weight being pruned by its learned scores: `value` where the mask is on, zero elsewhere.
 
   value:     [*shape] float, the dense weight W (kept whole during training).
   scores:    [*shape] float32, the importance scores S.
-  threshold: static τ.
+  threshold: static τ: soft movement's mask is S > τ.
+  keep:      None (soft movement), or an int32 scalar k: hard movement's mask is the k largest scores (ties go
+             to the lower flat index).
 
   A training-time form (`to_masked` ends it): `materialize()` is W ⊙ M whose gradient is ∂L/∂W' · M for W and
   ∂L/∂W' · W for S (straight through the step function).
@@ -57,6 +76,7 @@ class Scored(core.Compressed):
   value: Any
   scores: Any
   threshold: float = leaf_lib.static(default=0.0)
+  keep: Any = None
 
   @property
   def shape(self):
@@ -68,7 +88,12 @@ class Scored(core.Compressed):
 
   def mask(self) -> jax.Array:
     """bool [*shape]: the weights kept now."""
-    return self.scores > self.threshold
+    if self.keep is None:
+      return self.scores > self.threshold
+    flat = self.scores.reshape(-1)
+    order = jnp.argsort(-flat, stable=True)
+    on = jnp.arange(flat.size) < self.keep
+    return jnp.zeros(flat.shape, bool).at[order].set(on).reshape(self.scores.shape)
 
   def materialize(self):
     hard = self.mask().astype(self.value.dtype)
@@ -114,12 +139,56 @@ def check_config(config: SoftMovementConfig, caller: str = 'soft movement') -> N
     raise ValueError(f'{caller}: score_learning_rate={c.score_learning_rate} must be a positive number.')
 
 
-def with_scores(params: Any, config: SoftMovementConfig = SoftMovementConfig()) -> Any:
-  """params with each selected kernel as `Scored(value=w, scores=initial_score, threshold)`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HardMovementConfig:
+  sparsity: float = 0.5  # sparsity of every selected kernel from end_step on
+  initial_sparsity: float = 0.0  # sparsity up to begin_step
+  begin_step: int = 0  # first step the schedule moves
+  end_step: int = 1000  # step where the cubic schedule reaches `sparsity`
+  update_every: int = 1  # steps between changes of the kept count (1: every step, as the paper)
+  initial_score: float = 0.0  # S at the start, the same for every weight (the paper's constant init)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+
+
+def check_hard_config(config: HardMovementConfig, caller: str = 'hard movement') -> None:
+  c = config
+  masks_lib.check_sparsity(c.sparsity, caller=f'{caller} sparsity')
+  if not 0.0 <= c.initial_sparsity <= c.sparsity:
+    raise ValueError(f'{caller}: initial_sparsity={c.initial_sparsity} must lie in [0, sparsity={c.sparsity}].')
+  if not (0 <= c.begin_step <= c.end_step and c.update_every >= 1):
+    raise ValueError(f'{caller}: need 0 <= begin_step ({c.begin_step}) <= end_step ({c.end_step}) and '
+                     f'update_every >= 1 ({c.update_every}).')
+  if not (np.isfinite(c.score_learning_rate) and c.score_learning_rate > 0):
+    raise ValueError(f'{caller}: score_learning_rate={c.score_learning_rate} must be a positive number.')
+  if not np.isfinite(c.initial_score):
+    raise ValueError(f'{caller}: initial_score={c.initial_score} must be finite.')
+
+
+def _check_any(config, caller: str) -> None:
+  if isinstance(config, HardMovementConfig):
+    check_hard_config(config, caller)
+  elif isinstance(config, SoftMovementConfig):
+    check_config(config, caller)
+  else:
+    raise TypeError(f'{caller}: config is a {type(config).__name__}; pass a SoftMovementConfig or a '
+                    'HardMovementConfig.')
+
+
+def _kept_count(size: int, sparsity) -> jax.Array:
+  """int32 scalar: round((1 - sparsity) · size) (sparsity may be traced)."""
+  return jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * size).astype(jnp.int32)
+
+
+def with_scores(params: Any, config: SoftMovementConfig | HardMovementConfig = SoftMovementConfig()) -> Any:
+  """params with each selected kernel as a `Scored` leaf with every score at `initial_score`: soft movement's
+  (threshold τ, keep None) or hard movement's (keep = the schedule's kept count at step 0).
 
   Raises ValueError if the rules select nothing or select a weight that is already compressed.
   """
-  check_config(config, 'with_scores')
+  _check_any(config, 'with_scores')
+  hard = isinstance(config, HardMovementConfig)
   sel = core.select_by(params, core.Rules(include=config.include, exclude=config.exclude))
   if not len(sel):
     raise ValueError(f'with_scores: include={config.include!r} exclude={config.exclude!r} selects no parameter; '
@@ -128,9 +197,35 @@ def with_scores(params: Any, config: SoftMovementConfig = SoftMovementConfig()) 
   def one(path, w):
     if core.is_compressed(w):
       raise ValueError(f'with_scores: {path} is a {type(w).__name__}; soft movement prunes dense kernels.')
-    return Scored(value=w, scores=jnp.full(jnp.shape(w), config.initial_score, jnp.float32),
-                  threshold=float(config.threshold))
+    scores = jnp.full(jnp.shape(w), config.initial_score, jnp.float32)
+    if hard:
+      return Scored(value=w, scores=scores, keep=_kept_count(int(np.prod(jnp.shape(w))), config.initial_sparsity))
+    return Scored(value=w, scores=scores, threshold=float(config.threshold))
   return sel.map(one, params)
+
+
+def topk_schedule(config: HardMovementConfig) -> transforms.Transform:
+  """A Transform setting `keep` of every hard-movement `Scored` leaf to round((1 - v_t) · N) after step t, v_t
+  the cubic schedule (`gradual.cubic_sparsity`) held between updates every `update_every` steps; so the
+  forward of step t + 1 uses Top_{v_t}(S). Stateless (the kept count lives in the leaves)."""
+  check_hard_config(config, 'topk_schedule')
+  c = config
+
+  def update(params, state, step, rng):
+    del rng
+    # The schedule read at the last due step (a staircase when update_every > 1); end_step always due.
+    last = c.begin_step + ((jnp.maximum(step, c.begin_step) - c.begin_step) // c.update_every) * c.update_every
+    last = jnp.where(step >= c.end_step, c.end_step, last)
+    v = gradual_lib.cubic_sparsity(last, initial=c.initial_sparsity, final=c.sparsity, begin_step=c.begin_step,
+                                   end_step=c.end_step)
+
+    def one(w):
+      if isinstance(w, Scored) and w.keep is not None:
+        return dataclasses.replace(w, keep=_kept_count(w.size, v))
+      return w
+    return jax.tree.map(one, params, is_leaf=core.is_compressed), state
+
+  return transforms.Transform(update=update)
 
 
 def _is_score(path) -> bool:
@@ -168,8 +263,16 @@ def soft_movement_optimizer(tx: optax.GradientTransformation, config: SoftMoveme
   return optax.multi_transform({'weights': tx, 'scores': scores}, score_labels)
 
 
+def hard_movement_optimizer(tx: optax.GradientTransformation, config: HardMovementConfig = HardMovementConfig()
+                            ) -> optax.GradientTransformation:
+  """tx for the weights; Adam at `score_learning_rate` for the scores of `Scored` leaves (no penalty). Pair it
+  with `topk_schedule(config)` as a transform."""
+  check_hard_config(config, 'hard_movement_optimizer')
+  return optax.multi_transform({'weights': tx, 'scores': optax.adam(config.score_learning_rate)}, score_labels)
+
+
 def to_masked(params: Any) -> Any:
-  """Every `Scored` leaf -> `core.Masked(value zeroed where pruned, mask = S > τ)`; the rest unchanged."""
+  """Every `Scored` leaf -> `core.Masked(value zeroed where pruned, its mask())`; the rest unchanged."""
   def one(w):
     if not isinstance(w, Scored):
       return w

@@ -433,8 +433,24 @@ class GradualPruneConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MovementStageConfig:
+  sparsity: float = 0.5  # sparsity of every block kernel once the cubic schedule ends
+  steps: int = 100  # optimizer steps
+  learning_rate: float = 1e-4  # peak learning rate of the weights (warm-up then cosine decay)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  begin_step: int = 0  # first step the schedule moves
+  end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
+  update_every: int | None = None  # steps between changes of the kept count (None: every step, as the paper)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    _check_steps(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DynamicSparseConfig:
-  sparsity: float = 0.5  # constant sparsity of every block kernel, from a random mask at step 0
+  sparsity: float = 0.5  # constant sparsity of every block kernel from step 0
+  init: str = 'magnitude'  # step-0 mask: 'magnitude' (largest |W|, for the pretrained models stages take) | 'random'
   steps: int = 100  # optimizer steps
   learning_rate: float = 1e-4  # peak learning rate (warm-up then cosine decay)
   update_every: int | None = None  # steps between drop-and-regrow updates (None: a tenth of the steps)
@@ -446,6 +462,8 @@ class DynamicSparseConfig:
     _check_steps(self)
     if not 0.0 < self.drop_fraction < 1.0:
       raise ValueError(f'drop_fraction={self.drop_fraction} must lie in (0, 1).')
+    if self.init not in ('magnitude', 'random'):
+      raise ValueError(f"init={self.init!r} must be 'magnitude' (pretrained weights) or 'random' (from scratch).")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -491,20 +509,29 @@ def gradual(ctx, model, params, cfg: GradualPruneConfig):
 
 def _sparse_optimizer(name: str):
   def apply(ctx, model, params, cfg):
-    if name == 'movement':
-      end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
-      extra = dict(begin_step=cfg.begin_step)
-    else:
-      end = cfg.end_step if cfg.end_step is not None else max(1, round(0.75 * cfg.steps))
-      extra = dict(drop_fraction=cfg.drop_fraction, seed=_stage_seed(ctx, name))
-    scfg = pruning.gradual.SparseTrainingConfig(method=name, sparsity=cfg.sparsity, end_step=end,
+    end = cfg.end_step if cfg.end_step is not None else max(1, round(0.75 * cfg.steps))
+    scfg = pruning.gradual.SparseTrainingConfig(method=name, sparsity=cfg.sparsity, init=cfg.init, end_step=end,
                                                 update_every=cfg.update_every or max(1, cfg.steps // 10),
-                                                exclude=tuple(model.head_patterns), **extra)
+                                                drop_fraction=cfg.drop_fraction, seed=_stage_seed(ctx, name),
+                                                exclude=tuple(model.head_patterns))
     out = _fit(ctx, name, model, params, _prune_objective(model, ctx, cfg.alpha), steps=cfg.steps,
                learning_rate=cfg.learning_rate, wrap=lambda tx: pruning.gradual.sparse_optimizer(tx, scfg),
                finish=lambda s: pruning.gradual.as_masked(s.params, pruning.gradual.sparse_masks(s.opt_state)))
     return model, out
   return apply
+
+
+def movement(ctx, model, params, cfg: MovementStageConfig):
+  end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
+  mcfg = pruning.movement.HardMovementConfig(sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
+                                             update_every=cfg.update_every or 1,
+                                             score_learning_rate=cfg.score_learning_rate,
+                                             exclude=tuple(model.head_patterns))
+  out = _fit(ctx, 'movement', model, pruning.movement.with_scores(params, mcfg),
+             _prune_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+             wrap=lambda tx: pruning.movement.hard_movement_optimizer(tx, mcfg),
+             transforms=pruning.movement.topk_schedule(mcfg), finish=lambda s: pruning.movement.to_masked(s.params))
+  return model, out
 
 
 def soft_movement(ctx, model, params, cfg: SoftMovementStageConfig):
@@ -522,9 +549,9 @@ def soft_movement(ctx, model, params, cfg: SoftMovementStageConfig):
 register('gradual', GradualPruneConfig, gradual, family='pruning', forbids=_PRUNE_FORBIDS, adds='masked',
          trains=True, paper='Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model '
          'compression" (2017): magnitude pruning to a cubic schedule during training')
-register('movement', GradualPruneConfig, _sparse_optimizer('movement'), family='pruning', forbids=_PRUNE_FORBIDS,
-         adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" '
-         '(NeurIPS 2020): hard movement, top-k of S = -Σ ∂L/∂W · W to the cubic schedule')
+register('movement', MovementStageConfig, movement, family='pruning', forbids=_PRUNE_FORBIDS, adds='masked',
+         trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" (NeurIPS '
+         '2020): hard movement, W ⊙ Top_v(S) with learned straight-through scores, v on the cubic schedule')
 register('soft_movement', SoftMovementStageConfig, soft_movement, family='pruning', forbids=_PRUNE_FORBIDS,
          adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning" '
          '(NeurIPS 2020): soft movement, learned scores above a fixed threshold, sparsity set by λ·mean σ(S)')

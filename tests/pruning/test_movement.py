@@ -8,6 +8,7 @@ import pytest
 
 from jaxcompress import core
 from jaxcompress.pruning import movement
+from jaxcompress.train import state as state_lib
 
 IN, OUT, ROWS = 6, 4, 16
 
@@ -96,3 +97,70 @@ def test_bad_soft_movement_configs_are_refused():
     movement.with_scores(params, movement.SoftMovementConfig(include='nothing'))
   with pytest.raises(ValueError, match='prunes dense kernels'):
     movement.with_scores({'layer': {'kernel': core.Masked(jnp.ones((4, 4)), jnp.ones((4, 4), bool))}})
+
+
+def _topk(s, k):
+  """float64 reference of Top_k: the k largest scores, ties to the lower flat index."""
+  order = np.argsort(-s.reshape(-1), kind='stable')
+  m = np.zeros(s.size, bool)
+  m[order[:k]] = True
+  return m.reshape(s.shape)
+
+
+def _hard_reference(x, y, w, s, cfg, *, steps, lr):
+  """The paper's hard movement in float64: step t computes with W ⊙ Top_{v_{t-1}}(S), v the cubic schedule
+  (v_0 = initial), ∂L/∂S = ∂L/∂W'·W with Adam on S, SGD on W with ∂L/∂W'·M. Returns (mask used at the next
+  step, scores, weights) after each step, and the smallest gap between a kept and a pruned score."""
+  m1 = v1 = np.zeros_like(s)
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  cubic = lambda t: cfg.sparsity + (cfg.initial_sparsity - cfg.sparsity) * (1 - min(max(
+      (t - cfg.begin_step) / (cfg.end_step - cfg.begin_step), 0), 1)) ** 3
+  keep = lambda t: int(np.round((1 - cubic(t)) * s.size))
+  out, gap = [], np.inf
+  for t in range(1, steps + 1):
+    mask = _topk(s, keep(t - 1))
+    g_wp = 2 * x.T @ (x @ (w * mask) - y) / ROWS
+    g_s, g_w = g_wp * w, g_wp * mask
+    m1 = b1 * m1 + (1 - b1) * g_s
+    v1 = b2 * v1 + (1 - b2) * g_s ** 2
+    s = s - cfg.score_learning_rate * (m1 / (1 - b1 ** t)) / (np.sqrt(v1 / (1 - b2 ** t)) + eps)
+    w = w - lr * g_w
+    nxt = _topk(s, keep(t))
+    if 0 < nxt.sum() < s.size:
+      gap = min(gap, s[nxt].min() - s[~nxt].max())
+    out.append((nxt, s.copy(), w.copy()))
+  return out, gap
+
+
+def test_hard_movement_masks_equal_float64_reference():
+  x, y, w = _problem()
+  cfg = movement.HardMovementConfig(sparsity=0.6, begin_step=1, end_step=5, score_learning_rate=0.02,
+                                    include=r'kernel$')
+  steps, lr = 8, 0.05
+  s0 = np.random.RandomState(1).randn(IN, OUT) * 0.05  # distinct scores: no ties for float32 to break otherwise
+  params = movement.with_scores({'layer': {'kernel': jnp.asarray(w, jnp.float32)}}, cfg)
+  leaf = params['layer']['kernel']
+  assert int(leaf.keep) == IN * OUT and np.asarray(leaf.mask()).all()  # the schedule starts dense
+  params['layer']['kernel'] = movement.Scored(leaf.value, jnp.asarray(s0, jnp.float32), keep=leaf.keep)
+  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  tx, schedule = movement.hard_movement_optimizer(optax.sgd(lr), cfg), movement.topk_schedule(cfg)
+  trained, fixed = state_lib.partition(params, state_lib.floating)  # as loop.fit: the int32 kept count is fixed
+  state = tx.init(trained)
+  loss = lambda trained: _loss(state_lib.combine(trained, fixed), xj, yj)
+  want, gap = _hard_reference(x, y, w, s0, cfg, steps=steps, lr=lr)
+  assert gap > 1e-4  # float32 and float64 must agree on every mask
+  for t, (mask, s, w_t) in enumerate(want):
+    updates, state = tx.update(jax.grad(loss)(trained), state, trained)
+    params = state_lib.combine(optax.apply_updates(trained, updates), fixed)
+    params, _ = schedule.update(params, (), jnp.int32(t + 1), None)
+    trained, fixed = state_lib.partition(params, state_lib.floating)
+    leaf = params['layer']['kernel']
+    np.testing.assert_array_equal(np.asarray(leaf.mask()), mask, err_msg=f'step {t + 1}')
+    np.testing.assert_allclose(np.asarray(leaf.scores), s, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(leaf.value), w_t, rtol=1e-4, atol=1e-5)
+  assert [int(m.sum()) for m, _, _ in want][-1] == round(0.4 * IN * OUT)  # the schedule reached its target
+  came_back = any((~a & b).any() for (a, _, _), (b, _, _) in zip(want[3:], want[4:]))
+  assert came_back  # a weight pruned at full sparsity returned: its weight was kept whole, its score moved
+  masked = movement.to_masked(params)['layer']['kernel']
+  np.testing.assert_array_equal(np.asarray(masked.mask), want[-1][0])
+  np.testing.assert_array_equal(np.asarray(masked.value)[~want[-1][0]], 0)

@@ -26,6 +26,7 @@ def test_each_stage_parses_and_composes_with_later_stages():
     assert stages[0].config.steps == STEPS
     assert recipes.plan(stages)[1]['blocks'] == frozenset({'masked'})
   assert recipes.parse('gradual')[0].config == stages_lib.GradualPruneConfig()
+  assert recipes.parse('rigl')[0].config.init == 'magnitude'  # stages take pretrained weights
 
 
 @pytest.mark.parametrize('text, needle', [
@@ -33,6 +34,7 @@ def test_each_stage_parses_and_composes_with_later_stages():
     ('movement(steps=10, begin_step=8, end_step=5)', 'begin_step=8 must lie in [0, end_step=5]'),
     ('rigl(update_every=0)', 'update_every=0 must be >= 1'),
     ('set(drop_fraction=1.5)', 'drop_fraction=1.5 must lie in (0, 1)'),
+    ("rigl(init='lottery')", "init='lottery' must be 'magnitude'"),
     ('rigl(sparsity=1.0)', 'sparsity=1.0 is outside (0.0, 1.0)'),
     ('soft_movement(sparsity=0.5)', "unknown argument(s) ['sparsity']; valid: penalty"),
     ('soft_movement(penalty=-1.0)', 'penalty=-1.0 must be a finite number >= 0'),
