@@ -152,30 +152,24 @@ def inverse_factor(h: jax.Array, *, damp: float = 0.01, caller: str = 'hessian',
                    'inputs (too few tokens or degenerate features) or raise damp.')
 
 
-def lazy_update(w: jax.Array, u_rows: jax.Array, err: jax.Array, start: jax.Array, *, buckets: int = 8) -> jax.Array:
-  """w - u_rowsᵀ err, computed only from the last of `buckets` static row windows that holds row `start`.
+def lazy_update(w: jax.Array, u_rows: jax.Array, err: jax.Array, start: jax.Array) -> jax.Array:
+  """w - u_rowsᵀ err, computed only for the rows from `start` on (the ones before have U entries 0).
 
   w: [n, out]; u_rows: [b, n] rows of U for one block (zero left of `start`, U being upper triangular); err: [b,
-  out]; start: the block's first row (traced). The rows before the window are unchanged (their U entries are
-  0), so the GEMM shrinks with the block index: about half the work of updating every row, one compile (a
-  `lax.switch` over `buckets` static slices). n must divide by `buckets`.
+  out]; start: the block's first row (traced, a multiple of b); n must divide by b. The rows go b at a time
+  through a loop that updates w in place, so besides w the update needs one [b, out] slab, not an [n, out]
+  product (hundreds of MiB for the widest layers), and its work shrinks with the block index.
   """
-  n = w.shape[0]
-  size = n // buckets
+  n, out = w.shape
+  b = u_rows.shape[0]
 
-  def tail(k):
-    lo = k * size
-    return lambda w: w.at[lo:].add(-jnp.matmul(u_rows[:, lo:].T, err, precision=HIGHEST))
+  def chunk(c, w):
+    r = c * b
+    rows = lax.dynamic_slice(w, (r, 0), (b, out))
+    upd = jnp.matmul(lax.dynamic_slice(u_rows, (0, r), (b, b)).T, err, precision=HIGHEST)
+    return lax.dynamic_update_slice(w, rows - upd, (r, 0))
 
-  return lax.switch(jnp.minimum(start // size, buckets - 1), [tail(k) for k in range(buckets)], w)
-
-
-def buckets_for(n_blocks: int, most: int = 4) -> int:
-  """The largest of most, most/2, ..., 1 that divides n_blocks (windows of `lazy_update` on block boundaries)."""
-  b = most
-  while n_blocks % b:
-    b //= 2
-  return b
+  return lax.fori_loop(start // b, n // b, chunk, w)
 
 
 def sub_block_size(block_size: int, m: int = 1, target: int = 16) -> int:
@@ -244,6 +238,18 @@ def inverse_factor_inplace(h: np.ndarray, *, damp: float = 0.01, caller: str = '
     h[i, i + 1:] = 0
   _reverse_inplace(h)
   return Factor(u=h, dead=dead, perm=np.arange(n, dtype=np.int32), damp=d)
+
+
+def aligned_copy(x) -> np.ndarray:
+  """A writable C-contiguous float32 host copy of x whose data starts on a 64-byte boundary, so that after
+  `inverse_factor_inplace` jax.device_put on CPU shares its memory instead of copying another [in, in]."""
+  shape = tuple(np.shape(x))
+  n = int(np.prod(shape)) * 4
+  raw = np.empty(n + 64, np.uint8)
+  off = (-raw.ctypes.data) % 64
+  out = raw[off:off + n].view(np.float32).reshape(shape)
+  np.copyto(out, np.asarray(x), casting='same_kind')
+  return out
 
 
 def _reverse_inplace(a: np.ndarray) -> None:

@@ -95,6 +95,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
                     'calibration.hessian().')
   out = Path(output_dir)
   rows = _check_batches(batches)
+  _lean_host_memory()
   place = driver._Placement(mesh, data_axis, offload=True)
   pid = jax.process_index()
   writer = pid == 0
@@ -153,6 +154,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           if on_step:
             on_step('stats', i, j)
         stats = {p: stats[p] for p in kernels}
+        _release_host_memory()  # what the statistics pass freed, before the solves allocate
         new = compress_block(i, block, stats)
         del stats, block
         block = place.replicated(new)
@@ -371,6 +373,16 @@ def _sha256(path: Path) -> str:
     while chunk := f.read(1 << 22):
       h.update(chunk)
   return h.hexdigest()
+
+
+def _lean_host_memory() -> None:
+  """Buffers of 1 MiB or more come from mmap and go back to the OS when freed (glibc's default threshold
+  grows to 32 MiB and keeps freed buffers below it in the heap, where they add to the next phase's peak).
+  A process-wide setting (M_MMAP_THRESHOLD); no-op without glibc."""
+  try:
+    ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 20)
+  except (OSError, AttributeError):
+    pass
 
 
 def _release_host_memory() -> None:

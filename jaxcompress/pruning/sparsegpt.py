@@ -7,7 +7,7 @@ is pruned against the rows after it:
     select (per block of `block_size` rows): prune the smallest  W[j, o]² / U[j, j]²      (adaptive mask)
     err = (W[j] - Q[j]) / U[j, j];   W[j:] -= U[j, j:]ᵀ err            (Q[j]: W[j] with pruned entries 0)
 
-Updates of the rows after the block are lazy (one matmul per block). N:M selects per group of M input rows as
+Updates of the rows after the block are lazy (once per block, `inverse_hessian.lazy_update`). N:M selects per group of M input rows as
 the group is reached. The loops over blocks and rows are `lax.fori_loop`s over `dynamic_slice`s, so a layer
 shape compiles once, whatever its width.
 """
@@ -115,11 +115,10 @@ def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, 
     w1, e1, pruned, _ = lax.fori_loop(0, bs // sub, sub_block, (w1, jnp.zeros_like(w1), pruned, u1))
     # Lazy update of the rows after the block (one GEMM over a window that starts at or before the block); the
     # block's own rows are overwritten just after.
-    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1)
     w = lax.dynamic_update_slice(w, w1, (i1, 0))
     return w, lax.dynamic_update_slice(kept, ~pruned, (i1, 0))
 
-  buckets = inverse_hessian.buckets_for(n_blocks)
   w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
   return w[:n_in], kept[:n_in]
 

@@ -59,7 +59,8 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
   """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
   dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out])."""
   n, out = w.shape
-  dtype = w.dtype
+  dtype = jnp.promote_types(w.dtype, jnp.float32)
+  w = w.astype(dtype)  # here, not by the caller: a bf16 argument is half the bytes
   u = u.astype(dtype)
   w = jnp.where(dead[:, None], 0.0, w)  # inputs that are always zero (H_ii = 0): their weights do not matter
   gs = n if group_size is None else group_size
@@ -79,7 +80,6 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
     w = jnp.pad(w, ((0, pad), (0, 0)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
-  buckets = inverse_hessian.buckets_for(nb)
   sub = inverse_hessian.sub_block_size(block_size)
 
   def block(b, carry):
@@ -121,7 +121,7 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
     _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size // sub, sub_block, (w1, zeros, zeros, sp, zp))
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
     # rows of this block change too, but are done: one GEMM over the window of rows from the block on
-    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1)
     q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1.astype(jnp.uint8), i1, 0)  # codes < 256: exact
     return w, q_all, sp, zp
 
@@ -163,7 +163,7 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   block_size = min(block_size, w.shape[0])
   factor = inverse_hessian.inverse_factor(h.astype(dtype), damp=float(damp), caller=where, act_order=bool(act_order),
                                   max_tries=max_damp_tries)
-  codes, scale, zero = _solve(w.astype(dtype), factor.u, factor.dead, factor.perm, bits=int(bits),
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
                               group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
                               block_size=block_size)
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
@@ -190,8 +190,7 @@ def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int 
   if not isinstance(block_size, int) or block_size <= 0:
     raise ValueError(f'{where}: block_size={block_size!r} must be a positive integer.')
   inverse_hessian.check_finite(w, 'w', where)
-  dtype = jnp.promote_types(w.dtype, jnp.float32)
-  codes, scale, zero = _solve(w.astype(dtype), factor.u, factor.dead, factor.perm, bits=int(bits),
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
                               group_size=group_size, act_order=False, symmetric=bool(symmetric),
                               block_size=min(block_size, n))
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
