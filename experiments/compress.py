@@ -436,6 +436,10 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
     setup = load(cfg['model'], calib_data=cfg['calib_data'], eval_data=cfg['eval_data'],
                  calib_samples=cfg['calib_samples'], eval_samples=cfg['eval_samples'], seq_len=cfg['seq_len'],
                  batch_size=cfg['batch_size'], seed=cfg['seed'])
+  if cfg.get('out_of_core'):  # refused before any evaluation when a stage cannot run block by block
+    layerwise_plan(stages, recipes.Context(reference_model=setup.model, reference=setup.params,
+                                           calib=tuple(setup.calib), train=setup.train, seed=cfg['seed']),
+                   setup.model)
   say = print if verbose else (lambda *a, **k: None)
   say(f"{cfg['model']}: {type(setup.model).__name__}, recipe {recipes.to_string(stages)} "
       f'(loaded in {time.perf_counter() - t_load:.1f}s)')

@@ -10,14 +10,18 @@ Phases (each in a fresh interpreter, so its peak RSS (VmHWM) is its own):
      tensor generated from its own PRNG key and written before the next is made (skipped when present).
   2. compress: `calibration.compress_checkpoint` with a per-kernel SparseGPT 50% then GPTQ W4 g128 of the
      pruned weights under the same mask (`core.Masked(core.Quantized)`), true-sequential per input group, the
-     kernels of each group solved with `calibration.solve_parallel`. Prints seconds per block (solve and
-     total), the peak RSS against the checkpoint's bytes (goal: at most 25%), and the full-model time
-     extrapolated from the blocks run (labelled as such).
+     kernels of each group solved with `calibration.solve_parallel` from one in-place host factor of their
+     shared XᵀX (`inverse_hessian.inverse_factor_inplace`, `sparsegpt_from_factor`, `gptq_from_factor`).
+     Prints seconds per block (solve and total), the peak RSS (VmHWM) against the checkpoint's bytes (goal: at
+     most 25%), and the full-model time extrapolated from the blocks run (labelled as such). With --small (or
+     --check_in_memory) the reloaded output is compared with `run_sequential` in memory, bit for bit (the small
+     model is float32 so both paths carry float32 hidden states).
   3. --kill_trials: on a small model, a compression SIGKILLed after a random delay, then rerun, gives the same
      output file hashes as an uninterrupted run (each trial).
-  4. --parallel: one block of a mid-size model compressed with its solves on 1 device and on 8 virtual devices
-     (XLA_FLAGS host device count): solve-phase seconds of each, their ratio, and whether the outputs are
-     identical. On a CPU host the 8 "devices" share its cores.
+  4. --parallel: one block of a mid-size model compressed with its solves on 1 device, on 8 virtual devices
+     (XLA_FLAGS host device count) and split between 2 processes (gloo, 1 device each; calibration in each
+     process on every row): solve-phase seconds of each, their ratios, and whether the outputs are identical.
+     On a CPU host the 8 "devices" and the 2 processes share its cores.
 Results: --out/results.json and a printed table.
 """
 
@@ -183,11 +187,15 @@ def make_compress_block(c: dict, mesh):
     q = quantization.gptq_from_factor(m.value, f, bits=4, group_size=c['group_size'])
     return core.Masked(value=q, mask=m.mask)
 
+  # Models with an input wider than 4096 (the 3B config) drop compiled programs before and after each group's
+  # solves: the block's calibration, solver and forward programs kept together are ~0.15 GiB of host memory,
+  # recompiling them costs time, not peak memory. Smaller models (the kill and parallel phases) keep them.
+  lean = max(c['hidden'], c['intermediate']) > 4096
+
   def compress_block(i, block, stats):
     del i
-    # Compiled programs are dropped before and after the solves: the block's calibration, solver and forward
-    # programs kept together are ~0.15 GiB of host memory; recompiling them costs time, not peak memory.
-    jax.clear_caches()
+    if lean:
+      jax.clear_caches()
     solved = {}
     while stats:
       first = next(iter(stats))
@@ -202,7 +210,8 @@ def make_compress_block(c: dict, mesh):
       problems = {p: (jnp.asarray(core.paths.get(block, p)), u, dead) for p in same}
       solved.update(calibration.solve_parallel(kernel, problems, mesh=mesh))
       del problems, u, dead
-    jax.clear_caches()
+    if lean:
+      jax.clear_caches()
     return core.paths.replace(block, solved)
 
   return compress_block

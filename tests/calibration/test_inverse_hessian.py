@@ -165,3 +165,19 @@ def test_solvers_from_a_shared_factor_equal_the_solvers_from_the_hessian():
     np.testing.assert_array_equal(np.asarray(getattr(qa, name)), np.asarray(getattr(qb, name)))
   with pytest.raises(ValueError, match='act-order'):
     quantization.gptq_from_factor(w, ih.inverse_factor(h, act_order=True), bits=4)
+
+
+def test_wide_hessian_accumulates_in_row_blocks_like_one_product(monkeypatch):
+  from jaxcompress.calibration import observers
+  monkeypatch.setattr(observers, 'WIDE', 8)  # 16-wide inputs take the in-place row-block path
+  monkeypatch.setattr(observers, 'ROWS', 4)
+  rs = np.random.RandomState(0)
+  obs = observers.hessian()
+  stats = obs.init('w', 16)
+  xs = [rs.randn(10, 16).astype(np.float32) for _ in range(2)]
+  masks = [np.ones(10, np.float32), (np.arange(10) < 7).astype(np.float32)]
+  for x, m in zip(xs, masks):
+    stats = jax.jit(obs.update)(stats, jnp.asarray(x), jnp.asarray(m))
+  want = sum((x * m[:, None]).astype(np.float64).T @ (x * m[:, None]) for x, m in zip(xs, masks))
+  np.testing.assert_allclose(np.asarray(stats['xtx']), want, rtol=1e-5, atol=1e-4)
+  assert int(stats['count']) == 17
