@@ -409,8 +409,11 @@ def kill_trials(work: pathlib.Path, c: dict, trials: int) -> list[dict]:
 
 
 def parallel(work: pathlib.Path, c: dict) -> dict:
+  import shutil
   work = work / 'parallel'
   child('write', c, work=work)
+  for old in work.glob('out-*'):  # timings need fresh runs, not finished outputs from before
+    shutil.rmtree(old)
   one = child('compress', c, work=work, devices=1, mesh=True)
   eight = child('compress', c, work=work, devices=8, mesh=True)
   two = child_pair(c, work=work)

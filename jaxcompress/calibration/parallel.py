@@ -128,11 +128,12 @@ def _exchange(mine: dict[str, Any]) -> dict[str, Any]:
   """Every process's {name: result pytree of host arrays} -> their union, on every process.
 
   Results travel as one byte string per process (pickled: classes and numpy arrays of this same program
-  between the processes of one job), padded to the longest and all-gathered over the processes.
+  between the processes of one job), padded to a power of two at least the longest and all-gathered.
   """
   payload = np.frombuffer(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)
-  padded = np.zeros((int(sizes.max()),), np.uint8)
+  # padded to a power of two: the all-gather compiles once per length, so lengths repeat across blocks
+  padded = np.zeros((1 << int(sizes.max() - 1).bit_length(),), np.uint8)
   padded[:payload.size] = payload
   every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
   out: dict[str, Any] = {}
