@@ -60,6 +60,10 @@ flags.DEFINE_string('coordinator', None, 'Multi-host: coordinator address host:p
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', lower_bound=1)
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process.', lower_bound=0)
 flags.DEFINE_string('cpu_collectives', None, "Multi-host on CPU: 'gloo'.")
+flags.DEFINE_bool('out_of_core', False, 'Run the layer-wise stages block by block from the checkpoint on disk '
+                  '(calibration.compress_checkpoint: one block in memory, resumable) into --output_dir/blocks/, '
+                  'then reload it for the report. Every stage must be a calibrated layer-wise method (wanda, '
+                  'sparsegpt, gptq, awq); the stages run one after another on each block.')
 FLAGS = flags.FLAGS
 
 # Energy per operation, stated per device: rated power over peak rate (an upper bound at full load).
@@ -434,6 +438,10 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
     setup = load(cfg['model'], calib_data=cfg['calib_data'], eval_data=cfg['eval_data'],
                  calib_samples=cfg['calib_samples'], eval_samples=cfg['eval_samples'], seq_len=cfg['seq_len'],
                  batch_size=cfg['batch_size'], seed=cfg['seed'])
+  if cfg.get('out_of_core'):  # refused before any evaluation when a stage cannot run block by block
+    layerwise_plan(stages, recipes.Context(reference_model=setup.model, reference=setup.params,
+                                           calib=tuple(setup.calib), train=setup.train, seed=cfg['seed']),
+                   setup.model)
   say = print if verbose else (lambda *a, **k: None)
   say(f"{cfg['model']}: {type(setup.model).__name__}, recipe {recipes.to_string(stages)} "
       f'(loaded in {time.perf_counter() - t_load:.1f}s)')
@@ -461,7 +469,12 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
     say(f"  stage {i + 1} {stage}: {seconds:.1f}s, {rec['compression']:.2f}× smaller"
         + ''.join(f', {k} {rec[k]:.4f}' for k in ('cosine_mean', 'perplexity') if k in rec))
 
-  model, params = recipes.run(stages, ctx, setup.model, setup.params, on_stage=on_stage)
+  if cfg.get('out_of_core'):
+    t0 = time.perf_counter()
+    model, params = out_of_core(stages, ctx, cfg, setup, out, verbose=verbose)
+    on_stage(len(stages) - 1, recipes.to_string(stages) + ' [out of core]', model, params, time.perf_counter() - t0)
+  else:
+    model, params = recipes.run(stages, ctx, setup.model, setup.params, on_stage=on_stage)
   res = {'model': cfg['model'], 'recipe': recipes.to_string(stages), 'quality_dense': q_dense,
          'quality': {k: v for k, v in records[-1].items() if k in ('cosine_mean', 'cosine_min', 'perplexity',
                                                                    'mean_nll')},
@@ -488,6 +501,75 @@ def run(cfg: dict, *, setup: Setup | None = None, mesh=None, save: bool = True, 
   say(f'files: {out}/ (report.md, stages.png, metrics.jsonl, results.json'
       + (', compressed.jxc, orbax/, hf/)' if save else ')'))
   return res
+
+
+def layerwise_plan(stages, ctx, model):
+  """[(stage, calibration.SequentialPlan)] of a recipe whose every stage compresses block by block, or a
+  ValueError naming the first stage that cannot (trains, changes the architecture, needs statistics of the
+  whole uncompressed model, or is not calibrated)."""
+  from jaxcompress import calibration
+  supported = 'calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq'
+  abstract = model.abstract_params()
+  plans = []
+  for i, s in enumerate(stages):
+    why = ('trains' if s.method.trains else 'changes the architecture' if s.method.adds == 'architecture'
+           else 'is not calibrated' if not s.method.calibrated else None)
+    if why is None:
+      try:
+        with calibration.record_sequential() as rec:
+          s.method.apply(ctx, model, abstract, s.config)
+      except calibration.NotSequential:
+        why = 'needs statistics of the whole uncompressed model (calibrate, not run_sequential)'
+      else:
+        why = None if len(rec) == 1 else 'does not compress block by block with run_sequential'
+    if why:
+      raise ValueError(f'--out_of_core: stage {i + 1} {s} {why}; {supported}. Run this recipe without '
+                       '--out_of_core, or split it: the layer-wise stages out of core, the rest on the result.')
+    plans.append((s, rec[0]))
+  if len({p.per_group for _, p in plans}) > 1:
+    raise ValueError('--out_of_core: the stages calibrate at different granularity (per_group differs); give '
+                     'every stage that has it per_group=True (e.g. wanda(per_group=True)).')
+  return plans
+
+
+def out_of_core(stages, ctx, cfg: dict, setup: Setup, out: pathlib.Path, *, verbose: bool = True):
+  """The recipe through `calibration.compress_checkpoint` into out/blocks/ and back: (model, params).
+
+  Per block, the stages run in recipe order on the block as the earlier stages left it, each from its own
+  statistics of the block's inputs (one calibration pass per block or group for all stages). A single stage
+  gives exactly the in-memory result; with several, a later stage's block i sees blocks 0..i-1 with every
+  stage applied (in memory it sees them with the earlier stages only).
+  """
+  from jaxcompress import calibration, models
+  from jaxcompress.recipes import stages as stage_lib
+  plans = layerwise_plan(stages, ctx, setup.model)
+  src = pathlib.Path(cfg['model'])
+  if not (src / 'config.json').is_file():  # a named model: written once as the checkpoint to stream from
+    src = out / 'input_hf'
+    models.save_pretrained(src, setup.model, setup.params)
+  observer = plans[0][1].observer if len(plans) == 1 else calibration.combine(
+      **{f's{k}': p.observer for k, (_, p) in enumerate(plans)})
+
+  def compress_block(i, block, stats):
+    for k, (s, p) in enumerate(plans):
+      st = stats if len(plans) == 1 else {path: v[f's{k}'] for path, v in stats.items()}
+      if s.method.family == 'quantization':  # as in the recipe: quantize Masked values, keep the masks
+        dense, masks = stage_lib._unmask(block)
+        block = stage_lib._remask(p.compress_block(i, dense, st), masks)
+      else:
+        block = p.compress_block(i, block, st)
+    return block
+
+  def on_block(i, record):
+    if verbose:
+      print(f"  block {i}: {record['seconds']:.1f}s, {record['bytes'] / 2**20:.2f} MiB", flush=True)
+
+  from jaxcompress import recipes
+  calibration.compress_checkpoint(src, out / 'blocks', compress_block, list(ctx.calib), observer=observer,
+                                  recipe={'recipe': recipes.to_string(stages)}, seed=cfg['seed'],
+                                  per_group=plans[0][1].per_group, on_block=on_block)
+  model = setup.model
+  return model, calibration.load_compressed(out / 'blocks')
 
 
 def _save_orbax(path: pathlib.Path, params) -> None:
@@ -542,7 +624,7 @@ def main(argv):
   mesh = _mesh()
   cfg = {k: FLAGS[k].value for k in ('model', 'recipe', 'calib_data', 'eval_data', 'calib_samples', 'eval_samples',
                                      'seq_len', 'batch_size', 'seed', 'output_dir', 'per_stage_eval', 'timing_reps',
-                                     'measure',
+                                     'measure', 'out_of_core',
                                      'data', 'fsdp', 'tensor')}
   import jax
   if jax.process_count() > 1:

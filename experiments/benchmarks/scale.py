@@ -10,14 +10,18 @@ Phases (each in a fresh interpreter, so its peak RSS (VmHWM) is its own):
      tensor generated from its own PRNG key and written before the next is made (skipped when present).
   2. compress: `calibration.compress_checkpoint` with a per-kernel SparseGPT 50% then GPTQ W4 g128 of the
      pruned weights under the same mask (`core.Masked(core.Quantized)`), true-sequential per input group, the
-     kernels of each group solved with `calibration.solve_parallel`. Prints seconds per block (solve and
-     total), the peak RSS against the checkpoint's bytes (goal: at most 25%), and the full-model time
-     extrapolated from the blocks run (labelled as such).
+     kernels of each group solved with `calibration.solve_parallel` from one in-place host factor of their
+     shared XᵀX (`inverse_hessian.inverse_factor_inplace`, `sparsegpt_from_factor`, `gptq_from_factor`).
+     Prints seconds per block (solve and total), the peak RSS (VmHWM) against the checkpoint's bytes (goal: at
+     most 25%), and the full-model time extrapolated from the blocks run (labelled as such). With --small (or
+     --check_in_memory) the reloaded output is compared with `run_sequential` in memory, bit for bit (the small
+     model is float32 so both paths carry float32 hidden states).
   3. --kill_trials: on a small model, a compression SIGKILLed after a random delay, then rerun, gives the same
      output file hashes as an uninterrupted run (each trial).
-  4. --parallel: one block of a mid-size model compressed with its solves on 1 device and on 8 virtual devices
-     (XLA_FLAGS host device count): solve-phase seconds of each, their ratio, and whether the outputs are
-     identical. On a CPU host the 8 "devices" share its cores.
+  4. --parallel: one block of a mid-size model compressed with its solves on 1 device, on 8 virtual devices
+     (XLA_FLAGS host device count) and split between 2 processes (gloo, 1 device each; calibration in each
+     process on every row): solve-phase seconds of each, their ratios, and whether the outputs are identical.
+     On a CPU host the 8 "devices" and the 2 processes share its cores.
 Results: --out/results.json and a printed table.
 """
 
@@ -30,6 +34,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -52,6 +57,8 @@ flags.DEFINE_integer('batch', 2, 'rows per calibration batch')
 flags.DEFINE_integer('seq_len', 256, 'tokens per row')
 flags.DEFINE_integer('group_size', 128, 'GPTQ rows per scale')
 flags.DEFINE_integer('seed', 0, 'seed of the random weights and the calibration tokens')
+flags.DEFINE_string('dtype', 'bfloat16', "checkpoint dtype: 'bfloat16' or 'float32'")
+flags.DEFINE_bool('check_in_memory', False, 'also compress in memory (run_sequential) and compare the outputs')
 flags.DEFINE_integer('kill_trials', 0, 'SIGKILL-and-rerun trials on a small model')
 flags.DEFINE_bool('parallel', False, 'time one block\'s solves on 8 virtual devices vs 1')
 flags.DEFINE_bool('main', True, 'write and compress the main model (--nomain: only the kill / parallel phases)')
@@ -59,16 +66,21 @@ flags.DEFINE_bool('small', False, 'a tiny model and every phase: the smoke test'
 flags.DEFINE_string('phase', '', 'internal: run one phase in this process (write | compress)')
 flags.DEFINE_bool('mesh', False, 'internal: solve over a mesh of every device')
 flags.DEFINE_float('kill_after', 0.0, 'internal: SIGKILL this process after this many seconds')
+flags.DEFINE_string('coordinator', '', 'internal: host:port of a multi-process (gloo) compression')
+flags.DEFINE_integer('num_processes', 1, 'internal: processes of a multi-process compression')
+flags.DEFINE_integer('process_id', 0, 'internal: this process')
 FLAGS = flags.FLAGS
 
+# the smoke model is float32, so that the in-memory path (hidden states in the parameters' dtype) is comparable
+# bit for bit with the out-of-core one (hidden states kept in float32)
 SMALL = dict(hidden=128, num_layers=3, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
-             seq_len=32, group_size=32)
+             seq_len=32, group_size=32, dtype='float32')
 KILL_MODEL = dict(hidden=128, num_layers=4, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
-                  seq_len=32, group_size=32)
+                  seq_len=32, group_size=32, dtype='bfloat16')
 PARALLEL_MODEL = dict(hidden=1024, num_layers=2, intermediate=2816, heads=8, kv_heads=8, vocab=1024, batches=2,
-                      batch=2, seq_len=128, group_size=128)
+                      batch=2, seq_len=128, group_size=128, dtype='bfloat16')
 SHAPE_FLAGS = ('hidden', 'num_layers', 'intermediate', 'heads', 'kv_heads', 'vocab', 'batches', 'batch', 'seq_len',
-               'group_size')
+               'group_size', 'dtype')
 
 
 def param_count(c: dict) -> int:
@@ -90,10 +102,13 @@ def spec(c: dict):
 
 
 def write_checkpoint(path: pathlib.Path, c: dict, seed: int) -> int:
-  """A random bf16 HF Llama checkpoint; returns its tensor bytes. Never more than one tensor in memory."""
+  """A random HF Llama checkpoint (bf16, or float32 with c['dtype']); returns its tensor bytes. Never more
+  than one tensor in memory."""
   import jax
   import ml_dtypes
   import numpy as np
+  dtype, tag = (np.dtype(np.float32), 'F32') if c.get('dtype') == 'float32' else (np.dtype(ml_dtypes.bfloat16),
+                                                                                'BF16')
   model = spec(c)
   if (path / 'model.safetensors.index.json').exists():
     return json.loads((path / 'model.safetensors.index.json').read_text())['metadata']['total_size']
@@ -115,8 +130,8 @@ def write_checkpoint(path: pathlib.Path, c: dict, seed: int) -> int:
   for fname, tensors in shards.items():
     header, offset = {}, 0
     for name, shape in tensors:
-      n = int(np.prod(shape)) * 2
-      header[name] = {'dtype': 'BF16', 'shape': list(shape), 'data_offsets': [offset, offset + n]}
+      n = int(np.prod(shape)) * dtype.itemsize
+      header[name] = {'dtype': tag, 'shape': list(shape), 'data_offsets': [offset, offset + n]}
       offset += n
     text = json.dumps(header).encode()
     text += b' ' * (-len(text) % 8)
@@ -126,11 +141,11 @@ def write_checkpoint(path: pathlib.Path, c: dict, seed: int) -> int:
       out.write(text)
       for name, shape in tensors:
         if name.endswith('norm.weight'):
-          x = np.ones(shape, ml_dtypes.bfloat16)
+          x = np.ones(shape, dtype)
         else:  # fan-in scaled, so hidden states keep their size through 28 random blocks
           scale = 1.0 / np.sqrt(shape[-1]) if 'embed' not in name else 1.0
           x = np.asarray(jax.random.normal(jax.random.fold_in(key, k), shape, jax.numpy.float32) * scale
-                         ).astype(ml_dtypes.bfloat16)
+                         ).astype(dtype)
         out.write(x.tobytes())
         weight_map[name] = fname
         total += x.nbytes
@@ -147,23 +162,56 @@ def write_checkpoint(path: pathlib.Path, c: dict, seed: int) -> int:
 
 def recipe(c: dict) -> dict:
   return {'sparsegpt': {'sparsity': 0.5, 'block_size': 128, 'damp': 0.01},
-          'gptq': {'bits': 4, 'group_size': c['group_size'], 'damp': 0.01}}
+          'gptq': {'bits': 4, 'group_size': c['group_size'], 'damp': 0.01},
+          'factor': 'inverse_factor_inplace, one per distinct XᵀX'}
 
 
 def make_compress_block(c: dict, mesh):
-  import jax.numpy as jnp
-  from jaxcompress import calibration, core, pruning, quantization
+  """compress_block for `compress_checkpoint` / `run_sequential`: per kernel SparseGPT 50% then GPTQ W4 of the
+  pruned weights, Masked(Quantized).
 
-  def kernel(w, h):
-    m = pruning.sparsegpt_from_hessian(w, h, sparsity=0.5, block_size=128, damp=0.01)
-    q = quantization.gptq_from_hessian(m.value, h, bits=4, group_size=c['group_size'], damp=0.01)
+  Memory: the kernels of one group share their input, so their XᵀX are equal; each distinct one is copied to
+  the host, its entries popped from `stats` (so the caller's copy goes too), factored in place (one [in, in]
+  float32 matrix at a time: 256 MiB for an 8192-wide input, where the jitted factor takes about four) and that
+  factor serves both solvers of every kernel of the group.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxcompress import calibration, core, pruning, quantization
+  from jaxcompress.calibration import inverse_hessian
+
+  def kernel(w, u, dead):
+    f = inverse_hessian.Factor(u=u, dead=dead, perm=jnp.arange(u.shape[0], dtype=jnp.int32), damp=0.01)
+    m = pruning.sparsegpt_from_factor(w, f, sparsity=0.5, block_size=128)
+    q = quantization.gptq_from_factor(m.value, f, bits=4, group_size=c['group_size'])
     return core.Masked(value=q, mask=m.mask)
+
+  # Models with an input wider than 4096 (the 3B config) drop compiled programs before and after each group's
+  # solves: the block's calibration, solver and forward programs kept together are ~0.15 GiB of host memory,
+  # recompiling them costs time, not peak memory. Smaller models (the kill and parallel phases) keep them.
+  lean = max(c['hidden'], c['intermediate']) > 4096
 
   def compress_block(i, block, stats):
     del i
-    # bf16 weights are solved in float32 and the leaves stored with bf16 scales / values
-    problems = {p: (jnp.asarray(core.paths.get(block, p)), st['xtx']) for p, st in stats.items()}
-    solved = calibration.solve_parallel(kernel, problems, mesh=mesh)
+    if lean:
+      jax.clear_caches()
+    solved = {}
+    while stats:
+      first = next(iter(stats))
+      h = stats[first]['xtx']
+      same = [p for p in stats if p == first or np.array_equal(np.asarray(stats[p]['xtx']), np.asarray(h))]
+      h = inverse_hessian.aligned_copy(h)  # a writable host copy (device_put shares it); the statistics go now
+      for p in same:
+        del stats[p]
+      f = inverse_hessian.inverse_factor_inplace(h, damp=0.01, caller='scale')
+      u, dead = jax.device_put(f.u), jnp.asarray(f.dead)
+      del f, h
+      problems = {p: (jnp.asarray(core.paths.get(block, p)), u, dead) for p in same}
+      solved.update(calibration.solve_parallel(kernel, problems, mesh=mesh))
+      del problems, u, dead
+    if lean:
+      jax.clear_caches()
     return core.paths.replace(block, solved)
 
   return compress_block
@@ -184,16 +232,36 @@ def compress(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, layers: i
   blocks = []
 
   def on_block(i, record):
-    blocks.append({'block': i, **{k: record[k] for k in ('seconds', 'solve_seconds', 'bytes')}, 'rss': rss()})
+    blocks.append({'block': i, **{k: record[k] for k in ('seconds', 'solve_seconds', 'bytes')}, 'rss': rss(),
+                   'peak_rss': vm_hwm()})
     print(f'block {i}: {record["seconds"]:.1f} s (solve {record["solve_seconds"]:.1f} s), '
-          f'{record["bytes"] / 2**20:.1f} MiB, RSS {rss() / 2**30:.2f} GiB', flush=True)
+          f'{record["bytes"] / 2**20:.1f} MiB, RSS {rss() / 2**30:.2f} GiB, peak so far {vm_hwm() / 2**30:.3f} GiB',
+          flush=True)
 
   t0 = time.perf_counter()
   manifest = calibration.compress_checkpoint(src, out, make_compress_block(c, mesh), calibration_batches(c, seed),
                                              observer=calibration.hessian(), recipe=recipe(c), seed=seed,
                                              per_group=True, layers=layers or None, on_block=on_block)
-  return {'blocks': blocks, 'seconds': time.perf_counter() - t0, 'complete': manifest['complete'],
-          'peak_rss': vm_hwm(), 'hashes': {r['file']: r['sha256'] for r in manifest['blocks'].values()}}
+  result = {'blocks': blocks, 'seconds': time.perf_counter() - t0, 'complete': manifest['complete'],
+            'peak_rss': vm_hwm(), 'hashes': {r['file']: r['sha256'] for r in manifest['blocks'].values()}}
+  if FLAGS.check_in_memory and manifest['complete']:
+    result['matches_in_memory'] = matches_in_memory(src, out, c, seed, mesh)
+  return result
+
+
+def matches_in_memory(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, mesh) -> bool:
+  """Whether the reloaded output equals `run_sequential` on the whole model in memory, bit for bit."""
+  import numpy as np
+  from jaxcompress import calibration, core, models
+  model, params = models.from_pretrained(src)
+  ref, _ = calibration.run_sequential(model, params, calibration_batches(c, seed), calibration.hessian(),
+                                      make_compress_block(c, mesh), per_group=True, keep_stats=False)
+  got, ref = core.flatten(calibration.load_compressed(out)), core.flatten(ref)
+  same = sorted(got) == sorted(ref)
+  for path in ref if same else ():
+    same = same and np.array_equal(np.asarray(core.materialize(got[path])), np.asarray(core.materialize(ref[path])))
+  print(f'output reloaded equals the in-memory run_sequential: {same}', flush=True)
+  return bool(same)
 
 
 def rss() -> int:
@@ -215,19 +283,35 @@ def _status(field: str) -> int:
 
 
 def child(phase: str, c: dict, *, work: pathlib.Path, devices: int = 1, layers: int = 0, mesh: bool = False,
-          kill_after: float = 0.0, timeout: float | None = None) -> dict | None:
+          kill_after: float = 0.0, timeout: float | None = None, check: bool = False) -> dict | None:
   args = [sys.executable, __file__, f'--phase={phase}', f'--dir={work}', f'--seed={FLAGS.seed}',
           f'--layers={layers}', f'--mesh={mesh}', f'--kill_after={kill_after}']
   args += [f'--{k}={c[k]}' for k in SHAPE_FLAGS]
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
              PYTHONPATH=str(REPO))
-  proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-  if kill_after and proc.returncode == -signal.SIGKILL:
-    return None
-  if proc.returncode != 0:
-    raise RuntimeError(f'phase {phase} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}')
-  sys.stdout.write(''.join(l + '\n' for l in proc.stdout.splitlines() if not l.startswith('RESULT ')))
-  return json.loads([l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1][len('RESULT '):])
+  if check:
+    args.append('--check_in_memory')
+  # stdout streamed line by line (a 3B run prints a line per block for an hour), stderr kept for errors
+  with tempfile.TemporaryFile('w+') as err:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    result = None
+    try:
+      for line in proc.stdout:
+        if line.startswith('RESULT '):
+          result = json.loads(line[len('RESULT '):])
+        else:
+          sys.stdout.write(line)
+          sys.stdout.flush()
+      code = proc.wait(timeout=timeout)
+    except BaseException:
+      proc.kill()
+      raise
+    if kill_after and code == -signal.SIGKILL:
+      return None
+    if code != 0 or result is None:
+      err.seek(0)
+      raise RuntimeError(f'phase {phase} failed (rc={code}):\n{err.read()[-4000:]}')
+  return result
 
 
 def run_phase() -> None:
@@ -241,6 +325,10 @@ def run_phase() -> None:
     result = {'bytes': write_checkpoint(src, c, FLAGS.seed), 'params': param_count(c), 'path': str(src)}
   else:
     import jax
+    if FLAGS.num_processes > 1:
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                                 process_id=FLAGS.process_id)
     out = work / (f'out-{src.name}' + (f'-mesh{jax.device_count()}' if FLAGS.mesh else ''))
     result = compress(src, out, c, FLAGS.seed, FLAGS.layers, FLAGS.mesh)
   print('RESULT ' + json.dumps(result), flush=True)
@@ -268,7 +356,7 @@ def main(argv) -> None:
   if FLAGS.main:
     wrote = child('write', c, work=work)
     results['checkpoint_bytes'] = wrote['bytes']
-    run = child('compress', c, work=work, layers=FLAGS.layers)
+    run = child('compress', c, work=work, layers=FLAGS.layers, check=FLAGS.small or FLAGS.check_in_memory)
     results['compress'] = run
     blocks = run['blocks']
   if blocks:
@@ -321,13 +409,45 @@ def kill_trials(work: pathlib.Path, c: dict, trials: int) -> list[dict]:
 
 
 def parallel(work: pathlib.Path, c: dict) -> dict:
+  import shutil
   work = work / 'parallel'
   child('write', c, work=work)
+  for old in work.glob('out-*'):  # timings need fresh runs, not finished outputs from before
+    shutil.rmtree(old)
   one = child('compress', c, work=work, devices=1, mesh=True)
   eight = child('compress', c, work=work, devices=8, mesh=True)
+  two = child_pair(c, work=work)
   # the last block: the first one also compiles every solver (per device with 8 devices)
-  s1, s8 = one['blocks'][-1]['solve_seconds'], eight['blocks'][-1]['solve_seconds']
-  return {'solve_s_1': s1, 'solve_s_8': s8, 'ratio_1_over_8': s1 / s8, 'identical': one['hashes'] == eight['hashes']}
+  s1, s8, s2 = (r['blocks'][-1]['solve_seconds'] for r in (one, eight, two))
+  return {'solve_s_1': s1, 'solve_s_8': s8, 'ratio_1_over_8': s1 / s8, 'identical': one['hashes'] == eight['hashes'],
+          'solve_s_2proc': s2, 'ratio_1_over_2proc': s1 / s2, 'identical_2proc': one['hashes'] == two['hashes']}
+
+
+def child_pair(c: dict, *, work: pathlib.Path) -> dict:
+  """The compress phase as 2 processes (gloo, one CPU device each): calibration in each process on every row,
+  the solves of each block split between the processes (`solve_parallel` over their 2-device mesh)."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+             PYTHONPATH=str(REPO))
+  logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
+  procs = [subprocess.Popen([sys.executable, __file__, '--phase=compress', f'--dir={work}', f'--seed={FLAGS.seed}',
+                             '--mesh=True', f'--coordinator=localhost:{port}', '--num_processes=2',
+                             f'--process_id={i}', *[f'--{k}={c[k]}' for k in SHAPE_FLAGS]],
+                            env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  codes = [p.wait() for p in procs]
+  texts = []
+  for log in logs:
+    log.seek(0)
+    texts.append(log.read())
+    log.close()
+  if codes != [0, 0]:
+    raise RuntimeError(f'2-process compression failed (rc={codes}):\n' + '\n'.join(t[-3000:] for t in texts))
+  lines = texts[0].splitlines()
+  sys.stdout.write(''.join(f'[2 processes] {l}\n' for l in lines if l.startswith('block ')))
+  return json.loads([l for l in lines if l.startswith('RESULT ')][-1][len('RESULT '):])
 
 
 def print_table(r: dict) -> None:
@@ -343,13 +463,19 @@ def print_table(r: dict) -> None:
           f"checkpoint (goal <= 25%); {s['blocks_run']} blocks run, {s['steady_block_s']:.1f} s/block after the "
           f"first; "
           f"EXTRAPOLATED full model ({r['config']['num_layers']} blocks): {s['extrapolated_full_s'] / 3600:.2f} h")
+  if 'matches_in_memory' in r.get('compress', {}):
+    print(f"output reloaded equals the in-memory path (run_sequential, same compressor): "
+          f"{r['compress']['matches_in_memory']}")
   for t in r.get('kill_trials', []):
     print(f"kill trial {t['trial']}: killed={t['killed']} blocks done={t['blocks_before_kill']} "
           f"identical={t['identical']}")
   p = r.get('parallel')
   if p:
-    print(f"solve phase, one block (after the first): 1 device {p['solve_s_1']:.2f} s, 8 virtual devices {p['solve_s_8']:.2f} s, "
-          f"ratio {p['ratio_1_over_8']:.2f}; outputs identical: {p['identical']}")
+    print(f"solve phase, one block (after the first): 1 device {p['solve_s_1']:.2f} s, 8 virtual devices "
+          f"{p['solve_s_8']:.2f} s, ratio {p['ratio_1_over_8']:.2f}; outputs identical: {p['identical']}")
+    if 'solve_s_2proc' in p:
+      print(f"solve phase, one block: 1 process {p['solve_s_1']:.2f} s, 2 processes (gloo) {p['solve_s_2proc']:.2f} s, "
+            f"ratio {p['ratio_1_over_2proc']:.2f}; outputs identical: {p['identical_2proc']}")
 
 
 if __name__ == '__main__':

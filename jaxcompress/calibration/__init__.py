@@ -7,7 +7,8 @@ Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are opta
 `Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
 """
 
-from jaxcompress.calibration.driver import CompressBlock, Rows, calibrate, run_sequential
+from jaxcompress.calibration.driver import (CompressBlock, NotSequential, Rows, SequentialPlan, calibrate,
+                                           record_sequential, run_sequential)
 from jaxcompress.calibration.parallel import solve_parallel
 from jaxcompress.calibration.out_of_core import compress_checkpoint, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
@@ -15,8 +16,10 @@ from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mea
 
 __all__ = [
     'CompressBlock',
+    'NotSequential',
     'Observer',
     'Rows',
+    'SequentialPlan',
     'Stats',
     'abs_max',
     'abs_mean',
@@ -27,6 +30,7 @@ __all__ = [
     'hessian',
     'load_compressed',
     'norms',
+    'record_sequential',
     'run_sequential',
     'solve_parallel',
 ]

@@ -22,6 +22,7 @@ statistics, being sums or maxima over rows, are all-reduced by the partitioner i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -70,9 +71,44 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
   head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
+  if _RECORDING:
+    raise NotSequential('calibrate: the statistics of the whole uncompressed model are asked for, not a block '
+                        'by block compression (run_sequential).')
   stats, _ = _run(model, params, batches, observer, None, mesh=mesh, data_axis=data_axis, offload=offload,
                   head=head, keep_stats=True, on_step=on_step)
   return stats
+
+
+# Recording a family's block compressor ------------------------------------------------------------------------------
+
+
+class SequentialPlan(NamedTuple):
+  """What a layer-wise method hands `run_sequential`: enough to run it block by block elsewhere."""
+
+  observer: Observer  # the statistics its compress_block reads
+  compress_block: CompressBlock  # (block index, block params, stats) -> compressed block params
+  per_group: bool  # calibrate each input group on the block as compressed so far
+
+
+class NotSequential(RuntimeError):
+  """Raised inside `record_sequential` by `calibrate`: the method needs whole-model statistics."""
+
+
+_RECORDING: list[list[SequentialPlan]] = []
+
+
+@contextlib.contextmanager
+def record_sequential():
+  """Inside, `run_sequential` runs nothing: it appends its (observer, compress_block, per_group) to the yielded
+  list and returns the params unchanged; `calibrate` raises `NotSequential`. So a driver that holds one block
+  at a time (`compress_checkpoint`) can run any method built on `run_sequential` (Wanda, SparseGPT, GPTQ, AWQ)
+  by calling its model-level function once with abstract params (paths and shapes only)."""
+  plans: list[SequentialPlan] = []
+  _RECORDING.append(plans)
+  try:
+    yield plans
+  finally:
+    _RECORDING.pop()
 
 
 def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
@@ -94,6 +130,9 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
   if not callable(compress_block):
     raise TypeError(f'run_sequential: compress_block={compress_block!r} must be a function '
                     '(block index, block params, stats) -> block params.')
+  if _RECORDING:
+    _RECORDING[-1].append(SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group))
+    return params, {}
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
                        offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group)
   return params, stats

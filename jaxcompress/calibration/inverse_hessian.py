@@ -152,30 +152,24 @@ def inverse_factor(h: jax.Array, *, damp: float = 0.01, caller: str = 'hessian',
                    'inputs (too few tokens or degenerate features) or raise damp.')
 
 
-def lazy_update(w: jax.Array, u_rows: jax.Array, err: jax.Array, start: jax.Array, *, buckets: int = 8) -> jax.Array:
-  """w - u_rowsᵀ err, computed only from the last of `buckets` static row windows that holds row `start`.
+def lazy_update(w: jax.Array, u_rows: jax.Array, err: jax.Array, start: jax.Array) -> jax.Array:
+  """w - u_rowsᵀ err, computed only for the rows from `start` on (the ones before have U entries 0).
 
   w: [n, out]; u_rows: [b, n] rows of U for one block (zero left of `start`, U being upper triangular); err: [b,
-  out]; start: the block's first row (traced). The rows before the window are unchanged (their U entries are
-  0), so the GEMM shrinks with the block index: about half the work of updating every row, one compile (a
-  `lax.switch` over `buckets` static slices). n must divide by `buckets`.
+  out]; start: the block's first row (traced, a multiple of b); n must divide by b. The rows go b at a time
+  through a loop that updates w in place, so besides w the update needs one [b, out] slab, not an [n, out]
+  product (hundreds of MiB for the widest layers), and its work shrinks with the block index.
   """
-  n = w.shape[0]
-  size = n // buckets
+  n, out = w.shape
+  b = u_rows.shape[0]
 
-  def tail(k):
-    lo = k * size
-    return lambda w: w.at[lo:].add(-jnp.matmul(u_rows[:, lo:].T, err, precision=HIGHEST))
+  def chunk(c, w):
+    r = c * b
+    rows = lax.dynamic_slice(w, (r, 0), (b, out))
+    upd = jnp.matmul(lax.dynamic_slice(u_rows, (0, r), (b, b)).T, err, precision=HIGHEST)
+    return lax.dynamic_update_slice(w, rows - upd, (r, 0))
 
-  return lax.switch(jnp.minimum(start // size, buckets - 1), [tail(k) for k in range(buckets)], w)
-
-
-def buckets_for(n_blocks: int, most: int = 4) -> int:
-  """The largest of most, most/2, ..., 1 that divides n_blocks (windows of `lazy_update` on block boundaries)."""
-  b = most
-  while n_blocks % b:
-    b //= 2
-  return b
+  return lax.fori_loop(start // b, n // b, chunk, w)
 
 
 def sub_block_size(block_size: int, m: int = 1, target: int = 16) -> int:
@@ -187,3 +181,83 @@ def sub_block_size(block_size: int, m: int = 1, target: int = 16) -> int:
     if groups % g == 0 and g * m <= max(target, m):
       best = g
   return best * m
+
+
+def inverse_factor_inplace(h: np.ndarray, *, damp: float = 0.01, caller: str = 'hessian',
+                           max_tries: int = 6) -> Factor:
+  """`inverse_factor` on the host, overwriting h: peak memory one [in, in] matrix instead of about four.
+
+  h: [in, in] float32 C-contiguous writable numpy XᵀX; on return it holds U (upper triangular, UᵀU =
+  (H/mean(diag H) + damp·I)⁻¹, input order: no act-order), and `Factor.u` is h itself. Same damping, dead
+  inputs and retries as `inverse_factor`; the factor comes from LAPACK (potrf + trtri on the reversed
+  matrix), so it equals `inverse_factor`'s to float32 rounding, not bit for bit. For the widest layers of a
+  large model on a small host (an [8192, 8192] float32 XᵀX is 256 MiB).
+  """
+  from scipy.linalg import lapack
+  if not (isinstance(h, np.ndarray) and h.dtype == np.float32 and h.ndim == 2 and h.shape[0] == h.shape[1]
+          and h.flags.c_contiguous and h.flags.writeable):
+    raise ValueError(f'{caller}: inverse_factor_inplace needs a writable C-contiguous float32 numpy [n, n] '
+                     f'array, got {type(h).__name__} {getattr(h, "dtype", "?")} {getattr(h, "shape", "?")}; copy '
+                     'it with np.array(h, np.float32).')
+  if not damp > 0:
+    raise ValueError(f'{caller}: damp={damp!r} must be > 0 (fraction of mean(diag H) added to the diagonal; '
+                     'the papers use 0.01).')
+  n = h.shape[0]
+  for r in range(0, n, 1024):  # row chunks: no [n, n] temporary
+    check_finite(h[r:r + 1024], 'the Hessian XᵀX (calibration inputs)', caller)
+  diag = h.reshape(-1)[::n + 1]  # a writable view of the diagonal
+  dead = diag == 0
+  if dead.all():
+    raise ValueError(f'{caller}: the Hessian is zero (no calibration token reached this layer, or every input is '
+                     '0); give calibration data that exercises the layer.')
+  diag[dead] = 1.0
+  h *= np.float32(1.0 / np.mean(np.abs(diag), dtype=np.float64))
+  _reverse_inplace(h)  # P H P (P the reversal): its lower Cholesky factor gives U = P L⁻¹ P
+  base = diag.copy()
+  d = float(damp)
+  for attempt in range(max_tries + 1):
+    diag[:] = base + np.float32(d)
+    # h.T is h's memory in Fortran order; its upper triangle there is h's lower triangle here, so potrf and
+    # trtri work in place on h's lower triangle (= L, then L⁻¹) and leave its strict upper triangle alone
+    _, info = lapack.spotrf(h.T, lower=0, clean=0, overwrite_a=1)
+    if info == 0:
+      _, info = lapack.strtri(h.T, lower=0, overwrite_c=1)
+      if info == 0 and np.isfinite(diag).all():
+        break
+    if attempt == max_tries:
+      raise ValueError(f'{caller}: the Hessian is not positive definite even with damp={d:g}; check the '
+                       'calibration inputs (too few tokens or degenerate features) or raise damp.')
+    for i in range(1, n):  # the lower triangle back from the untouched upper one
+      h[i, :i] = h[:i, i]
+    msg = (f'{caller}: H + {d:g}·mean(diag H)·I is not positive definite in float32; raising damp to '
+           f'{d * 10:g}.')
+    logging.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    d *= 10
+  for i in range(n - 1):  # the strict upper triangle still holds H: zero it, leaving L⁻¹
+    h[i, i + 1:] = 0
+  _reverse_inplace(h)
+  return Factor(u=h, dead=dead, perm=np.arange(n, dtype=np.int32), damp=d)
+
+
+def aligned_copy(x) -> np.ndarray:
+  """A writable C-contiguous float32 host copy of x whose data starts on a 64-byte boundary, so that after
+  `inverse_factor_inplace` jax.device_put on CPU shares its memory instead of copying another [in, in]."""
+  shape = tuple(np.shape(x))
+  n = int(np.prod(shape)) * 4
+  raw = np.empty(n + 64, np.uint8)
+  off = (-raw.ctypes.data) % 64
+  out = raw[off:off + n].view(np.float32).reshape(shape)
+  np.copyto(out, np.asarray(x), casting='same_kind')
+  return out
+
+
+def _reverse_inplace(a: np.ndarray) -> None:
+  """a[:] = a[::-1, ::-1] a row pair at a time (numpy would copy the whole matrix for the overlap)."""
+  n = a.shape[0]
+  for i in range(n // 2):
+    top = a[i, ::-1].copy()
+    a[i] = a[n - 1 - i, ::-1]
+    a[n - 1 - i] = top
+  if n % 2:
+    a[n // 2] = a[n // 2, ::-1].copy()

@@ -36,6 +36,10 @@ def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) * mask.astype(jnp.float32)[:, None]
 
 
+WIDE = 4096  # hessian(): inputs wider than this (and a multiple of ROWS) accumulate XᵀX in row blocks of ROWS
+ROWS = 1024
+
+
 def hessian() -> Observer:
   """{'xtx': XᵀX [in, in] float32, 'count': tokens int32}: the layer-wise Hessian of GPTQ / SparseGPT
   (H = 2 XᵀX / count; the solvers scale it themselves)."""
@@ -47,8 +51,19 @@ def hessian() -> Observer:
   def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
     xm = _masked(x, mask)
     # HIGHEST: accelerators would otherwise multiply float32 in bf16 passes.
-    xtx = jnp.matmul(xm.T, xm, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return {'xtx': stats['xtx'] + xtx, 'count': stats['count'] + _count(mask)}
+    dot = lambda a: jnp.matmul(a.T, xm, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    n = xm.shape[1]
+    if n <= WIDE or n % ROWS:
+      return {'xtx': stats['xtx'] + dot(xm), 'count': stats['count'] + _count(mask)}
+
+    # Wide inputs: ROWS rows of XᵀX at a time, added in place in a loop, so the update needs a [ROWS, in]
+    # temporary instead of a second [in, in] beside the statistics (256 MiB at 8192 wide).
+    def rows(r, acc):
+      part = jax.lax.dynamic_slice_in_dim(xm, r * ROWS, ROWS, axis=1)
+      old = jax.lax.dynamic_slice_in_dim(acc, r * ROWS, ROWS, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(acc, old + dot(part), r * ROWS, axis=0)
+
+    return {'xtx': jax.lax.fori_loop(0, n // ROWS, rows, stats['xtx']), 'count': stats['count'] + _count(mask)}
 
   return Observer(init, update)
 

@@ -28,6 +28,7 @@ removes: a block is complete only once the manifest says so.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -71,7 +72,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   """Compresses the HF checkpoint in `input_dir` block by block into `output_dir`; returns the manifest.
 
   compress_block(i, block params (device), {kernel path in block: stats}) -> compressed block params (any
-    registered leaf kinds), as `run_sequential` calls it.
+    registered leaf kinds), as `run_sequential` calls it. It may pop entries of the stats dict: nothing else
+    holds them, so a popped [in, in] XᵀX is freed before the solves that follow.
   batches: calibration batches as `calibrate` takes them; all must have the same shape (checked first).
   observer: the statistics compress_block reads (e.g. `hessian()`).
   recipe: a JSON-able description of what compress_block does (its configs); part of the fingerprint, so a
@@ -93,6 +95,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
                     'calibration.hessian().')
   out = Path(output_dir)
   rows = _check_batches(batches)
+  _lean_host_memory()
   place = driver._Placement(mesh, data_axis, offload=True)
   pid = jax.process_index()
   writer = pid == 0
@@ -151,16 +154,19 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           if on_step:
             on_step('stats', i, j)
         stats = {p: stats[p] for p in kernels}
+        _release_host_memory()  # what the statistics pass freed, before the solves allocate
         new = compress_block(i, block, stats)
         del stats, block
         block = place.replicated(new)
         del new
+        _release_host_memory()
       solve_seconds = time.perf_counter() - t0
       record = None
       if writer:
         record = _write_params(out / block_file(i), block)
       _barrier(f'block {i} written')
       del block
+      _release_host_memory()
       # The forward runs the block as stored: a resumed run re-derives exactly these hidden states.
       block = place.replicated(core.serialize.load(out / block_file(i)))
       nxt = acts.path(i + 1)
@@ -173,6 +179,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           if on_step:
             on_step('forward', i, j)
       del block
+      _release_host_memory()
       _barrier(f'hidden states after block {i} written')
       if writer:
         record.update(seconds=time.perf_counter() - t0, solve_seconds=solve_seconds)
@@ -366,6 +373,25 @@ def _sha256(path: Path) -> str:
     while chunk := f.read(1 << 22):
       h.update(chunk)
   return h.hexdigest()
+
+
+def _lean_host_memory() -> None:
+  """Buffers of 1 MiB or more come from mmap and go back to the OS when freed (glibc's default threshold
+  grows to 32 MiB and keeps freed buffers below it in the heap, where they add to the next phase's peak).
+  A process-wide setting (M_MMAP_THRESHOLD); no-op without glibc."""
+  try:
+    ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 20)
+  except (OSError, AttributeError):
+    pass
+
+
+def _release_host_memory() -> None:
+  """Hands freed heap memory back to the OS between phases: glibc keeps the freed chunks of XLA's mid-sized
+  buffers in its per-thread arenas, and the next phase's peak would stack on them (no-op without glibc)."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def _barrier(name: str) -> None:

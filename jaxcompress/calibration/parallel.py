@@ -12,9 +12,9 @@ its last problem to a multiple of the device count) and solved at once:
     (works across processes; every process passes all problems, as calibration leaves the statistics
     replicated); the results are gathered on every process's host.
   traceable=False: for solvers with host-side checks (they call bool() on arrays, e.g.
-    `pruning.sparsegpt_from_hessian`), problems go round-robin to this process's devices, one thread per
-    device, and come back to the host. Across processes each process solves every problem (the same numbers
-    on every process; no cross-process split).
+    `pruning.sparsegpt_from_hessian`), problems go round-robin to the mesh's devices, one thread per local
+    device, and come back to the host. Across processes each process solves the problems of its own devices
+    and the results are exchanged (every process passes all problems and gets all results).
 
 Each problem runs the same computation as `solve(*args)` alone, so the results do not depend on the device
 count (tests: 1 vs 8 devices, bit for bit).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,7 +58,7 @@ def solve_parallel(solve: Solve, problems: Mapping[str, tuple], *, mesh: Mesh | 
     for names in _groups(problems).values():
       out.update(_shard_map_group(solve, [problems[n] for n in names], names, mesh, axis))
     return {n: out[n] for n in problems}
-  return _threaded(solve, problems, [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+  return _threaded(solve, problems, list(mesh.devices.flat))
 
 
 def _groups(problems: Mapping[str, tuple]) -> dict[tuple, list[str]]:
@@ -97,8 +98,11 @@ def _compiled(solve, mesh, axis, nargs):
 
 
 def _threaded(solve, problems, devices) -> dict[str, Any]:
+  """Problems round-robin over `devices` (all processes' devices, in mesh order); this process solves those of
+  its own devices, one thread per device; with several processes the results are then exchanged."""
   names = list(problems)
   plan = {dev: names[k::len(devices)] for k, dev in enumerate(devices)}
+  local = {dev: mine for dev, mine in plan.items() if dev.process_index == jax.process_index() and mine}
 
   def work(dev, mine):
     out = {}
@@ -108,7 +112,31 @@ def _threaded(solve, problems, devices) -> dict[str, Any]:
     return out
 
   results: dict[str, Any] = {}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=len(devices)) as pool:
-    for part in pool.map(lambda item: work(*item), plan.items()):
-      results.update(part)
+  if local:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(local)) as pool:
+      for part in pool.map(lambda item: work(*item), local.items()):
+        results.update(part)
+  if jax.process_count() > 1:
+    results = _exchange(results)
+  missing = [n for n in names if n not in results]
+  if missing:
+    raise RuntimeError(f'solve_parallel: no process solved {missing}; every process must pass the same problems.')
   return {n: results[n] for n in names}
+
+
+def _exchange(mine: dict[str, Any]) -> dict[str, Any]:
+  """Every process's {name: result pytree of host arrays} -> their union, on every process.
+
+  Results travel as one byte string per process (pickled: classes and numpy arrays of this same program
+  between the processes of one job), padded to a power of two at least the longest and all-gathered.
+  """
+  payload = np.frombuffer(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)
+  # padded to a power of two: the all-gather compiles once per length, so lengths repeat across blocks
+  padded = np.zeros((1 << int(sizes.max() - 1).bit_length(),), np.uint8)
+  padded[:payload.size] = payload
+  every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
+  out: dict[str, Any] = {}
+  for p, n in enumerate(sizes):
+    out.update(pickle.loads(every[p, :int(n)].tobytes()))
+  return out

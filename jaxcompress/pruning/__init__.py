@@ -17,7 +17,7 @@ from jaxcompress.pruning.oneshot import (MagnitudeConfig, SparseGPTConfig, Wanda
                                          wanda)
 from jaxcompress.pruning import gradual, movement, structured
 from jaxcompress.pruning.sparse_training import MaskState, keep_masks, mask_tree, masked_optimizer
-from jaxcompress.pruning.sparsegpt import sparsegpt_from_hessian, sparsegpt_layer
+from jaxcompress.pruning.sparsegpt import sparsegpt_from_factor, sparsegpt_from_hessian, sparsegpt_layer
 from jaxcompress.pruning.wanda import wanda_from_norms, wanda_layer, wanda_score
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     'parse_pattern',
     'prune',
     'sparsegpt',
+    'sparsegpt_from_factor',
     'sparsegpt_from_hessian',
     'sparsegpt_layer',
     'sparsity_of',

@@ -7,7 +7,7 @@ is pruned against the rows after it:
     select (per block of `block_size` rows): prune the smallest  W[j, o]² / U[j, j]²      (adaptive mask)
     err = (W[j] - Q[j]) / U[j, j];   W[j:] -= U[j, j:]ᵀ err            (Q[j]: W[j] with pruned entries 0)
 
-Updates of the rows after the block are lazy (one matmul per block). N:M selects per group of M input rows as
+Updates of the rows after the block are lazy (once per block, `inverse_hessian.lazy_update`). N:M selects per group of M input rows as
 the group is reached. The loops over blocks and rows are `lax.fori_loop`s over `dynamic_slice`s, so a layer
 shape compiles once, whatever its width.
 """
@@ -54,8 +54,9 @@ def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, 
   n_blocks = -(-n_in // bs)
   pad = n_blocks * bs - n_in
   # Padding rows: zero weights and an identity block of U, so they neither change nor are changed by real rows.
-  w = jnp.pad(w, ((0, pad), (0, 0)))
-  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
+  if pad:  # (without padding, no [in, in] copy of u: the widest layers' factor is hundreds of MiB)
+    w = jnp.pad(w, ((0, pad), (0, 0)))
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n_in + pad) >= n_in).astype(u.dtype)
   kept = jnp.ones(w.shape, bool)
 
   sub = inverse_hessian.sub_block_size(bs, nm[1] if nm else 1)
@@ -114,11 +115,10 @@ def _solve(w: jax.Array, u: jax.Array, dead: jax.Array, sparsity: jax.Array, *, 
     w1, e1, pruned, _ = lax.fori_loop(0, bs // sub, sub_block, (w1, jnp.zeros_like(w1), pruned, u1))
     # Lazy update of the rows after the block (one GEMM over a window that starts at or before the block); the
     # block's own rows are overwritten just after.
-    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1)
     w = lax.dynamic_update_slice(w, w1, (i1, 0))
     return w, lax.dynamic_update_slice(kept, ~pruned, (i1, 0))
 
-  buckets = inverse_hessian.buckets_for(n_blocks)
   w, kept = lax.fori_loop(0, n_blocks, block, (w, kept))
   return w[:n_in], kept[:n_in]
 
@@ -162,6 +162,31 @@ def sparsegpt_from_hessian(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   block_size = min(block_size, -(-n_in // (nm[1] if nm else 1)) * (nm[1] if nm else 1))
   factor = inverse_hessian.inverse_factor(h.astype(jnp.float32), damp=damp, caller='sparsegpt')
   value, kept = _solve(w, factor.u, factor.dead, jnp.float32(sparsity), nm=nm, block_size=block_size)
+  return core.Masked(value=value.astype(w.dtype), mask=kept)
+
+
+def sparsegpt_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, sparsity: float = 0.5,
+                          block_size: int = 128) -> core.Masked:
+  """Unstructured SparseGPT given the factor of the damped inverse Hessian instead of h, so the linears that
+  share an input (q/k/v, gate/up), and a GPTQ of the result, factor it once: `inverse_hessian.inverse_factor`
+  (act_order=False) or, for the widest layers on a small host, `inverse_hessian.inverse_factor_inplace`.
+
+  w: [in, out] float; factor.u [in, in]. Same result as `sparsegpt_from_hessian(w, h, damp=factor.damp)` up to
+  the factor's rounding. Returns core.Masked(value in w's dtype, mask [in, out] bool).
+  """
+  check_kernel(w, caller='sparsegpt')
+  n_in = w.shape[0]
+  if tuple(factor.u.shape) != (n_in, n_in):
+    raise ValueError(f'sparsegpt: factor.u has shape {tuple(factor.u.shape)}, expected ({n_in}, {n_in}) for w '
+                     f'[in, out] = {w.shape}.')
+  if not bool(jnp.all(jnp.asarray(factor.perm) == jnp.arange(n_in))):
+    raise ValueError('sparsegpt: the factor is in act-order (a permuted input order); build it with '
+                     'act_order=False.')
+  inverse_hessian.check_finite(w, 'w', 'sparsegpt')
+  if not (isinstance(block_size, int) and block_size > 0):
+    raise ValueError(f'sparsegpt: block_size={block_size!r} must be a positive int (e.g. 128).')
+  sparsity = masks_lib.check_sparsity(sparsity, caller='sparsegpt')
+  value, kept = _solve(w, factor.u, factor.dead, jnp.float32(sparsity), nm=None, block_size=min(block_size, n_in))
   return core.Masked(value=value.astype(w.dtype), mask=kept)
 
 

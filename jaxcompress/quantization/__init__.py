@@ -10,7 +10,7 @@ Esser et al. (ICLR 2020).
 """
 
 from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
-from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_hessian, gptq_layer, layer_error
+from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer, layer_error
 from jaxcompress.quantization import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
 from jaxcompress.quantization import quantizers
 from jaxcompress.quantization import llm_qat
@@ -26,5 +26,5 @@ from jaxcompress.quantization.qat import finalize as finalize_qat
 from jaxcompress.quantization.quantizers import max_error, quantize_weight
 from jaxcompress.quantization.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['ActQuantized', 'finalize_qat', 'qat', 'LSQWeight', 'add_lsq', 'finalize_lsq', 'AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'ProductQuantized', 'product_quantize', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
+__all__ = ['ActQuantized', 'finalize_qat', 'qat', 'LSQWeight', 'add_lsq', 'finalize_lsq', 'AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_factor', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'ProductQuantized', 'product_quantize', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
            'quantizers', 'straight_through', 'llm_qat', 'kernels']

@@ -59,7 +59,8 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
   """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
   dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out])."""
   n, out = w.shape
-  dtype = w.dtype
+  dtype = jnp.promote_types(w.dtype, jnp.float32)
+  w = w.astype(dtype)  # here, not by the caller: a bf16 argument is half the bytes
   u = u.astype(dtype)
   w = jnp.where(dead[:, None], 0.0, w)  # inputs that are always zero (H_ii = 0): their weights do not matter
   gs = n if group_size is None else group_size
@@ -75,10 +76,10 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
   # pad to whole blocks: padded rows come last, are dead (U = I there) and are dropped at the end
   nb = -(-n // block_size)
   pad = nb * block_size - n
-  w = jnp.pad(w, ((0, pad), (0, 0)))
-  u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
+  if pad:  # (without padding, no [in, in] copy of u: the widest layers' factor is hundreds of MiB)
+    w = jnp.pad(w, ((0, pad), (0, 0)))
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
-  buckets = inverse_hessian.buckets_for(nb)
   sub = inverse_hessian.sub_block_size(block_size)
 
   def block(b, carry):
@@ -120,13 +121,13 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
     _, e1, q1, sp, zp = jax.lax.fori_loop(0, block_size // sub, sub_block, (w1, zeros, zeros, sp, zp))
     u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [block, n]: zero left of the block
     # rows of this block change too, but are done: one GEMM over the window of rows from the block on
-    w = inverse_hessian.lazy_update(w, u_rows, e1, i1, buckets=buckets)
-    q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1, i1, 0)
+    w = inverse_hessian.lazy_update(w, u_rows, e1, i1)
+    q_all = jax.lax.dynamic_update_slice_in_dim(q_all, q1.astype(jnp.uint8), i1, 0)  # codes < 256: exact
     return w, q_all, sp, zp
 
-  q_all = jnp.zeros_like(w)
+  q_all = jnp.zeros(w.shape, jnp.uint8)
   _, q_all, sp, zp = jax.lax.fori_loop(0, nb, block, (w, q_all, sp, zp))
-  codes = q_all[:n].astype(jnp.uint8)
+  codes = q_all[:n]
   if act_order:
     codes = jnp.zeros((n, out), jnp.uint8).at[perm].set(codes)
   return codes, sp, zp
@@ -162,9 +163,36 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   block_size = min(block_size, w.shape[0])
   factor = inverse_hessian.inverse_factor(h.astype(dtype), damp=float(damp), caller=where, act_order=bool(act_order),
                                   max_tries=max_damp_tries)
-  codes, scale, zero = _solve(w.astype(dtype), factor.u, factor.dead, factor.perm, bits=int(bits),
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
                               group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
                               block_size=block_size)
+  return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
+                   shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
+
+
+def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int = 4, group_size: int | None = None,
+                     symmetric: bool = False, block_size: int = 128, pack: bool = True) -> core.Quantized:
+  """GPTQ given the factor of the damped inverse Hessian instead of h, so the linears that share an input (and
+  a SparseGPT before it) factor it once: `inverse_hessian.inverse_factor` (act_order=False) or
+  `inverse_hessian.inverse_factor_inplace`. w: [in, out] float; factor.u [in, in]. Same result as
+  `gptq_from_hessian(w, h, damp=factor.damp)` up to the factor's rounding.
+  """
+  where = 'gptq'
+  w = jnp.asarray(w)
+  n = w.shape[0] if w.ndim == 2 else -1
+  if w.ndim != 2 or tuple(factor.u.shape) != (n, n):
+    raise ValueError(f'{where}: expected w [in, out] and factor.u [in, in]; got w {w.shape} and factor.u '
+                     f'{tuple(factor.u.shape)}.')
+  if not bool(jnp.all(jnp.asarray(factor.perm) == jnp.arange(n))):
+    raise ValueError(f'{where}: the factor is in act-order; build it with act_order=False.')
+  check_bits(bits, where)
+  check_group_size(group_size, n, where)
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f'{where}: block_size={block_size!r} must be a positive integer.')
+  inverse_hessian.check_finite(w, 'w', where)
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
+                              group_size=group_size, act_order=False, symmetric=bool(symmetric),
+                              block_size=min(block_size, n))
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                    shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
 

@@ -69,7 +69,7 @@ def test_lazy_update_equals_the_full_update(start):
   rs = np.random.RandomState(start)
   w, e = rs.randn(48, 5), rs.randn(8, 5)
   u_rows = np.triu(rs.randn(8, 48), start)  # rows of an upper factor: zero left of the block
-  got = ih.lazy_update(jnp.asarray(w), jnp.asarray(u_rows), jnp.asarray(e), jnp.int32(start), buckets=3)
+  got = ih.lazy_update(jnp.asarray(w), jnp.asarray(u_rows), jnp.asarray(e), jnp.int32(start))
   np.testing.assert_allclose(np.asarray(got), w - u_rows.T @ e, rtol=1e-5, atol=1e-5)
 
 
@@ -113,3 +113,71 @@ def test_too_few_tokens_still_give_a_finite_solution():
   for out in (pruning.sparsegpt_layer(w, x[:3], block_size=16).value,
               quantization.gptq_layer(w, x[:3], block_size=16).materialize()):
     assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize('n', [24, 25])
+def test_inplace_factor_matches_float64_and_overwrites_its_input(n):
+  h = hessian(n=n, dead=(3, 7))
+  buf = np.array(h, np.float32)
+  f = ih.inverse_factor_inplace(buf, damp=0.05)
+  assert f.u is buf  # the factor is the input's memory
+  dead = np.diag(h) == 0
+  want_h = h + np.diag(dead.astype(float))
+  scale = np.mean(np.diag(want_h))
+  want = np.linalg.cholesky(np.linalg.inv(want_h / scale + 0.05 * np.eye(n))).T
+  np.testing.assert_array_equal(f.dead, dead)
+  assert np.all(np.tril(f.u, -1) == 0)
+  assert np.linalg.norm(f.u - want) / np.linalg.norm(want) < 1e-5
+  # and the jitted factor of the same matrix, to float32 rounding
+  ref = np.asarray(ih.inverse_factor(jnp.asarray(h, jnp.float32), damp=0.05).u)
+  assert np.linalg.norm(f.u - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_inplace_factor_raises_damp_until_positive_definite_and_rejects_bad_input():
+  h = hessian(n=16)
+  w, v = np.linalg.eigh(h)
+  w[:3] = -0.02 * w.mean()  # indefinite: damp 0.01 fails, 0.1 works
+  bad = np.array((v * w) @ v.T, np.float32)
+  with pytest.warns(RuntimeWarning, match='raising damp'):
+    f = ih.inverse_factor_inplace(bad, damp=0.01)
+  assert f.damp == pytest.approx(0.1) and np.isfinite(f.u).all()
+  with pytest.raises(ValueError, match='writable C-contiguous float32'):
+    ih.inverse_factor_inplace(h, damp=0.01)  # float64
+  nan = np.array(h, np.float32)
+  nan[2, 5] = np.nan
+  with pytest.raises(ValueError, match='NaN/inf'):
+    ih.inverse_factor_inplace(nan)
+  with pytest.raises(ValueError, match='zero'):
+    ih.inverse_factor_inplace(np.zeros((4, 4), np.float32))
+
+
+def test_solvers_from_a_shared_factor_equal_the_solvers_from_the_hessian():
+  h = jnp.asarray(hessian(n=32, tokens=60, dead=(5,)), jnp.float32)
+  w = jnp.asarray(np.random.RandomState(1).randn(32, 12), jnp.float32)
+  f = ih.inverse_factor(h, damp=0.01)
+  a, b = pruning.sparsegpt_from_factor(w, f, sparsity=0.5, block_size=16), pruning.sparsegpt_from_hessian(
+      w, h, sparsity=0.5, block_size=16)
+  np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+  np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+  qa = quantization.gptq_from_factor(a.value, f, bits=4, group_size=16, block_size=16)
+  qb = quantization.gptq_from_hessian(b.value, h, bits=4, group_size=16, block_size=16)
+  for name in ('codes', 'scale', 'zero'):
+    np.testing.assert_array_equal(np.asarray(getattr(qa, name)), np.asarray(getattr(qb, name)))
+  with pytest.raises(ValueError, match='act-order'):
+    quantization.gptq_from_factor(w, ih.inverse_factor(h, act_order=True), bits=4)
+
+
+def test_wide_hessian_accumulates_in_row_blocks_like_one_product(monkeypatch):
+  from jaxcompress.calibration import observers
+  monkeypatch.setattr(observers, 'WIDE', 8)  # 16-wide inputs take the in-place row-block path
+  monkeypatch.setattr(observers, 'ROWS', 4)
+  rs = np.random.RandomState(0)
+  obs = observers.hessian()
+  stats = obs.init('w', 16)
+  xs = [rs.randn(10, 16).astype(np.float32) for _ in range(2)]
+  masks = [np.ones(10, np.float32), (np.arange(10) < 7).astype(np.float32)]
+  for x, m in zip(xs, masks):
+    stats = jax.jit(obs.update)(stats, jnp.asarray(x), jnp.asarray(m))
+  want = sum((x * m[:, None]).astype(np.float64).T @ (x * m[:, None]) for x, m in zip(xs, masks))
+  np.testing.assert_allclose(np.asarray(stats['xtx']), want, rtol=1e-5, atol=1e-4)
+  assert int(stats['count']) == 17
