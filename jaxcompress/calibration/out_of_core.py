@@ -43,13 +43,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from safetensors import safe_open
 
 from jaxcompress import core
 from jaxcompress.calibration import driver
 from jaxcompress.calibration.driver import CompressBlock, Rows
 from jaxcompress.calibration.observers import Observer
-from jaxcompress.models import streaming, tensor_reader
+from jaxcompress.models import streaming
 
 MANIFEST = 'manifest.json'
 REST = 'rest_{}.jc.safetensors'  # one file per top-level part outside the blocks
@@ -57,7 +56,6 @@ FORMAT = 'jaxcompress-blocks/1'
 TMP_PREFIX = '.tmp-'
 # on_block(block index, record): called after each block is written (record: file, sha256, bytes, seconds).
 OnBlock = Callable[[int, dict], None]
-_ST_DTYPES = {np.dtype(v): k for k, v in tensor_reader.DTYPES.items()}
 
 
 def block_file(i: int) -> str:
@@ -294,43 +292,10 @@ def _verified_prefix(out: Path, manifest: dict, n_layers: int) -> int:
 
 
 def _write_params(path: Path, params) -> dict[str, Any]:
-  """core.serialize.save through a temporary file, made byte-deterministic, fsynced and renamed:
+  """core.serialize.save (byte-deterministic) through a temporary file, fsynced and renamed:
   {'file', 'sha256', 'bytes'}."""
-  def save(tmp):
-    core.serialize.save(tmp, params)
-    _canonicalize(tmp)
-  _atomic_path(path, save)
+  _atomic_path(path, lambda tmp: core.serialize.save(tmp, params))
   return {'file': path.name, 'sha256': _sha256(path), 'bytes': path.stat().st_size}
-
-
-def _canonicalize(path: str) -> None:
-  """Rewrites a safetensors file with its tensors in name order and its header JSON with sorted keys.
-
-  The safetensors writer orders the header through a hash map, so the same tensors give different bytes from
-  run to run; the manifest's hashes, and a resumed run's files, must be the same bytes every time.
-  """
-  with safe_open(path, framework='numpy') as f:
-    metadata = f.metadata() or {}
-  src = tensor_reader.TensorFile(path)
-  try:
-    names = sorted(src.names())
-    header, offset = {}, 0
-    for name in names:
-      nbytes = int(np.prod(src.shape(name), dtype=np.int64)) * src.dtype(name).itemsize
-      header[name] = {'dtype': _ST_DTYPES[src.dtype(name)], 'shape': list(src.shape(name)),
-                      'data_offsets': [offset, offset + nbytes]}
-      offset += nbytes
-    header['__metadata__'] = dict(sorted(metadata.items()))
-    text = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
-    text += b' ' * (-len(text) % 8)
-    with open(f'{path}.canonical', 'wb') as f:  # one tensor in memory at a time
-      f.write(len(text).to_bytes(8, 'little'))
-      f.write(text)
-      for name in names:
-        f.write(src.read(name).tobytes())
-  finally:
-    src.close()
-  os.replace(f'{path}.canonical', path)
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
@@ -352,9 +317,8 @@ def _atomic_path(path: Path, save: Callable[[str], None]) -> None:
   except BaseException:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
-    for suffix in ('.tmp', '.canonical'):  # serialize.save's and _canonicalize's own temporary names
-      with contextlib.suppress(OSError):
-        os.unlink(f'{tmp}{suffix}')
+    with contextlib.suppress(OSError):
+      os.unlink(f'{tmp}.tmp')  # serialize.save's own temporary name
     raise
   dfd = os.open(path.parent, os.O_RDONLY)
   try:
