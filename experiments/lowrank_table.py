@@ -45,7 +45,7 @@ flags.DEFINE_enum('allocation', 'budget', ['budget', 'uniform'], 'Rank allocatio
 flags.DEFINE_boolean('other_allocation', True, 'Also measure the other allocation\'s perplexity (before '
                      'recovery; a column).')
 flags.DEFINE_integer('calib_batches', 8, 'Training batches for calibration statistics and Fisher rows.')
-flags.DEFINE_integer('steps', 100, 'Recovery steps (block kernels only); 0 skips recovery.')
+flags.DEFINE_integer('steps', 40, 'Recovery steps (block kernels only); 0 skips recovery.')
 flags.DEFINE_integer('batch_size', 16, 'Rows per recovery step (the fixture was trained with 16).')
 flags.DEFINE_float('learning_rate', 3e-4, 'Recovery peak rate (the fixture\'s schedule ended at 3e-4).')
 FLAGS = flags.FLAGS
