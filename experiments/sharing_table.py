@@ -3,7 +3,9 @@
 ALBERT-style sharing of all blocks, groups of 2 consecutive blocks, groups by weight similarity, and groups of 2
 plus per-layer LoRA deltas (relaxed recursive sharing); each initialised by averaging its group's weights, then
 given the same recovery budget (every floating parameter trained with loop.fit; gradients of shared storage are
-summed over its uses).
+summed over its uses). The dense row is the control: the same training without sharing. The default recipe
+continues the fixture's own pretraining where its schedule ended (batch 16, AdamW, peak rate 3e-4 with a short
+warm-up and cosine decay, on the training rows), which leaves the dense model where it was.
 
     python experiments/sharing_table.py --output_dir=runs/sharing_table
     python experiments/sharing_table.py --small --output_dir=/tmp/sh
@@ -24,8 +26,8 @@ flags.DEFINE_string('output_dir', 'runs/sharing_table', 'Where results.json, tab
 flags.DEFINE_integer('seed', 0, 'The one seed every random choice derives from.')
 flags.DEFINE_boolean('small', False, 'A random tiny model on random tokens (smoke test).')
 flags.DEFINE_integer('steps', 100, 'Recovery steps; 0 skips recovery.')
-flags.DEFINE_integer('batch_size', 8, 'Rows per recovery step.')
-flags.DEFINE_float('learning_rate', 1e-3, 'Recovery peak learning rate.')
+flags.DEFINE_integer('batch_size', 16, 'Rows per recovery step (the fixture was trained with 16).')
+flags.DEFINE_float('learning_rate', 3e-4, 'Recovery peak rate (the fixture\'s schedule ended at 3e-4).')
 flags.DEFINE_integer('delta_rank', 8, 'Rank of the per-layer LoRA deltas.')
 flags.DEFINE_list('variants', [], 'Run only these variants (dense, albert_all, groups_of_2, similarity, '
                   'groups_of_2_lora, albert_all_lora); default all.')
@@ -79,9 +81,9 @@ def main(argv):
                                         'ppl_recovered'])
   table += (f'\n\nstored_params / tensor_bytes: each shared tensor counted once (core.stats, core.serialize); '
             f'file_bytes: the core.serialize file on disk; ppl: held-out perplexity ({valid.shape[0]} rows) right '
-            f'after sharing (averaged weights); ppl_recovered: after {steps} steps (batch {FLAGS.batch_size}) of '
-            'training all parameters (shared storage gets the sum of its uses\' gradients; the dense row is the '
-            'control: the same training without sharing).')
+            f'after sharing (averaged weights); ppl_recovered: after {steps} steps (batch {FLAGS.batch_size}, '
+            f'peak rate {FLAGS.learning_rate:g}, cosine) of training all parameters (shared storage gets the sum '
+            'of its uses\' gradients; the dense row is the control: the same training without sharing).')
   compress_runs.write(str(out), {'flags': FLAGS.flag_values_dict()}, rows, table)
 
 
