@@ -25,6 +25,16 @@ import pytest
 from tests.reference_models import tiny_reference
 
 
+# The README runs the suite on two pytest-xdist workers that take whole files in collection order. The engine and
+# recipe tests come last alphabetically and are also the longest (subprocess scripts, multi-process jobs, training
+# runs); started last, one worker would finish them alone while the other sits idle. So they start first.
+_FIRST = ('tests/recipes/', 'tests/train/')
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable: file and test order kept otherwise
+
+
 @pytest.fixture(scope='session')
 def hf_checkpoint(tmp_path_factory):
   """hf_checkpoint(kind) -> (directory, torch model); each kind built once per session."""
