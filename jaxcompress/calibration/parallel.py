@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +31,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxcompress import core
 
 Solve = Callable[..., Any]  # solve(*arrays) -> a pytree (e.g. a core.Masked or core.Quantized leaf)
 
@@ -127,10 +128,10 @@ def _threaded(solve, problems, devices) -> dict[str, Any]:
 def _exchange(mine: dict[str, Any]) -> dict[str, Any]:
   """Every process's {name: result pytree of host arrays} -> their union, on every process.
 
-  Results travel as one byte string per process (pickled: classes and numpy arrays of this same program
-  between the processes of one job), padded to a power of two at least the longest and all-gathered.
+  Results travel as one byte string per process in `core.serialize`'s format (compressed leaves included),
+  padded to a power of two at least the longest and all-gathered.
   """
-  payload = np.frombuffer(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  payload = np.frombuffer(core.serialize.dumps(mine), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)
   # padded to a power of two: the all-gather compiles once per length, so lengths repeat across blocks
   padded = np.zeros((1 << int(sizes.max() - 1).bit_length(),), np.uint8)
@@ -138,5 +139,5 @@ def _exchange(mine: dict[str, Any]) -> dict[str, Any]:
   every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
   out: dict[str, Any] = {}
   for p, n in enumerate(sizes):
-    out.update(pickle.loads(every[p, :int(n)].tobytes()))
+    out.update(core.serialize.loads(every[p, :int(n)].tobytes()))
   return out

@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -145,8 +147,8 @@ def _decode(name: str, desc: dict, f) -> Any:
   return _KINDS[kind].decode(desc, Reader(name, f))
 
 
-def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None = None) -> int:
-  """Writes params; returns the bytes of tensor data written (equals `stats.totals(params).disk`)."""
+def _encode_tree(params: Any, metadata: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, header metadata) that store params."""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf_lib.is_weight_leaf)[0]
   tensors: dict[str, np.ndarray] = {}
   entries = []
@@ -154,12 +156,33 @@ def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None =
     keys = [_key(k) for k in keypath]
     name = '/'.join(str(k) for _, k in keys)
     entries.append({'keys': keys, 'leaf': _encode(name, w, tensors)})
-  header = {'format': FORMAT, 'tree': json.dumps(entries), 'user': json.dumps(metadata or {})}
+  return tensors, {'format': FORMAT, 'tree': json.dumps(entries), 'user': json.dumps(metadata or {})}
+
+
+def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None = None) -> int:
+  """Writes params; returns the bytes of tensor data written (equals `stats.totals(params).disk`)."""
+  tensors, header = _encode_tree(params, metadata)
   tmp = f'{os.fspath(path)}.tmp'
   save_file(tensors, tmp, metadata=header)
   _sort_header(tmp)
   os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
   return sum(t.nbytes for t in tensors.values())
+
+
+def dumps(params: Any) -> bytes:
+  """params as safetensors bytes in `save`'s format, in memory (compressed weights sent between processes)."""
+  tensors, header = _encode_tree(params, None)
+  return safetensors.numpy.save(tensors, metadata=header)
+
+
+def loads(data: bytes) -> Any:
+  """The parameter tree `dumps` encoded (read through a temporary file: safetensors' in-memory reader has no
+  bfloat16 or fp8)."""
+  with tempfile.TemporaryDirectory(prefix='jaxcompress-') as d:
+    path = os.path.join(d, 'tree.safetensors')
+    with open(path, 'wb') as f:
+      f.write(data)
+    return jax.tree.map(np.asarray, load(path))
 
 
 def _sort_header(path: str) -> None:

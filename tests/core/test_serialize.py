@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_bytes, save_file
 
 from jaxcompress import core
 from jaxcompress.core import serialize, stats
@@ -176,3 +176,11 @@ def test_equal_params_give_equal_bytes(params, tmp_path):
     digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
   assert len(digests) == 1
   assert serialize.user_metadata(tmp_path / 'p0.safetensors') == {'b': 1, 'a': 2, 'c': [3]}
+
+
+def test_bytes_round_trip_equals_the_file_round_trip(params, tmp_path):
+  path = tmp_path / 'p.safetensors'
+  serialize.save(path, params)
+  chex.assert_trees_all_equal(_canonical(serialize.loads(serialize.dumps(params))), _canonical(serialize.load(path)))
+  with pytest.raises(ValueError, match='format'):
+    serialize.loads(save_bytes({'x': np.zeros(2, np.float32)}))
