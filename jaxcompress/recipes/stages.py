@@ -339,10 +339,10 @@ class LoRAConfig:
 
 
 def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float, trainable=None,
-         wrap=None, transforms=(), finish=None):
+         wrap=None, transforms=(), finish=None, teacher: bool = True):
   """Trains `params` for `steps` on ctx.train with a warm-up + cosine AdamW; wrap(tx) -> tx replaces the optimizer
   (a method's optax wrapper), `transforms` run inside the step, finish(final TrainState) -> params (default: its
-  params)."""
+  params); teacher: hold the uncompressed params as `frozen` (objectives that distil read them)."""
   from jaxcompress.train import loop, optim, state
   if ctx.train is None:
     raise ValueError(f'{name} trains, and this run has no training batches.')
@@ -358,7 +358,8 @@ def _fit(ctx: Context, name: str, model, params, objective, *, steps: int, learn
   if wrap is not None:
     opt = wrap(opt)
   result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=ctx.train,
-                    trainable=trainable or state.floating, frozen=ctx.reference, transforms=transforms)
+                    trainable=trainable or state.floating, frozen=ctx.reference if teacher else None,
+                    transforms=transforms)
   return result.state.params if finish is None else finish(result.state)
 
 
@@ -705,26 +706,6 @@ class DropLayersConfig:
   layers: tuple[int, ...] | None = None  # blocks kept, increasing (None: every other block, as DistilBERT)
 
 
-def _train(ctx: Context, name: str, model, params, objective, *, steps: int, learning_rate: float,
-           transforms=(), trainable=None, teacher: bool = True):
-  """`loop.fit` of `objective` for a training stage, with `transforms`; teacher: hold the uncompressed params
-  as `frozen` (the objective distils from them)."""
-  from jaxcompress.train import loop, optim, state
-  if ctx.train is None:
-    raise ValueError(f'{name} trains, and this run has no training batches.')
-  run_dir = pathlib.Path(ctx.run_dir or '.') / 'stages' / name
-  shutil.rmtree(run_dir, ignore_errors=True)
-  cfg = loop.LoopConfig(steps=steps, batch_size=ctx.train.batch_size, run_dir=str(run_dir), seed=ctx.seed,
-                        checkpoint_every=0, async_checkpoint=False, progress=False, resume=False,
-                        log_every=max(1, steps // 4), mesh=(1, 1, 1))
-  opt = optim.make_optimizer(optim.OptimizerConfig(learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
-                                                   total_steps=steps))
-  result = loop.fit(cfg, model=model, params=params, objective=objective, optimizer=opt, data=ctx.train,
-                    transforms=transforms, trainable=trainable or state.floating,
-                    frozen=ctx.reference if teacher else None)
-  return result.state.params
-
-
 def _task_objective(model, ctx: Context):
   """Plain QAT's loss: next-token NLL for causal LMs; encoders have no task loss and distil their embeddings."""
   from jaxcompress.train import objectives
@@ -756,8 +737,8 @@ def _quantization_aware(objective_of):
     kw = dict(bits=cfg.bits, symmetric=cfg.symmetric, act_bits=cfg.act_bits, fmt=cfg.fmt)
     fq = [quantization.fake_quant(rules, group_size=gs, **kw) for rules, gs in groups]
     name = objective_of.__name__.strip('_')
-    trained = _train(ctx, name, model, params, objective_of(model, ctx), steps=cfg.steps,
-                     learning_rate=cfg.learning_rate, transforms=fq, teacher=name == 'llm_qat' or not model.causal)
+    trained = _fit(ctx, name, model, params, objective_of(model, ctx), steps=cfg.steps,
+                   learning_rate=cfg.learning_rate, transforms=fq, teacher=name == 'llm_qat' or not model.causal)
     for rules, gs in groups:  # one compiled quantization per group, not one dispatch per array op
       trained = jax.jit(functools.partial(quantization.finalize_qat, rules=rules, group_size=gs, **kw))(trained)
     return model, trained
@@ -778,8 +759,8 @@ def _llm_qat(model, ctx):
 def lsq(ctx, model, params, cfg: LSQConfig):
   dense, masks = _unmask(params)
   wrapped = _remask(quantization.add_lsq(dense, model.selection_rules(), bits=cfg.bits), masks)
-  trained = _train(ctx, 'lsq', model, wrapped, _task_objective(model, ctx), steps=cfg.steps,
-                   learning_rate=cfg.learning_rate, teacher=not model.causal)
+  trained = _fit(ctx, 'lsq', model, wrapped, _task_objective(model, ctx), steps=cfg.steps,
+                 learning_rate=cfg.learning_rate, teacher=not model.causal)
   return model, jax.jit(quantization.finalize_lsq)(trained)
 
 
@@ -790,7 +771,7 @@ def gkd(ctx, model, params, cfg: GKDConfig):
   policy = distillation.OnPolicyConfig(fraction=cfg.fraction, prompt_len=cfg.prompt_len,
                                        temperature=cfg.sample_temperature, top_k=cfg.top_k)
   objective = distillation.on_policy_distillation(model, ctx.reference_model, dcfg, policy)
-  return model, _train(ctx, 'gkd', model, params, objective, steps=cfg.steps, learning_rate=cfg.learning_rate)
+  return model, _fit(ctx, 'gkd', model, params, objective, steps=cfg.steps, learning_rate=cfg.learning_rate)
 
 
 def teacher_text(ctx: Context, cfg: SeqKDConfig):
@@ -822,8 +803,8 @@ def seq_kd(ctx, model, params, cfg: SeqKDConfig):
     raise ValueError('seq_kd trains a causal LM on text its teacher samples; it needs causal-LM training rows.')
   text = pipeline.LMBatches(sequences=teacher_text(ctx, cfg), batch_size=ctx.train.batch_size, seed=ctx.seed)
   ctx = dataclasses.replace(ctx, train=text)
-  return model, _train(ctx, 'seq_kd', model, params, objectives.causal_lm(model), steps=cfg.steps,
-                       learning_rate=cfg.learning_rate, teacher=False)
+  return model, _fit(ctx, 'seq_kd', model, params, objectives.causal_lm(model), steps=cfg.steps,
+                     learning_rate=cfg.learning_rate, teacher=False)
 
 
 def fresh_student(ctx, model, params, cfg):
