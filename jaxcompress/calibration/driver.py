@@ -88,6 +88,7 @@ class SequentialPlan(NamedTuple):
   observer: Observer  # the statistics its compress_block reads
   compress_block: CompressBlock  # (block index, block params, stats) -> compressed block params
   per_group: bool  # calibrate each input group on the block as compressed so far
+  calibrate_on: str = 'compressed'  # block i's inputs: through blocks 0..i-1 compressed, or 'original'
 
 
 class NotSequential(RuntimeError):
@@ -114,10 +115,15 @@ def record_sequential():
 def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
-                   per_group: bool = False, on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
+                   per_group: bool = False, calibrate_on: str = 'compressed',
+                   on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
   recomputed with the compressed weights before block i + 1 sees them.
+
+  calibrate_on='original': block i is calibrated on the outputs of the blocks 0..i-1 as given (the hidden
+    states go on through the uncompressed block), so the statistics equal `calibrate`'s on the given model
+    (SmoothQuant, SVD-LLM, ASVD), while only one block's statistics are held at a time.
 
   per_group: "true sequential" within the block too: for each group of `model.block_structure()` in call
     order (q/k/v, then o, then gate/up, then down), calibrate only that group's kernels on the block as
@@ -130,11 +136,19 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
   if not callable(compress_block):
     raise TypeError(f'run_sequential: compress_block={compress_block!r} must be a function '
                     '(block index, block params, stats) -> block params.')
+  if calibrate_on not in ('compressed', 'original'):
+    raise ValueError(f"run_sequential: calibrate_on={calibrate_on!r}; choose 'compressed' (block i sees blocks "
+                     "0..i-1 compressed) or 'original' (it sees them as given).")
+  if per_group and calibrate_on == 'original':
+    raise ValueError("run_sequential: per_group=True calibrates on the block as compressed so far; with "
+                     "calibrate_on='original' give per_group=False.")
   if _RECORDING:
-    _RECORDING[-1].append(SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group))
+    _RECORDING[-1].append(SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group,
+                                         calibrate_on=calibrate_on))
     return params, {}
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
-                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group)
+                       offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group,
+                       original=calibrate_on == 'original')
   return params, stats
 
 
@@ -142,7 +156,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
 
 
 def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
-         per_group=False):
+         per_group=False, original=False):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
   if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
@@ -187,9 +201,11 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
         out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(x) for p, x in stats.items()})
       if compress_block is not None:
         new = compress_block(i, block, stats)
-        del stats, block  # only the compressed block and the hidden states stay on the device
+        del stats
         new_blocks[i] = new
-        block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
+        if not original:  # the hidden states go on through the compressed block, which replaces the old one
+          del block
+          block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
         del new
       stats = None
     if compress_block is not None:

@@ -213,6 +213,28 @@ def test_sequential_feeds_the_next_block_the_compressed_outputs():
   assert rel(seq['layers/1/attn/q_proj/kernel']['xtx'], ref_original['layers/1/attn/q_proj/kernel']['xtx']) > 1e-3
 
 
+def test_sequential_on_the_original_model_sees_the_blocks_as_given():
+  params = LLAMA.init(jax.random.key(0))
+  batches = make_batches(3)
+
+  def zero_down_proj(i, block, stats):
+    block = jax.tree.map(lambda x: x, block)
+    block['mlp']['down_proj']['kernel'] = jnp.zeros_like(block['mlp']['down_proj']['kernel'])
+    return block
+
+  new, seq = cal.run_sequential(LLAMA, params, batches, cal.hessian(), zero_down_proj, calibrate_on='original')
+  for i in range(2):
+    np.testing.assert_array_equal(new['layers'][i]['mlp']['down_proj']['kernel'], 0.0)
+  ref = reference_stats(LLAMA, params, batches)  # every block on the uncompressed model's hidden states
+  for path in seq:
+    assert rel(seq[path]['xtx'], ref[path]['xtx']) < 1e-5, path
+  with pytest.raises(ValueError, match="calibrate_on='origin'"):
+    cal.run_sequential(LLAMA, params, batches, cal.hessian(), zero_down_proj, calibrate_on='origin')
+  with pytest.raises(ValueError, match='per_group=False'):
+    cal.run_sequential(LLAMA, params, batches, cal.hessian(), zero_down_proj, calibrate_on='original',
+                       per_group=True)
+
+
 def test_live_device_bytes_do_not_grow_with_the_linear_inputs_of_more_batches():
   """Between steps the driver holds the stats, the block, each batch's tokens and hidden states; never the
   linear inputs. The growth from 1 to 8 batches is bounded by 7 batches' tokens, masks and hidden states."""
