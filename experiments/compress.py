@@ -526,50 +526,32 @@ def layerwise_plan(stages, ctx, model):
       raise ValueError(f'--out_of_core: stage {i + 1} {s} {why}; {supported}. Run this recipe without '
                        '--out_of_core, or split it: the layer-wise stages out of core, the rest on the result.')
     plans.append((s, rec[0]))
-  if len({p.per_group for _, p in plans}) > 1:
-    raise ValueError('--out_of_core: the stages calibrate at different granularity (per_group differs); give '
-                     'every stage that has it per_group=True (e.g. wanda(per_group=True)).')
   return plans
 
 
 def out_of_core(stages, ctx, cfg: dict, setup: Setup, out: pathlib.Path, *, verbose: bool = True):
   """The recipe through `calibration.compress_checkpoint` into out/blocks/ and back: (model, params).
 
-  Per block, the stages run in recipe order on the block as the earlier stages left it, each from its own
-  statistics of the block's inputs (one calibration pass per block or group for all stages). A single stage
-  gives exactly the in-memory result; with several, a later stage's block i sees blocks 0..i-1 with every
-  stage applied (in memory it sees them with the earlier stages only).
+  Per block, the stages run in recipe order, each calibrated on the hidden states it would see in memory (the
+  blocks before it with this stage and the earlier ones applied, or only the earlier ones for a stage that
+  calibrates on the model as given): the result equals the in-memory recipe's.
   """
   from jaxcompress import calibration, models
-  from jaxcompress.recipes import stages as stage_lib
-  plans = layerwise_plan(stages, ctx, setup.model)
   src = pathlib.Path(cfg['model'])
   if not (src / 'config.json').is_file():  # a named model: written once as the checkpoint to stream from
     src = out / 'input_hf'
     models.save_pretrained(src, setup.model, setup.params)
-  observer = plans[0][1].observer if len(plans) == 1 else calibration.combine(
-      **{f's{k}': p.observer for k, (_, p) in enumerate(plans)})
 
-  def compress_block(i, block, stats):
-    for k, (s, p) in enumerate(plans):
-      st = stats if len(plans) == 1 else {path: v[f's{k}'] for path, v in stats.items()}
-      if s.method.family == 'quantization':  # as in the recipe: quantize Masked values, keep the masks
-        dense, masks = stage_lib._unmask(block)
-        block = stage_lib._remask(p.compress_block(i, dense, st), masks)
-      else:
-        block = p.compress_block(i, block, st)
-    return block
+  plans = [p for _, p in layerwise_plan(stages, ctx, setup.model)]
 
   def on_block(i, record):
     if verbose:
       print(f"  block {i}: {record['seconds']:.1f}s, {record['bytes'] / 2**20:.2f} MiB", flush=True)
 
   from jaxcompress import recipes
-  calibration.compress_checkpoint(src, out / 'blocks', compress_block, list(ctx.calib), observer=observer,
-                                  recipe={'recipe': recipes.to_string(stages)}, seed=cfg['seed'],
-                                  per_group=plans[0][1].per_group, on_block=on_block)
-  model = setup.model
-  return model, calibration.load_compressed(out / 'blocks')
+  calibration.compress_checkpoint(src, out / 'blocks', plans, list(ctx.calib),
+                                  recipe={'recipe': recipes.to_string(stages)}, seed=cfg['seed'], on_block=on_block)
+  return setup.model, calibration.load_compressed(out / 'blocks')
 
 
 def _save_orbax(path: pathlib.Path, params) -> None:

@@ -233,7 +233,7 @@ def compress(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, layers: i
 
   def on_block(i, record):
     blocks.append({'block': i, **{k: record[k] for k in ('seconds', 'solve_seconds', 'bytes')}, 'rss': rss(),
-                   'peak_rss': vm_hwm()})
+                   'peak_rss': vm_hwm(), 'ends_at': time.perf_counter() - _PHASE_START[0]})
     print(f'block {i}: {record["seconds"]:.1f} s (solve {record["solve_seconds"]:.1f} s), '
           f'{record["bytes"] / 2**20:.1f} MiB, RSS {rss() / 2**30:.2f} GiB, peak so far {vm_hwm() / 2**30:.3f} GiB',
           flush=True)
@@ -314,7 +314,11 @@ def child(phase: str, c: dict, *, work: pathlib.Path, devices: int = 1, layers: 
   return result
 
 
+_PHASE_START = [0.0]  # perf_counter when run_phase began: kill delays and block end times share this origin
+
+
 def run_phase() -> None:
+  _PHASE_START[0] = time.perf_counter()
   c = {k: getattr(FLAGS, k) for k in SHAPE_FLAGS}
   work = pathlib.Path(FLAGS.dir)
   src = work / f'llama-{c["hidden"]}x{c["num_layers"]}'
@@ -390,20 +394,24 @@ def kill_trials(work: pathlib.Path, c: dict, trials: int) -> list[dict]:
   ref = child('compress', c, work=work)
   out = work / f'out-llama-{c["hidden"]}x{c["num_layers"]}'
   shutil.move(out, work / 'reference')
-  full = ref['seconds']
+  # when each block of the uninterrupted run was done, measured from the phase's start like the kill timer:
+  # each trial picks a block at random and dies at a random moment while that block is being compressed
+  ends = [b['ends_at'] for b in ref['blocks']]
+  starts = [ends[0] - ref['blocks'][0]['seconds'], *ends[:-1]]
   rng = random.Random(FLAGS.seed)
   rows = []
   for t in range(trials):
     shutil.rmtree(out, ignore_errors=True)
-    delay = rng.uniform(0.3, 1.0) * (full + 4)  # + interpreter start; some trials die before any block
+    k = rng.randrange(len(ends))
+    delay = rng.uniform(starts[k], ends[k])
     killed = child('compress', c, work=work, kill_after=delay) is None
     done = sorted(json.loads((out / 'manifest.json').read_text())['blocks']) if (out / 'manifest.json').exists() \
         else []
     again = child('compress', c, work=work)
-    rows.append({'trial': t, 'kill_after_s': round(delay, 2), 'killed': killed, 'blocks_before_kill': len(done),
-                 'identical': again['hashes'] == ref['hashes']})
-    print(f'kill trial {t}: killed={killed} after {delay:.1f} s with {len(done)} blocks done; rerun identical: '
-          f'{rows[-1]["identical"]}', flush=True)
+    rows.append({'trial': t, 'kill_after_s': round(delay, 2), 'in_block': k, 'killed': killed,
+                 'blocks_before_kill': len(done), 'identical': again['hashes'] == ref['hashes']})
+    print(f'kill trial {t}: killed={killed} after {delay:.1f} s (aimed inside block {k}), {len(done)} blocks '
+          f'done; rerun identical: {rows[-1]["identical"]}', flush=True)
   shutil.rmtree(work / 'reference', ignore_errors=True)
   return rows
 
@@ -467,8 +475,8 @@ def print_table(r: dict) -> None:
     print(f"output reloaded equals the in-memory path (run_sequential, same compressor): "
           f"{r['compress']['matches_in_memory']}")
   for t in r.get('kill_trials', []):
-    print(f"kill trial {t['trial']}: killed={t['killed']} blocks done={t['blocks_before_kill']} "
-          f"identical={t['identical']}")
+    print(f"kill trial {t['trial']}: killed={t['killed']} inside block {t.get('in_block')}, blocks done before the "
+          f"kill={t['blocks_before_kill']}, rerun identical={t['identical']}")
   p = r.get('parallel')
   if p:
     print(f"solve phase, one block (after the first): 1 device {p['solve_s_1']:.2f} s, 8 virtual devices "

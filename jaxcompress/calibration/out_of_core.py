@@ -36,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from jaxcompress.models import streaming
 
 MANIFEST = 'manifest.json'
 REST = 'rest_{}.jc.safetensors'  # one file per top-level part outside the blocks
-FORMAT = 'jaxcompress-blocks/1'
+FORMAT = 'jaxcompress-blocks/2'
 TMP_PREFIX = '.tmp-'
 # on_block(block index, record): called after each block is written (record: file, sha256, bytes, seconds).
 OnBlock = Callable[[int, dict], None]
@@ -62,16 +62,25 @@ def block_file(i: int) -> str:
   return f'block_{i:05d}.jc.safetensors'
 
 
-def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike, compress_block: CompressBlock,
-                        batches: Iterable[Any], *, observer: Observer, recipe: Mapping[str, Any], seed: int = 0,
-                        per_group: bool = False, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
-                        data_axis: str | tuple[str, ...] = 'data', layers: int | None = None,
-                        on_block: OnBlock | None = None, on_step: driver.OnStep | None = None) -> dict[str, Any]:
+def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                        compress_block: CompressBlock | driver.SequentialPlan | Sequence[driver.SequentialPlan],
+                        batches: Iterable[Any], *, observer: Observer | None = None, recipe: Mapping[str, Any],
+                        seed: int = 0, per_group: bool = False, dtype: Any = None,
+                        mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = 'data',
+                        layers: int | None = None, on_block: OnBlock | None = None,
+                        on_step: driver.OnStep | None = None) -> dict[str, Any]:
   """Compresses the HF checkpoint in `input_dir` block by block into `output_dir`; returns the manifest.
 
   compress_block(i, block params (device), {kernel path in block: stats}) -> compressed block params (any
     registered leaf kinds), as `run_sequential` calls it. It may pop entries of the stats dict: nothing else
     holds them, so a popped [in, in] XᵀX is freed before the solves that follow.
+    Or a sequence of `SequentialPlan`s (what `record_sequential` captures from model-level methods): the stages
+    of a recipe, applied to each block in order, each with its own observer, per_group and calibrate_on
+    (observer= and per_group= are then not given). Stage k calibrates block i on the hidden states of blocks
+    0..i-1 with stages 1..k applied (calibrate_on='compressed') or 1..k-1 ('original'), and on block i with
+    stages 1..k-1 applied: exactly what running the stages one after another on the whole model gives. Each
+    distinct stream of hidden states is a file on disk; a block with only some of the stages applied stays in
+    memory until its stream's forward pass.
   batches: calibration batches as `calibrate` takes them; all must have the same shape (checked first).
   observer: the statistics compress_block reads (e.g. `hessian()`).
   recipe: a JSON-able description of what compress_block does (its configs); part of the fingerprint, so a
@@ -83,25 +92,25 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     hold this process's rows; process 0 writes the output files.
   layers: stop after this many blocks (a partial run, e.g. for timing); the same call without it goes on.
   Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
-  h_XXXXX[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
+  h_XXXXX_sM[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
   """
-  if not callable(compress_block):
-    raise TypeError(f'compress_checkpoint: compress_block={compress_block!r} must be a function '
-                    '(block index, block params, stats) -> block params.')
-  if not isinstance(observer, Observer):
-    raise TypeError(f'compress_checkpoint: observer={observer!r} is not an Observer; use e.g. '
-                    'calibration.hessian().')
+  plans = _as_plans(compress_block, observer, per_group)
   out = Path(output_dir)
   rows = _check_batches(batches)
   _lean_host_memory()
   place = driver._Placement(mesh, data_axis, offload=True)
   pid = jax.process_index()
   writer = pid == 0
+  # stream m: hidden states through blocks with stages 1..m applied; stage k (1-based) reads stream needs[k-1]
+  n_stages = len(plans)
+  needs = [k + 1 if p.calibrate_on == 'compressed' else k for k, p in enumerate(plans)]
+  streams = sorted(set(needs))
   with streaming.CheckpointStream(input_dir, dtype=dtype) as ckpt:
     model = ckpt.model
     n_layers = model.config.num_layers
     prefix = f'{model.block_path}/'
-    fingerprint = _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype)
+    read_block = lambda i: ckpt.read(lambda p: p.startswith(f'{prefix}{i}/'))[model.block_path][i]
+    fingerprint = _fingerprint(ckpt, recipe, seed, rows, plans, dtype)
     # process 0 prepares the directory (refusal, rest files, trimming); the others then read its manifest
     manifest = _open_output(out, fingerprint, writer) if writer else None
     if writer and 'rest' not in manifest:
@@ -131,68 +140,96 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
       return manifest
     dev_rows = [place.rows(r) for r in rows]
     acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
-    h_path = acts.path(start)
-    if not acts.valid(start, manifest):
-      h_path = _derive(model, ckpt, out, start, dev_rows, place, acts, on_step)
-
     shardings = place.shardings()
-    for i in range(start, stop):
+    begin = start
+    if not all(acts.valid(start, m, manifest) for m in streams):
+      stored = lambda i: core.serialize.load(out / block_file(i))
+      begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step)
+
+    for i in range(begin, stop):
       t0 = time.perf_counter()
-      block = place.replicated(ckpt.read(lambda p, i=i: p.startswith(f'{prefix}{i}/'))[model.block_path][i])
-      first = place.fetch(acts.read(h_path, 0))
-      shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0]))
-      del first
-      passes = [tuple(shapes)] if not per_group else driver._group_passes(
-          model, {model.block_path: {i: block}}, i, shapes)
-      for kernels in passes:
-        stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
-        for j, r in enumerate(dev_rows):
-          _, stats = driver._block_step(model, observer, block, place.fetch(acts.read(h_path, j)), r, stats,
-                                        shardings=shardings, outputs=False)
-          if on_step:
-            on_step('stats', i, j)
-        stats = {p: stats[p] for p in kernels}
-        _release_host_memory()  # what the statistics pass freed, before the solves allocate
-        new = compress_block(i, block, stats)
-        del stats, block
-        block = place.replicated(new)
-        del new
-        _release_host_memory()
+      block = place.replicated(read_block(i))
+      held = {0: block} if 0 in streams else {}  # blocks with stages 1..m applied, for stream m's forward
+      for k, plan in enumerate(plans):
+        h_path = acts.path(i, needs[k])
+        first = place.fetch(acts.read(h_path, 0))
+        shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0]))
+        del first
+        passes = [tuple(shapes)] if not plan.per_group else driver._group_passes(
+            model, {model.block_path: {i: block}}, i, shapes)
+        for kernels in passes:
+          stats = {p: place.replicated(plan.observer.init(p, shapes[p])) for p in kernels}
+          for j, r in enumerate(dev_rows):
+            _, stats = driver._block_step(model, plan.observer, block, place.fetch(acts.read(h_path, j)), r, stats,
+                                          shardings=shardings, outputs=False)
+            if on_step:
+              on_step('stats', i, j)
+          stats = {p: stats[p] for p in kernels}
+          _release_host_memory()  # what the statistics pass freed, before the solves allocate
+          new = plan.compress_block(i, block, stats)
+          del stats, block
+          block = place.replicated(new)
+          del new
+          _release_host_memory()
+        if k + 1 in streams and k + 1 < n_stages:
+          held[k + 1] = block
       solve_seconds = time.perf_counter() - t0
       record = None
-      if writer:
+      if writer and i >= start:  # below start: recomputed for an earlier stream, already stored and verified
         record = _write_params(out / block_file(i), block)
       _barrier(f'block {i} written')
       del block
       _release_host_memory()
-      # The forward runs the block as stored: a resumed run re-derives exactly these hidden states.
-      block = place.replicated(core.serialize.load(out / block_file(i)))
-      nxt = acts.path(i + 1)
-      with acts.writer(nxt) as put:
-        for j, r in enumerate(dev_rows):
-          h = driver._block_step(model, None, block, place.fetch(acts.read(h_path, j)), r, None,
-                                 shardings=shardings, outputs=True)[0]
-          put(j, place.keep(h))
-          del h
-          if on_step:
-            on_step('forward', i, j)
-      del block
+      for m in streams:
+        # the last stream runs the block as stored: a resumed run re-derives exactly these hidden states
+        block = place.replicated(core.serialize.load(out / block_file(i))) if m == n_stages else held.pop(m)
+        with acts.writer(acts.path(i + 1, m)) as put:
+          for j, r in enumerate(dev_rows):
+            h = driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r, None,
+                                   shardings=shardings, outputs=True)[0]
+            put(j, place.keep(h))
+            del h
+            if on_step:
+              on_step('forward', i, j)
+        del block
       _release_host_memory()
+      digests = _digests(acts, i + 1, streams)
       _barrier(f'hidden states after block {i} written')
       if writer:
-        record.update(seconds=time.perf_counter() - t0, solve_seconds=solve_seconds)
-        manifest['blocks'][str(i)] = record
-        manifest['activations'] = {'block': i + 1, 'sha256': acts.digests(i + 1)}
-        manifest['complete'] = i + 1 == n_layers
+        if record is not None:
+          record.update(seconds=time.perf_counter() - t0, solve_seconds=solve_seconds)
+          manifest['blocks'][str(i)] = record
+        manifest['activations'] = {'block': i + 1, 'sha256': digests}
+        manifest['complete'] = len(manifest['blocks']) == n_layers
         _write_manifest(out, manifest)
-        if on_block:
+        if on_block and record is not None:
           on_block(i, record)
-      acts.remove(h_path)
-      h_path = nxt
+      for m in streams:
+        acts.remove(acts.path(i, m))
     if stop == n_layers:
-      acts.remove(h_path)
+      for m in streams:
+        acts.remove(acts.path(n_layers, m))
   _barrier('compression done')
   return manifest if writer else _read_manifest(out)
+
+
+def _as_plans(compress_block, observer, per_group) -> list[driver.SequentialPlan]:
+  """compress_checkpoint's stages: one (compress_block, observer, per_group) or a sequence of SequentialPlans."""
+  if callable(compress_block):
+    if not isinstance(observer, Observer):
+      raise TypeError(f'compress_checkpoint: observer={observer!r} is not an Observer; use e.g. '
+                      'calibration.hessian().')
+    return [driver.SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group)]
+  plans = [compress_block] if isinstance(compress_block, driver.SequentialPlan) else (
+      list(compress_block) if isinstance(compress_block, (list, tuple)) else [])
+  if not plans or not all(isinstance(p, driver.SequentialPlan) and callable(p.compress_block)
+                          and isinstance(p.observer, Observer) for p in plans):
+    raise TypeError(f'compress_checkpoint: compress_block={compress_block!r} must be a function (block index, '
+                    'block params, stats) -> block params, or a non-empty sequence of calibration.SequentialPlan.')
+  if observer is not None or per_group:
+    raise ValueError('compress_checkpoint: with SequentialPlans, each plan carries its observer and per_group; '
+                     'do not pass observer= or per_group=.')
+  return plans
 
 
 def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -218,7 +255,7 @@ def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
 # Output directory and manifest -----------------------------------------------------------------------------------
 
 
-def _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype) -> dict[str, Any]:
+def _fingerprint(ckpt, recipe, seed, rows, plans, dtype) -> dict[str, Any]:
   data = hashlib.sha256()
   for r in rows:
     for x in r:
@@ -237,8 +274,9 @@ def _fingerprint(ckpt, recipe, seed, rows, observer, per_group, dtype) -> dict[s
     raise TypeError(f'compress_checkpoint: recipe={recipe!r} must be JSON-able (configs as dicts: '
                     f'dataclasses.asdict(config)); {e}.') from None
   return {'format': FORMAT, 'input': ckpt.fingerprint(), 'recipe': recipe_json, 'seed': int(seed),
-          'data': digest, 'observer': observer.init.__qualname__, 'per_group': bool(per_group),
-          'dtype': None if dtype is None else str(np.dtype(dtype)), 'block_path': ckpt.model.block_path}
+          'data': digest, 'dtype': None if dtype is None else str(np.dtype(dtype)), 'block_path': ckpt.model.block_path,
+          'stages': [{'observer': p.observer.init.__qualname__, 'per_group': bool(p.per_group),
+                      'calibrate_on': p.calibrate_on} for p in plans]}
 
 
 def _open_output(out: Path, fingerprint: dict, writer: bool) -> dict[str, Any]:
@@ -394,8 +432,9 @@ class _ActivationFile:
     self.offset = len(header)
     self.header = header
 
-  def path(self, i: int) -> Path:
-    return self.out / f'h_{i:05d}{self.suffix}.npy'
+  def path(self, i: int, stream: int) -> Path:
+    """Stream `stream`'s hidden states entering block i."""
+    return self.out / f'h_{i:05d}_s{stream}{self.suffix}.npy'
 
   def batch_bytes(self) -> int:
     return int(np.prod(self.shape[1:])) * 4
@@ -432,17 +471,14 @@ class _ActivationFile:
         os.unlink(tmp)
       raise
 
-  def digests(self, i: int) -> str:
-    return _sha256(self.path(i))
-
-  def valid(self, i: int, manifest: dict) -> bool:
+  def valid(self, i: int, stream: int, manifest: dict) -> bool:
+    """Whether this process's file of `stream` at block i is the one the manifest recorded."""
     rec = manifest.get('activations') or {}
-    path = self.path(i)
+    path = self.path(i, stream)
     if i == 0 or rec.get('block') != i or not path.exists():
       return False
-    if jax.process_count() > 1:
-      return False  # only process 0's digest is in the manifest: re-derive (cheap next to solving)
-    return _sha256(path) == rec.get('sha256')
+    want = (rec.get('sha256') or {}).get(str(stream)) or []
+    return self.pid < len(want) and _sha256(path) == want[self.pid]
 
   def remove(self, path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
@@ -457,10 +493,24 @@ def _npy_header(shape) -> bytes:
   return buf.getvalue()
 
 
-def _derive(model, ckpt, out: Path, start: int, dev_rows: list[Rows], place, acts: _ActivationFile,
-            on_step) -> Path:
-  """h_start from the embedding through the stored blocks 0..start-1 (as read back from disk).
+def _digests(acts: _ActivationFile, i: int, streams: list[int]) -> dict[str, list[str]]:
+  """{stream: [sha256 of each process's file at block i]}: every process can verify its own file on resume."""
+  mine = [_sha256(acts.path(i, m)) for m in streams]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(b''.join(bytes.fromhex(d) for d in mine), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(raw)).reshape(jax.process_count(), len(streams), 32)
+    return {str(m): [every[q, k].tobytes().hex() for q in range(every.shape[0])] for k, m in enumerate(streams)}
+  return {str(m): [d] for m, d in zip(streams, mine)}
 
+
+def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_block, stored, dev_rows: list[Rows],
+            place, acts: _ActivationFile, on_step) -> int:
+  """Hidden states of every stream at block `start`, rebuilt; returns the block the main loop starts at.
+
+  Streams 0 (the blocks as read) and n_stages (the blocks as stored) are run forward through blocks
+  0..start-1. A stream in between (some stages applied) exists nowhere on disk: then only the embedding is
+  written and the main loop starts at block 0, recomputing those stages (the stored blocks are kept).
   Only the top-level parameters outside the blocks and heads are read (the embedding, norms); the rest enter
   the jitted embedding as zeros of their shape, which XLA drops since nothing reads them.
   """
@@ -473,20 +523,24 @@ def _derive(model, ckpt, out: Path, start: int, dev_rows: list[Rows], place, act
   rest_dev = place.replicated(rest)
   embed = jax.jit(lambda rest, r: driver._constrain_rows(
       model.embed(driver._fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
-  path = acts.path(0)
-  with acts.writer(path) as put:
-    for j, r in enumerate(dev_rows):
-      put(j, place.keep(embed(rest_dev, r)))
-      if on_step:
-        on_step('embed', -1, j)
+  h0 = [place.keep(embed(rest_dev, r)) for r in dev_rows]
   del rest_dev
+  for m in streams:
+    with acts.writer(acts.path(0, m)) as put:
+      for j, h in enumerate(h0):
+        put(j, h)
+        if on_step:
+          on_step('embed', -1, j)
+  del h0
+  if any(0 < m < n_stages for m in streams):
+    return 0
   for i in range(start):
-    block = place.replicated(core.serialize.load(out / block_file(i)))
-    nxt = acts.path(i + 1)
-    with acts.writer(nxt) as put:
-      for j, r in enumerate(dev_rows):
-        put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(path, j)), r, None,
-                                             shardings=shardings, outputs=True)[0]))
-    acts.remove(path)
-    path = nxt
-  return path
+    for m in streams:
+      block = place.replicated(stored(i) if m == n_stages else read_block(i))
+      with acts.writer(acts.path(i + 1, m)) as put:
+        for j, r in enumerate(dev_rows):
+          put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r,
+                                               None, shardings=shardings, outputs=True)[0]))
+      del block
+      acts.remove(acts.path(i, m))
+  return start

@@ -204,7 +204,7 @@ def awq(model, params, batches, config: AWQConfig = AWQConfig(), *, offload: boo
 
   model, params, batches: as in `calibration.run_sequential`. Groups of `model.block_structure()` with a norm get
   1/s folded into that norm's scale ('<norm>/scale') and plain `Quantized` kernels; the others `Prescaled` ones.
-  Returns the new params.
+  `Masked` kernels keep their masks over the quantized kept values. Returns the new params.
   """
   observer = calibration.combine(h=calibration.hessian(), m=calibration.abs_mean())
 
@@ -233,8 +233,8 @@ def awq(model, params, batches, config: AWQConfig = AWQConfig(), *, offload: boo
         updates[f'{group.norm}/bias'] = (jnp.asarray(bias, jnp.float32) / s).astype(jnp.asarray(bias).dtype)
     return core.paths.replace(block, updates)
 
-  params, _ = calibration.run_sequential(model, params, batches, observer, compress_block, per_group=True,
-                                         keep_stats=False, offload=offload)
+  params, _ = calibration.run_sequential(model, params, batches, observer, common.through_masks(compress_block),
+                                         per_group=True, keep_stats=False, offload=offload)
   return params
 
 

@@ -46,3 +46,18 @@ def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=
   return core.Quantized(codes=codes, scale=jnp.asarray(scale).astype(scale_dtype),
                         zero=None if zero is None else jnp.asarray(zero).astype(scale_dtype), bits=bits,
                         group_size=group_size, fmt='int', packed=packed, logical_shape=tuple(shape))
+
+
+def through_masks(compress_block):
+  """compress_block (as `calibration.run_sequential` calls it) over the kept values of `core.Masked` kernels
+  (pruned entries zero), with the masks put back on what it returns. Quantizing a pruned model so keeps its
+  masks, and the blocks after are calibrated on the block as it will finally be (masked and quantized)."""
+  def run(i, block, stats):
+    flat = core.paths.flatten(block)
+    masks = {p: w.mask for p, w in flat.items() if isinstance(w, core.Masked)}
+    if not masks:
+      return compress_block(i, block, stats)
+    out = compress_block(i, core.paths.replace(block, {p: flat[p].materialize() for p in masks}), stats)
+    out_flat = core.paths.flatten(out)
+    return core.paths.replace(out, {p: core.Masked(out_flat[p], m) for p, m in masks.items()})
+  return run

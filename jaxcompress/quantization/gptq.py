@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxcompress import calibration, core
 from jaxcompress.calibration import inverse_hessian
+from jaxcompress.quantization import common
 from jaxcompress.quantization.common import check_bits, check_group_size, make_leaf
 
 def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
@@ -238,7 +239,8 @@ def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: 
   """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
   down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
 
-  model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels.
+  model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels
+  (`core.Masked(core.Quantized)` where a kernel was `Masked`: its kept values are quantized, its mask kept).
   """
   def compress_block(i, block, stats):
     del i
@@ -248,6 +250,7 @@ def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: 
                              damp=config.damp)
         for p, st in stats.items()})
 
-  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
-                                         per_group=True, keep_stats=False, offload=offload)
+  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(),
+                                         common.through_masks(compress_block), per_group=True, keep_stats=False,
+                                         offload=offload)
   return params

@@ -578,11 +578,11 @@ register('sparsegpt', pruning.SparseGPTConfig, sparsegpt, family='pruning', forb
 register('rtn', RTNConfig, _masked_through(rtn), family='quantization',
          forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized',
          paper='round-to-nearest min-max baseline (Jacob et al., CVPR 2018 grids)')
-register('gptq', quantization.GPTQConfig, _masked_through(gptq), family='quantization',
+register('gptq', quantization.GPTQConfig, gptq, family='quantization',
          forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized', calibrated=True,
          paper='Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained '
          'Transformers" (ICLR 2023)')
-register('awq', quantization.AWQConfig, _masked_through(awq), family='quantization',
+register('awq', quantization.AWQConfig, awq, family='quantization',
          forbids=('quantized', 'lowrank', 'shared', 'adapter'), adds='quantized', calibrated=True,
          paper='Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration" '
          '(MLSys 2024)')

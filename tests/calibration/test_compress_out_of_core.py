@@ -7,9 +7,11 @@ CFG = dict(model='tiny', calib_data='default', eval_data='default', calib_sample
            batch_size=16, seed=0, per_stage_eval=False, measure=False)
 
 
-def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
+@pytest.mark.parametrize('recipe', ['sparsegpt(sparsity=0.5)', 'wanda(sparsity=0.5) > gptq(bits=4, group_size=16)'])
+def test_out_of_core_equals_the_in_memory_recipe(tmp_path, recipe):
+  # several stages: each is calibrated on the hidden states it sees in memory (its own stream on disk)
   from experiments import compress
-  cfg = {**CFG, 'recipe': 'sparsegpt(sparsity=0.5)'}
+  cfg = {**CFG, 'recipe': recipe}
   ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
   got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
   assert (tmp_path / 'ooc' / 'blocks' / 'manifest.json').is_file()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -66,7 +67,7 @@ def test_crash_after_any_block_then_rerun_is_bit_identical(src, reference, tmp_p
     manifest = json.loads((out / 'manifest.json').read_text())
     assert sorted(manifest['blocks']) == [str(i) for i in range(min(k + 1, 2))] and not manifest['complete']
     if k == 1:  # the next block's hidden states lost too: re-derived from the stored blocks
-      (out / 'h_00002.npy').unlink()
+      (out / 'h_00002_s1.npy').unlink()
     oc.run_cheap(src, out)
     assert oc.output_hashes(out) == want
 
@@ -146,3 +147,52 @@ def test_batches_of_different_shapes_are_refused_before_work(src, tmp_path):
   with pytest.raises(ValueError, match=r'batch 3 has .*\(2, 7\).*batch 0'):
     cal.compress_checkpoint(src, tmp_path / 'out', oc.cheap_block, batches, observer=cal.hessian(), recipe={})
   assert not (tmp_path / 'out').exists()
+
+
+def nudge(strength):
+  """A cheap stage that depends on its statistics: each kernel's rows scaled by 1 + strength·diag(XᵀX)/mean."""
+  def compress_block(i, block, stats):
+    del i
+
+    def one(w, st):
+      d = np.diag(np.asarray(st['xtx']))
+      return jax.numpy.asarray(np.asarray(w) * (1 + strength * d / d.mean())[:, None].astype(np.float32))
+
+    return core.paths.replace(block, {p: one(core.paths.get(block, p), st) for p, st in stats.items()})
+  return compress_block
+
+
+# stage 2 calibrates on the model as stage 1 left it, so the stream after stage 1 sits between the input and the
+# output: it can only be recomputed
+STAGES = (cal.SequentialPlan(cal.hessian(), nudge(0.1), per_group=True),
+          cal.SequentialPlan(cal.hessian(), nudge(-0.05), per_group=False, calibrate_on='original'),
+          cal.SequentialPlan(cal.hessian(), oc.cheap_block, per_group=False))
+
+
+def test_stages_equal_running_them_one_after_another_in_memory(src, tmp_path):
+  manifest = cal.compress_checkpoint(src, tmp_path / 'out', list(STAGES), oc.batches(), recipe={'stages': 3})
+  assert manifest['complete']
+  model, params = models.from_pretrained(src)
+  for plan in STAGES:
+    params, _ = cal.run_sequential(model, params, oc.batches(), plan.observer, plan.compress_block,
+                                   per_group=plan.per_group, calibrate_on=plan.calibrate_on)
+  got, ref = core.flatten(cal.load_compressed(tmp_path / 'out')), core.flatten(params)
+  assert sorted(got) == sorted(ref)
+  for path, r in ref.items():
+    np.testing.assert_array_equal(np.asarray(core.materialize(got[path])), np.asarray(core.materialize(r)),
+                                  err_msg=path)
+  # a lost file of the stream in between: the stages before are recomputed from block 0, the result is the same
+  want = oc.output_hashes(tmp_path / 'out')
+  out = tmp_path / 'again'
+
+  def stop(i, record):
+    if i == 1:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    cal.compress_checkpoint(src, out, list(STAGES), oc.batches(), recipe={'stages': 3}, on_block=stop)
+  (out / 'h_00002_s1.npy').unlink()
+  cal.compress_checkpoint(src, out, list(STAGES), oc.batches(), recipe={'stages': 3})
+  assert oc.output_hashes(out) == want
+  with pytest.raises(ValueError, match='observer= or per_group='):
+    cal.compress_checkpoint(src, tmp_path / 'x', list(STAGES), oc.batches(), recipe={}, observer=cal.hessian())
