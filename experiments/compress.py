@@ -508,7 +508,10 @@ def layerwise_plan(stages, ctx, model):
   ValueError naming the first stage that cannot (trains, changes the architecture, needs statistics of the
   whole uncompressed model, or is not calibrated)."""
   from jaxcompress import calibration
-  supported = 'calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq'
+  supported = ('calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq, w8a8, smoothquant, '
+               'llm_int8, nonuniform, and asvd / svd_llm with keep=, rank= or energy= (budget= allocates ranks '
+               'over every kernel of the whole model: give keep= instead; mixed allocates bits over the whole '
+               'model)')
   abstract = model.abstract_params()
   plans = []
   for i, s in enumerate(stages):
