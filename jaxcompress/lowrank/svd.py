@@ -324,6 +324,8 @@ def compress_model(model: Any, params: Any, batches: Iterable[Any], *, config: S
   if config.ranks.budget is not None or any(not p.startswith(prefix) for p in sel.paths):
     stats = calibration.calibrate(model, params, batches, observer, mesh=mesh,
                                   head=any(not p.startswith(prefix) for p in sel.paths))
+    if mesh is not None:  # replicated over the mesh's processes -> this process's copy, as params are
+      stats = jax.tree.map(np.asarray, stats)
     return compress(params, config=config, stats=stats)
 
   def compress_block(i, block, stats):
