@@ -63,7 +63,8 @@ flags.DEFINE_string('cpu_collectives', None, "Multi-host on CPU: 'gloo'.")
 flags.DEFINE_bool('out_of_core', False, 'Run the layer-wise stages block by block from the checkpoint on disk '
                   '(calibration.compress_checkpoint: one block in memory, resumable) into --output_dir/blocks/, '
                   'then reload it for the report. Every stage must be a calibrated layer-wise method (wanda, '
-                  'sparsegpt, gptq, awq); the stages run one after another on each block.')
+                  'sparsegpt, gptq, awq, w8a8/smoothquant/llm_int8, nonuniform, asvd/svd_llm without budget=); '
+                  'the stages run one after another on each block, each on the hidden states it sees in memory.')
 FLAGS = flags.FLAGS
 
 # Energy per operation, stated per device: rated power over peak rate (an upper bound at full load).
@@ -508,7 +509,10 @@ def layerwise_plan(stages, ctx, model):
   ValueError naming the first stage that cannot (trains, changes the architecture, needs statistics of the
   whole uncompressed model, or is not calibrated)."""
   from jaxcompress import calibration
-  supported = 'calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq'
+  supported = ('calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq, w8a8, smoothquant, '
+               'llm_int8, nonuniform, and asvd / svd_llm with keep=, rank= or energy= (budget= allocates ranks '
+               'over every kernel of the whole model: give keep= instead; mixed allocates bits over the whole '
+               'model)')
   abstract = model.abstract_params()
   plans = []
   for i, s in enumerate(stages):

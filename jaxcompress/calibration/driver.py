@@ -100,10 +100,11 @@ _RECORDING: list[list[SequentialPlan]] = []
 
 @contextlib.contextmanager
 def record_sequential():
-  """Inside, `run_sequential` runs nothing: it appends its (observer, compress_block, per_group) to the yielded
-  list and returns the params unchanged; `calibrate` raises `NotSequential`. So a driver that holds one block
-  at a time (`compress_checkpoint`) can run any method built on `run_sequential` (Wanda, SparseGPT, GPTQ, AWQ)
-  by calling its model-level function once with abstract params (paths and shapes only)."""
+  """Inside, `run_sequential` runs nothing: it appends its `SequentialPlan` (observer, compress_block,
+  per_group, calibrate_on) to the yielded list and returns the params unchanged; `calibrate` raises
+  `NotSequential`. So a driver that holds one block at a time (`compress_checkpoint`) can run any method built
+  on `run_sequential` (Wanda, SparseGPT, GPTQ, AWQ; on the original model's statistics W8A8 / SmoothQuant,
+  SqueezeLLM, ASVD, SVD-LLM) by calling its model-level function once with abstract params (paths, shapes)."""
   plans: list[SequentialPlan] = []
   _RECORDING.append(plans)
   try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import calibration, core
 from jaxcompress.eval import lm
 
 METHODS = ('svd', 'fwsvd', 'asvd', 'svd_llm')
@@ -291,6 +292,54 @@ def compress(params: Any, *, config: SVDConfig = SVDConfig(), stats: Mapping[str
   spectra = {p: np.asarray(spectrum(weights[p], s[p])) for p in sel.paths} if need_spectra else {}
   ranks = choose_ranks(config.ranks, spectra, shapes)
   return sel.map(lambda p, w: w if ranks[p] is None else factorize(w, ranks[p], s[p]), params)
+
+
+CALIBRATED = ('asvd', 'svd_llm')  # the methods whose weighting comes from calibration statistics
+
+
+def compress_model(model: Any, params: Any, batches: Iterable[Any], *, config: SVDConfig,
+                   mesh: Any = None) -> Any:
+  """ASVD or SVD-LLM of a model: `compress` with the statistics of the model as given (`abs_mean()` for
+  ASVD, `hessian()` for SVD-LLM) on the calibration batches.
+
+  With a per-kernel rank rule (rank, energy, keep) each kernel needs only its own statistics, so the kernels
+  are factorized block by block (`calibration.run_sequential` with calibrate_on='original': one block's
+  statistics at a time, the same as `calibrate`'s, and it runs out of core). A `budget` allocates ranks over
+  every kernel's spectrum at once, and rules that select kernels outside the blocks (e.g. head=True) need the
+  head's statistics: both calibrate the whole model first (`calibration.calibrate`), which out of core refuses.
+  model, params, batches, mesh: as in `calibration.calibrate`. Returns the new params.
+  """
+  if config.method not in CALIBRATED:
+    raise ValueError(f'compress_model: method={config.method!r} is not calibrated; choose one of {CALIBRATED}, '
+                     'or call compress(params, config=...) (with stats= for fwsvd).')
+  observer = calibration.abs_mean() if config.method == 'asvd' else calibration.hessian()
+  sel = core.select_by(params, config.rules)
+  if not len(sel):
+    raise ValueError(f'compress_model: the rules {config.rules} select no kernel; check the include/exclude '
+                     'regexes.')
+  if config.ranks.rank is not None:  # before any calibration, with the full paths
+    for p, shape in zip(sel.paths, sel.shapes):
+      check_rank(config.ranks.rank, shape, p)
+  prefix = f'{model.block_path}/'
+  if config.ranks.budget is not None or any(not p.startswith(prefix) for p in sel.paths):
+    stats = calibration.calibrate(model, params, batches, observer, mesh=mesh,
+                                  head=any(not p.startswith(prefix) for p in sel.paths))
+    if mesh is not None:  # replicated over the mesh's processes -> this process's copy, as params are
+      stats = jax.tree.map(np.asarray, stats)
+    return compress(params, config=config, stats=stats)
+
+  def compress_block(i, block, stats):
+    mine = [p[len(f'{prefix}{i}/'):] for p in sel.paths if p.startswith(f'{prefix}{i}/')]
+    if not mine:
+      return block
+    # exactly the kernels selected above (head and embedding patterns were applied to the full paths)
+    rules = core.Rules(include=tuple(f'^{re.escape(k)}$' for k in mine), heads=(),
+                       embeddings=config.rules.embeddings)
+    return compress(block, config=dataclasses.replace(config, rules=rules), stats=stats)
+
+  params, _ = calibration.run_sequential(model, params, batches, observer, compress_block,
+                                         calibrate_on='original', keep_stats=False, mesh=mesh)
+  return params
 
 
 def ranks_of(params: Any) -> dict[str, int]:

@@ -158,9 +158,15 @@ def squeezellm_layer(w: jax.Array, x: jax.Array, **kwargs):
 
 def squeezellm(model, params, batches, *, bits: int = 3, outlier_fraction: float = 0.0, iters: int = 20):
   """Every block linear as a per-column codebook (`squeezellm_from_hessian`), sensitivities Σ x² from the
-  full-precision model's calibration inputs (`calibration.column_norms()`). Returns the new params."""
-  stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False)
-  return core.paths.replace(params, {
-      p: squeezellm_from_hessian(core.paths.get(params, p), st['sq_norm'], bits=bits,
-                                 outlier_fraction=outlier_fraction, iters=iters)
-      for p, st in stats.items()})
+  full-precision model's calibration inputs (`calibration.column_norms()` through `run_sequential` with
+  calibrate_on='original': one block's statistics at a time, so it also runs out of core). Returns the new
+  params."""
+  def compress_block(i, block, stats):
+    return core.paths.replace(block, {
+        k: squeezellm_from_hessian(core.paths.get(block, k), st['sq_norm'], bits=bits,
+                                   outlier_fraction=outlier_fraction, iters=iters)
+        for k, st in stats.items()})
+
+  params, _ = calibration.run_sequential(model, params, batches, calibration.column_norms(), compress_block,
+                                         calibrate_on='original', keep_stats=False)
+  return params

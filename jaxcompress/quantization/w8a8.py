@@ -181,27 +181,34 @@ class W8A8Config:
 def w8a8(model, params, batches, config: W8A8Config = W8A8Config()):
   """Every block linear as an `Int8Linear`. With alpha, the smoothing of a group fed by a norm
   (`model.linear_groups`) is folded into that norm's scale (and bias); other groups keep it in the leaf.
-  Statistics (max |x| per input feature) come from the full-precision model (`calibration.calibrate`).
+  Statistics (max |x| per input feature) are those of the full-precision model: `calibration.run_sequential`
+  with calibrate_on='original' (the same as `calibrate`'s, one block's at a time), so it also runs out of core.
   """
-  stats = calibration.calibrate(model, params, batches, calibration.abs_max(), head=False)
+  def compress_block(i, block, stats):
+    return _w8a8_block(model, block, stats, config)
+
+  params, _ = calibration.run_sequential(model, params, batches, calibration.abs_max(), compress_block,
+                                         calibrate_on='original', keep_stats=False)
+  return params
+
+
+def _w8a8_block(model, block, stats, config: W8A8Config):
+  """One block's linears as `Int8Linear`s. stats: {kernel path within the block: `abs_max()` statistics}."""
   updates = {}
-  for i in range(model.num_layers(params)):
-    block = model.block_params(params, i)
-    prefix = f'{model.block_path}/{i}'
-    for group in model.block_structure(block):
-      amax = stats[f'{prefix}/{group.kernels[0]}']['abs_max']
-      ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
-      fold = group.norm is not None and config.alpha is not None
-      if fold:  # one s for the group: its kernels share the norm
-        s = smooth_scales(amax, jnp.concatenate(ws, axis=1).astype(jnp.float32), config.alpha)
-        for name in ('scale', 'bias'):
-          p = f'{group.norm}/{name}'
-          v = core.paths.flatten(block).get(p)
-          if v is not None:
-            updates[f'{prefix}/{p}'] = (jnp.asarray(v, jnp.float32) / s).astype(jnp.asarray(v).dtype)
-        ws = [(w.astype(jnp.float32) * s[:, None]).astype(w.dtype) for w in ws]
-        amax = amax / s
-      for k, w in zip(group.kernels, ws):
-        updates[f'{prefix}/{k}'] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
-                                              outlier_threshold=config.outlier_threshold)
-  return core.paths.replace(params, updates)
+  for group in model.block_structure(block):
+    amax = stats[group.kernels[0]]['abs_max']  # the kernels of a group share their input
+    ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
+    fold = group.norm is not None and config.alpha is not None
+    if fold:  # one s for the group: its kernels share the norm
+      s = smooth_scales(amax, jnp.concatenate(ws, axis=1).astype(jnp.float32), config.alpha)
+      for name in ('scale', 'bias'):
+        p = f'{group.norm}/{name}'
+        v = core.paths.flatten(block).get(p)
+        if v is not None:
+          updates[p] = (jnp.asarray(v, jnp.float32) / s).astype(jnp.asarray(v).dtype)
+      ws = [(w.astype(jnp.float32) * s[:, None]).astype(w.dtype) for w in ws]
+      amax = amax / s
+    for k, w in zip(group.kernels, ws):
+      updates[k] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
+                              outlier_threshold=config.outlier_threshold)
+  return core.paths.replace(block, updates)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcompress import (architecture, calibration, core, distillation, lowrank, pruning, quantization, sharing)
+from jaxcompress import (architecture, core, distillation, lowrank, pruning, quantization, sharing)
 from jaxcompress.recipes.registry import Context, register
 
 BLOCKS = r'kernel$'
@@ -211,15 +211,15 @@ def _lowrank(method: str):
     rule = lowrank.RankRule(**(chosen or {'keep': cfg.keep}))
     svd_cfg = lowrank.SVDConfig(method=method, ranks=rule, alpha=cfg.alpha, damp=cfg.damp,
                                 rules=model.selection_rules())
+    if method in lowrank.CALIBRATED:  # block by block unless the rule needs every kernel's statistics
+      return model, _local(lowrank.compress_model(model, params, _batches(ctx, split=True), config=svd_cfg,
+                                                  **_mesh_kwargs(ctx)))
     stats = None
     if method == 'fwsvd':
       if ctx.train is None:
         raise ValueError('fwsvd needs training batches with targets for its Fisher rows.')
       stats = lowrank.fisher_rows(model, params, [ctx.train.batch(i) for i in range(len(ctx.calib) or 1)],
                                   rules=model.selection_rules())
-    elif method in ('asvd', 'svd_llm'):
-      obs = calibration.abs_mean() if method == 'asvd' else calibration.hessian()
-      stats = _local(calibration.calibrate(model, params, _batches(ctx, split=True), obs, **_mesh_kwargs(ctx)))
     return model, lowrank.compress(params, config=svd_cfg, stats=stats)
   return apply
 

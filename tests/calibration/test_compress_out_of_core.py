@@ -19,10 +19,24 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path, recipe):
   assert got['leaf_kinds'] == ref['leaf_kinds'] and got['quality'] == ref['quality']
 
 
+@pytest.mark.parametrize('recipe', ['smoothquant(alpha=0.5)', 'svd_llm(keep=0.5)', 'asvd(keep=0.5)'])
+def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, recipe):
+  """Stages whose statistics are those of the uncompressed model (run_sequential(calibrate_on='original')):
+  out of core, block i is calibrated on the uncompressed blocks' outputs, as in memory."""
+  from experiments import compress
+  cfg = {**CFG, 'recipe': recipe}
+  ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
+  got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
+  assert (tmp_path / 'ooc' / 'blocks' / 'manifest.json').is_file()
+  assert got['params_hash'] == ref['params_hash']
+  assert got['leaf_kinds'] == ref['leaf_kinds'] and got['quality'] == ref['quality']
+
+
 def test_stages_that_cannot_run_block_by_block_are_refused(tmp_path):
   from experiments import compress
   for recipe, why in (('sparsegpt > distill(steps=2)', 'trains'), ('magnitude', 'is not calibrated'),
-                      ('smoothquant', 'whole uncompressed model'), ('gqa(kv_heads=1)', 'architecture')):
+                      ('svd_llm(budget=0.5)', 'whole uncompressed model.*give keep= instead'),
+                      ('mixed', 'whole uncompressed model'), ('gqa(kv_heads=1)', 'architecture')):
     with pytest.raises(ValueError, match=why):
       compress.run({**CFG, 'recipe': recipe, 'out_of_core': True, 'output_dir': str(tmp_path / 'x')}, save=False,
                    verbose=False)

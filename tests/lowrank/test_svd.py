@@ -198,3 +198,34 @@ def test_output_fisher_rows_of_a_linear_map_against_numpy():
   got = lowrank.fisher_rows(None, params, [{'x': x[i], 'noise': noise[i]} for i in range(2)], loss=loss)
   ref = sum(np.sum(np.square(x[i].astype(np.float64).T @ noise[i].astype(np.float64)), axis=1) for i in range(2))
   np.testing.assert_allclose(got['lin/kernel'], ref, rtol=1e-5)
+
+
+def test_compress_model_block_by_block_equals_whole_model_calibration(params):
+  """Per-kernel rank rules run block by block on the statistics `calibrate` gives (so out of core too); a budget
+  or a selection outside the blocks calibrates the whole model, which out of core refuses."""
+  batches = [{'tokens': TOKENS[:, :-1]}]
+  stats = cal.calibrate(MODEL, params, batches, cal.combine(h=cal.hessian(), m=cal.abs_mean()))
+  blocks, head = MODEL.selection_rules(), MODEL.selection_rules(head=True)
+  cases = (('asvd', lowrank.RankRule(keep=0.5), blocks), ('svd_llm', lowrank.RankRule(energy=0.8), blocks),
+           ('asvd', lowrank.RankRule(budget=0.6), blocks),
+           ('svd_llm', lowrank.RankRule(keep=0.5), head))
+  for method, rule, sel in cases:
+    config = lowrank.SVDConfig(method=method, ranks=rule, rules=sel)
+    got = core.flatten(lowrank.compress_model(MODEL, params, batches, config=config))
+    want = core.flatten(lowrank.compress(params, config=config, stats=stats))
+    assert list(got) == list(want) and lowrank.ranks_of(got) == lowrank.ranks_of(want), (method, rule)
+    assert ('lm_head/kernel' in lowrank.ranks_of(got)) == sel.head
+    for p in want:
+      np.testing.assert_allclose(core.materialize(got[p]), core.materialize(want[p]), rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{method} {rule} {p}')
+    with cal.record_sequential() as plans:
+      try:
+        lowrank.compress_model(MODEL, MODEL.abstract_params(), [], config=config)
+      except cal.NotSequential:
+        assert rule.budget is not None or sel.head, rule
+      else:
+        assert rule.budget is None and not sel.head, rule
+        assert [(p.calibrate_on, p.per_group) for p in plans] == [('original', False)]
+  with pytest.raises(ValueError, match=r"rank=40 for 'layers/0/attn/k_proj/kernel'"):  # before any calibration
+    lowrank.compress_model(MODEL, params, [], config=lowrank.SVDConfig(method='svd_llm',
+                                                                       ranks=lowrank.RankRule(rank=40)))

@@ -55,3 +55,24 @@ def test_dense_and_sparse_keeps_outliers_exact_and_round_trips(tmp_path):
   core.serialize.save(tmp_path / 'n.safetensors', {'k': leaf})
   back = core.serialize.load(tmp_path / 'n.safetensors')['k']
   np.testing.assert_array_equal(back.materialize(), dense)
+
+
+def test_block_by_block_squeezellm_equals_whole_model_calibration():
+  """Sensitivities from run_sequential(calibrate_on='original') are `calibrate`'s: the same codebooks."""
+  from jaxcompress import calibration, models
+  model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                          num_heads=4, num_kv_heads=2, max_position_embeddings=32))
+  params = jax.jit(model.init)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, 64, (4, 16)).astype(np.int32) for _ in range(2)]
+  got = core.paths.flatten(quantization.squeezellm(model, params, batches, bits=3, outlier_fraction=0.01, iters=5))
+  stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False)
+  assert len(stats) == 14
+  for p, st in stats.items():
+    want = quantization.squeezellm_from_hessian(core.paths.get(params, p), st['sq_norm'], bits=3,
+                                                outlier_fraction=0.01, iters=5)
+    assert isinstance(got[p], quantization.Outliers), p
+    np.testing.assert_allclose(got[p].materialize(), want.materialize(), rtol=1e-6, atol=1e-7, err_msg=p)
+  with calibration.record_sequential() as plans:
+    quantization.squeezellm(model, model.abstract_params(), [], bits=3)
+  assert [(p.calibrate_on, p.per_group) for p in plans] == [('original', False)]

@@ -1,5 +1,7 @@
 """W8A8: int8 x int8 -> int32 matmul against NumPy float64; SmoothQuant and LLM.int8() beat naive W8A8."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 
 from jaxcompress import core, models, quantization
 from tests.quantization.test_awq import LLAMA, _batches, _logit_error, _salient
+
+w8a8_lib = importlib.import_module('jaxcompress.quantization.w8a8')  # the package's `w8a8` is the function
 
 
 def _acts(seed, tokens=64, n=32):
@@ -102,3 +106,49 @@ def test_post_norm_bert_smoothquant_keeps_the_residual():
   b = bert.sentence_embedding(q, jnp.asarray(tokens), jnp.asarray(mask))
   assert float(jnp.min(jnp.sum(a * b, -1))) > 0.99
   np.testing.assert_array_equal(q['layers'][0]['attn_norm']['scale'], params['layers'][0]['attn_norm']['scale'])
+
+
+def _calibrate_then_quantize(model, params, batches, config):
+  """The model-level W8A8 as it was first built: `calibrate` the whole model, then every group of every block."""
+  from jaxcompress import calibration
+  stats = calibration.calibrate(model, params, batches, calibration.abs_max(), head=False)
+  updates = {}
+  for i in range(model.num_layers(params)):
+    block, prefix = model.block_params(params, i), f'{model.block_path}/{i}'
+    for group in model.block_structure(block):
+      amax = stats[f'{prefix}/{group.kernels[0]}']['abs_max']
+      ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
+      fold = group.norm is not None and config.alpha is not None
+      if fold:
+        s = w8a8_lib.smooth_scales(amax, jnp.concatenate(ws, axis=1), config.alpha)
+        for name in ('scale', 'bias'):
+          v = core.paths.flatten(block).get(f'{group.norm}/{name}')
+          if v is not None:
+            updates[f'{prefix}/{group.norm}/{name}'] = jnp.asarray(v) / s
+        ws, amax = [w * s[:, None] for w in ws], amax / s
+      for k, w in zip(group.kernels, ws):
+        updates[f'{prefix}/{k}'] = quantization.w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
+                                                           outlier_threshold=config.outlier_threshold)
+  return core.paths.replace(params, updates)
+
+
+@pytest.mark.parametrize('alpha,threshold', [(0.5, None), (None, None), (None, 6.0)])
+def test_block_by_block_w8a8_equals_whole_model_calibration(alpha, threshold):
+  """run_sequential(calibrate_on='original') sees the statistics `calibrate` gives: SmoothQuant, naive W8A8 and
+  LLM.int8() give the leaves of calibrate-then-quantize."""
+  from jaxcompress import calibration
+  params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
+  config = quantization.W8A8Config(alpha=alpha, outlier_threshold=threshold)
+  got = core.paths.flatten(quantization.w8a8(LLAMA, params, _batches(), config))
+  want = core.paths.flatten(_calibrate_then_quantize(LLAMA, params, _batches(), config))
+  assert list(got) == list(want)
+  for p in want:
+    assert type(got[p]) is type(want[p]), p
+    for a, b in zip(jax.tree.leaves(got[p]), jax.tree.leaves(want[p])):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-7,
+                                 err_msg=p)
+  if threshold is not None:
+    assert any(isinstance(w, quantization.Int8Linear) and w.outliers is not None for w in got.values())
+  with calibration.record_sequential() as plans:  # so it runs out of core: one block-wise plan, original inputs
+    quantization.w8a8(LLAMA, LLAMA.abstract_params(), [], config)
+  assert [(p.calibrate_on, p.per_group) for p in plans] == [('original', False)]
