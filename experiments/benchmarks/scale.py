@@ -65,6 +65,8 @@ flags.DEFINE_bool('main', True, 'write and compress the main model (--nomain: on
 flags.DEFINE_bool('small', False, 'a tiny model and every phase: the smoke test')
 flags.DEFINE_string('phase', '', 'internal: run one phase in this process (write | compress)')
 flags.DEFINE_bool('mesh', False, 'internal: solve over a mesh of every device')
+flags.DEFINE_bool('data_parallel', False, 'internal: with --mesh, also split the calibration rows over the mesh '
+                  '(each process passes its own rows; statistics all-reduced)')
 flags.DEFINE_float('kill_after', 0.0, 'internal: SIGKILL this process after this many seconds')
 flags.DEFINE_string('coordinator', '', 'internal: host:port of a multi-process (gloo) compression')
 flags.DEFINE_integer('num_processes', 1, 'internal: processes of a multi-process compression')
@@ -238,10 +240,16 @@ def compress(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, layers: i
           f'{record["bytes"] / 2**20:.1f} MiB, RSS {rss() / 2**30:.2f} GiB, peak so far {vm_hwm() / 2**30:.3f} GiB',
           flush=True)
 
+  batches, data_mesh = calibration_batches(c, seed), None
+  if FLAGS.data_parallel and mesh is not None:  # this process's contiguous share of every batch's rows
+    n, p = jax.process_count(), jax.process_index()
+    batches = [{'tokens': b['tokens'][p * len(b['tokens']) // n:(p + 1) * len(b['tokens']) // n]} for b in batches]
+    data_mesh = mesh
   t0 = time.perf_counter()
-  manifest = calibration.compress_checkpoint(src, out, make_compress_block(c, mesh), calibration_batches(c, seed),
+  manifest = calibration.compress_checkpoint(src, out, make_compress_block(c, mesh), batches,
                                              observer=calibration.hessian(), recipe=recipe(c), seed=seed,
-                                             per_group=True, layers=layers or None, on_block=on_block)
+                                             per_group=True, layers=layers or None, on_block=on_block,
+                                             mesh=data_mesh)
   result = {'blocks': blocks, 'seconds': time.perf_counter() - t0, 'complete': manifest['complete'],
             'peak_rss': vm_hwm(), 'hashes': {r['file']: r['sha256'] for r in manifest['blocks'].values()}}
   if FLAGS.check_in_memory and manifest['complete']:
@@ -333,7 +341,8 @@ def run_phase() -> None:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                                  process_id=FLAGS.process_id)
-    out = work / (f'out-{src.name}' + (f'-mesh{jax.device_count()}' if FLAGS.mesh else ''))
+    out = work / (f'out-{src.name}' + (f'-mesh{jax.device_count()}' if FLAGS.mesh else '')
+                  + ('-dp' if FLAGS.data_parallel else ''))
     result = compress(src, out, c, FLAGS.seed, FLAGS.layers, FLAGS.mesh)
   print('RESULT ' + json.dumps(result), flush=True)
   os._exit(0)  # a pending kill timer must not outlive the phase
@@ -425,15 +434,44 @@ def parallel(work: pathlib.Path, c: dict) -> dict:
   one = child('compress', c, work=work, devices=1, mesh=True)
   eight = child('compress', c, work=work, devices=8, mesh=True)
   two = child_pair(c, work=work)
+  # the same 2 processes with the calibration rows split between them too: the statistics are all-reduced sums,
+  # so they may differ from one process's in the last bits; how much of the output that changes is measured
+  two_dp = child_pair(c, work=work, data_parallel=True)
   # the last block: the first one also compiles every solver (per device with 8 devices)
   s1, s8, s2 = (r['blocks'][-1]['solve_seconds'] for r in (one, eight, two))
+  name = f'out-llama-{c["hidden"]}x{c["num_layers"]}'
   return {'solve_s_1': s1, 'solve_s_8': s8, 'ratio_1_over_8': s1 / s8, 'identical': one['hashes'] == eight['hashes'],
-          'solve_s_2proc': s2, 'ratio_1_over_2proc': s1 / s2, 'identical_2proc': one['hashes'] == two['hashes']}
+          'solve_s_2proc': s2, 'ratio_1_over_2proc': s1 / s2, 'identical_2proc': one['hashes'] == two['hashes'],
+          'identical_2proc_data_parallel': one['hashes'] == two_dp['hashes'],
+          'block_s_1': one['blocks'][-1]['seconds'], 'block_s_2proc_data_parallel': two_dp['blocks'][-1]['seconds'],
+          'data_parallel_vs_1': compare_outputs(work / f'{name}-mesh1', work / f'{name}-mesh2-dp')}
 
 
-def child_pair(c: dict, *, work: pathlib.Path) -> dict:
-  """The compress phase as 2 processes (gloo, one CPU device each): calibration in each process on every row,
-  the solves of each block split between the processes (`solve_parallel` over their 2-device mesh)."""
+def compare_outputs(a: pathlib.Path, b: pathlib.Path) -> dict:
+  """How two compressed outputs differ: fraction of mask entries and of weight entries (materialized) that
+  are not equal, and the largest relative difference of a weight matrix."""
+  import numpy as np
+  from jaxcompress import calibration, core
+  fa, fb = (core.flatten(calibration.load_compressed(p)) for p in (a, b))
+  masks = weights = mask_diff = weight_diff = 0
+  worst = 0.0
+  for path in sorted(fa):
+    x, y = fa[path], fb[path]
+    if isinstance(x, core.Masked):
+      masks += np.size(x.mask)
+      mask_diff += int(np.sum(np.asarray(x.mask) != np.asarray(y.mask)))
+    wx, wy = (np.asarray(core.materialize(v), np.float32) for v in (x, y))
+    weights += wx.size
+    weight_diff += int(np.sum(wx != wy))
+    worst = max(worst, float(np.linalg.norm(wx - wy) / max(np.linalg.norm(wx), 1e-30)))
+  return {'mask_entries_differing': mask_diff / max(masks, 1), 'weights_differing': weight_diff / max(weights, 1),
+          'max_relative_difference': worst}
+
+
+def child_pair(c: dict, *, work: pathlib.Path, data_parallel: bool = False) -> dict:
+  """The compress phase as 2 processes (gloo, one CPU device each): calibration in each process on every row
+  (data_parallel: on its own half of the rows, statistics all-reduced), the solves of each block split between
+  the processes (`solve_parallel` over their 2-device mesh)."""
   import socket
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
@@ -442,7 +480,8 @@ def child_pair(c: dict, *, work: pathlib.Path) -> dict:
              PYTHONPATH=str(REPO))
   logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
   procs = [subprocess.Popen([sys.executable, __file__, '--phase=compress', f'--dir={work}', f'--seed={FLAGS.seed}',
-                             '--mesh=True', f'--coordinator=localhost:{port}', '--num_processes=2',
+                             '--mesh=True', f'--data_parallel={data_parallel}', f'--coordinator=localhost:{port}',
+                             '--num_processes=2',
                              f'--process_id={i}', *[f'--{k}={c[k]}' for k in SHAPE_FLAGS]],
                             env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
   codes = [p.wait() for p in procs]
@@ -469,8 +508,10 @@ def print_table(r: dict) -> None:
       print(f"| {b['block']} | {b['seconds']:.1f} | {b['solve_seconds']:.1f} | {b['rss'] / 2**30:.2f} |")
     print(f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB = {100 * s['rss_over_checkpoint']:.1f}% of the "
           f"checkpoint (goal <= 25%); {s['blocks_run']} blocks run, {s['steady_block_s']:.1f} s/block after the "
-          f"first; "
-          f"EXTRAPOLATED full model ({r['config']['num_layers']} blocks): {s['extrapolated_full_s'] / 3600:.2f} h")
+          f"first; " + (f"whole model measured: {r['compress']['seconds'] / 3600:.2f} h"
+                        if s['blocks_run'] == r['config']['num_layers'] else
+                        f"EXTRAPOLATED full model ({r['config']['num_layers']} blocks): "
+                        f"{s['extrapolated_full_s'] / 3600:.2f} h"))
   if 'matches_in_memory' in r.get('compress', {}):
     print(f"output reloaded equals the in-memory path (run_sequential, same compressor): "
           f"{r['compress']['matches_in_memory']}")
@@ -484,6 +525,13 @@ def print_table(r: dict) -> None:
     if 'solve_s_2proc' in p:
       print(f"solve phase, one block: 1 process {p['solve_s_1']:.2f} s, 2 processes (gloo) {p['solve_s_2proc']:.2f} s, "
             f"ratio {p['ratio_1_over_2proc']:.2f}; outputs identical: {p['identical_2proc']}")
+    if 'data_parallel_vs_1' in p:
+      d = p['data_parallel_vs_1']
+      print(f"2 processes with the calibration rows split too (statistics all-reduced): whole block "
+            f"{p['block_s_2proc_data_parallel']:.2f} s vs 1 process {p['block_s_1']:.2f} s; outputs identical: "
+            f"{p['identical_2proc_data_parallel']} ({100 * d['mask_entries_differing']:.4f}% of mask entries and "
+            f"{100 * d['weights_differing']:.4f}% of weights differ, largest relative difference of a matrix "
+            f"{d['max_relative_difference']:.2e})")
 
 
 if __name__ == '__main__':

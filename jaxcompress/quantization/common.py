@@ -49,12 +49,12 @@ def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=
 
 
 def through_masks(compress_block):
-  """compress_block (as `calibration.run_sequential` calls it) over the kept values of `core.Masked` kernels
-  (pruned entries zero), with the masks put back on what it returns. Quantizing a pruned model so keeps its
+  """compress_block (as `calibration.run_sequential` calls it) over the kept values of the `core.Masked` kernels
+  it compresses (those in its stats; pruned entries zero), with the masks put back on what it returns. Quantizing a pruned model so keeps its
   masks, and the blocks after are calibrated on the block as it will finally be (masked and quantized)."""
   def run(i, block, stats):
-    flat = core.paths.flatten(block)
-    masks = {p: w.mask for p, w in flat.items() if isinstance(w, core.Masked)}
+    flat = core.paths.flatten(block)  # only the kernels being compressed (their group's); the rest stay as they are
+    masks = {p: flat[p].mask for p in stats if isinstance(flat.get(p), core.Masked)}
     if not masks:
       return compress_block(i, block, stats)
     out = compress_block(i, core.paths.replace(block, {p: flat[p].materialize() for p in masks}), stats)
