@@ -16,11 +16,14 @@ Phases (each in a fresh interpreter, so its peak RSS (VmHWM) is its own):
      most 25%), and the full-model time extrapolated from the blocks run (labelled as such). With --small (or
      --check_in_memory) the reloaded output is compared with `run_sequential` in memory, bit for bit (the small
      model is float32 so both paths carry float32 hidden states).
-  3. --kill_trials: on a small model, a compression SIGKILLed after a random delay, then rerun, gives the same
-     output file hashes as an uninterrupted run (each trial).
+  3. --kill_trials: on a 6-block model, a compression SIGKILLed at a random moment inside a block picked at
+     random (timed from an uninterrupted run's block end times), then rerun, gives the same output file hashes
+     as the uninterrupted run (each trial).
   4. --parallel: one block of a mid-size model compressed with its solves on 1 device, on 8 virtual devices
      (XLA_FLAGS host device count) and split between 2 processes (gloo, 1 device each; calibration in each
      process on every row): solve-phase seconds of each, their ratios, and whether the outputs are identical.
+     Then the 2 processes with the calibration rows split between them too (statistics all-reduced): whether
+     the output is identical, and else what fraction of mask entries and weights differ.
      On a CPU host the 8 "devices" and the 2 processes share its cores.
 Results: --out/results.json and a printed table.
 """
@@ -77,7 +80,8 @@ FLAGS = flags.FLAGS
 # bit for bit with the out-of-core one (hidden states kept in float32)
 SMALL = dict(hidden=128, num_layers=3, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
              seq_len=32, group_size=32, dtype='float32')
-KILL_MODEL = dict(hidden=128, num_layers=4, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
+# blocks of a few seconds each, so that a kill timed to land inside a block lands there
+KILL_MODEL = dict(hidden=1024, num_layers=6, intermediate=2816, heads=8, kv_heads=8, vocab=1024, batches=2, batch=2,
                   seq_len=32, group_size=32, dtype='bfloat16')
 PARALLEL_MODEL = dict(hidden=1024, num_layers=2, intermediate=2816, heads=8, kv_heads=8, vocab=1024, batches=2,
                       batch=2, seq_len=128, group_size=128, dtype='bfloat16')
@@ -444,7 +448,20 @@ def parallel(work: pathlib.Path, c: dict) -> dict:
           'solve_s_2proc': s2, 'ratio_1_over_2proc': s1 / s2, 'identical_2proc': one['hashes'] == two['hashes'],
           'identical_2proc_data_parallel': one['hashes'] == two_dp['hashes'],
           'block_s_1': one['blocks'][-1]['seconds'], 'block_s_2proc_data_parallel': two_dp['blocks'][-1]['seconds'],
-          'data_parallel_vs_1': compare_outputs(work / f'{name}-mesh1', work / f'{name}-mesh2-dp')}
+          'data_parallel_vs_1': compare_outputs(work / f'{name}-mesh1', work / f'{name}-mesh2-dp'),
+          'logit_error': {k: logit_error(work / f'llama-{c["hidden"]}x{c["num_layers"]}', work / f'{name}-{k}', c)
+                          for k in ('mesh1', 'mesh2-dp')}}
+
+
+def logit_error(src: pathlib.Path, out: pathlib.Path, c: dict) -> float:
+  """‖logits(compressed) - logits(original)‖ / ‖logits(original)‖ on held-out random tokens (seed + 1)."""
+  import numpy as np
+  from jaxcompress import calibration, models
+  model, params = models.from_pretrained(src)
+  tokens = np.random.RandomState(FLAGS.seed + 1).randint(0, c['vocab'], (2, c['seq_len'])).astype(np.int32)
+  ref = np.asarray(model.apply(params, tokens), np.float32)
+  got = np.asarray(model.apply(calibration.load_compressed(out), tokens), np.float32)
+  return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def compare_outputs(a: pathlib.Path, b: pathlib.Path) -> dict:
@@ -532,6 +549,10 @@ def print_table(r: dict) -> None:
             f"{p['identical_2proc_data_parallel']} ({100 * d['mask_entries_differing']:.4f}% of mask entries and "
             f"{100 * d['weights_differing']:.4f}% of weights differ, largest relative difference of a matrix "
             f"{d['max_relative_difference']:.2e})")
+      e = p.get('logit_error', {})
+      if e:
+        print(f"relative logit error against the uncompressed model: 1 process {e['mesh1']:.4f}, 2 processes with "
+              f"split calibration rows {e['mesh2-dp']:.4f}")
 
 
 if __name__ == '__main__':

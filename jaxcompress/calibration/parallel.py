@@ -62,6 +62,17 @@ def solve_parallel(solve: Solve, problems: Mapping[str, tuple], *, mesh: Mesh | 
   return _threaded(solve, problems, list(mesh.devices.flat))
 
 
+def _process_local(a):
+  """An array replicated over several processes' devices (a block calibrated over a multi-process mesh) ->
+  this process's copy, which it can move to one of its devices."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    if not a.is_fully_replicated:
+      raise ValueError(f'solve_parallel: a problem array of shape {a.shape} is split over processes; give '
+                       'replicated or host arrays (each problem is solved whole on one device).')
+    return a.addressable_data(0)
+  return a
+
+
 def _groups(problems: Mapping[str, tuple]) -> dict[tuple, list[str]]:
   groups: dict[tuple, list[str]] = {}
   for name, args in problems.items():
@@ -76,7 +87,8 @@ def _shard_map_group(solve, args_list, names, mesh, axis) -> dict[str, Any]:
   d = math.prod(mesh.shape[a] for a in axes)
   n = len(args_list)
   padded = args_list + [args_list[-1]] * (-n % d)
-  stacked = [np.stack([np.asarray(jax.device_get(a[k])) for a in padded]) for k in range(len(args_list[0]))]
+  stacked = [np.stack([np.asarray(jax.device_get(_process_local(a[k]))) for a in padded])
+             for k in range(len(args_list[0]))]
   spec = PartitionSpec(axis)
   split = NamedSharding(mesh, spec)
   inputs = [jax.make_array_from_callback(x.shape, split, lambda idx, x=x: x[idx]) for x in stacked]
@@ -108,7 +120,7 @@ def _threaded(solve, problems, devices) -> dict[str, Any]:
   def work(dev, mine):
     out = {}
     for name in mine:
-      args = tuple(jax.device_put(a, dev) for a in problems[name])
+      args = tuple(jax.device_put(_process_local(a), dev) for a in problems[name])
       out[name] = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), solve(*args))
     return out
 
