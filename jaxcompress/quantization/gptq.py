@@ -29,7 +29,6 @@ import numpy as np
 
 from jaxcompress import calibration, core
 from jaxcompress.calibration import inverse_hessian
-from jaxcompress.quantization import common
 from jaxcompress.quantization.common import check_bits, check_group_size, make_leaf
 
 def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
@@ -56,23 +55,29 @@ def _encode(w, scale, zero, bits, symmetric):
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size'))
-def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_size):
+def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetric, block_size):
   """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
-  dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out])."""
+  dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out]).
+
+  mask [in, out] bool or None: the weights a pruning kept. A pruned weight decodes to 0 (it is masked in the
+  model), so its whole value is the error the later rows compensate, and the grids span the kept weights only
+  (SparseGPT's joint sparsification and quantization, with the mask given)."""
   n, out = w.shape
   dtype = jnp.promote_types(w.dtype, jnp.float32)
   w = w.astype(dtype)  # here, not by the caller: a bf16 argument is half the bytes
   u = u.astype(dtype)
   w = jnp.where(dead[:, None], 0.0, w)  # inputs that are always zero (H_ii = 0): their weights do not matter
+  kept = (lambda v, m: v) if mask is None else (lambda v, m: jnp.where(m, v, 0.0))
   gs = n if group_size is None else group_size
   groups = n // gs
   static = group_size is None or act_order  # parameters known before the solver runs
   if static:
-    sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(w.reshape(groups, gs, out))
+    sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(kept(w, mask).reshape(groups, gs, out))
   else:
     sp = zp = jnp.ones((groups, out), dtype)
   if act_order:
     w = w[perm]
+    mask = None if mask is None else mask[perm]
 
   # pad to whole blocks: padded rows come last, are dead (U = I there) and are dropped at the end
   nb = -(-n // block_size)
@@ -80,6 +85,7 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
   if pad:  # (without padding, no [in, in] copy of u: the widest layers' factor is hundreds of MiB)
     w = jnp.pad(w, ((0, pad), (0, 0)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
+    mask = None if mask is None else jnp.pad(mask, ((0, pad), (0, 0)))
   gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
   sub = inverse_hessian.sub_block_size(block_size)
 
@@ -88,6 +94,7 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
     i1 = b * block_size
     w1 = jax.lax.dynamic_slice_in_dim(w, i1, block_size, 0)
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (block_size, block_size))
+    m1 = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, i1, block_size, 0)
 
     def column(r, i, c):
       w2, e2, q2, sp, zp, u2 = c
@@ -95,11 +102,16 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
       g = gidx[row]
       if not static:  # a group starts here: its grid from the weights as the previous blocks left them
         def fresh(spz):
-          s, z = grid_params(jax.lax.dynamic_slice_in_dim(w, jnp.minimum(row, n - gs), gs, 0), bits, symmetric)
+          start = jnp.minimum(row, n - gs)
+          s, z = grid_params(kept(jax.lax.dynamic_slice_in_dim(w, start, gs, 0),
+                                  None if mask is None else jax.lax.dynamic_slice_in_dim(mask, start, gs, 0)),
+                             bits, symmetric)
           return spz[0].at[g].set(s), spz[1].at[g].set(z)
         sp, zp = jax.lax.cond((row % gs == 0) & (row < n), fresh, lambda spz: spz, (sp, zp))
       x = w2[i]
       q, deq = _encode(x, sp[g], zp[g], bits, symmetric)
+      if m1 is not None:  # a pruned weight ends as 0: all of it is error
+        deq = jnp.where(m1[r + i], deq, 0.0)
       err = (x - deq) / u2[i, i]
       w2 = w2 - u2[i][:, None] * err[None, :]  # U is upper triangular: rows before i are untouched
       return w2, e2.at[i].set(err), q2.at[i].set(q), sp, zp, u2
@@ -136,7 +148,8 @@ def _solve(w, u, dead, perm, *, bits, group_size, act_order, symmetric, block_si
 
 def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = None,
                       act_order: bool = False, symmetric: bool = False, block_size: int = 128,
-                      damp: float = 0.01, pack: bool = True, max_damp_tries: int = 6) -> core.Quantized:
+                      damp: float = 0.01, pack: bool = True, max_damp_tries: int = 6,
+                      mask: jax.Array | None = None) -> core.Quantized:
   """GPTQ of one linear given its input Hessian.
 
   w: [in, out] float weight; h: [in, in] XᵀX of the layer's inputs (any positive multiple, e.g. the sum from
@@ -145,12 +158,15 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   block_size: rows per lazy-update block; damp: λ = damp · mean(diag H) added to the diagonal. When H + λI is
   not positive definite, λ is multiplied by 10 (up to `max_damp_tries` times) with a warning
   (`calibration.inverse_hessian.inverse_factor`). Dead inputs (H_ii = 0) get H_ii = 1 and their weights zeroed, as in
-  the paper's implementation. Raises ValueError for NaN/inf in w or h or a zero h.
+  the paper's implementation. mask: [in, out] bool, the weights a pruning kept (e.g. `core.Masked.mask`):
+  pruned weights count as quantized to 0 and their error is compensated (wrap the result in `core.Masked`).
+  Raises ValueError for NaN/inf in w or h or a zero h.
   Returns a `core.Quantized` (fmt='int', scale in w's dtype, codes packed when bits divides 8).
   """
   where = 'gptq'
   w = jnp.asarray(w)
   h = jnp.asarray(h)
+  mask = _check_mask(mask, w, where)
   if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f'{where}: expected w [in, out] and h [in, in]; got w {w.shape} and h {h.shape}.')
   check_bits(bits, where)
@@ -164,7 +180,7 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   block_size = min(block_size, w.shape[0])
   factor = inverse_hessian.inverse_factor(h.astype(dtype), damp=float(damp), caller=where, act_order=bool(act_order),
                                   max_tries=max_damp_tries)
-  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, mask, bits=int(bits),
                               group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
                               block_size=block_size)
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
@@ -172,14 +188,16 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
 
 
 def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int = 4, group_size: int | None = None,
-                     symmetric: bool = False, block_size: int = 128, pack: bool = True) -> core.Quantized:
+                     symmetric: bool = False, block_size: int = 128, pack: bool = True,
+                     mask: jax.Array | None = None) -> core.Quantized:
   """GPTQ given the factor of the damped inverse Hessian instead of h, so the linears that share an input (and
   a SparseGPT before it) factor it once: `inverse_hessian.inverse_factor` (act_order=False) or
   `inverse_hessian.inverse_factor_inplace`. w: [in, out] float; factor.u [in, in]. Same result as
-  `gptq_from_hessian(w, h, damp=factor.damp)` up to the factor's rounding.
+  `gptq_from_hessian(w, h, damp=factor.damp)` up to the factor's rounding. mask: as in `gptq_from_hessian`.
   """
   where = 'gptq'
   w = jnp.asarray(w)
+  mask = _check_mask(mask, w, where)
   n = w.shape[0] if w.ndim == 2 else -1
   if w.ndim != 2 or tuple(factor.u.shape) != (n, n):
     raise ValueError(f'{where}: expected w [in, out] and factor.u [in, in]; got w {w.shape} and factor.u '
@@ -191,11 +209,20 @@ def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int 
   if not isinstance(block_size, int) or block_size <= 0:
     raise ValueError(f'{where}: block_size={block_size!r} must be a positive integer.')
   inverse_hessian.check_finite(w, 'w', where)
-  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, bits=int(bits),
+  codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, mask, bits=int(bits),
                               group_size=group_size, act_order=False, symmetric=bool(symmetric),
                               block_size=min(block_size, n))
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                    shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
+
+
+def _check_mask(mask, w, where: str):
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != w.shape:
+    raise ValueError(f'{where}: mask has shape {mask.shape}; it must match w {w.shape} (True where a weight is kept).')
+  return mask.astype(bool)
 
 
 def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | None = None,
@@ -242,15 +269,17 @@ def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: 
   model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels
   (`core.Masked(core.Quantized)` where a kernel was `Masked`: its kept values are quantized, its mask kept).
   """
+  def one(w, xtx):
+    kw = dict(bits=config.bits, group_size=config.group_size, act_order=config.act_order,
+              symmetric=config.symmetric, block_size=config.block_size, damp=config.damp)
+    if isinstance(w, core.Masked):  # a pruned kernel: its kept weights quantized, the pruned ones compensated
+      return core.Masked(gptq_from_hessian(w.materialize(), xtx, mask=w.mask, **kw), w.mask)
+    return gptq_from_hessian(w, xtx, **kw)
+
   def compress_block(i, block, stats):
     del i
-    return core.paths.replace(block, {
-        p: gptq_from_hessian(core.paths.get(block, p), st['xtx'], bits=config.bits, group_size=config.group_size,
-                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
-                             damp=config.damp)
-        for p, st in stats.items()})
+    return core.paths.replace(block, {p: one(core.paths.get(block, p), st['xtx']) for p, st in stats.items()})
 
-  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(),
-                                         common.through_masks(compress_block), per_group=True, keep_stats=False,
-                                         offload=offload)
+  params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
+                                         per_group=True, keep_stats=False, offload=offload)
   return params

@@ -22,8 +22,11 @@ def quant(x, scale, zero, bits, symmetric):
   return q, scale * (q - zero)
 
 
-def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocksize=128, percdamp=0.01):
+def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocksize=128, percdamp=0.01, mask=None):
   """Algorithm 1 of Frantar et al. (2023) as in the authors' reference: W [out, in] (rows = outputs), H [in, in].
+
+  mask [out, in] bool (kept weights), as in SparseGPT's joint sparsification and quantization (Frantar &
+  Alistarh 2023): a pruned weight's quantized value is 0, so its whole value is error, and grids span kept weights.
 
   Returns codes [out, in], the dequantized weight [out, in], scales and zeros [out, groups] (original order).
   Groups with act_order use static group parameters from the unmodified W.
@@ -31,6 +34,7 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
   W = np.array(W, np.float64)
   H = np.array(H, np.float64)
   rows, cols = W.shape
+  M = np.ones(W.shape, bool) if mask is None else np.asarray(mask, bool)
   dead = np.diag(H) == 0
   H[dead, dead] = 1
   W[:, dead] = 0
@@ -40,9 +44,9 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
   static = groupsize is None or act_order
   if static:
     for g in range(ng):
-      S[:, g], Z[:, g] = grid(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+      S[:, g], Z[:, g] = grid((W * M)[:, g * gs:(g + 1) * gs], bits, symmetric)
   perm = np.argsort(-np.diag(H), kind='stable') if act_order else np.arange(cols)
-  W = W[:, perm]; H = H[perm][:, perm]
+  W = W[:, perm]; H = H[perm][:, perm]; M = M[:, perm]
   H = H + percdamp * np.mean(np.diag(H)) * np.eye(cols)
   Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper
   Q = np.zeros_like(W); C = np.zeros_like(W)
@@ -52,9 +56,10 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
     for i in range(i2 - i1):
       g = perm[i1 + i] // gs
       if not static and (i1 + i) % gs == 0:
-        S[:, g], Z[:, g] = grid(W[:, i1 + i:i1 + i + gs], bits, symmetric)
+        S[:, g], Z[:, g] = grid((W * M)[:, i1 + i:i1 + i + gs], bits, symmetric)
       w = W1[:, i]; d = H1[i, i]
       c, q = quant(w, S[:, g], Z[:, g], bits, symmetric)
+      q = q * M[:, i1 + i]
       Q[:, i1 + i] = q; C[:, i1 + i] = c
       err = (w - q) / d
       W1[:, i:] -= np.outer(err, H1[i, i:])

@@ -104,3 +104,34 @@ def test_gptq_rejects_nan_in_weights_or_calibration_data():
   w[0, 0] = np.nan
   with pytest.raises(ValueError, match='w has 1 NaN/inf'):
     quantization.gptq_from_hessian(w, np.eye(64))
+
+
+@pytest.mark.parametrize('group_size,act_order', [(16, False), (None, True)])
+def test_gptq_under_a_pruning_mask_matches_float64_reference(group_size, act_order):
+  w, x = _layer(11)
+  h = x.T @ x
+  mask = np.random.default_rng(3).random(w.shape) > 0.5
+  w = w * mask  # a pruned kernel's values
+  with jax.enable_x64(True):
+    leaf = quantization.gptq_from_hessian(jnp.asarray(w), jnp.asarray(h), bits=4, group_size=group_size,
+                                          act_order=act_order, block_size=16, mask=jnp.asarray(mask))
+    codes, deq = np.asarray(leaf.codes_unpacked()), np.asarray(leaf.materialize())
+  want_codes, want, _, _ = ref.gptq(w.T, h, bits=4, groupsize=group_size, act_order=act_order, blocksize=16,
+                                    mask=mask.T)
+  np.testing.assert_array_equal(codes, want_codes.T)
+  np.testing.assert_allclose(deq * mask, want.T, rtol=1e-6, atol=1e-6)
+
+
+def test_gptq_under_a_mask_beats_quantizing_then_masking():
+  # quantizing the pruned kernel as if dense, then masking, loses what the pruned weights' updates compensated
+  w, x = _layer(12, n=64, out=32, tokens=400)
+  mask = np.random.default_rng(4).random(w.shape) > 0.5
+  w = (w * mask).astype(np.float32)
+  h = jnp.asarray((x.T @ x).astype(np.float32))
+  joint = np.asarray(quantization.gptq_from_hessian(jnp.asarray(w), h, bits=3, group_size=16,
+                                                    mask=jnp.asarray(mask)).materialize()) * mask
+  after = np.asarray(quantization.gptq_from_hessian(jnp.asarray(w), h, bits=3, group_size=16).materialize()) * mask
+  err = lambda q: np.linalg.norm(x @ (w - q)) / np.linalg.norm(x @ w)
+  assert err(joint) < err(after)
+  with pytest.raises(ValueError, match='mask has shape'):
+    quantization.gptq_from_hessian(jnp.asarray(w), h, bits=3, mask=jnp.ones((3, 3), bool))
