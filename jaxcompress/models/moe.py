@@ -10,6 +10,10 @@ expert, its C = min(N, ceil(capacity_factor N top_k / E)) highest-scoring tokens
 and runs the expert on them only: FFN FLOPs are C E / N of the dense MLP's (capacity_factor top_k / E). A
 token an expert has no room for loses that expert's contribution (counted in the returned drop fraction);
 with top_k = E and capacity_factor >= 1, every expert takes every token and the MLP is the dense one.
+
+Layer-wise calibration: `dispatch(..., observe=)` hands each stacked weight's routed input over as a
+`layers.Routed` (the driver keeps per-expert statistics); GPTQ / SparseGPT / Wanda compress each expert from
+them. The router is left float: it is tiny (d E), and a rounding error in it changes which experts run.
 """
 
 from __future__ import annotations
