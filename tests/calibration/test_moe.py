@@ -3,6 +3,8 @@ NumPy float64 rebuild of the dispatch; GPTQ / SparseGPT / Wanda solve each exper
 that do not compress experts refuse them by name."""
 
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from jaxcompress import calibration, core, lowrank, models, pruning, quantization
 from jaxcompress.models import layers
+from tests.train import pretrain_runs as runs
 
 E, K = 4, 2
 
@@ -146,3 +149,14 @@ def test_methods_that_do_not_compress_experts_refuse_them(method):
          'calibrate': lambda: calibration.calibrate(model, params, [batch()], calibration.hessian())}[method]
   with pytest.raises(ValueError, match=r"mixture-of-experts weights \['mlp/up', 'mlp/gate', 'mlp/down'\]"):
     run()
+
+
+def test_expert_solves_on_eight_devices_equal_one_device(tmp_path):
+  out = tmp_path / 'moe.npz'
+  proc = subprocess.run([sys.executable, str(runs.ROOT / 'tests' / 'calibration' / 'moe_mesh_run.py'), str(out)],
+                        env=runs.env(8), capture_output=True, text=True, timeout=300, cwd=runs.ROOT)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = dict(np.load(out))
+  assert int(got['devices']) == 8
+  for name in ('gptq', 'sparsegpt'):
+    np.testing.assert_array_equal(got[f'{name}/mesh'], got[f'{name}/one'], err_msg=name)
