@@ -3,13 +3,15 @@ outputs of the already pruned blocks (`calibration.run_sequential`), each kernel
 
     params = pruning.sparsegpt(model, params, batches, config=pruning.SparseGPTConfig(pattern='2:4'))
 
-The layer solvers live in `wanda.py` and `sparsegpt.py`; this file only walks the model.
+The layer solvers live in `wanda.py` and `sparsegpt.py`; this file only walks the model. Mixture-of-experts
+weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) count as kernels for include / exclude and are pruned
+expert by expert from each expert's routed tokens (`calibration.solve_experts`, over the driver's mesh); an
+expert no calibration token reached is pruned by magnitude. The router stays dense.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -103,21 +105,13 @@ def _rules(config, model: Model | None) -> core.Rules:
 
 
 def _experts(model: Model, params: Params, rules: core.Rules) -> set[str]:
-  """Paths of the stacked expert weights of mixture-of-experts blocks (`model.routed_groups`) that `rules`
-  does not exclude: they are pruned with the block kernels, expert by expert."""
+  """Paths of the stacked expert weights of mixture-of-experts blocks (`model.routed_groups`, e.g.
+  'layers/0/mlp/up' [E, d, f]) that `rules` choose: each counts as a kernel ('layers/0/mlp/up/kernel' for the
+  include / exclude patterns), so the default include=KERNELS prunes them expert by expert."""
   names = {k for g in model.routed_groups for k in g.kernels}
   flat = core.paths.flatten(params)
-  out = set()
-  for i in range(model.num_layers(params)):
-    for k in names:
-      path = f'{model.block_path}/{i}/{k}'
-      if path in flat and not any(re.search(x, path) for x in _patterns(rules.exclude)):
-        out.add(path)
-  return out
-
-
-def _patterns(p) -> tuple[str, ...]:
-  return (p,) if isinstance(p, str) else tuple(p)
+  return {f'{model.block_path}/{i}/{k}' for i in range(model.num_layers(params)) for k in names
+          if f'{model.block_path}/{i}/{k}' in flat and rules.matches(f'{model.block_path}/{i}/{k}/kernel')}
 
 
 def _sequential(model, params, batches, observer, solve, statistic, config, driver_kwargs):
