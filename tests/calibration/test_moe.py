@@ -1,5 +1,5 @@
 """Layer-wise calibration of mixture-of-experts weights: per-expert statistics from the routed tokens equal a
-NumPy float64 rebuild of the dispatch; GPTQ / SparseGPT / Wanda solve each expert like a dense linear; methods
+NumPy float64 rebuild of the dispatch; GPTQ and SparseGPT solve each expert like a dense linear; methods
 that do not compress experts refuse them by name."""
 
 import math
@@ -17,8 +17,8 @@ from tests.train import pretrain_runs as runs
 E, K = 4, 2
 
 
-def moe_model(capacity, layers_=1):
-  cfg = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers_, num_heads=4,
+def moe_model(capacity):
+  cfg = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                            num_kv_heads=2, moe_experts=E, moe_top_k=K, moe_capacity=capacity)
   return models.Llama(cfg)
 
@@ -82,7 +82,7 @@ def test_expert_statistics_equal_numpy_dispatch(capacity):
 
 
 def test_gptq_solves_each_expert_like_a_dense_linear(monkeypatch):
-  model = moe_model(0.75, layers_=2)
+  model = moe_model(0.75)
   params = model.init(jax.random.key(0))
   seen = []
   solve = calibration.solve_experts
@@ -95,11 +95,10 @@ def test_gptq_solves_each_expert_like_a_dense_linear(monkeypatch):
   monkeypatch.setattr(calibration, 'solve_experts', record)
   config = quantization.GPTQConfig(bits=4, group_size=16)
   q = quantization.gptq(model, params, [batch()], config)
-  assert len(seen) == 2 * 3  # up, gate, down of both blocks
-  for i in range(2):
-    for name in ('up', 'gate', 'down'):
-      leaf = q['layers'][i]['mlp'][name]
-      assert isinstance(leaf, core.Quantized) and leaf.shape == np.shape(params['layers'][i]['mlp'][name])
+  assert len(seen) == 3  # up, gate, down
+  for name in ('up', 'gate', 'down'):
+    leaf = q['layers'][0]['mlp'][name]
+    assert isinstance(leaf, core.Quantized) and leaf.shape == np.shape(params['layers'][0]['mlp'][name])
   assert not core.is_compressed(q['layers'][0]['mlp']['router'])  # the router stays float
   for w, (h,), leaf in seen:
     dense = np.asarray(core.materialize(leaf))
@@ -108,33 +107,28 @@ def test_gptq_solves_each_expert_like_a_dense_linear(monkeypatch):
       np.testing.assert_array_equal(dense[e], np.asarray(alone.materialize()))
       np.testing.assert_array_equal(np.asarray(leaf.codes[e]), np.asarray(alone.codes))
   # a stacked leaf survives serialization, and the quantized model runs
-  back = core.serialize.loads(core.serialize.dumps({'w': q['layers'][1]['mlp']['down']}))['w']
-  np.testing.assert_array_equal(np.asarray(back.materialize()), np.asarray(q['layers'][1]['mlp']['down'].materialize()))
+  back = core.serialize.loads(core.serialize.dumps({'w': q['layers'][0]['mlp']['down']}))['w']
+  np.testing.assert_array_equal(np.asarray(back.materialize()), np.asarray(q['layers'][0]['mlp']['down'].materialize()))
   assert np.isfinite(np.asarray(model.apply(q, batch()['tokens']))).all()
 
 
-def test_sparsegpt_and_wanda_solve_each_expert_from_its_statistics():
+def test_sparsegpt_solves_each_expert_from_its_statistics():
   model = moe_model(0.75)
   params = model.init(jax.random.key(0))
   b = batch()
   # one block, calibrated on the model as given (per_group=False): its statistics are calibrate's
-  stats = calibration.calibrate(model, params, [b], calibration.combine(h=calibration.hessian(),
-                                                                        n=calibration.column_norms()),
-                                experts=True, head=False)
-  sgpt = pruning.sparsegpt(model, params, [b], config=pruning.SparseGPTConfig(per_group=False))
-  wanda = pruning.wanda(model, params, [b])
+  stats = calibration.calibrate(model, params, [b], calibration.hessian(), experts=True, head=False)
+  got = pruning.sparsegpt(model, params, [b], config=pruning.SparseGPTConfig(per_group=False))
   for name in ('up', 'gate', 'down'):
     w = params['layers'][0]['mlp'][name]
-    st = stats[f'layers/0/mlp/{name}']
-    for got, solve in ((sgpt, lambda e: pruning.sparsegpt_from_hessian(w[e], st['h']['xtx'][e], sparsity=0.5)),
-                       (wanda, lambda e: pruning.wanda_from_norms(w[e], st['n']['sq_norm'][e], sparsity=0.5))):
-      leaf = got['layers'][0]['mlp'][name]
-      assert isinstance(leaf, core.Masked) and leaf.shape == w.shape
-      for e in range(E):
-        alone = solve(e)
-        np.testing.assert_array_equal(np.asarray(leaf.mask[e]), np.asarray(alone.mask), err_msg=name)
-        np.testing.assert_array_equal(np.asarray(core.materialize(leaf)[e]), np.asarray(alone.materialize()))
-  assert np.isfinite(np.asarray(model.apply(sgpt, b['tokens']))).all()
+    xtx = stats[f'layers/0/mlp/{name}']['xtx']
+    leaf = got['layers'][0]['mlp'][name]
+    assert isinstance(leaf, core.Masked) and leaf.shape == w.shape
+    for e in range(E):
+      alone = pruning.sparsegpt_from_hessian(w[e], xtx[e], sparsity=0.5)
+      np.testing.assert_array_equal(np.asarray(leaf.mask[e]), np.asarray(alone.mask), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(core.materialize(leaf)[e]), np.asarray(alone.materialize()))
+  assert np.isfinite(np.asarray(model.apply(got, b['tokens']))).all()
 
 
 @pytest.mark.parametrize('method', ['awq', 'w8a8', 'squeezellm', 'svd_llm', 'calibrate'])
