@@ -10,6 +10,7 @@ Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are opta
 from jaxcompress.calibration.driver import (CompressBlock, NotSequential, Rows, SequentialPlan, calibrate,
                                            record_sequential, run_sequential)
 from jaxcompress.calibration.parallel import solve_parallel
+from jaxcompress.calibration.experts import solve_experts
 from jaxcompress.calibration.out_of_core import compress_checkpoint, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
                                                norms)
@@ -32,5 +33,6 @@ __all__ = [
     'norms',
     'record_sequential',
     'run_sequential',
+    'solve_experts',
     'solve_parallel',
 ]

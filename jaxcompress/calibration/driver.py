@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxcompress import core
 from jaxcompress.calibration.observers import Observer, Stats
 from jaxcompress.models import Model, Params
+from jaxcompress.models.layers import Routed
 
 # compress_block(block index, block params on the device (Shared references resolved), {kernel path within
 # the block: stats}) -> new block params (may keep Shared references; resolved against params['_shared']).
@@ -58,7 +59,7 @@ class Rows(NamedTuple):
 
 def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Observer, *,
               mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = 'data', offload: bool = False,
-              head: bool = True, on_step: OnStep | None = None) -> dict[str, Stats]:
+              head: bool = True, on_step: OnStep | None = None, experts: bool = False) -> dict[str, Stats]:
   """{kernel path: statistics} of every linear layer the forward pass runs, streamed batch by batch.
 
   model, params: the model spec and its parameters (numpy or jax; `Shared` storage resolved per block).
@@ -69,13 +70,17 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
   mesh, data_axis: split batch rows over this mesh axis (or axes); statistics come back replicated.
   offload: keep the hidden states between blocks on the host instead of the device.
   head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
+  experts: the caller reads the statistics of mixture-of-experts weights (`models.moe`): each stacked expert
+    weight ('layers/{i}/mlp/up' [E, d, f], ...) gets the observer's statistics stacked over experts ([E, ...]),
+    each expert's from the tokens routed to it (`layers.Routed`: dropped tokens and empty slots excluded).
+    False (default): a model with such weights is refused, so no caller silently leaves them out.
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
   if _RECORDING:
     raise NotSequential('calibrate: the statistics of the whole uncompressed model are asked for, not a block '
                         'by block compression (run_sequential).')
   stats, _ = _run(model, params, batches, observer, None, mesh=mesh, data_axis=data_axis, offload=offload,
-                  head=head, keep_stats=True, on_step=on_step)
+                  head=head, keep_stats=True, on_step=on_step, experts=experts)
   return stats
 
 
@@ -89,6 +94,7 @@ class SequentialPlan(NamedTuple):
   compress_block: CompressBlock  # (block index, block params, stats) -> compressed block params
   per_group: bool  # calibrate each input group on the block as compressed so far
   calibrate_on: str = 'compressed'  # block i's inputs: through blocks 0..i-1 compressed, or 'original'
+  experts: bool = False  # compress_block handles stacked expert statistics (see run_sequential)
 
 
 class NotSequential(RuntimeError):
@@ -117,7 +123,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
                    per_group: bool = False, calibrate_on: str = 'compressed',
-                   on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
+                   on_step: OnStep | None = None, experts: bool = False) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
   recomputed with the compressed weights before block i + 1 sees them.
@@ -130,6 +136,10 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     order (q/k/v, then o, then gate/up, then down), calibrate only that group's kernels on the block as
     compressed so far and call compress_block(i, block_params, stats of that group) (one pass over the
     batches per group instead of one per block).
+  experts: compress_block handles mixture-of-experts weights: it gets each stacked expert weight's statistics
+    stacked over experts (see `calibrate`) and returns the weight compressed expert by expert. False: a model
+    whose blocks hold such weights is refused with an error naming them (a method that does not compress
+    experts must not leave them float unnoticed).
   Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
   host). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
   keep_stats else {}). Other arguments as in `calibrate`.
@@ -145,11 +155,11 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
                      "calibrate_on='original' give per_group=False.")
   if _RECORDING:
     _RECORDING[-1].append(SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group,
-                                         calibrate_on=calibrate_on))
+                                         calibrate_on=calibrate_on, experts=experts))
     return params, {}
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
                        offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group,
-                       original=calibrate_on == 'original')
+                       original=calibrate_on == 'original', experts=experts)
   return params, stats
 
 
@@ -157,7 +167,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
 
 
 def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
-         per_group=False, original=False):
+         per_group=False, original=False, experts=False):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
   if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
@@ -185,11 +195,11 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   new_blocks = {}
   for i in range(model.num_layers(params)):
     block = place.replicated(model.block_params(params, i))
-    shapes = dict(_linear_shapes(model, block, place.fetch(hs[0]), rows[0]))
+    shapes = dict(_linear_shapes(model, block, place.fetch(hs[0]), rows[0], experts=experts, block_index=i))
     # the kernels calibrated together: the whole block, or (per_group) each group of shared inputs in turn
     passes = [tuple(shapes)] if not per_group else _group_passes(model, params, i, shapes)
     for kernels in passes:
-      stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
+      stats = {p: place.replicated(_init_stats(observer, p, shapes[p])) for p in kernels}
       for j, r in enumerate(rows):
         out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
                                  outputs=compress_block is None)
@@ -247,7 +257,12 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
   stats = dict(stats)
 
   def observe(path, x):
-    if path in stats:  # per-group passes calibrate some kernels only
+    if path not in stats:  # per-group passes calibrate some kernels only
+      return
+    if isinstance(x, Routed):  # a stacked expert weight: each expert's statistics from the tokens routed to it
+      mask = jnp.where(x.keep, weights if x.token is None else weights[x.token], 0.0)  # [E, C]
+      stats[path] = jax.vmap(observer.update)(stats[path], x.x, mask)
+    else:
       stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
 
   out = model.block_with_inputs(block, h, ctx, observe)
@@ -272,16 +287,39 @@ def _token_weights(rows: Rows) -> jax.Array:
   return (rows.attention_mask.reshape(-1) > 0).astype(jnp.float32)
 
 
-def _linear_shapes(model, block, h, rows) -> list[tuple[str, int]]:
-  """(kernel path within the block, in_features) of every linear the block runs, in call order."""
+def _linear_shapes(model, block, h, rows, *, experts: bool, block_index: int
+                   ) -> list[tuple[str, int | tuple[int, int]]]:
+  """(kernel path within the block, in_features) of every linear the block runs, in call order; a stacked
+  expert weight gives (its path, (experts, in_features)). Without `experts`, such weights are an error."""
   seen = []
+
+  def shape(x):
+    return (x.x.shape[0], x.x.shape[-1]) if isinstance(x, Routed) else x.shape[-1]
 
   def trace(block, h, rows):
     ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
-    return model.block_with_inputs(block, h, ctx, lambda path, x: seen.append((path, x.shape[-1])))
+    return model.block_with_inputs(block, h, ctx, lambda path, x: seen.append((path, shape(x))))
 
   jax.eval_shape(trace, block, h, rows)
-  return _unique(seen)
+  found = _unique(seen)
+  routed = [p for p, n in found if isinstance(n, tuple)]
+  if routed and not experts:
+    raise ValueError(
+        f'calibration: block {block_index} holds mixture-of-experts weights {routed} (stacked [experts, in, out], '
+        'each expert fed only the tokens routed to it), which this method does not calibrate, and it would leave '
+        'them uncompressed. Use a method that compresses experts one by one (quantization.gptq, pruning.sparsegpt, '
+        'pruning.wanda), or compress the dense model before architecture.moefy_model; a direct calibrate() call '
+        'takes experts=True for statistics stacked over experts.')
+  return found
+
+
+def _init_stats(observer: Observer, path: str, shape: int | tuple[int, int]) -> Stats:
+  """observer.init(path, in_features), or for a stacked expert weight (shape (E, in_features)) E copies of it
+  stacked on a leading axis."""
+  if not isinstance(shape, tuple):
+    return observer.init(path, shape)
+  e, n = shape
+  return jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[None], e, axis=0), observer.init(path, n))
 
 
 def _group_passes(model: Model, params: Params, i: int, shapes: dict[str, int]) -> list[tuple[str, ...]]:

@@ -153,12 +153,12 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
       for k, plan in enumerate(plans):
         h_path = acts.path(i, needs[k])
         first = place.fetch(acts.read(h_path, 0))
-        shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0]))
+        shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0], experts=plan.experts, block_index=i))
         del first
         passes = [tuple(shapes)] if not plan.per_group else driver._group_passes(
             model, {model.block_path: {i: block}}, i, shapes)
         for kernels in passes:
-          stats = {p: place.replicated(plan.observer.init(p, shapes[p])) for p in kernels}
+          stats = {p: place.replicated(driver._init_stats(plan.observer, p, shapes[p])) for p in kernels}
           for j, r in enumerate(dev_rows):
             _, stats = driver._block_step(model, plan.observer, block, place.fetch(acts.read(h_path, j)), r, stats,
                                           shardings=shardings, outputs=False)

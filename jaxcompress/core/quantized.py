@@ -5,6 +5,10 @@ share a scale (and zero point), so `scale` is [in // group_size, out]. `group_si
 column (per-channel). Codes are unsigned integers in [0, 2**bits), packed along `in` when 8 % bits == 0
 (two int4 codes per byte), or one per byte otherwise.
 
+Stacked experts. A mixture-of-experts weight [E, in, out] (`models.moe`) is one leaf whose arrays carry a
+leading expert axis (codes [E, in, out], scale [E, in // group_size, out], ...): expert e's slice is exactly a
+2-D leaf of this layout, and `materialize` returns [E, in, out].
+
 Formats (static `fmt`):
   'int'       w = (q - zero) * scale                     uniform affine; zero=None means symmetric, zero = 2**(bits-1)
   'nf4'       w = NF4[q] * scale                         NormalFloat-4 (Dettmers et al., 2023), scale = absmax
@@ -64,7 +68,7 @@ def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
 @leaf_lib.leaf_type
 @dataclasses.dataclass(frozen=True)
 class Quantized(leaf_lib.Compressed):
-  """Low-bit codes with per-group scales.
+  """Low-bit codes with per-group scales (shapes for a 2-D weight; a stacked [E, in, out] one adds a leading E).
 
   codes:    [in, out] uint8, or [in * bits // 8, out] uint8 when `packed`; float8_e4m3fn for fmt='fp8'.
   scale:    [in // group_size, out] float (its dtype is the dtype `materialize` returns); None for a plain codebook.
@@ -89,8 +93,9 @@ class Quantized(leaf_lib.Compressed):
       raise ValueError(f'Quantized: bits={self.bits} is outside 1..8.')
     if self.fmt == 'nf4' and self.bits != 4:
       raise ValueError(f"Quantized: fmt='nf4' needs bits=4, got bits={self.bits}.")
-    if len(self.logical_shape) != 2:
-      raise ValueError(f'Quantized: logical_shape must be [in, out], got {self.logical_shape}.')
+    if len(self.logical_shape) not in (2, 3):
+      raise ValueError(f'Quantized: logical_shape must be [in, out] or [experts, in, out], got '
+                       f'{self.logical_shape}.')
 
   @property
   def shape(self):
@@ -103,10 +108,19 @@ class Quantized(leaf_lib.Compressed):
 
   @property
   def groups(self) -> int:
-    return 1 if self.group_size is None else self.shape[0] // self.group_size
+    return 1 if self.group_size is None else self.shape[-2] // self.group_size
 
   def codes_unpacked(self) -> jax.Array:
-    return unpack_codes(self.codes, self.bits) if self.packed else self.codes
+    if not self.packed:
+      return self.codes
+    if len(self.shape) == 3:
+      return jax.vmap(lambda c: unpack_codes(c, self.bits))(self.codes)
+    return unpack_codes(self.codes, self.bits)
+
+  def _per_expert(self, fn):
+    """fn(expert e's 2-D leaf) for every expert of a stacked [E, in, out] leaf, stacked on a leading axis."""
+    arrays = {f: getattr(self, f) for f in _ARRAYS if getattr(self, f) is not None}
+    return jax.vmap(lambda a: fn(dataclasses.replace(self, **a, logical_shape=self.shape[1:])))(arrays)
 
   def _levels(self, q: jax.Array) -> jax.Array:
     """Codes -> unscaled values, float32 [in, out]."""
@@ -123,6 +137,8 @@ class Quantized(leaf_lib.Compressed):
     return jnp.take_along_axis(book.T, q.astype(jnp.int32), axis=0)  # per-column levels
 
   def materialize(self):
+    if len(self.shape) == 3:
+      return self._per_expert(lambda w: w.materialize())
     w = self._levels(self.codes_unpacked())
     if self.scale is not None:
       w = w * _expand(self.scale, self.shape[0]).astype(jnp.float32)
@@ -131,6 +147,8 @@ class Quantized(leaf_lib.Compressed):
   def dequantize(self, dtype=None) -> jax.Array:
     """The dense weight [in, out] in `dtype` (default: the leaf's), formed group-wise with broadcast scales."""
     dtype = self.dtype if dtype is None else dtype
+    if len(self.shape) == 3:
+      return self._per_expert(lambda w: w.dequantize(dtype))
     if self.fmt != 'int' or self.scale is None:
       return self.materialize().astype(dtype)
     rows, out = self.shape
@@ -149,7 +167,7 @@ class Quantized(leaf_lib.Compressed):
     slower than its float32 one), see experiments/benchmarks/quant_matmul.py.
     """
     kernel = _KERNELS.get(jax.default_backend())
-    if kernel is not None and kernel[0](self, x):
+    if kernel is not None and len(self.shape) == 2 and kernel[0](self, x):
       return kernel[1](x, self)
     return jnp.matmul(x, self.dequantize(x.dtype))
 
@@ -267,6 +285,7 @@ def fake_quantize(w: jax.Array, **kwargs) -> jax.Array:
 
 
 _SIDE = ('scale', 'zero', 'codebook')
+_ARRAYS = ('codes', *_SIDE)
 
 
 def _encode(w: Quantized, out: serialize.Writer) -> dict:
@@ -291,7 +310,7 @@ def _decode(desc: dict, src: serialize.Reader) -> Quantized:
   else:
     codes = jnp.asarray(serialize.unpack_bits(raw, bits, math.prod(shape)).reshape(shape))
     if desc['packed']:
-      codes = pack_codes(codes, bits)
+      codes = jax.vmap(lambda c: pack_codes(c, bits))(codes) if len(shape) == 3 else pack_codes(codes, bits)
   side = {f: (jnp.asarray(src.get(f'.{f}')) if f in desc['fields'] else None) for f in _SIDE}
   return Quantized(codes=codes, **side, bits=bits, group_size=desc['group_size'], fmt=desc['fmt'],
                    packed=desc['packed'], logical_shape=shape)

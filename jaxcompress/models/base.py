@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxcompress import core
 from jaxcompress.core.select import HEADS, KERNELS, Patterns
-from jaxcompress.models import layers
+from jaxcompress.models import layers, moe
 
 Params = dict[str, Any]
 # A sharding rule: (regex over weight paths, mesh axis of each dimension); the first matching rule wins.
@@ -74,6 +74,9 @@ class Model(abc.ABC):
   # Regexes of the output heads' paths, for core.select(heads=...); families declare theirs.
   head_patterns: ClassVar[tuple[str, ...]] = (HEADS,)
   linear_groups: ClassVar[tuple[LinearGroup, ...]] = ()  # each block's linears by shared input, in call order
+  # Stacked expert weights [E, in, out] of mixture-of-experts blocks (models.moe), by the linear group whose
+  # input they take: `block_structure(block)` adds them to the group of that name when the block holds them.
+  routed_groups: ClassVar[tuple[LinearGroup, ...]] = ()
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 
@@ -254,8 +257,8 @@ class Model(abc.ABC):
     with layers.capture_inputs() as records:
       module = self.bind(params)
       module.head(self._trunk(module, tokens, attention_mask, positions, token_types))
-    names = _linear_names(module)
-    return collections.OrderedDict((names[i], x) for i, x in records)
+    name = _input_names(module)  # a mixture-of-experts MLP's stacked weights give `layers.Routed` inputs
+    return collections.OrderedDict((name(i, x), x) for i, x in records)
 
   def block_params(self, params: Params, i: int) -> Params:
     """Block i's parameters with `Shared` references resolved against `params['_shared']`."""
@@ -272,7 +275,10 @@ class Model(abc.ABC):
     """The block's linears grouped by shared input, in call order (see `LinearGroup`).
 
     With block_params, kernels absent from them (a structurally removed layer) are left out, and groups left
-    empty are dropped.
+    empty are dropped; a mixture-of-experts block's stacked expert weights (`routed_groups`: e.g. 'mlp/gate',
+    'mlp/up' [E, d, f] in 'mlp_in', 'mlp/down' in 'mlp_out') join the group whose input they take, routed per
+    expert. The router [d, E] is no group's: it stays float (it is tiny, and a rounding error in it changes
+    which experts a token runs).
     """
     if not self.linear_groups:
       raise ValueError(f'{type(self).__name__} declares no linear_groups; set the class attribute to its blocks\' '
@@ -280,17 +286,22 @@ class Model(abc.ABC):
     if block_params is None:
       return self.linear_groups
     flat = core.paths.flatten(block_params)
-    groups = (g._replace(kernels=tuple(k for k in g.kernels if k in flat)) for g in self.linear_groups)
+    routed = {g.name: g.kernels for g in self.routed_groups}
+    groups = (g._replace(kernels=tuple(k for k in g.kernels + routed.get(g.name, ()) if k in flat))
+              for g in self.linear_groups)
     return tuple(g for g in groups if g.kernels)
 
   def block_with_inputs(self, block_params: Params, h: jax.Array, ctx: layers.Context,
                         observe: Callable[[str, jax.Array], None]) -> jax.Array:
     """One block (h [B, T, D] -> [B, T, D]) that calls observe(kernel path within the block, input [B, T, in])
     as each linear runs, in call order. Inside a jit, folding x into statistics in `observe` lets XLA free
-    each input as soon as it is folded, instead of returning every input of the block."""
+    each input as soon as it is folded, instead of returning every input of the block.
+
+    A mixture-of-experts MLP calls observe(weight path, `layers.Routed`) for each stacked expert weight
+    ('mlp/up', 'mlp/gate', 'mlp/down'): its experts' inputs [E, C, in] and which slots hold routed tokens."""
     blk = self.bind_block(_resolve_block(block_params))
-    names = _linear_names(blk)
-    with layers.observe_inputs(lambda module, x: observe(names[id(module)], x)):
+    name = _input_names(blk)
+    with layers.observe_inputs(lambda module, x: observe(name(id(module), x), x)):
       return blk(h, ctx)[0]
 
   def head_with_inputs(self, params: Params, h: jax.Array, observe: Callable[[str, jax.Array], None]
@@ -386,6 +397,15 @@ def _collect(wanted: tuple[str, ...], hidden: list, probs: list) -> dict[str, An
 def _linear_names(module: nnx.Module) -> dict[int, str]:
   return {id(node): '/'.join(str(p) for p in path) + '/kernel'
           for path, node in nnx.iter_graph(module) if isinstance(node, layers.Linear)}
+
+
+def _input_names(module: nnx.Module) -> Callable[[int, Any], str]:
+  """(id of a module, what observe_inputs handed over) -> the weight's path: a Linear's kernel, or a stacked expert
+  weight of a mixture-of-experts MLP ('layers/0/mlp/up' for `layers.Routed('up', ...)`)."""
+  names = _linear_names(module)
+  names.update({id(node): '/'.join(str(p) for p in path)
+                for path, node in nnx.iter_graph(module) if isinstance(node, moe.MoEMLP)})
+  return lambda i, x: f'{names[i]}/{x.name}' if isinstance(x, layers.Routed) else names[i]
 
 
 def _resolve_block(block_params: Params) -> Params:

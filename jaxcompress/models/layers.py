@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.extend
@@ -48,7 +49,8 @@ _OBSERVER: contextvars.ContextVar[tuple | None] = contextvars.ContextVar('jaxcom
 
 @contextlib.contextmanager
 def observe_inputs(fn: Callable[[nnx.Module, jax.Array], None]):
-  """Within this context every `Linear` call runs fn(module, x) first, x: its input [..., in], in call order.
+  """Within this context every `Linear` call runs fn(module, x) first, x: its input [..., in], in call order; a
+  mixture-of-experts MLP (`models.moe.MoEMLP`) runs fn(module, Routed(...)) for each of its stacked expert weights.
 
   A Linear that runs inside a transform nested in the one that entered the context (`lax.scan` and
   `jax.checkpoint` in `apply(scan=True, remat=True)`, a `vmap`) raises instead: its input would be a tracer of
@@ -67,6 +69,26 @@ def capture_inputs():
   records: list[tuple[int, jax.Array]] = []
   with observe_inputs(lambda module, x: records.append((id(module), x))):
     yield records
+
+
+class Routed(NamedTuple):
+  """The input of one stacked expert weight [E, in, out] (`models.moe`), as `observe_inputs` hands it over.
+
+  name:  the weight's name within its module ('up', 'gate', 'down').
+  x:     [E, C, in] the rows each expert multiplies (C capacity slots per expert).
+  token: [E, C] int32, the row of the flattened input [N, in] each slot holds; None: slot c holds row c (C = N).
+  keep:  [E, C] bool, the slot holds a token routed to that expert (False: an empty slot, whose row is junk).
+  """
+
+  name: str
+  x: jax.Array
+  token: jax.Array | None
+  keep: jax.Array
+
+
+def observe_routed(module: nnx.Module, routed: Routed) -> None:
+  """Hands a stacked expert weight's routed input to the active `observe_inputs` function (as its x)."""
+  _observe(module, routed)
 
 
 def _trace_state():

@@ -144,6 +144,11 @@ class Llama(base.Model):
       base.LinearGroup('attn_out', ('attn/o_proj/kernel',)),
       base.LinearGroup('mlp_in', ('mlp/gate_proj/kernel', 'mlp/up_proj/kernel'), 'mlp_norm'),
       base.LinearGroup('mlp_out', ('mlp/down_proj/kernel',)))
+  # MoE blocks (moe_experts > 0): the stacked experts take the routed tokens of mlp_norm's output (gate, up) and
+  # their own hidden activations (down). mlp_norm feeds every expert, so it cannot absorb per-expert scales.
+  routed_groups: ClassVar[tuple[base.LinearGroup, ...]] = (
+      base.LinearGroup('mlp_in', ('mlp/up', 'mlp/gate'), 'mlp_norm'),
+      base.LinearGroup('mlp_out', ('mlp/down',)))
   head_patterns: ClassVar[tuple[str, ...]] = (r'^lm_head/',)  # absent when tied to the embedding
 
   def sharding_rules(self):

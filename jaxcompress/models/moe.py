@@ -10,11 +10,16 @@ expert, its C = min(N, ceil(capacity_factor N top_k / E)) highest-scoring tokens
 and runs the expert on them only: FFN FLOPs are C E / N of the dense MLP's (capacity_factor top_k / E). A
 token an expert has no room for loses that expert's contribution (counted in the returned drop fraction);
 with top_k = E and capacity_factor >= 1, every expert takes every token and the MLP is the dense one.
+
+Layer-wise calibration: `dispatch(..., observe=)` hands each stacked weight's routed input over as a
+`layers.Routed` (the driver keeps per-expert statistics); GPTQ / SparseGPT / Wanda compress each expert from
+them. The router is left float: it is tiny (d E), and a rounding error in it changes which experts run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +68,14 @@ def capacity_of(n: int, experts: int, top_k: int, capacity: float) -> int:
   return min(n, math.ceil(capacity * n * top_k / experts))
 
 
-def dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: float = 1.25
-             ) -> tuple[jax.Array, jax.Array]:
+def dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: float = 1.25,
+             observe: Callable[[layers.Routed], None] | None = None) -> tuple[jax.Array, jax.Array]:
   """The top_k MLP computing only the selected experts: x [N, d] -> (y [N, d], fraction of (token, expert)
-  selections dropped for lack of capacity, a float32 scalar). Equals `dense` when nothing is dropped."""
+  selections dropped for lack of capacity, a float32 scalar). Equals `dense` when nothing is dropped.
+
+  observe: called with each stacked weight's routed input (`layers.Routed`: 'up' and 'gate' get the dispatched
+    tokens [E, C, d], 'down' gets act(gate) * up of them [E, C, f]; slots without a routed token have keep
+    False), for layer-wise calibration."""
   n, d = x.shape
   e = moe['router'].shape[1]
   cap = capacity_of(n, e, top_k, capacity_factor)
@@ -80,6 +89,11 @@ def dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: flo
     top, idx = jax.lax.top_k(pick, cap)  # [E, C]: each expert's highest-scoring tokens among those that chose it
     keep = jnp.isfinite(top)
     xe = jnp.take(x, idx, axis=0)  # [E, C, d]
+  token = None if idx is None else idx.astype(jnp.int32)
+  if observe is not None:
+    observe(layers.Routed('up', xe, token, keep))
+    if 'gate' in moe:
+      observe(layers.Routed('gate', xe, token, keep))
   # Expert-major batched matmuls (the expert axis leading in every operand: no transposes).
   h = jnp.einsum('ecd,edf->ecf', xe, moe['up'])
   if 'up_bias' in moe:
@@ -91,6 +105,8 @@ def dispatch(x: jax.Array, moe: dict, top_k: int, act: str, capacity_factor: flo
     h = layers.activation(act)(g) * h
   else:
     h = layers.activation(act)(h)
+  if observe is not None:
+    observe(layers.Routed('down', h, token, keep))
   ye = jnp.einsum('ecf,efd->ecd', h, moe['down']) * keep[..., None].astype(x.dtype)
   y = ye.sum(0) if idx is None else jnp.zeros_like(x).at[idx.reshape(-1)].add(ye.reshape(-1, d))
   if 'down_bias' in moe:
@@ -126,5 +142,6 @@ class MoEMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     lead = x.shape[:-1]
-    y, _ = dispatch(x.reshape(-1, x.shape[-1]), self.weights(), self.top_k, self.act, self.capacity)
+    y, _ = dispatch(x.reshape(-1, x.shape[-1]), self.weights(), self.top_k, self.act, self.capacity,
+                    observe=lambda routed: layers.observe_routed(self, routed))
     return y.reshape(*lead, -1)

@@ -3,7 +3,10 @@ outputs of the already pruned blocks (`calibration.run_sequential`), each kernel
 
     params = pruning.sparsegpt(model, params, batches, config=pruning.SparseGPTConfig(pattern='2:4'))
 
-The layer solvers live in `wanda.py` and `sparsegpt.py`; this file only walks the model.
+The layer solvers live in `wanda.py` and `sparsegpt.py`; this file only walks the model. Mixture-of-experts
+weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) count as kernels for include / exclude and are pruned
+expert by expert from each expert's routed tokens (`calibration.solve_experts`, over the driver's mesh); an
+expert no calibration token reached is pruned by magnitude. The router stays dense.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import jax.numpy as jnp
 
 from jaxcompress import calibration, core
 from jaxcompress.core.select import KERNELS
@@ -68,21 +73,29 @@ def wanda(model: Model, params: Params, batches: Iterable[Any], *, config: Wanda
   'attention_mask'). driver_kwargs go to `calibration.run_sequential` (mesh, offload, ...).
   """
 
-  def solve(path, w, stats, sparsity):
-    return wanda_from_norms(w, stats['sq_norm'], sparsity=sparsity, pattern=config.pattern)
+  def solve(w, sq_norm, sparsity):
+    return wanda_from_norms(w, sq_norm, sparsity=sparsity, pattern=config.pattern)
 
-  return _sequential(model, params, batches, calibration.column_norms(), solve, config, driver_kwargs)
+  def statistic(stats, experts):
+    # an expert no calibration token reached: every input counts alike (magnitude pruning)
+    return jnp.where((stats['count'] == 0)[:, None], 1.0, stats['sq_norm']) if experts else stats['sq_norm']
+
+  return _sequential(model, params, batches, calibration.column_norms(), solve, statistic, config, driver_kwargs)
 
 
 def sparsegpt(model: Model, params: Params, batches: Iterable[Any], *,
               config: SparseGPTConfig = SparseGPTConfig(), **driver_kwargs) -> Params:
   """SparseGPT on every selected block kernel, true-sequentially (see `SparseGPTConfig.per_group`)."""
 
-  def solve(path, w, stats, sparsity):
-    return sparsegpt_from_hessian(w, stats['xtx'], sparsity=sparsity, pattern=config.pattern,
+  def solve(w, xtx, sparsity):
+    return sparsegpt_from_hessian(w, xtx, sparsity=sparsity, pattern=config.pattern,
                                   block_size=config.block_size, damp=config.damp)
 
-  return _sequential(model, params, batches, calibration.hessian(), solve, config, driver_kwargs)
+  def statistic(stats, experts):
+    # an expert no calibration token reached: white inputs (magnitude pruning)
+    return calibration.experts.unseen_identity(stats['xtx'], stats['count']) if experts else stats['xtx']
+
+  return _sequential(model, params, batches, calibration.hessian(), solve, statistic, config, driver_kwargs)
 
 
 def _rules(config, model: Model | None) -> core.Rules:
@@ -91,14 +104,24 @@ def _rules(config, model: Model | None) -> core.Rules:
   return core.Rules(include=config.include, exclude=config.exclude)
 
 
-def _sequential(model, params, batches, observer, solve, config, driver_kwargs):
+def _experts(model: Model, params: Params, rules: core.Rules) -> set[str]:
+  """Paths of the stacked expert weights of mixture-of-experts blocks (`model.routed_groups`, e.g.
+  'layers/0/mlp/up' [E, d, f]) that `rules` choose: each counts as a kernel ('layers/0/mlp/up/kernel' for the
+  include / exclude patterns), so the default include=KERNELS prunes them expert by expert."""
+  names = {k for g in model.routed_groups for k in g.kernels}
+  flat = core.paths.flatten(params)
+  return {f'{model.block_path}/{i}/{k}' for i in range(model.num_layers(params)) for k in names
+          if f'{model.block_path}/{i}/{k}' in flat and rules.matches(f'{model.block_path}/{i}/{k}/kernel')}
+
+
+def _sequential(model, params, batches, observer, solve, statistic, config, driver_kwargs):
   name = type(config).__name__.removesuffix('Config').lower()
   masks_lib.check_sparsity(config.sparsity, caller=name)
   masks_lib.parse_pattern(config.pattern, caller=name)
   rules = _rules(config, model)
   chosen = set(core.select_by(params, rules))
   prefix = f'{model.block_path}/'
-  chosen = {p for p in chosen if p.startswith(prefix)}
+  chosen = {p for p in chosen if p.startswith(prefix)} | _experts(model, params, rules)
   if not chosen:
     raise ValueError(f'{name}: include={config.include!r} exclude={config.exclude!r} matches no kernel of the '
                      f"model's blocks; see model.select(params) for the paths.")
@@ -116,10 +139,13 @@ def _sequential(model, params, batches, observer, solve, config, driver_kwargs):
       nm = isinstance(masks_lib.parse_pattern(config.pattern), tuple)
       if sparsities[full] == 0 and not nm:
         return w  # an override keeping this kernel dense
-      return solve(full, w, stats[p], sparsities[full])
+      if len(core.shape_of(w)) == 3:  # stacked experts: one solve per expert, spread over the mesh
+        return calibration.solve_experts(lambda we, s: solve(we, s, sparsities[full]), w,
+                                         statistic(stats[p], True), mesh=driver_kwargs.get('mesh'))
+      return solve(w, statistic(stats[p], False), sparsities[full])
 
     return core.map_with_path(one, block)
 
   pruned, _ = calibration.run_sequential(model, params, batches, observer, compress_block, keep_stats=False,
-                                         per_group=config.per_group, **driver_kwargs)
+                                         per_group=config.per_group, experts=True, **driver_kwargs)
   return pruned

@@ -262,24 +262,37 @@ class GPTQConfig:
   damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
 
 
-def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: bool = False):
+def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: bool = False, mesh=None):
   """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
   down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
 
-  model, params, batches: as in `calibration.run_sequential`. Returns params with `core.Quantized` kernels
-  (`core.Masked(core.Quantized)` where a kernel was `Masked`: its kept values are quantized, its mask kept).
+  Mixture-of-experts weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) are quantized expert by expert,
+  each from the Hessian of the tokens routed to it (`calibration.solve_experts`, spread over `mesh`'s devices);
+  an expert no calibration token reached is rounded to nearest (identity Hessian). The router stays float.
+  model, params, batches: as in `calibration.run_sequential`; mesh: its data-parallel mesh, also used for the
+  expert solves. Returns params with `core.Quantized` kernels (`core.Masked(core.Quantized)` where a kernel was
+  `Masked`: its kept values are quantized, its mask kept; stacked [E, in, out] leaves for experts).
   """
-  def one(w, xtx):
-    kw = dict(bits=config.bits, group_size=config.group_size, act_order=config.act_order,
-              symmetric=config.symmetric, block_size=config.block_size, damp=config.damp)
-    if isinstance(w, core.Masked):  # a pruned kernel: its kept weights quantized, the pruned ones compensated
-      return core.Masked(gptq_from_hessian(w.materialize(), xtx, mask=w.mask, **kw), w.mask)
-    return gptq_from_hessian(w, xtx, **kw)
+  solve = functools.partial(gptq_from_hessian, bits=config.bits, group_size=config.group_size,
+                            act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
+                            damp=config.damp)
+
+  def one(w, st):
+    # a pruned kernel (Masked): its kept weights quantized, the pruned ones counted as 0 and compensated
+    mask = w.mask if isinstance(w, core.Masked) else None
+    dense = w.materialize() if mask is not None else w
+    if len(core.shape_of(w)) == 3:  # stacked experts
+      h = calibration.experts.unseen_identity(st['xtx'], st['count'])
+      q = (calibration.solve_experts(solve, dense, h, mesh=mesh) if mask is None else
+           calibration.solve_experts(lambda we, he, me: solve(we, he, mask=me), dense, h, mask, mesh=mesh))
+    else:
+      q = solve(dense, st['xtx'], mask=mask)
+    return q if mask is None else core.Masked(q, mask)
 
   def compress_block(i, block, stats):
     del i
-    return core.paths.replace(block, {p: one(core.paths.get(block, p), st['xtx']) for p, st in stats.items()})
+    return core.paths.replace(block, {p: one(core.paths.get(block, p), st) for p, st in stats.items()})
 
   params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
-                                         per_group=True, keep_stats=False, offload=offload)
+                                         per_group=True, keep_stats=False, offload=offload, mesh=mesh, experts=True)
   return params

@@ -332,7 +332,7 @@ def test_quantize_rejects_unknown_fmt():
     (dict(bits=0), 'bits'),
     (dict(bits=9), 'bits'),
     (dict(fmt='nf4', bits=3), 'bits'),
-    (dict(logical_shape=(4, 2, 2)), 'logical_shape'),
+    (dict(logical_shape=(4, 2, 2, 1)), 'logical_shape'),  # [in, out] or [experts, in, out] only
 ])
 def test_quantized_constructor_validates(kwargs, name):
   fields = dict(codes=jnp.zeros((4, 4), jnp.uint8), scale=jnp.ones((1, 4)), bits=4, logical_shape=(4, 4))
