@@ -17,7 +17,18 @@ down_proj over 128 x 2048 tokens) are never held. `offload=True` keeps the hidde
 blocks. Parameters may stay on the host (numpy): they move to the device one block at a time.
 
 With `mesh=`, batch rows are split over the mesh's data axis (each process passes its own rows) and the
-statistics, being sums or maxima over rows, are all-reduced by the partitioner inside the same jit.
+statistics, being sums or maxima over rows, are all-reduced by the partitioner inside the same jit. That sum
+runs in an order set by the device count, so 1 device and 2 processes agree only to float32 rounding (~1e-7),
+and layer-wise solvers (SparseGPT, GPTQ) turn those last bits into other masks and codes.
+
+`deterministic=True` makes the statistics the same to the bit for 1 device, N devices and P processes (when
+the batch rows divide evenly over the data axis): each row's contribution c_r = update(init, x_r, mask_r) is
+computed on the device that holds row r (one vmap over the batch, the same per-row program everywhere), the
+B contributions are merged in a pairwise tree fixed by B alone ((c0+c1) + (c2+c3)) + ... (the first levels
+within a device, the last across devices; each merge is elementwise, so where it runs changes no bit), and
+the batch total is merged into the running statistics. Cost: the per-row statistics of the device's rows are
+held at once, about 2 x (B / data devices) x the statistics' size (a 4096-wide hessian: 64 MiB per row), and
+the wide in-place hessian update (`observers.WIDE`) gains nothing there.
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ class Rows(NamedTuple):
 
 def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Observer, *,
               mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = 'data', offload: bool = False,
-              head: bool = True, on_step: OnStep | None = None) -> dict[str, Stats]:
+              head: bool = True, deterministic: bool = False, on_step: OnStep | None = None) -> dict[str, Stats]:
   """{kernel path: statistics} of every linear layer the forward pass runs, streamed batch by batch.
 
   model, params: the model spec and its parameters (numpy or jax; `Shared` storage resolved per block).
@@ -69,13 +80,16 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
   mesh, data_axis: split batch rows over this mesh axis (or axes); statistics come back replicated.
   offload: keep the hidden states between blocks on the host instead of the device.
   head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
+  deterministic: fold the statistics row by row in an order fixed by the batch size, so they are identical to
+    the bit for any number of devices and processes (rows must divide evenly over the data axis); costs
+    about 2 x (rows per device) x the statistics' size of transient memory (module docstring).
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
   if _RECORDING:
     raise NotSequential('calibrate: the statistics of the whole uncompressed model are asked for, not a block '
                         'by block compression (run_sequential).')
   stats, _ = _run(model, params, batches, observer, None, mesh=mesh, data_axis=data_axis, offload=offload,
-                  head=head, keep_stats=True, on_step=on_step)
+                  head=head, keep_stats=True, on_step=on_step, deterministic=deterministic)
   return stats
 
 
@@ -116,7 +130,7 @@ def record_sequential():
 def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
-                   per_group: bool = False, calibrate_on: str = 'compressed',
+                   per_group: bool = False, calibrate_on: str = 'compressed', deterministic: bool = False,
                    on_step: OnStep | None = None) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
@@ -131,7 +145,9 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     compressed so far and call compress_block(i, block_params, stats of that group) (one pass over the
     batches per group instead of one per block).
   Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
-  host). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
+  host). deterministic=True: statistics identical to the bit for any number of devices and processes, so a
+  deterministic compress_block gives the same masks and codes on 1 device, N devices and P processes (see
+  `calibrate`). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
   keep_stats else {}). Other arguments as in `calibrate`.
   """
   if not callable(compress_block):
@@ -149,7 +165,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     return params, {}
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
                        offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group,
-                       original=calibrate_on == 'original')
+                       original=calibrate_on == 'original', deterministic=deterministic)
   return params, stats
 
 
@@ -157,7 +173,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
 
 
 def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
-         per_group=False, original=False):
+         per_group=False, original=False, deterministic=False):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
   if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
@@ -169,11 +185,15 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   rows = [place.rows(_as_rows(b, j)) for j, b in enumerate(batches)]
   if not rows:
     raise ValueError('calibrate: batches is empty; give at least one batch of tokens [B, T].')
+  if deterministic:
+    place.check_even(rows)
   shardings = place.shardings()
 
   rest, abstract = _outside_blocks(model, params)
-  embed = jax.jit(lambda rest, r: _constrain_rows(
-      model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  embed_rows = lambda rest, r: model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types)
+  if deterministic:  # one row at a time, as the blocks (`_by_rows`)
+    embed_rows = functools.partial(_embed_by_rows, embed_rows, shardings)
+  embed = jax.jit(lambda rest, r: _constrain_rows(embed_rows(rest, r), shardings))
   rest_dev = place.replicated(rest)
   hs = []
   for j, r in enumerate(rows):
@@ -192,7 +212,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
       stats = {p: place.replicated(observer.init(p, shapes[p])) for p in kernels}
       for j, r in enumerate(rows):
         out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
-                                 outputs=compress_block is None)
+                                 outputs=compress_block is None, deterministic=deterministic)
         if compress_block is None:
           hs[j] = place.keep(out)
         out = None  # the device copy of an offloaded output goes now, not at the next step
@@ -222,7 +242,8 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
     rest_dev = place.replicated(rest)
     names = _head_shapes(model, rest, abstract, place.fetch(hs[0]))
     stats = {p: place.replicated(observer.init(p, n)) for p, n in names}
-    head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings), donate_argnums=(3,))
+    head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings, deterministic),
+                        donate_argnums=(3,))
     for j, r in enumerate(rows):
       stats = head_step(rest_dev, place.fetch(hs[j]), r, stats)
       on_step('head', -1, j)
@@ -233,13 +254,17 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   return out_stats, _with_blocks(model, params, new_blocks)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs'), donate_argnames=('stats',))
+@functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs', 'deterministic'),
+                   donate_argnames=('stats',))
 def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.Array, rows: Rows, stats,
-                *, shardings, outputs: bool):
+                *, shardings, outputs: bool, deterministic: bool = False):
   """One block on one batch: (output [B, T, D] or None, stats with this batch's linear inputs folded in).
 
   observer None: the plain forward (sequential mode's recomputation). Compiled once per block shape.
+  deterministic: one row at a time, statistics folded in a device-count-free order (`_by_rows`).
   """
+  if deterministic:
+    return _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outputs)
   ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
   if observer is None:
     return _constrain_rows(model.block(block, h, ctx), shardings), None
@@ -254,7 +279,14 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
   return (_constrain_rows(out, shardings) if outputs else None), _constrain_stats(stats, shardings)
 
 
-def _head_step(model, observer, abstract, shardings, rest, h, rows, stats):
+def _head_step(model, observer, abstract, shardings, deterministic, rest, h, rows, stats):
+  if deterministic:
+    def row(rest, h, r):
+      return None, _row_stats(observer, set(stats), rows_weights=_token_weights(r),
+                              run=lambda observe: model.head_with_inputs(_fill(rest, abstract), h, observe))
+
+    _, per_row = _by_rows(row, shardings, rest, h, rows)
+    return _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
   weights = _token_weights(rows)
   stats = dict(stats)
 
@@ -263,6 +295,94 @@ def _head_step(model, observer, abstract, shardings, rest, h, rows, stats):
 
   model.head_with_inputs(_fill(rest, abstract), h, observe)  # logits unused: XLA drops the head's last matmul
   return _constrain_stats(stats, shardings)
+
+
+# Deterministic mode: every row alone, statistics merged in an order fixed by the batch size -------------------
+
+
+def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outputs):
+  """`_block_step` with deterministic=True.
+
+  XLA's code for an op depends on its shapes (a reduction or an exp over 8 rows can round differently from the
+  same op over 2), so the block runs one row at a time, [1, T, D], as the same program on every device; each
+  row's statistics are kept apart and merged by `_fold_rows`.
+  """
+  kernels = set(stats) if observer is not None else set()
+
+  def row(block, h, r):
+    ctx = model.context(r.tokens, attention_mask=r.attention_mask)
+    out = []
+    per_row = _row_stats(observer, kernels, _token_weights(r),
+                         lambda observe: out.append(model.block_with_inputs(block, h, ctx, observe)))
+    return out[0], per_row
+
+  out, per_row = _by_rows(row, shardings, block, h, rows)
+  out = _constrain_rows(out, shardings) if outputs else None
+  if observer is None:
+    return out, None
+  return out, _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
+
+
+def _row_stats(observer, kernels, rows_weights, run) -> dict[str, Stats]:
+  """{path: statistics of this row alone} of the kernels named, from run(observe)."""
+  out = {}
+
+  def observe(path, x):
+    if path in kernels:
+      x = x.reshape(-1, x.shape[-1])
+      start = out[path] if path in out else observer.init(path, x.shape[-1])
+      out[path] = observer.update(start, x, rows_weights)
+
+  run(observe)
+  return out
+
+
+def _by_rows(row, shardings, consts, h, rows):
+  """row(consts, h [1, T, D], rows [1, T]) -> (out [1, ...] or None, stats) run for each row of h [B, ...]:
+  (outs [B, ...], stats stacked [B, ...]). A loop over the rows each device holds (`lax.map`; a shard_map over
+  the data axis with a mesh), so every device runs the one-row program, whatever its number of rows."""
+
+  def local(consts, h, rows):
+    def one(args):
+      h, r = args
+      out, stats = row(consts, h[None], jax.tree.map(lambda x: x[None], r))
+      return (None if out is None else out[0]), stats
+
+    return jax.lax.map(one, (h, rows))
+
+  if shardings is None:
+    return local(consts, h, rows)
+  split = shardings[0].spec
+  return jax.shard_map(local, mesh=shardings[0].mesh, in_specs=(PartitionSpec(), split, split), out_specs=split,
+                       check_vma=False)(consts, h, rows)
+
+
+def _fold_rows(observer: Observer, stats: dict[str, Stats], per_row: dict[str, Stats]) -> dict[str, Stats]:
+  """stats merged with the batch's statistics, summed in an order that only the batch size B decides.
+
+  per_row: {path: stats of each row, leaves [B, ...]} (rows split over the data axis). Rows are merged
+  pairwise, row 2k with row 2k + 1, level by level (an odd last row goes up unmerged) until one is left, then
+  merged into stats. Each merge is elementwise, so whether it runs within a device or after the partitioner
+  moved rows across devices and processes, its bits are the same.
+  """
+  merge = jax.vmap(observer.merge)
+  out = dict(stats)
+  for path, c in per_row.items():
+    n = jax.tree.leaves(c)[0].shape[0]
+    while n > 1:
+      half = n // 2
+      pairs = jax.tree.map(lambda x: x[:2 * half].reshape(half, 2, *x.shape[1:]), c)
+      merged = merge(jax.tree.map(lambda x: x[:, 0], pairs), jax.tree.map(lambda x: x[:, 1], pairs))
+      if n % 2:
+        merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, c)
+      c, n = merged, half + n % 2
+    out[path] = observer.merge(stats[path], jax.tree.map(lambda x: x[0], c))
+  return out
+
+
+def _embed_by_rows(embed, shardings, rest, rows):
+  tokens = jnp.zeros(rows.tokens.shape + (0,), jnp.float32)  # _by_rows maps over rows of h: a placeholder
+  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, tokens, rows)[0]
 
 
 def _token_weights(rows: Rows) -> jax.Array:
@@ -398,6 +518,17 @@ class _Placement(NamedTuple):
 
   def keep_stats(self, stats):
     return _to_host(stats) if self.offload else stats
+
+  def check_even(self, rows: list[Rows]) -> None:
+    """deterministic=True needs every data device to hold whole rows of every batch (no padding rows)."""
+    if self.mesh is None:
+      return
+    axes = (self.data_axis,) if isinstance(self.data_axis, str) else tuple(self.data_axis)
+    n = int(np.prod([self.mesh.shape[a] for a in axes]))
+    for j, r in enumerate(rows):
+      if r.tokens.shape[0] % n:
+        raise ValueError(f'deterministic=True: batch {j} has {r.tokens.shape[0]} rows, which do not divide over '
+                         f'the {n} devices of data axis {self.data_axis!r}; give a multiple of {n} rows per batch.')
 
 
 def _to_host(tree):

@@ -67,7 +67,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
                         batches: Iterable[Any], *, observer: Observer | None = None, recipe: Mapping[str, Any],
                         seed: int = 0, per_group: bool = False, dtype: Any = None,
                         mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = 'data',
-                        layers: int | None = None, on_block: OnBlock | None = None,
+                        layers: int | None = None, deterministic: bool = False, on_block: OnBlock | None = None,
                         on_step: driver.OnStep | None = None) -> dict[str, Any]:
   """Compresses the HF checkpoint in `input_dir` block by block into `output_dir`; returns the manifest.
 
@@ -91,6 +91,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   mesh, data_axis: split batch rows over the mesh's data axis (`calibrate(mesh=)`); hidden states on disk
     hold this process's rows; process 0 writes the output files.
   layers: stop after this many blocks (a partial run, e.g. for timing); the same call without it goes on.
+  deterministic: statistics identical to the bit for any number of devices and processes (`calibrate`), so
+    the blocks written are too; part of the fingerprint.
   Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
   h_XXXXX_sM[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
   """
@@ -111,6 +113,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     prefix = f'{model.block_path}/'
     read_block = lambda i: ckpt.read(lambda p: p.startswith(f'{prefix}{i}/'))[model.block_path][i]
     fingerprint = _fingerprint(ckpt, recipe, seed, rows, plans, dtype)
+    if deterministic:  # other statistics bits: not to be mixed with blocks of the default reduction
+      fingerprint['deterministic'] = True
     # process 0 prepares the directory (refusal, rest files, trimming); the others then read its manifest
     manifest = _open_output(out, fingerprint, writer) if writer else None
     if writer and 'rest' not in manifest:
@@ -139,6 +143,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     if start >= stop:
       return manifest
     dev_rows = [place.rows(r) for r in rows]
+    if deterministic:
+      place.check_even(dev_rows)
     acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
     shardings = place.shardings()
     begin = start
@@ -161,7 +167,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           stats = {p: place.replicated(plan.observer.init(p, shapes[p])) for p in kernels}
           for j, r in enumerate(dev_rows):
             _, stats = driver._block_step(model, plan.observer, block, place.fetch(acts.read(h_path, j)), r, stats,
-                                          shardings=shardings, outputs=False)
+                                          shardings=shardings, outputs=False, deterministic=deterministic)
             if on_step:
               on_step('stats', i, j)
           stats = {p: stats[p] for p in kernels}
