@@ -21,14 +21,20 @@ statistics, being sums or maxima over rows, are all-reduced by the partitioner i
 runs in an order set by the device count, so 1 device and 2 processes agree only to float32 rounding (~1e-7),
 and layer-wise solvers (SparseGPT, GPTQ) turn those last bits into other masks and codes.
 
-`deterministic=True` makes the statistics the same to the bit for 1 device, N devices and P processes (when
-the batch rows divide evenly over the data axis): each row's contribution c_r = update(init, x_r, mask_r) is
-computed on the device that holds row r (one vmap over the batch, the same per-row program everywhere), the
-B contributions are merged in a pairwise tree fixed by B alone ((c0+c1) + (c2+c3)) + ... (the first levels
-within a device, the last across devices; each merge is elementwise, so where it runs changes no bit), and
-the batch total is merged into the running statistics. Cost: the per-row statistics of the device's rows are
-held at once, about 2 x (B / data devices) x the statistics' size (a 4096-wide hessian: 64 MiB per row), and
-the wide in-place hessian update (`observers.WIDE`) gains nothing there.
+`deterministic=True` makes the statistics and hidden states the same to the bit for 1 device, N devices and P
+processes (when every batch's rows divide evenly over the data axis). The all-reduce is not the only source of
+difference: XLA's code for a reduction or an exp depends on the shapes (a softmax over 8 rows can round
+differently from the same softmax over 2), so the hidden states of 1 device and of 4 differ in the last bits
+too. In this mode the embedding, every block and the head run one row at a time, [1, T, D] (`lax.map` over the
+rows a device holds, inside a shard_map over the data axis with a mesh): the same program on every device,
+whatever its number of rows. Each row's statistics c_r = update(init, x_r, mask_r) are kept apart and merged in
+a pairwise tree fixed by B alone, ((c0 + c1) + (c2 + c3)) + ..., then into the running statistics; each merge
+is elementwise, so where the partitioner runs it (within a device or after moving rows across devices and
+processes) changes no bit. Costs: rows run one by one (smaller matmuls); the statistics of every kernel of a
+pass are held per row for the device's rows, about 1.5 x (B / data devices) x their size (a 4096-wide
+hessian: 64 MiB per row and kernel; per_group=True holds one group's), and the wide in-place hessian update
+(`observers.WIDE`) saves nothing. A block that mixes rows (a mixture-of-experts layer whose expert capacity
+counts the batch's tokens) sees each row alone.
 """
 
 from __future__ import annotations
@@ -80,9 +86,9 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
   mesh, data_axis: split batch rows over this mesh axis (or axes); statistics come back replicated.
   offload: keep the hidden states between blocks on the host instead of the device.
   head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
-  deterministic: fold the statistics row by row in an order fixed by the batch size, so they are identical to
-    the bit for any number of devices and processes (rows must divide evenly over the data axis); costs
-    about 2 x (rows per device) x the statistics' size of transient memory (module docstring).
+  deterministic: run each row alone and merge the statistics in an order fixed by the batch size, so they are
+    identical to the bit for any number of devices and processes (rows must divide evenly over the data
+    axis); costs about 1.5 x (rows per device) x the statistics' size of transient memory (module docstring).
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
   if _RECORDING:

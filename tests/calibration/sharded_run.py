@@ -1,6 +1,7 @@
 """Calibrates a tiny Llama on 1 device, on a mesh of virtual devices, or as one of several processes, and
 writes the statistics (process 0) to an .npz file: the default reduction's under their names, those of
-`deterministic=True` under 'det/' (same mesh) and, with --det_mesh, 'det_mesh/' (another data axis size).
+`deterministic=True` under 'det/' (same mesh) and, with --det_mesh, 'det_mesh/' (another data axis size), and
+the kernels that a deterministic `run_sequential` prunes by the statistics under 'det_seq/'.
 Run by test_sharded.py in fresh subprocesses:
 
     python tests/calibration/sharded_run.py OUT.npz [--mesh=4x2] [--det_mesh=8x1] [--offload]
@@ -32,6 +33,7 @@ def main() -> None:
                                process_id=args.process_id)
   jax.config.update('jax_default_matmul_precision', 'highest')
 
+  import jax.numpy as jnp
   import numpy as np
   from jaxcompress import calibration as cal
   from jaxcompress import core
@@ -54,6 +56,21 @@ def main() -> None:
   out = {**flat('', mesh), **flat('det/', mesh, deterministic=True)}
   if args.det_mesh:  # one process: every row of the batch is this process's
     out.update(flat('det_mesh/', make_mesh(args.det_mesh), deterministic=True))
+
+  def prune(i, block, stats):
+    # keeps the half of each kernel with the larger |w| sqrt(diag XᵀX), so the mask follows the statistics
+    def one(path, w):
+      if path not in stats:
+        return w
+      score = jnp.abs(w) * jnp.sqrt(jnp.diag(stats[path]['xtx']))[:, None]
+      return jnp.where(score >= jnp.median(score), w, 0)
+
+    return core.paths.map_with_path(one, block)
+
+  pruned, _ = cal.run_sequential(LLAMA, params, batches, cal.hessian(), prune, mesh=mesh, data_axis='data',
+                                 offload=args.offload, keep_stats=False, deterministic=True)
+  out.update({f'det_seq/{p}': np.asarray(x) for p, x in core.flatten(pruned['layers']).items()
+              if p.endswith('kernel')})
   if jax.process_index() == 0:
     np.savez(args.out, **out)
 

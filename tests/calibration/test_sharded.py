@@ -1,5 +1,6 @@
 """1 device, 8 virtual devices and 2 processes (gloo) give the same calibration statistics: to float32 rounding
-by default, to the bit with deterministic=True (also with one row per device)."""
+by default, to the bit with deterministic=True (also with one row per device), as the kernels a deterministic
+run_sequential prunes by them."""
 
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   codes = [p.wait(timeout=300) for p in procs]
   assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
   two = dict(np.load(tmp_path / 'two.npz'))
+  pruned = [k for k in one if k.startswith('det_seq/')]
+  assert any(k.endswith('down_proj/kernel') for k in pruned)
+  for name in pruned:
+    assert 0.3 < np.mean(one[name] == 0) < 0.7, name  # pruned by the statistics, not left as it was
+    for other in (eight, two):
+      np.testing.assert_array_equal(other[name], one[name], err_msg=name)
   names = [k for k in one if not k.startswith('det')]
   assert sorted(one) == sorted(two) == sorted(k for k in eight if not k.startswith('det_mesh/'))
   assert sorted(k[len('det_mesh/'):] for k in eight if k.startswith('det_mesh/')) == sorted(names)
