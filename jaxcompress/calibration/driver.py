@@ -345,16 +345,33 @@ def _row_stats(observer, kernels, rows_weights, run) -> dict[str, Stats]:
 
 def _by_rows(row, shardings, consts, h, rows):
   """row(consts, h [1, T, D], rows [1, T]) -> (out [1, ...] or None, stats) run for each row of h [B, ...]:
-  (outs [B, ...], stats stacked [B, ...]). A loop over the rows each device holds (`lax.map`; a shard_map over
-  the data axis with a mesh), so every device runs the one-row program, whatever its number of rows."""
+  (outs [B, ...], stats stacked [B, ...]). A loop over the rows each device holds (a shard_map over the data
+  axis with a mesh), so every device runs the one-row program, whatever its number of rows."""
 
   def local(consts, h, rows):
-    def one(args):
-      h, r = args
-      out, stats = row(consts, h[None], jax.tree.map(lambda x: x[None], r))
+    def one(row_args):
+      out, stats = row(consts, *row_args)
       return (None if out is None else out[0]), stats
 
-    return jax.lax.map(one, (h, rows))
+    n = h.shape[0]
+    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1), (h, rows))
+    put = lambda ys, y, i: jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, i, 0), ys, y)
+    done = jax.eval_shape(one, take(0))
+    ys = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), done)
+
+    # The row's program reads its input from the loop state and leaves its result there, written out one
+    # iteration later: fused with the slicing or the writing out (which XLA simplifies away for a single row)
+    # its first and last ops could round differently for 1 row than for 8 (a layer norm's reduction).
+    def step(i, state):
+      ys, cur, last = state
+      ys = put(ys, last, jnp.maximum(i - 1, 0))  # row i - 1's result (i = 0: zeros, overwritten next)
+      return ys, take(jnp.minimum(i + 1, n - 1)), one(cur)
+
+    last = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), done)
+    # A trip count XLA cannot see, or it would inline a loop of one row into the step.
+    stop = jax.lax.optimization_barrier(jnp.int32(n))
+    ys, _, last = jax.lax.fori_loop(0, stop, step, (ys, take(0), last))
+    return put(ys, last, n - 1)
 
   if shardings is None:
     return local(consts, h, rows)
