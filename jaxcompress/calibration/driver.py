@@ -196,10 +196,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   shardings = place.shardings()
 
   rest, abstract = _outside_blocks(model, params)
-  embed_rows = lambda rest, r: model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types)
-  if deterministic:  # one row at a time, as the blocks (`_by_rows`)
-    embed_rows = functools.partial(_embed_by_rows, embed_rows, shardings)
-  embed = jax.jit(lambda rest, r: _constrain_rows(embed_rows(rest, r), shardings))
+  embed = _embed_step(model, abstract, shardings, deterministic)
   rest_dev = place.replicated(rest)
   hs = []
   for j, r in enumerate(rows):
@@ -401,6 +398,14 @@ def _fold_rows(observer: Observer, stats: dict[str, Stats], per_row: dict[str, S
       c, n = merged, half + n % 2
     out[path] = observer.merge(stats[path], jax.tree.map(lambda x: x[0], c))
   return out
+
+
+def _embed_step(model: Model, abstract: Params, shardings, deterministic: bool):
+  """jit (params outside the blocks, Rows) -> hidden states [B, T, D] (`_outside_blocks` for `abstract`)."""
+  embed_rows = lambda rest, r: model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types)
+  if deterministic:  # one row at a time, as the blocks (`_by_rows`)
+    embed_rows = functools.partial(_embed_by_rows, embed_rows, shardings)
+  return jax.jit(lambda rest, r: _constrain_rows(embed_rows(rest, r), shardings))
 
 
 def _embed_by_rows(embed, shardings, rest, rows):

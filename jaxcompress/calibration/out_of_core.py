@@ -150,7 +150,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     begin = start
     if not all(acts.valid(start, m, manifest) for m in streams):
       stored = lambda i: core.serialize.load(out / block_file(i))
-      begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step)
+      begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step,
+                      deterministic)
 
     for i in range(begin, stop):
       t0 = time.perf_counter()
@@ -192,7 +193,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
         with acts.writer(acts.path(i + 1, m)) as put:
           for j, r in enumerate(dev_rows):
             h = driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r, None,
-                                   shardings=shardings, outputs=True)[0]
+                                   shardings=shardings, outputs=True, deterministic=deterministic)[0]
             put(j, place.keep(h))
             del h
             if on_step:
@@ -511,7 +512,7 @@ def _digests(acts: _ActivationFile, i: int, streams: list[int]) -> dict[str, lis
 
 
 def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_block, stored, dev_rows: list[Rows],
-            place, acts: _ActivationFile, on_step) -> int:
+            place, acts: _ActivationFile, on_step, deterministic: bool) -> int:
   """Hidden states of every stream at block `start`, rebuilt; returns the block the main loop starts at.
 
   Streams 0 (the blocks as read) and n_stages (the blocks as stored) are run forward through blocks
@@ -527,8 +528,7 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
   rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
   abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
   rest_dev = place.replicated(rest)
-  embed = jax.jit(lambda rest, r: driver._constrain_rows(
-      model.embed(driver._fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  embed = driver._embed_step(model, abstract, shardings, deterministic)
   h0 = [place.keep(embed(rest_dev, r)) for r in dev_rows]
   del rest_dev
   for m in streams:
@@ -546,7 +546,8 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
       with acts.writer(acts.path(i + 1, m)) as put:
         for j, r in enumerate(dev_rows):
           put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r,
-                                               None, shardings=shardings, outputs=True)[0]))
+                                               None, shardings=shardings, outputs=True,
+                                               deterministic=deterministic)[0]))
       del block
       acts.remove(acts.path(i, m))
   return start
