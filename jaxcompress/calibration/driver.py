@@ -25,7 +25,7 @@ and layer-wise solvers (SparseGPT, GPTQ) turn those last bits into other masks a
 processes (when every batch's rows divide evenly over the data axis). The all-reduce is not the only source of
 difference: XLA's code for a reduction or an exp depends on the shapes (a softmax over 8 rows can round
 differently from the same softmax over 2), so the hidden states of 1 device and of 4 differ in the last bits
-too. In this mode the embedding, every block and the head run one row at a time, [1, T, D] (`lax.map` over the
+too. In this mode the embedding, every block and the head run one row at a time, [1, T, D] (a loop over the
 rows a device holds, inside a shard_map over the data axis with a mesh): the same program on every device,
 whatever its number of rows. Each row's statistics c_r = update(init, x_r, mask_r) are kept apart and merged in
 a pairwise tree fixed by B alone, ((c0 + c1) + (c2 + c3)) + ..., then into the running statistics; each merge
@@ -191,8 +191,6 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   rows = [place.rows(_as_rows(b, j)) for j, b in enumerate(batches)]
   if not rows:
     raise ValueError('calibrate: batches is empty; give at least one batch of tokens [B, T].')
-  if deterministic:
-    place.check_even(rows)
   shardings = place.shardings()
 
   rest, abstract = _outside_blocks(model, params)
@@ -285,8 +283,8 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
 def _head_step(model, observer, abstract, shardings, deterministic, rest, h, rows, stats):
   if deterministic:
     def row(rest, h, r):
-      return None, _row_stats(observer, set(stats), rows_weights=_token_weights(r),
-                              run=lambda observe: model.head_with_inputs(_fill(rest, abstract), h, observe))
+      return None, _row_stats(observer, set(stats), _token_weights(r),
+                              lambda observe: model.head_with_inputs(_fill(rest, abstract), h, observe))
 
     _, per_row = _by_rows(row, shardings, rest, h, rows)
     return _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
@@ -326,15 +324,15 @@ def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outpu
   return out, _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
 
 
-def _row_stats(observer, kernels, rows_weights, run) -> dict[str, Stats]:
-  """{path: statistics of this row alone} of the kernels named, from run(observe)."""
+def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
+  """{path: statistics of this row alone} of the kernels named, from run(observe); weights [T] (1 real token)."""
   out = {}
 
   def observe(path, x):
     if path in kernels:
       x = x.reshape(-1, x.shape[-1])
       start = out[path] if path in out else observer.init(path, x.shape[-1])
-      out[path] = observer.update(start, x, rows_weights)
+      out[path] = observer.update(start, x, weights)
 
   run(observe)
   return out
@@ -409,8 +407,8 @@ def _embed_step(model: Model, abstract: Params, shardings, deterministic: bool):
 
 
 def _embed_by_rows(embed, shardings, rest, rows):
-  tokens = jnp.zeros(rows.tokens.shape + (0,), jnp.float32)  # _by_rows maps over rows of h: a placeholder
-  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, tokens, rows)[0]
+  empty = jnp.zeros(rows.tokens.shape + (0,), jnp.float32)  # no hidden states yet: an empty stand-in for h
+  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, empty, rows)[0]
 
 
 def _token_weights(rows: Rows) -> jax.Array:
@@ -546,17 +544,6 @@ class _Placement(NamedTuple):
 
   def keep_stats(self, stats):
     return _to_host(stats) if self.offload else stats
-
-  def check_even(self, rows: list[Rows]) -> None:
-    """deterministic=True needs every data device to hold whole rows of every batch (no padding rows)."""
-    if self.mesh is None:
-      return
-    axes = (self.data_axis,) if isinstance(self.data_axis, str) else tuple(self.data_axis)
-    n = int(np.prod([self.mesh.shape[a] for a in axes]))
-    for j, r in enumerate(rows):
-      if r.tokens.shape[0] % n:
-        raise ValueError(f'deterministic=True: batch {j} has {r.tokens.shape[0]} rows, which do not divide over '
-                         f'the {n} devices of data axis {self.data_axis!r}; give a multiple of {n} rows per batch.')
 
 
 def _to_host(tree):
