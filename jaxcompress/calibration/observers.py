@@ -1,4 +1,4 @@
-"""Observers: what calibration keeps of each linear layer's input, as a pair of pure functions.
+"""Observers: what calibration keeps of each linear layer's input, as pure functions.
 
 An `Observer` is `init(path, in_features) -> stats`, `update(stats, x, mask) -> stats` and
 `merge(a, b) -> stats` (optax-like; stats is any pytree of arrays). The driver calls `update` on every batch's
