@@ -286,8 +286,8 @@ def _head_step(model, observer, abstract, shardings, deterministic, rest, h, row
       return None, _row_stats(observer, set(stats), _token_weights(r),
                               lambda observe: model.head_with_inputs(_fill(rest, abstract), h, observe))
 
-    _, per_row = _by_rows(row, shardings, rest, h, rows)
-    return _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
+    _, batch = _by_rows(row, shardings, rest, h, rows, observer)
+    return _constrain_stats(_merge_into(observer, stats, batch), shardings)
   weights = _token_weights(rows)
   stats = dict(stats)
 
@@ -306,7 +306,7 @@ def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outpu
 
   XLA's code for an op depends on its shapes (a reduction or an exp over 8 rows can round differently from the
   same op over 2), so the block runs one row at a time, [1, T, D], as the same program on every device; each
-  row's statistics are kept apart and merged by `_fold_rows`.
+  row's statistics are kept apart and merged in a fixed order (`_by_rows`).
   """
   kernels = set(stats) if observer is not None else set()
 
@@ -317,11 +317,11 @@ def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outpu
                          lambda observe: out.append(model.block_with_inputs(block, h, ctx, observe)))
     return out[0], per_row
 
-  out, per_row = _by_rows(row, shardings, block, h, rows)
+  out, batch = _by_rows(row, shardings, block, h, rows, observer)
   out = _constrain_rows(out, shardings) if outputs else None
   if observer is None:
     return out, None
-  return out, _constrain_stats(_fold_rows(observer, stats, per_row), shardings)
+  return out, _constrain_stats(_merge_into(observer, stats, batch), shardings)
 
 
 def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
@@ -338,10 +338,22 @@ def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
   return out
 
 
-def _by_rows(row, shardings, consts, h, rows):
-  """row(consts, h [1, T, D], rows [1, T]) -> (out [1, ...] or None, stats) run for each row of h [B, ...]:
-  (outs [B, ...], stats stacked [B, ...]). A loop over the rows each device holds (a shard_map over the data
-  axis with a mesh), so every device runs the one-row program, whatever its number of rows."""
+def _merge_into(observer: Observer, stats: dict[str, Stats], batch: dict[str, Stats]) -> dict[str, Stats]:
+  return {**stats, **{p: observer.merge(stats[p], b) for p, b in batch.items()}}
+
+
+def _by_rows(row, shardings, consts, h, rows, observer):
+  """row(consts, h [1, T, D], rows [1, T]) -> (out [1, ...] or None, {path: stats}) run for each row of
+  h [B, ...]: (outs [B, ...], {path: the batch's stats}, replicated), the rows' statistics merged by
+  `_fold_rows`.
+
+  A loop over the rows each device holds (in a shard_map over the data axis with a mesh), so every device runs
+  the one-row program, whatever its number of rows. With a power of two of rows per device, each device first
+  merges its own rows (the tree's first levels), and one all-gather brings the per-device results together;
+  else every row's statistics are gathered. Either way the merges are those of `_fold_rows` over the B rows.
+  """
+  merge = (lambda a, b: {p: observer.merge(a[p], b[p]) for p in a}) if observer is not None else None
+  split = shardings[0].spec if shardings is not None else None
 
   def local(consts, h, rows):
     def one(row_args):
@@ -366,36 +378,35 @@ def _by_rows(row, shardings, consts, h, rows):
     # A trip count XLA cannot see, or it would inline a loop of one row into the step.
     stop = jax.lax.optimization_barrier(jnp.int32(n))
     ys, _, last = jax.lax.fori_loop(0, stop, step, (ys, take(0), last))
-    return put(ys, last, n - 1)
+    outs, per_row = put(ys, last, n - 1)
+    if merge is None:
+      return outs, {}
+    if shardings is None:
+      return outs, _fold_rows(merge, per_row)
+    if n & (n - 1) == 0:  # a power of two: device d's rows are a whole subtree of the B rows' tree
+      per_row = _fold_rows(merge, per_row)
+      per_row = jax.tree.map(lambda x: x[None], per_row)
+    gathered = jax.lax.all_gather(per_row, split[0], tiled=True)
+    return outs, _fold_rows(merge, gathered)
 
   if shardings is None:
     return local(consts, h, rows)
-  split = shardings[0].spec
-  return jax.shard_map(local, mesh=shardings[0].mesh, in_specs=(PartitionSpec(), split, split), out_specs=split,
-                       check_vma=False)(consts, h, rows)
+  return jax.shard_map(local, mesh=shardings[0].mesh, in_specs=(PartitionSpec(), split, split),
+                       out_specs=(split, PartitionSpec()), check_vma=False)(consts, h, rows)
 
 
-def _fold_rows(observer: Observer, stats: dict[str, Stats], per_row: dict[str, Stats]) -> dict[str, Stats]:
-  """stats merged with the batch's statistics, summed in an order that only the batch size B decides.
-
-  per_row: {path: stats of each row, leaves [B, ...]} (rows split over the data axis). Rows are merged
-  pairwise, row 2k with row 2k + 1, level by level (an odd last row goes up unmerged) until one is left, then
-  merged into stats. Each merge is elementwise, so whether it runs within a device or after the partitioner
-  moved rows across devices and processes, its bits are the same.
-  """
-  merge = jax.vmap(observer.merge)
-  out = dict(stats)
-  for path, c in per_row.items():
-    n = jax.tree.leaves(c)[0].shape[0]
-    while n > 1:
-      half = n // 2
-      pairs = jax.tree.map(lambda x: x[:2 * half].reshape(half, 2, *x.shape[1:]), c)
-      merged = merge(jax.tree.map(lambda x: x[:, 0], pairs), jax.tree.map(lambda x: x[:, 1], pairs))
-      if n % 2:
-        merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, c)
-      c, n = merged, half + n % 2
-    out[path] = observer.merge(stats[path], jax.tree.map(lambda x: x[0], c))
-  return out
+def _fold_rows(merge, per_row):
+  """The merge of per_row's rows (leaves [n, ...]) in an order that only n decides: rows 2k and 2k + 1 merged,
+  level by level (an odd last row goes up unmerged) until one is left. Each merge is elementwise."""
+  n = jax.tree.leaves(per_row)[0].shape[0] if jax.tree.leaves(per_row) else 1
+  while n > 1:
+    half = n // 2
+    pairs = jax.tree.map(lambda x: x[:2 * half].reshape(half, 2, *x.shape[1:]), per_row)
+    merged = jax.vmap(merge)(jax.tree.map(lambda x: x[:, 0], pairs), jax.tree.map(lambda x: x[:, 1], pairs))
+    if n % 2:
+      merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, per_row)
+    per_row, n = merged, half + n % 2
+  return jax.tree.map(lambda x: x[0], per_row)
 
 
 def _embed_step(model: Model, abstract: Params, shardings, deterministic: bool):
@@ -408,7 +419,7 @@ def _embed_step(model: Model, abstract: Params, shardings, deterministic: bool):
 
 def _embed_by_rows(embed, shardings, rest, rows):
   empty = jnp.zeros(rows.tokens.shape + (0,), jnp.float32)  # no hidden states yet: an empty stand-in for h
-  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, empty, rows)[0]
+  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, empty, rows, None)[0]
 
 
 def _token_weights(rows: Rows) -> jax.Array:
