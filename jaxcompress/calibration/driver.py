@@ -29,10 +29,12 @@ too. In this mode the embedding, every block and the head run one row at a time,
 rows a device holds, inside a shard_map over the data axis with a mesh): the same program on every device,
 whatever its number of rows. Each row's statistics c_r = update(init, x_r, mask_r) are kept apart and merged in
 a pairwise tree fixed by B alone, ((c0 + c1) + (c2 + c3)) + ..., then into the running statistics; each merge
-is elementwise, so where the partitioner runs it (within a device or after moving rows across devices and
-processes) changes no bit. Costs: rows run one by one (smaller matmuls); the statistics of every kernel of a
-pass are held per row for the device's rows, about 1.5 x (B / data devices) x their size (a 4096-wide
-hessian: 64 MiB per row and kernel; per_group=True holds one group's), and the wide in-place hessian update
+is elementwise, so where it runs changes no bit. With a power of two of rows per device, a device's rows are a
+whole subtree: it merges them itself and one all-gather brings the data devices' results together (otherwise
+every row's statistics are gathered). Costs: rows run one by one (smaller matmuls), and a step holds the
+statistics of every kernel of the pass once per row the device holds, then once per data device (per row of
+the batch without a power of two), so about (B / data devices + data devices) x their size (a 4096-wide
+hessian: 64 MiB per row and kernel; per_group=True holds one group's); the wide in-place hessian update
 (`observers.WIDE`) saves nothing. A block that mixes rows (a mixture-of-experts layer whose expert capacity
 counts the batch's tokens) sees each row alone.
 """
@@ -88,7 +90,8 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
   head: also observe the head's linears (e.g. lm_head, BERT's MLM transform).
   deterministic: run each row alone and merge the statistics in an order fixed by the batch size, so they are
     identical to the bit for any number of devices and processes (rows must divide evenly over the data
-    axis); costs about 1.5 x (rows per device) x the statistics' size of transient memory (module docstring).
+    axis); costs about (rows per device + data devices) x the statistics' size of transient memory and
+    one-row matmuls (module docstring).
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
   if _RECORDING:
