@@ -1,7 +1,8 @@
 """Calibrates a tiny Llama on 1 device, on a mesh of virtual devices, or as one of several processes, and
 writes the statistics (process 0) to an .npz file: the default reduction's under their names, those of
-`deterministic=True` under 'det/' (same mesh) and, with --det_mesh, 'det_mesh/' (another data axis size), and
-the kernels that a deterministic `run_sequential` prunes by the statistics under 'det_seq/'.
+`deterministic=True` under 'det/' (same mesh) and, with --det_mesh, 'det_mesh/' (another data axis size) and
+'det6/' (batches of 6 rows on a 2 x 4 mesh; one process without --det_mesh: on 1 device), and the kernels that
+a deterministic `run_sequential` prunes by the statistics under 'det_seq/'.
 Run by test_sharded.py in fresh subprocesses:
 
     python tests/calibration/sharded_run.py OUT.npz [--mesh=4x2] [--det_mesh=8x1] [--offload]
@@ -49,13 +50,16 @@ def main() -> None:
     lo = args.process_id * per
     batches = [{k: v[lo:lo + per] for k, v in b.items()} for b in batches]
 
-  def flat(prefix, mesh, **kw):
+  def flat(prefix, mesh, batches=batches, **kw):
     stats = cal.calibrate(LLAMA, params, batches, OBSERVER, mesh=mesh, data_axis='data', offload=args.offload, **kw)
     return {f'{prefix}{path}/{key}': np.asarray(x) for path, s in stats.items() for key, x in core.flatten(s).items()}
 
   out = {**flat('', mesh), **flat('det/', mesh, deterministic=True)}
   if args.det_mesh:  # one process: every row of the batch is this process's
     out.update(flat('det_mesh/', make_mesh(args.det_mesh), deterministic=True))
+  if args.num_processes == 1:  # 6 rows: 3 per device on a 2 x 4 mesh, not a power of two
+    six = make_batches(2, b=6, t=12, seed=6)
+    out.update(flat('det6/', make_mesh('2x4') if args.det_mesh else None, six, deterministic=True))
 
   def prune(i, block, stats):
     # keeps the half of each kernel with the larger |w| sqrt(diag XᵀX), so the mask follows the statistics
