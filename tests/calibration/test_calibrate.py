@@ -311,9 +311,8 @@ def test_storage_shared_between_blocks_and_the_head():
     np.testing.assert_array_equal(s_t[path]['abs_max'], s_u[path]['abs_max'])
 
 
-@pytest.mark.parametrize('name', ['bert', 'llama'])
-def test_deterministic_mode_matches_float64_and_runs_each_row_alone(name):
-  spec = SPECS[name]
+def test_deterministic_mode_matches_float64_and_runs_each_row_alone():
+  spec = BERT  # post-norm with GELU: where fusing a row's program with its surroundings changed the rounding
   params = spec.init(jax.random.key(1))
   batches = make_batches(1, b=8, t=12, seed=3)
   det = cal.calibrate(spec, params, batches, OBSERVER, deterministic=True)
