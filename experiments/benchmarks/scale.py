@@ -23,7 +23,9 @@ Phases (each in a fresh interpreter, so its peak RSS (VmHWM) is its own):
      (XLA_FLAGS host device count) and split between 2 processes (gloo, 1 device each; calibration in each
      process on every row): solve-phase seconds of each, their ratios, and whether the outputs are identical.
      Then the 2 processes with the calibration rows split between them too (statistics all-reduced): whether
-     the output is identical, and else what fraction of mask entries and weights differ.
+     the output is identical, and else what fraction of mask entries and weights differ. Then 1 process and the
+     2 processes with split rows again, both calibrating with deterministic=True (each row alone, statistics
+     merged in an order fixed by the batch size): whether those two outputs are identical.
      On a CPU host the 8 "devices" and the 2 processes share its cores.
 Results: --out/results.json and a printed table.
 """
@@ -70,6 +72,8 @@ flags.DEFINE_string('phase', '', 'internal: run one phase in this process (write
 flags.DEFINE_bool('mesh', False, 'internal: solve over a mesh of every device')
 flags.DEFINE_bool('data_parallel', False, 'internal: with --mesh, also split the calibration rows over the mesh '
                   '(each process passes its own rows; statistics all-reduced)')
+flags.DEFINE_bool('deterministic', False, 'internal: calibrate with deterministic=True (statistics the same to the '
+                  'bit however the rows are split)')
 flags.DEFINE_float('kill_after', 0.0, 'internal: SIGKILL this process after this many seconds')
 flags.DEFINE_string('coordinator', '', 'internal: host:port of a multi-process (gloo) compression')
 flags.DEFINE_integer('num_processes', 1, 'internal: processes of a multi-process compression')
@@ -253,7 +257,7 @@ def compress(src: pathlib.Path, out: pathlib.Path, c: dict, seed: int, layers: i
   manifest = calibration.compress_checkpoint(src, out, make_compress_block(c, mesh), batches,
                                              observer=calibration.hessian(), recipe=recipe(c), seed=seed,
                                              per_group=True, layers=layers or None, on_block=on_block,
-                                             mesh=data_mesh)
+                                             mesh=data_mesh, deterministic=FLAGS.deterministic)
   result = {'blocks': blocks, 'seconds': time.perf_counter() - t0, 'complete': manifest['complete'],
             'peak_rss': vm_hwm(), 'hashes': {r['file']: r['sha256'] for r in manifest['blocks'].values()}}
   if FLAGS.check_in_memory and manifest['complete']:
@@ -295,9 +299,10 @@ def _status(field: str) -> int:
 
 
 def child(phase: str, c: dict, *, work: pathlib.Path, devices: int = 1, layers: int = 0, mesh: bool = False,
-          kill_after: float = 0.0, timeout: float | None = None, check: bool = False) -> dict | None:
+          kill_after: float = 0.0, timeout: float | None = None, check: bool = False,
+          deterministic: bool = False) -> dict | None:
   args = [sys.executable, __file__, f'--phase={phase}', f'--dir={work}', f'--seed={FLAGS.seed}',
-          f'--layers={layers}', f'--mesh={mesh}', f'--kill_after={kill_after}']
+          f'--layers={layers}', f'--mesh={mesh}', f'--kill_after={kill_after}', f'--deterministic={deterministic}']
   args += [f'--{k}={c[k]}' for k in SHAPE_FLAGS]
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
              PYTHONPATH=str(REPO))
@@ -346,7 +351,7 @@ def run_phase() -> None:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator, num_processes=FLAGS.num_processes,
                                  process_id=FLAGS.process_id)
     out = work / (f'out-{src.name}' + (f'-mesh{jax.device_count()}' if FLAGS.mesh else '')
-                  + ('-dp' if FLAGS.data_parallel else ''))
+                  + ('-dp' if FLAGS.data_parallel else '') + ('-det' if FLAGS.deterministic else ''))
     result = compress(src, out, c, FLAGS.seed, FLAGS.layers, FLAGS.mesh)
   print('RESULT ' + json.dumps(result), flush=True)
   os._exit(0)  # a pending kill timer must not outlive the phase
@@ -441,16 +446,24 @@ def parallel(work: pathlib.Path, c: dict) -> dict:
   # the same 2 processes with the calibration rows split between them too: the statistics are all-reduced sums,
   # so they may differ from one process's in the last bits; how much of the output that changes is measured
   two_dp = child_pair(c, work=work, data_parallel=True)
+  # and both with deterministic=True: each row alone, statistics merged in an order fixed by the batch size
+  one_det = child('compress', c, work=work, devices=1, mesh=True, deterministic=True)
+  two_dp_det = child_pair(c, work=work, data_parallel=True, deterministic=True)
   # the last block: the first one also compiles every solver (per device with 8 devices)
   s1, s8, s2 = (r['blocks'][-1]['solve_seconds'] for r in (one, eight, two))
   name = f'out-llama-{c["hidden"]}x{c["num_layers"]}'
   return {'solve_s_1': s1, 'solve_s_8': s8, 'ratio_1_over_8': s1 / s8, 'identical': one['hashes'] == eight['hashes'],
           'solve_s_2proc': s2, 'ratio_1_over_2proc': s1 / s2, 'identical_2proc': one['hashes'] == two['hashes'],
           'identical_2proc_data_parallel': one['hashes'] == two_dp['hashes'],
+          'identical_2proc_data_parallel_deterministic': one_det['hashes'] == two_dp_det['hashes'],
+          'block_s_1_deterministic': one_det['blocks'][-1]['seconds'],
+          'block_s_2proc_data_parallel_deterministic': two_dp_det['blocks'][-1]['seconds'],
+          'deterministic_data_parallel_vs_1': compare_outputs(work / f'{name}-mesh1-det',
+                                                              work / f'{name}-mesh2-dp-det'),
           'block_s_1': one['blocks'][-1]['seconds'], 'block_s_2proc_data_parallel': two_dp['blocks'][-1]['seconds'],
           'data_parallel_vs_1': compare_outputs(work / f'{name}-mesh1', work / f'{name}-mesh2-dp'),
           'logit_error': {k: logit_error(work / f'llama-{c["hidden"]}x{c["num_layers"]}', work / f'{name}-{k}', c)
-                          for k in ('mesh1', 'mesh2-dp')}}
+                          for k in ('mesh1', 'mesh2-dp', 'mesh1-det', 'mesh2-dp-det')}}
 
 
 def logit_error(src: pathlib.Path, out: pathlib.Path, c: dict) -> float:
@@ -485,10 +498,10 @@ def compare_outputs(a: pathlib.Path, b: pathlib.Path) -> dict:
           'max_relative_difference': worst}
 
 
-def child_pair(c: dict, *, work: pathlib.Path, data_parallel: bool = False) -> dict:
+def child_pair(c: dict, *, work: pathlib.Path, data_parallel: bool = False, deterministic: bool = False) -> dict:
   """The compress phase as 2 processes (gloo, one CPU device each): calibration in each process on every row
-  (data_parallel: on its own half of the rows, statistics all-reduced), the solves of each block split between
-  the processes (`solve_parallel` over their 2-device mesh)."""
+  (data_parallel: on its own half of the rows, statistics all-reduced; deterministic: with deterministic=True),
+  the solves of each block split between the processes (`solve_parallel` over their 2-device mesh)."""
   import socket
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
@@ -497,7 +510,8 @@ def child_pair(c: dict, *, work: pathlib.Path, data_parallel: bool = False) -> d
              PYTHONPATH=str(REPO))
   logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
   procs = [subprocess.Popen([sys.executable, __file__, '--phase=compress', f'--dir={work}', f'--seed={FLAGS.seed}',
-                             '--mesh=True', f'--data_parallel={data_parallel}', f'--coordinator=localhost:{port}',
+                             '--mesh=True', f'--data_parallel={data_parallel}', f'--deterministic={deterministic}',
+                             f'--coordinator=localhost:{port}',
                              '--num_processes=2',
                              f'--process_id={i}', *[f'--{k}={c[k]}' for k in SHAPE_FLAGS]],
                             env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -549,10 +563,18 @@ def print_table(r: dict) -> None:
             f"{p['identical_2proc_data_parallel']} ({100 * d['mask_entries_differing']:.4f}% of mask entries and "
             f"{100 * d['weights_differing']:.4f}% of weights differ, largest relative difference of a matrix "
             f"{d['max_relative_difference']:.2e})")
-      e = p.get('logit_error', {})
-      if e:
-        print(f"relative logit error against the uncompressed model: 1 process {e['mesh1']:.4f}, 2 processes with "
-              f"split calibration rows {e['mesh2-dp']:.4f}")
+    if 'deterministic_data_parallel_vs_1' in p:
+      d = p['deterministic_data_parallel_vs_1']
+      print(f"deterministic=True, 1 process vs 2 processes with split calibration rows: whole block "
+            f"{p['block_s_2proc_data_parallel_deterministic']:.2f} s vs {p['block_s_1_deterministic']:.2f} s; "
+            f"outputs identical: {p['identical_2proc_data_parallel_deterministic']} "
+            f"({100 * d['mask_entries_differing']:.4f}% of mask entries and {100 * d['weights_differing']:.4f}% of "
+            f"weights differ)")
+    e = p.get('logit_error', {})
+    if e:
+      print('relative logit error against the uncompressed model: '
+            + ', '.join(f'{k} {v:.4f}' for k, v in e.items()) + ' (meshN: N processes/devices; dp: split '
+            'calibration rows; det: deterministic=True)')
 
 
 if __name__ == '__main__':

@@ -3,8 +3,8 @@
     stats = calibration.calibrate(model, params, batches, calibration.hessian())
     params, stats = calibration.run_sequential(model, params, batches, observer, compress_block)
 
-Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are optax-like pairs of pure functions;
-`Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
+Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are optax-like pure functions (init,
+update, merge); `Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
 """
 
 from jaxcompress.calibration.driver import (CompressBlock, NotSequential, Rows, SequentialPlan, calibrate,

@@ -17,7 +17,26 @@ down_proj over 128 x 2048 tokens) are never held. `offload=True` keeps the hidde
 blocks. Parameters may stay on the host (numpy): they move to the device one block at a time.
 
 With `mesh=`, batch rows are split over the mesh's data axis (each process passes its own rows) and the
-statistics, being sums or maxima over rows, are all-reduced by the partitioner inside the same jit.
+statistics, being sums or maxima over rows, are all-reduced by the partitioner inside the same jit. That sum
+runs in an order set by the device count, so 1 device and 2 processes agree only to float32 rounding (~1e-7),
+and layer-wise solvers (SparseGPT, GPTQ) turn those last bits into other masks and codes.
+
+`deterministic=True` makes the statistics and hidden states the same to the bit for 1 device, N devices and P
+processes (when every batch's rows divide evenly over the data axis). The all-reduce is not the only source of
+difference: XLA's code for a reduction or an exp depends on the shapes (a softmax over 8 rows can round
+differently from the same softmax over 2), so the hidden states of 1 device and of 4 differ in the last bits
+too. In this mode the embedding, every block and the head run one row at a time, [1, T, D] (a loop over the
+rows a device holds, inside a shard_map over the data axis with a mesh): the same program on every device,
+whatever its number of rows. Each row's statistics c_r = update(init, x_r, mask_r) are kept apart and merged in
+a pairwise tree fixed by B alone, ((c0 + c1) + (c2 + c3)) + ..., then into the running statistics; each merge
+is elementwise, so where it runs changes no bit. With a power of two of rows per device, a device's rows are a
+whole subtree: it merges them itself and one all-gather brings the data devices' results together (otherwise
+every row's statistics are gathered). Costs: rows run one by one (smaller matmuls), and a step holds the
+statistics of every kernel of the pass once per row the device holds, then once per data device (per row of
+the batch without a power of two), so about (B / data devices + data devices) x their size (a 4096-wide
+hessian: 64 MiB per row and kernel; per_group=True holds one group's); the wide in-place hessian update
+(`observers.WIDE`) saves nothing. A block that mixes rows (a mixture-of-experts layer whose expert capacity
+counts the batch's tokens) sees each row alone.
 """
 
 from __future__ import annotations
@@ -59,7 +78,8 @@ class Rows(NamedTuple):
 
 def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Observer, *,
               mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = 'data', offload: bool = False,
-              head: bool = True, on_step: OnStep | None = None, experts: bool = False) -> dict[str, Stats]:
+              head: bool = True, deterministic: bool = False, on_step: OnStep | None = None,
+              experts: bool = False) -> dict[str, Stats]:
   """{kernel path: statistics} of every linear layer the forward pass runs, streamed batch by batch.
 
   model, params: the model spec and its parameters (numpy or jax; `Shared` storage resolved per block).
@@ -74,13 +94,17 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
     weight ('layers/{i}/mlp/up' [E, d, f], ...) gets the observer's statistics stacked over experts ([E, ...]),
     each expert's from the tokens routed to it (`layers.Routed`: dropped tokens and empty slots excluded).
     False (default): a model with such weights is refused, so no caller silently leaves them out.
+  deterministic: run each row alone and merge the statistics in an order fixed by the batch size, so they are
+    identical to the bit for any number of devices and processes (rows must divide evenly over the data
+    axis); costs about (rows per device + data devices) x the statistics' size of transient memory and
+    one-row matmuls (module docstring).
   Returns statistics in call order, block by block (device arrays; host numpy with offload=True).
   """
   if _RECORDING:
     raise NotSequential('calibrate: the statistics of the whole uncompressed model are asked for, not a block '
                         'by block compression (run_sequential).')
   stats, _ = _run(model, params, batches, observer, None, mesh=mesh, data_axis=data_axis, offload=offload,
-                  head=head, keep_stats=True, on_step=on_step, experts=experts)
+                  head=head, keep_stats=True, on_step=on_step, deterministic=deterministic, experts=experts)
   return stats
 
 
@@ -122,7 +146,7 @@ def record_sequential():
 def run_sequential(model: Model, params: Params, batches: Iterable[Any], observer: Observer,
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
-                   per_group: bool = False, calibrate_on: str = 'compressed',
+                   per_group: bool = False, calibrate_on: str = 'compressed', deterministic: bool = False,
                    on_step: OnStep | None = None, experts: bool = False) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
@@ -141,7 +165,9 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     whose blocks hold such weights is refused with an error naming them (a method that does not compress
     experts must not leave them float unnoticed).
   Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
-  host). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
+  host). deterministic=True: statistics identical to the bit for any number of devices and processes, so a
+  deterministic compress_block gives the same masks and codes on 1 device, N devices and P processes (see
+  `calibrate`). Returns (params with every block replaced by compress_block's result, {kernel path: stats} if
   keep_stats else {}). Other arguments as in `calibrate`.
   """
   if not callable(compress_block):
@@ -159,7 +185,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     return params, {}
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
                        offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group,
-                       original=calibrate_on == 'original', experts=experts)
+                       original=calibrate_on == 'original', deterministic=deterministic, experts=experts)
   return params, stats
 
 
@@ -167,7 +193,7 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
 
 
 def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, offload, head, keep_stats, on_step,
-         per_group=False, original=False, experts=False):
+         per_group=False, original=False, deterministic=False, experts=False):
   if not isinstance(observer, Observer):
     raise TypeError(f'observer={observer!r} is not an Observer; use e.g. calibration.hessian().')
   if mesh is not None and any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
@@ -182,8 +208,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   shardings = place.shardings()
 
   rest, abstract = _outside_blocks(model, params)
-  embed = jax.jit(lambda rest, r: _constrain_rows(
-      model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  embed = _embed_step(model, abstract, shardings, deterministic)
   rest_dev = place.replicated(rest)
   hs = []
   for j, r in enumerate(rows):
@@ -202,7 +227,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
       stats = {p: place.replicated(_init_stats(observer, p, shapes[p])) for p in kernels}
       for j, r in enumerate(rows):
         out, stats = _block_step(model, observer, block, place.fetch(hs[j]), r, stats, shardings=shardings,
-                                 outputs=compress_block is None)
+                                 outputs=compress_block is None, deterministic=deterministic)
         if compress_block is None:
           hs[j] = place.keep(out)
         out = None  # the device copy of an offloaded output goes now, not at the next step
@@ -232,7 +257,8 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
     rest_dev = place.replicated(rest)
     names = _head_shapes(model, rest, abstract, place.fetch(hs[0]))
     stats = {p: place.replicated(observer.init(p, n)) for p, n in names}
-    head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings), donate_argnums=(3,))
+    head_step = jax.jit(functools.partial(_head_step, model, observer, abstract, shardings, deterministic),
+                        donate_argnums=(3,))
     for j, r in enumerate(rows):
       stats = head_step(rest_dev, place.fetch(hs[j]), r, stats)
       on_step('head', -1, j)
@@ -243,13 +269,17 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   return out_stats, _with_blocks(model, params, new_blocks)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs'), donate_argnames=('stats',))
+@functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs', 'deterministic'),
+                   donate_argnames=('stats',))
 def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.Array, rows: Rows, stats,
-                *, shardings, outputs: bool):
+                *, shardings, outputs: bool, deterministic: bool = False):
   """One block on one batch: (output [B, T, D] or None, stats with this batch's linear inputs folded in).
 
   observer None: the plain forward (sequential mode's recomputation). Compiled once per block shape.
+  deterministic: one row at a time, statistics folded in a device-count-free order (`_by_rows`).
   """
+  if deterministic:
+    return _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outputs)
   ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
   if observer is None:
     return _constrain_rows(model.block(block, h, ctx), shardings), None
@@ -269,7 +299,14 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
   return (_constrain_rows(out, shardings) if outputs else None), _constrain_stats(stats, shardings)
 
 
-def _head_step(model, observer, abstract, shardings, rest, h, rows, stats):
+def _head_step(model, observer, abstract, shardings, deterministic, rest, h, rows, stats):
+  if deterministic:
+    def row(rest, h, r):
+      return None, _row_stats(observer, set(stats), _token_weights(r),
+                              lambda observe: model.head_with_inputs(_fill(rest, abstract), h, observe))
+
+    _, batch = _by_rows(row, shardings, rest, h, rows, observer)
+    return _constrain_stats(_merge_into(observer, stats, batch), shardings)
   weights = _token_weights(rows)
   stats = dict(stats)
 
@@ -278,6 +315,136 @@ def _head_step(model, observer, abstract, shardings, rest, h, rows, stats):
 
   model.head_with_inputs(_fill(rest, abstract), h, observe)  # logits unused: XLA drops the head's last matmul
   return _constrain_stats(stats, shardings)
+
+
+# Deterministic mode: every row alone, statistics merged in an order fixed by the batch size -------------------
+
+
+def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outputs):
+  """`_block_step` with deterministic=True.
+
+  XLA's code for an op depends on its shapes (a reduction or an exp over 8 rows can round differently from the
+  same op over 2), so the block runs one row at a time, [1, T, D], as the same program on every device; each
+  row's statistics are kept apart and merged in a fixed order (`_by_rows`).
+  """
+  kernels = set(stats) if observer is not None else set()
+
+  def row(block, h, r):
+    ctx = model.context(r.tokens, attention_mask=r.attention_mask)
+    out = []
+    per_row = _row_stats(observer, kernels, _token_weights(r),
+                         lambda observe: out.append(model.block_with_inputs(block, h, ctx, observe)))
+    return out[0], per_row
+
+  out, batch = _by_rows(row, shardings, block, h, rows, observer)
+  out = _constrain_rows(out, shardings) if outputs else None
+  if observer is None:
+    return out, None
+  return out, _constrain_stats(_merge_into(observer, stats, batch), shardings)
+
+
+def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
+  """{path: statistics of this row alone} of the kernels named, from run(observe); weights [T] (1 real token)."""
+  out = {}
+
+  def observe(path, x):
+    if path not in kernels:
+      return
+    if isinstance(x, Routed):  # stacked experts, as in `_block_step`
+      mask = jnp.where(x.keep, weights if x.token is None else weights[x.token], 0.0)
+      start = out[path] if path in out else _init_stats(observer, path, (x.x.shape[0], x.x.shape[-1]))
+      out[path] = jax.vmap(observer.update)(start, x.x, mask)
+      return
+    x = x.reshape(-1, x.shape[-1])
+    start = out[path] if path in out else observer.init(path, x.shape[-1])
+    out[path] = observer.update(start, x, weights)
+
+  run(observe)
+  return out
+
+
+def _merge_into(observer: Observer, stats: dict[str, Stats], batch: dict[str, Stats]) -> dict[str, Stats]:
+  return {**stats, **{p: observer.merge(stats[p], b) for p, b in batch.items()}}
+
+
+def _by_rows(row, shardings, consts, h, rows, observer):
+  """row(consts, h [1, T, D], rows [1, T]) -> (out [1, ...] or None, {path: stats}) run for each row of
+  h [B, ...]: (outs [B, ...], {path: the batch's stats}, replicated), the rows' statistics merged by
+  `_fold_rows`.
+
+  A loop over the rows each device holds (in a shard_map over the data axis with a mesh), so every device runs
+  the one-row program, whatever its number of rows. With a power of two of rows per device, each device first
+  merges its own rows (the tree's first levels), and one all-gather brings the per-device results together;
+  else every row's statistics are gathered. Either way the merges are those of `_fold_rows` over the B rows.
+  """
+  merge = (lambda a, b: {p: observer.merge(a[p], b[p]) for p in a}) if observer is not None else None
+  split = shardings[0].spec if shardings is not None else None
+
+  def local(consts, h, rows):
+    def one(row_args):
+      out, stats = row(consts, *row_args)
+      return (None if out is None else out[0]), stats
+
+    n = h.shape[0]
+    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1), (h, rows))
+    put = lambda ys, y, i: jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, i, 0), ys, y)
+    done = jax.eval_shape(one, take(0))
+    ys = jax.tree.map(lambda s: jnp.zeros((n, *s.shape), s.dtype), done)
+
+    # The row's program reads its input from the loop state and leaves its result there, written out one
+    # iteration later: fused with the slicing or the writing out (which XLA simplifies away for a single row)
+    # its first and last ops could round differently for 1 row than for 8 (a layer norm's reduction).
+    def step(i, state):
+      ys, cur, last = state
+      ys = put(ys, last, jnp.maximum(i - 1, 0))  # row i - 1's result (i = 0: zeros, overwritten next)
+      return ys, take(jnp.minimum(i + 1, n - 1)), one(cur)
+
+    last = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), done)
+    # A trip count XLA cannot see, or it would inline a loop of one row into the step.
+    stop = jax.lax.optimization_barrier(jnp.int32(n))
+    ys, _, last = jax.lax.fori_loop(0, stop, step, (ys, take(0), last))
+    outs, per_row = put(ys, last, n - 1)
+    if merge is None:
+      return outs, {}
+    if shardings is None:
+      return outs, _fold_rows(merge, per_row)
+    if n & (n - 1) == 0:  # a power of two: device d's rows are a whole subtree of the B rows' tree
+      per_row = _fold_rows(merge, per_row)
+      per_row = jax.tree.map(lambda x: x[None], per_row)
+    gathered = jax.lax.all_gather(per_row, split[0], tiled=True)
+    return outs, _fold_rows(merge, gathered)
+
+  if shardings is None:
+    return local(consts, h, rows)
+  return jax.shard_map(local, mesh=shardings[0].mesh, in_specs=(PartitionSpec(), split, split),
+                       out_specs=(split, PartitionSpec()), check_vma=False)(consts, h, rows)
+
+
+def _fold_rows(merge, per_row):
+  """The merge of per_row's rows (leaves [n, ...]) in an order that only n decides: rows 2k and 2k + 1 merged,
+  level by level (an odd last row goes up unmerged) until one is left. Each merge is elementwise."""
+  n = jax.tree.leaves(per_row)[0].shape[0] if jax.tree.leaves(per_row) else 1
+  while n > 1:
+    half = n // 2
+    pairs = jax.tree.map(lambda x: x[:2 * half].reshape(half, 2, *x.shape[1:]), per_row)
+    merged = jax.vmap(merge)(jax.tree.map(lambda x: x[:, 0], pairs), jax.tree.map(lambda x: x[:, 1], pairs))
+    if n % 2:
+      merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, per_row)
+    per_row, n = merged, half + n % 2
+  return jax.tree.map(lambda x: x[0], per_row)
+
+
+def _embed_step(model: Model, abstract: Params, shardings, deterministic: bool):
+  """jit (params outside the blocks, Rows) -> hidden states [B, T, D] (`_outside_blocks` for `abstract`)."""
+  embed_rows = lambda rest, r: model.embed(_fill(rest, abstract), r.tokens, token_types=r.token_types)
+  if deterministic:  # one row at a time, as the blocks (`_by_rows`)
+    embed_rows = functools.partial(_embed_by_rows, embed_rows, shardings)
+  return jax.jit(lambda rest, r: _constrain_rows(embed_rows(rest, r), shardings))
+
+
+def _embed_by_rows(embed, shardings, rest, rows):
+  empty = jnp.zeros(rows.tokens.shape + (0,), jnp.float32)  # no hidden states yet: an empty stand-in for h
+  return _by_rows(lambda rest, h, r: (embed(rest, r), {}), shardings, rest, empty, rows, None)[0]
 
 
 def _token_weights(rows: Rows) -> jax.Array:

@@ -1,9 +1,12 @@
-"""Observers: what calibration keeps of each linear layer's input, as a pair of pure functions.
+"""Observers: what calibration keeps of each linear layer's input, as pure functions.
 
-An `Observer` is `init(path, in_features) -> stats` and `update(stats, x, mask) -> stats` (optax-like; stats is
-any pytree of arrays). The driver calls `update` on every batch's input of every linear, inside one jit per
-block, so only the statistics outlive a batch. Statistics are sums (or maxima) over tokens, so sharded inputs
-all-reduce them and the order of batches does not matter beyond float32 rounding.
+An `Observer` is `init(path, in_features) -> stats`, `update(stats, x, mask) -> stats` and
+`merge(a, b) -> stats` (optax-like; stats is any pytree of arrays). The driver calls `update` on every batch's
+input of every linear, inside one jit per block, so only the statistics outlive a batch. Statistics are sums
+(or maxima) over tokens, so sharded inputs all-reduce them and the order of batches does not matter beyond
+float32 rounding. `merge` joins the statistics of two disjoint sets of tokens (elementwise: a sum, a maximum);
+the driver's `deterministic=True` mode folds per-row statistics with it in an order that does not depend on
+the number of devices, so the result is the same to the bit on 1 device, N devices and P processes.
 
     x: [tokens, in] the layer's input rows (any dtype; statistics are float32)
     mask: [tokens] float32, 1 for a real token and 0 for padding (padding rows contribute nothing)
@@ -20,11 +23,24 @@ import jax.numpy as jnp
 Stats = Any
 
 
+def add(a: Stats, b: Stats) -> Stats:
+  """`Observer.merge` of statistics that are sums over tokens: leafwise a + b."""
+  return jax.tree.map(jnp.add, a, b)
+
+
+def maximum(a: Stats, b: Stats) -> Stats:
+  """`Observer.merge` of statistics that are maxima over tokens: leafwise max(a, b)."""
+  return jax.tree.map(jnp.maximum, a, b)
+
+
 class Observer(NamedTuple):
-  """init(path, in_features) -> stats; update(stats, x [tokens, in], mask [tokens]) -> stats."""
+  """init(path, in_features) -> stats; update(stats, x [tokens, in], mask [tokens]) -> stats;
+  merge(stats of tokens A, stats of tokens B) -> stats of A and B (elementwise; default: leafwise sum, right for
+  any statistics that are sums over tokens, so an observer built with init and update alone keeps working)."""
 
   init: Callable[[str, int], Stats]
   update: Callable[[Stats, jax.Array, jax.Array], Stats]
+  merge: Callable[[Stats, Stats], Stats] = add
 
 
 def _count(mask: jax.Array) -> jax.Array:
@@ -98,7 +114,7 @@ def abs_max() -> Observer:
     # Padding rows become 0, which never exceeds a maximum of absolute values.
     return {'abs_max': jnp.maximum(stats['abs_max'], jnp.max(jnp.abs(_masked(x, mask)), axis=0))}
 
-  return Observer(init, update)
+  return Observer(init, update, maximum)
 
 
 def abs_mean() -> Observer:
@@ -129,4 +145,7 @@ def combine(**observers: Observer) -> Observer:
   def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
     return {name: obs.update(stats[name], x, mask) for name, obs in observers.items()}
 
-  return Observer(init, update)
+  def merge(a: Stats, b: Stats) -> Stats:
+    return {name: obs.merge(a[name], b[name]) for name, obs in observers.items()}
+
+  return Observer(init, update, merge)

@@ -67,7 +67,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
                         batches: Iterable[Any], *, observer: Observer | None = None, recipe: Mapping[str, Any],
                         seed: int = 0, per_group: bool = False, dtype: Any = None,
                         mesh: jax.sharding.Mesh | None = None, data_axis: str | tuple[str, ...] = 'data',
-                        layers: int | None = None, on_block: OnBlock | None = None,
+                        layers: int | None = None, deterministic: bool = False, on_block: OnBlock | None = None,
                         on_step: driver.OnStep | None = None) -> dict[str, Any]:
   """Compresses the HF checkpoint in `input_dir` block by block into `output_dir`; returns the manifest.
 
@@ -91,6 +91,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   mesh, data_axis: split batch rows over the mesh's data axis (`calibrate(mesh=)`); hidden states on disk
     hold this process's rows; process 0 writes the output files.
   layers: stop after this many blocks (a partial run, e.g. for timing); the same call without it goes on.
+  deterministic: statistics identical to the bit for any number of devices and processes (`calibrate`), so
+    the blocks written are too; part of the fingerprint.
   Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
   h_XXXXX_sM[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
   """
@@ -111,6 +113,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     prefix = f'{model.block_path}/'
     read_block = lambda i: ckpt.read(lambda p: p.startswith(f'{prefix}{i}/'))[model.block_path][i]
     fingerprint = _fingerprint(ckpt, recipe, seed, rows, plans, dtype)
+    if deterministic:  # other statistics bits: not to be mixed with blocks of the default reduction
+      fingerprint['deterministic'] = True
     # process 0 prepares the directory (refusal, rest files, trimming); the others then read its manifest
     manifest = _open_output(out, fingerprint, writer) if writer else None
     if writer and 'rest' not in manifest:
@@ -144,7 +148,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     begin = start
     if not all(acts.valid(start, m, manifest) for m in streams):
       stored = lambda i: core.serialize.load(out / block_file(i))
-      begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step)
+      begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step,
+                      deterministic)
 
     for i in range(begin, stop):
       t0 = time.perf_counter()
@@ -161,7 +166,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
           stats = {p: place.replicated(driver._init_stats(plan.observer, p, shapes[p])) for p in kernels}
           for j, r in enumerate(dev_rows):
             _, stats = driver._block_step(model, plan.observer, block, place.fetch(acts.read(h_path, j)), r, stats,
-                                          shardings=shardings, outputs=False)
+                                          shardings=shardings, outputs=False, deterministic=deterministic)
             if on_step:
               on_step('stats', i, j)
           stats = {p: stats[p] for p in kernels}
@@ -186,7 +191,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
         with acts.writer(acts.path(i + 1, m)) as put:
           for j, r in enumerate(dev_rows):
             h = driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r, None,
-                                   shardings=shardings, outputs=True)[0]
+                                   shardings=shardings, outputs=True, deterministic=deterministic)[0]
             put(j, place.keep(h))
             del h
             if on_step:
@@ -505,7 +510,7 @@ def _digests(acts: _ActivationFile, i: int, streams: list[int]) -> dict[str, lis
 
 
 def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_block, stored, dev_rows: list[Rows],
-            place, acts: _ActivationFile, on_step) -> int:
+            place, acts: _ActivationFile, on_step, deterministic: bool) -> int:
   """Hidden states of every stream at block `start`, rebuilt; returns the block the main loop starts at.
 
   Streams 0 (the blocks as read) and n_stages (the blocks as stored) are run forward through blocks
@@ -521,8 +526,7 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
   rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
   abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
   rest_dev = place.replicated(rest)
-  embed = jax.jit(lambda rest, r: driver._constrain_rows(
-      model.embed(driver._fill(rest, abstract), r.tokens, token_types=r.token_types), shardings))
+  embed = driver._embed_step(model, abstract, shardings, deterministic)
   h0 = [place.keep(embed(rest_dev, r)) for r in dev_rows]
   del rest_dev
   for m in streams:
@@ -540,7 +544,8 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
       with acts.writer(acts.path(i + 1, m)) as put:
         for j, r in enumerate(dev_rows):
           put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r,
-                                               None, shardings=shardings, outputs=True)[0]))
+                                               None, shardings=shardings, outputs=True,
+                                               deterministic=deterministic)[0]))
       del block
       acts.remove(acts.path(i, m))
   return start

@@ -1,7 +1,11 @@
 """Calibrates a tiny Llama on 1 device, on a mesh of virtual devices, or as one of several processes, and
-writes the statistics (process 0) to an .npz file. Run by test_sharded.py in fresh subprocesses:
+writes the statistics (process 0) to an .npz file: the default reduction's under their names, those of
+`deterministic=True` under 'det/' (same mesh) and, with --det_mesh, 'det_mesh/' (another data axis size) and
+'det6/' (batches of 6 rows on a 2 x 4 mesh; one process without --det_mesh: on 1 device), and the kernels that
+a deterministic `run_sequential` prunes by the statistics under 'det_seq/'.
+Run by test_sharded.py in fresh subprocesses:
 
-    python tests/calibration/sharded_run.py OUT.npz [--mesh=4x2] [--offload]
+    python tests/calibration/sharded_run.py OUT.npz [--mesh=4x2] [--det_mesh=8x1] [--offload]
         [--coordinator=localhost:PORT --num_processes=2 --process_id=I]
 """
 
@@ -18,6 +22,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('out')
   parser.add_argument('--mesh', default='')  # 'DATAxOTHER': batch rows over DATA devices, replicated over OTHER
+  parser.add_argument('--det_mesh', default='')  # also calibrate deterministically on this mesh (one process)
   parser.add_argument('--offload', action='store_true')
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
@@ -29,6 +34,7 @@ def main() -> None:
                                process_id=args.process_id)
   jax.config.update('jax_default_matmul_precision', 'highest')
 
+  import jax.numpy as jnp
   import numpy as np
   from jaxcompress import calibration as cal
   from jaxcompress import core
@@ -38,17 +44,45 @@ def main() -> None:
   batches = make_batches(3, b=8, t=12, seed=5)
   mesh = None
   if args.mesh:
-    data, other = (int(n) for n in args.mesh.split('x'))
-    mesh = jax.make_mesh((data, other), ('data', 'other'), devices=jax.devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = make_mesh(args.mesh)
     # each process passes its own rows: the rows of the devices it holds (processes hold consecutive devices)
     per = 8 // args.num_processes
     lo = args.process_id * per
     batches = [{k: v[lo:lo + per] for k, v in b.items()} for b in batches]
-  stats = cal.calibrate(LLAMA, params, batches, OBSERVER, mesh=mesh, data_axis='data', offload=args.offload)
-  flat = {f'{path}/{key}': np.asarray(x) for path, s in stats.items() for key, x in core.flatten(s).items()}
+
+  def flat(prefix, mesh, batches=batches, **kw):
+    stats = cal.calibrate(LLAMA, params, batches, OBSERVER, mesh=mesh, data_axis='data', offload=args.offload, **kw)
+    return {f'{prefix}{path}/{key}': np.asarray(x) for path, s in stats.items() for key, x in core.flatten(s).items()}
+
+  out = {**flat('', mesh), **flat('det/', mesh, deterministic=True)}
+  if args.det_mesh:  # one process: every row of the batch is this process's
+    out.update(flat('det_mesh/', make_mesh(args.det_mesh), deterministic=True))
+  if args.num_processes == 1:  # 6 rows: 3 per device on a 2 x 4 mesh, not a power of two
+    six = make_batches(2, b=6, t=12, seed=6)
+    out.update(flat('det6/', make_mesh('2x4') if args.det_mesh else None, six, deterministic=True))
+
+  def prune(i, block, stats):
+    # keeps the half of each kernel with the larger |w| sqrt(diag XᵀX), so the mask follows the statistics
+    def one(path, w):
+      if path not in stats:
+        return w
+      score = jnp.abs(w) * jnp.sqrt(jnp.diag(stats[path]['xtx']))[:, None]
+      return jnp.where(score >= jnp.median(score), w, 0)
+
+    return core.paths.map_with_path(one, block)
+
+  pruned, _ = cal.run_sequential(LLAMA, params, batches, cal.hessian(), prune, mesh=mesh, data_axis='data',
+                                 offload=args.offload, keep_stats=False, deterministic=True)
+  out.update({f'det_seq/{p}': np.asarray(x) for p, x in core.flatten(pruned['layers']).items()
+              if p.endswith('kernel')})
   if jax.process_index() == 0:
-    np.savez(args.out, **flat)
+    np.savez(args.out, **out)
+
+
+def make_mesh(shape: str) -> jax.sharding.Mesh:
+  data, other = (int(n) for n in shape.split('x'))
+  return jax.make_mesh((data, other), ('data', 'other'), devices=jax.devices(),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 if __name__ == '__main__':

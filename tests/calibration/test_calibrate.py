@@ -309,3 +309,37 @@ def test_storage_shared_between_blocks_and_the_head():
   assert list(s_t) == list(s_u) and 'mlm_head/transform/kernel' in s_t
   for path in s_u:
     np.testing.assert_array_equal(s_t[path]['abs_max'], s_u[path]['abs_max'])
+
+
+def test_deterministic_mode_matches_float64_and_runs_each_row_alone():
+  spec = BERT  # post-norm with GELU: where fusing a row's program with its surroundings changed the rounding
+  params = spec.init(jax.random.key(1))
+  batches = make_batches(1, b=8, t=12, seed=3)
+  det = cal.calibrate(spec, params, batches, OBSERVER, deterministic=True)
+  ref = reference_stats(spec, params, batches)
+  assert list(det) == list(cal.calibrate(spec, params, batches, OBSERVER))
+  for path, r in ref.items():
+    assert rel(det[path]['h']['xtx'], r['xtx']) < 1e-5, path
+    assert rel(det[path]['a']['abs_sum'], r['abs']) < 1e-5, path
+    assert rel(det[path]['m']['abs_max'], r['max']) < 1e-5, path
+    assert int(det[path]['h']['count']) == r['count'], path
+  # each row runs as the same one-row program however the rows are batched: a maximum (exact in any order)
+  # over the batch of 8 equals, bit for bit, the one over 8 batches of 1 row
+  single = [{k: v[i:i + 1] for k, v in batches[0].items()} for i in range(8)]
+  apart = cal.calibrate(spec, params, single, OBSERVER, deterministic=True)
+  for path in ref:
+    np.testing.assert_array_equal(apart[path]['m']['abs_max'], det[path]['m']['abs_max'], err_msg=path)
+
+
+def test_an_observer_without_merge_sums_in_deterministic_mode():
+  hess = cal.hessian()
+  plain = cal.Observer(hess.init, hess.update)  # built before merge existed: merge defaults to a sum
+  params = LLAMA.init(jax.random.key(0))
+  batches = make_batches(2, b=3)
+  a = cal.calibrate(LLAMA, params, batches, plain, deterministic=True)
+  b = cal.calibrate(LLAMA, params, batches, hess, deterministic=True)
+  for path in b:
+    np.testing.assert_array_equal(a[path]['xtx'], b[path]['xtx'])
+    assert int(a[path]['count']) == int(b[path]['count'])
+  np.testing.assert_array_equal(cal.abs_max().merge({'abs_max': jnp.array([1., 5.])}, {'abs_max': jnp.array([3., 2.])})
+                                ['abs_max'], [3., 5.])

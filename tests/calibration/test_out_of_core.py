@@ -196,3 +196,30 @@ def test_stages_equal_running_them_one_after_another_in_memory(src, tmp_path):
   assert oc.output_hashes(out) == want
   with pytest.raises(ValueError, match='observer= or per_group='):
     cal.compress_checkpoint(src, tmp_path / 'x', list(STAGES), oc.batches(), recipe={}, observer=cal.hessian())
+
+
+def test_deterministic_output_equals_run_sequential_also_when_resumed(src, reference, tmp_path):
+  out = tmp_path / 'out'
+
+  def stop(i, record):
+    if i == 0:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    oc.run_cheap(src, out, deterministic=True, on_block=stop)
+  kept = list(out.glob('h_*.npy'))
+  assert kept
+  for f in kept:  # the rerun re-derives the hidden states after block 0 (embedding, forward)
+    f.unlink()
+  oc.run_cheap(src, out, deterministic=True)
+  got = core.flatten(cal.load_compressed(out))
+  model, params = models.from_pretrained(src)
+  ref, _ = cal.run_sequential(model, params, oc.batches(), cal.hessian(), oc.cheap_block, per_group=True,
+                              deterministic=True)
+  ref = core.flatten(ref)
+  assert sorted(got) == sorted(ref)
+  for path, r in ref.items():
+    np.testing.assert_array_equal(np.asarray(core.materialize(got[path])), np.asarray(core.materialize(r)),
+                                  err_msg=path)
+  with pytest.raises(ValueError, match='another run'):  # other statistics bits than the default reduction's
+    oc.run_cheap(src, reference, deterministic=True)
