@@ -17,9 +17,14 @@ TINY = ['--num_layers=2', '--hidden_size=64', '--intermediate_size=128', '--num_
         '--export=false', '--learning_rate=3e-3', '--warmup_steps=2']
 
 
+# Virtual devices are threads of one process: on a loaded 2-core machine one may reach a collective long after
+# the others, and XLA's default gives up after 40 s. Tests wait for it.
+PATIENT_COLLECTIVES = '--xla_cpu_collective_call_terminate_timeout_seconds=900'
+
+
 def env(devices: int = 1) -> dict:
   out = dict(os.environ)
-  out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}'
   out['JAX_PLATFORMS'] = 'cpu'
   out['PYTHONUNBUFFERED'] = '1'
   return out
