@@ -565,7 +565,7 @@ def print_table(r: dict) -> None:
             f"{d['max_relative_difference']:.2e})")
     if 'deterministic_data_parallel_vs_1' in p:
       d = p['deterministic_data_parallel_vs_1']
-      print(f"deterministic=True, 1 process vs 2 processes with split calibration rows: whole block "
+      print(f"deterministic=True, 2 processes with split calibration rows vs 1 process: whole block "
             f"{p['block_s_2proc_data_parallel_deterministic']:.2f} s vs {p['block_s_1_deterministic']:.2f} s; "
             f"outputs identical: {p['identical_2proc_data_parallel_deterministic']} "
             f"({100 * d['mask_entries_differing']:.4f}% of mask entries and {100 * d['weights_differing']:.4f}% of "
