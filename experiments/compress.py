@@ -397,7 +397,7 @@ def report(cfg: dict, setup: Setup, res: dict) -> str:
   for st in res['stages']:
     lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {_mb(st['disk_bytes'])} | {st['bits_per_weight']:.2f} | "
                  + (f"{st[q]:.4f}" if q in st else '') + ' |')
-  lines += ['', f'## Hardware fit', '', fit, '',
+  lines += ['', '## Hardware fit', '', fit, '',
             f"Energy model: {DEVICE_MODEL['name']}: {DEVICE_MODEL['joule_per_flop'] * 1e12:.2f} pJ/FLOP and "
             f"{DEVICE_MODEL['joule_per_byte'] * 1e12:.0f} pJ/byte (rated power over peak rate); a token costs its "
             'matmul FLOPs plus one read of the weights as stored (batch-1 decoding). Emulated formats also pay '

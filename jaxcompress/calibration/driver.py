@@ -236,7 +236,9 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
       if keep_stats:
         out_stats.update({f'{model.block_path}/{i}/{p}': place.keep_stats(x) for p, x in stats.items()})
       if compress_block is not None:
-        new = compress_block(i, block, stats)
+        # the statistics' program (collectives across the mesh) ends before compress_block dispatches its own:
+        # on a host with fewer cores than virtual devices, overlapping them stalled XLA's collective rendezvous
+        new = compress_block(i, block, jax.block_until_ready(stats))
         del stats
         new_blocks[i] = new
         if not original:  # the hidden states go on through the compressed block, which replaces the old one
@@ -289,11 +291,7 @@ def _block_step(model: Model, observer: Observer | None, block: Params, h: jax.A
   def observe(path, x):
     if path not in stats:  # per-group passes calibrate some kernels only
       return
-    if isinstance(x, Routed):  # a stacked expert weight: each expert's statistics from the tokens routed to it
-      mask = jnp.where(x.keep, weights if x.token is None else weights[x.token], 0.0)  # [E, C]
-      stats[path] = jax.vmap(observer.update)(stats[path], x.x, mask)
-    else:
-      stats[path] = observer.update(stats[path], x.reshape(-1, x.shape[-1]), weights)
+    stats[path] = _update(observer, stats[path], x, weights)
 
   out = model.block_with_inputs(block, h, ctx, observe)
   return (_constrain_rows(out, shardings) if outputs else None), _constrain_stats(stats, shardings)
@@ -343,6 +341,20 @@ def _block_step_by_rows(model, observer, block, h, rows, stats, shardings, outpu
   return out, _constrain_stats(_merge_into(observer, stats, batch), shardings)
 
 
+def _update(observer: Observer, stats: Stats, x, weights: jax.Array) -> Stats:
+  """observer.update with a linear's input x [..., in] and the token weights [tokens]; a stacked expert
+  weight's input (`Routed`) updates each expert's statistics from the tokens routed to it."""
+  if isinstance(x, Routed):
+    mask = jnp.where(x.keep, weights if x.token is None else weights[x.token], 0.0)  # [E, C]
+    return jax.vmap(observer.update)(stats, x.x, mask)
+  return observer.update(stats, x.reshape(-1, x.shape[-1]), weights)
+
+
+def _input_shape(x) -> int | tuple[int, int]:
+  """in_features of a linear's input, or (experts, in_features) of a stacked expert weight's."""
+  return (x.x.shape[0], x.x.shape[-1]) if isinstance(x, Routed) else x.shape[-1]
+
+
 def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
   """{path: statistics of this row alone} of the kernels named, from run(observe); weights [T] (1 real token)."""
   out = {}
@@ -350,14 +362,8 @@ def _row_stats(observer, kernels, weights, run) -> dict[str, Stats]:
   def observe(path, x):
     if path not in kernels:
       return
-    if isinstance(x, Routed):  # stacked experts, as in `_block_step`
-      mask = jnp.where(x.keep, weights if x.token is None else weights[x.token], 0.0)
-      start = out[path] if path in out else _init_stats(observer, path, (x.x.shape[0], x.x.shape[-1]))
-      out[path] = jax.vmap(observer.update)(start, x.x, mask)
-      return
-    x = x.reshape(-1, x.shape[-1])
-    start = out[path] if path in out else observer.init(path, x.shape[-1])
-    out[path] = observer.update(start, x, weights)
+    start = out[path] if path in out else _init_stats(observer, path, _input_shape(x))
+    out[path] = _update(observer, start, x, weights)
 
   run(observe)
   return out
@@ -460,12 +466,9 @@ def _linear_shapes(model, block, h, rows, *, experts: bool, block_index: int
   expert weight gives (its path, (experts, in_features)). Without `experts`, such weights are an error."""
   seen = []
 
-  def shape(x):
-    return (x.x.shape[0], x.x.shape[-1]) if isinstance(x, Routed) else x.shape[-1]
-
   def trace(block, h, rows):
     ctx = model.context(rows.tokens, attention_mask=rows.attention_mask)
-    return model.block_with_inputs(block, h, ctx, lambda path, x: seen.append((path, shape(x))))
+    return model.block_with_inputs(block, h, ctx, lambda path, x: seen.append((path, _input_shape(x))))
 
   jax.eval_shape(trace, block, h, rows)
   found = _unique(seen)

@@ -171,7 +171,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
               on_step('stats', i, j)
           stats = {p: stats[p] for p in kernels}
           _release_host_memory()  # what the statistics pass freed, before the solves allocate
-          new = plan.compress_block(i, block, stats)
+          new = plan.compress_block(i, block, jax.block_until_ready(stats))  # as in driver._run
           del stats, block
           block = place.replicated(new)
           del new
@@ -188,14 +188,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
       for m in streams:
         # the last stream runs the block as stored: a resumed run re-derives exactly these hidden states
         block = place.replicated(core.serialize.load(out / block_file(i))) if m == n_stages else held.pop(m)
-        with acts.writer(acts.path(i + 1, m)) as put:
-          for j, r in enumerate(dev_rows):
-            h = driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r, None,
-                                   shardings=shardings, outputs=True, deterministic=deterministic)[0]
-            put(j, place.keep(h))
-            del h
-            if on_step:
-              on_step('forward', i, j)
+        _forward(model, block, i, m, dev_rows, place, acts, deterministic, on_step)
         del block
       _release_host_memory()
       digests = _digests(acts, i + 1, streams)
@@ -498,6 +491,21 @@ def _npy_header(shape) -> bytes:
   return buf.getvalue()
 
 
+def _forward(model, block, i: int, stream: int, dev_rows: list[Rows], place, acts: _ActivationFile,
+             deterministic: bool, on_step) -> None:
+  """Stream `stream`'s hidden states entering block i, run through `block`, written as those entering i + 1
+  (one batch in memory at a time)."""
+  shardings = place.shardings()
+  with acts.writer(acts.path(i + 1, stream)) as put:
+    for j, r in enumerate(dev_rows):
+      h = driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, stream), j)), r, None,
+                             shardings=shardings, outputs=True, deterministic=deterministic)[0]
+      put(j, place.keep(h))
+      del h
+      if on_step:
+        on_step('forward', i, j)
+
+
 def _digests(acts: _ActivationFile, i: int, streams: list[int]) -> dict[str, list[str]]:
   """{stream: [sha256 of each process's file at block i]}: every process can verify its own file on resume."""
   mine = [_sha256(acts.path(i, m)) for m in streams]
@@ -541,11 +549,7 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
   for i in range(start):
     for m in streams:
       block = place.replicated(stored(i) if m == n_stages else read_block(i))
-      with acts.writer(acts.path(i + 1, m)) as put:
-        for j, r in enumerate(dev_rows):
-          put(j, place.keep(driver._block_step(model, None, block, place.fetch(acts.read(acts.path(i, m), j)), r,
-                                               None, shardings=shardings, outputs=True,
-                                               deterministic=deterministic)[0]))
+      _forward(model, block, i, m, dev_rows, place, acts, deterministic, None)
       del block
       acts.remove(acts.path(i, m))
   return start

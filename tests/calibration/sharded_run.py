@@ -10,6 +10,7 @@ Run by test_sharded.py in fresh subprocesses:
 """
 
 import argparse
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def main() -> None:
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
   args = parser.parse_args()
+  faulthandler.dump_traceback_later(200, exit=True)  # a stuck run says where, before the test's timeout
   if args.coordinator:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
