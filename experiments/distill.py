@@ -26,10 +26,8 @@ runs/ (the fit run: metrics, TensorBoard events). `experiments/evaluate.py --mod
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pathlib
 import shutil
@@ -80,7 +78,7 @@ def parse_layers(value: str) -> tuple[int, ...] | str | None:
 
 def check_flags() -> None:
   """Every flag checked before any work; ValueError naming the flag, the value and the fix."""
-  from experiments import fixture
+  from jaxcompress.recipes import fixture
   if not FLAGS.small:
     try:
       path = fixture.resolve(FLAGS.teacher)
@@ -145,17 +143,16 @@ def main(argv):
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from experiments import distill_common as common
-  from experiments import fixture
   from jaxcompress import distillation, models, provenance
+  from jaxcompress.recipes import fixture, lm_runs
   from jaxcompress.train import loop, objectives
 
   out = pathlib.Path(FLAGS.output_dir)
   if FLAGS.small:
-    teacher, tparams, data, valid = common.small_setup(FLAGS.seed)
+    teacher, tparams, data, valid = lm_runs.small_setup(FLAGS.seed)
     data = type(data)(sequences=data.sequences, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
   else:
-    teacher, tparams, data, valid = common.fixture_setup(FLAGS.teacher, FLAGS.batch_size)
+    teacher, tparams, data, valid = lm_runs.fixture_setup(FLAGS.teacher, FLAGS.batch_size)
   valid = valid[:FLAGS.eval_rows or None]
   layers = parse_layers(FLAGS.student_layers)
   n_t = teacher.num_layers(tparams)
@@ -176,15 +173,15 @@ def main(argv):
     if projections:
       sparams = {**sparams, distillation.PROJ: projections}
 
-  before = common.heldout_nll(student, distillation.split_params(sparams)[0], valid)
-  trained, seconds = common.train('student', student, sparams, objective, data, steps=FLAGS.steps,
-                                  lr=FLAGS.learning_rate, seed=FLAGS.seed, out=out, frozen=frozen)
+  before = lm_runs.heldout_nll(student, distillation.split_params(sparams)[0], valid)
+  trained, seconds = lm_runs.train('student', student, sparams, objective, data, steps=FLAGS.steps,
+                                   lr=FLAGS.learning_rate, seed=FLAGS.seed, out=out, frozen=frozen)
   trained = distillation.split_params(trained)[0]
   if jax.process_count() > 1:
     trained = multihost_utils.process_allgather(trained, tiled=True)
   trained = jax.device_get(trained)
-  after = common.heldout_nll(student, trained, valid)
-  teacher_nll = common.heldout_nll(teacher, tparams, valid)
+  after = lm_runs.heldout_nll(student, trained, valid)
+  teacher_nll = lm_runs.heldout_nll(teacher, tparams, valid)
   size = student.summary(trained, seq_len=valid.shape[1] - 1).total.as_dict()
   tsize = teacher.summary(tparams, seq_len=valid.shape[1] - 1).total.as_dict()
   results = {'teacher_perplexity': float(np.exp(teacher_nll)), 'student_perplexity_before': float(np.exp(before)),
@@ -214,5 +211,10 @@ def main(argv):
   print(f'student checkpoint: {hf}\nresults: {out / "results.json"}')
 
 
-if __name__ == '__main__':
+def console():
+  """The `jaxcompress-distill` command."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  console()

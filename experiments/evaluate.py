@@ -3,12 +3,14 @@
     python experiments/evaluate.py --model=runs/w4 --reference=fixture        # a compressed fixture
     python experiments/evaluate.py --model=runs/student/hf --reference=fixture --rows=heldout.npy
     python experiments/evaluate.py --model=runs/minilm_small --reference=minilm --sentences=256
+    python experiments/evaluate.py --model=runs/compress --reference=minilm      # a compress.py run directory
     launch/local_multihost.sh 2 1 experiments/evaluate.py --model=... --reference=... --output_dir=runs/ev2
 
 --model and --reference are each 'fixture' (the committed causal-LM fixture), 'minilm' (all-MiniLM-L6-v2), a
-Hugging Face checkpoint directory (config.json + safetensors), or a compressed-checkpoint directory: config.json
+Hugging Face checkpoint directory (config.json + safetensors), a compressed-checkpoint directory: config.json
 (the architecture, `model.hf_config()`) next to one safetensors file written by `core.serialize.save` (masks,
-codes and low-rank factors kept as such; `experiments/model_dirs.py` writes and reads one).
+codes and low-rank factors kept as such; `jaxcompress.recipes.model_dirs` writes and reads one), or the
+--output_dir of an experiments/compress.py run (its compressed.jxc, the architecture of its hf/).
 
 Quality. Causal LMs: held-out perplexity over packed rows [N, T + 1] (inputs [:, :-1], targets [:, 1:]): the
 fixture's held-out rows by default (`fixture.data()`), or --rows=<file.npy>. Scored by `eval.lm.sequence_nll`
@@ -28,22 +30,17 @@ launch/ pass these flags through unchanged, and launch/gke_jobset.py adds them f
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json
 import pathlib
-import time
 from typing import Any
 
 from absl import app, flags
 
-from experiments import model_dirs
-
-flags.DEFINE_string('model', None, "Model to evaluate: 'fixture', 'minilm', a Hugging Face checkpoint directory or "
-                    'a compressed-checkpoint directory.')
+flags.DEFINE_string('model', None, "Model to evaluate: 'fixture', 'minilm', a Hugging Face checkpoint directory, "
+                    'a compressed-checkpoint directory or a compress.py run directory.')
 flags.DEFINE_string('reference', None, "Reference model, the same kinds as --model (usually the uncompressed "
                     "one, e.g. 'fixture').")
 flags.DEFINE_string('output_dir', 'runs/evaluate', 'Where results.json, report.md, config.json and '
@@ -140,25 +137,40 @@ def sentences(tokenizer_dir: pathlib.Path, n: int, max_len: int, seed: int):
 
 def speed_ratio(forward_ref, forward_model, repeats: int) -> dict[str, float]:
   """Median seconds of each forward, timed interleaved after one warm-up each, and reference / model."""
-  import jax
-  import numpy as np
-  jax.block_until_ready(forward_ref())
-  jax.block_until_ready(forward_model())
-  t_ref, t_model = [], []
-  for _ in range(repeats):
-    t0 = time.perf_counter(); jax.block_until_ready(forward_ref()); t_ref.append(time.perf_counter() - t0)
-    t0 = time.perf_counter(); jax.block_until_ready(forward_model()); t_model.append(time.perf_counter() - t0)
-  a, b = float(np.median(t_ref)), float(np.median(t_model))
+  from jaxcompress.recipes import encoder_runs
+  a, b, _ = encoder_runs.time_ratio(forward_ref, forward_model, repeats)
   return {'reference_s': a, 'model_s': b, 'speedup': a / b, 'repeats': repeats}
 
 
 # Flags and main -----------------------------------------------------------------------------------------------
 
+def check_model_arg(flag: str, name: str | None) -> pathlib.Path:
+  """The directory of a --model / --reference value, or a ValueError naming the flag, the value and the fix."""
+  from jaxcompress.recipes import fixture, model_dirs
+  if not name:
+    raise ValueError(f"--{flag} is required: 'fixture', 'minilm', a Hugging Face checkpoint directory, a "
+                     'compressed-checkpoint directory or a compress.py run directory.')
+  if name not in fixture.NAMES and not pathlib.Path(name).expanduser().is_dir():
+    raise ValueError(f"--{flag}={name!r}: the directory '{name}' does not exist; give 'fixture', 'minilm' or an "
+                     'existing checkpoint or run directory.')
+  if model_dirs.is_run_dir(name):
+    return pathlib.Path(name).expanduser()
+  try:
+    path = fixture.resolve(name)
+  except FileNotFoundError as e:
+    raise ValueError(f'--{flag}: {e}') from None
+  if not list(path.glob('*.safetensors')) and not (path / 'model.safetensors.index.json').exists():
+    hint = (' It is a compress.py run directory written with --save=false: rerun with --save.'
+            if (path / 'results.json').is_file() else '')
+    raise ValueError(f"--{flag}={name!r}: '{path}' has config.json but no safetensors weights.{hint}")
+  return path
+
+
 def check_flags() -> dict[str, Any]:
   """Validates every flag before any work; returns the resolved paths. Raises ValueError naming the flag."""
   import numpy as np
-  resolved = {'model': model_dirs.check_model_arg('model', FLAGS.model),
-              'reference': model_dirs.check_model_arg('reference', FLAGS.reference)}
+  resolved = {'model': check_model_arg('model', FLAGS.model),
+              'reference': check_model_arg('reference', FLAGS.reference)}
   for name in ('batch_size', 'sentences', 'max_len'):
     if FLAGS[name].value < 1:
       raise ValueError(f'--{name}={FLAGS[name].value} must be >= 1.')
@@ -203,6 +215,7 @@ def main(argv):
   import numpy as np
 
   from jaxcompress import provenance
+  from jaxcompress.recipes import model_dirs
   mesh = sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
   divisor = sharding.batch_divisor(mesh)
   if FLAGS.batch_size % divisor:
@@ -222,7 +235,7 @@ def main(argv):
     if 'rows' in resolved:
       rows = resolved['rows']
     else:
-      from experiments import fixture
+      from jaxcompress.recipes import fixture
       rows = fixture.data()[2]
     rows = rows[:FLAGS.max_rows or None]
     if int(rows.max()) >= model.config.vocab_size:
@@ -307,5 +320,10 @@ def markdown(r: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-if __name__ == '__main__':
+def console():
+  """The `jaxcompress-evaluate` command."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  console()

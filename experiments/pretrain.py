@@ -16,11 +16,6 @@ processes), or set nothing on TPU pods and SLURM, where the platform provides th
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags, logging
 
 flags.DEFINE_string('run_dir', 'runs/pretrain', 'Output directory (resumed if it holds checkpoints).')
@@ -158,5 +153,10 @@ def _hash(params) -> str:
   return state.param_hash(params)
 
 
-if __name__ == '__main__':
+def console():
+  """The `jaxcompress-pretrain` command."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  console()

@@ -16,11 +16,10 @@ Writes config.json, environment.json, results.json and table.md into --output_di
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,11 @@ from absl import app, flags
 from jaxcompress import core, models, provenance, pruning
 from jaxcompress.data import pipeline
 from jaxcompress.eval import lm
-from jaxcompress.pruning import gradual, movement
 from jaxcompress.train import loop, objectives
+
+# The modules (`pruning.gradual` and `pruning.movement` are the recipe methods built on them).
+gradual = importlib.import_module('jaxcompress.pruning.gradual')
+movement = importlib.import_module('jaxcompress.pruning.movement')
 
 flags.DEFINE_string('model', 'fixture', "'fixture' or a checkpoint directory (holding training.json too).")
 flags.DEFINE_string('output_dir', 'runs/prune_train', 'Where results and the runs go.')
@@ -59,7 +61,7 @@ def load():
     rows = rs.randint(0, 64, (64, 17)).astype(np.int32)
     train = pipeline.LMBatches(sequences=rows, batch_size=8, seed=FLAGS.seed)
     return model, model.init(jax.random.key(FLAGS.seed)), train, rows[:8]
-  from experiments import fixture
+  from jaxcompress.recipes import fixture
   model, params = fixture.load(FLAGS.model)
   data_dir = fixture.FIXTURE_DIR if FLAGS.model == 'fixture' else fixture.resolve(FLAGS.model)
   _, train, valid = fixture.data(data_dir, batch_size=FLAGS.batch_size)
@@ -155,5 +157,10 @@ def main(argv):
     f.write(table + '\n')
 
 
-if __name__ == '__main__':
+def console():
+  """The `jaxcompress-prune-train` command."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  console()

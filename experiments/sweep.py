@@ -17,23 +17,36 @@ import json
 import os
 import pathlib
 import string
-import sys
 import time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from experiments import compress
-
+flags.DEFINE_string('model', 'minilm', "'minilm' (all-MiniLM-L6-v2), 'fixture' (the causal-LM fixture), 'tiny' (a "
+                    'random 2-layer Llama, seconds) or a checkpoint directory holding config.json.')
+flags.DEFINE_string('calib_data', 'default', "Calibration text: 'default', a .txt file (encoders, one text per line) "
+                    'or a .npy of token rows (causal LMs).')
+flags.DEFINE_string('eval_data', 'default', "Evaluation text: 'default', a .txt file or a .npy of token rows "
+                    '[N, T + 1].')
+flags.DEFINE_integer('calib_samples', 512, 'Calibration sequences.', lower_bound=1)
+flags.DEFINE_integer('eval_samples', 256, 'Evaluation sequences.', lower_bound=1)
+flags.DEFINE_integer('seq_len', 64, 'Tokens per encoder sentence (longer ones are cut).', lower_bound=8)
+flags.DEFINE_integer('batch_size', 32, 'Sequences per calibration, evaluation and training batch.', lower_bound=1)
+flags.DEFINE_integer('seed', 0, 'The one seed every random choice derives from.')
+flags.DEFINE_string('output_dir', 'runs/compress', 'Where points/, runs/ and the leaderboard go.')
+flags.DEFINE_bool('measure', True, 'Measure speed, fine-tuning cost and energy of every point (False: size and '
+                  'quality only).')
+flags.DEFINE_integer('timing_reps', 5, 'Interleaved repetitions of the dense/compressed speed measurements.',
+                     lower_bound=1)
+flags.DEFINE_list('import', [], 'Python modules imported before the recipes are read (comma-separated): the '
+                  'methods they register run in --recipes.')
 flags.DEFINE_multi_string('recipes', None, 'Recipe templates; {name} fields are filled from --grid.')
 flags.DEFINE_string('grid', '{}', 'JSON object {setting: [values]}; every combination fills every template.')
 flags.DEFINE_string('sweep', None, 'JSON file {"recipes": [...], "grid": {...}} (used where the flags are unset).')
 flags.DEFINE_integer('max_points', 0, 'Stop after this many newly run points (0: all); a rerun goes on.',
                      lower_bound=0)
 FLAGS = flags.FLAGS
-# compress.py's flags (--model, --seed, --output_dir, data and size flags) are shared; its --recipe is unused here.
 
 
 def expand(templates: list[str], grid: dict) -> list[tuple[str, dict]]:
@@ -116,7 +129,13 @@ def _plot(path, rows, q, higher, dense):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; every setting is a --flag (see --help).')
-  from jaxcompress import provenance, recipes
+  from jaxcompress import provenance, recipes, registry
+  from jaxcompress.recipes import pipeline
+  from jaxcompress.recipes import setup as setup_lib
+  try:
+    registry.load_plugins(getattr(FLAGS, 'import'))
+  except ImportError as e:
+    raise app.UsageError(f'--import: {e}') from None
   spec = {}
   if FLAGS.sweep:
     path = pathlib.Path(FLAGS.sweep)
@@ -150,13 +169,13 @@ def main(argv):
       print(f'stopping after {ran} new points (--max_points); rerun to go on.')
       break
     if setup is None:
-      setup = compress.load(base['model'], calib_data=base['calib_data'], eval_data=base['eval_data'],
-                            calib_samples=base['calib_samples'], eval_samples=base['eval_samples'],
-                            seq_len=base['seq_len'], batch_size=base['batch_size'], seed=base['seed'])
+      setup = setup_lib.load(base['model'], calib_data=base['calib_data'], eval_data=base['eval_data'],
+                             calib_samples=base['calib_samples'], eval_samples=base['eval_samples'],
+                             seq_len=base['seq_len'], batch_size=base['batch_size'], seed=base['seed'])
     t0 = time.perf_counter()
-    cfg = {**base, 'recipe': recipe, 'output_dir': str(out / 'runs' / pid), 'per_stage_eval': False,
-           'measure': FLAGS.measure}
-    res = compress.run(cfg, setup=setup, save=False, verbose=False)
+    settings = {k: v for k, v in base.items() if k != 'model'}
+    res = pipeline.compress(setup, recipe, output_dir=out / 'runs' / pid, save=False, per_stage_eval=False,
+                            measure=FLAGS.measure, **settings).to_json()
     point = {'id': pid, 'recipe': recipe, 'setting': setting, 'result': res}
     provenance.atomic_write(file, json.dumps(provenance.to_jsonable(point)))
     done.append(point)
@@ -170,5 +189,10 @@ def main(argv):
     print(f'files: {out}/leaderboard.md, leaderboard.json, pareto.png')
 
 
-if __name__ == '__main__':
+def console():
+  """The `jaxcompress-sweep` command."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  console()

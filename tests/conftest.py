@@ -4,7 +4,8 @@ compilation cache for the session."""
 from __future__ import annotations
 
 import os
-
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -33,6 +34,45 @@ _FIRST = ('tests/recipes/', 'tests/train/')
 
 def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable: file and test order kept otherwise
+
+
+# Markers of the contributor's fast loop (`pytest -m 'not slow and not subprocess'`), kept true: a test that starts
+# a Python process without the `subprocess` marker fails, and an unmarked test over SLOW_S seconds is listed at the
+# end of the run (timings vary with the machine's load, so that is a report, never a failure).
+SLOW_S = 10.0
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+def _starts_python(cmd) -> bool:
+  prog = (cmd[0] if isinstance(cmd, (list, tuple)) and cmd else str(cmd or '').split(' ')[0]) or ''
+  name = os.path.basename(str(prog))
+  return str(prog) == sys.executable or name.startswith(('python', 'jaxcompress-'))
+
+
+@pytest.fixture(autouse=True)
+def _process_marker(request, monkeypatch):
+  if request.node.get_closest_marker('subprocess') is None:
+    real = subprocess.Popen.__init__
+
+    def init(self, args, *rest, **kwargs):
+      if _starts_python(args):
+        raise AssertionError(f'{request.node.nodeid} starts a Python process ({args!r:.120}); mark it '
+                             '@pytest.mark.subprocess so the fast loop can leave it out.')
+      real(self, args, *rest, **kwargs)
+    monkeypatch.setattr(subprocess.Popen, '__init__', init)
+  yield
+
+
+def pytest_runtest_logreport(report):  # also on the controller of an xdist run, which receives every report
+  if report.when == 'call' and report.duration > SLOW_S and 'slow' not in report.keywords:
+    _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _unmarked_slow:
+    terminalreporter.write_line(f'tests over {SLOW_S:.0f} s without the slow marker (mark them @pytest.mark.slow):')
+    for nodeid, took in sorted(_unmarked_slow, key=lambda x: -x[1]):
+      terminalreporter.write_line(f'  {took:6.1f} s  {nodeid}')
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,6 @@
 """Parity against transformers' torch implementation: tiny random reference models and their logits.
 
-Test support, not part of the installed package: the parity tests and experiments/parity.py build a random
+Test support, not part of the installed package: the parity tests and experiments/tables/parity.py build a random
 transformers model, save it as safetensors, load it with jaxcompress, and compare outputs. Needs torch
 (`pip install -e '.[test]'`).
 

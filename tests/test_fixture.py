@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from experiments import fixture
+from jaxcompress.recipes import fixture
 from jaxcompress.eval import lm
 
 

@@ -24,8 +24,6 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 import jax
 import numpy as np
@@ -33,7 +31,7 @@ from absl import app, flags
 
 from jaxcompress import calibration, models
 
-from benchlib import memory_need  # noqa: E402 (this folder is on sys.path when run as a script)
+from experiments.benchmarks.benchlib import memory_need
 
 _HIDDEN = flags.DEFINE_integer('hidden', 256, 'Hidden size d_model.')
 _INTERMEDIATE = flags.DEFINE_integer('intermediate', 688, 'SwiGLU MLP width.')

@@ -22,11 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +30,7 @@ from absl import app, flags
 
 from jaxcompress import models, provenance, quantization
 
-from benchlib import interleaved  # noqa: E402 (this folder is on sys.path when run as a script)
+from experiments.benchmarks.benchlib import interleaved
 
 _SCALE = flags.DEFINE_float('width_scale', 1.0, 'Multiplies hidden size, heads and MLP width of the 1B shape.')
 _LAYERS = flags.DEFINE_integer('layers', 16, 'Transformer blocks.')

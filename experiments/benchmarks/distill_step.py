@@ -18,14 +18,9 @@ beside it.
 from __future__ import annotations
 
 import os
-import pathlib
 import statistics
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 import jax
@@ -53,7 +48,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   if FLAGS.model:
-    from experiments import fixture
+    from jaxcompress.recipes import fixture
     teacher, tparams = fixture.load(FLAGS.model)
   else:
     teacher = models.Llama(models.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,

@@ -17,13 +17,10 @@ import dataclasses
 import datetime
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 import flax
 import jax
@@ -33,7 +30,7 @@ from absl import app, flags
 
 from jaxcompress import core, models, provenance
 
-from benchlib import time_calls  # noqa: E402 (this folder is on sys.path when run as a script)
+from experiments.benchmarks.benchlib import time_calls
 
 _VOCAB = flags.DEFINE_integer('vocab', 32000, 'Vocabulary size.')
 _HIDDEN = flags.DEFINE_integer('hidden', 768, 'Hidden size d_model.')

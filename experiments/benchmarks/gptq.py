@@ -12,17 +12,14 @@ seconds: on a shared machine the wall times are inflated, the CPU times much les
 from __future__ import annotations
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp
-import solverlib
 from absl import app, flags
 
 from jaxcompress import quantization
+
+from experiments.benchmarks import solverlib
 
 flags.DEFINE_integer('in_features', 4096, 'input dimension of the layer')
 flags.DEFINE_integer('out_features', 4096, 'output dimension of the layer')

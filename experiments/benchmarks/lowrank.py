@@ -10,13 +10,7 @@ machine hits both alike; the speed-up is the ratio of their medians.
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import time
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp

@@ -11,14 +11,8 @@ faster than dense).
 
 from __future__ import annotations
 
-import pathlib
 import statistics
-import sys
 import time
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp

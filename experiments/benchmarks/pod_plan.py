@@ -40,8 +40,6 @@ import re
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 DEFAULT_DEVICES = 256
 COUNT_FLAG = '--xla_force_host_platform_device_count'
@@ -93,7 +91,7 @@ from absl import app, flags
 
 from jaxcompress import models, provenance
 
-from benchlib import memory_need  # noqa: E402 (this folder is on sys.path when run as a script)
+from experiments.benchmarks.benchlib import memory_need
 from jaxcompress.train import objectives, optim, sharding
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib

@@ -26,8 +26,6 @@ import os
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[2]))
 
 COUNT_FLAG = '--xla_force_host_platform_device_count'
 
@@ -58,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from benchlib import memory_need  # noqa: E402
+from experiments.benchmarks.benchlib import memory_need
 from jaxcompress import calibration, models  # noqa: E402
 from jaxcompress.calibration import driver  # noqa: E402
 

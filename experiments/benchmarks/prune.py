@@ -16,14 +16,8 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import benchlib
-import solverlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +25,8 @@ from absl import app, flags
 
 from jaxcompress import core, models, provenance, pruning
 from jaxcompress.pruning import masks
+
+from experiments.benchmarks import benchlib, solverlib
 
 flags.DEFINE_list('shape', ['4096', '4096'], 'Layer kernel shape in,out.')
 flags.DEFINE_integer('tokens', 2048, 'Calibration tokens.')
@@ -133,7 +129,7 @@ def model_run():
 
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   t0, c0 = time.perf_counter(), time.process_time()
-  out = pruning.sparsegpt(model, params, batches, offload=True, on_step=on_step)
+  _, out = pruning.sparsegpt(model, params, batches, offload=True, on_step=on_step)
   jax.block_until_ready(out)
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

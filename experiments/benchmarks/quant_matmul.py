@@ -20,11 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +27,7 @@ from absl import app, flags
 
 from jaxcompress import core, provenance, quantization
 
-from benchlib import interleaved  # noqa: E402 (this folder is on sys.path when run as a script)
+from experiments.benchmarks.benchlib import interleaved
 
 _IN = flags.DEFINE_integer('d_in', 8192, 'Input features of the weight.')
 _OUT = flags.DEFINE_integer('d_out', 28672, 'Output features of the weight.')

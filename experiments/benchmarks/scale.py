@@ -43,8 +43,6 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 
 from absl import app, flags  # noqa: E402
 

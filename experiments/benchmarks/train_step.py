@@ -49,8 +49,6 @@ from collections.abc import Callable
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +60,7 @@ from jaxcompress.train import objectives, optim, sharding
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
 
-from benchlib import Timing, memory_need, timed  # noqa: E402 (this folder is on sys.path as a script)
+from experiments.benchmarks.benchlib import Timing, memory_need, timed
 
 # name -> (model, defaults for the flags left unset on the command line)
 PRESETS: dict[str, tuple[Callable[[], models.Model], dict[str, Any]]] = {

@@ -30,8 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 import jax
 import jax.numpy as jnp

@@ -5,6 +5,9 @@ Query head n reads key/value head n // (N / K) (as in transformers), so the K he
 groups of K / G: new head g is the mean of old heads g K/G ... (g + 1) K/G - 1, and every query head keeps
 reading the pool of the head it read before. The KV cache shrinks by K / G; a short up-training recovers the
 quality lost.
+
+    model, params = architecture.gqa(model, params, None, config=architecture.GQAConfig(kv_heads=2))  # the method
+    model, params = architecture.convert_to_gqa(model, params, 2)                                     # the same
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.models import Model
 from jaxcompress.train import transforms
 
@@ -137,3 +140,21 @@ def _map_kv(model: Model, params: dict, fn) -> dict:
       attn[name] = lin
     blocks[i] = {**bp, 'attn': attn}
   return {**params, model.block_path: blocks}
+
+
+# The method --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GQAConfig:
+  kv_heads: int = registry.field(1, range='[1, inf)')  # key/value heads after mean-pooling (1: MQA)
+
+
+def gqa(model: Model, params: dict, calib=None, *, config: GQAConfig = GQAConfig()) -> tuple[Model, dict]:
+  """`convert_to_gqa(model, params, config.kv_heads)`: every layer's key/value heads mean-pooled to kv_heads
+  (a Llama-family model; no data needed)."""
+  return convert_to_gqa(model, params, config.kv_heads)
+
+
+registry.register('gqa', GQAConfig, gqa, family='architecture', forbids=registry.COMPRESSED, adds='architecture',
+                  paper='Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head '
+                  'Checkpoints" (EMNLP 2023)')

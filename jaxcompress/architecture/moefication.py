@@ -2,10 +2,11 @@
 split a dense FFN's neurons into experts by clustering them, route each token to its top-k experts, and run
 only those: fewer FLOPs from the same weights.
 
-    moe = moefy(params['layers'][i]['mlp'], num_experts=8, key=key)   # gated (SwiGLU) or plain MLP weights
+    moe = moefy_mlp(params['layers'][i]['mlp'], num_experts=8, key=key)  # gated (SwiGLU) or plain MLP weights
     y = moe_mlp(x, moe, top_k=2, act='silu')                          # exact: the selected experts' sum
     y, dropped = moe_mlp_dispatch(x, moe, top_k=2, act='silu')        # the same, computing only those experts
     spec, p = moefy_model(model, params, num_experts=8, top_k=2, key=key)  # a Llama running top-2 in every block
+    spec, p = moefy(model, params, None, config=MoEfyConfig(num_experts=8, top_k=2))  # the method (key: the seed's)
 
 A neuron j of a gated FFN is (gate[:, j], up[:, j], down[j, :]); neurons with similar input weights fire
 together, so balanced k-means over the normalized input columns groups them into equal-size experts. The
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.models import Model
 from jaxcompress.models import moe as moe_lib
 
@@ -57,7 +58,7 @@ def balanced_kmeans(points: np.ndarray, k: int, key: jax.Array, iters: int = 20)
   return assign
 
 
-def moefy(mlp: dict, num_experts: int, key: jax.Array, iters: int = 20) -> dict:
+def moefy_mlp(mlp: dict, num_experts: int, key: jax.Array, iters: int = 20) -> dict:
   """Dense MLP weights {'gate_proj'?, 'up_proj', 'down_proj': {'kernel', 'bias'?}} -> experts
 
       {'up': [E, d, f/E], 'gate': [E, d, f/E] (gated MLPs), 'down': [E, f/E, d], 'up_bias': [E, f/E] and
@@ -96,7 +97,7 @@ moe_mlp_dispatch = moe_lib.dispatch
 
 def moefy_model(model: Model, params: dict, *, num_experts: int, top_k: int, key: jax.Array,
                 capacity: float = 1.25, iters: int = 20) -> tuple[Model, dict]:
-  """(spec, params) of the model with every block's MLP MoEfied (`moefy`) and run as a mixture that computes
+  """(spec, params) of the model with every block's MLP MoEfied (`moefy_mlp`) and run as a mixture that computes
   only each token's top_k experts (`models.moe.MoEMLP`, `LlamaConfig.moe_*`). Attention, norms, embeddings
   and head are shared with `params`. Another top_k or capacity needs no new params:
   `type(model)(dataclasses.replace(spec.config, moe_top_k=k))`.
@@ -104,7 +105,7 @@ def moefy_model(model: Model, params: dict, *, num_experts: int, top_k: int, key
   c = model.config
   if not hasattr(c, 'moe_experts'):
     raise ValueError(f'moefy_model: {type(model).__name__} has no mixture-of-experts option; the Llama family '
-                     'has one (use moefy and moe_mlp_dispatch on other MLPs).')
+                     'has one (use moefy_mlp and moe_mlp_dispatch on other MLPs).')
   if c.moe_experts:
     raise ValueError(f'moefy_model: the model is already a mixture of {c.moe_experts} experts.')
   if not 1 <= top_k <= num_experts:
@@ -113,7 +114,30 @@ def moefy_model(model: Model, params: dict, *, num_experts: int, top_k: int, key
   blocks = {}
   for i, k in enumerate(keys):
     bp = model.block_params(params, i)
-    moe = moefy(bp['mlp'], num_experts, k, iters)
+    moe = moefy_mlp(bp['mlp'], num_experts, k, iters)
     blocks[i] = {**params[model.block_path][i], 'mlp': {n: v for n, v in moe.items() if n != 'neurons'}}
   spec = type(model)(dataclasses.replace(c, moe_experts=num_experts, moe_top_k=top_k, moe_capacity=capacity))
   return spec, {**params, model.block_path: blocks}
+
+
+# The method --------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEfyConfig:
+  num_experts: int = 8  # experts each MLP's neurons are clustered into
+  top_k: int = 4  # experts each token runs
+  capacity: float = 1.25  # tokens an expert takes, as a multiple of its even share
+
+
+def moefy(model: Model, params: dict, calib=None, *, config: MoEfyConfig = MoEfyConfig(),
+          key: jax.Array | None = None) -> tuple[Model, dict]:
+  """`moefy_model`: every block's MLP split into config.num_experts experts (balanced k-means started from
+  `key`; None: calib.key('moefy')), each token running its top_k (a Llama-family model; no data needed)."""
+  key = registry.as_context(calib).key('moefy') if key is None else key
+  return moefy_model(model, params, num_experts=config.num_experts, top_k=config.top_k, capacity=config.capacity,
+                     key=key)
+
+
+registry.register('moefy', MoEfyConfig, moefy, family='architecture', forbids=registry.COMPRESSED + ('architecture',),
+                  adds='architecture', paper='Zhang et al., "MoEfication: Transformer Feed-forward Layers are '
+                  'Mixtures of Experts" (ACL Findings 2022)')

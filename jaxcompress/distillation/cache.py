@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.data import pipeline
-from jaxcompress.distillation import losses
+from jaxcompress.train import losses
 from jaxcompress.eval import token_nll
 from jaxcompress.models import Model
 from jaxcompress.train import objectives

@@ -6,6 +6,10 @@ itself (its current params, KV-cache decoding), and the teacher grades those tok
     objective = on_policy_distillation(student, teacher, DistillConfig(output='jsd', beta=0.5, alpha=1.0), policy)
     fit(..., objective=objective, frozen=teacher_params)
 
+The recipe method `gkd` trains a compressed causal LM this way against the uncompressed model:
+
+    model, params = gkd(model, params, ctx, config=GKDConfig(steps=200, fraction=0.5, prompt_len=8))
+
 Everything runs inside the jitted step: the coin and the samples come from the objective's rng (the run seed
 folded with the step and micro-batch), the generation reads the params the step differentiates (under
 stop_gradient: the sampled ids are integers, no gradient flows through the sampling), and `lax.cond` runs only
@@ -22,9 +26,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.distillation import kd, losses
+from jaxcompress import registry
 from jaxcompress.models import Model, generate
-from jaxcompress.train import objectives
+from jaxcompress.train import kd, losses, objectives, recovery
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,3 +111,43 @@ def on_policy_distillation(student: Model, teacher: Model, cfg: kd.DistillConfig
     return loss, (weight, {**metrics, 'on_policy': on * weight})
 
   return objective
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GKDConfig:
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+  fraction: float = 0.5  # lambda: probability that a batch's continuations are sampled from the student
+  divergence: str = 'jsd'  # 'jsd' (generalized JSD, GKD), 'soft_kl' (forward KL) or 'reverse_kl'
+  beta: float = 0.5  # the JSD's beta, in (0, 1): towards 0 forward KL, towards 1 reverse KL
+  temperature: float = 1.0  # softening of both distributions in the divergence
+  sample_temperature: float = 1.0  # the student's sampling temperature
+  prompt_len: int = 8  # tokens of each data row kept as the prompt; the student writes the rest
+  top_k: int | None = None  # sample among the student's top_k tokens only (None: the whole vocabulary)
+
+  def __post_init__(self):  # the objective's own checks, at parse time
+    OnPolicyConfig(fraction=self.fraction, prompt_len=self.prompt_len, temperature=self.sample_temperature,
+                   top_k=self.top_k)
+    if self.divergence not in ('jsd', 'soft_kl', 'reverse_kl'):
+      raise ValueError(f"divergence={self.divergence!r}; choose 'jsd', 'soft_kl' or 'reverse_kl'.")
+    kd.DistillConfig(output=self.divergence, beta=self.beta, temperature=self.temperature, alpha=1.0)
+
+
+def gkd(model, params, calib, *, config: GKDConfig = GKDConfig()):
+  """(model, params fine-tuned for config.steps on calib.train by `on_policy_distillation` from
+  calib.reference_model): a causal LM only. The coins and samples derive from the run seed (the step rng)."""
+  ctx = registry.as_context(calib)
+  if not model.causal:
+    raise ValueError('gkd samples continuations from a causal LM; for an encoder use distill.')
+  dcfg = kd.DistillConfig(output=config.divergence, beta=config.beta, temperature=config.temperature, alpha=1.0)
+  policy = OnPolicyConfig(fraction=config.fraction, prompt_len=config.prompt_len,
+                          temperature=config.sample_temperature, top_k=config.top_k)
+  teacher, _ = ctx.teacher('gkd')
+  objective = on_policy_distillation(model, teacher, dcfg, policy)
+  return model, recovery.fit(ctx, 'gkd', model, params, objective, steps=config.steps,
+                             learning_rate=config.learning_rate)
+
+
+registry.register('gkd', GKDConfig, gkd, family='distillation', trains=True,
+                  paper='Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated '
+                  'Mistakes" (ICLR 2024)')

@@ -8,13 +8,15 @@ sum has neither the zero pattern nor the codes); `unmerge` recovers the adapted 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
+from jaxcompress.train import recovery
 from jaxcompress.train import state as state_lib
 
 # The `trainable` predicate for the training step: only the adapters' factors are updated.
@@ -121,3 +123,39 @@ def merge_into(params: Any, adapters: Any, *, rtol: float = 1e-5) -> Any:
   if not updates:
     raise ValueError('merge_into: `adapters` holds no LoRA leaf; pass the tree returned by add_lora (trained).')
   return core.paths.replace(core.resolve(params), updates)
+
+
+# The method: adapters trained by distillation from the uncompressed model ------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+  rank: int = registry.field(8, range='[1, inf)')  # adapter rank
+  lora_alpha: float = 16.0  # adapter scale numerator (scale = lora_alpha / rank)
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps (KD from the uncompressed model)
+  learning_rate: float = registry.field(1e-3, range='(0.0, inf)')  # peak learning rate
+  merge: bool = False  # fold the adapters into dense kernels afterwards (False keeps base + adapter leaves)
+
+
+def lora(model: Any, params: Any, calib: Any, *, config: LoRAConfig = LoRAConfig(),
+         key: jax.Array | None = None) -> tuple[Any, Any]:
+  """The model's block kernels get adapters (`add_lora`, a [in, rank] drawn from `key`, b [rank, out] = 0), trained
+  for config.steps on calib.train by KD from calib.reference_model (`recovery.kd_objective`); only the factors
+  change. key: None draws from calib.key('lora'). Over a quantized base (QLoRA) the base stays quantized."""
+  ctx = registry.as_context(calib)
+  key = ctx.key('lora') if key is None else key
+  adapted = add_lora(params, key, rank=config.rank, alpha=config.lora_alpha, rules=model.selection_rules())
+  objective = recovery.kd_objective(model, ctx)
+  out = recovery.fit(ctx, 'lora', model, adapted, objective, steps=config.steps,
+                     learning_rate=config.learning_rate, trainable=LORA_TRAINABLE)
+  return model, merge(out) if config.merge else out
+
+
+qlora = lora  # QLoRA is LoRA over a quantized base: the same function (and key), registered under its own name
+
+
+registry.register('lora', LoRAConfig, lora, family='lowrank', forbids=('adapter', 'shared'), adds='adapter',
+                  trains=True, paper='Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (ICLR 2022), '
+                  'trained by KD')
+registry.register('qlora', LoRAConfig, qlora, family='lowrank', forbids=('adapter', 'shared'), adds='adapter',
+                  trains=True, paper='Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS '
+                  '2023): LoRA over a quantized base')

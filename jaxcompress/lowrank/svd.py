@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import calibration, core
+from jaxcompress import calibration, core, registry
 from jaxcompress.eval import lm
 
 METHODS = ('svd', 'fwsvd', 'asvd', 'svd_llm')
@@ -389,3 +389,68 @@ def output_fisher_loss(forward: Callable[[Any, Mapping[str, jax.Array]], jax.Arr
   must hold 'noise' [B, D] float32 drawn from N(0, 1) (a fresh draw per batch, from one seed).
   """
   return lambda p, batch: jnp.sum(forward(p, batch) * batch['noise'])
+
+
+# The methods: one low-rank config for the four weightings ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig:
+  """The rank rule (rank, energy or budget when set, else keep) and the weightings' settings."""
+
+  keep: float | None = registry.field(0.5, range='(0.0, 1.0)')  # each kernel keeps this fraction of its parameters
+  rank: int | None = registry.field(None, range='[1, inf)')  # one rank for every kernel
+  energy: float | None = registry.field(None, range='(0.0, 1.0]')  # smallest rank reaching this (weighted) energy
+  budget: float | None = registry.field(None, range='(0.0, 1.0)')  # all kernels together keep this fraction
+  alpha: float = 0.5  # ASVD's exponent of the mean activation magnitude
+  damp: float = 1e-4  # SVD-LLM's damping of XᵀX
+
+
+def _factorized(method: str, model: Any, params: Any, calib: Any, config: LowRankConfig) -> tuple[Any, Any]:
+  """(model, params) with the model's block kernels as `LowRank` leaves, weighted by `method` (one of METHODS)."""
+  ctx = registry.as_context(calib)
+  chosen = {k: getattr(config, k) for k in ('rank', 'energy', 'budget') if getattr(config, k) is not None}
+  rule = RankRule(**(chosen or {'keep': config.keep}))
+  svd_cfg = SVDConfig(method=method, ranks=rule, alpha=config.alpha, damp=config.damp, rules=model.selection_rules())
+  if method in CALIBRATED:  # block by block unless the rule needs every kernel's statistics
+    return model, registry.local(compress_model(model, params, ctx.batches(split=True), config=svd_cfg,
+                                                **ctx.driver_kwargs()))
+  stats = None
+  if method == 'fwsvd':
+    if ctx.train is None:
+      raise ValueError('fwsvd needs training batches with targets for its Fisher rows (calib=Context(train=...)).')
+    stats = fisher_rows(model, params, [ctx.train.batch(i) for i in range(len(ctx.calib) or 1)],
+                        rules=model.selection_rules())
+  return model, compress(params, config=svd_cfg, stats=stats)
+
+
+def svd(model: Any, params: Any, calib: Any = None, *, config: LowRankConfig = LowRankConfig()) -> tuple[Any, Any]:
+  """Truncated SVD of every block kernel W [in, out] -> LowRank(a [in, r], b [r, out]); no data needed."""
+  return _factorized('svd', model, params, calib, config)
+
+
+def fwsvd(model: Any, params: Any, calib: Any, *, config: LowRankConfig = LowRankConfig()) -> tuple[Any, Any]:
+  """Fisher-weighted SVD: input rows weighted by √ of their summed squared gradients on the training batches
+  (calib.train; as many batches as calibration batches, at least one)."""
+  return _factorized('fwsvd', model, params, calib, config)
+
+
+def asvd(model: Any, params: Any, calib: Any, *, config: LowRankConfig = LowRankConfig()) -> tuple[Any, Any]:
+  """Activation-aware SVD: input rows weighted by (mean |x|)^alpha on the calibration batches."""
+  return _factorized('asvd', model, params, calib, config)
+
+
+def svd_llm(model: Any, params: Any, calib: Any, *, config: LowRankConfig = LowRankConfig()) -> tuple[Any, Any]:
+  """SVD-LLM: the kernel whitened by the Cholesky factor of the calibration inputs' XᵀX (damped by damp)."""
+  return _factorized('svd_llm', model, params, calib, config)
+
+
+registry.register('svd', LowRankConfig, svd, family='lowrank', forbids=registry.COMPRESSED, adds='lowrank',
+                  paper='truncated SVD (Eckart-Young); Denton et al. (NeurIPS 2014)')
+registry.register('fwsvd', LowRankConfig, fwsvd, family='lowrank', forbids=registry.COMPRESSED, adds='lowrank',
+                  trains=False, paper='Hsu et al., "Language Model Compression with Weighted Low-rank '
+                  'Factorization" (ICLR 2022)')
+registry.register('asvd', LowRankConfig, asvd, family='lowrank', forbids=registry.COMPRESSED, adds='lowrank',
+                  calibrated=True, paper='Yuan et al., "ASVD: Activation-aware Singular Value Decomposition" (2023)')
+registry.register('svd_llm', LowRankConfig, svd_llm, family='lowrank', forbids=registry.COMPRESSED, adds='lowrank',
+                  calibrated=True, paper='Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition" '
+                  '(2024)')

@@ -4,26 +4,45 @@ Orthogonal pieces (`masks`): a score (|W|, Wanda's |W|·‖X_j‖₂), a pattern
 input dimension), a distribution over layers (uniform, ERK, global, per-layer overrides) and `prune(...)` that
 turns params into `core.Masked` leaves. Layer solvers with kernels w [in, out] and inputs x [tokens, in]:
 `wanda_layer` (Sun et al. 2023) and `sparsegpt_layer` (Frantar & Alistarh 2023), and their variants on streamed
-statistics. Model-level one-shot methods (`magnitude`, `wanda`, `sparsegpt`) run through the calibration driver.
-Training the surviving weights under a fixed mask follows Han et al., "Learning both Weights and Connections
-for Efficient Neural Networks" (NeurIPS 2015). Pruning during training: `gradual` (gradual magnitude, SET,
-RigL) and `movement` (hard and soft movement pruning with learned scores). `structured` removes whole
-heads, neurons and blocks without retraining (Kwon et al. 2022).
+statistics. Training the surviving weights under a fixed mask follows Han et al., "Learning both Weights and
+Connections for Efficient Neural Networks" (NeurIPS 2015).
+
+The methods, one file each, with the calling convention of every method
+(`method(model, params, calib, *, config) -> (model, params)`):
+  one-shot                 `magnitude`, `wanda`, `sparsegpt` (layer by layer through the calibration driver);
+                           `owl` (Wanda with OWL's outlier-weighed block sparsities, Yin et al. 2024). Wanda's and
+                           SparseGPT's per-layer `distribution`: 'uniform', 'erk', 'owl' or a callable
+  structured               `structured`: whole heads and neurons to a FLOPs budget (Kwon et al. 2022)
+  during fine-tuning       `gradual` (gradual magnitude), `set`, `rigl` (gradual.py); `movement`,
+                           `soft_movement` (movement.py)
+A method's module shares its name with the method: its other functions are imported by path
+(`from jaxcompress.pruning.structured import fisher`), since `pruning.structured` is the method.
 """
 
 from jaxcompress.pruning.masks import (erk_sparsities, layer_sparsities, magnitude_score, mask_from_scores, nm_mask,
                                        parse_pattern, prune, sparsity_of)
-from jaxcompress.pruning.oneshot import (MagnitudeConfig, SparseGPTConfig, WandaConfig, magnitude, sparsegpt,
-                                         wanda)
-from jaxcompress.pruning import gradual, movement, structured
 from jaxcompress.pruning.sparse_training import MaskState, keep_masks, mask_tree, masked_optimizer
-from jaxcompress.pruning.sparsegpt import sparsegpt_from_factor, sparsegpt_from_hessian, sparsegpt_layer
-from jaxcompress.pruning.wanda import wanda_from_norms, wanda_layer, wanda_score
+from jaxcompress.pruning.magnitude import MagnitudeConfig, magnitude
+from jaxcompress.pruning.wanda import WandaConfig, wanda, wanda_from_norms, wanda_layer, wanda_score
+from jaxcompress.pruning.sparsegpt import (SparseGPTConfig, sparsegpt, sparsegpt_from_factor, sparsegpt_from_hessian,
+                                           sparsegpt_layer)
+from jaxcompress.pruning.oneshot import DenseStatistics
+from jaxcompress.pruning.owl import owl, owl_sparsities
+from jaxcompress.pruning.structured import StructuredConfig, structured
+from jaxcompress.pruning.gradual import DynamicSparseConfig, GradualPruneConfig, gradual, rigl
+from jaxcompress.pruning.gradual import set  # noqa: A004 (the method SET shares the builtin's name)
+from jaxcompress.pruning.movement import MovementPruneConfig, SoftMovementPruneConfig, movement, soft_movement
 
 __all__ = [
+    'DenseStatistics',
+    'DynamicSparseConfig',
+    'GradualPruneConfig',
     'MagnitudeConfig',
     'MaskState',
+    'MovementPruneConfig',
+    'SoftMovementPruneConfig',
     'SparseGPTConfig',
+    'StructuredConfig',
     'WandaConfig',
     'erk_sparsities',
     'gradual',
@@ -36,8 +55,13 @@ __all__ = [
     'masked_optimizer',
     'movement',
     'nm_mask',
+    'owl',
+    'owl_sparsities',
     'parse_pattern',
     'prune',
+    'rigl',
+    'set',
+    'soft_movement',
     'sparsegpt',
     'sparsegpt_from_factor',
     'sparsegpt_from_hessian',

@@ -19,6 +19,11 @@ needs no Transform; entries regrown by RigL / SET start from zero as in the pape
 soft), which keeps the weights whole, is `movement.py`. Recovery fine-tuning with masks frozen needs neither:
 `core.Masked` leaves keep their zeros under any optimizer (or pair `masked_optimizer` with `keep_masks` for dense
 leaves).
+
+The methods `gradual`, `set` and `rigl` fine-tune a model on calib.train (`train.recovery.fit`) with these pieces
+and return `core.Masked` block kernels:
+
+    model, params = pruning.gradual(model, params, ctx, config=pruning.GradualPruneConfig(sparsity=0.7))
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.core.select import KERNELS
+from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.train import transforms
+from jaxcompress.train import recovery, transforms
 
 
 def cubic_sparsity(step: jax.Array, *, initial: float, final: float, begin_step: int, end_step: int) -> jax.Array:
@@ -58,7 +64,7 @@ def _selected_masks(params: Any, include, exclude, *, caller: str) -> Any:
   if not len(sel):
     raise ValueError(f'{caller}: include={include!r} exclude={exclude!r} selects no parameter; see '
                      'core.select(params) for the paths.')
-  chosen = set(sel)
+  chosen = frozenset(sel)  # (`set` in this module is the method)
   return core.map_with_path(lambda p, x: jnp.ones(core.shape_of(x), bool) if p in chosen else None, params)
 
 
@@ -219,3 +225,113 @@ def as_masked(params: Any, masks: Any) -> Any:
   """
   return jax.tree.map(lambda m, w: w if m is None else core.Masked(jnp.where(m, w, jnp.zeros((), w.dtype)), m),
                       masks, params, is_leaf=lambda x: x is None)
+
+
+# The methods: pruning while fine-tuning --------------------------------------------------------------------------
+
+def check_steps(cfg) -> None:
+  """Schedule steps fall inside the run: 0 <= begin_step <= end_step <= steps, update_every >= 1, and the KD
+  weight alpha in [0, 1] (a method config's fields)."""
+  begin = getattr(cfg, 'begin_step', 0)
+  end = cfg.end_step if cfg.end_step is not None else cfg.steps
+  if not 0 <= begin <= end:
+    raise ValueError(f'begin_step={begin} must lie in [0, end_step={end}].')
+  if cfg.end_step is not None and not 1 <= cfg.end_step <= cfg.steps:
+    raise ValueError(f'end_step={cfg.end_step} must lie in [1, steps={cfg.steps}] (the schedule ends inside the '
+                     'run); None picks a default.')
+  if cfg.update_every is not None and cfg.update_every < 1:
+    raise ValueError(f'update_every={cfg.update_every} must be >= 1 (None: a tenth of the steps).')
+  if not 0.0 <= cfg.alpha <= 1.0:
+    raise ValueError(f'alpha={cfg.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradualPruneConfig:
+  sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # sparsity of every block kernel once the schedule ends
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+  begin_step: int = 0  # first pruning step
+  end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
+  update_every: int | None = None  # steps between mask updates (None: a tenth of the steps)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    check_steps(self)
+
+
+def gradual(model: Model, params: Params, calib, *, config: GradualPruneConfig = GradualPruneConfig()
+            ) -> tuple[Model, Params]:
+  """Gradual magnitude pruning to Zhu & Gupta's cubic schedule while fine-tuning on calib.train (the task loss,
+  or KD from calib.reference_model mixed in with weight alpha); block kernels come back `core.Masked`.
+
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  """
+  ctx = registry.as_context(calib)
+  cfg = config
+  end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
+  gcfg = GradualConfig(final_sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
+                       frequency=cfg.update_every or max(1, cfg.steps // 10), exclude=tuple(model.head_patterns))
+  out = recovery.fit(ctx, 'gradual', model, params, recovery.mixed_objective(model, ctx, cfg.alpha),
+                     steps=cfg.steps, learning_rate=cfg.learning_rate, transforms=gradual_magnitude(gcfg),
+                     finish=lambda s: as_masked(s.params, s.transform_state))
+  return model, out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamicSparseConfig:
+  sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # constant sparsity of every block kernel from step 0
+  init: str = 'magnitude'  # step-0 mask: 'magnitude' (largest |W|, for the pretrained models stages take) | 'random'
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+  update_every: int | None = None  # steps between drop-and-regrow updates (None: a tenth of the steps)
+  end_step: int | None = None  # last mask update (None: 75% of steps, as RigL)
+  drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    check_steps(self)
+    if not 0.0 < self.drop_fraction < 1.0:
+      raise ValueError(f'drop_fraction={self.drop_fraction} must lie in (0, 1).')
+    if self.init not in ('magnitude', 'random'):
+      raise ValueError(f"init={self.init!r} must be 'magnitude' (pretrained weights) or 'random' (from scratch).")
+
+
+def _dynamic_sparse(method: str, model: Model, params: Params, calib, config: DynamicSparseConfig,
+                    key: jax.Array | None) -> tuple[Model, Params]:
+  """SET or RigL (`method`) at constant sparsity while fine-tuning on calib.train; `core.Masked` block kernels."""
+  ctx = registry.as_context(calib)
+  cfg = config
+  key = ctx.key(method) if key is None else key
+  end = cfg.end_step if cfg.end_step is not None else max(1, round(0.75 * cfg.steps))
+  scfg = SparseTrainingConfig(method=method, sparsity=cfg.sparsity, init=cfg.init, end_step=end,
+                              update_every=cfg.update_every or max(1, cfg.steps // 10),
+                              drop_fraction=cfg.drop_fraction, seed=int(jax.random.randint(key, (), 0, 2 ** 31 - 1)),
+                              exclude=tuple(model.head_patterns))
+  out = recovery.fit(ctx, method, model, params, recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps,
+                     learning_rate=cfg.learning_rate, wrap=lambda tx: sparse_optimizer(tx, scfg),
+                     finish=lambda s: as_masked(s.params, sparse_masks(s.opt_state)))
+  return model, out
+
+
+def set(model: Model, params: Params, calib, *, config: DynamicSparseConfig = DynamicSparseConfig(),  # noqa: A001
+        key: jax.Array | None = None) -> tuple[Model, Params]:
+  """SET: drop the smallest |W|, regrow at random, at constant sparsity while fine-tuning on calib.train.
+  key: where weights regrow (and random initial masks); None: the context's key of 'set'."""
+  return _dynamic_sparse('set', model, params, calib, config, key)
+
+
+def rigl(model: Model, params: Params, calib, *, config: DynamicSparseConfig = DynamicSparseConfig(),
+         key: jax.Array | None = None) -> tuple[Model, Params]:
+  """RigL: drop the smallest |W|, regrow by the largest |∂L/∂W|, at constant sparsity while fine-tuning on
+  calib.train. key: random initial masks (init='random'); None: the context's key of 'rigl'."""
+  return _dynamic_sparse('rigl', model, params, calib, config, key)
+
+
+registry.register('gradual', GradualPruneConfig, gradual, family='pruning', forbids=registry.COMPRESSED,
+                  adds='masked', trains=True, paper='Zhu & Gupta, "To prune, or not to prune: exploring the efficacy '
+                  'of pruning for model compression" (2017): magnitude pruning to a cubic schedule during training')
+registry.register('set', DynamicSparseConfig, set, family='pruning', forbids=registry.COMPRESSED, adds='masked',
+                  trains=True, paper='Mocanu et al., "Scalable training of artificial neural networks with adaptive '
+                  'sparse connectivity inspired by network science" (Nature Communications 2018): SET')
+registry.register('rigl', DynamicSparseConfig, rigl, family='pruning', forbids=registry.COMPRESSED, adds='masked',
+                  trains=True, paper='Evci et al., "Rigging the Lottery: Making All Tickets Winners" (ICML 2020): RigL')

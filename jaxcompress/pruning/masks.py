@@ -152,10 +152,17 @@ def erk_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> di
 
 def layer_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float, distribution: str,
                      overrides: Mapping[str, float] | None = None) -> dict[str, float]:
-  """{path: sparsity} for each selected layer. overrides: {regex: sparsity}, first match wins, applied last."""
+  """{path: sparsity} for each selected layer. overrides: {regex: sparsity}, applied last (a later match wins)."""
   if distribution not in ('uniform', 'erk'):
     raise ValueError(f'layer_sparsities: distribution={distribution!r} must be one of {DISTRIBUTIONS}.')
   out = (erk_sparsities(shapes, sparsity) if distribution == 'erk' else {p: sparsity for p in shapes})
+  return apply_overrides(out, overrides)
+
+
+def apply_overrides(sparsities: Mapping[str, float], overrides: Mapping[str, float] | None) -> dict[str, float]:
+  """{path: sparsity} with each override {regex: sparsity} replacing the value of the paths it matches (in order,
+  so the last matching regex wins)."""
+  out = dict(sparsities)
   for regex, s in (overrides or {}).items():
     check_sparsity(s, caller=f'prune overrides[{regex!r}]')
     for p in out:

@@ -37,6 +37,10 @@ trained); the Transform `topk_schedule(config)` sets it from the cubic schedule 
     result = loop.fit(cfg, ..., params=params, optimizer=movement.hard_movement_optimizer(tx, config),
                       transforms=movement.topk_schedule(config))
     pruned = movement.to_masked(result.state.params)       # core.Masked leaves
+
+The methods `movement` and `soft_movement` do this while fine-tuning on calib.train (`train.recovery.fit`):
+
+    model, params = pruning.movement(model, params, ctx, config=pruning.MovementPruneConfig(sparsity=0.7))
 """
 
 from __future__ import annotations
@@ -50,12 +54,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core.select import KERNELS
-from jaxcompress.pruning import gradual as gradual_lib
+from jaxcompress.models import Model, Params
+from jaxcompress.pruning.gradual import check_steps, cubic_sparsity
 from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.train import transforms
+from jaxcompress.train import recovery, transforms
 
 
 @leaf_lib.leaf_type
@@ -216,7 +221,7 @@ def topk_schedule(config: HardMovementConfig) -> transforms.Transform:
     # The schedule read at the last due step (a staircase when update_every > 1); end_step always due.
     last = c.begin_step + ((jnp.maximum(step, c.begin_step) - c.begin_step) // c.update_every) * c.update_every
     last = jnp.where(step >= c.end_step, c.end_step, last)
-    v = gradual_lib.cubic_sparsity(last, initial=c.initial_sparsity, final=c.sparsity, begin_step=c.begin_step,
+    v = cubic_sparsity(last, initial=c.initial_sparsity, final=c.sparsity, begin_step=c.begin_step,
                                    end_step=c.end_step)
 
     def one(w):
@@ -290,3 +295,84 @@ def kept_fraction(params: Any) -> MovementStats:
   """How many scored weights are kept now (host-side)."""
   leaves = [w for w in jax.tree.leaves(params, is_leaf=core.is_compressed) if isinstance(w, Scored)]
   return MovementStats(sum(w.kept() for w in leaves), sum(w.size for w in leaves))
+
+
+# The methods: movement pruning while fine-tuning -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MovementPruneConfig:
+  sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # sparsity of every block kernel once the schedule ends
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate of the weights (cosine)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  begin_step: int = 0  # first step the schedule moves
+  end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
+  update_every: int | None = None  # steps between changes of the kept count (None: every step, as the paper)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    check_steps(self)
+
+
+def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig = MovementPruneConfig()
+             ) -> tuple[Model, Params]:
+  """Hard movement pruning while fine-tuning on calib.train: W ⊙ Top_v(S), v on the cubic schedule to
+  `sparsity`; block kernels come back `core.Masked`.
+
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  """
+  ctx = registry.as_context(calib)
+  cfg = config
+  end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
+  mcfg = HardMovementConfig(sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
+                            update_every=cfg.update_every or 1, score_learning_rate=cfg.score_learning_rate,
+                            exclude=tuple(model.head_patterns))
+  out = recovery.fit(ctx, 'movement', model, with_scores(params, mcfg),
+                     recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+                     wrap=lambda tx: hard_movement_optimizer(tx, mcfg), transforms=topk_schedule(mcfg),
+                     finish=lambda s: to_masked(s.params))
+  return model, out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoftMovementPruneConfig:
+  penalty: float = 10.0  # λ on mean σ(S): sets the sparsity reached (larger: sparser); no target is hit exactly
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate of the weights (cosine)
+  score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
+  threshold: float = 0.0  # τ: a weight is kept while its score is above it
+  initial_score: float = 0.1  # every score at the start (above τ: the run starts dense)
+  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+
+  def __post_init__(self):
+    check_config(SoftMovementConfig(penalty=self.penalty, threshold=self.threshold, initial_score=self.initial_score,
+                                    score_learning_rate=self.score_learning_rate))
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f'alpha={self.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+
+
+def soft_movement(model: Model, params: Params, calib, *, config: SoftMovementPruneConfig = SoftMovementPruneConfig()
+                  ) -> tuple[Model, Params]:
+  """Soft movement pruning while fine-tuning on calib.train: learned scores above a fixed threshold, the sparsity
+  set by the penalty λ · mean σ(S); block kernels come back `core.Masked`.
+
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  """
+  ctx = registry.as_context(calib)
+  cfg = config
+  mcfg = SoftMovementConfig(penalty=cfg.penalty, threshold=cfg.threshold, initial_score=cfg.initial_score,
+                            score_learning_rate=cfg.score_learning_rate, exclude=tuple(model.head_patterns))
+  out = recovery.fit(ctx, 'soft_movement', model, with_scores(params, mcfg),
+                     recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+                     wrap=lambda tx: soft_movement_optimizer(tx, mcfg), finish=lambda s: to_masked(s.params))
+  return model, out
+
+
+registry.register('movement', MovementPruneConfig, movement, family='pruning', forbids=registry.COMPRESSED,
+                  adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by '
+                  'Fine-Tuning" (NeurIPS 2020): hard movement, W ⊙ Top_v(S) with learned straight-through scores, '
+                  'v on the cubic schedule')
+registry.register('soft_movement', SoftMovementPruneConfig, soft_movement, family='pruning',
+                  forbids=registry.COMPRESSED, adds='masked', trains=True, paper='Sanh, Wolf & Rush, "Movement '
+                  'Pruning: Adaptive Sparsity by Fine-Tuning" (NeurIPS 2020): soft movement, learned scores above a '
+                  'fixed threshold, sparsity set by λ·mean σ(S)')

@@ -1,104 +1,45 @@
-"""Model-level one-shot pruning: magnitude over the parameters, and Wanda / SparseGPT layer by layer on the
-outputs of the already pruned blocks (`calibration.run_sequential`), each kernel solved from streamed statistics.
+"""The model walk of one-shot pruning shared by Wanda and SparseGPT: each selected block kernel solved from the
+statistics its inputs stream, layer by layer on the outputs of the already pruned blocks
+(`calibration.run_sequential`).
 
-    params = pruning.sparsegpt(model, params, batches, config=pruning.SparseGPTConfig(pattern='2:4'))
+The methods themselves (config, layer solver, registration) live in `wanda.py` and `sparsegpt.py`; this file
+only walks the model. Mixture-of-experts weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) count as
+kernels for include / exclude and are pruned expert by expert from each expert's routed tokens
+(`calibration.solve_experts`, over the driver's mesh); an expert no calibration token reached is pruned by
+magnitude. The router stays dense.
 
-The layer solvers live in `wanda.py` and `sparsegpt.py`; this file only walks the model. Mixture-of-experts
-weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) count as kernels for include / exclude and are pruned
-expert by expert from each expert's routed tokens (`calibration.solve_experts`, over the driver's mesh); an
-expert no calibration token reached is pruned by magnitude. The router stays dense.
+The per-layer distribution (`config.distribution`) is an axis of both methods:
+  'uniform'  every chosen kernel at `sparsity` (the papers)
+  'erk'      Erdős–Rényi-Kernel: density ∝ (in + out) / (in · out), together `sparsity` (`masks.erk_sparsities`)
+  'owl'      one sparsity per block from its outlier ratio on the dense model (Yin et al. 2024, `owl.py`)
+  a callable (shapes {path: shape}, sparsity) -> {path: sparsity}; or, when it takes a keyword `stats`,
+             (shapes, sparsity, *, stats: DenseStatistics) -> {path: sparsity}: the dense model's kernels and
+             the column norms of their inputs (every block fed by the unpruned blocks before it), computed by one
+             `calibration.calibrate` pass before pruning starts
+`overrides` replace the distribution's value last. A distribution reading statistics needs the whole dense
+model before the first block is pruned, which a block-at-a-time driver (`calibration.compress_checkpoint`,
+`compress.py --out_of_core`) does not hold: `calibrate` raises `calibration.NotSequential` there, and the
+recipe planner refuses the stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import inspect
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxcompress import calibration, core
-from jaxcompress.core.select import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.sparsegpt import sparsegpt_from_hessian
-from jaxcompress.pruning.wanda import wanda_from_norms
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MagnitudeConfig:
-  sparsity: float = 0.5  # fraction of each selected kernel pruned (N:M patterns prune 1 - N/M instead)
-  pattern: str | None = None  # 'per_layer' (default), 'per_output' or 'N:M' along the input dimension
-  distribution: str = 'uniform'  # 'uniform', 'erk' or 'global' (one threshold over all selected kernels)
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
-  overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs replacing the distribution's
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WandaConfig:
-  sparsity: float = 0.5  # fraction of each output's inputs pruned (N:M patterns prune 1 - N/M instead)
-  pattern: str | None = None  # None / 'per_output' (the paper), 'per_layer', or 'N:M' such as '2:4'
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
-  per_group: bool = False  # re-calibrate each input group (q/k/v, o, gate/up, down) on the pruned block so far
-  overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SparseGPTConfig:
-  sparsity: float = 0.5  # fraction pruned, chosen adaptively per block of rows (N:M prunes 1 - N/M instead)
-  pattern: str | None = None  # None (unstructured) or 'N:M' such as '2:4'
-  block_size: int = 128  # input rows per adaptive-mask block and per lazy update
-  damp: float = 0.01  # λ = damp · mean(diag XᵀX) added to the Hessian's diagonal
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
-  per_group: bool = True  # true-sequential: later groups of a block see the earlier groups already pruned
-  overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
-
-
-def magnitude(params: Params, *, config: MagnitudeConfig = MagnitudeConfig(), model: Model | None = None
-              ) -> Params:
-  """params with the selected kernels `core.Masked` by |W| (model: its head patterns decide what is a head)."""
-  rules = _rules(config, model)
-  return masks_lib.prune(params, masks_lib.magnitude_score, sparsity=config.sparsity, pattern=config.pattern,
-                         distribution=config.distribution, selection=rules, overrides=dict(config.overrides))
-
-
-def wanda(model: Model, params: Params, batches: Iterable[Any], *, config: WandaConfig = WandaConfig(),
-          **driver_kwargs) -> Params:
-  """Wanda on every selected block kernel, block by block on the pruned model's own activations.
-
-  batches: as `calibration.calibrate` takes them (token arrays [B, T] or mappings with 'tokens' and
-  'attention_mask'). driver_kwargs go to `calibration.run_sequential` (mesh, offload, ...).
-  """
-
-  def solve(w, sq_norm, sparsity):
-    return wanda_from_norms(w, sq_norm, sparsity=sparsity, pattern=config.pattern)
-
-  def statistic(stats, experts):
-    # an expert no calibration token reached: every input counts alike (magnitude pruning)
-    return jnp.where((stats['count'] == 0)[:, None], 1.0, stats['sq_norm']) if experts else stats['sq_norm']
-
-  return _sequential(model, params, batches, calibration.column_norms(), solve, statistic, config, driver_kwargs)
-
-
-def sparsegpt(model: Model, params: Params, batches: Iterable[Any], *,
-              config: SparseGPTConfig = SparseGPTConfig(), **driver_kwargs) -> Params:
-  """SparseGPT on every selected block kernel, true-sequentially (see `SparseGPTConfig.per_group`)."""
-
-  def solve(w, xtx, sparsity):
-    return sparsegpt_from_hessian(w, xtx, sparsity=sparsity, pattern=config.pattern,
-                                  block_size=config.block_size, damp=config.damp)
-
-  def statistic(stats, experts):
-    # an expert no calibration token reached: white inputs (magnitude pruning)
-    return calibration.experts.unseen_identity(stats['xtx'], stats['count']) if experts else stats['xtx']
-
-  return _sequential(model, params, batches, calibration.hessian(), solve, statistic, config, driver_kwargs)
-
-
-def _rules(config, model: Model | None) -> core.Rules:
+def selection_rules(config, model: Model | None) -> core.Rules:
+  """The kernels a config's include / exclude choose (model: its head patterns decide what is a head)."""
   if model is not None:
     return model.selection_rules(include=config.include, exclude=config.exclude)
   return core.Rules(include=config.include, exclude=config.exclude)
@@ -114,11 +55,17 @@ def _experts(model: Model, params: Params, rules: core.Rules) -> set[str]:
           if f'{model.block_path}/{i}/{k}' in flat and rules.matches(f'{model.block_path}/{i}/{k}/kernel')}
 
 
-def _sequential(model, params, batches, observer, solve, statistic, config, driver_kwargs):
+def sequential(model, params, batches, observer, solve, statistic, config, driver_kwargs):
+  """params with every chosen block kernel replaced by solve(w, statistic(stats, experts), sparsity).
+
+  observer: the calibration statistic streamed per kernel input; statistic(stats, experts) -> what `solve`
+  takes (experts: the stacked [E, ...] statistics of routed experts); driver_kwargs go to
+  `calibration.run_sequential` (mesh, offload, on_step, ...).
+  """
   name = type(config).__name__.removesuffix('Config').lower()
   masks_lib.check_sparsity(config.sparsity, caller=name)
   masks_lib.parse_pattern(config.pattern, caller=name)
-  rules = _rules(config, model)
+  rules = selection_rules(config, model)
   chosen = set(core.select_by(params, rules))
   prefix = f'{model.block_path}/'
   chosen = {p for p in chosen if p.startswith(prefix)} | _experts(model, params, rules)
@@ -126,7 +73,11 @@ def _sequential(model, params, batches, observer, solve, statistic, config, driv
     raise ValueError(f'{name}: include={config.include!r} exclude={config.exclude!r} matches no kernel of the '
                      f"model's blocks; see model.select(params) for the paths.")
   overrides: Mapping[str, float] = dict(config.overrides)
-  sparsities = masks_lib.layer_sparsities({p: () for p in chosen}, config.sparsity, 'uniform', overrides)
+  if config.distribution == 'uniform':
+    sparsities = masks_lib.layer_sparsities({p: () for p in chosen}, config.sparsity, 'uniform', overrides)
+  else:
+    sparsities = masks_lib.apply_overrides(
+        distribute(model, params, batches, chosen, config, driver_kwargs, caller=name), overrides)
 
   def compress_block(i: int, block: Params, stats: dict[str, Any]) -> Params:
     def one(p, w):
@@ -149,3 +100,106 @@ def _sequential(model, params, batches, observer, solve, statistic, config, driv
   pruned, _ = calibration.run_sequential(model, params, batches, observer, compress_block, keep_stats=False,
                                          per_group=config.per_group, experts=True, **driver_kwargs)
   return pruned
+
+
+# The per-layer distribution -------------------------------------------------------------------------------------
+
+DISTRIBUTIONS = ('uniform', 'erk', 'owl')  # the names a recipe writes; from Python also a callable
+# (shapes {path: shape}, sparsity) -> {path: sparsity}, or (shapes, sparsity, *, stats: DenseStatistics) -> ...
+Distribution = str | Callable[..., Mapping[str, float]]
+_CALIBRATE_KWARGS = ('mesh', 'data_axis', 'offload', 'deterministic', 'on_step')  # driver options calibrate takes
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseStatistics:
+  """What a distribution taking `stats` reads: the chosen kernels of the dense model and their inputs.
+
+  weights: {path: kernel [in, out] ([E, in, out] for stacked experts)} as given.
+  sq_norms: {path: Σ_t x[t, j]² [in] ([E, in]) float32} over the calibration tokens, block i fed by the
+    unpruned blocks 0..i-1 (`calibration.calibrate` with `column_norms()`).
+  blocks: {path: index of the block holding it}.
+  """
+
+  weights: Mapping[str, Any]
+  sq_norms: Mapping[str, jax.Array]
+  blocks: Mapping[str, int]
+
+  def scores(self, path: str) -> jax.Array:
+    """Wanda's |W[j, o]| · ‖X_j‖₂ [in, out] ([E, in, out]) float32 of one kernel."""
+    w = jnp.abs(jnp.asarray(core.materialize(self.weights[path])).astype(jnp.float32))
+    return w * jnp.sqrt(jnp.maximum(jnp.asarray(self.sq_norms[path], jnp.float32), 0.0))[..., None]
+
+
+def wants_statistics(distribution: Callable) -> bool:
+  """Whether a distribution callable takes the dense model's statistics (a parameter named `stats`)."""
+  try:
+    return 'stats' in inspect.signature(distribution).parameters
+  except (TypeError, ValueError):  # a builtin without a signature: the plain form
+    return False
+
+
+def check_distribution(config) -> None:
+  """Refuses a config's distribution fields (`distribution`, `outlier_threshold`, `owl_lambda`) that cannot run,
+  naming the field and the fix; called by WandaConfig and SparseGPTConfig as they are built (recipe parse time).
+  """
+  d = config.distribution
+  if not callable(d) and d not in DISTRIBUTIONS:
+    raise ValueError(f'distribution={d!r} is not one of {DISTRIBUTIONS}; write one of them (from Python also a '
+                     'callable (shapes, sparsity) -> {path: sparsity}). Magnitude pruning has the global '
+                     'threshold: magnitude(distribution=\'global\').')
+  m = config.outlier_threshold
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or math.isinf(m):
+    raise ValueError(f'outlier_threshold={m!r} must be a finite number > 0: a score is an outlier above '
+                     'outlier_threshold × the block\'s mean score (OWL\'s M; the paper uses 5).')
+  lam = config.owl_lambda
+  if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 0.25:
+    raise ValueError(f'owl_lambda={lam!r} must be in [0, 0.25]: OWL spreads the block sparsities over '
+                     '[S - 2λ, S + 2λ] (the paper uses 0.08).')
+  if d != 'uniform' and isinstance(config.pattern, str) and ':' in config.pattern:
+    raise ValueError(f"distribution={d!r} sets each layer's sparsity, while pattern={config.pattern!r} prunes "
+                     "1 - N/M of every layer; use distribution='uniform' with N:M, or an unstructured pattern.")
+  s = config.sparsity
+  if d == 'owl' and isinstance(s, (int, float)) and 0 < s < 1 and lam > min(s, 1 - s) / 2:
+    raise ValueError(f'owl_lambda={lam!r} with sparsity={s!r} can put a block outside [0, 1) (block sparsities '
+                     f'lie within sparsity ± 2·owl_lambda); give owl_lambda <= min(sparsity, 1 - sparsity) / 2 '
+                     f'= {min(s, 1 - s) / 2:.4g}.')
+
+
+def distribute(model: Model, params: Params, batches, chosen: set[str], config, driver_kwargs, *,
+               caller: str) -> dict[str, float]:
+  """{path: sparsity} of the chosen kernels under config.distribution (not 'uniform'), before overrides."""
+  d = config.distribution
+  flat = core.paths.flatten(params)
+  paths = sorted(chosen)
+  shapes = {p: tuple(core.shape_of(flat[p])) for p in paths}
+  if d == 'erk':
+    return _erk(shapes, config.sparsity)
+  if d == 'owl':
+    from jaxcompress.pruning.owl import owl_distribution  # owl.py builds on wanda.py, which imports this module
+    d = owl_distribution(threshold=config.outlier_threshold, lam=config.owl_lambda)
+  if wants_statistics(d):
+    stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False, experts=True,
+                                  **{k: v for k, v in driver_kwargs.items() if k in _CALIBRATE_KWARGS})
+    shapes = {p: s for p, s in shapes.items() if p in stats}  # kernels no forward reaches stay dense anyway
+    prefix = f'{model.block_path}/'
+    dense = DenseStatistics(weights={p: flat[p] for p in shapes}, sq_norms={p: stats[p]['sq_norm'] for p in shapes},
+                            blocks={p: int(p[len(prefix):].split('/', 1)[0]) for p in shapes})
+    out = d(shapes, config.sparsity, stats=dense)
+  else:
+    out = d(shapes, config.sparsity)
+  return _checked(out, shapes, d, caller)
+
+
+def _erk(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:
+  """ERK over the chosen kernels, a stacked expert weight [E, in, out] counting as E kernels [in, out]."""
+  per = {f'{p}#{e}': s[-2:] for p, s in shapes.items() for e in range(math.prod(s[:-2]))}
+  out = masks_lib.erk_sparsities(per, sparsity)
+  return {p: out[f'{p}#0'] for p in shapes}
+
+
+def _checked(out, shapes: Mapping[str, tuple[int, ...]], distribution, caller: str) -> dict[str, float]:
+  if not isinstance(out, Mapping) or set(shapes) - set(out):
+    missing = sorted(set(shapes) - set(out)) if isinstance(out, Mapping) else list(shapes)
+    raise ValueError(f'{caller}: distribution={distribution!r} returned no sparsity for {missing[:3]}; it must '
+                     'return {path: sparsity} for every path of the shapes it is given.')
+  return {p: masks_lib.check_sparsity(out[p], caller=f'{caller} distribution[{p!r}]') for p in shapes}

@@ -7,25 +7,51 @@ is pruned against the rows after it:
     select (per block of `block_size` rows): prune the smallest  W[j, o]² / U[j, j]²      (adaptive mask)
     err = (W[j] - Q[j]) / U[j, j];   W[j:] -= U[j, j:]ᵀ err            (Q[j]: W[j] with pruned entries 0)
 
-Updates of the rows after the block are lazy (once per block, `inverse_hessian.lazy_update`). N:M selects per group of M input rows as
-the group is reached. The loops over blocks and rows are `lax.fori_loop`s over `dynamic_slice`s, so a layer
-shape compiles once, whatever its width.
+Updates of the rows after the block are lazy (once per block, `inverse_hessian.lazy_update`). N:M selects per
+group of M input rows as the group is reached. The loops over blocks and rows are `lax.fori_loop`s over
+`dynamic_slice`s, so a layer shape compiles once, whatever its width. The model-level method `sparsegpt` prunes
+true-sequentially:
+
+    model, params = pruning.sparsegpt(model, params, batches, config=pruning.SparseGPTConfig(pattern='2:4'))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcompress import core
+from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
+from jaxcompress.core.select import KERNELS
+from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning.inputs import check_calibration, check_kernel
+from jaxcompress.pruning.oneshot import Distribution, check_distribution, sequential
 
 HIGHEST = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseGPTConfig:
+  sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # fraction pruned, adaptively per block of rows
+  pattern: str | None = None  # None (unstructured) or 'N:M' such as '2:4' (prunes 1 - N/M instead of sparsity)
+  block_size: int = 128  # input rows per adaptive-mask block and per lazy update
+  damp: float = 0.01  # λ = damp · mean(diag XᵀX) added to the Hessian's diagonal
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  per_group: bool = True  # true-sequential: later groups of a block see the earlier groups already pruned
+  overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
+  distribution: Distribution = 'uniform'  # per-layer sparsity: 'uniform', 'erk', 'owl' or a callable (oneshot.py)
+  outlier_threshold: float = registry.field(5.0, range='(0.0, inf)')  # OWL's M: outlier = score > M × block mean
+  owl_lambda: float = registry.field(0.08, range='[0.0, 0.25]')  # OWL's λ: block sparsities within sparsity ± 2λ
+
+  def __post_init__(self):
+    check_distribution(self)
+
 
 def kth_smallest_nonnegative(x: jax.Array, k: jax.Array) -> jax.Array:
   """The k-th smallest (0-based) of x [n] float32 ≥ 0 (inf allowed), exactly: a bisection over the float bits,
@@ -199,3 +225,31 @@ def sparsegpt_layer(w: jax.Array, x: jax.Array, *, sparsity: float = 0.5, patter
   x = check_calibration(x, w, caller='sparsegpt_layer')
   return sparsegpt_from_hessian(w, inverse_hessian.xtx(x), sparsity=sparsity, pattern=pattern,
                                 block_size=block_size, damp=damp)
+
+
+def sparsegpt(model: Model, params: Params, calib, *, config: SparseGPTConfig = SparseGPTConfig(),
+              **driver_kwargs) -> tuple[Model, Params]:
+  """SparseGPT on every selected block kernel, true-sequentially (see `SparseGPTConfig.per_group`).
+
+  calib: a `registry.Context` or a list of calibration batches (token arrays [B, T] or mappings with 'tokens'
+  and 'attention_mask'). driver_kwargs: more options of `calibration.run_sequential` (offload, on_step, ...)
+  besides the context's mesh.
+  """
+  ctx = registry.as_context(calib)
+
+  def solve(w, xtx, sparsity):
+    return sparsegpt_from_hessian(w, xtx, sparsity=sparsity, pattern=config.pattern,
+                                  block_size=config.block_size, damp=config.damp)
+
+  def statistic(stats, experts):
+    # an expert no calibration token reached: white inputs (magnitude pruning)
+    return calibration.experts.unseen_identity(stats['xtx'], stats['count']) if experts else stats['xtx']
+
+  pruned = sequential(model, params, ctx.batches(split=True), calibration.hessian(), solve, statistic, config,
+                      {**ctx.driver_kwargs(), **driver_kwargs})
+  return model, registry.local(pruned)
+
+
+registry.register('sparsegpt', SparseGPTConfig, sparsegpt, family='pruning', forbids=registry.COMPRESSED,
+                  adds='masked', calibrated=True, paper='Frantar & Alistarh, "SparseGPT: Massive Language Models '
+                  'Can Be Accurately Pruned in One-Shot" (ICML 2023)')

@@ -21,6 +21,10 @@ attention), so that q, k, v and o are sliced consistently.
     keep = structured.search(model, params, h_fisher, n_fisher, budget=0.6, seq_len=128)
     small_model, small = structured.slice_units(model, params, keep)
     small = structured.tune(model, params, small_model, small, batches)
+
+The method `structured` runs these four steps on the calibration batches to a FLOPs budget:
+
+    small_model, small = pruning.structured(model, params, batches, config=pruning.StructuredConfig(flops=0.6))
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.models import Model, Params
 
 ATTN_Q, ATTN_K, ATTN_V, ATTN_O = (f'attn/{p}_proj/kernel' for p in 'qkvo')
@@ -546,7 +550,7 @@ def load(directory: str | os.PathLike) -> tuple[Model, Params]:
   cfg = json.loads((directory / 'config.json').read_text())
   if WIDTHS_FIELD not in cfg:
     raise ValueError(f"'{directory / 'config.json'}' has no {WIDTHS_FIELD!r} field; it was not written by "
-                     'pruning.structured.save (load it with models.from_pretrained).')
+                     'jaxcompress.pruning.structured.save (load it with models.from_pretrained).')
   import transformers
   widths = cfg.pop(WIDTHS_FIELD)
   hf = transformers.AutoConfig.for_model(**cfg)
@@ -596,3 +600,41 @@ def _scatter(x, where: np.ndarray, axis: int) -> jax.Array:
   else:
     out[:, where] = x
   return jnp.asarray(out)
+
+
+# The method ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StructuredConfig:
+  flops: float = 0.6  # kept fraction of the blocks' head and neuron FLOPs, in (0, 1]
+  tune: bool = True  # least-squares scales of the kept units (Kwon's mask tuning)
+  probes: int = 4  # encoders: sampled targets per sentence of the embedding Fisher
+
+
+def structured(model: Model, params: Params, calib, *, config: StructuredConfig = StructuredConfig(),
+               key: jax.Array | None = None) -> tuple[Model, Params]:
+  """Kwon et al.: Fisher of head and neuron masks on the calibration rows, the FLOPs-budget search, slicing,
+  then least-squares tuning. The result has physically narrower layers (a new model with per-layer widths).
+
+  calib: a `registry.Context` or a list of calibration batches {'tokens' [B, T], 'attention_mask' [B, T]}.
+  key: the Fisher's sampled targets (encoders); None: the context's key of 'structured'.
+  """
+  ctx = registry.as_context(calib)
+  cfg = config
+  batches = ctx.batches()
+  key = ctx.key('structured') if key is None else key
+  loss = next_token_loss(model) if model.causal else embedding_loss(model, cfg.probes)
+  heads, neurons = fisher(model, params, batches, loss, key=key)
+  seq_len = int(batches[0]['tokens'].shape[1])
+  keep = search(model, params, heads, neurons, budget=cfg.flops, seq_len=seq_len)
+  small_model, small = slice_units(model, params, keep)
+  if cfg.tune:
+    tune_batches = [{**b, 'tokens': b['tokens'][:, :-1]} if model.causal else b for b in batches]
+    small = tune(model, params, small_model, small, tune_batches)
+  return small_model, small
+
+
+registry.register('structured', StructuredConfig, structured, family='pruning',
+                  forbids=registry.COMPRESSED + ('architecture',), adds='architecture', calibrated=True,
+                  paper='Kwon et al., "A Fast Post-Training Pruning Framework for Transformers" (NeurIPS 2022): '
+                  'heads and neurons to a FLOPs budget, physically smaller layers')

@@ -4,16 +4,41 @@ Language Models", 2023).
     S[j, o] = |W[j, o]| · ‖X_j‖₂        (W: [in, out]; X_j: the j-th input feature over all calibration tokens)
 
 compared per output (among the inputs of each output column), or in N:M groups of inputs; no weight update.
+The layer solvers (`wanda_layer`, `wanda_from_norms`) and the model-level method `wanda`, block by block on the
+pruned model's own activations:
+
+    model, params = pruning.wanda(model, params, batches, config=pruning.WandaConfig(pattern='2:4'))
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from jaxcompress import core
+from jaxcompress import calibration, core, registry
+from jaxcompress.core.select import KERNELS
+from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning.inputs import check_calibration, check_kernel
+from jaxcompress.pruning.oneshot import Distribution, check_distribution, sequential
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WandaConfig:
+  sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # fraction of each output's inputs pruned (N:M: 1 - N/M)
+  pattern: str | None = None  # None / 'per_output' (the paper), 'per_layer', or 'N:M' such as '2:4'
+  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
+  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  per_group: bool = False  # re-calibrate each input group (q/k/v, o, gate/up, down) on the pruned block so far
+  overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
+  distribution: Distribution = 'uniform'  # per-layer sparsity: 'uniform', 'erk', 'owl' or a callable (oneshot.py)
+  outlier_threshold: float = registry.field(5.0, range='(0.0, inf)')  # OWL's M: outlier = score > M × block mean
+  owl_lambda: float = registry.field(0.08, range='[0.0, 0.25]')  # OWL's λ: block sparsities within sparsity ± 2λ
+
+  def __post_init__(self):
+    check_distribution(self)
 
 
 def wanda_score(w: jax.Array, col_sq_norms: jax.Array) -> jax.Array:
@@ -50,3 +75,30 @@ def wanda_layer(w: jax.Array, x: jax.Array, *, sparsity: float = 0.5, pattern: s
   x = check_calibration(x, w, caller='wanda_layer')
   xf = x.astype(jnp.float32)
   return wanda_from_norms(w, jnp.sum(xf * xf, axis=0), sparsity=sparsity, pattern=pattern)
+
+
+def wanda(model: Model, params: Params, calib, *, config: WandaConfig = WandaConfig(),
+          **driver_kwargs) -> tuple[Model, Params]:
+  """Wanda on every selected block kernel, block by block on the pruned model's own activations.
+
+  calib: a `registry.Context` or a list of calibration batches (token arrays [B, T] or mappings with 'tokens'
+  and 'attention_mask'). driver_kwargs: more options of `calibration.run_sequential` (offload, on_step, ...)
+  besides the context's mesh.
+  """
+  ctx = registry.as_context(calib)
+
+  def solve(w, sq_norm, sparsity):
+    return wanda_from_norms(w, sq_norm, sparsity=sparsity, pattern=config.pattern)
+
+  def statistic(stats, experts):
+    # an expert no calibration token reached: every input counts alike (magnitude pruning)
+    return jnp.where((stats['count'] == 0)[:, None], 1.0, stats['sq_norm']) if experts else stats['sq_norm']
+
+  pruned = sequential(model, params, ctx.batches(split=True), calibration.column_norms(), solve, statistic, config,
+                      {**ctx.driver_kwargs(), **driver_kwargs})
+  return model, registry.local(pruned)
+
+
+registry.register('wanda', WandaConfig, wanda, family='pruning', forbids=registry.COMPRESSED, adds='masked',
+                  calibrated=True, paper='Sun et al., "A Simple and Effective Pruning Approach for Large Language '
+                  'Models" (ICLR 2024)')

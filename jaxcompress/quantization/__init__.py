@@ -7,24 +7,36 @@ Transformers" (ICLR 2023); AWQ Lin et al., "AWQ: Activation-aware Weight Quantiz
 and Acceleration" (MLSys 2024); SmoothQuant Xiao et al. (ICML 2023); LLM.int8() Dettmers et al. (NeurIPS 2022);
 non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024); learned step sizes (LSQ)
 Esser et al. (ICLR 2020).
+
+Every method (`rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`, `qat`,
+`llm_qat`, `lsq`) is `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own
+module; importing this package registers them all. Where a module shares a method's name (qat.py and `qat`), the
+package attribute is the method: reach the module's other functions by import path
+(`from jaxcompress.quantization.llm_qat import distillation_objective`).
 """
 
-from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
-from jaxcompress.quantization.gptq import GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer, layer_error
 from jaxcompress.quantization import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
 from jaxcompress.quantization import quantizers
-from jaxcompress.quantization import llm_qat
-from jaxcompress.quantization.lsq import LSQWeight, add_lsq
+from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
+from jaxcompress.quantization.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
+                                           layer_error)
+from jaxcompress.quantization.llm_qat import llm_qat
+from jaxcompress.quantization.lsq import LSQConfig, LSQWeight, add_lsq, lsq
 from jaxcompress.quantization.lsq import finalize as finalize_lsq
-from jaxcompress.quantization.mixed import allocate, mixed_precision
-from jaxcompress.quantization.nonuniform import (Outliers, squeezellm, squeezellm_from_hessian,
-                                                   squeezellm_layer)
-from jaxcompress.quantization.pq import ProductQuantized, product_quantize
-from jaxcompress.quantization import qat
-from jaxcompress.quantization.qat import ActQuantized, fake_quant, straight_through
+from jaxcompress.quantization.mixed import MixedConfig, allocate, bit_allocation, mixed
+from jaxcompress.quantization.nonuniform import (NonUniformConfig, Outliers, nonuniform, squeezellm_from_hessian,
+                                                 squeezellm_layer)
+from jaxcompress.quantization.pq import PQConfig, ProductQuantized, pq, product_quantize
+from jaxcompress.quantization.qat import ActQuantized, QATConfig, fake_quant, qat, straight_through
 from jaxcompress.quantization.qat import finalize as finalize_qat
 from jaxcompress.quantization.quantizers import max_error, quantize_weight
+from jaxcompress.quantization.rtn import RTNConfig, rtn
 from jaxcompress.quantization.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['ActQuantized', 'finalize_qat', 'qat', 'LSQWeight', 'add_lsq', 'finalize_lsq', 'AWQConfig', 'GPTQConfig', 'Int8Linear', 'W8A8Config', 'w8a8', 'w8a8_layer', 'Prescaled', 'awq', 'awq_from_stats', 'awq_layer', 'fake_quant', 'gptq', 'gptq_from_factor', 'gptq_from_hessian', 'gptq_layer', 'layer_error', 'allocate', 'max_error', 'ProductQuantized', 'product_quantize', 'mixed_precision', 'Outliers', 'squeezellm', 'squeezellm_from_hessian', 'squeezellm_layer', 'quantize_weight',
-           'quantizers', 'straight_through', 'llm_qat', 'kernels']
+__all__ = ['AWQConfig', 'ActQuantized', 'GPTQConfig', 'Int8Linear', 'LSQConfig', 'LSQWeight', 'MixedConfig',
+           'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig', 'RTNConfig',
+           'W8A8Config', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer', 'bit_allocation', 'fake_quant',
+           'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor', 'gptq_from_hessian', 'gptq_layer', 'kernels',
+           'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed', 'nonuniform', 'pq', 'product_quantize', 'qat',
+           'quantize_weight', 'quantizers', 'rtn', 'squeezellm_from_hessian', 'squeezellm_layer',
+           'straight_through', 'w8a8', 'w8a8_layer']

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import calibration, core
+from jaxcompress import calibration, core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
 from jaxcompress.quantization import common
@@ -85,8 +85,8 @@ serialize.register('prescaled', Prescaled, _encode, _decode)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AWQConfig:
-  bits: int = 4  # weight bits (2..8)
-  group_size: int | None = 128  # rows per scale, or None for one per output column
+  bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
+  group_size: int | None = registry.field(128, range='[1, inf)')  # rows per scale, or None for one per output column
   symmetric: bool = False  # symmetric grid instead of the asymmetric min-max one
   n_grid: int = 20  # α ∈ {0, 1/n_grid, ..., (n_grid-1)/n_grid}
   clip: bool = True  # also search a shrink factor of each group's range
@@ -199,13 +199,15 @@ def _check(w, h, x_mean, config):
   common.check_finite(x_mean, 'mean |x| (calibration inputs)', where)
 
 
-def awq(model, params, batches, config: AWQConfig = AWQConfig(), *, offload: bool = False):
+def awq(model, params, calib, *, config: AWQConfig = AWQConfig(), offload: bool = False):
   """AWQ of every block linear, block by block on the outputs of the already quantized blocks.
 
-  model, params, batches: as in `calibration.run_sequential`. Groups of `model.block_structure()` with a norm get
-  1/s folded into that norm's scale ('<norm>/scale') and plain `Quantized` kernels; the others `Prescaled` ones.
-  `Masked` kernels keep their masks over the quantized kept values. Returns the new params.
+  calib: a `registry.Context` or a list of calibration batches (as `calibration.run_sequential` takes them);
+  offload: keep the hidden states on the host between blocks. Groups of `model.block_structure()` with a norm
+  get 1/s folded into that norm's scale ('<norm>/scale') and plain `Quantized` kernels; the others `Prescaled`
+  ones. `Masked` kernels keep their masks over the quantized kept values. Returns (model, the new params).
   """
+  batches = registry.as_context(calib).batches()
   observer = calibration.combine(h=calibration.hessian(), m=calibration.abs_mean())
 
   def compress_block(i, block, stats):
@@ -235,7 +237,7 @@ def awq(model, params, batches, config: AWQConfig = AWQConfig(), *, offload: boo
 
   params, _ = calibration.run_sequential(model, params, batches, observer, common.through_masks(compress_block),
                                          per_group=True, keep_stats=False, offload=offload)
-  return params
+  return model, params
 
 
 def _group_of(model, block, kernels):
@@ -243,3 +245,9 @@ def _group_of(model, block, kernels):
     if set(g.kernels) == set(kernels):
       return g
   raise ValueError(f'awq: no linear group of {type(model).__name__} holds exactly {kernels}.')
+
+
+registry.register('awq', AWQConfig, awq, family='quantization', forbids=common.DENSE_OR_MASKED,
+                  adds='quantized', calibrated=True,
+                  paper='Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration" '
+                  '(MLSys 2024)')

@@ -1,6 +1,8 @@
-"""Argument checks and leaf construction shared by the quantizers of this package."""
+"""Argument checks, leaf construction and `core.Masked` handling shared by the quantizers of this package."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ from jaxcompress import core
 from jaxcompress.core import quantized as qlib
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+# what the methods that take dense or `core.Masked` kernels forbid (a registry `forbids=`)
+DENSE_OR_MASKED = ('quantized', 'lowrank', 'shared', 'adapter')
 
 
 def check_bits(bits, where: str) -> None:
@@ -50,8 +54,9 @@ def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=
 
 def through_masks(compress_block):
   """compress_block (as `calibration.run_sequential` calls it) over the kept values of the `core.Masked` kernels
-  it compresses (those in its stats; pruned entries zero), with the masks put back on what it returns. Quantizing a pruned model so keeps its
-  masks, and the blocks after are calibrated on the block as it will finally be (masked and quantized)."""
+  it compresses (those in its stats; pruned entries zero), with the masks put back on what it returns. Quantizing
+  a pruned model so keeps its masks, and the blocks after are calibrated on the block as it will finally be
+  (masked and quantized)."""
   def run(i, block, stats):
     flat = core.paths.flatten(block)  # only the kernels being compressed (their group's); the rest stay as they are
     masks = {p: flat[p].mask for p in stats if isinstance(flat.get(p), core.Masked)}
@@ -61,3 +66,38 @@ def through_masks(compress_block):
     out_flat = core.paths.flatten(out)
     return core.paths.replace(out, {p: core.Masked(out_flat[p], m) for p, m in masks.items()})
   return run
+
+
+def unmask(params):
+  """(params with every `core.Masked` leaf materialized (pruned entries zero), {path: mask})."""
+  flat = core.paths.flatten(params)
+  masks = {p: w.mask for p, w in flat.items() if isinstance(w, core.Masked)}
+  if not masks:
+    return params, masks
+  return core.paths.replace(params, {p: flat[p].materialize() for p in masks}), masks
+
+
+def remask(params, masks):
+  """The leaves at the paths of `masks` ({path: mask}, from `unmask`) wrapped in `core.Masked` again."""
+  if not masks:
+    return params
+  flat = core.paths.flatten(params)
+  return core.paths.replace(params, {p: core.Masked(flat[p], m) for p, m in masks.items()})
+
+
+def masked_through(method):
+  """A model-level quantizer `method(model, params, calib, *, config)` that also takes `core.Masked` kernels: it
+  quantizes their kept values (pruned entries zero) and the masks go back around what it returns."""
+  @functools.wraps(method)
+  def apply(model, params, calib=None, **kwargs):
+    dense, masks = unmask(params)
+    model, out = method(model, dense, calib, **kwargs)
+    return model, remask(out, masks)
+  return apply
+
+
+def dense_values(params):
+  """`core.Masked` kernels with their pruned entries zeroed in the value (what a quantizer of a masked kernel
+  sees); other leaves as they are."""
+  dense, masks = unmask(params)
+  return remask(dense, masks)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 
-from jaxcompress import calibration, core
+from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
+from jaxcompress.quantization import common
 from jaxcompress.quantization.common import check_bits, check_group_size, make_leaf
 
 def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
@@ -253,25 +255,29 @@ def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQConfig:
-  bits: int = 4  # weight bits (2..8)
-  group_size: int | None = 128  # rows per scale (divides every kernel's input dimension), None: per channel
+  bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
+  # rows per scale (divides every kernel's input dimension), None: per channel
+  group_size: int | None = registry.field(128, range='[1, inf)')
   act_order: bool = False  # visit input rows by decreasing diag(H) (static groups)
   symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
   block_size: int = 128  # rows per lazy-update block
   damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
 
 
-def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: bool = False, mesh=None):
+def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bool = False, mesh=None):
   """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
   down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
 
   Mixture-of-experts weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) are quantized expert by expert,
   each from the Hessian of the tokens routed to it (`calibration.solve_experts`, spread over `mesh`'s devices);
   an expert no calibration token reached is rounded to nearest (identity Hessian). The router stays float.
-  model, params, batches: as in `calibration.run_sequential`; mesh: its data-parallel mesh, also used for the
-  expert solves. Returns params with `core.Quantized` kernels (`core.Masked(core.Quantized)` where a kernel was
-  `Masked`: its kept values are quantized, its mask kept; stacked [E, in, out] leaves for experts).
+  calib: a `registry.Context` or a list of calibration batches (token arrays [B, T] or mappings with 'tokens'
+  and 'attention_mask', as `calibration.run_sequential` takes them); offload: keep the hidden states on the
+  host between blocks; mesh: run_sequential's data-parallel mesh, also used for the expert solves. Returns
+  (model, params with `core.Quantized` kernels): `core.Masked(core.Quantized)` where a kernel was `Masked` (its
+  kept values quantized, its mask kept); stacked [E, in, out] leaves for experts.
   """
+  batches = registry.as_context(calib).batches()
   solve = functools.partial(gptq_from_hessian, bits=config.bits, group_size=config.group_size,
                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
                             damp=config.damp)
@@ -294,4 +300,10 @@ def gptq(model, params, batches, config: GPTQConfig = GPTQConfig(), *, offload: 
 
   params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
                                          per_group=True, keep_stats=False, offload=offload, mesh=mesh, experts=True)
-  return params
+  return model, params
+
+
+registry.register('gptq', GPTQConfig, gptq, family='quantization',
+                  forbids=common.DENSE_OR_MASKED, adds='quantized', calibrated=True,
+                  paper='Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained '
+                  'Transformers" (ICLR 2023)')

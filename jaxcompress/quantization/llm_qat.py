@@ -11,6 +11,8 @@ per token, at temperature 1,
 (the KL divergence; it differs from the cross-entropy by the teacher's entropy, a constant). The paper
 generates its training text from the teacher; here any causal-LM batches serve (the fixture's own data).
 This module keeps its own copy of the loss so that the quantization family does not depend on distillation.
+
+The method `llm_qat` is `qat` (same config, same fake quantization and final grids) trained on this loss.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxcompress import registry
 from jaxcompress.eval import token_nll
+from jaxcompress.quantization import common
+from jaxcompress.quantization.qat import QATConfig, quantization_aware
 from jaxcompress.train import objectives
 
 
@@ -48,3 +53,23 @@ def distillation_objective(model, *, teacher=None, remat: bool = False) -> objec
     return (kl * mask).sum(), (mask.sum(), {'kl': (kl * mask).sum(), 'nll': (nll * mask).sum()})
 
   return objective
+
+
+def _objective(model, ctx):
+  if not model.causal:
+    raise ValueError('llm_qat distils next-token distributions of a causal LM; for an encoder use qat (which '
+                     'distils the embeddings).')
+  return distillation_objective(model, teacher=ctx.reference_model)
+
+
+def llm_qat(model, params, calib, *, config: QATConfig = QATConfig()):
+  """`qat` trained on KL(teacher ‖ student) to the full-precision model (calib.reference_model, with
+  calib.reference as its params) instead of the task loss; causal LMs only. calib: a `registry.Context` with
+  training batches and the reference model. Returns (model, params)."""
+  return quantization_aware(calib, 'llm_qat', model, params, config, _objective, teacher=True)
+
+
+registry.register('llm_qat', QATConfig, llm_qat, family='quantization', forbids=common.DENSE_OR_MASKED,
+                  adds='quantized', trains=True,
+                  paper='Liu et al., "LLM-QAT: Data-Free Quantization Aware Training for Large Language Models" '
+                  '(2023): QAT on KL to the full-precision model (trained on the corpus)')

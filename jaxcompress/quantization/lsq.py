@@ -9,6 +9,8 @@ stays positive). Its forward is symmetric fake quantization with the straight-th
 whose gradient in s is LSQ's: round(v) − v inside the range, −Qn or Qp outside; the step's gradient is
 scaled by g = 1 / sqrt(N_out · Qp) (the paper's gradient scale, N_out = weights per step). `finalize` turns the
 trained leaves into `core.Quantized` ones with the learned steps as scales (bit-identical forward).
+
+The method `lsq` trains every block kernel so on the model's own loss, then finalizes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.quantization import common
+from jaxcompress.train import recovery
 
 
 @leaf_lib.leaf_type
@@ -91,3 +94,26 @@ def finalize(params):
     return common.make_leaf(q.astype(jnp.uint8), s.astype(x.w.dtype), None, bits=x.bits, group_size=None,
                             shape=x.shape, scale_dtype=x.w.dtype)
   return jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, LSQWeight))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQConfig:
+  bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8); symmetric, one learned step per output column
+  steps: int = registry.field(100, range='[1, inf)')  # optimizer steps training weights and steps together
+  learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+
+
+def lsq(model, params, calib, *, config: LSQConfig = LSQConfig()):
+  """Every block kernel as an `LSQWeight` trained with its steps on the model's own loss (encoders: KD of the
+  embeddings from calib.reference_model), then `finalize`d into `core.Quantized`. `core.Masked` kernels train
+  their kept values under the mask. calib: a `registry.Context` with training batches. Returns (model, params)."""
+  ctx = registry.as_context(calib)
+  dense, masks = common.unmask(params)
+  wrapped = common.remask(add_lsq(dense, model.selection_rules(), bits=config.bits), masks)
+  trained = recovery.fit(ctx, 'lsq', model, wrapped, recovery.task_objective(model, ctx), steps=config.steps,
+                         learning_rate=config.learning_rate, teacher=not model.causal)
+  return model, jax.jit(finalize)(trained)
+
+
+registry.register('lsq', LSQConfig, lsq, family='quantization', forbids=common.DENSE_OR_MASKED, adds='quantized',
+                  trains=True, paper='Esser et al., "Learned Step Size Quantization" (ICLR 2020)')

@@ -10,12 +10,22 @@ scales not counted). Then every layer is quantized with GPTQ at its width, true-
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from jaxcompress import calibration, core
-from jaxcompress.quantization.gptq import gptq_from_hessian
+from jaxcompress import calibration, core, registry
 from jaxcompress.quantization import quantizers
+from jaxcompress.quantization.gptq import gptq_from_hessian
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixedConfig:
+  average_bits: float = registry.field(3.5, range='[2, 8]')  # mean code bits over all block kernels
+  candidates: tuple[int, ...] = (2, 3, 4, 8)  # widths a kernel may get
+  group_size: int | None = registry.field(128, range='[1, inf)')  # GPTQ rows per scale
+  damp: float = 0.01  # GPTQ damping
 
 
 def sensitivity(w: jax.Array, h: jax.Array, count, bits: int, group_size: int | None) -> float:
@@ -56,23 +66,38 @@ def allocate(errors: dict[str, dict[int, float]], sizes: dict[str, int], average
     bits[best] = nxt
 
 
-def mixed_precision(model, params, batches, *, average_bits: float = 3.5, candidates: tuple[int, ...] = (2, 3, 4, 8),
-                    group_size: int | None = 128, damp: float = 0.01):
-  """(params with every block linear GPTQ-quantized at its allocated width, {kernel path: bits})."""
+def bit_allocation(model, params, calib, *, config: MixedConfig = MixedConfig()) -> dict[str, int]:
+  """{block kernel path: bits}: each kernel's round-to-nearest sensitivity at every candidate width, measured on
+  the full-precision model's calibration inputs, then `allocate` under config.average_bits. calib: a
+  `registry.Context` or a list of calibration batches."""
+  batches = registry.as_context(calib).batches()
   stats = calibration.calibrate(model, params, batches, calibration.hessian(), head=False)
   errors, sizes = {}, {}
   for p, st in stats.items():
     w = jnp.asarray(core.paths.get(params, p), jnp.float32)
-    errors[p] = {b: sensitivity(w, st['xtx'], st['count'], b, group_size) for b in candidates}
+    errors[p] = {b: sensitivity(w, st['xtx'], st['count'], b, config.group_size) for b in config.candidates}
     sizes[p] = int(w.size)
-  bits = allocate(errors, sizes, average_bits)
+  return allocate(errors, sizes, config.average_bits)
+
+
+def mixed(model, params, calib, *, config: MixedConfig = MixedConfig(), widths: dict[str, int] | None = None):
+  """Every block linear GPTQ-quantized at its allocated width, true-sequentially. calib: a `registry.Context` or
+  a list of calibration batches; widths: {kernel path: bits} (what `bit_allocation` returns; None: computed
+  here). Returns (model, params)."""
+  batches = registry.as_context(calib).batches()
+  bits = bit_allocation(model, params, batches, config=config) if widths is None else widths
 
   def compress_block(i, block, st):
     return core.paths.replace(block, {
         k: gptq_from_hessian(core.paths.get(block, k), s['xtx'], bits=bits[f'{model.block_path}/{i}/{k}'],
-                                      group_size=group_size, damp=damp)
+                             group_size=config.group_size, damp=config.damp)
         for k, s in st.items()})
 
   params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
                                          per_group=True, keep_stats=False)
-  return params, bits
+  return model, params
+
+
+registry.register('mixed', MixedConfig, mixed, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
+                  calibrated=True, paper='per-layer widths from measured GPTQ sensitivity (HAWQ-style allocation, '
+                  'Dong et al., ICCV 2019)')

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import calibration, core
+from jaxcompress import calibration, core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import quantized as qlib
 from jaxcompress.core import serialize
@@ -156,17 +156,32 @@ def squeezellm_layer(w: jax.Array, x: jax.Array, **kwargs):
   return squeezellm_from_hessian(w, jnp.sum(x * x, axis=0), **kwargs)
 
 
-def squeezellm(model, params, batches, *, bits: int = 3, outlier_fraction: float = 0.0, iters: int = 20):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NonUniformConfig:
+  bits: int = registry.field(3, range='[2, 8]')  # codebook entries 2^bits per output column
+  # fraction of weights kept in float (dense-and-sparse)
+  outlier_fraction: float = registry.field(0.0, range='[0.0, 1.0)')
+  iters: int = registry.field(20, range='[1, inf)')  # weighted k-means iterations
+
+
+def nonuniform(model, params, calib, *, config: NonUniformConfig = NonUniformConfig()):
   """Every block linear as a per-column codebook (`squeezellm_from_hessian`), sensitivities Σ x² from the
   full-precision model's calibration inputs (`calibration.column_norms()` through `run_sequential` with
-  calibrate_on='original': one block's statistics at a time, so it also runs out of core). Returns the new
-  params."""
+  calibrate_on='original': one block's statistics at a time, so it also runs out of core). calib: a
+  `registry.Context` or a list of calibration batches. Returns (model, the new params)."""
+  batches = registry.as_context(calib).batches()
+
   def compress_block(i, block, stats):
     return core.paths.replace(block, {
-        k: squeezellm_from_hessian(core.paths.get(block, k), st['sq_norm'], bits=bits,
-                                   outlier_fraction=outlier_fraction, iters=iters)
+        k: squeezellm_from_hessian(core.paths.get(block, k), st['sq_norm'], bits=config.bits,
+                                   outlier_fraction=config.outlier_fraction, iters=config.iters)
         for k, st in stats.items()})
 
   params, _ = calibration.run_sequential(model, params, batches, calibration.column_norms(), compress_block,
                                          calibrate_on='original', keep_stats=False)
-  return params
+  return model, params
+
+
+registry.register('nonuniform', NonUniformConfig, nonuniform, family='quantization', forbids=registry.COMPRESSED,
+                  adds='quantized', calibrated=True,
+                  paper='Kim et al., "SqueezeLLM: Dense-and-Sparse Quantization" (ICML 2024)')

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
 from jaxcompress.quantization import common
@@ -121,7 +121,30 @@ def product_quantize(w: jax.Array, key: jax.Array, *, d: int = 4, bits: int = 8,
   return ProductQuantized(codes.astype(jnp.uint8), book.astype(w.dtype))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PQConfig:
+  d: int = 4  # rows per sub-vector
+  bits: int = registry.field(8, range='[1, 16]')  # log2 of the centroids per subspace
+  iters: int = registry.field(20, range='[1, inf)')  # k-means iterations
+
+
+def pq(model, params, calib=None, *, config: PQConfig = PQConfig(), key: jax.Array | None = None):
+  """Every block kernel as a `ProductQuantized` leaf (`product_quantize`), each from its own split of `key`
+  (None: the context's key of 'pq'). calib: a `registry.Context` (for its seed) or a list of batches (not used
+  otherwise). Returns (model, params)."""
+  key = registry.as_context(calib).key('pq') if key is None else key
+  sel = model.select(params)
+  keys = dict(zip(sel.paths, jax.random.split(key, len(sel.paths))))
+  return model, sel.map(lambda p, w: product_quantize(jnp.asarray(w), keys[p], d=config.d, bits=config.bits,
+                                                      iters=config.iters), params)
+
+
 def initial_picks(key: jax.Array, m: int, out: int, bits: int) -> np.ndarray:
   """The column indices `product_quantize` starts each subspace's k-means from: [m, 2^bits]."""
   return np.asarray(jax.vmap(lambda kk: jax.random.choice(kk, out, (2 ** bits,), replace=False))(
       jax.random.split(key, m)))
+
+
+registry.register('pq', PQConfig, pq, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
+                  paper='Jégou et al., "Product Quantization for Nearest Neighbor Search" (TPAMI 2011); Stock et al., '
+                  '"And the Bit Goes Down" (ICLR 2020)')

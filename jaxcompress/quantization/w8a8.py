@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import calibration, core
+from jaxcompress import calibration, core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
 from jaxcompress.quantization import common
@@ -178,18 +178,22 @@ class W8A8Config:
   outlier_threshold: float | None = None  # LLM.int8(): features with calibration max |x| above it stay float
 
 
-def w8a8(model, params, batches, config: W8A8Config = W8A8Config()):
+def w8a8(model, params, calib, *, config: W8A8Config = W8A8Config()):
   """Every block linear as an `Int8Linear`. With alpha, the smoothing of a group fed by a norm
   (`model.linear_groups`) is folded into that norm's scale (and bias); other groups keep it in the leaf.
   Statistics (max |x| per input feature) are those of the full-precision model: `calibration.run_sequential`
   with calibrate_on='original' (the same as `calibrate`'s, one block's at a time), so it also runs out of core.
+  calib: a `registry.Context` or a list of calibration batches. Returns (model, params). Registered as w8a8
+  (alpha=None), smoothquant (alpha=0.5) and llm_int8 (alpha=None, outlier_threshold=6.0).
   """
+  batches = registry.as_context(calib).batches()
+
   def compress_block(i, block, stats):
     return _w8a8_block(model, block, stats, config)
 
   params, _ = calibration.run_sequential(model, params, batches, calibration.abs_max(), compress_block,
                                          calibrate_on='original', keep_stats=False)
-  return params
+  return model, params
 
 
 def _w8a8_block(model, block, stats, config: W8A8Config):
@@ -212,3 +216,16 @@ def _w8a8_block(model, block, stats, config: W8A8Config):
       updates[k] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
                               outlier_threshold=config.outlier_threshold)
   return core.paths.replace(block, updates)
+
+
+registry.register('w8a8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
+                  calibrated=True, defaults={'alpha': None},
+                  paper='int8 weights per channel, int8 activations per token')
+registry.register('smoothquant', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
+                  adds='quantized', calibrated=True, defaults={'alpha': 0.5},
+                  paper='Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for LLMs" '
+                  '(ICML 2023)')
+registry.register('llm_int8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
+                  adds='quantized', calibrated=True, defaults={'alpha': None, 'outlier_threshold': 6.0},
+                  paper='Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale" '
+                  '(NeurIPS 2022)')

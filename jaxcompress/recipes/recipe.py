@@ -14,7 +14,7 @@ import json
 import pathlib
 from typing import Any
 
-from jaxcompress.recipes import registry
+from jaxcompress import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def run(stages: list[Stage], ctx: registry.Context, model, params, *, on_stage=N
   import time
   for i, s in enumerate(stages):
     t0 = time.perf_counter()
-    model, params = s.method.apply(ctx, model, params, s.config)
+    model, params = s.method.fn(model, params, ctx, config=s.config)
     if on_stage is not None:
       on_stage(i, s, model, params, time.perf_counter() - t0)
   return model, params

@@ -8,6 +8,7 @@ and checkpoints, `core.serialize` and `core.stats` count it once.
     groups = sharing.consecutive_groups(4, 2)                     # ((0, 1), (2, 3))
     shared = sharing.share_blocks(params, groups)                # averaged, tied
     shared = sharing.add_deltas(shared, key, rank=8)             # per-layer LoRA deltas over shared storage
+    model, shared = sharing.share(model, params, None, config=sharing.ShareConfig(group=2))  # the method
 
 `add_deltas` is relaxed recursive sharing (Bae et al., "Relaxed recursive transformers", 2024): each place keeps
 its own small `core.LoRA(base=Shared(...), a, b)` adapter, so layers of a group may differ again cheaply.
@@ -15,6 +16,7 @@ its own small `core.LoRA(base=Shared(...), a, b)` adapter, so layers of a group 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import core, registry
 from jaxcompress.train import state as state_lib
 
 Groups = tuple[tuple[int, ...], ...]
@@ -188,29 +190,40 @@ def add_deltas(params: dict, key: jax.Array, *, rank: int = 4, alpha: float | No
   return core.paths.replace(params, updates)
 
 
-def tie_embeddings(model: Any, params: dict, *, how: str = 'average') -> tuple[Any, dict]:
-  """(model with tied input/output embeddings, params without the separate head) for an untied causal LM.
+# The method ----------------------------------------------------------------------------------------------------
 
-  how: 'average' (embedding = (E + Kᵀ) / 2, E [V, D] the input table, K [D, V] the head) or 'embedding' (keep E).
-  The model's config must have a `tie_embeddings` flag (Llama, Mistral, Qwen2); the tied head is Eᵀ.
-  """
-  import dataclasses
-  cfg = getattr(model, 'config', None)
-  if cfg is None or not hasattr(cfg, 'tie_embeddings'):
-    raise ValueError(f'tie_embeddings: {type(model).__name__} has no tie_embeddings config flag.')
-  if cfg.tie_embeddings:
-    raise ValueError('tie_embeddings: the model is already tied.')
-  if how not in ('average', 'embedding'):
-    raise ValueError(f"tie_embeddings: how={how!r}; choose 'average' or 'embedding'.")
-  flat = core.flatten(core.resolve(params))
-  emb_path = next(p for p in flat if p.endswith('embedding') and p.startswith('embed'))
-  head = next((p for p in flat if re.match(model.head_patterns[0], p) and p.endswith('kernel')), None)
-  if head is None:
-    raise KeyError(f'tie_embeddings: no head kernel matching {model.head_patterns[0]!r}.')
-  emb = jnp.asarray(core.materialize(flat[emb_path]))
-  if how == 'average':
-    emb = ((emb + jnp.asarray(core.materialize(flat[head])).T) / 2).astype(emb.dtype)
-  tied = type(model)(dataclasses.replace(cfg, tie_embeddings=True))
-  head_key = head.split('/')[0]
-  out = {k: v for k, v in params.items() if k != head_key}
-  return tied, core.paths.replace(out, {emb_path: emb})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShareConfig:
+  group: int = registry.field(2, range='[1, inf)')  # consecutive blocks per shared group (ALBERT: all of them)
+  include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
+  average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
+  lora_rank: int = 0  # > 0: each block's shared kernels get their own LoRA delta of this rank (train with distill)
+  by: str = 'consecutive'  # grouping: 'consecutive' blocks, or by weight cosine: 'agglomerative' / 'greedy'
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f'lora_rank={self.lora_rank} must be >= 0 (0: no per-block deltas).')
+    if self.by not in ('consecutive', 'agglomerative', 'greedy'):
+      raise ValueError(f"by={self.by!r}; choose 'consecutive', 'agglomerative' or 'greedy'.")
+
+
+def share(model: Any, params: dict, calib: Any = None, *, config: ShareConfig = ShareConfig(),
+          key: jax.Array | None = None) -> tuple[Any, dict]:
+  """The model's blocks in groups of config.group share one stored copy of their weights (`share_blocks`); with
+  lora_rank > 0 each place gets its own LoRA delta over the storage (`add_deltas`, a [in, r] drawn from `key`;
+  None: calib.key('share')). The model spec is unchanged."""
+  n = model.num_layers(params)
+  if config.by == 'consecutive':
+    groups = consecutive_groups(n, config.group)
+  else:  # as many groups as consecutive sharing would make, chosen by the similarity of the blocks' kernels
+    groups = similarity_groups(params, -(-n // config.group), block_path=model.block_path, method=config.by)
+  out = share_blocks(params, groups, block_path=model.block_path, include=config.include, average=config.average)
+  if config.lora_rank:  # relaxed recursive sharing (Bae et al. 2024): a per-place low-rank delta over the storage
+    key = registry.as_context(calib).key('share') if key is None else key
+    out = add_deltas(out, key, rank=config.lora_rank)
+  return model, out
+
+
+registry.register('share', ShareConfig, share, family='sharing', forbids=registry.COMPRESSED + ('architecture',),
+                  adds='shared', paper='Lan et al., "ALBERT" (ICLR 2020): cross-layer sharing of consecutive blocks; '
+                  'lora_rank: Bae et al., "Relaxed Recursive Transformers" (2024)')

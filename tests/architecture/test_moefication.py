@@ -25,7 +25,7 @@ def _dense(mlp, x):
 
 
 def test_experts_partition_the_neurons_and_reproduce_the_mlp(mlp):
-  moe = moefication.moefy(mlp, 4, jax.random.key(1))
+  moe = moefication.moefy_mlp(mlp, 4, jax.random.key(1))
   assert moe['up'].shape == (4, 16, 8) and moe['down'].shape == (4, 8, 16)
   assert sorted(np.asarray(moe['neurons']).ravel().tolist()) == list(range(32))
   h, d = _dense(mlp, X.astype(np.float64))
@@ -33,7 +33,7 @@ def test_experts_partition_the_neurons_and_reproduce_the_mlp(mlp):
 
 
 def test_top_k_matches_numpy_and_dispatch_is_exact(mlp):
-  moe = moefication.moefy(mlp, 4, jax.random.key(1))
+  moe = moefication.moefy_mlp(mlp, 4, jax.random.key(1))
   h, d = _dense(mlp, X.astype(np.float64))
   scores = X.astype(np.float64) @ np.asarray(moe['router'], np.float64)
   top = np.argsort(-scores, 1)[:, :2]
@@ -49,8 +49,8 @@ def test_top_k_matches_numpy_and_dispatch_is_exact(mlp):
 
 def test_bad_settings_are_named(mlp):
   with pytest.raises(ValueError, match='num_experts=5'):
-    moefication.moefy(mlp, 5, jax.random.key(0))
-  moe = moefication.moefy(mlp, 4, jax.random.key(1))
+    moefication.moefy_mlp(mlp, 5, jax.random.key(0))
+  moe = moefication.moefy_mlp(mlp, 4, jax.random.key(1))
   with pytest.raises(ValueError, match='top_k=5'):
     moefication.moe_mlp(X, moe, 5, 'silu')
 

@@ -9,7 +9,7 @@ CFG = dict(model='tiny', calib_data='default', eval_data='default', calib_sample
 
 def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   # several stages: each is calibrated on the hidden states it sees in memory (its own stream on disk)
-  from experiments import compress
+  from jaxcompress.recipes import pipeline as compress
   cfg = {**CFG, 'recipe': 'sparsegpt(sparsity=0.5) > gptq(bits=4, group_size=16)'}
   ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
   got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
@@ -24,7 +24,7 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
 def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, recipe):
   """Stages whose statistics are those of the uncompressed model (run_sequential(calibrate_on='original')):
   out of core, block i is calibrated on the uncompressed blocks' outputs, as in memory."""
-  from experiments import compress
+  from jaxcompress.recipes import pipeline as compress
   cfg = {**CFG, 'recipe': recipe}
   ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
   got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
@@ -34,7 +34,7 @@ def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, reci
 
 
 def test_stages_that_cannot_run_block_by_block_are_refused(tmp_path):
-  from experiments import compress
+  from jaxcompress.recipes import pipeline as compress
   for recipe, why in (('sparsegpt > distill(steps=2)', 'trains'), ('magnitude', 'is not calibrated'),
                       ('svd_llm(budget=0.5)', 'whole uncompressed model.*give keep= instead'),
                       ('mixed', 'whole uncompressed model'), ('gqa(kv_heads=1)', 'architecture')):

@@ -94,7 +94,7 @@ def test_gptq_solves_each_expert_like_a_dense_linear(monkeypatch):
 
   monkeypatch.setattr(calibration, 'solve_experts', record)
   config = quantization.GPTQConfig(bits=4, group_size=16)
-  q = quantization.gptq(model, params, [batch()], config)
+  _, q = quantization.gptq(model, params, [batch()], config=config)
   assert len(seen) == 3  # up, gate, down
   for name in ('up', 'gate', 'down'):
     leaf = q['layers'][0]['mlp'][name]
@@ -118,7 +118,7 @@ def test_sparsegpt_solves_each_expert_from_its_statistics():
   b = batch()
   # one block, calibrated on the model as given (per_group=False): its statistics are calibrate's
   stats = calibration.calibrate(model, params, [b], calibration.hessian(), experts=True, head=False)
-  got = pruning.sparsegpt(model, params, [b], config=pruning.SparseGPTConfig(per_group=False))
+  _, got = pruning.sparsegpt(model, params, [b], config=pruning.SparseGPTConfig(per_group=False))
   for name in ('up', 'gate', 'down'):
     w = params['layers'][0]['mlp'][name]
     xtx = stats[f'layers/0/mlp/{name}']['xtx']
@@ -131,13 +131,13 @@ def test_sparsegpt_solves_each_expert_from_its_statistics():
   assert np.isfinite(np.asarray(model.apply(got, b['tokens']))).all()
 
 
-@pytest.mark.parametrize('method', ['awq', 'w8a8', 'squeezellm', 'svd_llm', 'calibrate'])
+@pytest.mark.parametrize('method', ['awq', 'w8a8', 'nonuniform', 'svd_llm', 'calibrate'])
 def test_methods_that_do_not_compress_experts_refuse_them(method):
   model = moe_model(1.0)
   params = model.init(jax.random.key(0))
   run = {'awq': lambda: quantization.awq(model, params, [batch()]),
          'w8a8': lambda: quantization.w8a8(model, params, [batch()]),
-         'squeezellm': lambda: quantization.squeezellm(model, params, [batch()]),
+         'nonuniform': lambda: quantization.nonuniform(model, params, [batch()]),
          'svd_llm': lambda: lowrank.compress_model(model, params, [batch()], config=lowrank.SVDConfig(
              method='svd_llm', ranks=lowrank.RankRule(rank=4))),
          'calibrate': lambda: calibration.calibrate(model, params, [batch()], calibration.hessian())}[method]
@@ -145,6 +145,7 @@ def test_methods_that_do_not_compress_experts_refuse_them(method):
     run()
 
 
+@pytest.mark.subprocess
 def test_expert_solves_on_eight_devices_equal_one_device(tmp_path):
   out = tmp_path / 'moe.npz'
   proc = subprocess.run([sys.executable, str(runs.ROOT / 'tests' / 'calibration' / 'moe_mesh_run.py'), str(out)],

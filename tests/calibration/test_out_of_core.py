@@ -113,6 +113,7 @@ def test_disk_full_mid_write_leaves_the_block_incomplete(src, reference, tmp_pat
   assert oc.output_hashes(out) == oc.output_hashes(reference)
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_run_then_rerun_is_bit_identical(src, reference, tmp_path):
   out = tmp_path / 'out'
   code = ('import os, signal, sys; from tests.calibration import ooc_common as oc\n'

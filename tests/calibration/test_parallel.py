@@ -4,6 +4,7 @@ solved weights, bit for bit, and the same as each problem solved alone."""
 import subprocess
 import sys
 
+import pytest
 import jax
 import numpy as np
 
@@ -27,6 +28,7 @@ def run(out, *flags, devices=1):
   return dict(np.load(out))
 
 
+@pytest.mark.subprocess
 def test_one_device_eight_devices_and_two_processes_solve_identically(tmp_path):
   src = oc.write_checkpoint(tmp_path / 'ckpt')
   one = run(tmp_path / 'one.npz', f'--ooc={src}')

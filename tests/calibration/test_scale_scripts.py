@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+import pytest
 from jaxcompress import calibration as cal
 from jaxcompress import core
 
@@ -22,6 +23,7 @@ def env():
   return out
 
 
+@pytest.mark.subprocess
 def test_pod_plan_compress_compiles_both_programs_with_replicated_statistics(tmp_path):
   out = tmp_path / 'plan.json'
   proc = subprocess.run([sys.executable, str(BENCH / 'pod_plan_compress.py'), '--preset=tiny', '--devices=8',
@@ -40,6 +42,7 @@ def test_pod_plan_compress_compiles_both_programs_with_replicated_statistics(tmp
   assert calib['fits'] and solve['fits']
 
 
+@pytest.mark.subprocess
 def test_scale_small_compresses_every_block_out_of_core(tmp_path):
   proc = subprocess.run([sys.executable, str(BENCH / 'scale.py'), '--small', f'--dir={tmp_path}'], cwd=REPO,
                         env=env(), capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+import pytest
 from tests.train import pretrain_runs as runs
 
 SCRIPT = runs.ROOT / 'tests' / 'calibration' / 'sharded_run.py'
@@ -23,6 +24,7 @@ def run(out, *flags, devices=1):
   return dict(np.load(out))
 
 
+@pytest.mark.subprocess
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   one = run(tmp_path / 'one.npz')
   eight = run(tmp_path / 'eight.npz', '--mesh=4x2', '--det_mesh=8x1', devices=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import pytest
 from tests import multiprocess
 
 SHAPE = (16, 8)
@@ -49,6 +50,7 @@ def process_main(coordinator: str, process_id: int) -> None:
   jax.distributed.shutdown()
 
 
+@pytest.mark.subprocess
 def test_counts_across_two_processes(tmp_path):
   results = multiprocess.run_two_processes(tmp_path, 'tests.core.test_multihost_stats')
   want = expected()

@@ -44,6 +44,7 @@ print(hashlib.sha256(train_bpe(small_texts(), vocab_size=400).to_str().encode())
 """
 
 
+@pytest.mark.subprocess
 def test_training_is_deterministic_across_thread_counts(tok):
   expected = hashlib.sha256(tok.to_str().encode()).hexdigest()
   for threads in ('1', '4'):

@@ -6,11 +6,13 @@ import sys
 
 import numpy as np
 
+import pytest
 from tests.train import pretrain_runs as runs
 
 
+@pytest.mark.subprocess
 def test_distill_table_small(tmp_path):
-  proc = subprocess.run([sys.executable, str(runs.ROOT / 'experiments' / 'distill_table.py'), '--small',
+  proc = subprocess.run([sys.executable, str(runs.ROOT / 'experiments' / 'tables' / 'distill_table.py'), '--small',
                          '--noseq_kd', f'--output_dir={tmp_path}'], env=runs.env(1), capture_output=True,
                         text=True, timeout=300, cwd=runs.ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 
+import pytest
 from tests.train import pretrain_runs as runs
 
 
+@pytest.mark.subprocess
 def test_sharded_teacher_matches_one_device():
   proc = subprocess.run([sys.executable, str(runs.ROOT / 'tests' / 'distillation' / 'sharded_kd.py')],
                         env=runs.env(8), capture_output=True, text=True, timeout=600, cwd=runs.ROOT)

@@ -11,6 +11,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('script, extra', [
     ('lowrank_table.py', ['--methods=svd_llm', '--reductions=0.5', '--steps=1', '--other_allocation=false']),
     # recovery runs in the low-rank smoke run and the sharing tests; the sharing variants share one code path
@@ -19,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 ])
 def test_table_script_smoke(script, extra, tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
-  out = subprocess.run([sys.executable, str(REPO / 'experiments' / script), '--small',
+  out = subprocess.run([sys.executable, str(REPO / 'experiments' / 'tables' / script), '--small',
                         f'--output_dir={tmp_path}', *extra], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = json.loads((tmp_path / 'results.json').read_text())['rows']

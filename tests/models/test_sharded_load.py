@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+import pytest
 from tests import multiprocess
 
 
@@ -54,6 +55,7 @@ def process_main(coordinator: str, process_id: int, directory: str) -> None:
   jax.distributed.shutdown()
 
 
+@pytest.mark.subprocess
 def test_two_processes_read_their_own_slices(tmp_path):
   import jax
 

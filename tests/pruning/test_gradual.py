@@ -1,6 +1,8 @@
 """Pruning during training: the cubic schedule, gradual magnitude, SET / RigL and recovery with frozen
 masks, through the real training step."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,9 @@ import optax
 import pytest
 
 from jaxcompress import core, pruning
-from jaxcompress.pruning import gradual
 from tests.train.test_step import MODEL, _run
+
+gradual = importlib.import_module('jaxcompress.pruning.gradual')  # the module (pruning.gradual is the method)
 
 PATH = 'layers/1/mlp/down_proj/kernel'
 

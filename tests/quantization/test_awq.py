@@ -73,7 +73,7 @@ def _salient(params):
 def test_model_awq_folds_scales_into_norms_and_beats_rtn():
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
   tokens = jnp.asarray(_batches()[0])
-  q3 = quantization.awq(LLAMA, params, _batches(), quantization.AWQConfig(bits=3, group_size=16))
+  _, q3 = quantization.awq(LLAMA, params, _batches(), config=quantization.AWQConfig(bits=3, group_size=16))
   block = q3['layers'][0]
   assert isinstance(core.paths.get(block, 'attn/q_proj/kernel'), core.Quantized)
   assert isinstance(core.paths.get(block, 'mlp/down_proj/kernel'), quantization.Prescaled)
@@ -82,8 +82,8 @@ def test_model_awq_folds_scales_into_norms_and_beats_rtn():
   r3 = core.select(params).map(lambda _, w: quantization.quantize_weight(w, bits=3, group_size=16), params)
   assert _logit_error(q3, params, tokens) < _logit_error(r3, params, tokens)
   # no_clip=('q_proj', 'k_proj') (the paper's code): q/k are scaled but not clipped; v, of the same group, is
-  q3 = quantization.awq(LLAMA, params, _batches(), quantization.AWQConfig(bits=3, group_size=16,
-                                                                          no_clip=('q_proj', 'k_proj')))
+  _, q3 = quantization.awq(LLAMA, params, _batches(), config=quantization.AWQConfig(
+      bits=3, group_size=16, no_clip=('q_proj', 'k_proj')))
   block = q3['layers'][0]
   norm = np.asarray(core.paths.get(block, 'attn_norm/scale'))
   s = np.asarray(core.paths.get(params, 'layers/0/attn_norm/scale'), np.float64) / norm
@@ -99,7 +99,7 @@ def test_model_awq_folds_scales_into_norms_and_beats_rtn():
 def test_model_gptq_quantizes_every_block_linear_and_beats_rtn():
   params = jax.jit(LLAMA.init)(jax.random.key(1))
   tokens = jnp.asarray(_batches()[0])
-  g3 = quantization.gptq(LLAMA, params, _batches(), quantization.GPTQConfig(bits=3, group_size=16))
+  _, g3 = quantization.gptq(LLAMA, params, _batches(), config=quantization.GPTQConfig(bits=3, group_size=16))
   kinds = {type(w) for p, w in core.flatten(g3).items() if p.startswith('layers/') and p.endswith('kernel')}
   assert kinds == {core.Quantized}
   r3 = core.select(params).map(lambda _, w: quantization.quantize_weight(w, bits=3, group_size=16), params)

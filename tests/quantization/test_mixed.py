@@ -1,7 +1,6 @@
 """Mixed precision: the size budget holds and sensitive layers get the bits."""
 
 import jax
-import numpy as np
 import pytest
 
 from jaxcompress import core, quantization
@@ -20,8 +19,9 @@ def test_allocate_respects_budget_and_favours_sensitive_layers():
 
 def test_mixed_precision_model_meets_the_average():
   params = jax.jit(LLAMA.init)(jax.random.key(0))
-  q, bits = quantization.mixed_precision(LLAMA, params, _batches(), average_bits=3.5, candidates=(3, 4),
-                                         group_size=16)
+  config = quantization.MixedConfig(average_bits=3.5, candidates=(3, 4), group_size=16)
+  bits = quantization.bit_allocation(LLAMA, params, _batches(), config=config)
+  _, q = quantization.mixed(LLAMA, params, _batches(), config=config)
   flat = core.flatten(q)
   sizes = {p: core.paths.get(params, p).size for p in bits}
   assert sum(bits[p] * sizes[p] for p in bits) / sum(sizes.values()) <= 3.5

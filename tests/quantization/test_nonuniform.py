@@ -65,7 +65,8 @@ def test_block_by_block_squeezellm_equals_whole_model_calibration():
   params = jax.jit(model.init)(jax.random.key(0))
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 64, (4, 16)).astype(np.int32) for _ in range(2)]
-  got = core.paths.flatten(quantization.squeezellm(model, params, batches, bits=3, outlier_fraction=0.01, iters=5))
+  config = quantization.NonUniformConfig(bits=3, outlier_fraction=0.01, iters=5)
+  got = core.paths.flatten(quantization.nonuniform(model, params, batches, config=config)[1])
   stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False)
   assert len(stats) == 14
   for p, st in stats.items():
@@ -74,5 +75,5 @@ def test_block_by_block_squeezellm_equals_whole_model_calibration():
     assert isinstance(got[p], quantization.Outliers), p
     np.testing.assert_allclose(got[p].materialize(), want.materialize(), rtol=1e-6, atol=1e-7, err_msg=p)
   with calibration.record_sequential() as plans:
-    quantization.squeezellm(model, model.abstract_params(), [], bits=3)
+    quantization.nonuniform(model, model.abstract_params(), batches, config=config)
   assert [(p.calibrate_on, p.per_group) for p in plans] == [('original', False)]

@@ -1,11 +1,14 @@
 """Product quantization: k-means equal to NumPy float64; the table-lookup matmul equals x @ W."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import core, quantization
-from jaxcompress.quantization import pq
+
+pq_lib = importlib.import_module('jaxcompress.quantization.pq')  # the package's `pq` is the method
 
 
 def test_product_quantization_matches_reference_and_multiplies_without_w(tmp_path):
@@ -14,7 +17,7 @@ def test_product_quantization_matches_reference_and_multiplies_without_w(tmp_pat
   key = jax.random.key(3)
   with jax.enable_x64(True):
     leaf = quantization.product_quantize(jnp.asarray(w), key, d=4, bits=3, iters=8)
-    picks = pq.initial_picks(key, 4, 40, 3)
+    picks = pq_lib.initial_picks(key, 4, 40, 3)
     got = np.asarray(leaf.materialize())
   want = np.zeros_like(w)
   for j in range(4):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, quantization
+from jaxcompress.quantization.llm_qat import distillation_objective
 from jaxcompress.train import objectives
 from tests.train.test_step import BATCH, MODEL, _run, chex_close
 
@@ -39,7 +40,7 @@ def test_fake_quant_refuses_other_compressed_kinds(params):
 
 def test_llm_qat_objective_is_the_float64_kl_to_the_teacher(params):
   student = core.select(params).map(lambda _, w: core.fake_quantize(w, bits=3, group_size=16, pack=False), params)
-  obj = quantization.llm_qat.distillation_objective(MODEL)
+  obj = distillation_objective(MODEL)
   loss, (weight, metrics) = obj(student, params, BATCH, None)
   t = np.asarray(MODEL.apply(params, BATCH['inputs']), np.float64)
   s = np.asarray(MODEL.apply(student, BATCH['inputs']), np.float64)

@@ -1,4 +1,5 @@
-"""experiments/quant_table.py --small runs end to end and writes its table."""
+import pytest
+"""experiments/tables/quant_table.py --small runs end to end and writes its table."""
 
 import json
 import os
@@ -9,9 +10,10 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.subprocess
 def test_quant_table_small(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, 'experiments/quant_table.py', '--small', f'--output_dir={tmp_path}'], cwd=REPO,
+  subprocess.run([sys.executable, 'experiments/tables/quant_table.py', '--small', f'--output_dir={tmp_path}'], cwd=REPO,
                  env=env, check=True, capture_output=True, timeout=600)
   res = json.loads((tmp_path / 'results.json').read_text())
   methods = [r['method'] for r in res['rows']]

@@ -1,7 +1,6 @@
 """Quantizers: NumPy float64 references, error bounds, MSE clipping, serialize and orbax round trips."""
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp

@@ -83,8 +83,8 @@ def test_zero_tokens_and_serialization(tmp_path):
 def test_model_smoothquant_folds_into_norms_and_beats_naive():
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
   tokens = jnp.asarray(_batches()[0])
-  naive = quantization.w8a8(LLAMA, params, _batches(), quantization.W8A8Config(alpha=None))
-  smooth = quantization.w8a8(LLAMA, params, _batches(), quantization.W8A8Config(alpha=0.5))
+  _, naive = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(alpha=None))
+  _, smooth = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(alpha=0.5))
   assert core.paths.get(smooth, 'layers/0/attn/q_proj/kernel').inv_smooth is None  # folded into attn_norm
   assert core.paths.get(smooth, 'layers/0/mlp/down_proj/kernel').inv_smooth is not None
   assert _logit_error(smooth, params, tokens) < _logit_error(naive, params, tokens)
@@ -100,8 +100,8 @@ def test_post_norm_bert_smoothquant_keeps_the_residual():
   params = core.paths.replace(params, ups)
   tokens = rng.integers(1, 64, (4, 12)).astype(np.int32)
   mask = np.ones_like(tokens)
-  q = quantization.w8a8(bert, params, [{'tokens': tokens, 'attention_mask': mask}],
-                        quantization.W8A8Config(alpha=0.5))
+  _, q = quantization.w8a8(bert, params, [{'tokens': tokens, 'attention_mask': mask}],
+                           config=quantization.W8A8Config(alpha=0.5))
   a = bert.sentence_embedding(params, jnp.asarray(tokens), jnp.asarray(mask))
   b = bert.sentence_embedding(q, jnp.asarray(tokens), jnp.asarray(mask))
   assert float(jnp.min(jnp.sum(a * b, -1))) > 0.99
@@ -139,7 +139,7 @@ def test_block_by_block_w8a8_equals_whole_model_calibration(alpha, threshold):
   from jaxcompress import calibration
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
   config = quantization.W8A8Config(alpha=alpha, outlier_threshold=threshold)
-  got = core.paths.flatten(quantization.w8a8(LLAMA, params, _batches(), config))
+  got = core.paths.flatten(quantization.w8a8(LLAMA, params, _batches(), config=config)[1])
   want = core.paths.flatten(_calibrate_then_quantize(LLAMA, params, _batches(), config))
   assert list(got) == list(want)
   for p in want:
@@ -150,5 +150,5 @@ def test_block_by_block_w8a8_equals_whole_model_calibration(alpha, threshold):
   if threshold is not None:
     assert any(isinstance(w, quantization.Int8Linear) and w.outliers is not None for w in got.values())
   with calibration.record_sequential() as plans:  # so it runs out of core: one block-wise plan, original inputs
-    quantization.w8a8(LLAMA, LLAMA.abstract_params(), [], config)
+    quantization.w8a8(LLAMA, LLAMA.abstract_params(), _batches(), config=config)
   assert [(p.calibrate_on, p.per_group) for p in plans] == [('original', False)]

@@ -7,7 +7,6 @@ import pytest
 
 from jaxcompress import core, models, pruning, recipes
 from jaxcompress.data import pipeline
-from jaxcompress.recipes import stages as stages_lib
 
 STEPS = 4
 STAGES = {
@@ -25,7 +24,7 @@ def test_each_stage_parses_and_composes_with_later_stages():
     assert [s.name for s in stages] == [name, 'gptq'] and stages[0].method.trains
     assert stages[0].config.steps == STEPS
     assert recipes.plan(stages)[1]['blocks'] == frozenset({'masked'})
-  assert recipes.parse('gradual')[0].config == stages_lib.GradualPruneConfig()
+  assert recipes.parse('gradual')[0].config == pruning.GradualPruneConfig()
   assert recipes.parse('rigl')[0].config.init == 'magnitude'  # stages take pretrained weights
 
 

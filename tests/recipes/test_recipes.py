@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import core, recipes
-from jaxcompress.recipes import registry
+from jaxcompress import core, recipes, registry
 from tests.train import pretrain_runs as runs
 
 SCRIPT = runs.ROOT / 'experiments' / 'compress.py'
@@ -69,7 +68,7 @@ def test_every_method_is_listed_with_its_fields_and_paper():
 
 
 def _tiny():
-  from experiments import compress
+  from jaxcompress.recipes import setup as compress
   return compress.tiny_model(0)
 
 
@@ -78,8 +77,8 @@ def test_a_method_registered_in_one_line_runs_in_a_recipe():
   class HalveConfig:
     factor: float = 0.5  # what every block kernel is multiplied by
 
-  def halve(ctx, model, params, cfg):
-    return model, model.select(params).map(lambda _, w: w * cfg.factor, params)
+  def halve(model, params, calib, *, config=HalveConfig()):
+    return model, model.select(params).map(lambda _, w: w * config.factor, params)
 
   recipes.register('halve_test', HalveConfig, halve, family='quantization', paper='none')
   try:
@@ -96,6 +95,30 @@ def test_a_method_registered_in_one_line_runs_in_a_recipe():
     del registry.REGISTRY['halve_test']
 
 
+def test_ranges_are_declared_per_field_and_checked_by_name():
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class ScaleConfig:
+    factor: float = registry.field(0.5, range='(0.0, 1.0]')  # what every block kernel is multiplied by
+    sparsity: float = 2.0  # no range declared: a field's name alone decides nothing
+
+  recipes.register('scale_test', ScaleConfig, lambda model, params, calib, *, config: (model, params),
+                   family='quantization', paper='none')
+  try:
+    assert recipes.parse('scale_test(factor=1.0, sparsity=3.0)')[0].config.sparsity == 3.0
+    for bad in ('factor=0.0', 'factor=1.5', 'factor=float("nan")'):
+      with pytest.raises(ValueError, match=r'scale_test: factor=.* (is outside \(0\.0, 1\.0\]|not a literal)'):
+        recipes.parse(f'scale_test({bad})')
+  finally:
+    del registry.REGISTRY['scale_test']
+  with pytest.raises(ValueError, match="range='0..1': write an interval such as"):
+    registry.field(1, range='0..1')
+
+
+def test_a_methods_module_that_fails_to_import_is_named():
+  with pytest.raises(ImportError, match=r"methods module 'no_such_methods_module' \(--import\) failed to import"):
+    registry.load_plugins(['no_such_methods_module'])
+
+
 def test_quantizers_keep_masks_of_pruned_kernels():
   model, params = _tiny()
   rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
@@ -108,14 +131,14 @@ def test_quantizers_keep_masks_of_pruned_kernels():
 
 
 def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_other():
-  from jaxcompress.pruning import structured
+  from jaxcompress.pruning.structured import block_flops, is_narrowed
   model, params = _tiny()
   rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
   ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows},))
   small_model, small = recipes.run(recipes.parse('structured(flops=0.5)'), ctx, model, params)
-  assert structured.is_narrowed(small_model, small) and not structured.is_narrowed(model, params)
-  dense_flops = structured.block_flops(model, params, 16)
-  assert structured.block_flops(small_model, small, 16) <= 0.5 * dense_flops + 1e-6
+  assert is_narrowed(small_model, small) and not is_narrowed(model, params)
+  dense_flops = block_flops(model, params, 16)
+  assert block_flops(small_model, small, 16) <= 0.5 * dense_flops + 1e-6
   moe_model, moe = recipes.run(recipes.parse('moefy(num_experts=4, top_k=2)'), ctx, model, params)
   assert moe_model.config.moe_experts == 4 and moe_model.config.moe_top_k == 2
   assert np.isfinite(np.asarray(moe_model.apply(moe, rows))).all()
@@ -145,7 +168,7 @@ TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=
 
 
 def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
-  from experiments import compress
+  from jaxcompress.recipes import pipeline as compress
   cfg = dict(model='tiny', recipe=TINY[1].split('=', 1)[1], calib_data='default', eval_data='default',
              calib_samples=32, eval_samples=16, seq_len=16, batch_size=32, seed=0, per_stage_eval=False,
              measure=False)
@@ -157,6 +180,7 @@ def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
   assert c['params_hash'] != a['params_hash']  # another seed: another model and data, so the hash can tell
 
 
+@pytest.mark.subprocess
 def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
   one = subprocess.run([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "one"}'],
                        env=runs.env(1), capture_output=True, text=True, timeout=900, cwd=runs.ROOT)

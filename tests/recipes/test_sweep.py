@@ -21,6 +21,7 @@ def sweep(out, *flags):
   return proc.stdout
 
 
+@pytest.mark.subprocess
 def test_a_partial_sweep_resumes_skipping_finished_points(tmp_path):
   first = sweep(tmp_path, '--max_points=3')
   assert first.count('done in') == 3 and 'stopping after 3 new points' in first
@@ -41,6 +42,7 @@ def test_a_partial_sweep_resumes_skipping_finished_points(tmp_path):
   assert (tmp_path / 'pareto.png').stat().st_size > 1000 and '| recipe | bits |' in (tmp_path / 'leaderboard.md').read_text()
 
 
+@pytest.mark.subprocess
 def test_bad_templates_fail_before_any_point_runs(tmp_path):
   proc = subprocess.run([sys.executable, str(SCRIPT), '--model=tiny', f'--output_dir={tmp_path}',
                          '--recipes=rtn(bits={bits})', '--grid={"bits": [4, 12]}'],
@@ -49,6 +51,7 @@ def test_bad_templates_fail_before_any_point_runs(tmp_path):
   assert not (tmp_path / 'points').exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('grid, needle', [('{"bits": []}', 'non-empty list'), ('{}', "uses ['bits']")])
 def test_grid_errors_name_the_problem(grid, needle):
   from experiments import sweep as sweep_lib

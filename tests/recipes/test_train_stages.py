@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcompress import core, quantization, recipes
+from jaxcompress import core, distillation, quantization, recipes
 from jaxcompress.data import pipeline
-from jaxcompress.recipes import stages as stages_lib
+from jaxcompress.train import recovery
 
 NEW = ('qat', 'lsq', 'llm_qat', 'gkd', 'seq_kd', 'drop_layers')
 
@@ -110,7 +110,7 @@ def test_drop_layers_then_sequence_level_kd(setup2):
   assert small_model.config.num_layers == 1
   np.testing.assert_array_equal(np.asarray(small['layers'][0]['mlp']['up_proj']['kernel']),
                                 np.asarray(params['layers'][1]['mlp']['up_proj']['kernel']))
-  text = stages_lib.teacher_text(ctx, recipes.parse('seq_kd(rows=8, prompt_len=4)')[0].config)
+  text = distillation.teacher_text(ctx, recipes.parse('seq_kd(rows=8, prompt_len=4)')[0].config)
   assert text.shape == (8, 17) and text.dtype == np.int32 and (text >= 0).all() and (text < 64).all()
   rows = np.asarray(ctx.train.sequences)
   assert any((text[i, :4] == rows[:, :4]).all(1).any() for i in range(8))  # prompts from training rows
@@ -121,8 +121,8 @@ def test_drop_layers_then_sequence_level_kd(setup2):
 
 def test_tinybert_uniform_layer_map():
   teacher, student = _spec(2), _spec(1)
-  assert stages_lib.uniform_layer_map(student, teacher) == ((0, 0), (1, 2))
-  assert stages_lib.uniform_layer_map(teacher, teacher, embeddings=False) == ((1, 1), (2, 2))
+  assert recovery.uniform_layer_map(student, teacher) == ((0, 0), (1, 2))
+  assert recovery.uniform_layer_map(teacher, teacher, embeddings=False) == ((1, 1), (2, 2))
 
 
 @pytest.mark.parametrize('text, needle', [

@@ -16,6 +16,7 @@ def single(tmp_path_factory):
   return run_dir
 
 
+@pytest.mark.subprocess
 def test_one_device_and_eight_devices_give_the_same_loss_curve(single, tmp_path):
   runs.run(tmp_path, f'--steps={STEPS}', '--checkpoint_every=0', '--data=2', '--fsdp=4', devices=8)
   one, eight = runs.losses(single), runs.losses(tmp_path)
@@ -25,6 +26,7 @@ def test_one_device_and_eight_devices_give_the_same_loss_curve(single, tmp_path)
   assert a[-1] < a[0]  # it trained
 
 
+@pytest.mark.subprocess
 def test_two_hosts_checkpoint_restore_and_match_one_process(tmp_path):
   """2 processes x 2 virtual devices (gloo collectives): train to step 8, stop with a checkpoint, restore on
   both processes, finish; compare with one process holding 4 devices in the same mesh."""

@@ -73,6 +73,7 @@ _KILL_IN_SAVE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('keep', [1, 2])
 def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep):
   run_dir = tmp_path / 'run'

@@ -22,6 +22,7 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('code', [0, 3])
 def test_sigterm_exit_status_is_the_processes_own(tmp_path, code):
   script = tmp_path / 'child.py'

@@ -75,6 +75,7 @@ def _pods(manifest: dict) -> tuple[dict, dict]:
   return spec, spec['template']['spec']['containers'][0]
 
 
+@pytest.mark.subprocess
 def test_gke_gpu_jobset_names_the_coordinator_and_process_ids():
   m = gke('--name=ev1', '--image=img:1', '--accelerator=gpu', '--hosts=4', '--gpus_per_host=8',
           'experiments/evaluate.py', *FLAGS)
@@ -90,6 +91,7 @@ def test_gke_gpu_jobset_names_the_coordinator_and_process_ids():
   assert 'job-completion-index' in env['JOB_COMPLETION_INDEX']['valueFrom']['fieldRef']['fieldPath']
 
 
+@pytest.mark.subprocess
 def test_gke_tpu_jobset_leaves_the_peers_to_the_platform():
   m = gke('--name=pt', '--image=img', '--hosts=4', '--chips_per_host=4', '--tpu_topology=4x4',
           '--run_dir_volume=runs:/mnt/runs', 'experiments/pretrain.py', '--run_dir=/mnt/runs/x', '--fsdp=16')
@@ -101,6 +103,7 @@ def test_gke_tpu_jobset_leaves_the_peers_to_the_platform():
   assert container['volumeMounts'] == [{'name': 'runs', 'mountPath': '/mnt/runs'}]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('args, message', [
     (['--name=Bad_Name'], "--name='Bad_Name'"),
     (['--name=ok', '--hosts=2', '--chips_per_host=4', '--tpu_topology=4x4'],
@@ -117,7 +120,7 @@ def tiny_dirs(tmp_path_factory):
   """A random Llama as an HF checkpoint, its 4-bit version as a compressed checkpoint, and held-out rows."""
   import jax
 
-  from experiments import model_dirs
+  from jaxcompress.recipes import model_dirs
   from jaxcompress import core, models
   d = tmp_path_factory.mktemp('tiny')
   model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -132,7 +135,7 @@ def tiny_dirs(tmp_path_factory):
 
 
 def test_compressed_directory_round_trips(tiny_dirs):
-  from experiments import model_dirs
+  from jaxcompress.recipes import model_dirs
   from jaxcompress import core, models
   d, _, _, quantized, _ = tiny_dirs
   loaded, params, kind = model_dirs.load(d / 'w4')
@@ -141,6 +144,7 @@ def test_compressed_directory_round_trips(tiny_dirs):
     np.testing.assert_array_equal(np.asarray(core.materialize(a)), np.asarray(core.materialize(b)))
 
 
+@pytest.mark.subprocess
 def test_two_process_evaluate_matches_one_process(tiny_dirs, tmp_path):
   """2 gloo processes (1 device each, batches split over them) give the 1-process perplexities and sizes."""
   from jaxcompress import core
@@ -168,6 +172,7 @@ def test_two_process_evaluate_matches_one_process(tiny_dirs, tmp_path):
   assert 'held-out perplexity (20 rows x 16 tokens)' in (out / 'report.md').read_text()
 
 
+@pytest.mark.subprocess
 def test_evaluate_names_a_missing_model_directory(tmp_path):
   missing = tmp_path / 'no_such_model'
   proc = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'evaluate.py'), f'--model={missing}',

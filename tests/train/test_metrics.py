@@ -145,6 +145,7 @@ def test_latest_by_step():
   assert merged[-1] == {'step': 2, 'loss': 0.5, 'valid/loss': 0.7}
 
 
+@pytest.mark.subprocess
 def test_sigkill_leaves_every_record_readable(tmp_path):
   script = textwrap.dedent(f"""
       import sys, time

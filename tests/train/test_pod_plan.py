@@ -32,6 +32,7 @@ def plan(tmp_path_factory) -> dict:
   return json.loads(out.read_text())
 
 
+@pytest.mark.subprocess
 def test_compiles_on_the_simulated_mesh(plan):
   assert plan['stage'] == 'done' and 'error' not in plan
   assert plan['device_count'] == 16
@@ -39,6 +40,7 @@ def test_compiles_on_the_simulated_mesh(plan):
   assert plan['config']['num_layers'] == 4 and plan['config']['hidden_size'] == 2048
 
 
+@pytest.mark.subprocess
 def test_sharding_splits_the_state(plan):
   unsharded = plan['state_bytes']  # float32 params + Adam's two moments, on one device
   memory = plan['memory']  # per device, from compiled.memory_analysis()
@@ -51,6 +53,7 @@ def test_sharding_splits_the_state(plan):
   assert 0 < memory['total'] < unsharded / 3
 
 
+@pytest.mark.subprocess
 def test_uses_collectives(plan):
   ops = plan['collectives']
   assert ops['all-gather']['count'] > 0  # fsdp-sharded weights gathered for the matmuls

@@ -256,6 +256,7 @@ def _script(run_dir, *flags, devices=1, check=True):
   return proc
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize('kill_at', [7])
 def test_sigkill_at_a_step_then_resume_is_bit_identical(tmp_path, kill_at):
   reference = json.loads(_script(tmp_path / 'reference').stdout.splitlines()[-1])
@@ -268,6 +269,7 @@ def test_sigkill_at_a_step_then_resume_is_bit_identical(tmp_path, kill_at):
   assert json.loads(resumed.stdout.splitlines()[-1]) == reference
 
 
+@pytest.mark.subprocess
 def test_transform_state_is_sharded_like_the_params_on_8_devices(tmp_path):
   out = json.loads(_script(tmp_path, '--mesh=2,2,2', '--steps=2', devices=8).stdout.splitlines()[-1])
   assert out['devices'] == 8

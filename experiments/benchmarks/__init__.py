@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks; what they share is in `benchlib` (timing, memory) and `solverlib` (solver phases)."""
