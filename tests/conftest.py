@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 # Markers of the contributor's fast loop (`pytest -m 'not slow and not subprocess'`), kept true: a test that starts
 # a Python process without the `subprocess` marker fails, and an unmarked test over SLOW_S seconds is listed at the
 # end of the run (timings vary with the machine's load, so that is a report, never a failure).
-SLOW_S = 10.0
+SLOW_S = float(os.environ.get('JAXCOMPRESS_SLOW_S', 10.0))
 _unmarked_slow: list[tuple[str, float]] = []
 
 

@@ -79,8 +79,9 @@ flags.DEFINE_integer('process_id', 0, 'internal: this process')
 FLAGS = flags.FLAGS
 
 # the smoke model is float32, so that the in-memory path (hidden states in the parameters' dtype) is comparable
-# bit for bit with the out-of-core one (hidden states kept in float32)
-SMALL = dict(hidden=128, num_layers=3, intermediate=256, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
+# bit for bit with the out-of-core one (hidden states kept in float32); its MLP is as wide as the model, so every
+# kernel but k and v has one shape and the solvers compile twice, not four times
+SMALL = dict(hidden=128, num_layers=3, intermediate=128, heads=4, kv_heads=2, vocab=512, batches=2, batch=2,
              seq_len=32, group_size=32, dtype='float32')
 # blocks of a few seconds each, so that a kill timed to land inside a block lands there
 KILL_MODEL = dict(hidden=1024, num_layers=6, intermediate=2816, heads=8, kv_heads=8, vocab=1024, batches=2, batch=2,

@@ -111,7 +111,7 @@ def model_and_data(name: str, *, small: bool, seed: int, data_dir: str | None = 
   from jaxcompress.train import loop
 
   if small:
-    model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+    model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                                             num_heads=4, num_kv_heads=2, max_position_embeddings=64))
     params = jax.jit(model.init)(loop.rng_stream(seed, 'init'))
     rows = np.random.RandomState(seed).randint(0, 64, (48, 17)).astype(np.int32)

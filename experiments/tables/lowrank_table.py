@@ -91,18 +91,22 @@ def main(argv):
   t0 = time.time()
   stats = calibration.calibrate(model, params, [{'tokens': b['tokens']} for b in calib],
                                 calibration.combine(h=calibration.hessian(), m=calibration.abs_mean()))
-  fisher = lowrank.fisher_rows(model, params, [{'inputs': b['inputs'], 'targets': b['targets']} for b in calib])
-  print(f'calibration statistics and Fisher rows: {time.time() - t0:.1f}s')
+  fisher = (lowrank.fisher_rows(model, params, [{'inputs': b['inputs'], 'targets': b['targets']} for b in calib])
+            if 'fwsvd' in FLAGS.methods else None)  # FWSVD's weights; no other method reads them
+  print(f'calibration statistics{"" if fisher is None else " and Fisher rows"}: {time.time() - t0:.1f}s')
   dense_ppl = common.perplexity(model, params, valid)
   total = core.stats.totals(params).stored
   recover = functools.partial(common.recover, model, train=train, steps=steps, seed=FLAGS.seed,
                               trainable=state.matching(BLOCK_KERNELS_RE), learning_rate=FLAGS.learning_rate,
                               batch_size=FLAGS.batch_size)
-  control = common.perplexity(model, recover(params=params, run_dir=out / 'runs' / 'dense'), valid)
+  # the control's training is the factorized rows' (the same recover call): --small trains those only
+  control = None if FLAGS.small else common.perplexity(model, recover(params=params, run_dir=out / 'runs' / 'dense'),
+                                                       valid)
   rows = [{'method': 'dense', 'reduction': 0.0, 'kept': 1.0, 'model_kept': 1.0, 'ppl': dense_ppl,
-           'ppl_recovered': control}]
+           **({'ppl_recovered': control} if control is not None else {})}]
   alloc_rows = []
-  print(f'dense perplexity {dense_ppl:.2f}; after the recovery recipe (control) {control:.2f}', flush=True)
+  print(f'dense perplexity {dense_ppl:.2f}' + ('' if control is None else
+                                               f'; after the recovery recipe (control) {control:.2f}'), flush=True)
   sel = model.select(params)
   dense_kernels = sum(a * b for a, b in sel.shapes)
   for red in [float(r) for r in FLAGS.reductions]:

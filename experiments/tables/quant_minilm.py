@@ -98,9 +98,9 @@ def main(argv):
     print(rows[-1], flush=True)
 
   add('naive W8A8', 'W8A8 per-token', lambda: quantization.w8a8(model, params, batches,
-                                                                  config=quantization.W8A8Config(alpha=None))[1])
+                                                                  config=quantization.W8A8Config(migration=None))[1])
   add('SmoothQuant W8A8 (alpha 0.5)', 'W8A8 per-token',
-      lambda: quantization.w8a8(model, params, batches, config=quantization.W8A8Config(alpha=0.5))[1])
+      lambda: quantization.w8a8(model, params, batches, config=quantization.W8A8Config(migration=0.5))[1])
   for name, bits, gs in SETTINGS:
     gs = gs and gs128
     add('RTN', name, lambda: common.rtn(model.select(params), params, bits, gs))

@@ -111,9 +111,9 @@ def main(argv):
   if not FLAGS.small:  # --small leaves it to tests/quantization/test_mixed.py
     rows.append(_mixed(model, params, batches, held_out, gs128))
     print(rows[-1], flush=True)
-  w8a8 = {'naive W8A8': quantization.W8A8Config(alpha=None),
-          'SmoothQuant W8A8 (alpha 0.5)': quantization.W8A8Config(alpha=0.5),
-          'LLM.int8() W8A8 (|x| > 6 in float)': quantization.W8A8Config(alpha=None, outlier_threshold=6.0)}
+  w8a8 = {'naive W8A8': quantization.W8A8Config(migration=None),
+          'SmoothQuant W8A8 (alpha 0.5)': quantization.W8A8Config(migration=0.5),
+          'LLM.int8() W8A8 (|x| > 6 in float)': quantization.W8A8Config(migration=None, outlier_threshold=6.0)}
   for method, cfg in list(w8a8.items())[1:2] if FLAGS.small else w8a8.items():
     t = time.time()
     _, q = quantization.w8a8(model, params, batches, config=cfg)

@@ -4,7 +4,8 @@ and the measured forward speed-up of the physically smaller model.
 
     python experiments/tables/structured_prune.py                   # MiniLM at 60% of the blocks' FLOPs
     python experiments/tables/structured_prune.py --model=fixture --budgets=0.6,0.8
-    python experiments/tables/structured_prune.py --small           # a smoke test in seconds
+    python experiments/tables/structured_prune.py --small           # a smoke test in seconds: MiniLM's path
+                                                                    # on a random 2-block BERT (fixture: 2 blocks)
 
 Importance: the diagonal Fisher of head and neuron masks. MiniLM has no labels; its loss is the negative log-
 likelihood of y ~ N(e(x), I) with e the normalized sentence embedding and y sampled from that distribution
@@ -75,6 +76,19 @@ def minilm_setup(seed, n_cal, n_held, max_len):
   return model, params, {'tokens': cal[0], 'attention_mask': cal[1]}, held
 
 
+def small_bert_setup(seed, n_cal, n_held, max_len):
+  """minilm_setup's shapes for --small: a random 2-block BERT on random tokens (no checkpoint to load)."""
+  from jaxcompress import models
+  from jaxcompress.train import loop
+  model = models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                        num_heads=4, max_position_embeddings=max_len))
+  params = jax.jit(model.init)(loop.rng_stream(seed, 'init'))
+  rs = np.random.RandomState(seed)
+  tokens = rs.randint(1, 64, (n_cal + n_held, max_len)).astype(np.int32)
+  mask = (np.arange(max_len)[None] < rs.randint(4, max_len + 1, (n_cal + n_held, 1))).astype(np.int32)
+  return model, params, {'tokens': tokens[:n_cal], 'attention_mask': mask[:n_cal]}, (tokens[n_cal:], mask[n_cal:])
+
+
 def main(argv):
   del argv
   out = pathlib.Path(FLAGS.output_dir)
@@ -85,7 +99,8 @@ def main(argv):
   if FLAGS.model == 'minilm':
     n_held = 24 if small else FLAGS.heldout
     max_len = 16 if small else FLAGS.max_len
-    model, params, cal, (held_x, held_m) = minilm_setup(FLAGS.seed, n_cal, n_held, max_len)
+    model, params, cal, (held_x, held_m) = (small_bert_setup if small else minilm_setup)(FLAGS.seed, n_cal, n_held,
+                                                                                          max_len)
     seq_len = max_len
   else:
     model, params, rows, held_rows = common.fixture_rows('fixture', n_cal, FLAGS.seed, sort=True)
@@ -93,7 +108,7 @@ def main(argv):
     cal = {'tokens': rows}
     held_rows = held_rows[:16] if small else held_rows
     seq_len = rows.shape[1] - 1
-  if small:  # two blocks: the smoke test exercises every step with fewer shapes to compile
+  if small and FLAGS.model == 'fixture':  # two blocks: every step runs, with fewer shapes to compile
     model, params = structured.drop_layers(model, params, [0, 1])
   loss = (structured.embedding_loss(model, FLAGS.probes) if FLAGS.model == 'minilm'
           else structured.next_token_loss(model))

@@ -73,7 +73,7 @@ class SVDConfig:
 
   method: str = 'svd'  # one of METHODS
   ranks: RankRule = RankRule(keep=0.5)  # how many singular values each kernel keeps
-  alpha: float = 0.5  # ASVD's exponent of the mean activation magnitude
+  activation_power: float = 0.5  # ASVD's exponent α of the mean activation magnitude
   damp: float = 1e-4  # SVD-LLM's damping of XᵀX, relative to its mean diagonal (0: none)
   rules: core.Rules = core.Rules()  # which kernels are factorized (default: the blocks' kernels)
 
@@ -263,7 +263,7 @@ def scales(config: SVDConfig, stats: Mapping[str, Any] | None, paths: Iterable[s
   if config.method == 'fwsvd':
     return {p: fisher_scale(stats[p]) for p in paths}
   if config.method == 'asvd':
-    return {p: activation_scale(_pick(stats[p], 'abs_sum'), config.alpha) for p in paths}
+    return {p: activation_scale(_pick(stats[p], 'abs_sum'), config.activation_power) for p in paths}
   return {p: whitening(_pick(stats[p], 'xtx'), config.damp) for p in paths}
 
 
@@ -401,7 +401,7 @@ class LowRankConfig:
   rank: int | None = registry.field(None, range='[1, inf)')  # one rank for every kernel
   energy: float | None = registry.field(None, range='(0.0, 1.0]')  # smallest rank reaching this (weighted) energy
   budget: float | None = registry.field(None, range='(0.0, 1.0)')  # all kernels together keep this fraction
-  alpha: float = 0.5  # ASVD's exponent of the mean activation magnitude
+  activation_power: float = 0.5  # ASVD's exponent α of the mean activation magnitude
   damp: float = 1e-4  # SVD-LLM's damping of XᵀX
 
 
@@ -410,7 +410,8 @@ def _factorized(method: str, model: Any, params: Any, calib: Any, config: LowRan
   ctx = registry.as_context(calib)
   chosen = {k: getattr(config, k) for k in ('rank', 'energy', 'budget') if getattr(config, k) is not None}
   rule = RankRule(**(chosen or {'keep': config.keep}))
-  svd_cfg = SVDConfig(method=method, ranks=rule, alpha=config.alpha, damp=config.damp, rules=model.selection_rules())
+  svd_cfg = SVDConfig(method=method, ranks=rule, activation_power=config.activation_power, damp=config.damp,
+                      rules=model.selection_rules())
   if method in CALIBRATED:  # block by block unless the rule needs every kernel's statistics
     return model, registry.local(compress_model(model, params, ctx.batches(split=True), config=svd_cfg,
                                                 **ctx.driver_kwargs()))
@@ -435,7 +436,7 @@ def fwsvd(model: Any, params: Any, calib: Any, *, config: LowRankConfig = LowRan
 
 
 def asvd(model: Any, params: Any, calib: Any, *, config: LowRankConfig = LowRankConfig()) -> tuple[Any, Any]:
-  """Activation-aware SVD: input rows weighted by (mean |x|)^alpha on the calibration batches."""
+  """Activation-aware SVD: input rows weighted by (mean |x|)^activation_power on the calibration batches."""
   return _factorized('asvd', model, params, calib, config)
 
 

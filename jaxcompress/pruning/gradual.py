@@ -231,7 +231,7 @@ def as_masked(params: Any, masks: Any) -> Any:
 
 def check_steps(cfg) -> None:
   """Schedule steps fall inside the run: 0 <= begin_step <= end_step <= steps, update_every >= 1, and the KD
-  weight alpha in [0, 1] (a method config's fields)."""
+  weight kd_weight in [0, 1] (a method config's fields)."""
   begin = getattr(cfg, 'begin_step', 0)
   end = cfg.end_step if cfg.end_step is not None else cfg.steps
   if not 0 <= begin <= end:
@@ -241,8 +241,8 @@ def check_steps(cfg) -> None:
                      'run); None picks a default.')
   if cfg.update_every is not None and cfg.update_every < 1:
     raise ValueError(f'update_every={cfg.update_every} must be >= 1 (None: a tenth of the steps).')
-  if not 0.0 <= cfg.alpha <= 1.0:
-    raise ValueError(f'alpha={cfg.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+  if not 0.0 <= cfg.kd_weight <= 1.0:
+    raise ValueError(f'kd_weight={cfg.kd_weight} must lie in [0, 1] (0: task loss only, 1: KD only).')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -253,7 +253,7 @@ class GradualPruneConfig:
   begin_step: int = 0  # first pruning step
   end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
   update_every: int | None = None  # steps between mask updates (None: a tenth of the steps)
-  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
     check_steps(self)
@@ -262,16 +262,16 @@ class GradualPruneConfig:
 def gradual(model: Model, params: Params, calib, *, config: GradualPruneConfig = GradualPruneConfig()
             ) -> tuple[Model, Params]:
   """Gradual magnitude pruning to Zhu & Gupta's cubic schedule while fine-tuning on calib.train (the task loss,
-  or KD from calib.reference_model mixed in with weight alpha); block kernels come back `core.Masked`.
+  or KD from calib.reference_model mixed in with weight kd_weight); block kernels come back `core.Masked`.
 
-  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when kd_weight > 0.
   """
   ctx = registry.as_context(calib)
   cfg = config
   end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
   gcfg = GradualConfig(final_sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
                        frequency=cfg.update_every or max(1, cfg.steps // 10), exclude=tuple(model.head_patterns))
-  out = recovery.fit(ctx, 'gradual', model, params, recovery.mixed_objective(model, ctx, cfg.alpha),
+  out = recovery.fit(ctx, 'gradual', model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight),
                      steps=cfg.steps, learning_rate=cfg.learning_rate, transforms=gradual_magnitude(gcfg),
                      finish=lambda s: as_masked(s.params, s.transform_state))
   return model, out
@@ -286,7 +286,7 @@ class DynamicSparseConfig:
   update_every: int | None = None  # steps between drop-and-regrow updates (None: a tenth of the steps)
   end_step: int | None = None  # last mask update (None: 75% of steps, as RigL)
   drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
-  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
     check_steps(self)
@@ -307,7 +307,7 @@ def _dynamic_sparse(method: str, model: Model, params: Params, calib, config: Dy
                               update_every=cfg.update_every or max(1, cfg.steps // 10),
                               drop_fraction=cfg.drop_fraction, seed=int(jax.random.randint(key, (), 0, 2 ** 31 - 1)),
                               exclude=tuple(model.head_patterns))
-  out = recovery.fit(ctx, method, model, params, recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps,
+  out = recovery.fit(ctx, method, model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps,
                      learning_rate=cfg.learning_rate, wrap=lambda tx: sparse_optimizer(tx, scfg),
                      finish=lambda s: as_masked(s.params, sparse_masks(s.opt_state)))
   return model, out

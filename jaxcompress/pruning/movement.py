@@ -308,7 +308,7 @@ class MovementPruneConfig:
   begin_step: int = 0  # first step the schedule moves
   end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
   update_every: int | None = None  # steps between changes of the kept count (None: every step, as the paper)
-  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
     check_steps(self)
@@ -319,7 +319,7 @@ def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig
   """Hard movement pruning while fine-tuning on calib.train: W ⊙ Top_v(S), v on the cubic schedule to
   `sparsity`; block kernels come back `core.Masked`.
 
-  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when kd_weight > 0.
   """
   ctx = registry.as_context(calib)
   cfg = config
@@ -328,7 +328,7 @@ def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig
                             update_every=cfg.update_every or 1, score_learning_rate=cfg.score_learning_rate,
                             exclude=tuple(model.head_patterns))
   out = recovery.fit(ctx, 'movement', model, with_scores(params, mcfg),
-                     recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+                     recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: hard_movement_optimizer(tx, mcfg), transforms=topk_schedule(mcfg),
                      finish=lambda s: to_masked(s.params))
   return model, out
@@ -342,13 +342,13 @@ class SoftMovementPruneConfig:
   score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
   threshold: float = 0.0  # τ: a weight is kept while its score is above it
   initial_score: float = 0.1  # every score at the start (above τ: the run starts dense)
-  alpha: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
 
   def __post_init__(self):
     check_config(SoftMovementConfig(penalty=self.penalty, threshold=self.threshold, initial_score=self.initial_score,
                                     score_learning_rate=self.score_learning_rate))
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f'alpha={self.alpha} must lie in [0, 1] (0: task loss only, 1: KD only).')
+    if not 0.0 <= self.kd_weight <= 1.0:
+      raise ValueError(f'kd_weight={self.kd_weight} must lie in [0, 1] (0: task loss only, 1: KD only).')
 
 
 def soft_movement(model: Model, params: Params, calib, *, config: SoftMovementPruneConfig = SoftMovementPruneConfig()
@@ -356,14 +356,14 @@ def soft_movement(model: Model, params: Params, calib, *, config: SoftMovementPr
   """Soft movement pruning while fine-tuning on calib.train: learned scores above a fixed threshold, the sparsity
   set by the penalty λ · mean σ(S); block kernels come back `core.Masked`.
 
-  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when alpha > 0.
+  calib: a `registry.Context` with training batches (`train`), and the uncompressed model when kd_weight > 0.
   """
   ctx = registry.as_context(calib)
   cfg = config
   mcfg = SoftMovementConfig(penalty=cfg.penalty, threshold=cfg.threshold, initial_score=cfg.initial_score,
                             score_learning_rate=cfg.score_learning_rate, exclude=tuple(model.head_patterns))
   out = recovery.fit(ctx, 'soft_movement', model, with_scores(params, mcfg),
-                     recovery.mixed_objective(model, ctx, cfg.alpha), steps=cfg.steps, learning_rate=cfg.learning_rate,
+                     recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: soft_movement_optimizer(tx, mcfg), finish=lambda s: to_masked(s.params))
   return model, out
 

@@ -174,17 +174,17 @@ def w8a8_layer(w: jax.Array, *, x_absmax: jax.Array | None = None, alpha: float 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class W8A8Config:
-  alpha: float | None = 0.5  # SmoothQuant migration strength; None: naive W8A8
+  migration: float | None = 0.5  # SmoothQuant's migration strength α; None: naive W8A8
   outlier_threshold: float | None = None  # LLM.int8(): features with calibration max |x| above it stay float
 
 
 def w8a8(model, params, calib, *, config: W8A8Config = W8A8Config()):
-  """Every block linear as an `Int8Linear`. With alpha, the smoothing of a group fed by a norm
+  """Every block linear as an `Int8Linear`. With a migration strength, the smoothing of a group fed by a norm
   (`model.linear_groups`) is folded into that norm's scale (and bias); other groups keep it in the leaf.
   Statistics (max |x| per input feature) are those of the full-precision model: `calibration.run_sequential`
   with calibrate_on='original' (the same as `calibrate`'s, one block's at a time), so it also runs out of core.
   calib: a `registry.Context` or a list of calibration batches. Returns (model, params). Registered as w8a8
-  (alpha=None), smoothquant (alpha=0.5) and llm_int8 (alpha=None, outlier_threshold=6.0).
+  (migration=None), smoothquant (migration=0.5) and llm_int8 (migration=None, outlier_threshold=6.0).
   """
   batches = registry.as_context(calib).batches()
 
@@ -202,9 +202,9 @@ def _w8a8_block(model, block, stats, config: W8A8Config):
   for group in model.block_structure(block):
     amax = stats[group.kernels[0]]['abs_max']  # the kernels of a group share their input
     ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
-    fold = group.norm is not None and config.alpha is not None
+    fold = group.norm is not None and config.migration is not None
     if fold:  # one s for the group: its kernels share the norm
-      s = smooth_scales(amax, jnp.concatenate(ws, axis=1).astype(jnp.float32), config.alpha)
+      s = smooth_scales(amax, jnp.concatenate(ws, axis=1).astype(jnp.float32), config.migration)
       for name in ('scale', 'bias'):
         p = f'{group.norm}/{name}'
         v = core.paths.flatten(block).get(p)
@@ -213,19 +213,19 @@ def _w8a8_block(model, block, stats, config: W8A8Config):
       ws = [(w.astype(jnp.float32) * s[:, None]).astype(w.dtype) for w in ws]
       amax = amax / s
     for k, w in zip(group.kernels, ws):
-      updates[k] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
+      updates[k] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.migration,
                               outlier_threshold=config.outlier_threshold)
   return core.paths.replace(block, updates)
 
 
 registry.register('w8a8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
-                  calibrated=True, defaults={'alpha': None},
+                  calibrated=True, defaults={'migration': None},
                   paper='int8 weights per channel, int8 activations per token')
 registry.register('smoothquant', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
-                  adds='quantized', calibrated=True, defaults={'alpha': 0.5},
+                  adds='quantized', calibrated=True, defaults={'migration': 0.5},
                   paper='Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for LLMs" '
                   '(ICML 2023)')
 registry.register('llm_int8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
-                  adds='quantized', calibrated=True, defaults={'alpha': None, 'outlier_threshold': 6.0},
+                  adds='quantized', calibrated=True, defaults={'migration': None, 'outlier_threshold': 6.0},
                   paper='Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale" '
                   '(NeurIPS 2022)')

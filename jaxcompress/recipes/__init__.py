@@ -17,5 +17,6 @@ from jaxcompress.recipes.recipe import Stage, parse, plan, run, scopes, split_st
 from jaxcompress.recipes.report import CompressionResult
 from jaxcompress.registry import REGISTRY, Context, Method, describe, get, load_plugins, make_config, register
 
-__all__ = ['REGISTRY', 'CompressionResult', 'Context', 'Method', 'compress', 'Stage', 'describe', 'get', 'load_plugins', 'make_config', 'parse',
-           'plan', 'register', 'run', 'scopes', 'split_stages', 'to_string']
+__all__ = ['REGISTRY', 'CompressionResult', 'Context', 'Method', 'Stage', 'compress', 'describe', 'fixture', 'get',
+           'load_plugins', 'make_config', 'model_dirs', 'parse', 'pipeline', 'plan', 'register', 'report', 'run',
+           'scopes', 'setup', 'split_stages', 'to_string']

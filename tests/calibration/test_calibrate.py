@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import calibration as cal
-from jaxcompress import core, models
+from jaxcompress import core
 from jaxcompress.models import layers
 from tests.models.test_models import BERT, GPT2, LLAMA, SPECS
 

@@ -7,6 +7,7 @@ CFG = dict(model='tiny', calib_data='default', eval_data='default', calib_sample
            batch_size=16, seed=0, per_stage_eval=False, measure=False)
 
 
+@pytest.mark.slow
 def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   # several stages: each is calibrated on the hidden states it sees in memory (its own stream on disk)
   from jaxcompress.recipes import pipeline as compress
@@ -20,7 +21,7 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   assert got['leaf_kinds']['Masked'] == got['leaf_kinds']['Quantized'] > 0
 
 
-@pytest.mark.parametrize('recipe', ['smoothquant(alpha=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path
+@pytest.mark.parametrize('recipe', ['smoothquant(migration=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path
 def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, recipe):
   """Stages whose statistics are those of the uncompressed model (run_sequential(calibrate_on='original')):
   out of core, block i is calibrated on the uncompressed blocks' outputs, as in memory."""

@@ -1,7 +1,6 @@
 """The shared inverse-Hessian factor of the one-shot solvers against NumPy float64, its damping retries and bad
 input, the windowed lazy update, and the bad-input behaviour of SparseGPT and GPTQ on top of it."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp

@@ -81,6 +81,7 @@ def test_expert_statistics_equal_numpy_dispatch(capacity):
     np.testing.assert_allclose(np.asarray(got['xtx']), xtx, rtol=2e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_gptq_solves_each_expert_like_a_dense_linear(monkeypatch):
   model = moe_model(0.75)
   params = model.init(jax.random.key(0))
@@ -145,6 +146,7 @@ def test_methods_that_do_not_compress_experts_refuse_them(method):
     run()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_expert_solves_on_eight_devices_equal_one_device(tmp_path):
   out = tmp_path / 'moe.npz'

@@ -30,6 +30,7 @@ def reference(src, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_sparsegpt_gptq_output_reloads_and_equals_run_sequential(src, tmp_path):
   manifest = oc.run(src, tmp_path / 'out')
   assert manifest['complete'] and sorted(manifest['blocks']) == ['0', '1', '2']
@@ -113,6 +114,7 @@ def test_disk_full_mid_write_leaves_the_block_incomplete(src, reference, tmp_pat
   assert oc.output_hashes(out) == oc.output_hashes(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigkill_mid_run_then_rerun_is_bit_identical(src, reference, tmp_path):
   out = tmp_path / 'out'

@@ -28,6 +28,7 @@ def run(out, *flags, devices=1):
   return dict(np.load(out))
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_one_device_eight_devices_and_two_processes_solve_identically(tmp_path):
   src = oc.write_checkpoint(tmp_path / 'ckpt')

@@ -23,6 +23,7 @@ def env():
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_pod_plan_compress_compiles_both_programs_with_replicated_statistics(tmp_path):
   out = tmp_path / 'plan.json'
@@ -42,6 +43,7 @@ def test_pod_plan_compress_compiles_both_programs_with_replicated_statistics(tmp
   assert calib['fits'] and solve['fits']
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_scale_small_compresses_every_block_out_of_core(tmp_path):
   proc = subprocess.run([sys.executable, str(BENCH / 'scale.py'), '--small', f'--dir={tmp_path}'], cwd=REPO,
@@ -49,6 +51,7 @@ def test_scale_small_compresses_every_block_out_of_core(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / 'results' / 'results.json').read_text())
   assert results['compress']['complete'] and results['summary']['blocks_run'] == 3
+  assert results['compress']['matches_in_memory']  # --small also compresses in memory: the same bits
   params = cal.load_compressed(tmp_path / 'out-llama-128x3')
   down = params['layers'][2]['mlp']['down_proj']['kernel']
   assert isinstance(down, core.Masked) and isinstance(down.value, core.Quantized)

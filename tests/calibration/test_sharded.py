@@ -24,6 +24,7 @@ def run(out, *flags, devices=1):
   return dict(np.load(out))
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   one = run(tmp_path / 'one.npz')

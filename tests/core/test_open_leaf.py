@@ -189,6 +189,7 @@ def run_on_8_devices(module: str, function: str) -> str:
   return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sharded_jit_on_8_devices():
   assert 'sharded ok' in run_on_8_devices('tests.core.test_open_leaf', 'sharded_main')

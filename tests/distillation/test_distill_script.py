@@ -20,6 +20,7 @@ def run(*flags: str) -> subprocess.CompletedProcess:
                         timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_fresh_student_distils_saves_and_reloads(tmp_path):
   from jaxcompress.recipes import lm_runs

@@ -4,10 +4,9 @@ teacher storage, and bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from jaxcompress import core, distillation, models
+from jaxcompress import distillation, models
 from jaxcompress.distillation import losses, students
 from tests.train.test_step import BATCH, MODEL, _run, chex_close
 
@@ -115,6 +114,7 @@ def test_last_layer_qkv_matches_the_attention(teacher_params):
   np.testing.assert_allclose(t_int['attention'][3], probs, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('storage', ['bfloat16', 'int8'])
 def test_frozen_teacher_storage(teacher_params, storage):
   student, sp, layer_map = students.select_layers(TEACHER, teacher_params)

@@ -11,6 +11,7 @@ import pytest
 from tests.train import pretrain_runs as runs
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sharded_teacher_matches_one_device():
   proc = subprocess.run([sys.executable, str(runs.ROOT / 'tests' / 'distillation' / 'sharded_kd.py')],

@@ -15,6 +15,7 @@ def params():
   return jax.jit(MODEL.init)(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters(params):
   adapted = lowrank.add_lora(params, jax.random.key(3), rank=4, alpha=8)
   np.testing.assert_allclose(MODEL.apply(adapted, BATCH['inputs']), MODEL.apply(params, BATCH['inputs']),
@@ -78,6 +79,7 @@ def test_qlora_merges_into_dense_and_refuses_the_original_weights(params):
     lowrank.merge_into(params, adapted)  # the dense original is not the NF4 base it was trained on
 
 
+@pytest.mark.slow
 def test_lora_over_masked_and_quantized_bases_trains_only_factors(params):
   sel = MODEL.select(params)
   masked = sel.map(lambda p, w: core.Masked(w, jnp.abs(w) > jnp.median(jnp.abs(w))), params)

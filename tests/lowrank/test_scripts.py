@@ -18,6 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
     ('sharing_table.py', ['--steps=0', '--variants=dense,albert_all_lora']),
     ('lowrank_minilm.py', ['--methods=fwsvd', '--reductions=0.5']),  # a tiny random BERT; output Fisher
 ])
+@pytest.mark.slow
 def test_table_script_smoke(script, extra, tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, str(REPO / 'experiments' / 'tables' / script), '--small',

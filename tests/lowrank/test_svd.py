@@ -129,6 +129,7 @@ def params():
   return jax.jit(MODEL.init)(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_compress_every_method_on_a_model(params):
   batches = [{'tokens': TOKENS[:, :-1]}]
   stats = cal.calibrate(MODEL, params, batches, cal.combine(h=cal.hessian(), m=cal.abs_mean()))
@@ -200,6 +201,7 @@ def test_output_fisher_rows_of_a_linear_map_against_numpy():
   np.testing.assert_allclose(got['lin/kernel'], ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compress_model_block_by_block_equals_whole_model_calibration(params):
   """Per-kernel rank rules run block by block on the statistics `calibrate` gives (so out of core too); a budget
   or a selection outside the blocks calibrates the whole model, which out of core refuses."""

@@ -62,6 +62,7 @@ def _tiny_llama():
   return model, model.init(jax.random.key(1))
 
 
+@pytest.mark.slow
 def test_remat_and_scan_give_the_same_values_and_gradients():
   model, params = _tiny_llama()
   tokens = jnp.asarray(_tokens(2, 6) % 40)

@@ -55,6 +55,7 @@ def process_main(coordinator: str, process_id: int, directory: str) -> None:
   jax.distributed.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_two_processes_read_their_own_slices(tmp_path):
   import jax

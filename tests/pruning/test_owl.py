@@ -73,6 +73,7 @@ def test_owl_sparsities_follow_the_equations():
   assert outlier_ratio([a, np.ones((4, 1))], 2.0) == 1 / 8  # the kernels of a block together: mean 13/8
 
 
+@pytest.mark.slow
 def test_owl_matches_the_float64_reference(params):
   data = batches()
   sparsity, threshold, lam = 0.6, 5.0, 0.08

@@ -15,6 +15,7 @@ def run(script, *args):
                         text=True, check=True, timeout=600).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_prune_table_small(tmp_path):
   out = run('experiments/tables/prune_table.py', '--small', '--settings=2:4,50%', '--methods=magnitude,wanda,owl',
@@ -34,6 +35,7 @@ def test_prune_benchmark_small(tmp_path):
   assert {'xtx', 'factor', 'loop', 'compile_factor', 'compile_loop'} <= set(results['sparsegpt_phases'])
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_structured_prune_small(tmp_path):
   out = run('experiments/tables/structured_prune.py', '--small', '--repeats=1', f'--output_dir={tmp_path}')

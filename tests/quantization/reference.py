@@ -40,27 +40,35 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
   W[:, dead] = 0
   gs = cols if groupsize is None else groupsize
   ng = cols // gs
-  S = np.zeros((rows, ng)); Z = np.zeros((rows, ng))
+  S = np.zeros((rows, ng))
+  Z = np.zeros((rows, ng))
   static = groupsize is None or act_order
   if static:
     for g in range(ng):
       S[:, g], Z[:, g] = grid((W * M)[:, g * gs:(g + 1) * gs], bits, symmetric)
   perm = np.argsort(-np.diag(H), kind='stable') if act_order else np.arange(cols)
-  W = W[:, perm]; H = H[perm][:, perm]; M = M[:, perm]
+  W = W[:, perm]
+  H = H[perm][:, perm]
+  M = M[:, perm]
   H = H + percdamp * np.mean(np.diag(H)) * np.eye(cols)
   Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper
-  Q = np.zeros_like(W); C = np.zeros_like(W)
+  Q = np.zeros_like(W)
+  C = np.zeros_like(W)
   for i1 in range(0, cols, blocksize):
     i2 = min(i1 + blocksize, cols)
-    W1 = W[:, i1:i2].copy(); Err1 = np.zeros_like(W1); H1 = Hinv[i1:i2, i1:i2]
+    W1 = W[:, i1:i2].copy()
+    Err1 = np.zeros_like(W1)
+    H1 = Hinv[i1:i2, i1:i2]
     for i in range(i2 - i1):
       g = perm[i1 + i] // gs
       if not static and (i1 + i) % gs == 0:
         S[:, g], Z[:, g] = grid((W * M)[:, i1 + i:i1 + i + gs], bits, symmetric)
-      w = W1[:, i]; d = H1[i, i]
+      w = W1[:, i]
+      d = H1[i, i]
       c, q = quant(w, S[:, g], Z[:, g], bits, symmetric)
       q = q * M[:, i1 + i]
-      Q[:, i1 + i] = q; C[:, i1 + i] = c
+      Q[:, i1 + i] = q
+      C[:, i1 + i] = c
       err = (w - q) / d
       W1[:, i:] -= np.outer(err, H1[i, i:])
       Err1[:, i] = err
@@ -85,7 +93,8 @@ def awq(W, X, *, bits, groupsize, n_grid=20, max_shrink=0.5, symmetric=False):
   """AWQ (Lin et al. 2024) on a layer W [out, in] with inputs X [tokens, in]: the scale search over α minimising
   the mean squared output error, then the per-(output, group) clipping search. Returns the effective weight
   [out, in] (the quantized scaled weight divided by s) and s."""
-  W = np.asarray(W, np.float64); X = np.asarray(X, np.float64)
+  W = np.asarray(W, np.float64)
+  X = np.asarray(X, np.float64)
   rows, cols = W.shape
   Y = X @ W.T
   xm = np.abs(X).mean(0)

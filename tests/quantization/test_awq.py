@@ -70,6 +70,7 @@ def _salient(params):
   return core.paths.replace(params, ups)
 
 
+@pytest.mark.slow
 def test_model_awq_folds_scales_into_norms_and_beats_rtn():
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
   tokens = jnp.asarray(_batches()[0])

@@ -1,5 +1,6 @@
 """LSQ: the step-size gradient is the paper's; finalize gives Quantized leaves with the same forward."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ def test_lsq_gradients_match_the_paper():
   np.testing.assert_allclose(gw, np.where(inside, c, 0.0), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lsq_trains_steps_and_finalizes_to_identical_quantized_forward():
   params = jax.jit(LLAMA.init)(jax.random.key(0))
   q = quantization.add_lsq(params, bits=4)

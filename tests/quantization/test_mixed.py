@@ -17,6 +17,7 @@ def test_allocate_respects_budget_and_favours_sensitive_layers():
     quantization.allocate(errors, sizes, 1.5)
 
 
+@pytest.mark.slow
 def test_mixed_precision_model_meets_the_average():
   params = jax.jit(LLAMA.init)(jax.random.key(0))
   config = quantization.MixedConfig(average_bits=3.5, candidates=(3, 4), group_size=16)

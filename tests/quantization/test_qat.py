@@ -15,6 +15,7 @@ def params():
   return jax.jit(MODEL.init)(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_fake_quant_forward_is_quantized_and_gradients_pass_straight_through(params):
   qat = quantization.fake_quant(bits=3, group_size=16)
   state = qat.init(params)

@@ -22,14 +22,17 @@ def _acts(seed, tokens=64, n=32):
 
 def _ref(x, w, s=None, outliers=()):
   """NumPy float64 W8A8 from the papers: smoothing, per-token / per-channel symmetric int8, float outliers."""
-  x = x.astype(np.float64); w = w.astype(np.float64)
+  x = x.astype(np.float64)
+  w = w.astype(np.float64)
   if s is not None:
     x, w = x / s, w * s[:, None]
   y = np.zeros((x.shape[0], w.shape[1]))
   if len(outliers):
     y += x[:, outliers] @ w[outliers]
-    x = x.copy(); w = w.copy()
-    x[:, outliers] = 0; w[outliers] = 0
+    x = x.copy()
+    w = w.copy()
+    x[:, outliers] = 0
+    w[outliers] = 0
   sx = np.abs(x).max(1, keepdims=True) / 127
   sw = np.abs(w).max(0) / 127
   xq, wq = np.round(x / sx), np.round(w / sw)
@@ -75,7 +78,8 @@ def test_zero_tokens_and_serialization(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='x_absmax'):
     quantization.w8a8_layer(w, alpha=0.5)
-  bad = amax.copy(); bad[0] = np.nan
+  bad = amax.copy()
+  bad[0] = np.nan
   with pytest.raises(ValueError, match='NaN'):
     quantization.w8a8_layer(w, x_absmax=bad, alpha=0.5)
 
@@ -83,8 +87,8 @@ def test_zero_tokens_and_serialization(tmp_path):
 def test_model_smoothquant_folds_into_norms_and_beats_naive():
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
   tokens = jnp.asarray(_batches()[0])
-  _, naive = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(alpha=None))
-  _, smooth = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(alpha=0.5))
+  _, naive = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(migration=None))
+  _, smooth = quantization.w8a8(LLAMA, params, _batches(), config=quantization.W8A8Config(migration=0.5))
   assert core.paths.get(smooth, 'layers/0/attn/q_proj/kernel').inv_smooth is None  # folded into attn_norm
   assert core.paths.get(smooth, 'layers/0/mlp/down_proj/kernel').inv_smooth is not None
   assert _logit_error(smooth, params, tokens) < _logit_error(naive, params, tokens)
@@ -101,7 +105,7 @@ def test_post_norm_bert_smoothquant_keeps_the_residual():
   tokens = rng.integers(1, 64, (4, 12)).astype(np.int32)
   mask = np.ones_like(tokens)
   _, q = quantization.w8a8(bert, params, [{'tokens': tokens, 'attention_mask': mask}],
-                           config=quantization.W8A8Config(alpha=0.5))
+                           config=quantization.W8A8Config(migration=0.5))
   a = bert.sentence_embedding(params, jnp.asarray(tokens), jnp.asarray(mask))
   b = bert.sentence_embedding(q, jnp.asarray(tokens), jnp.asarray(mask))
   assert float(jnp.min(jnp.sum(a * b, -1))) > 0.99
@@ -118,16 +122,16 @@ def _calibrate_then_quantize(model, params, batches, config):
     for group in model.block_structure(block):
       amax = stats[f'{prefix}/{group.kernels[0]}']['abs_max']
       ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
-      fold = group.norm is not None and config.alpha is not None
+      fold = group.norm is not None and config.migration is not None
       if fold:
-        s = w8a8_lib.smooth_scales(amax, jnp.concatenate(ws, axis=1), config.alpha)
+        s = w8a8_lib.smooth_scales(amax, jnp.concatenate(ws, axis=1), config.migration)
         for name in ('scale', 'bias'):
           v = core.paths.flatten(block).get(f'{group.norm}/{name}')
           if v is not None:
             updates[f'{prefix}/{group.norm}/{name}'] = jnp.asarray(v) / s
         ws, amax = [w * s[:, None] for w in ws], amax / s
       for k, w in zip(group.kernels, ws):
-        updates[f'{prefix}/{k}'] = quantization.w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.alpha,
+        updates[f'{prefix}/{k}'] = quantization.w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.migration,
                                                            outlier_threshold=config.outlier_threshold)
   return core.paths.replace(params, updates)
 
@@ -138,7 +142,7 @@ def test_block_by_block_w8a8_equals_whole_model_calibration(alpha, threshold):
   LLM.int8() give the leaves of calibrate-then-quantize."""
   from jaxcompress import calibration
   params = _salient(jax.jit(LLAMA.init)(jax.random.key(0)))
-  config = quantization.W8A8Config(alpha=alpha, outlier_threshold=threshold)
+  config = quantization.W8A8Config(migration=alpha, outlier_threshold=threshold)
   got = core.paths.flatten(quantization.w8a8(LLAMA, params, _batches(), config=config)[1])
   want = core.paths.flatten(_calibrate_then_quantize(LLAMA, params, _batches(), config))
   assert list(got) == list(want)

@@ -38,7 +38,7 @@ def test_each_stage_parses_and_composes_with_later_stages():
     ('soft_movement(sparsity=0.5)', "unknown argument(s) ['sparsity']; valid: penalty"),
     ('soft_movement(penalty=-1.0)', 'penalty=-1.0 must be a finite number >= 0'),
     ('soft_movement(initial_score=-0.5)', 'initial_score=-0.5 must be above threshold=0.0'),
-    ('gradual(alpha=2.0)', 'alpha=2.0 must lie in [0, 1]'),
+    ('gradual(kd_weight=2.0)', 'kd_weight=2.0 must lie in [0, 1]'),
     ('gptq(bits=4) > rigl(sparsity=0.5)', 'stage 2 rigl cannot run on blocks weights already quantized'),
     ('magnitude(sparsity=0.5) > gradual(sparsity=0.7)', 'already masked'),
 ])
@@ -61,6 +61,7 @@ def tiny(tmp_path_factory):
   return model, params, ctx
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(STAGES))
 def test_a_tiny_run_gives_masked_block_kernels(tiny, name):
   model, params, ctx = tiny

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,7 +63,7 @@ def test_every_method_is_listed_with_its_fields_and_paper():
                'mixed', 'pq', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora', 'share', 'tie_embeddings', 'gqa',
                'distill', 'recover'):
     assert name in recipes.REGISTRY
-  assert 'smoothquant(alpha=0.5' in text and "llm_int8(alpha=None, outlier_threshold=6.0" in text
+  assert 'smoothquant(migration=0.5' in text and "llm_int8(migration=None, outlier_threshold=6.0" in text
 
 
 def _tiny():
@@ -119,6 +118,7 @@ def test_a_methods_module_that_fails_to_import_is_named():
     registry.load_plugins(['no_such_methods_module'])
 
 
+@pytest.mark.slow
 def test_quantizers_keep_masks_of_pruned_kernels():
   model, params = _tiny()
   rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
@@ -147,7 +147,6 @@ def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_oth
 
 
 def test_rtn_targets_leave_a_tied_embedding_alone_unless_asked():
-  import jax
 
   from jaxcompress import models
   model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -167,6 +166,7 @@ TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=
         '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16']
 
 
+@pytest.mark.slow
 def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
   from jaxcompress.recipes import pipeline as compress
   cfg = dict(model='tiny', recipe=TINY[1].split('=', 1)[1], calib_data='default', eval_data='default',
@@ -180,6 +180,7 @@ def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
   assert c['params_hash'] != a['params_hash']  # another seed: another model and data, so the hash can tell
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
   one = subprocess.run([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "one"}'],

@@ -24,6 +24,7 @@ def run(tmp_path_factory):
   return pipeline.compress('tiny', 'magnitude(sparsity=0.5) > rtn(bits=8, group_size=16)', output_dir=out, **SMALL)
 
 
+@pytest.mark.slow
 def test_the_result_is_typed_frozen_and_holds_the_compressed_model(run):
   import numpy as np
 
@@ -94,6 +95,7 @@ registry.register('scale_kernels', ScaleConfig, scale_kernels, family='quantizat
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_compress_py_imports_a_module_whose_method_it_lists_and_runs(tmp_path):
   (tmp_path / 'my_methods.py').write_text(textwrap.dedent(PLUGIN))

@@ -21,6 +21,7 @@ def sweep(out, *flags):
   return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_a_partial_sweep_resumes_skipping_finished_points(tmp_path):
   first = sweep(tmp_path, '--max_points=3')

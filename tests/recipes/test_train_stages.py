@@ -55,6 +55,7 @@ def test_every_new_stage_is_listed_with_its_paper_and_fields():
   assert 'act_bits=None' in text and 'hidden_weight=0.0' in text and 'fraction=0.5' in text
 
 
+@pytest.mark.slow
 def test_pruning_then_qat_keeps_masks_and_ends_in_trained_quantized_leaves_then_distill(setup):
   model, params, ctx = setup
   recipes.parse('sparsegpt(sparsity=0.5) > qat(bits=4, group_size=64, act_bits=8, steps=2) > '
@@ -93,6 +94,7 @@ def test_magnitude_then_lsq_learns_steps_under_the_mask(setup):
   assert not np.allclose(np.asarray(leaf.value.scale).ravel(), np.exp(np.asarray(init.log_step)).ravel())
 
 
+@pytest.mark.slow
 def test_llm_qat_then_on_policy_gkd(setup):
   model, params, ctx = setup
   _, q = _run('llm_qat(bits=4, group_size=16, steps=2)', ctx, model, params)

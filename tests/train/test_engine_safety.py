@@ -1,7 +1,6 @@
 """States that must not lose work or lie: retention during asynchronous saves, poisoned updates, refused
 resumes that leave the run directory untouched, fingerprints of seed and data, every batch validated."""
 
-import json
 import os
 import signal
 import subprocess
@@ -73,6 +72,7 @@ _KILL_IN_SAVE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize('keep', [1, 2])
 def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep):
@@ -95,6 +95,7 @@ def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep)
 # Non-finite updates ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_update_that_overflows_the_parameters_is_never_saved(tmp_path):
   run = tmp_path / 'blowup'
   _fit(run, steps=12, checkpoint_every=1, stop_at_step=2)  # good checkpoints 1 and 2

@@ -144,6 +144,7 @@ def test_compressed_directory_round_trips(tiny_dirs):
     np.testing.assert_array_equal(np.asarray(core.materialize(a)), np.asarray(core.materialize(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_two_process_evaluate_matches_one_process(tiny_dirs, tmp_path):
   """2 gloo processes (1 device each, batches split over them) give the 1-process perplexities and sizes."""

@@ -32,6 +32,7 @@ def plan(tmp_path_factory) -> dict:
   return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_compiles_on_the_simulated_mesh(plan):
   assert plan['stage'] == 'done' and 'error' not in plan

@@ -33,6 +33,7 @@ def _wait_for_step(run_dir, proc, step, timeout=240.0):
     time.sleep(0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize('trial', range(3))
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, trial):
@@ -55,6 +56,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_pa
   assert steps == list(range(1, STEPS + 1))  # every step logged once, none twice
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
   proc = runs.start(tmp_path, *FLAGS, '--checkpoint_every=0', log=tmp_path / 'term.log')

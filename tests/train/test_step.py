@@ -41,6 +41,7 @@ def _run(params, steps=3, *, tx=None, trainable=state_lib.floating, batch=BATCH,
 SGD = optax.sgd(0.5)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch(params):
   one, h1 = _run(params, tx=SGD, accum_steps=1)
   four, h4 = _run(params, tx=SGD, accum_steps=4)
@@ -55,6 +56,7 @@ def test_remat_changes_nothing_but_memory(params):
   chex_close(a.params, b.params, 1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights(params):
   f32, h32 = _run(params, steps=4)
   bf16, h16 = _run(params, steps=4, compute_dtype=jnp.bfloat16)
@@ -88,6 +90,7 @@ def test_masked_leaves_keep_their_zeros_under_adamw(params):
   assert not np.allclose(np.asarray(leaf.value)[~off], w64[~off] * (1 - lr * wd) ** steps, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_shared_storage_receives_summed_gradients(params):
   paths = [f'layers/{i}/mlp/gate_proj/kernel' for i in range(2)]
   tied = core.tie(params, paths, 'gate')
