@@ -46,7 +46,8 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
   Returns the typed result; every figure of results.json and report.md comes from it.
   """
   from jaxcompress import recipes
-  stages = recipes.parse(recipe) if isinstance(recipe, str) else list(recipe)  # checked before any work
+  parsed = not isinstance(recipe, str) and all(isinstance(s, recipes.Stage) for s in recipe)
+  stages = list(recipe) if parsed else recipes.parse(recipe if isinstance(recipe, str) else list(recipe))  # checked
   name = model.name if isinstance(model, setup_lib.Setup) else str(model)
   cfg = {'model': name, 'recipe': recipe if isinstance(recipe, str) else recipes.to_string(stages),
          'calib_data': calib_data, 'eval_data': eval_data, 'calib_samples': calib_samples,

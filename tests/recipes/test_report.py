@@ -70,8 +70,9 @@ def test_json_round_trips_and_is_what_the_run_directory_holds(run, tmp_path):
 
 def test_without_output_dir_nothing_is_written_and_the_result_is_the_same(run, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  again = pipeline.compress('tiny', run.recipe, **SMALL, measure=False)
-  assert again.output_dir is None and list(tmp_path.iterdir()) == []
+  stages = [{'method': 'magnitude', 'sparsity': 0.5}, {'method': 'rtn', 'bits': 8, 'group_size': 16}]  # JSON form
+  again = pipeline.compress('tiny', stages, **SMALL, measure=False)
+  assert again.output_dir is None and list(tmp_path.iterdir()) == [] and again.recipe == run.recipe
   assert again.params_hash == run.params_hash and again.quality == run.quality and again.measure is None
   assert '| inference speed-up (forward, same run, interleaved) | nan ms |' in again.to_markdown()
 
