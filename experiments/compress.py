@@ -27,6 +27,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments import cli
+
 DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, target="embeddings") > wanda(sparsity=0.1, include=("mlp/",)) > '
                   'gptq(bits=4, group_size=128, act_order=True)')
 MODELS = ('minilm', 'fixture', 'tiny')  # jaxcompress.recipes.setup.MODELS (not imported here: jax loads later)
@@ -47,7 +49,9 @@ flags.DEFINE_integer('eval_samples', 256, 'Evaluation sequences.', lower_bound=1
 flags.DEFINE_integer('seq_len', 64, 'Tokens per encoder sentence (longer ones are cut).', lower_bound=8)
 flags.DEFINE_integer('batch_size', 32, 'Sequences per calibration, evaluation and training batch.', lower_bound=1)
 flags.DEFINE_integer('seed', 0, 'The one seed every random choice derives from.')
-flags.DEFINE_string('output_dir', 'runs/compress', 'Where the run writes its files (replaced files only).')
+flags.DEFINE_string('output_dir', 'runs/compress', 'Where the run writes its files: a new or empty directory, or '
+                    'one holding a run of the same settings (replaced once this run finishes).')
+flags.DEFINE_bool('overwrite', False, 'Replace an --output_dir holding a run of other settings, as a whole.')
 flags.DEFINE_bool('save', True, 'Write compressed.jxc, orbax/ and hf/ (False: report and metrics only).')
 flags.DEFINE_bool('per_stage_eval', True, 'Evaluate after every stage (the points of stages.png).')
 flags.DEFINE_bool('measure', True, 'Measure speed, fine-tuning cost and energy (False: size and quality only).')
@@ -98,23 +102,26 @@ def _mesh():
   if FLAGS.coordinator or FLAGS.num_processes:
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.cpu_collectives)
   import jax
-  if FLAGS.fsdp != 1 or FLAGS.tensor != 1:
-    raise ValueError(f'--fsdp={FLAGS.fsdp} --tensor={FLAGS.tensor}: calibration splits batch rows only; keep both 1.')
   if jax.device_count() == 1 and FLAGS.data in (-1, 1):
     return None
   return sharding.make_mesh(FLAGS.data, FLAGS.fsdp, FLAGS.tensor)
 
 
 def validate() -> None:
-  """Every flag checked before loading anything."""
+  """Every flag checked before loading anything; a ValueError names the flag, its value and the fix."""
   from jaxcompress import recipes
-  recipes.parse(FLAGS.recipe)
+  try:
+    recipes.parse(FLAGS.recipe)
+  except ValueError as e:
+    raise ValueError(f'--recipe: {str(e).removeprefix("recipe: ")}') from None
   if FLAGS.model not in MODELS and not (pathlib.Path(FLAGS.model) / 'config.json').is_file():
     raise ValueError(f'--model={FLAGS.model!r}: choose {", ".join(MODELS)} or a directory holding config.json.')
   for name in ('calib_data', 'eval_data'):
     v = getattr(FLAGS, name)
     if v != 'default' and not (re.search(r'\.(txt|npy)$', v) and pathlib.Path(v).is_file()):
       raise ValueError(f"--{name}={v!r}: give 'default' or an existing .txt (encoders) / .npy (causal LMs) file.")
+  if FLAGS.fsdp != 1 or FLAGS.tensor != 1:
+    raise ValueError(f'--fsdp={FLAGS.fsdp} --tensor={FLAGS.tensor}: calibration splits batch rows only; keep both 1.')
   if FLAGS.cpu_collectives not in (None, 'gloo'):
     raise ValueError(f"--cpu_collectives={FLAGS.cpu_collectives!r}: only 'gloo' (or unset).")
   if (FLAGS.num_processes or 1) > 1 and (FLAGS.coordinator is None or FLAGS.process_id is None):
@@ -137,19 +144,23 @@ def main(argv):
   mesh = _mesh()
   import jax
 
-  from jaxcompress.recipes import pipeline
+  from jaxcompress.recipes import pipeline, preflight
   out = FLAGS.output_dir
   if jax.process_count() > 1:
     out = str(pathlib.Path(out) / f'process{jax.process_index()}')
   t0 = time.perf_counter()
-  pipeline.compress(FLAGS.model, FLAGS.recipe, output_dir=out, save=FLAGS.save, mesh=mesh, verbose=True,
-                    settings={k: FLAGS[k].value for k in MESH}, **{k: FLAGS[k].value for k in SETTINGS})
+  try:  # the model, its data files and the recipe against its shapes are checked before any work
+    pipeline.compress(FLAGS.model, FLAGS.recipe, output_dir=out, save=FLAGS.save, mesh=mesh, verbose=True,
+                      settings={k: FLAGS[k].value for k in MESH}, overwrite=FLAGS.overwrite,
+                      **{k: FLAGS[k].value for k in SETTINGS})
+  except preflight.PreflightError as e:
+    raise app.UsageError(cli.as_flag(str(e))) from None
   print(f'total {time.perf_counter() - t0:.1f}s')
 
 
 def console():
-  """The `jaxcompress-compress` command."""
-  app.run(main)
+  """The `jaxcompress-compress` command (an error it can name before any work: one line, exit status 2)."""
+  cli.run(main)
 
 
 if __name__ == '__main__':

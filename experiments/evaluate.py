@@ -39,6 +39,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments import cli
+
 flags.DEFINE_string('model', None, "Model to evaluate: 'fixture', 'minilm', a Hugging Face checkpoint directory, "
                     'a compressed-checkpoint directory or a compress.py run directory.')
 flags.DEFINE_string('reference', None, "Reference model, the same kinds as --model (usually the uncompressed "
@@ -48,8 +50,8 @@ flags.DEFINE_string('output_dir', 'runs/evaluate', 'Where results.json, report.m
 flags.DEFINE_string('rows', None, 'Causal LMs: a .npy file of held-out token rows [N, T + 1] (default: the '
                     "fixture's held-out rows).")
 flags.DEFINE_integer('max_rows', 0, 'Causal LMs: score only the first this many rows (0: all).')
-flags.DEFINE_string('tokenizer', None, 'Encoders: directory of the tokenizer (default: the reference\'s '
-                    'directory).')
+flags.DEFINE_string('tokenizer', None, 'Encoders: directory of the tokenizer (default: that of the reference, '
+                    'else of the model; a compress.py run directory uses the model it compressed).')
 flags.DEFINE_integer('sentences', 256, 'Encoders: fortunes sentences embedded.')
 flags.DEFINE_integer('max_len', 64, 'Encoders: tokens per sentence (longer ones are cut).')
 flags.DEFINE_integer('batch_size', 16, 'Rows (or sentences) per forward pass; a multiple of data x fsdp devices.')
@@ -169,6 +171,8 @@ def check_model_arg(flag: str, name: str | None) -> pathlib.Path:
 def check_flags() -> dict[str, Any]:
   """Validates every flag before any work; returns the resolved paths. Raises ValueError naming the flag."""
   import numpy as np
+
+  from jaxcompress.recipes import model_dirs
   resolved = {'model': check_model_arg('model', FLAGS.model),
               'reference': check_model_arg('reference', FLAGS.reference)}
   for name in ('batch_size', 'sentences', 'max_len'):
@@ -191,6 +195,8 @@ def check_flags() -> dict[str, Any]:
     resolved['rows'] = rows.astype(np.int32)
   if FLAGS.tokenizer is not None and not pathlib.Path(FLAGS.tokenizer).expanduser().is_dir():
     raise ValueError(f"--tokenizer={FLAGS.tokenizer!r}: the directory '{FLAGS.tokenizer}' does not exist.")
+  resolved['tokenizer'] = (pathlib.Path(FLAGS.tokenizer).expanduser() if FLAGS.tokenizer is not None else
+                           model_dirs.tokenizer_dir(FLAGS.reference) or model_dirs.tokenizer_dir(FLAGS.model))
   explicit = (FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   if any(v is not None for v in explicit) and None in explicit:
     raise ValueError('--coordinator, --num_processes and --process_id go together (or none of them, where the '
@@ -198,6 +204,18 @@ def check_flags() -> dict[str, Any]:
   if FLAGS.cpu_collectives not in (None, 'gloo', 'mpi'):
     raise ValueError(f"--cpu_collectives={FLAGS.cpu_collectives!r}: use 'gloo' (or 'mpi').")
   return resolved
+
+
+def load(flag: str):
+  """(model, params, kind) of --model or --reference (`model_dirs.load`); a file it cannot read is a usage error
+  naming the flag, its value and the loader's fix."""
+  from jaxcompress.recipes import model_dirs
+  name = FLAGS[flag].value
+  try:
+    return model_dirs.load(name)
+  except (OSError, ValueError, KeyError) as e:
+    why = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its repr
+    raise app.UsageError(f'--{flag}={name!r}: {why}') from None
 
 
 def main(argv):
@@ -222,8 +240,8 @@ def main(argv):
     raise app.UsageError(f'--batch_size={FLAGS.batch_size} must be a multiple of {divisor} (data x fsdp devices '
                          f'of the mesh {dict(mesh.shape)}).')
 
-  model, params, kind = model_dirs.load(FLAGS.model)
-  ref_model, ref_params, ref_kind = model_dirs.load(FLAGS.reference)
+  model, params, kind = load('model')
+  ref_model, ref_params, ref_kind = load('reference')
   if model.causal != ref_model.causal:
     raise app.UsageError(f'--model is {"a causal LM" if model.causal else "an encoder"} but --reference is '
                          f'{"a causal LM" if ref_model.causal else "an encoder"}; compare like with like.')
@@ -243,8 +261,11 @@ def main(argv):
     seq_len = rows.shape[1] - 1
     speed_batch = {'tokens': rows[:FLAGS.batch_size, :-1]}
   else:
-    tok_dir = pathlib.Path(FLAGS.tokenizer).expanduser() if FLAGS.tokenizer else resolved['reference']
-    ids, mask = sentences(tok_dir, FLAGS.sentences, FLAGS.max_len, FLAGS.seed)
+    if resolved['tokenizer'] is None:
+      raise app.UsageError(f'--reference={FLAGS.reference!r} and --model={FLAGS.model!r} hold no tokenizer '
+                           f'({", ".join(model_dirs.TOKENIZER_FILES)}); give --tokenizer=<dir>, e.g. the directory of '
+                           'the model they were compressed from.')
+    ids, mask = sentences(resolved['tokenizer'], FLAGS.sentences, FLAGS.max_len, FLAGS.seed)
     seq_len = FLAGS.max_len
     speed_batch = {'tokens': ids[:FLAGS.batch_size], 'attention_mask': mask[:FLAGS.batch_size]}
 
@@ -321,8 +342,8 @@ def markdown(r: dict) -> str:
 
 
 def console():
-  """The `jaxcompress-evaluate` command."""
-  app.run(main)
+  """The `jaxcompress-evaluate` command (an error it can name before any work: one line, exit status 2)."""
+  cli.run(main)
 
 
 if __name__ == '__main__':

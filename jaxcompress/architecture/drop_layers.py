@@ -26,7 +26,20 @@ def drop_layers(model: Model, params: dict, calib=None, *,
   return student, small
 
 
+def check(model: Model, params: dict, *, config: DropLayersConfig) -> None:
+  """config.layers names existing blocks, increasing and without repeats (params may be abstract)."""
+  if config.layers is None:
+    return
+  n, layers = model.num_layers(params), tuple(config.layers)
+  bad = [i for i in layers if not 0 <= i < n]
+  if not layers or bad:
+    raise ValueError(f'layers={layers} names blocks {bad or "none"}, but the model has blocks 0..{n - 1}; keep '
+                     f'some of {tuple(range(n))} (or layers=None: every other one).')
+  if list(layers) != sorted(set(layers)):
+    raise ValueError(f'layers={layers} must be increasing without repeats, e.g. {tuple(sorted(set(layers)))}.')
+
+
 registry.register('drop_layers', DropLayersConfig, drop_layers, family='architecture',
-                  forbids=('shared', 'architecture'), adds='architecture',
+                  forbids=('shared', 'architecture'), adds='architecture', check=check,
                   paper='Sanh et al., "DistilBERT" (2019): a shallower student from the teacher\'s own blocks '
                   '(train it with distill)')

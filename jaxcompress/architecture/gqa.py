@@ -30,21 +30,30 @@ def pool_heads(w: jnp.ndarray, kv_heads: int, target: int, head_dim: int) -> jnp
   return grouped.astype(jnp.float32).mean(axis=-2).astype(w.dtype).reshape(*lead, target * head_dim)
 
 
+def check_kv_heads(model: Model, kv_heads: int, *, caller: str = '') -> None:
+  """A ValueError unless the model has a key/value head count (the Llama family) that kv_heads divides; from the
+  config alone. Messages start with `caller` where one is given."""
+  where = f'{caller}: ' if caller else ''
+  c = model.config
+  if not hasattr(c, 'num_kv_heads'):
+    raise ValueError(f'{where}{type(model).__name__} has no num_kv_heads; only grouped-query families '
+                     f'(Llama, Mistral, Qwen2) can hold fewer key/value heads ({c.num_heads} heads here).')
+  k = c.num_kv_heads
+  if not isinstance(kv_heads, int) or kv_heads < 1 or k % kv_heads:
+    divisors = [d for d in range(1, k + 1) if k % d == 0]
+    raise ValueError(f'{where}kv_heads={kv_heads} does not divide the {k} key/value heads (with '
+                     f'{c.num_heads} query heads); choose one of {divisors}.')
+
+
 def convert_to_gqa(model: Model, params: dict, kv_heads: int) -> tuple[Model, dict]:
   """(spec, params) with every layer's key/value heads mean-pooled down to `kv_heads` (1: multi-query).
 
   The model must have `num_kv_heads` and `num_heads` (the Llama family); kv_heads must divide its current
   key/value head count. Dense k/v weights only (convert before compressing them).
   """
+  check_kv_heads(model, kv_heads, caller='convert_to_gqa')
   c = model.config
-  if not hasattr(c, 'num_kv_heads'):
-    raise ValueError(f'convert_to_gqa: {type(model).__name__} has no num_kv_heads; only grouped-query families '
-                     '(Llama, Mistral, Qwen2) can hold fewer key/value heads.')
   k = c.num_kv_heads
-  if not isinstance(kv_heads, int) or kv_heads < 1 or k % kv_heads:
-    divisors = [d for d in range(1, k + 1) if k % d == 0]
-    raise ValueError(f'convert_to_gqa: kv_heads={kv_heads} does not divide the {k} key/value heads (with '
-                     f'{c.num_heads} query heads); choose one of {divisors}.')
   hd = c.dim_per_head
   out = dict(params)
   blocks = dict(params[model.block_path])
@@ -155,6 +164,13 @@ def gqa(model: Model, params: dict, calib=None, *, config: GQAConfig = GQAConfig
   return convert_to_gqa(model, params, config.kv_heads)
 
 
+def check(model: Model, params: dict, *, config: GQAConfig) -> None:
+  """kv_heads against the model's head counts, before any weight is read (params unused: the config decides)."""
+  del params
+  check_kv_heads(model, config.kv_heads)
+
+
 registry.register('gqa', GQAConfig, gqa, family='architecture', forbids=registry.COMPRESSED, adds='architecture',
+                  check=check,
                   paper='Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head '
                   'Checkpoints" (EMNLP 2023)')

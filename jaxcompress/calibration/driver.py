@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcompress import core
 from jaxcompress.calibration.observers import Observer, Stats
-from jaxcompress.models import Model, Params
+from jaxcompress.models import Model, Params, ids
 from jaxcompress.models.layers import Routed
 
 # compress_block(block index, block params on the device (Shared references resolved), {kernel path within
@@ -202,7 +202,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
                      'axis_types=(jax.sharding.AxisType.Auto,) * n).')
   place = _Placement(mesh, data_axis, offload)
   on_step = on_step or (lambda phase, block, batch: None)
-  rows = [place.rows(_as_rows(b, j)) for j, b in enumerate(batches)]
+  rows = [place.rows(_as_rows(b, j, model)) for j, b in enumerate(batches)]
   if not rows:
     raise ValueError('calibrate: batches is empty; give at least one batch of tokens [B, T].')
   shardings = place.shardings()
@@ -621,10 +621,12 @@ def _constrain_stats(stats, shardings):
   return stats if shardings is None else jax.lax.with_sharding_constraint(stats, shardings[1])
 
 
-def _as_rows(batch: Any, index: int) -> Rows:
+def _as_rows(batch: Any, index: int, model: Model | None = None) -> Rows:
+  """One calibration batch as Rows; with `model`, its token ids and token types are checked against the model's
+  tables on the host (inside the jitted steps an invalid id embeds as NaN, and the statistics would hold NaN)."""
   if isinstance(batch, Rows):
-    return batch
-  if isinstance(batch, Mapping):
+    r = batch
+  elif isinstance(batch, Mapping):
     key = 'tokens' if 'tokens' in batch else 'inputs' if 'inputs' in batch else None
     if key is None:
       raise ValueError(f"calibration batch {index} has keys {sorted(batch)}; it needs 'tokens' (or 'inputs') "
@@ -644,4 +646,6 @@ def _as_rows(batch: Any, index: int) -> Rows:
     if x is not None and tuple(np.shape(x)) != tuple(tokens.shape):
       raise ValueError(f'calibration batch {index}: {name} has shape {tuple(np.shape(x))}, tokens '
                        f'{tuple(tokens.shape)}; they must match.')
+  if model is not None:
+    ids.check_tokens(model, tokens, token_types=r.token_types, where=f'calibration batch {index}: ')
   return r

@@ -19,7 +19,8 @@ states. Everything outside the blocks (embedding, final norm, head) is copied un
 Resuming: the same call on the same output directory verifies every recorded block file against its hash,
 keeps the verified prefix, takes h from its file (or re-derives it from the embedding through the stored
 blocks when that file is missing or does not match) and goes on; the result is bit-identical to an
-uninterrupted run, because the forward pass always runs the blocks as read back from disk. A directory holding
+uninterrupted run, because the forward pass always runs the blocks as read back from disk; hidden-state files
+left by the interrupted run other than those the resumed run starts from are removed. A directory holding
 another run (a different input checkpoint, recipe, seed, observer or calibration data: the fingerprint in
 manifest.json) is refused. A write that fails (disk full) leaves only a temporary file, which the next run
 removes: a block is complete only once the manifest says so.
@@ -140,16 +141,19 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
                          f"'{out}'; every process must pass the same input, recipe, seed and options.")
       start = len(manifest['blocks'])
     stop = n_layers if layers is None else min(n_layers, int(layers))
-    if start >= stop:
+    acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
+    if start >= stop:  # nothing to compute: only a partial run's hidden states at `start` are still needed
+      acts.keep_only(set() if start >= n_layers else {acts.path(start, m) for m in streams})
       return manifest
     dev_rows = [place.rows(r) for r in rows]
-    acts = _ActivationFile(out, rows, model.config.hidden_size, pid)
     shardings = place.shardings()
     begin = start
     if not all(acts.valid(start, m, manifest) for m in streams):
       stored = lambda i: core.serialize.load(out / block_file(i))
       begin = _derive(model, ckpt, start, streams, n_stages, read_block, stored, dev_rows, place, acts, on_step,
                       deterministic)
+    # a run stopped between its manifest write and the clean-up left the streams of a finished block behind
+    acts.keep_only({acts.path(begin, m) for m in streams})
 
     for i in range(begin, stop):
       t0 = time.perf_counter()
@@ -481,6 +485,13 @@ class _ActivationFile:
   def remove(self, path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
       path.unlink()
+
+  def keep_only(self, keep: set[Path]) -> None:
+    """Removes this process's hidden-state files other than `keep` (those of blocks already passed)."""
+    mine = re.compile(rf'h_\d{{5}}_s\d+{re.escape(self.suffix)}\.npy')
+    for p in self.out.iterdir():
+      if mine.fullmatch(p.name) and p not in keep:
+        self.remove(p)
 
 
 def _npy_header(shape) -> bytes:

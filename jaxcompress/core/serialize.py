@@ -8,6 +8,11 @@ pickle: loading reads tensors and JSON only.
     save('model.jc.safetensors', params)
     params = load('model.jc.safetensors')
 
+Integrity: the header records a sha256 of every tensor (its dtype, shape and bytes) and of the tree description,
+and `load` checks each tensor as it reads it, so a flipped byte is an error naming the file and the tensor instead
+of a model that loads with other weights; a truncated file or a damaged header is a ValueError naming the file.
+Files written before the checksums existed (no 'tensor_sha256' in the header) load unchecked.
+
 Each leaf kind writes and reads its own tensors through `register(kind, cls, encode, decode)`: the kinds of
 `core` register themselves next to their classes (masked.py, quantized.py, lowrank.py, shared.py), and a
 family adds a kind the same way without editing this file.
@@ -16,6 +21,7 @@ family adds a kind the same way without editing this file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +38,9 @@ from safetensors.numpy import save_file
 from jaxcompress.core import leaf as leaf_lib
 
 FORMAT = 'jaxcompress/1'
+CHECKSUMS = 'tensor_sha256'  # header metadata: JSON {tensor name: sha256 hex of dtype, shape and bytes}
+TREE_CHECKSUM = 'tree_sha256'  # header metadata: sha256 hex of the 'tree' and 'user' texts
+REMEDY = 'recreate it with the run that wrote it, or restore a copy'
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -75,6 +84,7 @@ class Reader:
   file: Any  # the open safetensors file
 
   def get(self, suffix: str) -> np.ndarray:
+    """The tensor `name + suffix`, checked against its recorded checksum."""
     return self.file.get_tensor(self.name + suffix)
 
   def weight(self, suffix: str, desc: dict) -> Any:
@@ -148,7 +158,7 @@ def _decode(name: str, desc: dict, f) -> Any:
 
 
 def _encode_tree(params: Any, metadata: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, header metadata) that store params."""
+  """(tensors, header metadata) that store params, with the checksums `load` verifies."""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf_lib.is_weight_leaf)[0]
   tensors: dict[str, np.ndarray] = {}
   entries = []
@@ -156,7 +166,22 @@ def _encode_tree(params: Any, metadata: dict[str, Any] | None) -> tuple[dict[str
     keys = [_key(k) for k in keypath]
     name = '/'.join(str(k) for _, k in keys)
     entries.append({'keys': keys, 'leaf': _encode(name, w, tensors)})
-  return tensors, {'format': FORMAT, 'tree': json.dumps(entries), 'user': json.dumps(metadata or {})}
+  tree, user = json.dumps(entries), json.dumps(metadata or {})
+  sums = json.dumps({k: tensor_digest(t) for k, t in sorted(tensors.items())})
+  return tensors, {'format': FORMAT, 'tree': tree, 'user': user, CHECKSUMS: sums,
+                   TREE_CHECKSUM: _text_digest(tree, user)}
+
+
+def tensor_digest(a: np.ndarray) -> str:
+  """sha256 hex of a tensor's dtype, shape and bytes (a header edit to either is caught as well as its data)."""
+  a = np.ascontiguousarray(a)
+  h = hashlib.sha256(f'{a.dtype.name}{list(a.shape)}'.encode())
+  h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def _text_digest(tree: str, user: str) -> str:
+  return hashlib.sha256(json.dumps([tree, user]).encode()).hexdigest()
 
 
 def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None = None) -> int:
@@ -204,33 +229,92 @@ def _sort_header(path: str) -> None:
     f.write(text + b' ' * (n - len(text)))
 
 
-def load(path: str | os.PathLike) -> Any:
-  """Reads a file written by `save` back into the same parameter tree."""
-  try:
-    f = safe_open(os.fspath(path), framework='numpy')
-  except (SafetensorError, OSError) as e:
-    raise ValueError(f"load: '{path}' is not a readable safetensors file ({e}); it may be truncated.") from None
+def load(path: str | os.PathLike, *, verify: bool = True) -> Any:
+  """Reads a file written by `save` back into the same parameter tree.
+
+  verify: check every tensor read, and the tree description, against the checksums in the header (a file
+  written before they existed has none and loads unchecked). A mismatch, a truncated file or a damaged header is
+  a ValueError naming the file (and the tensor).
+  """
+  f = _open(path)
   meta = f.metadata() or {}
   if meta.get('format') != FORMAT:
     raise ValueError(f"load: '{path}' has format {meta.get('format')!r}, not {FORMAT!r}; for Hugging Face "
                      'checkpoints use jaxcompress.models.from_pretrained.')
+  sums = _checksums(path, meta) if verify else None
+  src = _Checked(f, os.fspath(path), sums)
   tree: dict = {}
   kinds: dict[int, str] = {}  # id(container) -> 'dict' | 'list' | 'tuple'
-  for entry in json.loads(meta['tree']):
-    keys = entry['keys']
-    node = tree
-    for i, (kind, k) in enumerate(keys):
-      kinds[id(node)] = kind
-      if i == len(keys) - 1:
-        node[k] = _decode('/'.join(str(k) for _, k in keys), entry['leaf'], f)
-      else:
-        node = node.setdefault(k, {})
+  try:
+    for entry in _json(path, meta, 'tree'):
+      keys = entry['keys']
+      node = tree
+      for i, (kind, k) in enumerate(keys):
+        kinds[id(node)] = kind
+        if i == len(keys) - 1:
+          node[k] = _decode('/'.join(str(k) for _, k in keys), entry['leaf'], src)
+        else:
+          node = node.setdefault(k, {})
+  except (KeyError, TypeError, IndexError) as e:
+    if sums is not None:  # the tree description was checked: not a damaged header
+      raise
+    raise ValueError(f"load: '{path}' has a damaged header (its tree description lacks {e}); {REMEDY}.") from None
   return _containers(tree, kinds)
 
 
 def user_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  with safe_open(os.fspath(path), framework='numpy') as f:
-    return json.loads((f.metadata() or {}).get('user', '{}'))
+  """The `metadata` dict given to `save` (a ValueError naming the file if it cannot be read)."""
+  return _json(path, _open(path).metadata() or {}, 'user', '{}')
+
+
+def _open(path: str | os.PathLike):
+  try:
+    return safe_open(os.fspath(path), framework='numpy')
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"load: '{path}' is not a readable safetensors file ({e}); it may be truncated or its header "
+                     f'damaged: {REMEDY}.') from None
+
+
+def _json(path, meta: dict[str, str], key: str, default: str | None = None) -> Any:
+  try:
+    return json.loads(meta[key] if default is None else meta.get(key, default))
+  except KeyError:
+    raise ValueError(f"load: '{path}' has a damaged header (no '{key}' entry); {REMEDY}.") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"load: '{path}' has a damaged header ('{key}' is not valid JSON: {e}); {REMEDY}.") from None
+
+
+def _checksums(path, meta: dict[str, str]) -> dict[str, str] | None:
+  """{tensor name: sha256} of a file that records them (None for one written before checksums existed), once
+  the tree description is checked against its own."""
+  if CHECKSUMS not in meta:
+    return None
+  sums = _json(path, meta, CHECKSUMS)
+  if meta.get(TREE_CHECKSUM) != _text_digest(meta.get('tree', ''), meta.get('user', '')):
+    raise ValueError(f"load: '{path}': the tree description in its header does not match its recorded sha256 (the "
+                     f'header was changed after saving); {REMEDY}.')
+  return sums
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+  """An open safetensors file whose `get_tensor` checks each tensor against its recorded checksum."""
+
+  file: Any
+  path: str
+  sums: dict[str, str] | None  # None: nothing to check against
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    try:
+      t = self.file.get_tensor(name)
+    except SafetensorError as e:
+      raise ValueError(f"load: '{self.path}': tensor '{name}', which its tree names, cannot be read ({e}); the "
+                       f'file is damaged: {REMEDY}.') from None
+    if self.sums is not None and self.sums.get(name) != tensor_digest(t):
+      why = 'has no recorded sha256' if name not in self.sums else 'does not match its recorded sha256'
+      raise ValueError(f"load: '{self.path}': tensor '{name}' {why}; the file was changed or damaged after "
+                       f'saving: {REMEDY}.')
+    return t
 
 
 def _key(k) -> tuple[str, str | int]:

@@ -97,6 +97,12 @@ class LMBatches:
                        'from pack().')
     if s.shape[1] < 2:
       raise ValueError(f'LMBatches: sequences has rows of {s.shape[1]} tokens; rows need seq_len + 1 >= 2 tokens.')
+    info = np.iinfo(s.dtype)
+    if s.size and (info.min < -2**31 or info.max >= 2**31):  # batch() casts to int32: a wider id would wrap
+      lo, hi = int(s.min()), int(s.max())
+      if lo < -2**31 or hi >= 2**31:
+        raise ValueError(f'LMBatches: sequences ({s.dtype}) hold ids in [{lo}, {hi}], past int32, which batch() '
+                         "gives; token ids must lie in [0, 2**31) (and below the model's vocab_size).")
     b = self.batch_size
     if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or not 1 <= b <= s.shape[0]:
       raise ValueError(f'LMBatches: batch_size={self.batch_size} must lie in [1, {s.shape[0]}] (the number of '

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.models import ids
 from jaxcompress.models.base import Model, Params
 
 
@@ -93,7 +94,6 @@ def embedding_cosine(ref_emb: jax.Array, emb: jax.Array, eps: float = 1e-12) -> 
   return CosineSimilarity(per_row=cos, mean=jnp.mean(cos), min=jnp.min(cos))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
 def compare_lm(model_ref: Model, params_ref: Params, model: Model, params: Params, tokens: jax.Array, *,
                attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """Runs both language models on the same tokens and compares their output distributions (jitted; the
@@ -101,8 +101,17 @@ def compare_lm(model_ref: Model, params_ref: Params, model: Model, params: Param
 
   tokens: [B, T] int; attention_mask: [B, T] (1 for real tokens; padded positions are left out of every
   metric) -> {'kl': mean KL(p_ref || p), 'top1': argmax agreement, 'rel_logit_error': ||dz|| / ||z_ref||},
-  float32 scalars.
+  float32 scalars. Token ids are checked against both vocabularies on the host first (inside the jit an invalid
+  id would give NaN figures).
   """
+  for m in (model_ref, model):
+    ids.check_tokens(m, tokens, where='compare_lm: ')
+  return _compare_lm(model_ref, params_ref, model, params, tokens, attention_mask=attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _compare_lm(model_ref: Model, params_ref: Params, model: Model, params: Params, tokens: jax.Array, *,
+                attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
   ref_logits = model_ref.apply(params_ref, tokens, attention_mask=attention_mask)
   logits = model.apply(params, tokens, attention_mask=attention_mask)
   return {'kl': logit_kl(ref_logits, logits, attention_mask),

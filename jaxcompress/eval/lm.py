@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcompress.models import ids
 from jaxcompress.models.base import Model, Params
 
 
@@ -145,9 +146,10 @@ def rows_perplexity(model: Model, params: Params, rows: np.ndarray | jax.Array, 
                     ) -> PerplexityResult:
   """Perplexity over every next-token of packed rows [N, T + 1] (inputs [:, :-1], targets [:, 1:]): the held-out
   score of a model trained on such rows."""
-  rows = np.asarray(rows)
+  rows = np.asarray(jax.device_get(rows))
   if rows.ndim != 2 or rows.shape[1] < 2 or not len(rows):
     raise ValueError(f'rows_perplexity: rows must be [N >= 1, T + 1 >= 2] token ids, got shape {rows.shape}.')
+  ids.check_tokens(model, rows, name='rows', where='rows_perplexity: ')  # under jit an invalid id scores NaN
   return _score(model, params, rows[:, :-1], rows[:, 1:], np.ones(rows[:, 1:].shape, bool), batch_size)
 
 
@@ -187,17 +189,10 @@ def _check_ids(name: str, tokens, vocab_size: int, *, min_len: int) -> np.ndarra
   if arr.ndim != 1:
     raise ValueError(f'{name} must be a 1-D token stream [N], got shape {arr.shape}; '
                      'concatenate documents (with a separator token) or pass tokens.reshape(-1).')
-  if not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f'{name} must hold integer token ids, got dtype {arr.dtype}; '
-                     'pass the tokenizer output as an int array (e.g. tokens.astype(np.int32)).')
+  ids.check_integer(arr, name=name)
   if arr.shape[0] < min_len:
     raise ValueError(f'{name} has {arr.shape[0]} tokens; at least {min_len} are needed.')
-  if arr.size:
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-      bad = lo if lo < 0 else hi
-      raise ValueError(f'{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}); '
-                       'tokenize with the tokenizer that matches this model.')
+  ids.check_ids(arr, vocab_size, name=name)
   return arr.astype(np.int64)
 
 

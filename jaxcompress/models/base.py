@@ -25,12 +25,11 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxcompress import core
 from jaxcompress.core.select import HEADS, KERNELS, Patterns
-from jaxcompress.models import layers, moe
+from jaxcompress.models import ids, layers, moe
 
 Params = dict[str, Any]
 # A sharding rule: (regex over weight paths, mesh axis of each dimension); the first matching rule wins.
@@ -89,6 +88,10 @@ class Model(abc.ABC):
 
   def max_positions(self) -> int | None:
     """Longest sequence the model can embed (learned position tables); None for rotary positions."""
+    return None
+
+  def token_type_count(self) -> int | None:
+    """Rows of the token-type (segment) table, which `token_types` ids index; None when the model has none."""
     return None
 
   def hf_export_prefix(self) -> str:
@@ -150,6 +153,8 @@ class Model(abc.ABC):
             token_types: jax.Array | None = None) -> jax.Array:
     """tokens: [B, T] -> hidden states [B, T, D]."""
     _check_tokens(tokens, None, self, positions)
+    if token_types is not None:
+      ids.check_token_types(self, tokens, token_types)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return self.bind(params).embed(tokens, positions, token_types)
@@ -203,6 +208,8 @@ class Model(abc.ABC):
                            scan: bool, wanted: tuple[str, ...]) -> tuple[jax.Array, dict[str, Any]]:
     """Embedding and blocks: (last block's output [B, T, D], {requested intermediate: per-layer values})."""
     ctx = self.context(tokens, attention_mask=attention_mask, positions=positions)
+    if token_types is not None:
+      ids.check_token_types(self, tokens, token_types)
     h = layers.constrain(module.embed(tokens, ctx.positions, token_types))
     probs = 'attention' in wanted
 
@@ -420,9 +427,9 @@ def _resolve_block(block_params: Params) -> Params:
 
 def _check_tokens(tokens: Any, attention_mask: Any, model: Model | None = None, positions: Any = None) -> None:
   """Shapes always; ids in [0, vocab_size) and positions inside a learned position table when the arrays are
-  concrete (on the host, before anything runs). Under jit ids cannot be checked: an id outside [0, vocab)
-  (negative ones included) or a position outside the table gives a NaN embedding (see `fill_invalid`), and
-  every output of that sequence is NaN (attention multiplies its value row by 0, and 0 * NaN is NaN), never
+  concrete (on the host, before anything runs; `ids.check_ids`). Under jit ids cannot be checked: an id outside
+  [0, vocab) (negative ones included) or a position outside the table gives a NaN embedding (see `fill_invalid`),
+  and every output of that sequence is NaN (attention multiplies its value row by 0, and 0 * NaN is NaN), never
   another token's numbers; the other sequences of the batch are unaffected."""
   if getattr(tokens, 'ndim', None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f'tokens must be an integer array [batch, seq], got '
@@ -436,20 +443,9 @@ def _check_tokens(tokens: Any, attention_mask: Any, model: Model | None = None, 
   if limit is not None and positions is None and tokens.shape[1] > limit:
     raise ValueError(f'tokens: a sequence of {tokens.shape[1]} tokens is longer than the {limit} learned '
                      f'positions of this {model.family} model; cut or split it to at most {limit}.')
-  _check_range('tokens', tokens, model.config.vocab_size, 'vocab_size')
+  ids.check_tokens(model, tokens)
   if limit is not None and positions is not None:
-    _check_range('positions', positions, limit, 'learned positions')
-
-
-def _check_range(name: str, x: Any, n: int, what: str) -> None:
-  if isinstance(x, jax.core.Tracer) or not getattr(x, 'is_fully_addressable', True):
-    return
-  x = np.asarray(x)
-  bad = (x < 0) | (x >= n)
-  if bad.any():
-    at = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f'{name}: {int(bad.sum())} values are outside [0, {n}) ({what}), e.g. {int(x[at])} at '
-                     f'[row, position] {list(at)}.')
+    ids.check_ids(positions, limit, name='positions', what='max_positions', fix=ids.POSITION_FIX)
 
 
 def fill_invalid(ids: jax.Array, n: int) -> jax.Array:

@@ -175,6 +175,9 @@ class Bert(base.Model):
   def max_positions(self) -> int:
     return self.config.max_position_embeddings
 
+  def token_type_count(self) -> int:
+    return self.config.type_vocab_size
+
   def _per_sequence_kernels(self):
     return ('pooler/dense/kernel',)  # the pooler reads [CLS] only
 

@@ -13,7 +13,7 @@ from jaxcompress import registry
 from jaxcompress.core.select import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.oneshot import selection_rules
+from jaxcompress.pruning.oneshot import check_kernels, selection_rules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +24,9 @@ class MagnitudeConfig:
   include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels to prune
   exclude: str | tuple[str, ...] = ()  # path regexes left dense
   overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs replacing the distribution's
+
+  def __post_init__(self):
+    masks_lib.parse_pattern(self.pattern, caller='')  # 'N:M' with 0 < N < M, or a named pattern
 
 
 def magnitude(model: Model, params: Params, calib=None, *, config: MagnitudeConfig = MagnitudeConfig()
@@ -36,6 +39,12 @@ def magnitude(model: Model, params: Params, calib=None, *, config: MagnitudeConf
                                 distribution=config.distribution, selection=rules, overrides=dict(config.overrides))
 
 
+def check(model: Model, params: Params, *, config: MagnitudeConfig) -> None:
+  """The kernels config chooses exist, and an N:M pattern fits their input widths (before any weight is read)."""
+  check_kernels(model, params, config=config, blocks_only=False)
+
+
 registry.register('magnitude', MagnitudeConfig, magnitude, family='pruning', forbids=registry.COMPRESSED,
-                  adds='masked', paper='Han et al., "Learning both Weights and Connections for Efficient Neural '
-                  'Networks" (NeurIPS 2015)')
+                  adds='masked', check=check,
+                  paper='Han et al., "Learning both Weights and Connections for Efficient Neural Networks" (NeurIPS '
+                  '2015)')

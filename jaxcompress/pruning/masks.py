@@ -37,18 +37,20 @@ def check_sparsity(sparsity: float, *, caller: str) -> float:
 
 
 def parse_pattern(pattern: str | None, *, caller: str = 'prune') -> str | tuple[int, int]:
-  """'per_layer' | 'per_output' | (n, m) from a pattern string; None means 'per_layer'."""
+  """'per_layer' | 'per_output' | (n, m) from a pattern string; None means 'per_layer'. Errors start with
+  `caller` (none where it is '': a config's own check, which the registry prefixes with the method)."""
+  where = f'{caller}: ' if caller else ''
   if pattern is None or pattern == 'unstructured':
     return 'per_layer'
   if pattern in PATTERNS:
     return pattern
   m = re.fullmatch(r'\s*(\d+)\s*:\s*(\d+)\s*', str(pattern))
   if not m:
-    raise ValueError(f"{caller}: pattern={pattern!r} is not one of {PATTERNS + ('unstructured',)} or 'N:M' "
+    raise ValueError(f"{where}pattern={pattern!r} is not one of {PATTERNS + ('unstructured',)} or 'N:M' "
                      "(e.g. '2:4').")
   n, mm = int(m.group(1)), int(m.group(2))
   if not 0 < n < mm:
-    raise ValueError(f'{caller}: pattern={pattern!r} needs 0 < N < M (N kept of every M inputs); e.g. 2:4.')
+    raise ValueError(f'{where}pattern={pattern!r} needs 0 < N < M (N kept of every M inputs); e.g. 2:4.')
   return n, mm
 
 

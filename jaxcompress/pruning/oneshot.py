@@ -55,6 +55,41 @@ def _experts(model: Model, params: Params, rules: core.Rules) -> set[str]:
           if f'{model.block_path}/{i}/{k}' in flat and rules.matches(f'{model.block_path}/{i}/{k}/kernel')}
 
 
+def chosen_kernels(model: Model, params: Params, config, *, blocks_only: bool = True) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of the kernels a pruning config's include / exclude choose (params may be abstract): the block
+  kernels and stacked experts (`blocks_only`), or every kernel the rules match."""
+  rules = selection_rules(config, model)
+  sel = core.select_by(params, rules)
+  flat = core.paths.flatten(params)
+  prefix = f'{model.block_path}/'
+  chosen = {p: tuple(s) for p, s in zip(sel.paths, sel.shapes) if not blocks_only or p.startswith(prefix)}
+  if blocks_only:
+    chosen.update({p: tuple(core.shape_of(flat[p])) for p in _experts(model, params, rules)})
+  return chosen
+
+
+def check_kernels(model: Model, params: Params, *, config, blocks_only: bool = True) -> None:
+  """A pruning config against the model's shapes, before any weight is read: include / exclude choose some
+  kernel, and an N:M pattern's M divides the input width of every chosen kernel (the registry's `check`)."""
+  chosen = chosen_kernels(model, params, config, blocks_only=blocks_only)
+  if not chosen:
+    where = "the model's blocks" if blocks_only else 'the model'
+    raise ValueError(f'include={config.include!r} exclude={config.exclude!r} matches no kernel of {where}; '
+                     'see model.select(params) for the paths.')
+  nm = masks_lib.parse_pattern(config.pattern, caller='')
+  if not isinstance(nm, tuple):
+    return
+  bad = {p: s[-2] for p, s in sorted(chosen.items()) if s[-2] % nm[1]}
+  if bad:
+    path, width = next(iter(bad.items()))
+    widths = sorted({s[-2] for s in chosen.values()})
+    fits = [m for m in range(nm[0] + 1, 17) if all(w % m == 0 for w in widths)]
+    hint = f'an M dividing every width {widths} ({", ".join(f"{nm[0]}:{m}" for m in fits[:3])})' if fits else \
+        f'an M dividing every width {widths}'
+    raise ValueError(f'pattern={config.pattern!r} groups every {nm[1]} inputs, but {path} has {width} inputs '
+                     f'({len(bad)} such kernels); choose {hint}, or leave those kernels out with exclude=.')
+
+
 def sequential(model, params, batches, observer, solve, statistic, config, driver_kwargs):
   """params with every chosen block kernel replaced by solve(w, statistic(stats, experts), sparsity).
 

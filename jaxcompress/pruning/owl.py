@@ -32,7 +32,7 @@ import numpy as np
 from jaxcompress import registry
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.oneshot import DenseStatistics
+from jaxcompress.pruning.oneshot import DenseStatistics, check_kernels
 from jaxcompress.pruning.wanda import WandaConfig, wanda
 
 
@@ -98,6 +98,6 @@ def owl(model: Model, params: Params, calib, *, config: WandaConfig = WandaConfi
 
 
 registry.register('owl', WandaConfig, owl, family='pruning', forbids=registry.COMPRESSED, adds='masked',
-                  defaults={'distribution': 'owl'}, calibrated=True,
+                  defaults={'distribution': 'owl'}, calibrated=True, check=check_kernels,
                   paper='Yin et al., "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning '
                   'LLMs to High Sparsity" (ICML 2024)')

@@ -30,7 +30,7 @@ from jaxcompress.core.select import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning.inputs import check_calibration, check_kernel
-from jaxcompress.pruning.oneshot import Distribution, check_distribution, sequential
+from jaxcompress.pruning.oneshot import Distribution, check_distribution, check_kernels, sequential
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -50,6 +50,8 @@ class SparseGPTConfig:
   owl_lambda: float = registry.field(0.08, range='[0.0, 0.25]')  # OWL's λ: block sparsities within sparsity ± 2λ
 
   def __post_init__(self):
+    if masks_lib.parse_pattern(self.pattern, caller='') == 'per_output':
+      raise ValueError("pattern='per_output' is not a SparseGPT selection; use None (adaptive per block) or 'N:M'.")
     check_distribution(self)
 
 
@@ -251,5 +253,6 @@ def sparsegpt(model: Model, params: Params, calib, *, config: SparseGPTConfig = 
 
 
 registry.register('sparsegpt', SparseGPTConfig, sparsegpt, family='pruning', forbids=registry.COMPRESSED,
-                  adds='masked', calibrated=True, paper='Frantar & Alistarh, "SparseGPT: Massive Language Models '
-                  'Can Be Accurately Pruned in One-Shot" (ICML 2023)')
+                  adds='masked', calibrated=True, check=check_kernels,
+                  paper='Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" '
+                  '(ICML 2023)')

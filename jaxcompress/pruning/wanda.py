@@ -22,7 +22,7 @@ from jaxcompress.core.select import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning.inputs import check_calibration, check_kernel
-from jaxcompress.pruning.oneshot import Distribution, check_distribution, sequential
+from jaxcompress.pruning.oneshot import Distribution, check_distribution, check_kernels, sequential
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +38,7 @@ class WandaConfig:
   owl_lambda: float = registry.field(0.08, range='[0.0, 0.25]')  # OWL's λ: block sparsities within sparsity ± 2λ
 
   def __post_init__(self):
+    masks_lib.parse_pattern(self.pattern, caller='')  # 'N:M' with 0 < N < M, or a named pattern
     check_distribution(self)
 
 
@@ -100,5 +101,5 @@ def wanda(model: Model, params: Params, calib, *, config: WandaConfig = WandaCon
 
 
 registry.register('wanda', WandaConfig, wanda, family='pruning', forbids=registry.COMPRESSED, adds='masked',
-                  calibrated=True, paper='Sun et al., "A Simple and Effective Pruning Approach for Large Language '
-                  'Models" (ICLR 2024)')
+                  calibrated=True, check=check_kernels,
+                  paper='Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (ICLR 2024)')

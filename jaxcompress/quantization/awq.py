@@ -248,6 +248,6 @@ def _group_of(model, block, kernels):
 
 
 registry.register('awq', AWQConfig, awq, family='quantization', forbids=common.DENSE_OR_MASKED,
-                  adds='quantized', calibrated=True,
+                  adds='quantized', calibrated=True, check=common.check_block_group_size,
                   paper='Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration" '
                   '(MLSys 2024)')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,55 @@ def check_group_size(group_size, rows: int, where: str) -> None:
   if rows % group_size:
     raise ValueError(f'{where}: group_size={group_size} does not divide the input dimension {rows}; pick a divisor '
                      f'of {rows} or group_size=None (one group per output column).')
+
+
+def block_input_widths(model, params) -> dict[str, int]:
+  """{path: input width} of every block linear (`model.block_structure`: kernels [in, out] and stacked experts
+  [E, in, out]); params may be abstract (`model.abstract_params()`)."""
+  out = {}
+  for i in range(model.num_layers(params)):
+    block = params[model.block_path][i]
+    for group in model.block_structure(block):
+      for k in group.kernels:
+        out[f'{model.block_path}/{i}/{k}'] = int(core.shape_of(core.paths.get(block, k))[-2])
+  return out
+
+
+def _divisors_hint(widths, *, every: bool) -> str:
+  """Group sizes to suggest: dividing every width (or some width), largest first."""
+  g = math.gcd(*widths)
+  fits = (lambda d: g % d == 0) if every else (lambda d: any(w % d == 0 for w in widths))
+  picks = [d for d in (128, 64, 32, 16) if fits(d)][:2]
+  return (f'{" or ".join(map(str, picks))}' if picks else str(g)) + (f' (a divisor of {g})' if every else '')
+
+
+def check_group_size_fits(group_size, widths: dict[str, int]) -> None:
+  """group_size divides every input width of `widths` ({path: width}), or a ValueError naming the first it does
+  not and the fix (methods whose kernels all take groups: gptq, awq, mixed)."""
+  if group_size is None or not widths:
+    return
+  bad = {p: w for p, w in sorted(widths.items()) if w % group_size}
+  if bad:
+    path, width = next(iter(bad.items()))
+    hint = _divisors_hint(widths.values(), every=True)
+    raise ValueError(f'group_size={group_size} does not divide the input width {width} of {path} ({len(bad)} of '
+                     f'{len(widths)} kernels); give {hint}, or group_size=None (one group per output column).')
+
+
+def check_group_size_used(group_size, widths: dict[str, int]) -> None:
+  """group_size divides at least one input width of `widths` (methods that give a kernel it does not divide one
+  group per output column: a group size dividing none would change nothing), or a ValueError with the fix."""
+  if group_size is None or not widths or any(w % group_size == 0 for w in widths.values()):
+    return
+  hint = _divisors_hint(widths.values(), every=False)
+  raise ValueError(f'group_size={group_size} divides none of the input widths {sorted(set(widths.values()))}, so '
+                   f'every kernel would get one group per output column; give {hint}, or group_size=None to ask '
+                   'for that.')
+
+
+def check_block_group_size(model, params, *, config) -> None:
+  """The registry `check` of methods grouping every block linear's rows by config.group_size."""
+  check_group_size_fits(config.group_size, block_input_widths(model, params))
 
 
 def check_finite(a, name: str, where: str) -> None:

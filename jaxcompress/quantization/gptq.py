@@ -305,5 +305,6 @@ def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bo
 
 registry.register('gptq', GPTQConfig, gptq, family='quantization',
                   forbids=common.DENSE_OR_MASKED, adds='quantized', calibrated=True,
+                  check=common.check_block_group_size,
                   paper='Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained '
                   'Transformers" (ICLR 2023)')

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxcompress import registry
 from jaxcompress.eval import token_nll
 from jaxcompress.quantization import common
-from jaxcompress.quantization.qat import QATConfig, quantization_aware
+from jaxcompress.quantization.qat import QATConfig, check, quantization_aware
 from jaxcompress.train import objectives
 
 
@@ -70,6 +70,6 @@ def llm_qat(model, params, calib, *, config: QATConfig = QATConfig()):
 
 
 registry.register('llm_qat', QATConfig, llm_qat, family='quantization', forbids=common.DENSE_OR_MASKED,
-                  adds='quantized', trains=True,
+                  adds='quantized', trains=True, check=check,
                   paper='Liu et al., "LLM-QAT: Data-Free Quantization Aware Training for Large Language Models" '
                   '(2023): QAT on KL to the full-precision model (trained on the corpus)')

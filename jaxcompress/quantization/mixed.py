@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import calibration, core, registry
-from jaxcompress.quantization import quantizers
+from jaxcompress.quantization import common, quantizers
 from jaxcompress.quantization.gptq import gptq_from_hessian
 
 
@@ -99,5 +99,6 @@ def mixed(model, params, calib, *, config: MixedConfig = MixedConfig(), widths: 
 
 
 registry.register('mixed', MixedConfig, mixed, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
-                  calibrated=True, paper='per-layer widths from measured GPTQ sensitivity (HAWQ-style allocation, '
+                  calibrated=True, check=common.check_block_group_size,
+                  paper='per-layer widths from measured GPTQ sensitivity (HAWQ-style allocation, '
                   'Dong et al., ICCV 2019)')

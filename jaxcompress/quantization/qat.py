@@ -171,6 +171,15 @@ def qat_groups(model, params, group_size: int | None) -> list[tuple[core.Rules, 
   return [(model.selection_rules(include=tuple(paths)), gs) for gs, paths in groups.items()]
 
 
+def check(model, params, *, config: QATConfig) -> None:
+  """A group_size the recipe gives divides the input width of some block kernel (`qat_groups` gives the others one
+  scale per column; a size dividing none would quantize per column under another name; the default falls back
+  silently on small models). Shapes only: params may be abstract."""
+  if config.group_size != QATConfig().group_size:
+    sel = model.select(params)
+    common.check_group_size_used(config.group_size, {p: s[0] for p, s in zip(sel.paths, sel.shapes)})
+
+
 def quantization_aware(calib, name: str, model, params, config: QATConfig, objective_of, *, teacher: bool):
   """Trains under `fake_quant` of every block kernel, then quantizes them with the same grids (`finalize`).
 
@@ -198,7 +207,7 @@ def qat(model, params, calib, *, config: QATConfig = QATConfig()):
 
 
 registry.register('qat', QATConfig, qat, family='quantization', forbids=common.DENSE_OR_MASKED, adds='quantized',
-                  trains=True,
+                  trains=True, check=check,
                   paper='Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-'
                   'Only Inference" (CVPR 2018): straight-through fake quantization, then the same round-to-nearest '
                   'grid')

@@ -58,5 +58,15 @@ def rtn(model, params, calib=None, *, config: RTNConfig = RTNConfig()):
   return model, target_selection(model, params, config.target, config.include).map(one, params)
 
 
+def check(model, params, *, config: RTNConfig) -> None:
+  """config.target / include select some weight, and a group_size the recipe gives divides the first dimension of
+  one of them (those it does not divide get one group per column; a size dividing none would change nothing; the
+  default falls back silently on small models). params may be abstract."""
+  sel = target_selection(model, params, config.target, config.include)
+  if config.group_size != RTNConfig().group_size:
+    common.check_group_size_used(config.group_size, {p: s[0] for p, s in zip(sel.paths, sel.shapes)})
+
+
 registry.register('rtn', RTNConfig, rtn, family='quantization', forbids=common.DENSE_OR_MASKED,
-                  adds='quantized', paper='round-to-nearest min-max baseline (Jacob et al., CVPR 2018 grids)')
+                  adds='quantized', check=check,
+                  paper='round-to-nearest min-max baseline (Jacob et al., CVPR 2018 grids)')

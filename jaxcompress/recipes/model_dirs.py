@@ -20,18 +20,24 @@ import pathlib
 COMPRESSED_FILE = 'model.jc.safetensors'  # the name `save_compressed` writes
 RUN_FILE = 'compressed.jxc'  # the `core.serialize` file of a compression run directory
 RUN_ARCHITECTURE = 'hf'  # the run directory's folder whose config.json gives the architecture
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')  # any one: a tokenizer directory
 
 
 def compressed_file(directory: str | os.PathLike) -> pathlib.Path | None:
   """The `core.serialize` file of a compressed-checkpoint directory, or None if the directory holds none."""
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
 
   from jaxcompress.core import serialize
   found = []
   for f in sorted(pathlib.Path(directory).glob('*.safetensors')):
-    with safe_open(str(f), framework='numpy') as handle:
-      if (handle.metadata() or {}).get('format') == serialize.FORMAT:
-        found.append(f)
+    try:
+      with safe_open(str(f), framework='numpy') as handle:
+        metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as e:
+      raise ValueError(f"cannot read '{f}': {e}. The file is truncated or corrupt; download or export it "
+                       'again.') from None
+    if metadata.get('format') == serialize.FORMAT:
+      found.append(f)
   if len(found) > 1:
     raise ValueError(f"'{directory}' holds several compressed checkpoints ({', '.join(f.name for f in found)}); "
                      'keep one per directory.')
@@ -42,6 +48,28 @@ def is_run_dir(directory: str | os.PathLike) -> bool:
   """Whether `directory` is a compression run directory (compressed.jxc written with --save)."""
   path = pathlib.Path(directory).expanduser()
   return (path / RUN_FILE).is_file() and (path / RUN_ARCHITECTURE / 'config.json').is_file()
+
+
+def source(directory: str | os.PathLike) -> str | None:
+  """The model a compression run directory compressed (its config.json's 'model'), or None."""
+  try:
+    return json.loads((pathlib.Path(directory).expanduser() / 'config.json').read_text()).get('model')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def tokenizer_dir(name: str | os.PathLike) -> pathlib.Path | None:
+  """The directory holding the tokenizer of a named model or directory: the directory itself when it holds one;
+  for a compression run directory, that of the model it compressed (run directories keep no tokenizer); else None."""
+  from jaxcompress.recipes import fixture
+  if is_run_dir(name):
+    origin = source(name)
+    return None if origin is None or is_run_dir(origin) else tokenizer_dir(origin)
+  try:
+    path = fixture.resolve(name)
+  except FileNotFoundError:
+    return None
+  return path if any((path / f).is_file() for f in TOKENIZER_FILES) else None
 
 
 def save_compressed(directory: str | os.PathLike, model, params, metadata: dict | None = None) -> pathlib.Path:

@@ -7,7 +7,10 @@
 
 With output_dir, the run writes there what `experiments/compress.py` writes: config.json, environment.json,
 metrics.jsonl (one record per stage), compressed.jxc (core.serialize), orbax/ (the same tree with orbax), hf/ (the
-dense equivalent as a Hugging Face checkpoint), report.md, results.json and stages.png.
+dense equivalent as a Hugging Face checkpoint), report.md, results.json and stages.png. The run owns the directory
+(`run_dir`): it writes into output_dir.partial/ and swaps it in once every file is written, so a directory never
+mixes two runs and a failed run leaves the one before it as it was; another run's directory is replaced only with
+overwrite=True, a rerun of the same configuration replaces its own result.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxcompress.recipes import preflight
 from jaxcompress.recipes import report as report_lib
+from jaxcompress.recipes import run_dir
 from jaxcompress.recipes import setup as setup_lib
 from jaxcompress.recipes.report import CompressionResult
 
@@ -29,7 +34,8 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
              eval_data: str = 'default', calib_samples: int = 512, eval_samples: int = 256, seq_len: int = 64,
              batch_size: int = 32, seed: int = 0, output_dir: str | pathlib.Path | None = None, save: bool = True,
              measure: bool = True, per_stage_eval: bool = True, timing_reps: int = 5, out_of_core: bool = False,
-             mesh=None, verbose: bool = False, settings: Mapping[str, Any] | None = None) -> CompressionResult:
+             mesh=None, verbose: bool = False, settings: Mapping[str, Any] | None = None,
+             overwrite: bool = False) -> CompressionResult:
   """Parse, load, calibrate, apply the recipe, evaluate, measure, save and report.
 
   model: 'minilm', 'fixture', 'tiny', a checkpoint directory, or a `setup.Setup` already loaded (its data
@@ -37,45 +43,63 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
     stages. calib_data / eval_data / calib_samples / eval_samples / seq_len: see `setup.load`. batch_size:
     sequences per calibration, evaluation and training batch. seed: every random choice derives from it.
   output_dir: where the run writes its files (None: none; training stages and out-of-core blocks then use a
-    temporary directory). save: also write compressed.jxc, orbax/ and hf/. measure: speed, fine-tuning cost and
-    energy (else size and quality only). per_stage_eval: quality after every stage (else after the last).
-    timing_reps: interleaved repetitions of the speed measurements. out_of_core: run every stage block by block
-    from the checkpoint on disk into output_dir/blocks/ (`layerwise_plan` says which stages can). mesh: a jax Mesh
-    splitting calibration rows over 'data'. verbose: print the stage lines and the report. settings: further
-    settings recorded in config.json (e.g. a command line's mesh flags).
+    temporary directory): new, empty, or holding a run of the same configuration (config.json equal), which is
+    replaced once this run has finished; another run's directory is refused before any work unless overwrite.
+    Written as output_dir.partial/ and swapped in at the end; after a failure of an out-of-core run the partial
+    directory stays and the same call resumes its blocks. save: also write compressed.jxc, orbax/ and hf/.
+    measure: speed, fine-tuning cost and energy (else size and quality only). per_stage_eval: quality after every
+    stage (else after the last). timing_reps: interleaved repetitions of the speed measurements. out_of_core: run
+    every stage block by block from the checkpoint on disk into output_dir/blocks/ (`layerwise_plan` says which
+    stages can). mesh: a jax Mesh splitting calibration rows over 'data'. verbose: print the stage lines and the
+    report. settings: further settings recorded in config.json (e.g. a command line's mesh flags). overwrite:
+    replace a directory holding another run (or an unfinished out-of-core run of another configuration) as a
+    whole.
   Returns the typed result; every figure of results.json and report.md comes from it.
   """
   from jaxcompress import recipes
   parsed = not isinstance(recipe, str) and all(isinstance(s, recipes.Stage) for s in recipe)
   stages = list(recipe) if parsed else recipes.parse(recipe if isinstance(recipe, str) else list(recipe))  # checked
+  preflight.check(model, stages, calib_data=calib_data, eval_data=eval_data, out_of_core=out_of_core, seed=seed)
   name = model.name if isinstance(model, setup_lib.Setup) else str(model)
   cfg = {'model': name, 'recipe': recipe if isinstance(recipe, str) else recipes.to_string(stages),
          'calib_data': calib_data, 'eval_data': eval_data, 'calib_samples': calib_samples,
          'eval_samples': eval_samples, 'seq_len': seq_len, 'batch_size': batch_size, 'seed': seed,
          'output_dir': None if output_dir is None else str(output_dir), 'per_stage_eval': per_stage_eval,
-         'timing_reps': timing_reps, 'measure': measure, 'out_of_core': out_of_core, **(settings or {})}
+         'timing_reps': timing_reps, 'measure': measure, 'out_of_core': out_of_core, 'save': save,
+         **(settings or {})}
   if output_dir is None:
     with tempfile.TemporaryDirectory(prefix='jaxcompress-') as tmp:
       return _run(cfg, stages, model, pathlib.Path(tmp), write=False, save=False, mesh=mesh, verbose=verbose)
-  return _run(cfg, stages, model, pathlib.Path(output_dir), write=True, save=save, mesh=mesh, verbose=verbose)
+  staging = run_dir.claim(output_dir, cfg, overwrite=overwrite)  # refused before any work
+  try:
+    result = _run(cfg, stages, model, staging, write=True, save=save, mesh=mesh, verbose=verbose,
+                  final=pathlib.Path(output_dir))
+  except BaseException as e:
+    if run_dir.abandon(staging):
+      e.add_note(f"The unfinished run stays in '{staging}' (its out-of-core blocks); the same call resumes it.")
+    raise
+  run_dir.publish(staging, output_dir)
+  return result
 
 
 def run(config: Mapping[str, Any], *, setup: setup_lib.Setup | None = None, mesh=None, save: bool = True,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, overwrite: bool = False) -> dict:
   """`compress` driven by a settings dict with config.json's keys ('model', 'recipe', 'output_dir', the data and
   measurement settings; missing ones take `compress`'s defaults, others are recorded): results.json's dict.
   Replays a run: `run(json.loads(pathlib.Path('runs/x/config.json').read_text()))`."""
   import inspect
-  names = set(inspect.signature(compress).parameters) - {'model', 'recipe', 'settings', 'save', 'mesh', 'verbose'}
+  own = {'model', 'recipe', 'settings', 'save', 'mesh', 'verbose', 'overwrite'}
+  names = set(inspect.signature(compress).parameters) - own
   kwargs = {k: v for k, v in config.items() if k in names}
-  settings = {k: v for k, v in config.items() if k not in names and k not in ('model', 'recipe')}
+  settings = {k: v for k, v in config.items() if k not in names and k not in own}
   result = compress(config['model'] if setup is None else setup, config['recipe'], **kwargs, save=save, mesh=mesh,
-                    verbose=verbose, settings=settings)
+                    verbose=verbose, settings=settings, overwrite=overwrite)
   return result.to_json()
 
 
-def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save: bool, mesh,
-         verbose: bool) -> CompressionResult:
+def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save: bool, mesh, verbose: bool,
+         final: pathlib.Path | None = None) -> CompressionResult:
+  """The run, writing into `out` (the staging directory of `final`, the output directory it becomes)."""
   import jax
 
   from jaxcompress import core, models, provenance, recipes, registry
@@ -89,12 +113,12 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
     layerwise_plan(stages, registry.Context(reference_model=setup.model, reference=setup.params,
                                             calib=tuple(setup.calib), train=setup.train, seed=cfg['seed']),
                    setup.model)
+  preflight.check_weights(setup.params, name=cfg['model'])  # NaN / inf: refused before the dense evaluation
   say = print if verbose else (lambda *a, **k: None)
   say(f"{cfg['model']}: {type(setup.model).__name__}, recipe {recipes.to_string(stages)} "
       f'(loaded in {time.perf_counter() - t_load:.1f}s)')
-  out.mkdir(parents=True, exist_ok=True)
-  if write:
-    provenance.write_run_dir(out, config=cfg)
+  if write:  # the inputs are checked: config.json goes in with the run's first files
+    run_dir.open_staging(out, cfg)
   bs, seq_len = cfg['batch_size'], cfg['seq_len']
   q_dense = report_lib.quality(setup, setup.model, setup.params, None, bs)
   reference = q_dense.pop('embeddings', None)
@@ -131,7 +155,7 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
       quality={k: v for k, v in records[-1].items() if k in report_lib.QUALITY_KEYS},
       size=report_lib.size(model, params, setup.params, seq_len), compress_s=compress_s, stages=tuple(records),
       params_hash=report_lib.params_hash(params), leaf_kinds=report_lib.leaf_kinds(params), measure=measured,
-      compressed_model=model, compressed_params=params, output_dir=str(out) if write else None)
+      compressed_model=model, compressed_params=params, output_dir=str(final or out) if write else None)
   text = result.to_markdown()
   if write:
     provenance.atomic_write(out / 'metrics.jsonl', ''.join(json.dumps(provenance.to_jsonable(r)) + '\n'
@@ -149,7 +173,7 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
     provenance.write_json(out / 'results.json', result.to_json())
   say('\n' + text)
   if write:
-    say(f'files: {out}/ (report.md, stages.png, metrics.jsonl, results.json'
+    say(f'files: {final or out}/ (report.md, stages.png, metrics.jsonl, results.json'
         + (', compressed.jxc, orbax/, hf/)' if save else ')'))
   return result
 

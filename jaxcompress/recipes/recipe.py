@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Any
 
 from jaxcompress import registry
@@ -63,6 +64,12 @@ def _parse_stage(text: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f'recipe: stage {text!r} must be name or name(arg=value, ...) with keyword arguments only.')
   kwargs = {}
   for kw in node.keywords:
+    if kw.arg is None:
+      raise ValueError(f'recipe: stage {text!r}: **{ast.unparse(kw.value)} is not an argument; write each one as '
+                       'name=value.')
+    if kw.arg in kwargs:
+      raise ValueError(f'recipe: {node.func.id}: {kw.arg}= is given twice ({kw.arg}={kwargs[kw.arg]!r} and '
+                       f'{kw.arg}={ast.unparse(kw.value)}); keep one.')
     try:
       kwargs[kw.arg] = ast.literal_eval(kw.value)
     except ValueError as e:
@@ -81,7 +88,10 @@ def parse(recipe: str | list) -> list[Stage]:
     path = pathlib.Path(recipe.strip())
     if not path.is_file():
       raise ValueError(f'recipe: {path} is not a file (a JSON recipe is a list of {{"method": ..., args}}).')
-    recipe = json.loads(path.read_text())
+    recipe = read_json(path)
+    if isinstance(recipe, dict) and not isinstance(recipe.get('stages'), list):
+      raise ValueError(f"recipe: '{path}' holds an object without a \"stages\" list; write "
+                       '[{"method": name, args...}, ...] or {"stages": [...]}.')
   if isinstance(recipe, dict):
     recipe = recipe.get('stages', recipe)
   if isinstance(recipe, str):
@@ -100,8 +110,60 @@ def parse(recipe: str | list) -> list[Stage]:
   for name, kwargs in raw:
     method = registry.get(name)
     stages.append(Stage(method, registry.make_config(method, kwargs), tuple(kwargs.items())))
+    check_patterns(stages[-1])
   plan(stages)
   return stages
+
+
+def read_json(path: pathlib.Path) -> Any:
+  """The JSON in `path`; a ValueError naming the file and the line and column of a syntax error or of a key an
+  object gives twice (Python's json would keep the last)."""
+  try:
+    return json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"recipe: '{path}' is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"recipe: cannot read '{path}' ({type(e).__name__}: {e}).") from None
+  except _DuplicateKey as e:
+    raise ValueError(f"recipe: '{path}': {e}") from None
+
+
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """A JSON object's dict, refusing a key given twice."""
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise _DuplicateKey(f'the key "{k}" is given twice in the object {json.dumps(out)[:-1]}, ...}} '
+                          f'({json.dumps(out[k])} and {json.dumps(v)}); keep one.')
+    out[k] = v
+  return out
+
+
+PATTERN_FIELDS = ('include', 'exclude')  # config fields holding path regexes (a string or a tuple of them)
+
+
+def check_patterns(stage: Stage) -> None:
+  """Refuses a path regex of a stage's config (`include`, `exclude`, the paths of `overrides`) that does not
+  compile, naming the stage, the argument and Python's error."""
+  config = stage.config
+  found = [(f, getattr(config, f)) for f in PATTERN_FIELDS if hasattr(config, f)]
+  found = [(f, v, (v,) if isinstance(v, str) else v) for f, v in found if isinstance(v, (str, tuple))]
+  overrides = getattr(config, 'overrides', ())
+  if isinstance(overrides, tuple):  # (path regex, value) pairs
+    found.append(('overrides', overrides, tuple(o[0] for o in overrides if isinstance(o, tuple) and o)))
+  for name, value, regexes in found:
+    for rx in regexes:
+      if not isinstance(rx, str):
+        continue
+      try:
+        re.compile(rx)
+      except re.error as e:
+        raise ValueError(f'recipe: {stage.name}: {name}={value!r}: {rx!r} is not a valid regular expression '
+                         f'({e}); write a Python regex (a literal ( [ . + * ? takes a backslash before it).') from None
 
 
 def scopes(stage: Stage) -> tuple[str, ...]:

@@ -60,17 +60,21 @@ def _texts(spec: str, n: int, skip: int) -> list[str]:
   return lines[:n]
 
 
-def _rows(spec: str, default: np.ndarray, n: int) -> np.ndarray:
+def _rows(spec: str, default: np.ndarray, n: int, model, param: str) -> np.ndarray:
+  """The first n token rows [n, T + 1] int32 of 'default' or of a .npy file, checked against the model's
+  vocabulary before the cast (float files are refused, not cast; an int64 id past int32 would wrap)."""
   if spec == 'default':
     rows = default
   else:
     path = pathlib.Path(spec)
     if path.suffix != '.npy' or not path.is_file():
       raise ValueError(f"data={spec!r}: a causal LM takes 'default' or an existing .npy of token rows [N, T + 1].")
-    rows = np.load(path).astype(np.int32)
+    rows = np.load(path, allow_pickle=False)
     if rows.ndim != 2:
       raise ValueError(f'data={spec!r}: rows of shape {rows.shape}; expected [N, T + 1].')
-  return rows[:n]
+  from jaxcompress.models import ids
+  ids.check_tokens(model, rows[:n], name='token rows', where=f'{param}={spec!r}: ')
+  return rows[:n].astype(np.int32)
 
 
 def tiny_model(seed: int):
@@ -95,6 +99,16 @@ class Setup:
   eval_tokens: np.ndarray  # encoder [N, T] or causal rows [N, T + 1]
   eval_mask: np.ndarray | None  # encoder [N, T] attention mask; None for causal LMs
 
+  def __post_init__(self):
+    """Evaluation ids are checked here, once: the evaluation runs them inside jit, where an id outside the
+    vocabulary would give a NaN perplexity or cosine. Calibration and training batches are checked where they
+    are consumed (the calibration driver, the training loop)."""
+    from jaxcompress.models import ids
+    ids.check_tokens(self.model, self.eval_tokens, name='eval_tokens', where=f'setup {self.name!r}: ')
+    if self.eval_mask is not None and np.shape(self.eval_mask) != np.shape(self.eval_tokens):
+      raise ValueError(f'setup {self.name!r}: eval_mask has shape {np.shape(self.eval_mask)} but eval_tokens '
+                       f'{np.shape(self.eval_tokens)}; give one 1/0 per token (1 real, 0 padding).')
+
 
 def load(model_name: str, *, calib_data: str = 'default', eval_data: str = 'default', calib_samples: int = 512,
          eval_samples: int = 256, seq_len: int = 64, batch_size: int = 32, seed: int = 0) -> Setup:
@@ -110,15 +124,15 @@ def load(model_name: str, *, calib_data: str = 'default', eval_data: str = 'defa
     model, params = tiny_model(seed)
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, 64, (64, 17)).astype(np.int32)
-    train_rows = _rows(calib_data, rows[:48], calib_samples)
-    eval_rows = _rows(eval_data, rows[48:], eval_samples)
+    train_rows = _rows(calib_data, rows[:48], calib_samples, model, 'calib_data')
+    eval_rows = _rows(eval_data, rows[48:], eval_samples, model, 'eval_data')
     train = pipeline.LMBatches(sequences=train_rows, batch_size=min(batch_size, len(train_rows)), seed=seed)
   else:
     model, params = fixture.load(model_name)
     if model.causal:
       _, train, held_out = fixture.data(fixture.resolve(model_name))
-      train_rows = _rows(calib_data, train.sequences, calib_samples)
-      eval_rows = _rows(eval_data, held_out, eval_samples)
+      train_rows = _rows(calib_data, train.sequences, calib_samples, model, 'calib_data')
+      eval_rows = _rows(eval_data, held_out, eval_samples, model, 'eval_data')
       train = pipeline.LMBatches(sequences=train.sequences, batch_size=min(batch_size, 16), seed=seed)
   if model.causal:
     calib = [{'tokens': train_rows[i:i + batch_size, :-1]} for i in range(0, len(train_rows), batch_size)]

@@ -32,6 +32,9 @@ class Method:
   calibrated: bool = False  # needs calibration batches
   trains: bool = False  # runs optimizer steps (needs calib.train)
   module: str = ''  # where it was registered
+  # check(model, params, *, config) -> None: raises ValueError for what the method cannot run on, known from the
+  # model spec and its weights' shapes alone (params may be abstract: `model.abstract_params()`); None: no check
+  check: Callable[..., None] | None = None
 
   def apply(self, model, params, calib, config=None) -> tuple[Any, Any]:
     """Runs the method: `fn(model, params, calib, config=config)` (config: the registered defaults)."""
@@ -49,14 +52,19 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, config: type, fn: Fn, *, family: str, paper: str, forbids=(), adds: str | None = None,
-             defaults: dict[str, Any] | None = None, calibrated: bool = False, trains: bool = False) -> Method:
-  """Adds a method under `name` (replacing one of the same name) and returns it."""
+             defaults: dict[str, Any] | None = None, calibrated: bool = False, trains: bool = False,
+             check: Callable[..., None] | None = None) -> Method:
+  """Adds a method under `name` (replacing one of the same name) and returns it. check(model, params, *, config):
+  the method's own refusals from the model's config and weight shapes, which `recipes.preflight` runs before any
+  weight is loaded (a ValueError saying what to change)."""
   if not re.fullmatch(r'[a-z_][a-z0-9_]*', name):
     raise ValueError(f'register({name!r}): a method name is lower-case letters, digits and _ (a recipe writes it).')
   if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
     raise TypeError(f'register({name!r}): config {config!r} must be a frozen dataclass.')
   if not callable(fn):
     raise TypeError(f'register({name!r}): fn {fn!r} is not callable; give (model, params, calib, *, config).')
+  if check is not None and not callable(check):
+    raise TypeError(f'register({name!r}): check {check!r} is not callable; give (model, params, *, config) -> None.')
   bad = [t for t in (*forbids, *([adds] if adds else [])) if t not in TAGS]
   if bad:
     raise ValueError(f'register({name!r}): unknown kernel states {bad}; use {TAGS}.')
@@ -69,7 +77,7 @@ def register(name: str, config: type, fn: Fn, *, family: str, paper: str, forbid
       _interval(f.metadata['range'])  # a malformed range fails at registration, not at the first bad value
   method = Method(name=name, config=config, fn=fn, family=family, paper=paper, forbids=frozenset(forbids),
                   adds=adds, defaults=tuple(sorted((defaults or {}).items())), calibrated=calibrated,
-                  trains=trains, module=getattr(fn, '__module__', ''))
+                  trains=trains, module=getattr(fn, '__module__', ''), check=check)
   REGISTRY[name] = method
   return method
 

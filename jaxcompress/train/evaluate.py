@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.eval import lm
-from jaxcompress.models import Model, layers
+from jaxcompress.models import Model, ids, layers
 from jaxcompress.train import sharding as sharding_lib
 
 
@@ -22,9 +22,11 @@ def make_lm_eval(model: Model, sequences: np.ndarray, *, batch_size: int, mesh: 
   sequences: [N, T + 1] int32 packed token rows (inputs are [:, :-1], targets [:, 1:]). Every process passes
   the same array; each feeds its own rows of every batch. The last batch is padded and masked.
   """
-  sequences = np.asarray(sequences, np.int32)
+  sequences = np.asarray(sequences)
   if sequences.ndim != 2 or sequences.shape[1] < 2:
     raise ValueError(f'make_lm_eval: sequences must be [N, T + 1] with T >= 1, got {sequences.shape}.')
+  ids.check_tokens(model, sequences, name='sequences', where='make_lm_eval: ')  # once: the rows are fixed
+  sequences = sequences.astype(np.int32)
   divisor = sharding_lib.batch_divisor(mesh)
   if batch_size % divisor:
     raise ValueError(f'make_lm_eval: batch_size={batch_size} must be a multiple of {divisor} (data x fsdp).')

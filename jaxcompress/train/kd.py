@@ -40,6 +40,7 @@ def logit_distillation(student: Model, teacher: Model, *, alpha: float = 0.5, te
     del rng
     if frozen is None:
       raise ValueError('logit_distillation needs the teacher params as TrainState.frozen (fit(frozen=...)).')
+    objectives.require(batch, ('inputs', 'targets'), 'logit_distillation')
     logits = student.apply(params, batch['inputs'], remat=remat).astype(jnp.float32)
     teacher_logits = jax.lax.stop_gradient(teacher.apply(frozen, batch['inputs']).astype(jnp.float32))
     if teacher_logits.shape != logits.shape:
@@ -178,6 +179,7 @@ def distillation(student: Model, teacher: Model, cfg: DistillConfig, *, remat: b
     del rng
     if frozen is None:
       raise ValueError('distillation needs the teacher params as TrainState.frozen (fit(frozen=...)).')
+    objectives.require(batch, ('inputs', 'targets') if student.causal else ('inputs',), 'distillation')
     sp, projections = split_params(params)
     s_out, s_int = run(student, sp, batch, remat)
     t_out, t_int = jax.lax.stop_gradient(run(teacher, frozen, batch, False))

@@ -207,7 +207,7 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
       lr = learning_rate(state.opt_state)
       if lr is not None:  # copied now: the next step donates the optimizer state's buffers
         device_metrics = {**device_metrics, 'lr': jnp.copy(lr)}
-      tokens_done += int(np.prod(local['targets'].shape)) * jax.process_count()
+      tokens_done += int(np.prod(local.get('targets', local['inputs']).shape)) * jax.process_count()
       if pending is not None:
         record(*pending)
       pending = (step, device_metrics)

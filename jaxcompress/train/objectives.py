@@ -24,9 +24,33 @@ Objective = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Arr
 CLASSIFIER = 'classifier'
 
 
+FIELDS = {  # what each batch field holds, for the messages of `require`
+    'inputs': 'inputs [B, T] int32 token ids',
+    'targets': 'targets [B, T] int32 (the next token of each input position)',
+    'labels': 'labels [B] int32 class ids',
+    'attention_mask': 'attention_mask [B, T] (1 real token, 0 padding)',
+}
+
+
+def require(batch: dict, keys: tuple[str, ...], objective: str) -> None:
+  """ValueError naming the fields `objective` reads that the batch lacks, and the fields it has (shapes are
+  static, so this runs once, when the step is traced)."""
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    have = {k: tuple(getattr(v, 'shape', ())) for k, v in batch.items()}
+    hint = ' (LMBatches.batch gives inputs, targets and mask)' if 'targets' in missing else ''
+    raise ValueError(f'{objective}: the batch lacks {missing}; it has {have}. This objective reads '
+                     f"{', '.join(FIELDS.get(k, k) for k in keys)}{hint}.")
+
+
 def token_mask(batch: dict) -> jax.Array:
   """batch['mask'] [B, T] as float32 (1 where a target counts), or ones like batch['targets']."""
-  return batch.get('mask', jnp.ones(batch['targets'].shape, jnp.float32)).astype(jnp.float32)
+  require(batch, ('targets',), 'token_mask')
+  targets = batch['targets'].shape
+  if 'mask' in batch and tuple(batch['mask'].shape) != tuple(targets):
+    raise ValueError(f"batch['mask'] has shape {tuple(batch['mask'].shape)} but batch['targets'] has "
+                     f'{tuple(targets)}; they must match (one weight per target: 1 where it counts, 0 for padding).')
+  return batch.get('mask', jnp.ones(targets, jnp.float32)).astype(jnp.float32)
 
 
 def causal_lm(model: Model, *, remat: bool = False, scan: bool = False) -> Objective:
@@ -34,6 +58,7 @@ def causal_lm(model: Model, *, remat: bool = False, scan: bool = False) -> Objec
 
   def objective(params, frozen, batch, rng):
     del frozen, rng
+    require(batch, ('inputs', 'targets'), 'causal_lm')
     logits = model.apply(params, batch['inputs'], remat=remat, scan=scan)
     mask = token_mask(batch)
     nll = token_nll(logits, batch['targets']) * mask
@@ -59,6 +84,7 @@ def classification(model: Model, *, pool: str = 'cls', remat: bool = False) -> O
     del frozen, rng
     if CLASSIFIER not in params:
       raise ValueError("classification needs params['classifier']; add one with objectives.add_classifier.")
+    require(batch, ('inputs', 'labels'), 'classification')
     body = {k: v for k, v in params.items() if k != CLASSIFIER}
     mask = batch.get('attention_mask')
     h = model.hidden_states(body, batch['inputs'], attention_mask=mask)

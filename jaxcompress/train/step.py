@@ -12,6 +12,7 @@ state is not finite leaves the state unchanged (transform state included) and re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcompress.models import layers
+from jaxcompress.models import ids, layers
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import transforms as transforms_lib
 from jaxcompress.train.objectives import Objective
@@ -43,30 +44,56 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
 
 
 INTEGER_FIELDS = ('inputs', 'targets', 'labels')
+# 0/1 fields, each with the field whose shape it must have and what one of its entries says counts.
+MASK_FIELDS = {'mask': ('targets', 'target'), 'attention_mask': ('inputs', 'token')}
 
 
 def validate_batch(batch: dict, *, rows: int, vocab_size: int | None = None) -> None:
   """Host-side check of one process's batch before it reaches the compiled step: clear errors, not XLA's
-  (and not the silent NaNs an out-of-range token id gives inside jit)."""
+  (and not the silent NaNs an out-of-range token id gives inside jit).
+
+  Errors: a field without `rows` rows; float token ids or labels (refused, never cast); token ids outside
+  [0, vocab_size) (`models.ids.check_ids`, one min/max per field); inputs and targets, mask and targets, or
+  attention_mask and inputs of different shapes; a mask or attention_mask that is zero everywhere (the step
+  would train on nothing: loss 0.0 and a zero gradient, while weight decay still moves the weights).
+  Warning (`warnings.warn`, RuntimeWarning): rows whose mask is all zero, which add nothing to the loss (padding
+  rows are allowed; a batch of nothing but padding is not).
+  """
   if not isinstance(batch, dict) or not batch:
     raise ValueError(f'a batch must be a non-empty dict of arrays, got {type(batch).__name__}.')
   for name, x in batch.items():
-    shape, dtype = np.shape(x), np.asarray(x).dtype if not hasattr(x, 'dtype') else x.dtype
+    shape = np.shape(x)
     if not shape or shape[0] != rows:
       raise ValueError(f"batch['{name}'] has shape {tuple(shape)}; expected {rows} rows (the global batch size "
                        'divided by the process count) in the first dimension.')
-    if name in INTEGER_FIELDS and not np.issubdtype(dtype, np.integer):
-      raise ValueError(f"batch['{name}'] has dtype {dtype}; token ids and labels must be integers (int32).")
+    if name in INTEGER_FIELDS:
+      ids.check_integer(x, name=f"batch['{name}']")
   if vocab_size is not None:
     for name in ('inputs', 'targets'):
       if name in batch:
-        ids = np.asarray(batch[name])
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-          raise ValueError(f"batch['{name}'] holds token ids in [{ids.min()}, {ids.max()}] but the model's "
-                           f'vocabulary has {vocab_size}; use the tokenizer the model was built for.')
+        ids.check_ids(batch[name], vocab_size, name=f"batch['{name}']")
   if 'inputs' in batch and 'targets' in batch and np.shape(batch['inputs']) != np.shape(batch['targets']):
     raise ValueError(f"batch['inputs'] {np.shape(batch['inputs'])} and batch['targets'] "
                      f"{np.shape(batch['targets'])} must have the same shape.")
+  for name, (like, unit) in MASK_FIELDS.items():
+    if name in batch:
+      _check_mask(name, np.asarray(batch[name]), like, np.shape(batch[like]) if like in batch else None, unit)
+
+
+def _check_mask(name: str, m: np.ndarray, like: str, shape: tuple | None, unit: str) -> None:
+  """A 0/1 mask: the shape of batch[like], not zero everywhere; a warning for rows that are all zero."""
+  if shape is not None and m.shape != tuple(shape):
+    raise ValueError(f"batch['{name}'] has shape {m.shape} but batch['{like}'] has {tuple(shape)}; they must "
+                     f'match (one 1/0 per {unit}: 1 where it counts, 0 for padding).')
+  live = np.any(m.reshape(m.shape[0], -1) != 0, axis=1)
+  if not live.any():
+    raise ValueError(f"batch['{name}'] is zero everywhere: no {unit} of this batch counts, so the step would train "
+                     'on nothing (loss 0.0, a zero gradient, while weight decay still moves the weights). Give '
+                     f'each row at least one 1 in {name}, or leave such batches out of the data.')
+  if not live.all():
+    warnings.warn(f"batch['{name}'] has {int(np.sum(~live))} of {m.shape[0]} rows that are all zero; those rows "
+                  'add nothing to the loss or the gradient. Fill batches with real rows to train on them.',
+                  RuntimeWarning, stacklevel=3)
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -38,7 +38,7 @@ def test_stages_that_cannot_run_block_by_block_are_refused(tmp_path):
   from jaxcompress.recipes import pipeline as compress
   for recipe, why in (('sparsegpt > distill(steps=2)', 'trains'), ('magnitude', 'is not calibrated'),
                       ('svd_llm(budget=0.5)', 'whole uncompressed model.*give keep= instead'),
-                      ('mixed', 'whole uncompressed model'), ('gqa(kv_heads=1)', 'architecture')):
+                      ('mixed(group_size=16)', 'whole uncompressed model'), ('gqa(kv_heads=1)', 'architecture')):
     with pytest.raises(ValueError, match=why):
       compress.run({**CFG, 'recipe': recipe, 'out_of_core': True, 'output_dir': str(tmp_path / 'x')}, save=False,
                    verbose=False)

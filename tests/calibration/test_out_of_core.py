@@ -73,6 +73,22 @@ def test_crash_after_any_block_then_rerun_is_bit_identical(src, reference, tmp_p
     assert oc.output_hashes(out) == want
 
 
+def test_a_resumed_run_removes_the_hidden_states_it_no_longer_needs(src, reference, tmp_path):
+  # stopped after the manifest names the block, before the clean-up: the streams entering and leaving it remain
+  for k in (0, 2):
+    out = tmp_path / f'crash{k}'
+
+    def after_block(i, record, k=k):
+      if i == k:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+      oc.run_cheap(src, out, on_block=after_block)
+    assert sorted(p.name for p in out.glob('h_*.npy')) == [f'h_{k:05d}_s1.npy', f'h_{k + 1:05d}_s1.npy']
+    oc.run_cheap(src, out)
+    assert not list(out.glob('h_*.npy')) and oc.output_hashes(out) == oc.output_hashes(reference)
+
+
 def test_damaged_block_file_is_recomputed(src, reference, tmp_path):
   out = tmp_path / 'out'
   oc.run_cheap(src, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import chex
@@ -184,3 +185,66 @@ def test_bytes_round_trip_equals_the_file_round_trip(params, tmp_path):
   chex.assert_trees_all_equal(_canonical(serialize.loads(serialize.dumps(params))), _canonical(serialize.load(path)))
   with pytest.raises(ValueError, match='format'):
     serialize.loads(save_bytes({'x': np.zeros(2, np.float32)}))
+
+
+def _edit_header(path, edit) -> None:
+  """Rewrites the safetensors header of `path` in place: edit(header dict), padded to its old length."""
+  data = path.read_bytes()
+  n = int.from_bytes(data[:8], 'little')
+  header = json.loads(data[8:8 + n])
+  edit(header)
+  text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+  assert len(text) <= n
+  path.write_bytes(data[:8] + text.ljust(n) + data[8 + n:])
+
+
+def test_a_flipped_byte_inside_a_tensor_is_an_error_naming_the_file_and_tensor(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params)
+  data = bytearray(path.read_bytes())
+  n = int.from_bytes(data[:8], 'little')
+  name = 'layers/1/mlp/kernel.codes'  # the packed 2-bit codes of one kernel
+  data[8 + n + json.loads(data[8:8 + n])[name]['data_offsets'][1] - 1] ^= 0x01
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=rf"'{path}': tensor '{name}' does not match its recorded sha256"):
+    serialize.load(path)
+
+
+def test_a_header_edit_to_a_shape_or_the_tree_is_an_error(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params)
+  original = path.read_bytes()
+  # the same bytes read with another shape
+  _edit_header(path, lambda h: h['layers/0/attn/bias'].update(shape=[1, OUT]))
+  with pytest.raises(ValueError, match=r"tensor 'layers/0/attn/bias' does not match its recorded sha256"):
+    serialize.load(path)
+  # a leaf format edited in the tree description (2 bits read as 3)
+  path.write_bytes(original)
+
+  def bits(h):
+    h['__metadata__']['tree'] = h['__metadata__']['tree'].replace('"bits": 2', '"bits": 3')
+
+  _edit_header(path, bits)
+  with pytest.raises(ValueError, match='tree description in its header does not match its recorded sha256'):
+    serialize.load(path)
+
+
+def test_a_damaged_header_is_a_value_error_also_for_user_metadata(params, tmp_path):
+  path = tmp_path / 'model.jc.safetensors'
+  serialize.save(path, params, metadata={'step': 1})
+  data = path.read_bytes()
+  path.write_bytes(data[:8] + b'{' * 4 + data[12:])  # the header's JSON broken
+  for read in (serialize.load, serialize.user_metadata):
+    with pytest.raises(ValueError, match=rf"'{path}' is not a readable safetensors file .*header damaged"):
+      read(path)
+
+
+def test_files_written_before_checksums_still_load_unchecked(params, tmp_path):
+  path = tmp_path / 'old.jc.safetensors'
+  tensors, header = serialize._encode_tree(params, None)
+  del header[serialize.CHECKSUMS], header[serialize.TREE_CHECKSUM]
+  save_file(tensors, str(path), metadata=header)
+  chex.assert_trees_all_equal(_canonical(serialize.load(path)), _canonical(params))
+  new = tmp_path / 'new.jc.safetensors'
+  serialize.save(new, params)
+  assert serialize.CHECKSUMS in (safe_open(str(new), 'numpy').metadata() or {})

@@ -248,10 +248,10 @@ def test_context_model_beats_unigram():
     (_stream(20), dict(max_length=8, stride=0), r'stride=0'),
     (_stream(20), dict(max_length=1), r'max_length=1.*at least 2 tokens'),
     (_stream(1), dict(max_length=8), r'tokens has 1 tokens; at least 2'),
-    (_stream(20).astype(np.float32), dict(max_length=8), r'integer token ids, got dtype float32.*astype'),
+    (_stream(20).astype(np.float32), dict(max_length=8), r'tokens has dtype float32; ids must be integers.*not cast'),
     (_stream(20).reshape(4, 5), dict(max_length=8), r'1-D token stream \[N\], got shape \(4, 5\).*reshape'),
-    (np.array([3, VOCAB, 4]), dict(max_length=8), rf'token id {VOCAB}, outside the vocabulary \[0, {VOCAB}\)'),
-    (np.array([3, -1, 4]), dict(max_length=8), r'token id -1, outside'),
+    (np.array([3, VOCAB, 4]), dict(max_length=8), rf'tokens: 1 id is outside \[0, {VOCAB}\) \(vocab_size={VOCAB}\), e\.g\. {VOCAB} at \[position\] \[1\]'),
+    (np.array([3, -1, 4]), dict(max_length=8), r'outside .*e\.g\. -1 at'),
     (_stream(20), dict(max_length=8, batch_size=0), r'batch_size=0'),
 ])
 def test_bad_inputs(toy_params, tokens, kwargs, match):
@@ -275,5 +275,5 @@ def test_unigram_bad_inputs():
     jeval.unigram_perplexity(np.array([0, 1]), np.array([0, 3]), 5, smoothing=0.0)
   with pytest.raises(ValueError, match=r'smoothing=-1.0'):
     jeval.unigram_perplexity(np.array([0, 1]), np.array([0, 1]), 5, smoothing=-1.0)
-  with pytest.raises(ValueError, match=r'eval_tokens holds token id 5, outside the vocabulary \[0, 5\)'):
+  with pytest.raises(ValueError, match=r'eval_tokens: 1 id is outside \[0, 5\) \(vocab_size=5\), e\.g\. 5 at'):
     jeval.unigram_perplexity(np.array([0, 1]), np.array([5]), 5)

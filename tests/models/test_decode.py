@@ -147,7 +147,7 @@ def test_generate_refuses_bad_prompts():
   empty = ones.copy()
   empty[2] = 0
   cases = [
-      (PROMPT.at[1, 2].set(-1), None, r'generate: tokens: 1 values are outside \[0, 64\).*-1 at \[row, position\] \[1, 2\]'),
+      (PROMPT.at[1, 2].set(-1), None, r'generate: tokens: 1 id is outside \[0, 64\).*-1 at \[row, position\] \[1, 2\]'),
       (PROMPT.at[0, 6].set(64), None, r'generate: tokens: .*outside \[0, 64\).*64 at'),
       (PROMPT, right, r'attention_mask row 1 is \[1, 1, 1, 1, 1, 0, 0\]: prompts must be padded on the left'),
       (PROMPT, empty, r'attention_mask row 2 .*at least one token'),

@@ -36,8 +36,8 @@ ENTRY_POINTS = {
 
 @pytest.mark.parametrize('entry', sorted(ENTRY_POINTS))
 @pytest.mark.parametrize('bad,message', [
-    (-1, r'tokens: 1 values are outside \[0, 64\) \(vocab_size\), e\.g\. -1 at \[row, position\] \[1, 3\]'),
-    (VOCAB, r'tokens: 1 values are outside \[0, 64\) \(vocab_size\), e\.g\. 64 at \[row, position\] \[1, 3\]'),
+    (-1, r'tokens: 1 id is outside \[0, 64\) \(vocab_size=64\), e\.g\. -1 at \[row, position\] \[1, 3\]; tokenize'),
+    (VOCAB, r'tokens: 1 id is outside \[0, 64\) \(vocab_size=64\), e\.g\. 64 at \[row, position\] \[1, 3\]; tokenize'),
     (10 ** 6, r'outside \[0, 64\).*1000000'),
 ], ids=['negative', 'vocab_size', 'huge'])
 def test_concrete_ids_outside_the_vocabulary_are_refused(spec_params, entry, bad, message):
@@ -57,7 +57,7 @@ def test_sequences_longer_than_learned_positions_are_refused(spec_params, entry)
     ENTRY_POINTS[entry](spec, params, long)
   with pytest.raises(ValueError, match=r'longer than the 16 learned positions'):  # a static shape: also in jit
     jax.jit(lambda p, t: spec.apply(p, t))(params, long)
-  with pytest.raises(ValueError, match=r'positions: 1 values are outside \[0, 16\) \(learned positions\)'):
+  with pytest.raises(ValueError, match=r'positions: 1 id is outside \[0, 16\) \(max_positions=16\)'):
     ENTRY_POINTS[entry](spec, params, TOKENS, positions=jnp.arange(8)[None].repeat(2, 0).at[0, 7].set(16))
 
 

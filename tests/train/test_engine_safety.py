@@ -161,7 +161,7 @@ class _BadAt:
 
 
 @pytest.mark.parametrize('field, breaker, match', [
-    ('targets', lambda x: x + 64, r'step 5 .*targets.*vocabulary has 64'),
+    ('targets', lambda x: x + 64, r'step 5 .*targets.*outside \[0, 64\) \(vocab_size=64\)'),
     ('inputs', lambda x: x[:4], r"step 5 .*inputs.*expected 8 rows"),
     ('inputs', lambda x: x.astype(np.float32), r"step 5 .*inputs.*dtype float32"),
 ])

@@ -142,7 +142,7 @@ def test_bad_inputs_are_named():
     step_lib.validate_batch({'inputs': np.zeros((4, 12), np.int32), 'targets': np.zeros((4, 12), np.int32)}, rows=8)
   with pytest.raises(ValueError, match=r"batch\['inputs'\] has dtype float32"):
     step_lib.validate_batch({'inputs': np.zeros((8, 12), np.float32), 'targets': np.zeros((8, 12), np.int32)}, rows=8)
-  with pytest.raises(ValueError, match=r"token ids in \[0, 70\] but the model's vocabulary has 48"):
+  with pytest.raises(ValueError, match=r"batch\['inputs'\]: 95 ids are outside \[0, 48\) \(vocab_size=48\), e\.g\. 70 at"):
     ids = np.full((8, 12), 70, np.int32)
     ids[0, 0] = 0
     step_lib.validate_batch({'inputs': ids, 'targets': ids}, rows=8, vocab_size=48)
