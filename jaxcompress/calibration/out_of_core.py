@@ -99,7 +99,6 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   """
   plans = _as_plans(compress_block, observer, per_group)
   out = Path(output_dir)
-  rows = _check_batches(batches)
   _lean_host_memory()
   place = driver._Placement(mesh, data_axis, offload=True)
   pid = jax.process_index()
@@ -110,6 +109,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   streams = sorted(set(needs))
   with streaming.CheckpointStream(input_dir, dtype=dtype) as ckpt:
     model = ckpt.model
+    rows = _check_batches(batches, model)
     n_layers = model.config.num_layers
     prefix = f'{model.block_path}/'
     read_block = lambda i: ckpt.read(lambda p: p.startswith(f'{prefix}{i}/'))[model.block_path][i]
@@ -407,10 +407,10 @@ def _barrier(name: str) -> None:
 # Calibration batches and hidden states --------------------------------------------------------------------------
 
 
-def _check_batches(batches: Iterable[Any]) -> list[Rows]:
-  """Host Rows of every batch; all must agree in shape (one hidden-state file, one compile), else an error
-  naming the first batch that differs, before any work."""
-  rows = [jax.tree.map(np.asarray, driver._as_rows(b, j)) for j, b in enumerate(batches)]
+def _check_batches(batches: Iterable[Any], model=None) -> list[Rows]:
+  """Host Rows of every batch, their ids checked against `model`'s vocabulary; all must agree in shape (one
+  hidden-state file, one compile), else an error naming the first batch that differs, before any work."""
+  rows = [jax.tree.map(np.asarray, driver._as_rows(b, j, model)) for j, b in enumerate(batches)]
   if not rows:
     raise ValueError('compress_checkpoint: batches is empty; give at least one batch of tokens [B, T].')
   sig = lambda r: tuple(None if x is None else (x.shape, str(x.dtype)) for x in r)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxcompress.recipes.preflight import PreflightError
+
 MODELS = ('minilm', 'fixture', 'tiny')  # the named models `load` takes besides a checkpoint directory
 
 
@@ -48,15 +50,18 @@ def sentences(n: int, skip: int = 0) -> list[str]:
   return out[skip:skip + n]
 
 
-def _texts(spec: str, n: int, skip: int) -> list[str]:
+def _texts(spec: str, n: int, skip: int, param: str) -> list[str]:
   if spec == 'default':
     return sentences(n, skip)
   path = pathlib.Path(spec)
   if path.suffix != '.txt' or not path.is_file():
-    raise ValueError(f"data={spec!r}: an encoder takes 'default' or an existing .txt file (one text per line).")
+    raise PreflightError(f"{param}={spec!r}: an encoder takes 'default' or an existing .txt file (one text per "
+                         'line).')
   lines = [s for s in path.read_text().splitlines() if s.strip()]
   if len(lines) < n:
-    raise ValueError(f'data={spec!r} has {len(lines)} lines; {n} asked (lower --calib_samples / --eval_samples).')
+    samples = param.replace('_data', '_samples')
+    raise PreflightError(f'{param}={spec!r} has {len(lines)} non-empty lines; {samples}={n} asked for more. Lower '
+                         f'{samples} or give a longer file.')
   return lines[:n]
 
 
@@ -68,12 +73,21 @@ def _rows(spec: str, default: np.ndarray, n: int, model, param: str) -> np.ndarr
   else:
     path = pathlib.Path(spec)
     if path.suffix != '.npy' or not path.is_file():
-      raise ValueError(f"data={spec!r}: a causal LM takes 'default' or an existing .npy of token rows [N, T + 1].")
+      raise PreflightError(f"{param}={spec!r}: a causal LM takes 'default' or an existing .npy of token rows "
+                           '[N, T + 1].')
     rows = np.load(path, allow_pickle=False)
     if rows.ndim != 2:
-      raise ValueError(f'data={spec!r}: rows of shape {rows.shape}; expected [N, T + 1].')
+      raise PreflightError(f'{param}={spec!r}: rows of shape {rows.shape}; expected a 2-D array [N, T + 1] of '
+                           'token ids.')
+    if len(rows) < n:
+      samples = param.replace('_data', '_samples')
+      raise PreflightError(f'{param}={spec!r} has {len(rows)} rows; {samples}={n} asked for more. Lower {samples} '
+                           'or give more rows.')
   from jaxcompress.models import ids
-  ids.check_tokens(model, rows[:n], name='token rows', where=f'{param}={spec!r}: ')
+  try:
+    ids.check_tokens(model, rows[:n], name='token rows', where=f'{param}={spec!r}: ')
+  except ValueError as e:
+    raise PreflightError(str(e)) from None
   return rows[:n].astype(np.int32)
 
 
@@ -145,8 +159,9 @@ def load(model_name: str, *, calib_data: str = 'default', eval_data: str = 'defa
     b = tokenizer(texts, padding='max_length', truncation=True, max_length=seq_len, return_tensors='np')
     return b['input_ids'].astype(np.int32), b['attention_mask'].astype(np.int32)
 
-  calib_tok, calib_mask = encode(_texts(calib_data, calib_samples, 0))
-  eval_tok, eval_mask = encode(_texts(eval_data, eval_samples, calib_samples if calib_data == 'default' else 0))
+  calib_tok, calib_mask = encode(_texts(calib_data, calib_samples, 0, 'calib_data'))
+  eval_tok, eval_mask = encode(_texts(eval_data, eval_samples, calib_samples if calib_data == 'default' else 0,
+                                      'eval_data'))
   calib = [{'tokens': calib_tok[i:i + batch_size], 'attention_mask': calib_mask[i:i + batch_size]}
            for i in range(0, len(calib_tok), batch_size)]
   train = EncoderBatches(calib_tok, calib_mask, min(batch_size, len(calib_tok)), seed)

@@ -82,6 +82,15 @@ def test_calibration_ids_outside_the_vocabulary_raise_not_nan_statistics(llama_p
     calibration.calibrate(LLAMA, llama_params, batches, calibration.hessian())
 
 
+
+def test_out_of_core_calibration_checks_ids_before_writing(llama_params, tmp_path):
+  models.save_pretrained(tmp_path / 'src', LLAMA, llama_params)
+  batches = [{'tokens': ROWS[:, :-1]}, {'tokens': with_id(ROWS[:, :-1], VOCAB)}]
+  with pytest.raises(ValueError, match=vocab_message('tokens', VOCAB, prefix='calibration batch 1: ')):
+    calibration.compress_checkpoint(tmp_path / 'src', tmp_path / 'out', lambda i, block, stats: block, batches,
+                                    observer=calibration.hessian(), recipe={})
+  assert not (tmp_path / 'out').exists()
+
 def test_calibration_token_types_outside_the_table_raise(bert_params):
   tokens = ROWS[:2, :8]
   with pytest.raises(ValueError, match=r'calibration batch 0: token_types: 1 id is outside \[0, 2\) '
@@ -98,7 +107,7 @@ def test_setup_refuses_float_token_files_instead_of_casting(tmp_path):
   np.save(path, ROWS.astype(np.float32) + 0.5)
   with pytest.raises(ValueError, match=r"calib_data='.*rows\.npy': token rows has dtype float32; ids must be "
                                        'integers'):
-    setup.load('tiny', calib_data=str(path))
+    setup.load('tiny', calib_data=str(path), calib_samples=8)
 
 
 @pytest.mark.parametrize('param,bad', [('calib_data', -1), ('eval_data', VOCAB), ('eval_data', 2**32 + 1)])
@@ -106,7 +115,7 @@ def test_setup_refuses_rows_outside_the_vocabulary(tmp_path, param, bad):
   path = tmp_path / 'rows.npy'
   np.save(path, with_id(ROWS.astype(np.int64), bad))
   with pytest.raises(ValueError, match=vocab_message('token rows', bad, prefix=rf"{param}='.*rows\.npy': ")):
-    setup.load('tiny', **{param: str(path)})
+    setup.load('tiny', **{param: str(path)}, calib_samples=8, eval_samples=8)
 
 
 def test_a_hand_built_setup_refuses_bad_eval_tokens(bert_params):

@@ -170,6 +170,19 @@ def test_a_data_file_of_the_other_kind_of_model_is_refused(tmp_path):
     preflight.check_model('tiny', eval_data='missing.npy')
 
 
+
+def test_a_data_file_shorter_than_the_samples_asked_is_refused_not_cut_short(tmp_path):
+  rows = tmp_path / 'rows.npy'
+  np.save(rows, np.zeros((4, 17), np.int32))
+  with pytest.raises(preflight.PreflightError, match=r"calib_data='.*rows\.npy' has 4 rows; calib_samples=8 asked "
+                                                     r'for more\. Lower calib_samples or give more rows'):
+    setup_lib.load('tiny', calib_data=str(rows), calib_samples=8, eval_samples=4)
+  flat = tmp_path / 'flat.npy'
+  np.save(flat, np.zeros(17, np.int32))
+  with pytest.raises(preflight.PreflightError, match=r"eval_data='.*flat\.npy': rows of shape \(17,\); expected a "
+                                                     r'2-D array'):
+    setup_lib.load('tiny', eval_data=str(flat), calib_samples=8, eval_samples=4)
+
 # After loading, before the dense evaluation -------------------------------------------------------------------------
 
 def _tiny_setup(params):
