@@ -16,7 +16,6 @@ Writes config.json, environment.json, results.json and table.md into --output_di
 
 from __future__ import annotations
 
-import importlib
 import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -30,11 +29,9 @@ from absl import app, flags
 from jaxcompress import core, models, provenance, pruning
 from jaxcompress.data import pipeline
 from jaxcompress.eval import lm
-from jaxcompress.train import loop, objectives
-
 # The modules (`pruning.gradual` and `pruning.movement` are the recipe methods built on them).
-gradual = importlib.import_module('jaxcompress.pruning.gradual')
-movement = importlib.import_module('jaxcompress.pruning.movement')
+from jaxcompress.pruning._src import gradual, movement
+from jaxcompress.train import loop, objectives
 
 flags.DEFINE_string('model', 'fixture', "'fixture' or a checkpoint directory (holding training.json too).")
 flags.DEFINE_string('output_dir', 'runs/prune_train', 'Where results and the runs go.')

@@ -110,9 +110,8 @@ def solve_program(model, mesh, kind: str):
   kind: 'sparsegpt' or 'gptq' (each its own program, as `scale.py`'s per-kernel solver calls them one after
   the other), or 'both' in one program (their float32 temporaries then overlap in one buffer plan).
   """
-  import importlib  # the modules, not the functions of the same name that the packages export
-  sparsegpt = importlib.import_module('jaxcompress.pruning.sparsegpt')
-  gptq = importlib.import_module('jaxcompress.quantization.gptq')
+  from jaxcompress.pruning._src import sparsegpt  # the modules, not the methods the packages export
+  from jaxcompress.quantization._src import gptq
   from jaxcompress.calibration import inverse_hessian
   c = model.config
   n_in, n_out = c.intermediate_size, c.hidden_size

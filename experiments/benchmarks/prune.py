@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxcompress import core, models, provenance, pruning
-from jaxcompress.pruning import masks
+from jaxcompress.pruning._src import masks
 
 from experiments.benchmarks import benchlib, solverlib
 

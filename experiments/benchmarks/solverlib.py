@@ -7,7 +7,6 @@ shared, so the process CPU time is printed next to the wall time (it counts both
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.calibration import inverse_hessian
-
-sparsegpt_lib = importlib.import_module('jaxcompress.pruning.sparsegpt')
-gptq_lib = importlib.import_module('jaxcompress.quantization.gptq')
+from jaxcompress.pruning._src import sparsegpt as sparsegpt_lib
+from jaxcompress.quantization._src import gptq as gptq_lib
 
 
 def wall_cpu(fn: Callable[[], Any]) -> tuple[Any, float, float]:

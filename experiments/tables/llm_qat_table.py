@@ -8,7 +8,7 @@ QAT and post-training round-to-nearest, by held-out perplexity of the final quan
 Rows: the float model; PTQ RTN (min-max asymmetric, every block linear, embedding and norms float); QAT: --steps
 of causal-LM training on the fixture's training data with `quantization.fake_quant` (straight-through) in the
 forward, then the same RTN of the trained float weights; LLM-QAT: the same, but the loss is the KL divergence
-to the float model's next-token distribution (`jaxcompress.quantization.llm_qat.distillation_objective`, the
+to the float model's next-token distribution (`jaxcompress.quantization._src.llm_qat.distillation_objective`, the
 teacher's params in TrainState.frozen). Same optimizer (AdamW, --lr, warm-up then cosine), seed and batches for both.
 """
 
@@ -24,7 +24,7 @@ from experiments.tables import common
 from absl import app, flags
 
 from jaxcompress import provenance, quantization
-from jaxcompress.quantization.llm_qat import distillation_objective
+from jaxcompress.quantization._src.llm_qat import distillation_objective
 
 common.define_flags('llm_qat_table')
 flags.DEFINE_integer('bits', 3, 'Weight bits.')

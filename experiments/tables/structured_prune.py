@@ -21,7 +21,6 @@ Speed: dense over pruned forward time, jitted, timed interleaved in one run (the
 
 from __future__ import annotations
 
-import importlib
 import pathlib
 import time
 
@@ -35,9 +34,9 @@ from absl import app, flags
 from jaxcompress import provenance
 from jaxcompress.data import corpus
 from jaxcompress.eval import lm
+from jaxcompress.pruning._src import structured  # the module; pruning.structured is the method
 from jaxcompress.recipes.encoder_runs import tokenize
 
-structured = importlib.import_module('jaxcompress.pruning.structured')  # the module; pruning.structured: the method
 
 flags.DEFINE_enum('model', 'minilm', ['minilm', 'fixture'], 'all-MiniLM-L6-v2 or the causal-LM fixture.')
 flags.DEFINE_list('budgets', ['0.6'], "Fractions of the dense blocks' FLOPs to keep.")

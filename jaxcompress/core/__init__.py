@@ -8,12 +8,12 @@ from jaxcompress.core import paths, serialize, stats
 from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compressed, is_weight_leaf,
                                    materialize, materialize_tree, matmul_flops, memory_bytes, nonzeros,
                                    shape_of, stored_params)
-from jaxcompress.core.linear import embedding_lookup, linear, linear_transposed
+from jaxcompress.core.matmul import embedding_lookup, linear, linear_transposed
 from jaxcompress.core.lowrank import LoRA, LowRank
 from jaxcompress.core.masked import Masked, PackedMasked
 from jaxcompress.core.paths import flatten, map_with_path
 from jaxcompress.core.quantized import Quantized, fake_quantize, quantize
-from jaxcompress.core.select import Rules, Selection, select, select_by
+from jaxcompress.core.selection import Rules, Selection, select, select_by
 from jaxcompress.core.shared import SHARED, Shared, resolve, tie
 from jaxcompress.core.stats import summary
 

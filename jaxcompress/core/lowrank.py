@@ -49,7 +49,7 @@ class LowRank(leaf_lib.Compressed):
     return leaf_lib.materialize(self.a) @ leaf_lib.materialize(self.b)
 
   def matmul(self, x: jax.Array) -> jax.Array:
-    from jaxcompress.core.linear import linear  # linear dispatches on the factors' kinds
+    from jaxcompress.core.matmul import linear  # linear dispatches on the factors' kinds
     return linear(linear(x, self.a), self.b)
 
   def stored_params(self):
@@ -96,7 +96,7 @@ class LoRA(leaf_lib.Compressed):
     return (leaf_lib.materialize(self.base).astype(delta.dtype) + self.scale * delta)
 
   def matmul(self, x: jax.Array) -> jax.Array:
-    from jaxcompress.core.linear import linear
+    from jaxcompress.core.matmul import linear
     return linear(x, self.base) + self.scale * linear(linear(x, self.lora_a), self.lora_b)
 
   def stored_params(self):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress import core
-from jaxcompress.core.select import HEADS, KERNELS, Patterns
+from jaxcompress.core.selection import HEADS, KERNELS, Patterns
 from jaxcompress.models import ids, layers, moe
 
 Params = dict[str, Any]

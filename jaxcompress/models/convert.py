@@ -61,6 +61,7 @@ class TensorMap:
   # A slice of our (single) array, one slice per dimension -> the slice of the HF tensor holding it; None
   # when a slice of ours is not one slice of the HF tensor (a split), so loading reads the whole tensor.
   hf_index: Callable[[tuple[slice, ...]], tuple[slice, ...]] | None = _same_index
+  linear: bool = False  # the HF tensor is a torch.nn.Linear weight [out, in] (quantized export formats target these)
 
   def format(self, i: int) -> TensorMap:
     return dataclasses.replace(self, hf=self.hf.format(i=i), ours=tuple(o.format(i=i) for o in self.ours))
@@ -72,7 +73,7 @@ def same(hf: str, ours: str) -> TensorMap:
 
 def linear_weight(hf: str, ours: str) -> TensorMap:
   """torch.nn.Linear stores [out, in]; our kernels are [in, out]."""
-  return TensorMap(hf, (ours,), _t_in, _t_out, _t_shape, _t_index)
+  return TensorMap(hf, (ours,), _t_in, _t_out, _t_shape, _t_index, linear=True)
 
 
 def split(hf: str, ours: Sequence[str], axis: int) -> TensorMap:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
-from jaxcompress.models import tensor_reader
+from jaxcompress.models import compressed_tensors, convert, tensor_reader
 from jaxcompress.models.base import Model
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.gpt2 import GPT2
@@ -166,6 +166,11 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   expected = {p: (tuple(s.shape), s.dtype) for p, s in core.flatten(model.abstract_params()).items()}
   table = model.hf_table()
   prefix = _detect_prefix(model, files, table)
+  full = lambda n: _full_name(files, prefix, n)
+  packed = _packed_linears(path, model, table, files, prefix)
+  if packed and shardings is not None:
+    raise ValueError(f"from_pretrained: '{path}' holds compressed-tensors packed weights, which load as "
+                     'Quantized leaves; shardings= is not supported for them: load, then place the tree.')
   # device_put, not jnp.asarray: on CPU it adopts the aligned buffer the reader filled instead of copying it.
   place = place or (lambda _, x: jax.device_put(x))
   handles: dict[Path, Any] = {}
@@ -173,7 +178,19 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   used = set()
   try:
     for row in table:
-      name = prefix + row.hf if prefix + row.hf in files else row.hf
+      module = full(row.hf).removesuffix('.weight')
+      if module in packed:  # a compressed-tensors Linear: packed codes, scales and zero points
+        def get(name):
+          used.add(name)
+          if name not in files:
+            raise KeyError(f"checkpoint '{path}' lacks tensor '{name}', which its quantization_config implies.")
+          return _read(_reader(path, files, handles, name), name), files[name].name
+
+        our_path = row.ours[0]
+        flat[our_path] = compressed_tensors.read_quantized(packed[module], module, get, expected[our_path][0],
+                                                           dtype)
+        continue
+      name = full(row.hf)
       wants = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
       if name not in files:
         raise KeyError(f"checkpoint '{path}' lacks tensor '{_hf_name(model, row.hf, prefix)}' (for {wants}).")
@@ -216,6 +233,21 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   if missing:
     raise KeyError(f'conversion table leaves {sorted(missing)} unset; this is a bug in the {model.family} table.')
   return model, _unflatten(model.abstract_params(), flat)
+
+
+def _packed_linears(path: Path, model: Model, table, files: dict[str, Path], prefix: str
+                    ) -> dict[str, compressed_tensors.Scheme]:
+  """{Linear module name: scheme} of the packed weights a compressed-tensors checkpoint holds ({} otherwise)."""
+  cfg_file = path / 'config.json'
+  cfg = _read_json_object(cfg_file)
+  linears = [_full_name(files, prefix, row.hf).removesuffix('.weight') for row in table if row.linear]
+  return compressed_tensors.read_plan(cfg, cfg_file, linears)
+
+
+def _full_name(files: dict[str, Path], prefix: str, name: str) -> str:
+  """A table row's HF name as the checkpoint spells it: with the base-model prefix if the checkpoint uses it for
+  this tensor (or for its packed form)."""
+  return prefix + name if prefix + name in files or prefix + name + '_packed' in files else name
 
 
 def _detect_prefix(model: Model, files: dict[str, Path], table) -> str:
@@ -299,29 +331,58 @@ def save_pretrained(out_dir: str | os.PathLike, model: Model, params: dict, *, d
 
   Compressed weights are materialized (the HF format has no place for masks or codes) and shared storage
   expanded. The layer shapes must still match the config: a structurally pruned model needs a config that
-  describes its new sizes.
+  describes its new sizes. `models.compressed_tensors.export` keeps quantized linears compressed instead.
   """
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  dense = core.materialize_tree(core.resolve(params))
-  flat = core.flatten(dense)
+  flat = core.flatten(core.materialize_tree(core.resolve(params)))
+  check_export_shapes(model, flat, 'save_pretrained')
+  tensors: dict[str, np.ndarray] = {}
+  for row in model.hf_table():
+    tensors.update(dense_tensor(model, row, flat, dtype))
+  return write_checkpoint(out_dir, model, tensors, max_shard_bytes)
+
+
+def check_export_shapes(model: Model, flat: dict[str, Any], who: str) -> None:
+  """Every parameter the config implies is in `flat` (arrays or leaves) with the shape the config implies."""
   expected = core.flatten(model.abstract_params())
   for p, s in expected.items():
     if p not in flat:
-      raise KeyError(f"save_pretrained: params lack '{p}' ({list(s.shape)}), which the config implies.")
-    if tuple(flat[p].shape) != tuple(s.shape):
-      raise ValueError(f"save_pretrained: '{p}' has shape {list(flat[p].shape)} but the config implies "
+      raise KeyError(f"{who}: params lack '{p}' ({list(s.shape)}), which the config implies.")
+    if core.shape_of(flat[p]) != tuple(s.shape):
+      raise ValueError(f"{who}: '{p}' has shape {list(core.shape_of(flat[p]))} but the config implies "
                        f'{list(s.shape)}; HF checkpoints need uniform layers. Build the model spec with a config '
                        'matching the new sizes, or export the compressed tree with core.serialize.save.')
-  prefix = model.hf_export_prefix()
-  tensors: dict[str, np.ndarray] = {}
-  for row in model.hf_table():
-    arrays = [np.asarray(jax.device_get(flat[p] if dtype is None else flat[p].astype(dtype))) for p in row.ours]
-    tensors[_hf_name(model, row.hf, prefix)] = np.ascontiguousarray(row.to_hf(*arrays))
+
+
+def dense_tensor(model: Model, row: convert.TensorMap, flat: dict[str, Any], dtype: Any = None
+                 ) -> dict[str, np.ndarray]:
+  """{HF name: host array} of one table row, its parameters materialized (and cast to `dtype` if given)."""
+  arrays = []
+  for p in row.ours:
+    a = core.materialize(flat[p])
+    arrays.append(np.asarray(jax.device_get(a if dtype is None else a.astype(dtype))))
+  return {export_name(model, row.hf): np.ascontiguousarray(row.to_hf(*arrays))}
+
+
+def export_name(model: Model, name: str) -> str:
+  """The name a table row's tensor has in an exported checkpoint (with the family's export prefix)."""
+  return _hf_name(model, name, model.hf_export_prefix())
+
+
+def write_checkpoint(out_dir: str | os.PathLike, model: Model, tensors: dict[str, np.ndarray],
+                     max_shard_bytes: int = 4 << 30, *, config_fields: dict | None = None) -> Path:
+  """Writes `tensors` (HF names, the tensors transformers expects twice added) as safetensors shards and the
+  model's config.json, with `config_fields` (e.g. a `quantization_config`) added to it."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = dict(tensors)
   for copy, src in model.hf_export_copies().items():  # tensors transformers expects twice
-    tensors[_hf_name(model, copy, prefix)] = tensors[_hf_name(model, src, prefix)]
+    tensors[export_name(model, copy)] = tensors[export_name(model, src)]
   _write_shards(out, tensors, max_shard_bytes)
   model.hf_config().save_pretrained(str(out))
+  if config_fields:
+    cfg_file = out / 'config.json'
+    cfg = {**_read_json_object(cfg_file), **config_fields}
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
   return out
 
 

@@ -15,23 +15,25 @@ The methods, one file each, with the calling convention of every method
   structured               `structured`: whole heads and neurons to a FLOPs budget (Kwon et al. 2022)
   during fine-tuning       `gradual` (gradual magnitude), `set`, `rigl` (gradual.py); `movement`,
                            `soft_movement` (movement.py)
-A method's module shares its name with the method: its other functions are imported by path
-(`from jaxcompress.pruning.structured import fisher`), since `pruning.structured` is the method.
+
+The modules live under `pruning/_src/` (`_src/wanda.py`, `_src/masks.py`, ...) and this package re-exports their
+public names, so `pruning.structured` is the method and nothing else; a module's other functions are imported by
+path (`from jaxcompress.pruning._src.structured import fisher`).
 """
 
-from jaxcompress.pruning.masks import (erk_sparsities, layer_sparsities, magnitude_score, mask_from_scores, nm_mask,
-                                       parse_pattern, prune, sparsity_of)
-from jaxcompress.pruning.sparse_training import MaskState, keep_masks, mask_tree, masked_optimizer
-from jaxcompress.pruning.magnitude import MagnitudeConfig, magnitude
-from jaxcompress.pruning.wanda import WandaConfig, wanda, wanda_from_norms, wanda_layer, wanda_score
-from jaxcompress.pruning.sparsegpt import (SparseGPTConfig, sparsegpt, sparsegpt_from_factor, sparsegpt_from_hessian,
-                                           sparsegpt_layer)
-from jaxcompress.pruning.oneshot import DenseStatistics
-from jaxcompress.pruning.owl import owl, owl_sparsities
-from jaxcompress.pruning.structured import StructuredConfig, structured
-from jaxcompress.pruning.gradual import DynamicSparseConfig, GradualPruneConfig, gradual, rigl
-from jaxcompress.pruning.gradual import set  # noqa: A004 (the method SET shares the builtin's name)
-from jaxcompress.pruning.movement import MovementPruneConfig, SoftMovementPruneConfig, movement, soft_movement
+from jaxcompress.pruning._src.masks import (erk_sparsities, layer_sparsities, magnitude_score, mask_from_scores,
+                                            nm_mask, parse_pattern, prune, sparsity_of)
+from jaxcompress.pruning._src.sparse_training import MaskState, keep_masks, mask_tree, masked_optimizer
+from jaxcompress.pruning._src.magnitude import MagnitudeConfig, magnitude
+from jaxcompress.pruning._src.wanda import WandaConfig, wanda, wanda_from_norms, wanda_layer, wanda_score
+from jaxcompress.pruning._src.sparsegpt import (SparseGPTConfig, sparsegpt, sparsegpt_from_factor,
+                                                sparsegpt_from_hessian, sparsegpt_layer)
+from jaxcompress.pruning._src.oneshot import DenseStatistics
+from jaxcompress.pruning._src.owl import owl, owl_sparsities
+from jaxcompress.pruning._src.structured import StructuredConfig, structured
+from jaxcompress.pruning._src.gradual import DynamicSparseConfig, GradualPruneConfig, gradual, rigl
+from jaxcompress.pruning._src.gradual import set  # noqa: A004 (the method SET shares the builtin's name)
+from jaxcompress.pruning._src.movement import MovementPruneConfig, SoftMovementPruneConfig, movement, soft_movement
 
 __all__ = [
     'DenseStatistics',

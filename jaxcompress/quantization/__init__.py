@@ -10,28 +10,28 @@ Esser et al. (ICLR 2020).
 
 Every method (`rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`, `qat`,
 `llm_qat`, `lsq`) is `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own
-module; importing this package registers them all. Where a module shares a method's name (qat.py and `qat`), the
-package attribute is the method: reach the module's other functions by import path
-(`from jaxcompress.quantization.llm_qat import distillation_objective`).
+module under `quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
+This package re-exports the modules' public names, so `quantization.qat` is the method; a module's other functions
+are imported by path (`from jaxcompress.quantization._src.llm_qat import distillation_objective`).
 """
 
-from jaxcompress.quantization import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
-from jaxcompress.quantization import quantizers
-from jaxcompress.quantization.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
-from jaxcompress.quantization.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
-                                           layer_error)
-from jaxcompress.quantization.llm_qat import llm_qat
-from jaxcompress.quantization.lsq import LSQConfig, LSQWeight, add_lsq, lsq
-from jaxcompress.quantization.lsq import finalize as finalize_lsq
-from jaxcompress.quantization.mixed import MixedConfig, allocate, bit_allocation, mixed
-from jaxcompress.quantization.nonuniform import (NonUniformConfig, Outliers, nonuniform, squeezellm_from_hessian,
-                                                 squeezellm_layer)
-from jaxcompress.quantization.pq import PQConfig, ProductQuantized, pq, product_quantize
-from jaxcompress.quantization.qat import ActQuantized, QATConfig, fake_quant, qat, straight_through
-from jaxcompress.quantization.qat import finalize as finalize_qat
-from jaxcompress.quantization.quantizers import max_error, quantize_weight
-from jaxcompress.quantization.rtn import RTNConfig, rtn
-from jaxcompress.quantization.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
+from jaxcompress.quantization._src import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
+from jaxcompress.quantization._src import quantizers
+from jaxcompress.quantization._src.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
+from jaxcompress.quantization._src.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
+                                                layer_error)
+from jaxcompress.quantization._src.llm_qat import llm_qat
+from jaxcompress.quantization._src.lsq import LSQConfig, LSQWeight, add_lsq, lsq
+from jaxcompress.quantization._src.lsq import finalize as finalize_lsq
+from jaxcompress.quantization._src.mixed import MixedConfig, allocate, bit_allocation, mixed
+from jaxcompress.quantization._src.nonuniform import (NonUniformConfig, Outliers, nonuniform,
+                                                      squeezellm_from_hessian, squeezellm_layer)
+from jaxcompress.quantization._src.pq import PQConfig, ProductQuantized, pq, product_quantize
+from jaxcompress.quantization._src.qat import ActQuantized, QATConfig, fake_quant, qat, straight_through
+from jaxcompress.quantization._src.qat import finalize as finalize_qat
+from jaxcompress.quantization._src.quantizers import max_error, quantize_weight
+from jaxcompress.quantization._src.rtn import RTNConfig, rtn
+from jaxcompress.quantization._src.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
 __all__ = ['AWQConfig', 'ActQuantized', 'GPTQConfig', 'Int8Linear', 'LSQConfig', 'LSQWeight', 'MixedConfig',
            'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig', 'RTNConfig',

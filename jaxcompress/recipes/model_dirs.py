@@ -103,8 +103,8 @@ def load(name: str | os.PathLike):
 def _load_run(path: pathlib.Path):
   """(model, params) of a compression run directory: the architecture of hf/, the tree of compressed.jxc."""
   from jaxcompress.core import serialize
-  from jaxcompress.pruning.structured import WIDTHS_FIELD
-  from jaxcompress.pruning.structured import load as load_narrowed
+  from jaxcompress.pruning._src.structured import WIDTHS_FIELD
+  from jaxcompress.pruning._src.structured import load as load_narrowed
   params = serialize.load(path / RUN_FILE)
   arch = path / RUN_ARCHITECTURE
   if WIDTHS_FIELD in json.loads((arch / 'config.json').read_text()):  # per-layer widths

@@ -103,8 +103,8 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
   import jax
 
   from jaxcompress import core, models, provenance, recipes, registry
-  from jaxcompress.pruning.structured import is_narrowed
-  from jaxcompress.pruning.structured import save as save_narrowed
+  from jaxcompress.pruning._src.structured import is_narrowed
+  from jaxcompress.pruning._src.structured import save as save_narrowed
   t_load = time.perf_counter()
   setup = model if isinstance(model, setup_lib.Setup) else setup_lib.load(
       cfg['model'], calib_data=cfg['calib_data'], eval_data=cfg['eval_data'], calib_samples=cfg['calib_samples'],

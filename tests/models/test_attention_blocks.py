@@ -1,5 +1,8 @@
 """Causal attention in query blocks equals the one-block computation (NumPy float64 reference)."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,10 +26,13 @@ def test_causal_blocks_match_reference_with_window_and_padding():
   q, k, v = (rng.randn(b, t, heads, h).astype(np.float32) for heads in (n, kv, kv))
   valid = np.ones((b, t), np.int32)
   valid[1, 7:] = 0
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  mask = layers.attention_mask(pos, t, causal=True, key_valid=jnp.asarray(valid), window=5)
+  pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)))
+  mask = jax.jit(functools.partial(layers.attention_mask, k_len=t, causal=True, window=5))(
+      pos, key_valid=jnp.asarray(valid))
   ref = _reference(*(x.astype(np.float64) for x in (q, k, v)), np.asarray(mask), h ** -0.5)
   for block in (None, 3, 4):
-    out = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, h ** -0.5,
-                                       causal_block=block)
+    # jitted as inside a model's apply: one program per block size (op by op, each block's slices and einsums
+    # would compile one by one)
+    attend = jax.jit(functools.partial(layers.dot_product_attention, scale=h ** -0.5, causal_block=block))
+    out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6, err_msg=f'causal_block={block}')

@@ -67,9 +67,10 @@ def test_sampling_is_reproducible_per_key():
 def test_top_k_one_is_greedy():
   spec = SPECS['gpt2']
   params = spec.init(jax.random.key(1))
-  sampled = models.generate(spec, params, PROMPT, max_new_tokens=5, temperature=0.7, top_k=1,
+  # 6 new tokens: the greedy program is test_greedy_matches_argmax_loop[gpt2]'s
+  sampled = models.generate(spec, params, PROMPT, max_new_tokens=6, temperature=0.7, top_k=1,
                             key=jax.random.key(3))
-  np.testing.assert_array_equal(sampled, models.generate(spec, params, PROMPT, max_new_tokens=5))
+  np.testing.assert_array_equal(sampled, models.generate(spec, params, PROMPT, max_new_tokens=6))
 
 
 def test_generate_bad_input():
@@ -132,9 +133,11 @@ def test_left_padded_greedy_matches_transformers(kind, hf_checkpoint, tmp_path):
 def test_padded_row_generates_as_it_would_alone():
   spec = SPECS['mistral_window']
   params = _scaled(spec.init(jax.random.key(1)))
-  ids, mask = _padded_prompts([7, 3], 7, 64, seed=4)
-  both = models.generate(spec, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=9)
-  alone = models.generate(spec, params, jnp.asarray(ids[1:, 4:]), max_new_tokens=9)
+  # three rows of 7 and six new tokens: the program of test_greedy_matches_argmax_loop[mistral_window] (the mask
+  # is an input); 3 + 6 tokens still run past the window of 5
+  ids, mask = _padded_prompts([7, 3, 5], 7, 64, seed=4)
+  both = models.generate(spec, params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=6)
+  alone = models.generate(spec, params, jnp.asarray(ids[1:2, 4:]), max_new_tokens=6)
   np.testing.assert_array_equal(both[1, 7:], alone[0, 3:])
 
 

@@ -153,14 +153,24 @@ def test_sentence_embedding_is_normalized_mean():
   assert spec.pooled(params, TOKENS, attention_mask=mask).shape == (2, 32)
 
 
-@pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
-def test_remat_and_scan_compute_the_same_loss_and_gradients(remat, scan):
+def _loss(p, **kw):
+  return jnp.sum(LLAMA.apply(p, TOKENS, **kw) ** 2)
+
+
+@pytest.fixture(scope='module')
+def quantized_reference():
+  """(params with quantized up_proj kernels, loss, gradients) without remat or scan: one reference for every
+  remat / scan case."""
   params = jax.jit(LLAMA.init)(jax.random.key(0))
   params = core.paths.replace(params, {f'layers/{i}/mlp/up_proj/kernel': core.quantize(
       params['layers'][i]['mlp']['up_proj']['kernel'], bits=4, group_size=16) for i in range(2)})
-  loss = lambda p, **kw: jnp.sum(LLAMA.apply(p, TOKENS, **kw) ** 2)
-  ref_v, ref_g = jax.jit(jax.value_and_grad(loss, allow_int=True))(params)
-  v, g = jax.jit(jax.value_and_grad(lambda p: loss(p, remat=remat, scan=scan), allow_int=True))(params)
+  return (params, *jax.jit(jax.value_and_grad(_loss, allow_int=True))(params))
+
+
+@pytest.mark.parametrize('remat,scan', [(True, False), (False, True), (True, True)])
+def test_remat_and_scan_compute_the_same_loss_and_gradients(quantized_reference, remat, scan):
+  params, ref_v, ref_g = quantized_reference
+  v, g = jax.jit(jax.value_and_grad(lambda p: _loss(p, remat=remat, scan=scan), allow_int=True))(params)
   np.testing.assert_allclose(v, ref_v, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
     if a.dtype != jax.dtypes.float0:

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from jaxcompress import core, models
-from jaxcompress.core.select import HEADS as DEFAULT_HEADS
+from jaxcompress.core.selection import HEADS as DEFAULT_HEADS
 from jaxcompress.models import base
 from jaxcompress.train import sharding
 

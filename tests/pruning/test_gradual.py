@@ -1,7 +1,6 @@
 """Pruning during training: the cubic schedule, gradual magnitude, SET / RigL and recovery with frozen
 masks, through the real training step."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +9,9 @@ import optax
 import pytest
 
 from jaxcompress import core, pruning
+from jaxcompress.pruning._src import gradual  # the module (pruning.gradual is the method)
 from tests.train.test_step import MODEL, _run
 
-gradual = importlib.import_module('jaxcompress.pruning.gradual')  # the module (pruning.gradual is the method)
 
 PATH = 'layers/1/mlp/down_proj/kernel'
 

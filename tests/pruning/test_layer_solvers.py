@@ -1,7 +1,6 @@
 """Wanda and SparseGPT on one layer against NumPy float64 implementations written from the papers, what they
 must beat, and bad calibration input."""
 
-import importlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +8,8 @@ import pytest
 
 from jaxcompress import core, pruning
 from jaxcompress.calibration import inverse_hessian
+from jaxcompress.pruning._src import sparsegpt as sparsegpt_lib  # the module; pruning.sparsegpt is the method
 from tests.pruning import reference as ref
-
-# the module (the package's `sparsegpt` attribute is the model-level function)
-sparsegpt_lib = importlib.import_module('jaxcompress.pruning.sparsegpt')
 
 
 def layer(seed, n_in=48, n_out=12, tokens=96, outliers=True):

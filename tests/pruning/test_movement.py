@@ -1,6 +1,5 @@
 """Soft movement pruning against a float64 NumPy reference of Sanh et al.'s equations, and in the training step."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,9 @@ import optax
 import pytest
 
 from jaxcompress import core
+from jaxcompress.pruning._src import movement  # the module (pruning.movement is the method)
 from jaxcompress.train import state as state_lib
 
-movement = importlib.import_module('jaxcompress.pruning.movement')  # the module (pruning.movement is the method)
 
 IN, OUT, ROWS = 6, 4, 16
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxcompress import calibration, core, models, pruning, recipes, registry
-from jaxcompress.pruning.oneshot import DenseStatistics
-from jaxcompress.pruning.owl import outlier_ratio, owl_distribution, owl_sparsities
+from jaxcompress.pruning._src.oneshot import DenseStatistics
+from jaxcompress.pruning._src.owl import outlier_ratio, owl_distribution, owl_sparsities
 
 LLAMA = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
@@ -201,8 +201,10 @@ def test_owl_beats_wanda_at_70_percent_on_the_fixture():
   from jaxcompress.recipes import fixture
   model, params = fixture.load('fixture')
   _, train, valid = fixture.data(fixture.FIXTURE_DIR)
-  rows = train.sequences[np.random.RandomState(0).permutation(train.num_sequences)[:64], :128].astype(np.int32)
-  data = [rows[i:i + 16] for i in range(0, 64, 16)]
+  # 32 calibration rows of 64 tokens give OWL the block sparsities of 64 rows of 128 (0.59, 0.75, 0.74, 0.72) and
+  # the same margin (2.7 against 2.9), for a quarter of the calibration passes' work
+  rows = train.sequences[np.random.RandomState(0).permutation(train.num_sequences)[:32], :64].astype(np.int32)
+  data = [rows[i:i + 16] for i in range(0, 32, 16)]
   ppl = {}
   for name in ('wanda', 'owl'):
     _, out = registry.get(name).apply(model, params, data, registry.make_config(registry.get(name),
@@ -211,4 +213,4 @@ def test_owl_beats_wanda_at_70_percent_on_the_fixture():
     if name == 'owl':
       block = [float(core.flatten(out)[f'layers/{i}/mlp/up_proj/kernel'].sparsity()) for i in range(4)]
       assert block[0] == min(block) < 0.65 and abs(pruning.sparsity_of(out) - 0.7) < 0.005
-  assert ppl['owl'] < ppl['wanda'] - 1.0, ppl  # 143.1 against 146.0 on these rows
+  assert ppl['owl'] < ppl['wanda'] - 1.0, ppl  # 143.0 against 145.7 on these rows

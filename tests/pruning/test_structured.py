@@ -1,7 +1,6 @@
 """Structured pruning (Kwon et al. 2022) against float64 references on tiny random models."""
 
 import functools
-import importlib
 
 import numpy as np
 import jax
@@ -9,8 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxcompress import models
-
-structured = importlib.import_module('jaxcompress.pruning.structured')  # the module; pruning.structured: the method
+from jaxcompress.pruning._src import structured  # the module; pruning.structured is the method
 
 
 @functools.cache

@@ -111,8 +111,7 @@ def test_shared_input_group_scale_minimises_the_float64_group_output_error():
   """A group of linears sharing an input (q/k/v after one norm; gate/up) gets one s, chosen (Lin et al. Sec. 3.2)
   by the output error of the whole group: Σ_k ‖X W_k − (X / s) Q(diag(s) W_k)‖², which `awq` measures by searching
   the concatenated kernels. This case is one where the group's α differs from each linear's own."""
-  import sys
-  awq_lib = sys.modules['jaxcompress.quantization.awq']
+  from jaxcompress.quantization._src import awq as awq_lib
   w1, x = _layer(3, out=24)
   rng = np.random.default_rng(103)
   w2 = rng.standard_normal((64, 40)) * rng.lognormal(0, 1, (64, 1))

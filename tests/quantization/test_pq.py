@@ -1,14 +1,12 @@
 """Product quantization: k-means equal to NumPy float64; the table-lookup matmul equals x @ W."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import core, quantization
-
-pq_lib = importlib.import_module('jaxcompress.quantization.pq')  # the package's `pq` is the method
+from jaxcompress.quantization._src import pq as pq_lib  # the package's `pq` is the method
 
 
 def test_product_quantization_matches_reference_and_multiplies_without_w(tmp_path):

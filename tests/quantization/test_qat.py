@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, quantization
-from jaxcompress.quantization.llm_qat import distillation_objective
+from jaxcompress.quantization._src.llm_qat import distillation_objective
 from jaxcompress.train import objectives
 from tests.train.test_step import BATCH, MODEL, _run, chex_close
 

@@ -1,6 +1,5 @@
 """W8A8: int8 x int8 -> int32 matmul against NumPy float64; SmoothQuant and LLM.int8() beat naive W8A8."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +7,8 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, models, quantization
+from jaxcompress.quantization._src import w8a8 as w8a8_lib  # the package's `w8a8` is the function
 from tests.quantization.test_awq import LLAMA, _batches, _logit_error, _salient
-
-w8a8_lib = importlib.import_module('jaxcompress.quantization.w8a8')  # the package's `w8a8` is the function
 
 
 def _acts(seed, tokens=64, n=32):

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcompress import core, models, pruning, recipes
 from jaxcompress.data import pipeline
+from tests import xla_settings
 
 STEPS = 4
 STAGES = {
@@ -16,6 +17,11 @@ STAGES = {
     'rigl': f'rigl(sparsity=0.5, steps={STEPS}, learning_rate=1e-3, update_every=2)',
     'soft_movement': f'soft_movement(penalty=0.1, steps={STEPS}, learning_rate=1e-3, score_learning_rate=0.05)',
 }
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _quick_compiles():
+  yield from xla_settings.quick_compiles()
 
 
 def test_each_stage_parses_and_composes_with_later_stages():
@@ -50,9 +56,10 @@ def test_bad_arguments_fail_at_parse_time(text, needle):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-  # One block, 16 wide: each stage's run is mostly compiling its training step.
-  model = models.Llama(models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
-                                          num_heads=2, num_kv_heads=1, max_position_embeddings=16))
+  # One block, 16 wide: each stage's run is mostly compiling its training step. Every block kernel is 16 x 16, so
+  # the per-kernel work of a stage (scores, masks) compiles once for all seven, not once per shape.
+  model = models.Llama(models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_layers=1,
+                                          num_heads=2, num_kv_heads=2, max_position_embeddings=16))
   params = jax.jit(model.init)(jax.random.key(0))
   rows = np.random.default_rng(0).integers(0, 32, (8, 9)).astype(np.int32)
   ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows[:8, :-1]},),

@@ -120,10 +120,11 @@ def test_a_methods_module_that_fails_to_import_is_named():
 
 @pytest.mark.slow
 def test_quantizers_keep_masks_of_pruned_kernels():
+  # The recipe, model and calibration shapes of the runs of TINY below: its programs compile once for both tests.
   model, params = _tiny()
-  rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
+  rows = np.random.default_rng(0).integers(0, 64, (32, 16)).astype(np.int32)
   ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows},))
-  _, out = recipes.run(recipes.parse('wanda(sparsity=0.5) > gptq(bits=4, group_size=32)'), ctx, model, params)
+  _, out = recipes.run(recipes.parse('wanda(sparsity=0.5) > gptq(bits=4, group_size=16)'), ctx, model, params)
   leaf = out['layers'][1]['attn']['q_proj']['kernel']
   assert isinstance(leaf, core.Masked) and isinstance(leaf.value, core.Quantized)
   dense = np.asarray(leaf.materialize())
@@ -131,7 +132,7 @@ def test_quantizers_keep_masks_of_pruned_kernels():
 
 
 def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_other():
-  from jaxcompress.pruning.structured import block_flops, is_narrowed
+  from jaxcompress.pruning._src.structured import block_flops, is_narrowed
   model, params = _tiny()
   rows = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
   ctx = recipes.Context(reference_model=model, reference=params, calib=({'tokens': rows},))
@@ -163,29 +164,35 @@ def test_rtn_targets_leave_a_tied_embedding_alone_unless_asked():
 
 
 TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=16)', '--save=false',
-        '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16']
+        '--measure=false', '--per_stage_eval=false', '--calib_samples=32', '--eval_samples=16', '--seq_len=16']
+# The same run as TINY's command line (its other flags at their defaults), as compress.run's settings.
+CFG = dict(model='tiny', recipe=TINY[1].split('=', 1)[1], calib_data='default', eval_data='default',
+           calib_samples=32, eval_samples=16, seq_len=16, batch_size=32, seed=0, per_stage_eval=False,
+           measure=False)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """results.json's dict of TINY's run in this process (one device), computed once for the tests below."""
+  from jaxcompress.recipes import pipeline as compress
+  return compress.run({**CFG, 'output_dir': str(tmp_path_factory.mktemp('tiny_run'))}, save=False, verbose=False)
 
 
 @pytest.mark.slow
-def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tmp_path):
+def test_same_recipe_and_seed_twice_give_identical_hashes_and_metrics(tiny_run, tmp_path):
   from jaxcompress.recipes import pipeline as compress
-  cfg = dict(model='tiny', recipe=TINY[1].split('=', 1)[1], calib_data='default', eval_data='default',
-             calib_samples=32, eval_samples=16, seq_len=16, batch_size=32, seed=0, per_stage_eval=False,
-             measure=False)
-  a = compress.run({**cfg, 'output_dir': str(tmp_path / 'a')}, save=False, verbose=False)
-  b = compress.run({**cfg, 'output_dir': str(tmp_path / 'b')}, save=False, verbose=False)
+  a = tiny_run
+  b = compress.run({**CFG, 'output_dir': str(tmp_path / 'b')}, save=False, verbose=False)
   assert a['params_hash'] == b['params_hash']
   assert a['quality'] == b['quality'] and a['size'] == b['size']
-  c = compress.run({**cfg, 'seed': 1, 'output_dir': str(tmp_path / 'c')}, save=False, verbose=False)
+  c = compress.run({**CFG, 'seed': 1, 'output_dir': str(tmp_path / 'c')}, save=False, verbose=False)
   assert c['params_hash'] != a['params_hash']  # another seed: another model and data, so the hash can tell
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
-  one = subprocess.run([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "one"}'],
-                       env=runs.env(1), capture_output=True, text=True, timeout=900, cwd=runs.ROOT)
-  assert one.returncode == 0, one.stderr[-3000:]
+def test_one_process_and_two_processes_give_the_same_compressed_model(tiny_run, tmp_path):
+  # the 1-process run is this process's (the same bits as experiments/compress.py with TINY on 1 device)
   port = runs.free_port()
   logs = [tmp_path / f'p{i}.log' for i in range(2)]
   procs = [subprocess.Popen([sys.executable, str(SCRIPT), *TINY, f'--output_dir={tmp_path / "two"}', '--data=2',
@@ -195,7 +202,7 @@ def test_one_process_and_two_processes_give_the_same_compressed_model(tmp_path):
            for i in range(2)]
   codes = [p.wait(timeout=900) for p in procs]
   assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
-  ref = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  ref = json.loads(json.dumps(tiny_run))  # as results.json holds it
   for i in range(2):
     got = json.loads((tmp_path / 'two' / f'process{i}' / 'results.json').read_text())
     assert got['params_hash'] == ref['params_hash'], i

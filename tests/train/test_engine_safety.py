@@ -1,7 +1,6 @@
 """States that must not lose work or lie: retention during asynchronous saves, poisoned updates, refused
 resumes that leave the run directory untouched, fingerprints of seed and data, every batch validated."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,11 +15,17 @@ from jaxcompress import models
 from jaxcompress.data.pipeline import LMBatches
 from jaxcompress.train import checkpoint, loop, metrics, objectives, optim
 from jaxcompress.train import state as state_lib
+from tests import xla_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 SEQUENCES = np.random.RandomState(0).randint(0, 64, (64, 17)).astype(np.int32)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _quick_compiles():
+  yield from xla_settings.quick_compiles()
 
 
 def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, optimizer=None, **kwargs):
@@ -72,13 +77,19 @@ _KILL_IN_SAVE = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """The param hash of the run the killed ones resume to."""
+  return state_lib.param_hash(_fit(tmp_path_factory.mktemp('whole'), steps=8, checkpoint_every=2).state.params)
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize('keep', [1, 2])
-def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep):
+def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep, uninterrupted):
   run_dir = tmp_path / 'run'
   script = _KILL_IN_SAVE.format(root=str(ROOT), kill_at=6, run_dir=str(run_dir), keep=keep)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(ROOT)}
+  env = xla_settings.child_env(PYTHONPATH=str(ROOT))  # this process's programs: the cache has them
   proc = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -86,10 +97,9 @@ def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep)
   survived = ckpt.steps()
   ckpt.close()
   assert len(survived) >= keep and survived[-1] >= 4, survived
-  whole = _fit(tmp_path / 'whole', steps=8, checkpoint_every=2)
   rest = _fit(run_dir, steps=8, checkpoint_every=2, keep_checkpoints=keep)
   assert [h['step'] for h in rest.history if 'train/loss' in h][0] == survived[-1] + 1
-  assert state_lib.param_hash(rest.state.params) == state_lib.param_hash(whole.state.params)
+  assert state_lib.param_hash(rest.state.params) == uninterrupted
 
 
 # Non-finite updates ------------------------------------------------------------------------------------------

@@ -12,10 +12,16 @@ from jaxcompress import models
 from jaxcompress.data.pipeline import LMBatches
 from jaxcompress.train import checkpoint, loop, objectives, optim
 from jaxcompress.train import state as state_lib
+from tests import xla_settings
 
 MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 SEQUENCES = np.random.RandomState(0).randint(0, 64, (64, 17)).astype(np.int32)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _quick_compiles():
+  yield from xla_settings.quick_compiles()
 
 
 def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, **kwargs):
@@ -30,29 +36,33 @@ def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, **kwargs)
                   data=data)
 
 
-def test_same_seed_same_bits_different_seed_different(tmp_path):
+@pytest.fixture(scope='module')
+def whole(tmp_path_factory):
+  """An uninterrupted run of `_fit`'s defaults (seed 0, 8 steps): interrupted ones must end at its bits."""
+  return _fit(tmp_path_factory.mktemp('whole') / 'r')
+
+
+def test_same_seed_same_bits_different_seed_different(tmp_path, whole):
   a = _fit(tmp_path / 'a', seed=3)
   b = _fit(tmp_path / 'b', seed=3)
-  c = _fit(tmp_path / 'c', seed=4)
   assert state_lib.param_hash(a.state.params) == state_lib.param_hash(b.state.params)
-  assert state_lib.param_hash(a.state.params) != state_lib.param_hash(c.state.params)
+  assert state_lib.param_hash(a.state.params) != state_lib.param_hash(whole.state.params)  # seed 0
   assert a.status == 'completed' and int(a.state.step) == 8
   assert [h['train/loss'] for h in a.history] == [h['train/loss'] for h in b.history]
 
 
-def test_run_dir_records_config_environment_and_metrics(tmp_path):
-  _fit(tmp_path / 'r')
-  cfg = json.loads((tmp_path / 'r' / 'config.json').read_text())
-  env = json.loads((tmp_path / 'r' / 'environment.json').read_text())
+def test_run_dir_records_config_environment_and_metrics(whole):
+  run_dir = whole.run_dir
+  cfg = json.loads((run_dir / 'config.json').read_text())
+  env = json.loads((run_dir / 'environment.json').read_text())
   assert cfg['loop']['steps'] == 8 and cfg['loop']['seed'] == 0
   assert env['packages']['jax'] == jax.__version__ and 'git_revision' in env
-  lines = (tmp_path / 'r' / 'metrics.jsonl').read_text().splitlines()
+  lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(l)['step'] for l in lines] == list(range(1, 9))
-  assert list((tmp_path / 'r' / 'tb').glob('events.out.tfevents.*'))
+  assert list((run_dir / 'tb').glob('events.out.tfevents.*'))
 
 
-def test_stop_and_resume_is_bit_identical(tmp_path):
-  whole = _fit(tmp_path / 'whole')
+def test_stop_and_resume_is_bit_identical(tmp_path, whole):
   first = _fit(tmp_path / 'parts', stop_at_step=5)
   assert first.status == 'stopped' and int(first.state.step) == 5
   rest = _fit(tmp_path / 'parts')
@@ -62,8 +72,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
   assert [h['step'] for h in rest.history if 'train/loss' in h] == [6, 7, 8]
 
 
-def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch):
-  whole = _fit(tmp_path / 'whole')
+def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, monkeypatch, whole):
   _fit(tmp_path / 'parts', stop_at_step=6)  # checkpoints 4 and 6
   ckpt_dir = tmp_path / 'parts' / 'checkpoints'
   assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [4, 6]

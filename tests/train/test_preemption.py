@@ -33,23 +33,43 @@ def _wait_for_step(run_dir, proc, step, timeout=240.0):
     time.sleep(0.005)
 
 
+def _wait_for_resume(log, proc, step, timeout=240.0):
+  """Until the process logged its resume, which must be from `step` (it then trims the records of later steps that
+  a kill left)."""
+  deadline = time.time() + timeout
+  while 'Resumed from step ' not in (text := log.read_text()):
+    assert proc.poll() is None, f'the run ended before resuming from step {step}:\n{text[-3000:]}'
+    assert time.time() < deadline, f'no resume from step {step}'
+    time.sleep(0.005)
+  assert f'Resumed from step {step} ' in text, text[-3000:]
+
+
+# One run killed three times, each time at a step and phase drawn from a window (mid-step, mid-save, mid-deletion
+# of an old checkpoint), reproducibly; counted in steps, not seconds, so a faster machine does not push a kill past
+# the end. Each kill hits the run resumed after the kill before (three kills take four runs, not six); the windows
+# lie 4+ steps apart, so a kill waits for steps the resumed run made, not for records the killed one left.
+KILL_WINDOWS = ((3, 5), (9, 11), (STEPS - 9, STEPS - 8))
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.parametrize('trial', range(3))
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, trial):
-  # A different step and phase each trial (mid-step, mid-save, mid-deletion of an old checkpoint), reproducibly;
-  # counted in steps, not seconds, so a faster machine does not push the kill past the end.
-  rng = random.Random(trial)
-  step, phase = rng.randint(3, STEPS - 8), rng.uniform(0.0, 0.05)
-  proc = runs.start(tmp_path, *FLAGS, log=tmp_path / 'killed.log')
-  _wait_for_step(tmp_path, proc, step)
-  time.sleep(phase)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, 'the run ended before the kill'
-  survived = runs.checkpoint_steps(tmp_path)
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(reference, tmp_path):
+  rng = random.Random(0)
+  survived = []
+  for i, (first, last) in enumerate(KILL_WINDOWS):
+    step, phase = rng.randint(first, last), rng.uniform(0.0, 0.05)
+    log = tmp_path / f'killed{i}.log'
+    proc = runs.start(tmp_path, *FLAGS, log=log)
+    if survived:
+      _wait_for_resume(log, proc, survived[-1])
+    _wait_for_step(tmp_path, proc, step)
+    time.sleep(phase)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f'the run ended before the kill at step {step}'
+    survived = runs.checkpoint_steps(tmp_path)
   done = runs.run(tmp_path, *FLAGS)
-  if survived:  # none when the kill beat the first save's commit: the resumed run starts afresh
+  if survived:  # none when a kill beat the first save's commit: the resumed run starts afresh
     assert f'Resumed from step {survived[-1]}' in done.stderr
   assert runs.results(tmp_path)['param_hash'] == reference
   steps = sorted(runs.losses(tmp_path))

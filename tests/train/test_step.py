@@ -10,11 +10,17 @@ from jaxcompress import core, models
 from jaxcompress.train import objectives, optim
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
+from tests import xla_settings
 
 MODEL = models.Llama(models.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 TOKENS = np.random.RandomState(0).randint(0, 48, (8, 13)).astype(np.int32)
 BATCH = {'inputs': jnp.asarray(TOKENS[:, :-1]), 'targets': jnp.asarray(TOKENS[:, 1:])}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _quick_compiles():
+  yield from xla_settings.quick_compiles()
 
 
 @pytest.fixture(scope='module')
@@ -97,7 +103,7 @@ def test_shared_storage_receives_summed_gradients(params):
   tx = optax.sgd(0.1)
   state, _ = _run(tied, steps=1, tx=tx)
   untied = core.paths.replace(params, {p: tied[core.SHARED]['gate'] for p in paths})
-  g = jax.grad(lambda p: objectives.causal_lm(MODEL)(p, None, BATCH, None)[0] / TOKENS[:, 1:].size)(untied)
+  g = jax.jit(jax.grad(lambda p: objectives.causal_lm(MODEL)(p, None, BATCH, None)[0] / TOKENS[:, 1:].size))(untied)
   expected = tied[core.SHARED]['gate'] - 0.1 * sum(core.paths.get(g, p) for p in paths)
   np.testing.assert_allclose(state.params[core.SHARED]['gate'], expected, rtol=1e-4, atol=1e-6)
   assert isinstance(core.paths.get(state.params, paths[1]), core.Shared)

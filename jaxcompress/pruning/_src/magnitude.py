@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxcompress import registry
-from jaxcompress.core.select import KERNELS
+from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.oneshot import check_kernels, selection_rules
+from jaxcompress.pruning._src import masks as masks_lib
+from jaxcompress.pruning._src.oneshot import check_kernels, selection_rules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -550,7 +550,7 @@ def load(directory: str | os.PathLike) -> tuple[Model, Params]:
   cfg = json.loads((directory / 'config.json').read_text())
   if WIDTHS_FIELD not in cfg:
     raise ValueError(f"'{directory / 'config.json'}' has no {WIDTHS_FIELD!r} field; it was not written by "
-                     'jaxcompress.pruning.structured.save (load it with models.from_pretrained).')
+                     'jaxcompress.pruning._src.structured.save (load it with models.from_pretrained).')
   import transformers
   widths = cfg.pop(WIDTHS_FIELD)
   hf = transformers.AutoConfig.for_model(**cfg)

@@ -24,7 +24,7 @@ import ml_dtypes
 
 from jaxcompress import core
 from jaxcompress.core import quantized as qlib
-from jaxcompress.quantization import common
+from jaxcompress.quantization._src import common
 
 FMTS = ('int', 'nf4', 'fp8', 'fp8_e5m2')
 FP8_E5M2_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e5m2).max)  # 57344

@@ -26,11 +26,11 @@ from jax import lax
 
 from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
-from jaxcompress.core.select import KERNELS
+from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.inputs import check_calibration, check_kernel
-from jaxcompress.pruning.oneshot import Distribution, check_distribution, check_kernels, sequential
+from jaxcompress.pruning._src import masks as masks_lib
+from jaxcompress.pruning._src.inputs import check_calibration, check_kernel
+from jaxcompress.pruning._src.oneshot import Distribution, check_distribution, check_kernels, sequential
 
 HIGHEST = lax.Precision.HIGHEST
 

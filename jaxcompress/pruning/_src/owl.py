@@ -31,9 +31,9 @@ import numpy as np
 
 from jaxcompress import registry
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning import masks as masks_lib
-from jaxcompress.pruning.oneshot import DenseStatistics, check_kernels
-from jaxcompress.pruning.wanda import WandaConfig, wanda
+from jaxcompress.pruning._src import masks as masks_lib
+from jaxcompress.pruning._src.oneshot import DenseStatistics, check_kernels
+from jaxcompress.pruning._src.wanda import WandaConfig, wanda
 
 
 def outlier_ratio(scores: Iterable[jax.Array], threshold: float = 5.0) -> float:

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
-from jaxcompress.quantization import common
-from jaxcompress.quantization.common import check_bits, check_group_size, make_leaf
+from jaxcompress.quantization._src import common
+from jaxcompress.quantization._src.common import check_bits, check_group_size, make_leaf
 
 def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
   """Scale and zero point per column of one group. w: [rows, out] -> scale [out], zero [out] (code units).

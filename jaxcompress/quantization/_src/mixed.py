@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import calibration, core, registry
-from jaxcompress.quantization import common, quantizers
-from jaxcompress.quantization.gptq import gptq_from_hessian
+from jaxcompress.quantization._src import common, quantizers
+from jaxcompress.quantization._src.gptq import gptq_from_hessian
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

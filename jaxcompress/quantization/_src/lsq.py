@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.quantization import common
+from jaxcompress.quantization._src import common
 from jaxcompress.train import recovery
 
 

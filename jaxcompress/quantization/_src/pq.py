@@ -19,7 +19,7 @@ import numpy as np
 from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
-from jaxcompress.quantization import common
+from jaxcompress.quantization._src import common
 
 
 @leaf_lib.leaf_type

@@ -38,9 +38,9 @@ import optax
 from jax import lax
 
 from jaxcompress import core, registry
-from jaxcompress.core.select import KERNELS
+from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.train import recovery, transforms
 
 

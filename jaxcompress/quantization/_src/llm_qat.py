@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from jaxcompress import registry
 from jaxcompress.eval import token_nll
-from jaxcompress.quantization import common
-from jaxcompress.quantization.qat import QATConfig, check, quantization_aware
+from jaxcompress.quantization._src import common
+from jaxcompress.quantization._src.qat import QATConfig, check, quantization_aware
 from jaxcompress.train import objectives
 
 

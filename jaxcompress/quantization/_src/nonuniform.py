@@ -25,7 +25,7 @@ from jaxcompress import calibration, core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import quantized as qlib
 from jaxcompress.core import serialize
-from jaxcompress.quantization import common
+from jaxcompress.quantization._src import common
 
 
 @leaf_lib.leaf_type

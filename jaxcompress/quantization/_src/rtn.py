@@ -13,8 +13,8 @@ import re
 import jax.numpy as jnp
 
 from jaxcompress import core, registry
-from jaxcompress.quantization import common
-from jaxcompress.quantization.quantizers import quantize_weight
+from jaxcompress.quantization._src import common
+from jaxcompress.quantization._src.quantizers import quantize_weight
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxcompress import calibration, core
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning._src import masks as masks_lib
 
 
 def selection_rules(config, model: Model | None) -> core.Rules:
@@ -210,7 +210,7 @@ def distribute(model: Model, params: Params, batches, chosen: set[str], config, 
   if d == 'erk':
     return _erk(shapes, config.sparsity)
   if d == 'owl':
-    from jaxcompress.pruning.owl import owl_distribution  # owl.py builds on wanda.py, which imports this module
+    from jaxcompress.pruning._src.owl import owl_distribution  # owl.py builds on wanda.py, which imports this module
     d = owl_distribution(threshold=config.outlier_threshold, lam=config.owl_lambda)
   if wants_statistics(d):
     stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False, experts=True,

@@ -28,8 +28,8 @@ import numpy as np
 from jaxcompress import calibration, core, registry
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize
-from jaxcompress.quantization import common
-from jaxcompress.quantization import quantizers
+from jaxcompress.quantization._src import common
+from jaxcompress.quantization._src import quantizers
 
 
 @leaf_lib.leaf_type

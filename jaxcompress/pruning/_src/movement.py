@@ -56,10 +56,10 @@ from jax import lax
 
 from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.core.select import KERNELS
+from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
-from jaxcompress.pruning.gradual import check_steps, cubic_sparsity
-from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning._src.gradual import check_steps, cubic_sparsity
+from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.train import recovery, transforms
 
 

@@ -1,0 +1,206 @@
+"""compressed-tensors export and import: transformers' own loader reads what we write (same logits), and
+`from_pretrained` gives back the same codes, scales, zero points."""
+
+import json
+import shutil
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from jaxcompress import core, models
+from jaxcompress.core import quantized as quantized_lib
+from jaxcompress.models import compressed_tensors as ct
+from tests.reference_models import VOCAB
+from tests.reference_models import relative_error as rel_err
+from tests.reference_models import torch_outputs
+
+pytest.importorskip('compressed_tensors.compressors')  # what transformers' loader imports (seconds)
+torch = pytest.importorskip('torch')
+
+TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
+TOL = 1e-5  # fp32 relative error of transformers' load of our export against our logits of the same leaves
+
+
+def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=0):
+  """A `Quantized` leaf [in, out] with random codes (every code value, 0 included), float32 scales and, when
+  asymmetric, random integer zero points: built directly, so no quantizer is compiled."""
+  rng = np.random.RandomState(seed)
+  n_in, n_out = shape
+  groups = 1 if group_size is None else n_in // group_size
+  codes = rng.randint(0, 2 ** bits, (n_in, n_out)).astype(np.uint8)
+  scale = ((0.5 + rng.rand(groups, n_out)) * 0.04 / 2 ** (bits - 1)).astype(np.float32)
+  zero = None if symmetric or fmt != 'int' else rng.randint(0, 2 ** bits, (groups, n_out)).astype(np.float32)
+  packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
+  return core.Quantized(codes=jnp.asarray(ct.pack_bytes(codes, bits) if packed else codes),
+                        scale=jnp.asarray(scale), zero=None if zero is None else jnp.asarray(zero), bits=bits,
+                        group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(shape))
+
+
+def quantize_kernels(params, scheme_of):
+  """Every kernel for which scheme_of(path) gives random_leaf kwargs replaced by such a random leaf."""
+  def q(path, w):
+    kw = scheme_of(path) if path.endswith('/kernel') else None
+    return w if kw is None else random_leaf(w.shape, seed=zlib.crc32(path.encode()), **kw)
+  return core.map_with_path(q, params)
+
+
+def logits(model, params, *, compressed=False):
+  """Our outputs for TOKENS: on the compressed leaves themselves, or on their dense values (the same numbers;
+  the dense tree has one structure for every scheme, so it is compiled once)."""
+  return model.apply(params if compressed else jax.jit(core.materialize_tree)(params), jnp.asarray(TOKENS))
+
+
+@pytest.fixture(scope='module')
+def llama(hf_checkpoint):
+  return models.from_pretrained(hf_checkpoint('llama')[0])
+
+
+@pytest.fixture(scope='module')
+def bert(hf_checkpoint):
+  return models.from_pretrained(hf_checkpoint('bert')[0])
+
+
+def hf_load(path, auto=transformers.AutoModelForCausalLM):
+  """transformers' load of a compressed-tensors directory, float32. Asymmetric schemes go through
+  `dequantize=True` (compressed-tensors' own decompressor at load time): in compressed-tensors 0.20.1 the default
+  path builds the empty modules with unpacked zero points [out, groups] and refuses the packed ones it writes."""
+  groups = json.loads((path / 'config.json').read_text())['quantization_config']['config_groups'].values()
+  asymmetric = any(not g['weights']['symmetric'] for g in groups)
+  kwargs = {'quantization_config': transformers.CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
+  return auto.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
+
+
+def assert_same_leaves(ours, loaded):
+  flat_a, flat_b = core.flatten(ours), core.flatten(loaded)
+  assert flat_a.keys() == flat_b.keys()
+  for p, a in flat_a.items():
+    b = flat_b[p]
+    assert type(a) is type(b), p
+    if isinstance(a, core.Quantized):
+      assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p
+      np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes), err_msg=p)
+      np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale), err_msg=p)
+      assert (a.zero is None) == (b.zero is None), p
+      if a.zero is not None:
+        np.testing.assert_array_equal(np.asarray(a.zero), np.asarray(b.zero), err_msg=p)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+
+
+# Mixed schemes in one model: several config groups, and dense Linears (the head) listed in `ignore`.
+LLAMA_SCHEMES = {
+    'w4_g16_sym': lambda p: None if 'lm_head' in p else dict(bits=4, group_size=16, symmetric=True),
+    'w3_g16_asym': lambda p: dict(bits=3, group_size=16, symmetric=False),  # codes straddle int32 words
+    'w8_channel_asym': lambda p: dict(bits=8, group_size=None, symmetric=False),
+    # transformers 5.25 reads mixed schemes on its default path only, which takes symmetric ones (see hf_load).
+    'mixed_w8_channel_w2_sym': lambda p: (None if 'lm_head' in p else dict(bits=8, group_size=None, symmetric=True)
+                                          if 'attn' in p else dict(bits=2, group_size=8, symmetric=True)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(LLAMA_SCHEMES))
+def test_llama_export_loads_in_transformers_and_round_trips(name, llama, tmp_path):
+  model, params = llama
+  qparams = quantize_kernels(params, LLAMA_SCHEMES[name])
+  ct.export(model, qparams, tmp_path)
+  cfg = json.loads((tmp_path / 'config.json').read_text())['quantization_config']
+  assert cfg['quant_method'] == 'compressed-tensors' and cfg['format'] == 'pack-quantized'
+  assert cfg['ignore'] == ([] if name.endswith('asym') else ['lm_head'])
+  ours = logits(model, qparams, compressed=name == 'w4_g16_sym')
+  err = rel_err(ours, torch_outputs(hf_load(tmp_path), TOKENS))
+  print(f'{name}: transformers logits relative error {err:.2e}')
+  assert err <= TOL
+  _, loaded = models.from_pretrained(tmp_path)
+  assert_same_leaves(qparams, loaded)
+
+
+def test_bert_export_loads_in_transformers_and_round_trips(bert, tmp_path):
+  model, params = bert
+  qparams = quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False))
+  ct.export(model, qparams, tmp_path)
+  err = rel_err(logits(model, qparams), torch_outputs(hf_load(tmp_path, transformers.AutoModel), TOKENS))
+  print(f'bert w4 g16 asym: transformers hidden-state relative error {err:.2e}')
+  assert err <= TOL
+  _, loaded = models.from_pretrained(tmp_path)
+  assert_same_leaves(qparams, loaded)
+
+
+def test_unsupported_leaves_are_refused_before_writing(llama, tmp_path):
+  model, params = llama
+  qparams = quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False))
+  up = params['layers'][1]['mlp']['up_proj']['kernel']
+  odd = {'layers/0/attn/q_proj/kernel': random_leaf((32, 32), group_size=16, fmt='nf4'),
+         'layers/1/mlp/up_proj/kernel': core.Masked(up, jnp.abs(up) > 0.01),
+         'embed/tokens/embedding': random_leaf((VOCAB, 32), bits=8)}
+  mixed = core.paths.replace(qparams, odd)
+  out = tmp_path / 'refused'
+  with pytest.raises(ValueError) as e:
+    ct.export(model, mixed, out)
+  for p in odd:
+    assert p in str(e.value)
+  assert 'nf4' in str(e.value) and 'Masked' in str(e.value) and 'dense_fallback=True' in str(e.value)
+  assert not out.exists()
+
+  ct.export(model, mixed, out, dense_fallback=True)  # those paths written dense, their Linears ignored
+  cfg = json.loads((out / 'config.json').read_text())['quantization_config']
+  assert cfg['ignore'] == ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj']
+  err = rel_err(logits(model, mixed), torch_outputs(hf_load(out), TOKENS))
+  assert err <= TOL
+  _, loaded = models.from_pretrained(out)
+  assert isinstance(core.paths.get(loaded, 'layers/1/mlp/down_proj/kernel'), core.Quantized)
+  assert not core.is_compressed(core.paths.get(loaded, 'layers/0/attn/q_proj/kernel'))
+
+
+def test_w4_g128_bytes_against_bf16_dense(tmp_path):
+  model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_layers=2,
+                                          num_heads=4, num_kv_heads=4, max_position_embeddings=64))
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda s: (0.02 * rng.randn(*s.shape)).astype(s.dtype), model.abstract_params())
+  qparams = quantize_kernels(params, lambda p: dict(bits=4, group_size=128, symmetric=True))
+  models.save_pretrained(tmp_path / 'dense', model, params, dtype=jnp.bfloat16)
+  ct.export(model, qparams, tmp_path / 'w4', dtype=jnp.bfloat16)
+  size = lambda d: sum(f.stat().st_size for f in d.glob('*.safetensors'))
+  ratio = size(tmp_path / 'w4') / size(tmp_path / 'dense')
+  print(f'W4 g128 compressed-tensors / bf16 dense bytes: {size(tmp_path / "w4")} / {size(tmp_path / "dense")} '
+        f'= {ratio:.4f}')
+  assert ratio <= 0.30
+
+
+def edited(src, dst, fn):
+  """A copy of checkpoint `src` whose quantization_config is fn(config) -> None (edited in place)."""
+  shutil.copytree(src, dst)
+  cfg = json.loads((dst / 'config.json').read_text())
+  fn(cfg['quantization_config'])
+  (dst / 'config.json').write_text(json.dumps(cfg))
+  return dst
+
+
+def test_unreadable_quantization_configs_name_the_field(llama, tmp_path):
+  model, params = llama
+  src = tmp_path / 'src'
+  ct.export(model, quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False)), src)
+  group = lambda q: next(iter(q['config_groups'].values()))
+  cases = {
+      'quant_method': lambda q: q.update(quant_method='gptq'),
+      'actorder': lambda q: group(q)['weights'].update(actorder='group'),
+      'input_activations': lambda q: group(q).update(input_activations={'num_bits': 8, 'type': 'int'}),
+      'type': lambda q: group(q)['weights'].update(type='float'),
+      'version': lambda q: (q.update(version='0.9.0'), group(q)['weights'].update(num_bits=3)),
+  }
+  for field, fn in cases.items():
+    with pytest.raises(ValueError, match=field):
+      models.from_pretrained(edited(src, tmp_path / field, fn))
+
+
+def test_tensor_shapes_that_disagree_are_named(llama, tmp_path):
+  model, params = llama
+  ct.export(model, quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False)), tmp_path)
+  cfg = json.loads((tmp_path / 'config.json').read_text())
+  next(iter(cfg['quantization_config']['config_groups'].values()))['weights']['group_size'] = 8
+  (tmp_path / 'config.json').write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r'weight_scale.*model\.safetensors'):
+    models.from_pretrained(tmp_path)
