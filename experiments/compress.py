@@ -8,7 +8,8 @@
 
 Each run writes into --output_dir: config.json, environment.json (package versions, git revision), metrics.jsonl
 (one record per stage), compressed.jxc (core.serialize) and orbax/ (the same tree with orbax), hf/ (the dense
-equivalent as a Hugging Face checkpoint), report.md (the survey's criteria: size, compression rate, quality and
+equivalent as a Hugging Face checkpoint), compressed_tensors/ and gptq/ (packed quantized checkpoints, where the
+leaves allow or --export names them), report.md (the survey's criteria: size, compression rate, quality and
 its drop, speed-up, peak memory, time to compress, fine-tuning cost, hardware fit, energy) and stages.png.
 The work is `jaxcompress.recipes.pipeline.compress`; this script is its command line. It prints the stage lines
 and the report; the INFO logs of absl, orbax, jax and XLA show with --verbosity=1 or higher.
@@ -29,8 +30,8 @@ from absl import logging as absl_logging
 
 from experiments import cli
 
-DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, target="embeddings") > wanda(sparsity=0.1, include=("mlp/",)) > '
-                  'gptq(bits=4, group_size=128, act_order=True)')
+DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, include=(), embeddings=True) > wanda(sparsity=0.1, include=("mlp/",)) '
+                  '> gptq(bits=4, group_size=128, act_order=True)')
 MODELS = ('minilm', 'fixture', 'tiny')  # jaxcompress.recipes.setup.MODELS (not imported here: jax loads later)
 
 flags.DEFINE_string('model', 'minilm', "'minilm' (all-MiniLM-L6-v2), 'fixture' (the causal-LM fixture), 'tiny' (a "
@@ -66,9 +67,13 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process.', lower_boun
 flags.DEFINE_string('cpu_collectives', None, "Multi-host on CPU: 'gloo'.")
 flags.DEFINE_bool('out_of_core', False, 'Run the layer-wise stages block by block from the checkpoint on disk '
                   '(calibration.compress_checkpoint: one block in memory, resumable) into --output_dir/blocks/, '
-                  'then reload it for the report. Every stage must be a calibrated layer-wise method (wanda, '
-                  'sparsegpt, gptq, awq, w8a8/smoothquant/llm_int8, nonuniform, asvd/svd_llm without budget=); '
-                  'the stages run one after another on each block, each on the hidden states it sees in memory.')
+                  'then reload it for the report. Every stage must be a calibrated one-shot method that compresses '
+                  'block by block (a refusal lists them, from their registrations); the stages run one after '
+                  'another on each block, each on the hidden states it sees in memory (owl / distribution=owl: '
+                  'after a first streamed pass over the dense model).')
+flags.DEFINE_list('export', None, 'Formats --save writes, comma-separated: jxc (compressed.jxc, orbax/), '
+                  'compressed-tensors (compressed_tensors/), gptq (gptq/), dense (hf/). Default: jxc, dense and each '
+                  'packed format that holds every compressed leaf (jaxcompress.recipes.exports).')
 FLAGS = flags.FLAGS
 SETTINGS = ('calib_data', 'eval_data', 'calib_samples', 'eval_samples', 'seq_len', 'batch_size', 'seed',
             'per_stage_eval', 'timing_reps', 'measure', 'out_of_core')  # passed to compress() as they are
@@ -120,6 +125,11 @@ def validate() -> None:
     v = getattr(FLAGS, name)
     if v != 'default' and not (re.search(r'\.(txt|npy)$', v) and pathlib.Path(v).is_file()):
       raise ValueError(f"--{name}={v!r}: give 'default' or an existing .txt (encoders) / .npy (causal LMs) file.")
+  from jaxcompress.recipes import exports
+  try:
+    exports.parse(FLAGS.export)
+  except ValueError as e:
+    raise ValueError(f'--{e}') from None
   if FLAGS.fsdp != 1 or FLAGS.tensor != 1:
     raise ValueError(f'--fsdp={FLAGS.fsdp} --tensor={FLAGS.tensor}: calibration splits batch rows only; keep both 1.')
   if FLAGS.cpu_collectives not in (None, 'gloo'):
@@ -151,7 +161,7 @@ def main(argv):
   t0 = time.perf_counter()
   try:  # the model, its data files and the recipe against its shapes are checked before any work
     pipeline.compress(FLAGS.model, FLAGS.recipe, output_dir=out, save=FLAGS.save, mesh=mesh, verbose=True,
-                      settings={k: FLAGS[k].value for k in MESH}, overwrite=FLAGS.overwrite,
+                      settings={k: FLAGS[k].value for k in MESH}, overwrite=FLAGS.overwrite, export=FLAGS.export,
                       **{k: FLAGS[k].value for k in SETTINGS})
   except preflight.PreflightError as e:
     raise app.UsageError(cli.as_flag(str(e))) from None

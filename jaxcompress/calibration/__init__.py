@@ -7,7 +7,7 @@ Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are opta
 update, merge); `Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
 """
 
-from jaxcompress.calibration.driver import (CompressBlock, NotSequential, Rows, SequentialPlan, calibrate,
+from jaxcompress.calibration.driver import (CompressBlock, DensePass, NotSequential, Rows, SequentialPlan, calibrate,
                                            record_sequential, run_sequential)
 from jaxcompress.calibration.parallel import solve_parallel
 from jaxcompress.calibration.experts import solve_experts
@@ -17,6 +17,7 @@ from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mea
 
 __all__ = [
     'CompressBlock',
+    'DensePass',
     'NotSequential',
     'Observer',
     'Rows',

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -60,8 +61,9 @@ from jaxcompress.models.layers import Routed
 # compress_block(block index, block params on the device (Shared references resolved), {kernel path within
 # the block: stats}) -> new block params (may keep Shared references; resolved against params['_shared']).
 CompressBlock = Callable[[int, Params, dict[str, Stats]], Params]
-# on_step(phase, block, batch): called after every step ('embed', 'stats', 'forward', 'head'); block is -1
-# outside blocks. For progress and memory probes; the driver ignores what it returns.
+# on_step(phase, block, batch): called after every step ('embed', 'stats', 'forward', 'head'; 'dense' for the
+# steps of a `DensePass`); block is -1 outside blocks. For progress and memory probes; the driver ignores what
+# it returns.
 OnStep = Callable[[str, int, int], None]
 
 
@@ -111,6 +113,24 @@ def calibrate(model: Model, params: Params, batches: Iterable[Any], observer: Ob
 # Recording a family's block compressor ------------------------------------------------------------------------------
 
 
+class DensePass(NamedTuple):
+  """A first pass over the whole model as a stage receives it, before its first block is compressed: what a
+  stage needs whose every block depends on all blocks (OWL's per-layer sparsities, from the dense model's
+  outlier ratios). In memory it is one `calibrate`; out of core (`compress_checkpoint`) the same statistics are
+  streamed block by block from the checkpoint, the blocks' outputs written to disk as the main loop's are.
+
+  observer: statistics of every block linear's input, block i fed by blocks 0..i-1 as given (`calibrate`'s,
+    head excluded). Every block's are held until summarize: keep them small (`column_norms()`, not `hessian()`).
+  summarize(stats {kernel path: stats}, weights {path: kernel}) -> a JSON-able summary (e.g. {path: sparsity});
+    weights is a mapping read on access (out of core: from the checkpoint, one block's kernels held at a time).
+    The stage's compress_block then gets the summary as a fourth argument, as it comes back from JSON (the
+    out-of-core manifest keeps it, so a resumed run does not repeat the pass).
+  """
+
+  observer: Observer
+  summarize: Callable[[dict[str, Stats], Mapping[str, Any]], Any]
+
+
 class SequentialPlan(NamedTuple):
   """What a layer-wise method hands `run_sequential`: enough to run it block by block elsewhere."""
 
@@ -119,6 +139,21 @@ class SequentialPlan(NamedTuple):
   per_group: bool  # calibrate each input group on the block as compressed so far
   calibrate_on: str = 'compressed'  # block i's inputs: through blocks 0..i-1 compressed, or 'original'
   experts: bool = False  # compress_block handles stacked expert statistics (see run_sequential)
+  dense: DensePass | None = None  # a first pass over the whole model; compress_block(i, block, stats, summary)
+
+
+def as_json(summary: Any, *, caller: str) -> Any:
+  """A `DensePass` summary as JSON gives it back (the form every path hands compress_block), or a TypeError."""
+  try:
+    return json.loads(json.dumps(summary, sort_keys=True, allow_nan=False))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'{caller}: the dense pass summary must be JSON-able (dicts, lists, str, finite numbers): '
+                    f'{e}.') from None
+
+
+def bind_summary(compress_block: Callable[..., Params], summary: Any) -> CompressBlock:
+  """compress_block(i, block, stats, summary) as the driver calls it: (i, block, stats) -> block params."""
+  return lambda i, block, stats: compress_block(i, block, stats, summary)
 
 
 class NotSequential(RuntimeError):
@@ -134,7 +169,8 @@ def record_sequential():
   per_group, calibrate_on) to the yielded list and returns the params unchanged; `calibrate` raises
   `NotSequential`. So a driver that holds one block at a time (`compress_checkpoint`) can run any method built
   on `run_sequential` (Wanda, SparseGPT, GPTQ, AWQ; on the original model's statistics W8A8 / SmoothQuant,
-  SqueezeLLM, ASVD, SVD-LLM) by calling its model-level function once with abstract params (paths, shapes)."""
+  SqueezeLLM, ASVD, SVD-LLM; with a `DensePass`, Wanda / SparseGPT with distribution='owl') by calling its
+  model-level function once with abstract params (paths, shapes)."""
   plans: list[SequentialPlan] = []
   _RECORDING.append(plans)
   try:
@@ -147,7 +183,8 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
                    compress_block: CompressBlock, *, mesh: Mesh | None = None,
                    data_axis: str | tuple[str, ...] = 'data', offload: bool = False, keep_stats: bool = True,
                    per_group: bool = False, calibrate_on: str = 'compressed', deterministic: bool = False,
-                   on_step: OnStep | None = None, experts: bool = False) -> tuple[Params, dict[str, Stats]]:
+                   on_step: OnStep | None = None, experts: bool = False,
+                   dense: DensePass | None = None) -> tuple[Params, dict[str, Stats]]:
   """Sequential (GPTQ / SparseGPT-style) compression: block i is calibrated on the outputs of the already
   compressed blocks 0..i-1, compressed by `compress_block(i, block_params, stats)`, and its outputs are
   recomputed with the compressed weights before block i + 1 sees them.
@@ -164,6 +201,9 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
     stacked over experts (see `calibrate`) and returns the weight compressed expert by expert. False: a model
     whose blocks hold such weights is refused with an error naming them (a method that does not compress
     experts must not leave them float unnoticed).
+  dense: a first pass over the model as given (`DensePass`): its statistics of every block (`calibrate`, head
+    excluded) and the weights go to dense.summarize before block 0 is compressed, and compress_block is called
+    as compress_block(i, block_params, stats, summary).
   Only one block's parameters are on the device at a time (with offload=True the compressed blocks go to the
   host). deterministic=True: statistics identical to the bit for any number of devices and processes, so a
   deterministic compress_block gives the same masks and codes on 1 device, N devices and P processes (see
@@ -179,10 +219,21 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
   if per_group and calibrate_on == 'original':
     raise ValueError("run_sequential: per_group=True calibrates on the block as compressed so far; with "
                      "calibrate_on='original' give per_group=False.")
+  if dense is not None and not (isinstance(dense, DensePass) and isinstance(dense.observer, Observer)
+                                and callable(dense.summarize)):
+    raise TypeError(f'run_sequential: dense={dense!r} must be a calibration.DensePass(observer, summarize).')
   if _RECORDING:
     _RECORDING[-1].append(SequentialPlan(observer=observer, compress_block=compress_block, per_group=per_group,
-                                         calibrate_on=calibrate_on, experts=experts))
+                                         calibrate_on=calibrate_on, experts=experts, dense=dense))
     return params, {}
+  if dense is not None:
+    batches = list(batches)  # read twice: the dense pass, then the compression
+    dense_step = None if on_step is None else (lambda phase, block, batch: on_step('dense', block, batch))
+    first = calibrate(model, params, batches, dense.observer, mesh=mesh, data_axis=data_axis, offload=offload,
+                      head=False, deterministic=deterministic, on_step=dense_step, experts=experts)
+    summary = as_json(dense.summarize(first, core.paths.flatten(params)), caller='run_sequential')
+    del first
+    compress_block = bind_summary(compress_block, summary)
   stats, params = _run(model, params, batches, observer, compress_block, mesh=mesh, data_axis=data_axis,
                        offload=offload, head=False, keep_stats=keep_stats, on_step=on_step, per_group=per_group,
                        original=calibrate_on == 'original', deterministic=deterministic, experts=experts)

@@ -16,6 +16,15 @@ The model is never whole in host memory. For block i (as `run_sequential`, true-
 Peak host memory is about one block (input and compressed) plus its statistics plus one batch of hidden
 states. Everything outside the blocks (embedding, final norm, head) is copied unchanged to `rest_<part>.jc.safetensors`.
 
+A first stage whose every block depends on the whole dense model (a `DensePass`: Wanda / SparseGPT with
+distribution='owl' or a callable reading `stats`) gets a first pass before block 0 is compressed: the blocks as
+read, one at a time, the dense hidden states streamed through d_XXXXX.npy files as above, each step computing a
+block's statistics and outputs together as `calibrate` does (so the bits equal the in-memory pass); only the
+small statistics (column norms) are kept, then `summarize` reads each block's kernels once more. Its JSON
+summary (OWL: the per-layer sparsities) goes into the manifest, so a resumed run does not repeat the pass; an
+interrupted pass starts over. The peak stays that of the main loop: one block and one batch, plus the column
+norms of every kernel (Σ in_features floats).
+
 Resuming: the same call on the same output directory verifies every recorded block file against its hash,
 keeps the verified prefix, takes h from its file (or re-derives it from the embedding through the stored
 blocks when that file is missing or does not match) and goes on; the result is bit-identical to an
@@ -81,7 +90,8 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
     0..i-1 with stages 1..k applied (calibrate_on='compressed') or 1..k-1 ('original'), and on block i with
     stages 1..k-1 applied: exactly what running the stages one after another on the whole model gives. Each
     distinct stream of hidden states is a file on disk; a block with only some of the stages applied stays in
-    memory until its stream's forward pass.
+    memory until its stream's forward pass. The first plan may carry a `DensePass` (module docstring); a later
+    one is refused (its pass would need the whole model as the stages before it leave it).
   batches: calibration batches as `calibrate` takes them; all must have the same shape (checked first).
   observer: the statistics compress_block reads (e.g. `hessian()`).
   recipe: a JSON-able description of what compress_block does (its configs); part of the fingerprint, so a
@@ -95,7 +105,7 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
   deterministic: statistics identical to the bit for any number of devices and processes (`calibrate`), so
     the blocks written are too; part of the fingerprint.
   Output: output_dir/{manifest.json, config.json, rest_<part>.jc.safetensors, block_XXXXX.jc.safetensors,
-  h_XXXXX_sM[_pP].npy}; `load_compressed(output_dir)` rebuilds the params.
+  h_XXXXX_sM[_pP].npy, d_XXXXX[_pP].npy during a dense pass}; `load_compressed(output_dir)` rebuilds the params.
   """
   plans = _as_plans(compress_block, observer, per_group)
   out = Path(output_dir)
@@ -147,6 +157,17 @@ def compress_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.PathL
       return manifest
     dev_rows = [place.rows(r) for r in rows]
     shardings = place.shardings()
+    if plans[0].dense is not None:  # the first stage reads the whole dense model: its pass runs (or ran) first
+      dense = manifest.get('dense')
+      if dense is None:
+        t0 = time.perf_counter()
+        summary = _dense_pass(model, ckpt, plans[0], read_block, dev_rows, place, acts, deterministic, on_step)
+        dense = {'summary': summary, 'seconds': time.perf_counter() - t0}
+        if writer:
+          manifest['dense'] = dense
+          _write_manifest(out, manifest)
+      plans = [plans[0]._replace(compress_block=driver.bind_summary(plans[0].compress_block, dense['summary']),
+                                 dense=None), *plans[1:]]
     begin = start
     if not all(acts.valid(start, m, manifest) for m in streams):
       stored = lambda i: core.serialize.load(out / block_file(i))
@@ -231,6 +252,15 @@ def _as_plans(compress_block, observer, per_group) -> list[driver.SequentialPlan
   if observer is not None or per_group:
     raise ValueError('compress_checkpoint: with SequentialPlans, each plan carries its observer and per_group; '
                      'do not pass observer= or per_group=.')
+  for k, p in enumerate(plans):
+    if p.dense is not None and not (isinstance(p.dense, driver.DensePass) and isinstance(p.dense.observer, Observer)
+                                    and callable(p.dense.summarize)):
+      raise TypeError(f'compress_checkpoint: stage {k + 1} has dense={p.dense!r}; give a '
+                      'calibration.DensePass(observer, summarize) or None.')
+    if p.dense is not None and k > 0:
+      raise ValueError(f'compress_checkpoint: stage {k + 1} needs a first pass over the whole model as the stages '
+                       'before it leave it (a DensePass, e.g. distribution=owl), which block by block exists only '
+                       'for the model as read; make it the first stage, or run the stages before it first.')
   return plans
 
 
@@ -278,7 +308,8 @@ def _fingerprint(ckpt, recipe, seed, rows, plans, dtype) -> dict[str, Any]:
   return {'format': FORMAT, 'input': ckpt.fingerprint(), 'recipe': recipe_json, 'seed': int(seed),
           'data': digest, 'dtype': None if dtype is None else str(np.dtype(dtype)), 'block_path': ckpt.model.block_path,
           'stages': [{'observer': p.observer.init.__qualname__, 'per_group': bool(p.per_group),
-                      'calibrate_on': p.calibrate_on} for p in plans]}
+                      'calibrate_on': p.calibrate_on,
+                      **({} if p.dense is None else {'dense': p.dense.observer.init.__qualname__})} for p in plans]}
 
 
 def _open_output(out: Path, fingerprint: dict, writer: bool) -> dict[str, Any]:
@@ -438,6 +469,10 @@ class _ActivationFile:
     """Stream `stream`'s hidden states entering block i."""
     return self.out / f'h_{i:05d}_s{stream}{self.suffix}.npy'
 
+  def dense_path(self, i: int) -> Path:
+    """The dense model's hidden states entering block i, during a `DensePass`."""
+    return self.out / f'd_{i:05d}{self.suffix}.npy'
+
   def batch_bytes(self) -> int:
     return int(np.prod(self.shape[1:])) * 4
 
@@ -493,6 +528,13 @@ class _ActivationFile:
       if mine.fullmatch(p.name) and p not in keep:
         self.remove(p)
 
+  def remove_dense(self) -> None:
+    """Removes this process's hidden-state files of a `DensePass` (those an interrupted pass left)."""
+    mine = re.compile(rf'd_\d{{5}}{re.escape(self.suffix)}\.npy')
+    for p in self.out.iterdir():
+      if mine.fullmatch(p.name):
+        self.remove(p)
+
 
 def _npy_header(shape) -> bytes:
   import io
@@ -528,6 +570,93 @@ def _digests(acts: _ActivationFile, i: int, streams: list[int]) -> dict[str, lis
   return {str(m): [d] for m, d in zip(streams, mine)}
 
 
+def _embed(model, ckpt, dev_rows: list[Rows], place, acts: _ActivationFile, paths: list[Path], deterministic: bool,
+           on_step) -> None:
+  """The hidden states entering block 0, written to each of `paths`. Only the top-level parameters outside the
+  blocks and heads are read (the embedding, norms); the rest enter the jitted embedding as zeros of their shape,
+  which XLA drops since nothing reads them."""
+  shapes = model.abstract_params()
+  heads = [re.compile(p) for p in model.head_patterns]
+  keep = {k for k in shapes if k != model.block_path and not any(h.search(f'{k}/') for h in heads)}
+  rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
+  abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
+  rest_dev = place.replicated(rest)
+  embed = driver._embed_step(model, abstract, place.shardings(), deterministic)
+  h0 = [place.keep(embed(rest_dev, r)) for r in dev_rows]
+  del rest_dev
+  for path in paths:
+    with acts.writer(path) as put:
+      for j, h in enumerate(h0):
+        put(j, h)
+        if on_step:
+          on_step('embed', -1, j)
+
+
+def _dense_pass(model, ckpt, plan: driver.SequentialPlan, read_block, dev_rows: list[Rows], place,
+                acts: _ActivationFile, deterministic: bool, on_step) -> Any:
+  """plan.dense's JSON summary: its observer's statistics of every block linear, streamed as `calibrate` gives
+  them (each step computes a block's statistics and outputs together, as `calibrate` does, so the bits agree),
+  block i fed by blocks 0..i-1 as read; the hidden states on disk (d_XXXXX.npy, one batch in memory), one block
+  read at a time, only the statistics kept; then summarize with the weights read back block by block."""
+  observer = plan.dense.observer
+  shardings = place.shardings()
+  prefix = f'{model.block_path}/'
+  n_layers = model.config.num_layers
+  acts.remove_dense()  # the hidden states of an interrupted pass: it starts over
+  _embed(model, ckpt, dev_rows, place, acts, [acts.dense_path(0)], deterministic, on_step)
+  kept: dict[str, Any] = {}
+  for i in range(n_layers):
+    block = place.replicated(read_block(i))
+    src = acts.dense_path(i)
+    first = place.fetch(acts.read(src, 0))
+    shapes = dict(driver._linear_shapes(model, block, first, dev_rows[0], experts=plan.experts, block_index=i))
+    del first
+    stats = {p: place.replicated(driver._init_stats(observer, p, shapes[p])) for p in shapes}
+    with acts.writer(acts.dense_path(i + 1)) as put:
+      for j, r in enumerate(dev_rows):
+        h, stats = driver._block_step(model, observer, block, place.fetch(acts.read(src, j)), r, stats,
+                                      shardings=shardings, outputs=True, deterministic=deterministic)
+        put(j, place.keep(h))
+        del h
+        if on_step:
+          on_step('dense', i, j)
+    kept.update({f'{prefix}{i}/{p}': place.keep_stats(stats[p]) for p in shapes})  # call order, as calibrate
+    del stats, block
+    acts.remove(src)
+    _release_host_memory()
+  acts.remove(acts.dense_path(n_layers))
+  summary = plan.dense.summarize(kept, _CheckpointWeights(ckpt, model))
+  del kept
+  _release_host_memory()
+  return driver.as_json(summary, caller='compress_checkpoint')
+
+
+class _CheckpointWeights(Mapping):
+  """{parameter path: host array} read from the checkpoint on access, one block's parameters held at a time (a
+  `DensePass` summarize reads the kernels block by block)."""
+
+  def __init__(self, ckpt, model):
+    self._ckpt, self._prefix = ckpt, f'{model.block_path}/'
+    self._block: tuple[int | None, dict[str, Any]] = (None, {})
+
+  def __getitem__(self, path: str):
+    if path not in self._ckpt.paths():
+      raise KeyError(path)
+    if not path.startswith(self._prefix):
+      return core.paths.flatten(self._ckpt.read(lambda p: p == path))[path]
+    i = int(path[len(self._prefix):].split('/', 1)[0])
+    if self._block[0] != i:
+      self._block = (None, {})  # the previous block goes before the next is read
+      self._block = (i, core.paths.flatten(self._ckpt.read(lambda p: p.startswith(f'{self._prefix}{i}/'))))
+    return self._block[1][path]
+
+  def __iter__(self):
+    return iter(self._ckpt.paths())
+
+  def __len__(self) -> int:
+    return len(self._ckpt.paths())
+
+
 def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_block, stored, dev_rows: list[Rows],
             place, acts: _ActivationFile, on_step, deterministic: bool) -> int:
   """Hidden states of every stream at block `start`, rebuilt; returns the block the main loop starts at.
@@ -535,26 +664,8 @@ def _derive(model, ckpt, start: int, streams: list[int], n_stages: int, read_blo
   Streams 0 (the blocks as read) and n_stages (the blocks as stored) are run forward through blocks
   0..start-1. A stream in between (some stages applied) exists nowhere on disk: then only the embedding is
   written and the main loop starts at block 0, recomputing those stages (the stored blocks are kept).
-  Only the top-level parameters outside the blocks and heads are read (the embedding, norms); the rest enter
-  the jitted embedding as zeros of their shape, which XLA drops since nothing reads them.
   """
-  shardings = place.shardings()
-  shapes = model.abstract_params()
-  heads = [re.compile(p) for p in model.head_patterns]
-  keep = {k for k in shapes if k != model.block_path and not any(h.search(f'{k}/') for h in heads)}
-  rest = ckpt.read(lambda p: p.split('/', 1)[0] in keep)
-  abstract = {**{k: v for k, v in shapes.items() if k not in keep}, core.SHARED: {}}
-  rest_dev = place.replicated(rest)
-  embed = driver._embed_step(model, abstract, shardings, deterministic)
-  h0 = [place.keep(embed(rest_dev, r)) for r in dev_rows]
-  del rest_dev
-  for m in streams:
-    with acts.writer(acts.path(0, m)) as put:
-      for j, h in enumerate(h0):
-        put(j, h)
-        if on_step:
-          on_step('embed', -1, j)
-  del h0
+  _embed(model, ckpt, dev_rows, place, acts, [acts.path(0, m) for m in streams], deterministic, on_step)
   if any(0 < m < n_stages for m in streams):
     return 0
   for i in range(start):

@@ -51,13 +51,23 @@ def _compile(patterns: Patterns | None) -> tuple[re.Pattern, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-  """Path rules, frozen so a method config can hold them."""
+  """Path rules, frozen so a method config can hold them: the one way every method says which weights it touches.
 
-  include: Patterns = KERNELS  # regexes; a path is chosen if any matches (re.search)
+  A recipe writes them as flat arguments of the method (`wanda(include=("mlp/",), exclude="layers/0/")`,
+  `rtn(include=(), embeddings=True)` for the embedding tables only); Python passes `rules=core.Rules(...)`.
+  """
+
+  include: Patterns = KERNELS  # regexes; a path is chosen if any matches (re.search); () with embeddings: tables only
   exclude: Patterns = ()  # regexes; a chosen path is dropped if any matches
   embeddings: bool = False  # also choose embedding tables
   head: bool = False  # also choose the output heads' weights
-  heads: Patterns = HEADS  # regexes of head paths (a model's `head_patterns`); default: lm_head/mlm_head/pooler
+  # regexes of head paths; None: the model's `head_patterns` where a model applies the rules
+  # (`Model.selection_rules(rules)`), core's HEADS (lm_head/mlm_head/pooler) otherwise
+  heads: Patterns | None = None
+
+  def with_heads(self, heads: Patterns) -> Rules:
+    """These rules with `heads` as the head paths, unless they name their own."""
+    return self if self.heads is not None else dataclasses.replace(self, heads=heads)
 
   def matches(self, path: str) -> bool:
     if path.startswith(shared_lib.SHARED + paths_lib.SEP):
@@ -65,7 +75,8 @@ class Rules:
     include = _compile(self.include) + (_compile(EMBEDDINGS) if self.embeddings else ())
     if not any(p.search(path) for p in include):
       return False
-    if not self.head and any(p.search(path) for p in _compile(self.heads)):
+    heads = HEADS if self.heads is None else self.heads
+    if not self.head and any(p.search(path) for p in _compile(heads)):
       return False
     if not self.embeddings and re.search(EMBEDDINGS, path):
       return False
@@ -163,7 +174,7 @@ def select(params: Any, include: Patterns = KERNELS, exclude: Patterns = (), *, 
 
 def select_by(params: Any, rules: Rules) -> Selection:
   # Bad patterns fail here, whatever the tree holds.
-  _compile(rules.include), _compile(rules.exclude), _compile(rules.heads)
+  _compile(rules.include), _compile(rules.exclude), _compile(HEADS if rules.heads is None else rules.heads)
   flat = paths_lib.flatten(params)
   chosen = [(p, x) for p, x in flat.items() if rules.matches(p)]
   return Selection(paths=tuple(p for p, _ in chosen), kinds=tuple(kind_of(x) for _, x in chosen),

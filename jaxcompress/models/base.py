@@ -110,9 +110,12 @@ class Model(abc.ABC):
     return core.select_by(params, self.selection_rules(include=include, exclude=exclude, embeddings=embeddings,
                                                        head=head))
 
-  def selection_rules(self, **kwargs) -> core.Rules:
-    """`core.Rules(**kwargs)` with this model's `head_patterns` (for APIs that take rules, e.g. hooks)."""
-    return core.Rules(heads=self.head_patterns, **kwargs)
+  def selection_rules(self, rules: core.Rules | None = None, **kwargs) -> core.Rules:
+    """`rules` (or `core.Rules(**kwargs)`) with this model's `head_patterns` deciding which paths are heads, unless
+    the rules name their own `heads` (a method config's `rules`, or rules for APIs that take them, e.g. hooks)."""
+    if rules is not None and kwargs:
+      raise TypeError(f'selection_rules: give rules or keyword arguments, not both ({sorted(kwargs)}).')
+    return (core.Rules(**kwargs) if rules is None else rules).with_heads(self.head_patterns)
 
   # Parameters -------------------------------------------------------------------------------------------------
 

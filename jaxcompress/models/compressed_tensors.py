@@ -41,12 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxcompress import core
-from jaxcompress.core import quantized as quantized_lib
-from jaxcompress.models import convert, hf
+from jaxcompress.models import convert, hf, packed
 from jaxcompress.models.base import Model
 
 QUANT_METHOD = 'compressed-tensors'
@@ -71,74 +69,19 @@ class Scheme:
             'strategy': strategy, 'dynamic': False, 'actorder': None, 'block_structure': None}
 
 
-# Packing ------------------------------------------------------------------------------------------------------
-
-
-def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
-  """Unsigned codes [rows, cols] < 2**bits -> int32 [rows, ceil(cols * bits / 32)]: each row one little-endian
-  bit stream, code i at bits i*bits ... (compressed-tensors' `pack_to_int32` of the signed codes)."""
-  codes = np.ascontiguousarray(codes, np.uint8)
-  rows, cols = codes.shape
-  planes = ((codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(rows, cols * bits)
-  words = math.ceil(cols * bits / 32)
-  planes = np.pad(planes, ((0, 0), (0, words * 32 - cols * bits)))
-  stream = np.ascontiguousarray(np.packbits(planes, axis=-1, bitorder='little'))
-  return stream.view('<i4').astype(np.int32).reshape(rows, words)
-
-
-def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
-  """Inverse of `pack_int32`: int32 [rows, words] -> uint8 [rows, cols]."""
-  packed = np.ascontiguousarray(packed, dtype='<i4')
-  rows = packed.shape[0]
-  planes = np.unpackbits(packed.view(np.uint8).reshape(rows, -1), axis=-1, count=cols * bits, bitorder='little')
-  planes = planes.reshape(rows, cols, bits).astype(np.uint8)
-  return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
-
-
-def pack_bytes(codes: np.ndarray, bits: int) -> np.ndarray:
-  """`core.quantized.pack_codes` on the host: uint8 [in, out] -> [in * bits // 8, out], low bits first along `in`
-  (8 % bits == 0), so a load compiles nothing."""
-  per = 8 // bits
-  grouped = np.asarray(codes, np.uint8).reshape(codes.shape[0] // per, per, *codes.shape[1:])
-  shifts = (np.arange(per, dtype=np.uint8) * bits).reshape(1, per, *([1] * (codes.ndim - 1)))
-  return np.bitwise_or.reduce(grouped << shifts, axis=1).astype(np.uint8)
-
-
 # Export -------------------------------------------------------------------------------------------------------
 
-
-def _kind(w: Any) -> str:
-  if isinstance(w, core.Quantized):
-    return f"Quantized(fmt='{w.fmt}', bits={w.bits})"
-  return type(w).__name__
+LAYOUT = "compressed-tensors 'pack-quantized'"
+MASKED = 'compressed-tensors 0.20 reads no sparse format (transformers would leave the weight uninitialized)'
 
 
 def _refusal(w: Any, row: convert.TensorMap) -> str | None:
-  """Why the leaf at a table row cannot be written in this format (None: it can, packed or dense)."""
-  if isinstance(w, core.Shared):
-    return ('shared storage: compressed-tensors stores every tensor once per module; core.serialize keeps it '
-            'shared')
-  if isinstance(w, core.Masked):
-    return ('a sparsity mask: compressed-tensors 0.20 reads no sparse format (transformers would leave the weight '
-            'uninitialized); core.serialize holds it')
-  if not isinstance(w, core.Quantized):
-    return None if not core.is_compressed(w) else 'no compressed-tensors format holds it; core.serialize does'
-  if w.fmt != 'int':
-    other = {'fp8': "compressed-tensors 'float-quantized' (FP8 weights) or core.serialize",
-             'nf4': 'core.serialize or the bitsandbytes NF4 layout'}.get(w.fmt, 'core.serialize')
-    return f"'{w.fmt}' codes: 'pack-quantized' holds uniform int codes only; {other} holds it"
-  if len(w.shape) != 2:
-    return ("a stacked expert weight [E, in, out]: 'pack-quantized' here packs 2-D Linear weights; "
-            'core.serialize holds it')
-  if not row.linear or len(row.ours) != 1:
-    return ("groups along this tensor's first axis, which is not a torch Linear's input axis (embedding, GPT-2 "
-            "Conv1D or fused qkv); compressed-tensors quantizes Linear weights along `in`; core.serialize holds it")
-  if w.zero is not None:
-    z = np.asarray(jax.device_get(w.zero), np.float64)
-    if not (np.all(z == np.round(z)) and z.min() >= 0 and z.max() < 2 ** w.bits):
-      return (f'zero points that are not integers in [0, {2 ** w.bits}); compressed-tensors stores integer zero '
-              'points; core.serialize holds it')
-  return None
+  return packed.refusal(w, row, LAYOUT, MASKED)
+
+
+def refusals(model: Model, params: dict) -> dict[str, str]:
+  """{path: why} for every leaf of `params` this format cannot hold ({}: `export` writes it all as it is)."""
+  return packed.refusals(model, params, _refusal)
 
 
 def _scheme(w: core.Quantized) -> Scheme:
@@ -148,14 +91,13 @@ def _scheme(w: core.Quantized) -> Scheme:
 def packed_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
   """The 'pack-quantized' tensors of one Linear `module` ('model.layers.0.mlp.up_proj') from an int leaf
   [in, out]; `dtype` casts the scale (the codes and zero points are exact integers)."""
-  codes = np.asarray(jax.device_get(w.codes_unpacked())).T  # [out, in]
-  scale = np.asarray(jax.device_get(w.scale if dtype is None else w.scale.astype(dtype))).T  # [out, groups]
-  out = {f'{module}.weight_packed': pack_int32(codes, w.bits),
-         f'{module}.weight_scale': np.ascontiguousarray(scale),
+  codes = packed.host_codes(w).T  # [out, in]
+  out = {f'{module}.weight_packed': packed.pack_int32(codes, w.bits),
+         f'{module}.weight_scale': np.ascontiguousarray(packed.host_scale(w, dtype).T),  # [out, groups]
          f'{module}.weight_shape': np.asarray(codes.shape, np.int64)}
-  if w.zero is not None:
-    zero = np.asarray(jax.device_get(w.zero), np.float64).astype(np.uint8)  # [groups, out], checked integral
-    out[f'{module}.weight_zero_point'] = np.ascontiguousarray(pack_int32(zero, w.bits).T)
+  zero = packed.host_zero(w)  # [groups, out]
+  if zero is not None:
+    out[f'{module}.weight_zero_point'] = np.ascontiguousarray(packed.pack_int32(zero, w.bits).T)
   return out
 
 
@@ -183,36 +125,13 @@ def export(model: Model, params: dict, out_dir: str | os.PathLike, *, dense_fall
   listed in `ignore`. `dtype` casts the dense tensors and the scales (e.g. jnp.bfloat16); codes, zero points
   and shapes are exact integers.
   """
-  raw = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
-  flat = core.flatten(core.resolve(params))
-  hf.check_export_shapes(model, flat, 'compressed_tensors.export')
-  rows = model.hf_table()
-  refused = {}
-  for row in rows:
-    for p in row.ours:
-      reason = _refusal(raw[p], row)
-      if reason is not None:
-        refused[p] = f'{p}: {_kind(raw[p])}, {reason}'
-  if refused and not dense_fallback:
-    raise ValueError(f'compressed_tensors.export: {len(refused)} weights cannot be written in the compressed-tensors '
-                     "format, so nothing was written:\n  " + '\n  '.join(refused.values()) +
-                     '\nPass dense_fallback=True to write them dense (listed in the config\'s `ignore`), or save '
-                     'the tree with core.serialize.save.')
-  tensors: dict[str, np.ndarray] = {}
-  schemes: dict[str, Scheme] = {}
-  ignore: list[str] = []
-  for row in rows:
-    w = flat[row.ours[0]]
-    if isinstance(w, core.Quantized) and not any(p in refused for p in row.ours):
-      module = hf.export_name(model, row.hf).removesuffix('.weight')
-      tensors.update(packed_tensors(w, module, dtype))
-      schemes[module] = _scheme(w)
-      continue
-    if row.linear:
-      ignore.append(hf.export_name(model, row.hf).removesuffix('.weight'))
-    tensors.update(hf.dense_tensor(model, row, flat, dtype))
+  flat, refused = packed.refuse(model, params, 'compressed_tensors.export', 'compressed-tensors', _refusal,
+                                dense_fallback)
+  tensors, quantized, dense = packed.export_tensors(model, flat, refused, dtype,
+                                                    lambda w, module: packed_tensors(w, module, dtype))
+  schemes = {module: _scheme(w) for module, w in quantized.items()}
   return hf.write_checkpoint(out_dir, model, tensors, max_shard_bytes,
-                             config_fields={'quantization_config': quantization_config(schemes, ignore)})
+                             config_fields={'quantization_config': quantization_config(schemes, dense)})
 
 
 # Import -------------------------------------------------------------------------------------------------------
@@ -276,8 +195,8 @@ def read_plan(cfg: dict, cfg_file: Path, linear_modules: list[str]) -> dict[str,
   if not isinstance(q, dict):
     raise _field_error(cfg_file, '', q, 'a JSON object')
   if q.get('quant_method') != QUANT_METHOD:
-    raise _field_error(cfg_file, 'quant_method', q.get('quant_method'), f"'{QUANT_METHOD}' (the only "
-                       'quantized checkpoint format read here)')
+    raise _field_error(cfg_file, 'quant_method', q.get('quant_method'), f"'{QUANT_METHOD}' or 'gptq' (the "
+                       'quantized checkpoint formats read here)')
   release = re.match(r'(\d+)\.(\d+)', str(q.get('version', '')))
   if release is None or (int(release[1]), int(release[2])) < (0, 20):
     bits_used = {g.get('weights', {}).get('num_bits') for g in (q.get('config_groups') or {}).values()
@@ -320,13 +239,7 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
   groups = 1 if scheme.group_size is None else n_in // max(scheme.group_size, 1)
   b = scheme.bits
 
-  def read(suffix, want, kinds):
-    arr, file = get(f'{module}.{suffix}')
-    if tuple(arr.shape) != tuple(want) or arr.dtype.kind not in kinds:
-      raise ValueError(f"tensor '{module}.{suffix}' in '{file}' is {arr.dtype} {list(arr.shape)}; the "
-                       f'{b}-bit scheme and config.json imply {list(want)} ({kinds!r} dtype kinds).')
-    return arr
-
+  read = packed.checked_reader(module, get, f'the {b}-bit scheme and config.json')
   if scheme.group_size is not None and n_in % scheme.group_size:
     raise ValueError(f"'{module}': group_size={scheme.group_size} does not divide in_features={n_in}.")
   stored = read('weight_shape', (2,), 'iu')
@@ -334,17 +247,12 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
     _, file = get(f'{module}.weight_shape')
     raise ValueError(f"tensor '{module}.weight_shape' in '{file}' is {[int(x) for x in stored]}; config.json "
                      f'implies [{n_out}, {n_in}].')
-  codes = unpack_int32(read('weight_packed', (n_out, math.ceil(n_in * b / 32)), 'i'), b, n_in).T  # [in, out]
+  codes = packed.unpack_int32(read('weight_packed', (n_out, math.ceil(n_in * b / 32)), 'i'), b, n_in).T
   scale = read('weight_scale', (n_out, groups), 'f').T
   if scale_dtype is not None:
     scale = scale.astype(scale_dtype)
   zero = None
   if not scheme.symmetric:
     zp = read('weight_zero_point', (math.ceil(n_out * b / 32), groups), 'i')
-    zero = unpack_int32(np.ascontiguousarray(zp.T), b, n_out).astype(scale.dtype)  # [groups, out]
-  packed = quantized_lib.packs(b) and n_in % (8 // b) == 0
-  codes = jax.device_put(pack_bytes(codes, b) if packed else np.ascontiguousarray(codes))
-  return core.Quantized(codes=codes,
-                        scale=jax.device_put(np.ascontiguousarray(scale)),
-                        zero=None if zero is None else jax.device_put(zero), bits=b, group_size=scheme.group_size,
-                        fmt='int', packed=packed, logical_shape=(n_in, n_out))
+    zero = packed.unpack_int32(np.ascontiguousarray(zp.T), b, n_out).astype(scale.dtype)  # [groups, out]
+  return packed.int_leaf(codes, scale, zero, b, scheme.group_size)

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxcompress import core
-from jaxcompress.models import compressed_tensors, convert, tensor_reader
+from jaxcompress.models import compressed_tensors, convert, gptq_format, tensor_reader
 from jaxcompress.models.base import Model
 from jaxcompress.models.bert import Bert
 from jaxcompress.models.gpt2 import GPT2
@@ -167,10 +167,10 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   table = model.hf_table()
   prefix = _detect_prefix(model, files, table)
   full = lambda n: _full_name(files, prefix, n)
-  packed = _packed_linears(path, model, table, files, prefix)
+  layout, packed = _packed_linears(path, model, table, files, prefix)
   if packed and shardings is not None:
-    raise ValueError(f"from_pretrained: '{path}' holds compressed-tensors packed weights, which load as "
-                     'Quantized leaves; shardings= is not supported for them: load, then place the tree.')
+    raise ValueError(f"from_pretrained: '{path}' holds packed quantized weights, which load as Quantized "
+                     'leaves; shardings= is not supported for them: load, then place the tree.')
   # device_put, not jnp.asarray: on CPU it adopts the aligned buffer the reader filled instead of copying it.
   place = place or (lambda _, x: jax.device_put(x))
   handles: dict[Path, Any] = {}
@@ -179,7 +179,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   try:
     for row in table:
       module = full(row.hf).removesuffix('.weight')
-      if module in packed:  # a compressed-tensors Linear: packed codes, scales and zero points
+      if module in packed:  # a packed quantized Linear (compressed-tensors or GPTQ): codes, scales, zeros
         def get(name):
           used.add(name)
           if name not in files:
@@ -187,8 +187,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
           return _read(_reader(path, files, handles, name), name), files[name].name
 
         our_path = row.ours[0]
-        flat[our_path] = compressed_tensors.read_quantized(packed[module], module, get, expected[our_path][0],
-                                                           dtype)
+        flat[our_path] = layout.read_quantized(packed[module], module, get, expected[our_path][0], dtype)
         continue
       name = full(row.hf)
       wants = ', '.join(f'{o} {list(expected[o][0])}' for o in row.ours)
@@ -235,19 +234,23 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, place
   return model, _unflatten(model.abstract_params(), flat)
 
 
-def _packed_linears(path: Path, model: Model, table, files: dict[str, Path], prefix: str
-                    ) -> dict[str, compressed_tensors.Scheme]:
-  """{Linear module name: scheme} of the packed weights a compressed-tensors checkpoint holds ({} otherwise)."""
+def _packed_linears(path: Path, model: Model, table, files: dict[str, Path], prefix: str) -> tuple[Any, dict]:
+  """(the layout's module, {Linear module name: scheme}) of the packed weights a compressed-tensors or GPTQ
+  checkpoint holds ({} otherwise). The layout module reads each with `read_quantized`."""
   cfg_file = path / 'config.json'
   cfg = _read_json_object(cfg_file)
   linears = [_full_name(files, prefix, row.hf).removesuffix('.weight') for row in table if row.linear]
-  return compressed_tensors.read_plan(cfg, cfg_file, linears)
+  q = cfg.get('quantization_config')
+  if isinstance(q, dict) and q.get('quant_method') == gptq_format.QUANT_METHOD:
+    return gptq_format, gptq_format.read_plan(cfg, cfg_file, linears, files)
+  return compressed_tensors, compressed_tensors.read_plan(cfg, cfg_file, linears)
 
 
 def _full_name(files: dict[str, Path], prefix: str, name: str) -> str:
   """A table row's HF name as the checkpoint spells it: with the base-model prefix if the checkpoint uses it for
-  this tensor (or for its packed form)."""
-  return prefix + name if prefix + name in files or prefix + name + '_packed' in files else name
+  this tensor (or for its packed form: compressed-tensors' `weight_packed`, GPTQ's `qweight`)."""
+  packed = (prefix + name + '_packed', prefix + name.removesuffix('weight') + 'qweight')
+  return prefix + name if prefix + name in files or any(n in files for n in packed) else name
 
 
 def _detect_prefix(model: Model, files: dict[str, Path], table) -> str:

@@ -15,6 +15,7 @@ overwrite=True, a rerun of the same configuration replaces its own result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -23,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxcompress.recipes import exports as export_lib
 from jaxcompress.recipes import preflight
 from jaxcompress.recipes import report as report_lib
 from jaxcompress.recipes import run_dir
@@ -35,7 +37,7 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
              batch_size: int = 32, seed: int = 0, output_dir: str | pathlib.Path | None = None, save: bool = True,
              measure: bool = True, per_stage_eval: bool = True, timing_reps: int = 5, out_of_core: bool = False,
              mesh=None, verbose: bool = False, settings: Mapping[str, Any] | None = None,
-             overwrite: bool = False) -> CompressionResult:
+             overwrite: bool = False, export: str | Sequence[str] | None = None) -> CompressionResult:
   """Parse, load, calibrate, apply the recipe, evaluate, measure, save and report.
 
   model: 'minilm', 'fixture', 'tiny', a checkpoint directory, or a `setup.Setup` already loaded (its data
@@ -53,7 +55,8 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
     stages can). mesh: a jax Mesh splitting calibration rows over 'data'. verbose: print the stage lines and the
     report. settings: further settings recorded in config.json (e.g. a command line's mesh flags). overwrite:
     replace a directory holding another run (or an unfinished out-of-core run of another configuration) as a
-    whole.
+    whole. export: the formats `save` writes ('jxc,compressed-tensors,gptq,dense' or a list; `recipes.exports`);
+    None: jxc, dense and each packed format that holds every compressed leaf.
   Returns the typed result; every figure of results.json and report.md comes from it.
   """
   from jaxcompress import recipes
@@ -67,6 +70,9 @@ def compress(model: str | setup_lib.Setup, recipe: str | Sequence, *, calib_data
          'output_dir': None if output_dir is None else str(output_dir), 'per_stage_eval': per_stage_eval,
          'timing_reps': timing_reps, 'measure': measure, 'out_of_core': out_of_core, 'save': save,
          **(settings or {})}
+  formats = export_lib.parse(export)  # unknown names refused before any work
+  if formats is not None:
+    cfg['export'] = list(formats)
   if output_dir is None:
     with tempfile.TemporaryDirectory(prefix='jaxcompress-') as tmp:
       return _run(cfg, stages, model, pathlib.Path(tmp), write=False, save=False, mesh=mesh, verbose=verbose)
@@ -102,9 +108,7 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
   """The run, writing into `out` (the staging directory of `final`, the output directory it becomes)."""
   import jax
 
-  from jaxcompress import core, models, provenance, recipes, registry
-  from jaxcompress.pruning._src.structured import is_narrowed
-  from jaxcompress.pruning._src.structured import save as save_narrowed
+  from jaxcompress import provenance, recipes, registry
   t_load = time.perf_counter()
   setup = model if isinstance(model, setup_lib.Setup) else setup_lib.load(
       cfg['model'], calib_data=cfg['calib_data'], eval_data=cfg['eval_data'], calib_samples=cfg['calib_samples'],
@@ -161,48 +165,46 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
     provenance.atomic_write(out / 'metrics.jsonl', ''.join(json.dumps(provenance.to_jsonable(r)) + '\n'
                                                           for r in records))
     if save and jax.process_index() == 0:  # every process holds the same compressed model; one writes it
-      core.serialize.save(out / 'compressed.jxc', params, metadata={'recipe': result.recipe, 'model': cfg['model']})
-      if jax.process_count() == 1:  # orbax would coordinate a save across processes; this tree is process-local
+      written = export_lib.write(out, model, params, cfg.get('export'),
+                                 metadata={'recipe': result.recipe, 'model': cfg['model']})
+      if 'jxc' in written and jax.process_count() == 1:  # orbax would coordinate a save across processes
         _save_orbax(out / 'orbax', params)
-      if is_narrowed(model, params):  # per-layer widths: our config field, not HF's
-        save_narrowed(out / 'hf', model, params)
-      else:
-        models.save_pretrained(out / 'hf', model, params)
+      result = dataclasses.replace(result, exports=written)
+      text = result.to_markdown()
     provenance.atomic_write(out / 'report.md', text)
     result.plot(out / 'stages.png')
     provenance.write_json(out / 'results.json', result.to_json())
   say('\n' + text)
   if write:
     say(f'files: {final or out}/ (report.md, stages.png, metrics.jsonl, results.json'
-        + (', compressed.jxc, orbax/, hf/)' if save else ')'))
+        + ''.join(f", {e['path']}" + ('/' if fmt != 'jxc' else '') for fmt, e in result.exports.items()) + ')')
   return result
 
 
 def layerwise_plan(stages, ctx, model):
   """[(stage, calibration.SequentialPlan)] of a recipe whose every stage compresses block by block, or a
   ValueError naming the first stage that cannot (trains, changes the architecture, needs statistics of the
-  whole uncompressed model, or is not calibrated)."""
+  whole compressed model, is not calibrated, or needs a first pass over the whole model (distribution=owl) after
+  another stage). Which methods may run comes from their registration (`preflight.out_of_core_refusal`) and
+  from recording the stage (`calibration.record_sequential`)."""
   from jaxcompress import calibration
-  supported = ('calibrated layer-wise methods run out of core: wanda, sparsegpt, gptq, awq, w8a8, smoothquant, '
-               'llm_int8, nonuniform, and asvd / svd_llm with keep=, rank= or energy= (budget= allocates ranks '
-               'over every kernel of the whole model: give keep= instead; mixed allocates bits over the whole '
-               'model)')
-  abstract = model.abstract_params()
   plans = []
   for i, s in enumerate(stages):
-    why = ('trains' if s.method.trains else 'changes the architecture' if s.method.adds == 'architecture'
-           else 'is not calibrated' if not s.method.calibrated else None)
+    why = preflight.out_of_core_refusal(s.method)
     if why is None:
       try:
-        with calibration.record_sequential() as rec:
-          s.method.fn(model, abstract, ctx, config=s.config)
+        rec = preflight.record(s.method, s.config, model, ctx)
       except calibration.NotSequential:
         why = 'needs statistics of the whole uncompressed model (calibrate, not run_sequential)'
       else:
         why = None if len(rec) == 1 else 'does not compress block by block with run_sequential'
+        if why is None and i > 0 and rec[0].dense is not None:
+          why = ('needs a first pass over the whole model as the stages before it leave it (e.g. '
+                 'distribution=owl); out of core such a stage must come first')
     if why:
-      raise ValueError(f'--out_of_core: stage {i + 1} {s} {why}; {supported}. Run this recipe without '
-                       '--out_of_core, or split it: the layer-wise stages out of core, the rest on the result.')
+      raise ValueError(f'--out_of_core: stage {i + 1} {s} {why}; {preflight.out_of_core_methods(model)}. Run '
+                       'this recipe without --out_of_core, or split it: the layer-wise stages out of core, the '
+                       'rest on the result.')
     plans.append((s, rec[0]))
   return plans
 

@@ -138,7 +138,7 @@ def check_stages(model, stages, *, params: Any = None, out_of_core: bool = False
   `model.abstract_params()`), up to the first stage that changes the architecture (the shapes after it are its
   own); with out_of_core, every stage must be a calibrated layer-wise method. Raises PreflightError."""
   if out_of_core:
-    check_out_of_core(stages)
+    check_out_of_core(stages, model)
   params = model.abstract_params() if params is None else params
   for i, s in enumerate(stages):
     if s.method.check is not None:
@@ -150,17 +150,55 @@ def check_stages(model, stages, *, params: Any = None, out_of_core: bool = False
       return
 
 
-def check_out_of_core(stages) -> None:
+def out_of_core_refusal(method) -> str | None:
+  """Why a registered method cannot run out of core, from its registration alone (it trains, changes the
+  architecture or is not calibrated), or None; what it does with its arguments is known only once it is recorded
+  (`pipeline.layerwise_plan`)."""
+  return ('trains' if method.trains else 'changes the architecture' if method.adds == 'architecture'
+          else 'is not calibrated' if not method.calibrated else None)
+
+
+def record(method, config, model, ctx=None) -> list:
+  """The `calibration.SequentialPlan`s `method` records on `model` (abstract params; `record_sequential`): one for
+  a stage that compresses block by block. Raises `calibration.NotSequential` for one that needs the statistics of
+  the whole model. ctx: the run's `registry.Context` (default: one token row; nothing is computed)."""
+  import numpy as np
+
+  from jaxcompress import calibration, registry
+  ctx = registry.as_context([np.zeros((1, 8), np.int32)]) if ctx is None else ctx
+  with calibration.record_sequential() as plans:
+    method.fn(model, model.abstract_params(), ctx, config=config)
+  return plans
+
+
+def out_of_core_methods(model=None) -> str:
+  """The registered methods that run out of core, as a refusal lists them: those their registration allows
+  (`out_of_core_refusal`) and, given the model spec, that record one block-wise plan with their defaults."""
+  from jaxcompress import registry
+  registry.load_plugins()
+
+  def runs(m) -> bool:
+    try:
+      return len(record(m, registry.make_config(m, {}), model)) == 1
+    except Exception:  # noqa: BLE001 (whole-model statistics, or defaults that do not fit this model)
+      return False
+
+  names = sorted(m.name for m in registry.REGISTRY.values()
+                 if out_of_core_refusal(m) is None and (model is None or runs(m)))
+  return (f'out of core runs calibrated one-shot stages that compress block by block ({", ".join(names)}), not '
+          'with arguments that allocate over the whole model at once (a low-rank budget=: give keep= instead)')
+
+
+def check_out_of_core(stages, model=None) -> None:
   """What `pipeline.layerwise_plan` refuses from the registry alone (training, architecture and uncalibrated
-  stages), before the model is loaded; the plan itself checks the rest once it is."""
+  stages), before the weights are loaded (model: the spec, for the list of what runs); the plan itself checks the
+  rest once they are."""
   for i, s in enumerate(stages):
-    why = ('trains' if s.method.trains else 'changes the architecture' if s.method.adds == 'architecture'
-           else 'is not calibrated' if not s.method.calibrated else None)
+    why = out_of_core_refusal(s.method)
     if why:
-      raise PreflightError(f'out_of_core=True: stage {i + 1} {s} {why}; out of core runs only calibrated '
-                           'layer-wise stages (wanda, sparsegpt, gptq, awq, w8a8, smoothquant, llm_int8, nonuniform, '
-                           'asvd / svd_llm without budget=). Run this recipe without out_of_core, or split it: the '
-                           'layer-wise stages out of core, the rest on the result.')
+      raise PreflightError(f'out_of_core=True: stage {i + 1} {s} {why}; {out_of_core_methods(model)}. Run this '
+                           'recipe without out_of_core, or split it: the layer-wise stages out of core, the rest on '
+                           'the result.')
 
 
 def check_weights(params, *, name: str) -> None:

@@ -15,7 +15,7 @@ import pathlib
 import re
 from typing import Any
 
-from jaxcompress import registry
+from jaxcompress import core, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,14 +143,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
   return out
 
 
-PATTERN_FIELDS = ('include', 'exclude')  # config fields holding path regexes (a string or a tuple of them)
+RULE_PATTERNS = ('include', 'exclude')  # `core.Rules` fields holding path regexes (a string or a tuple of them)
+PATTERN_FIELDS = ('within_block',)  # config fields of their own holding a path regex (`share`)
 
 
 def check_patterns(stage: Stage) -> None:
-  """Refuses a path regex of a stage's config (`include`, `exclude`, the paths of `overrides`) that does not
-  compile, naming the stage, the argument and Python's error."""
+  """Refuses a path regex of a stage's config (the rules' `include`, `exclude`, `share`'s `within_block`, the paths
+  of `overrides`) that does not compile, naming the stage, the argument and Python's error."""
   config = stage.config
-  found = [(f, getattr(config, f)) for f in PATTERN_FIELDS if hasattr(config, f)]
+  rules = getattr(config, 'rules', None)
+  found = [(f, getattr(rules, f)) for f in RULE_PATTERNS if isinstance(rules, core.Rules)]
+  found += [(f, getattr(config, f)) for f in PATTERN_FIELDS if hasattr(config, f)]
   found = [(f, v, (v,) if isinstance(v, str) else v) for f, v in found if isinstance(v, (str, tuple))]
   overrides = getattr(config, 'overrides', ())
   if isinstance(overrides, tuple):  # (path regex, value) pairs
@@ -167,12 +170,14 @@ def check_patterns(stage: Stage) -> None:
 
 
 def scopes(stage: Stage) -> tuple[str, ...]:
-  """Which weights a stage changes: 'blocks', 'embeddings' or both (from a config's `target` field if it has
-  one; training and architecture stages touch everything)."""
-  target = getattr(stage.config, 'target', None)
-  if target == 'embeddings':
-    return ('embeddings',)
-  if target == 'blocks' or (target is None and stage.method.family in ('pruning', 'quantization', 'lowrank')):
+  """Which weights a stage changes: 'blocks', 'embeddings' or both (from a config's `rules`: `embeddings=True`
+  adds the tables, and with `include=()` they are all it takes; training and architecture stages touch
+  everything)."""
+  rules = getattr(stage.config, 'rules', None)
+  if isinstance(rules, core.Rules) and rules.embeddings:
+    include = (rules.include,) if isinstance(rules.include, str) else tuple(rules.include)
+    return ('embeddings',) if not include else ('blocks', 'embeddings')
+  if stage.method.family in ('pruning', 'quantization', 'lowrank'):
     return ('blocks',)
   return ('blocks', 'embeddings')
 

@@ -201,6 +201,7 @@ class CompressionResult:
   compressed_model: Any = dataclasses.field(default=None, compare=False, repr=False)  # the model spec after the recipe
   compressed_params: Any = dataclasses.field(default=None, compare=False, repr=False)  # its params (None when read)
   output_dir: str | None = dataclasses.field(default=None, compare=False)  # where the run wrote its files
+  exports: dict = dataclasses.field(default_factory=dict)  # {format: {'path', 'bytes'}} written (`recipes.exports`)
 
   @property
   def metric(self) -> tuple[str, bool]:
@@ -213,7 +214,8 @@ class CompressionResult:
     return provenance.to_jsonable({
         'model': self.model, 'recipe': self.recipe, 'quality_dense': self.quality_dense, 'quality': self.quality,
         'size': self.size, 'compress_s': self.compress_s, 'stages': list(self.stages),
-        'params_hash': self.params_hash, 'leaf_kinds': self.leaf_kinds, 'measure': self.measure})
+        'params_hash': self.params_hash, 'leaf_kinds': self.leaf_kinds, 'measure': self.measure,
+        'exports': self.exports})
 
   @classmethod
   def from_json(cls, data: dict, **kwargs) -> CompressionResult:
@@ -223,7 +225,8 @@ class CompressionResult:
     missing = [k for k in names if k not in data]
     if missing:
       raise ValueError(f'CompressionResult.from_json: keys {missing} are missing; give the dict of a results.json.')
-    return cls(**{k: data[k] for k in names if k != 'stages'}, stages=tuple(data['stages']), **kwargs)
+    return cls(**{k: data[k] for k in names if k != 'stages'}, stages=tuple(data['stages']),
+               exports=data.get('exports', {}), **kwargs)  # results.json before exports were recorded: {}
 
   @classmethod
   def read(cls, run_dir: str | os.PathLike) -> CompressionResult:
@@ -296,6 +299,10 @@ def markdown(res: dict) -> str:
   for st in res['stages']:
     lines.append(f"| {st['stage']} | {st['seconds']:.1f} | {_mb(st['disk_bytes'])} | {st['bits_per_weight']:.2f} | "
                  + (f"{st[q]:.4f}" if q in st else '') + ' |')
+  if res.get('exports'):
+    lines += ['', '## Files written', '', '| format | path | bytes | vs original fp32 |', '|---|---|---|---|']
+    lines += [f"| {fmt} | {e['path']} | {e['bytes']:,} ({_mb(e['bytes'])}) | "
+              f"{e['bytes'] / s['disk_bytes_dense']:.3f}× |" for fmt, e in res['exports'].items()]
   lines += ['', '## Hardware fit', '', fit, '',
             f"Energy model: {DEVICE_MODEL['name']}: {DEVICE_MODEL['joule_per_flop'] * 1e12:.2f} pJ/FLOP and "
             f"{DEVICE_MODEL['joule_per_byte'] * 1e12:.0f} pJ/byte (rated power over peak rate); a token costs its "

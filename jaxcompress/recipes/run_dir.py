@@ -27,7 +27,7 @@ from jaxcompress.recipes.preflight import PreflightError
 
 # what `pipeline.compress` writes into its output directory
 RUN_FILES = ('config.json', 'environment.json', 'metrics.jsonl', 'compressed.jxc', 'orbax', 'hf', 'report.md',
-             'results.json', 'stages.png', 'blocks', 'input_hf', 'stages')
+             'results.json', 'stages.png', 'blocks', 'input_hf', 'stages', 'compressed_tensors', 'gptq')
 RESUMABLE = ('blocks', 'input_hf')  # what a rerun of the same configuration continues from
 STAGING, REPLACED = '.partial', '.replaced'  # suffixes of the siblings: the run being written, the run replaced
 IGNORED = ('output_dir',)  # config keys that do not make another run (the same directory, spelled otherwise)

@@ -18,11 +18,18 @@ with `calib` a `Context` (calibration batches, their mesh and row split, trainin
 model for distillation, the seed) or just a list of calibration batches. Methods outside this package register the
 same way from their own module, found through the `jaxcompress.methods` entry-point group or imported by name
 (`load_plugins`, `compress.py --import=module`).
+
+A method that chooses which weights it touches holds `rules: core.Rules` in its config (`selects`); a recipe writes
+them as the method's arguments `include=`, `exclude=`, `embeddings=`, `head=` (`SELECTION_ARGS`), which
+`make_config` builds into the config's `rules`. An argument a config no longer takes is declared with `retired`,
+which refuses it with what replaced it.
 """
 
 from jaxcompress.registry.context import Context, as_context, local
-from jaxcompress.registry.methods import (COMPRESSED, ENTRY_POINTS, REGISTRY, TAGS, Method, check_ranges, describe,
-                                          field, get, load_plugins, make_config, register)
+from jaxcompress.registry.methods import (COMPRESSED, ENTRY_POINTS, REGISTRY, SELECTION_ARGS, TAGS, Method,
+                                          check_ranges, describe, field, get, load_plugins, make_config, register,
+                                          retired, selects)
 
-__all__ = ['COMPRESSED', 'ENTRY_POINTS', 'REGISTRY', 'TAGS', 'Context', 'Method', 'as_context', 'check_ranges',
-           'describe', 'field', 'get', 'load_plugins', 'local', 'make_config', 'register']
+__all__ = ['COMPRESSED', 'ENTRY_POINTS', 'REGISTRY', 'SELECTION_ARGS', 'TAGS', 'Context', 'Method', 'as_context',
+           'check_ranges', 'describe', 'field', 'get', 'load_plugins', 'local', 'make_config', 'register', 'retired',
+           'selects']

@@ -1,9 +1,11 @@
-"""Methods by name: `register`, `get`, `describe`, configs from recipe arguments, ranges declared per field, and
-methods of other packages (`load_plugins`)."""
+"""Methods by name: `register`, `get`, `describe`, configs from recipe arguments, ranges declared per field, the one
+selection vocabulary (a config's `rules: core.Rules`, written in recipes as `include=`, `exclude=`, `embeddings=`,
+`head=`), arguments a config no longer takes (`retired`), and methods of other packages (`load_plugins`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import math
@@ -12,9 +14,15 @@ import types
 import typing
 from typing import Any, Callable
 
+from jaxcompress import core
+
 TAGS = ('masked', 'quantized', 'lowrank', 'shared', 'adapter', 'architecture')
 COMPRESSED = ('masked', 'quantized', 'lowrank', 'shared', 'adapter')  # what a dense-only method forbids
 ENTRY_POINTS = 'jaxcompress.methods'  # the entry-point group other packages register their methods under
+# A selecting config's `rules` fields, which a recipe writes as the method's own arguments (`wanda(include=...)`).
+SELECTION_ARGS = ('include', 'exclude', 'embeddings', 'head')
+_SELECTION_TYPES = {'include': str | tuple[str, ...], 'exclude': str | tuple[str, ...], 'embeddings': bool,
+                    'head': bool}
 
 Fn = Callable[..., tuple[Any, Any]]  # (model, params, calib, *, config) -> (model, params)
 
@@ -41,11 +49,56 @@ class Method:
     return self.fn(model, params, calib, config=make_config(self, {}) if config is None else config)
 
   def fields(self) -> dict[str, Any]:
-    """{field: default under this name} of the config."""
+    """{argument: default under this name} as a recipe writes them (a selecting config's `rules` as its four
+    flat arguments, `SELECTION_ARGS`)."""
     out = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
            for f in dataclasses.fields(self.config)}
     out.update(dict(self.defaults))
+    if selects(self.config):
+      rules = out.pop('rules')
+      out.update({k: getattr(rules, k) for k in SELECTION_ARGS})
     return out
+
+
+def selects(config: type) -> bool:
+  """Whether a method config chooses the weights it touches: it holds `rules: core.Rules = core.Rules(...)` (a
+  default the recipe arguments start from), which a recipe writes as the flat arguments `include=`, `exclude=`,
+  `embeddings=`, `head=`."""
+  return any(f.name == 'rules' and isinstance(f.default, core.Rules) for f in dataclasses.fields(config))
+
+
+_RETIRED = '_retired_args'  # class attribute of a config: {argument it no longer takes: what replaced it}
+
+
+def retired(**replacements: str):
+  """Class decorator for a method config (above `@dataclasses.dataclass`): arguments it no longer takes, each
+  refused with what replaced it, in Python (TypeError) and in recipes (`make_config`, ValueError); a spelling that
+  is gone is never kept working beside the new one. A config holding `rules: core.Rules` also refuses the rules'
+  own fields given to it directly (`WandaConfig(include=...)`: write `rules=core.Rules(include=...)`).
+
+      @registry.retired(target="write include=(), embeddings=True for the embedding tables only")
+      @dataclasses.dataclass(frozen=True, kw_only=True)
+      class RTNConfig: ...
+  """
+  def wrap(cls):
+    gone = dict(replacements)
+    if selects(cls):
+      for k in SELECTION_ARGS:
+        gone.setdefault(k, f'it is a field of rules: {cls.__name__}(rules=core.Rules({k}=...)); a recipe writes '
+                           f'{k}= as before')
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+      bad = [k for k in kwargs if k in gone]
+      if bad:
+        raise TypeError(f'{cls.__name__}: ' + '; '.join(f'{k}= is gone: {gone[k]}' for k in bad) + '.')
+      init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    setattr(cls, _RETIRED, {**getattr(cls, _RETIRED, {}), **gone})
+    return cls
+  return wrap
 
 
 REGISTRY: dict[str, Method] = {}
@@ -157,9 +210,22 @@ def check_ranges(name: str, config) -> None:
 def make_config(method: Method, kwargs: dict[str, Any]):
   """The method's config from the registered defaults and `kwargs`, each value type-checked against its field."""
   fields = {f.name: f for f in dataclasses.fields(method.config)}
+  kwargs, flat = dict(kwargs), {}
+  if selects(method.config):
+    if 'rules' in kwargs:
+      flat_args = ', '.join(f'{k}=' for k in SELECTION_ARGS)
+      raise ValueError(f'{method.name}: rules= is written as its flat arguments {flat_args} '
+                       f'(e.g. {method.name}(include=("mlp/",), exclude="layers/0/")).')
+    flat = {k: _tuples(kwargs.pop(k)) for k in SELECTION_ARGS if k in kwargs}
+  gone = getattr(method.config, _RETIRED, {})
+  bad = [k for k in kwargs if k in gone]
+  if bad:
+    raise ValueError(f'{method.name}: ' + '; '.join(f'{k}= is gone: {gone[k]}' for k in bad) + '.')
   unknown = sorted(set(kwargs) - set(fields))
   if unknown:
-    raise ValueError(f'{method.name}: unknown argument(s) {unknown}; valid: {", ".join(fields)}.')
+    sel = selects(method.config)
+    valid = [k for k in fields if not (sel and k == 'rules')] + list(SELECTION_ARGS if sel else ())
+    raise ValueError(f'{method.name}: unknown argument(s) {unknown}; valid: {", ".join(valid)}.')
   hints = typing.get_type_hints(method.config)
   values = dict(method.defaults)
   for k, v in kwargs.items():
@@ -167,6 +233,11 @@ def make_config(method: Method, kwargs: dict[str, Any]):
     if not _fits(v, hints[k]):
       raise ValueError(f'{method.name}: {k}={v!r} is not a {_show(hints[k])}.')
     values[k] = v
+  for k, v in flat.items():
+    if not _fits(v, _SELECTION_TYPES[k]):
+      raise ValueError(f'{method.name}: {k}={v!r} is not a {_show(_SELECTION_TYPES[k])}.')
+  if flat:
+    values['rules'] = dataclasses.replace(values.get('rules', fields['rules'].default), **flat)
   try:
     config = method.config(**values)
   except (TypeError, ValueError) as e:

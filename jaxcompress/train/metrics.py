@@ -10,8 +10,8 @@
         progress.update(step + 1, tokens=tokens, metrics=metrics)
     progress.close()
 
-metrics.jsonl is ours (one JSON object a line, trimmed on resume); TensorBoard events go through
-tensorboardX's SummaryWriter, the progress line through tqdm, plots through matplotlib. Both files are flushed
+metrics.jsonl is ours (one JSON object a line, trimmed on resume); TensorBoard events go through TensorBoard's own
+record writer and event protos, the progress line through tqdm, plots through matplotlib. Both files are flushed
 after every write, so a killed process leaves every completed record readable.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -106,7 +107,7 @@ def scalars(metrics: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
 
 
 class MetricsWriter:
-  """Scalars to `run_dir/metrics.jsonl` and TensorBoard events under `run_dir/tb/` (tensorboardX).
+  """Scalars to `run_dir/metrics.jsonl` and TensorBoard events under `run_dir/tb/` (TensorBoard's record format).
 
   Each `write` appends one line {"step": int, "time": unix seconds, name: value, ...} (NaN and inf are kept,
   as Python's json writes them) and one TensorBoard scalar per value, both flushed to the OS at once: a killed
@@ -127,26 +128,27 @@ class MetricsWriter:
     if resume_step is not None and int(resume_step) < 0:
       raise ValueError(f'resume_step={resume_step} must be >= 0 (the step of the checkpoint resumed from), '
                        'or None for a fresh run.')
-    from tensorboardX.event_file_writer import EventsWriter
     self.run_dir = Path(run_dir)
     self.jsonl_path = self.run_dir / JSONL_NAME
     tb_dir = self.run_dir / TB_DIR
     tb_dir.mkdir(parents=True, exist_ok=True)
     _prepare_jsonl(self.jsonl_path, None if resume_step is None else int(resume_step))
     self._jsonl = open(self.jsonl_path, 'a', encoding='utf-8')
-    # tensorboardX's synchronous EventsWriter (its SummaryWriter queues events for a thread, so a flush there
-    # does not mean written). TensorBoard replays a directory's files in name order; tensorboardX names them by
-    # the second, so a sequence number after the host name orders two writers started within one second.
+    # TensorBoard's RecordWriter over a plain file: each event is written and flushed before `write` returns (the
+    # library's EventFileWriter queues events for a thread). TensorBoard replays a directory's files in name order;
+    # the name carries the second and then a sequence number, which orders two writers started within one second.
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+    from tensorboard.summary.writer.record_writer import RecordWriter
     count = sum(1 for p in tb_dir.iterdir() if p.name.startswith(EVENT_FILE_PREFIX))
-    self._tb = EventsWriter(str(tb_dir / 'events'), filename_suffix=f'.{count:06d}')
+    name = f'{EVENT_FILE_PREFIX}{int(clock()):010d}.{socket.gethostname()}.{count:06d}'
+    self._tb = RecordWriter(open(tb_dir / name, 'wb'))
+    self._write_event(Event(wall_time=clock(), file_version='brain.Event:2'))
     if resume_step is not None:
-      from tensorboardX.proto.event_pb2 import Event, SessionLog
       self._write_event(Event(wall_time=clock(), step=int(resume_step) + 1,
                               session_log=SessionLog(status=SessionLog.START)))
-    self._tb.flush()
 
   def _write_event(self, event) -> None:
-    self._tb.write_event(event)
+    self._tb.write(event.SerializeToString())
     self._tb.flush()
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = '') -> None:
@@ -163,10 +165,9 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({'step': step, 'time': now, **values}) + '\n')
     self._jsonl.flush()
     if values:
-      from tensorboardX.proto.event_pb2 import Event
-      from tensorboardX.proto.summary_pb2 import Summary
-      from tensorboardX.summary import scalar
-      summary = Summary(value=[v for tag, x in values.items() for v in scalar(tag, x).value])
+      from tensorboard.compat.proto.event_pb2 import Event
+      from tensorboard.compat.proto.summary_pb2 import Summary
+      summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(x)) for tag, x in values.items()])
       self._write_event(Event(wall_time=now, step=step, summary=summary))
 
   def close(self) -> None:

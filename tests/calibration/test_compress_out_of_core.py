@@ -21,6 +21,17 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   assert got['leaf_kinds']['Masked'] == got['leaf_kinds']['Quantized'] > 0
 
 
+@pytest.mark.slow
+def test_owl_out_of_core_equals_owl_in_memory(tmp_path):
+  """OWL's block sparsities out of core come from a first pass streamed from the checkpoint: the same model."""
+  from jaxcompress.recipes import pipeline as compress
+  cfg = {**CFG, 'recipe': 'owl(sparsity=0.5, owl_lambda=0.1) > gptq(bits=4, group_size=16)'}
+  ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
+  got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
+  assert 'dense' in (tmp_path / 'ooc' / 'blocks' / 'manifest.json').read_text()
+  assert got['params_hash'] == ref['params_hash'] and got['quality'] == ref['quality']
+
+
 @pytest.mark.parametrize('recipe', ['smoothquant(migration=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path
 def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, recipe):
   """Stages whose statistics are those of the uncompressed model (run_sequential(calibrate_on='original')):

@@ -242,3 +242,82 @@ def test_deterministic_output_equals_run_sequential_also_when_resumed(src, refer
                                   err_msg=path)
   with pytest.raises(ValueError, match='another run'):  # other statistics bits than the default reduction's
     oc.run_cheap(src, reference, deterministic=True)
+
+
+
+OWL = {'sparsity': 0.5, 'distribution': 'owl', 'owl_lambda': 0.1}
+
+
+@pytest.fixture(scope='module')
+def owl_in_memory(src):
+  """OWL's recorded plan (one block-wise plan with a dense pass), and in memory its per-layer sparsities and the
+  pruned model's leaves."""
+  from jaxcompress import pruning
+  from jaxcompress.calibration import driver
+  config = pruning.WandaConfig(**OWL)
+  with cal.record_sequential() as rec:
+    pruning.owl(oc.SPEC, oc.SPEC.abstract_params(), oc.batches(), config=config)
+  (plan,) = rec
+  assert plan.dense is not None
+  model, params = models.from_pretrained(src)
+  seen = []  # the summary of the in-memory dense pass, as run_sequential hands it to the compressor
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(driver, 'bind_summary', lambda fn, summary, bind=driver.bind_summary: seen.append(summary) or
+               bind(fn, summary))
+    _, pruned = pruning.owl(model, params, oc.batches(), config=config)
+  (sparsities,) = seen
+  return plan, sparsities, core.flatten(pruned)
+
+
+def run_owl(src, out, plan, **kwargs):
+  return cal.compress_checkpoint(src, out, [plan], oc.batches(), recipe={'owl': OWL}, **kwargs)
+
+
+def assert_equal_leaves(out, want):
+  got = core.flatten(cal.load_compressed(out))
+  assert sorted(got) == sorted(want)
+  for path, w in want.items():
+    np.testing.assert_array_equal(np.asarray(core.materialize(got[path])), np.asarray(core.materialize(w)),
+                                  err_msg=path)
+
+
+def test_owl_out_of_core_gives_the_in_memory_sparsities_and_masks(src, owl_in_memory, tmp_path):
+  """The dense pass streamed from the checkpoint computes each block's statistics and outputs in one step, as
+  `calibrate` does in memory, so its column norms equal the in-memory pass's to the bit: the same per-layer
+  sparsities (kept in the manifest) and the same masks."""
+  plan, sparsities, want = owl_in_memory
+  assert len(set(sparsities.values())) == 3  # one sparsity per block, all different
+  manifest = run_owl(src, tmp_path / 'out', plan)
+  assert manifest['complete'] and manifest['dense']['summary'] == sparsities
+  assert_equal_leaves(tmp_path / 'out', want)
+  assert not list((tmp_path / 'out').glob('*.npy'))
+  with pytest.raises(ValueError, match=r'stage 2 needs a first pass over the whole model'):
+    cal.compress_checkpoint(src, tmp_path / 'x', [cal.SequentialPlan(cal.hessian(), oc.cheap_block, False), plan],
+                            oc.batches(), recipe={})
+
+
+def test_owl_out_of_core_resumed_ends_identical(src, owl_in_memory, tmp_path):
+  """Stopped inside the dense pass, the next run starts the pass over; stopped after block 0, the next run reads
+  the sparsities from the manifest (no dense step) and ends with the in-memory masks."""
+  plan, sparsities, want = owl_in_memory
+  steps = []
+
+  def stop_in_dense_pass(phase, i, j):
+    if phase == 'dense' and i == 1:
+      raise KeyboardInterrupt
+
+  def stop_after_block(i, record):
+    if i == 0:
+      raise KeyboardInterrupt
+
+  out = tmp_path / 'out'
+  with pytest.raises(KeyboardInterrupt):
+    run_owl(src, out, plan, on_step=stop_in_dense_pass)
+  assert 'dense' not in json.loads((out / 'manifest.json').read_text()) and list(out.glob('d_*.npy'))
+  with pytest.raises(KeyboardInterrupt):  # the pass starts over, then block 0 is written
+    run_owl(src, out, plan, on_block=stop_after_block)
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['dense']['summary'] == sparsities and sorted(manifest['blocks']) == ['0']
+  run_owl(src, out, plan, on_step=lambda phase, i, j: steps.append(phase))
+  assert 'dense' not in steps and 'stats' in steps
+  assert_equal_leaves(out, want)

@@ -3,7 +3,6 @@
 
 import json
 import shutil
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,8 @@ import pytest
 import transformers
 
 from jaxcompress import core, models
-from jaxcompress.core import quantized as quantized_lib
 from jaxcompress.models import compressed_tensors as ct
+from tests.models.quantized_leaves import assert_same_leaves, quantize_kernels, random_leaf
 from tests.reference_models import VOCAB
 from tests.reference_models import relative_error as rel_err
 from tests.reference_models import torch_outputs
@@ -23,29 +22,6 @@ torch = pytest.importorskip('torch')
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, (2, 12))
 TOL = 1e-5  # fp32 relative error of transformers' load of our export against our logits of the same leaves
-
-
-def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=0):
-  """A `Quantized` leaf [in, out] with random codes (every code value, 0 included), float32 scales and, when
-  asymmetric, random integer zero points: built directly, so no quantizer is compiled."""
-  rng = np.random.RandomState(seed)
-  n_in, n_out = shape
-  groups = 1 if group_size is None else n_in // group_size
-  codes = rng.randint(0, 2 ** bits, (n_in, n_out)).astype(np.uint8)
-  scale = ((0.5 + rng.rand(groups, n_out)) * 0.04 / 2 ** (bits - 1)).astype(np.float32)
-  zero = None if symmetric or fmt != 'int' else rng.randint(0, 2 ** bits, (groups, n_out)).astype(np.float32)
-  packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
-  return core.Quantized(codes=jnp.asarray(ct.pack_bytes(codes, bits) if packed else codes),
-                        scale=jnp.asarray(scale), zero=None if zero is None else jnp.asarray(zero), bits=bits,
-                        group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(shape))
-
-
-def quantize_kernels(params, scheme_of):
-  """Every kernel for which scheme_of(path) gives random_leaf kwargs replaced by such a random leaf."""
-  def q(path, w):
-    kw = scheme_of(path) if path.endswith('/kernel') else None
-    return w if kw is None else random_leaf(w.shape, seed=zlib.crc32(path.encode()), **kw)
-  return core.map_with_path(q, params)
 
 
 def logits(model, params, *, compressed=False):
@@ -72,23 +48,6 @@ def hf_load(path, auto=transformers.AutoModelForCausalLM):
   asymmetric = any(not g['weights']['symmetric'] for g in groups)
   kwargs = {'quantization_config': transformers.CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
   return auto.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
-
-
-def assert_same_leaves(ours, loaded):
-  flat_a, flat_b = core.flatten(ours), core.flatten(loaded)
-  assert flat_a.keys() == flat_b.keys()
-  for p, a in flat_a.items():
-    b = flat_b[p]
-    assert type(a) is type(b), p
-    if isinstance(a, core.Quantized):
-      assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p
-      np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes), err_msg=p)
-      np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale), err_msg=p)
-      assert (a.zero is None) == (b.zero is None), p
-      if a.zero is not None:
-        np.testing.assert_array_equal(np.asarray(a.zero), np.asarray(b.zero), err_msg=p)
-    else:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
 
 
 # Mixed schemes in one model: several config groups, and dense Linears (the head) listed in `ignore`.
@@ -185,7 +144,7 @@ def test_unreadable_quantization_configs_name_the_field(llama, tmp_path):
   ct.export(model, quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False)), src)
   group = lambda q: next(iter(q['config_groups'].values()))
   cases = {
-      'quant_method': lambda q: q.update(quant_method='gptq'),
+      'quant_method': lambda q: q.update(quant_method='awq'),
       'actorder': lambda q: group(q)['weights'].update(actorder='group'),
       'input_activations': lambda q: group(q).update(input_activations={'num_bits': 8, 'type': 'int'}),
       'type': lambda q: group(q)['weights'].update(type='float'),

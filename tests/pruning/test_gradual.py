@@ -30,7 +30,8 @@ def test_cubic_schedule_equals_zhu_gupta():
 
 def test_gradual_magnitude_reaches_target_and_prunes_smallest(params):
   # frequency 2 from step 1 would skip step 4: the end step prunes anyway, to the final sparsity
-  cfg = gradual.GradualConfig(final_sparsity=0.75, begin_step=1, end_step=4, frequency=2, include=r'mlp/.*kernel$')
+  cfg = gradual.GradualConfig(final_sparsity=0.75, begin_step=1, end_step=4, frequency=2,
+                              rules=core.Rules(include=r'mlp/.*kernel$'))
   state, history = _run(params, steps=4, tx=optax.sgd(0.1), transforms=gradual.gradual_magnitude(cfg))
   w = np.asarray(core.paths.get(state.params, PATH))
   mask = np.asarray(core.paths.get(state.transform_state, PATH))
@@ -68,8 +69,8 @@ def test_set_regrows_as_many_as_it_drops():
 
 
 def test_rigl_training_keeps_constant_sparsity(params):
-  cfg = gradual.SparseTrainingConfig(method='rigl', sparsity=0.5, include=r'mlp/.*kernel$', update_every=2,
-                                     end_step=10)
+  cfg = gradual.SparseTrainingConfig(method='rigl', sparsity=0.5, rules=core.Rules(include=r'mlp/.*kernel$'),
+                                     update_every=2, end_step=10)
   tx = gradual.sparse_optimizer(optax.adam(1e-2), cfg)
   state, history = _run(params, steps=3, tx=tx)
   m1 = np.asarray(core.paths.get(tx.init(params).masks, PATH))
@@ -115,4 +116,4 @@ def test_bad_training_configs_are_refused(params):
   with pytest.raises(ValueError, match="init='lottery' must be 'random'"):
     gradual.sparse_optimizer(optax.sgd(0.1), gradual.SparseTrainingConfig(init='lottery'))
   with pytest.raises(ValueError, match='selects no parameter'):
-    gradual.gradual_magnitude(gradual.GradualConfig(include='nothing')).init(params)
+    gradual.gradual_magnitude(gradual.GradualConfig(rules=core.Rules(include='nothing'))).init(params)

@@ -65,7 +65,7 @@ def test_straight_through_gradients_equal_the_papers():
 def test_score_updates_and_masks_equal_float64_reference():
   x, y, w = _problem()
   cfg = movement.SoftMovementConfig(penalty=40.0, threshold=0.0, initial_score=0.035, score_learning_rate=0.03,
-                                    include=r'kernel$')
+                                    rules=core.Rules(include=r'kernel$'))
   steps, lr = 8, 0.05
   params = movement.with_scores({'layer': {'kernel': jnp.asarray(w, jnp.float32)}}, cfg)
   tx = movement.soft_movement_optimizer(optax.sgd(lr), cfg)
@@ -96,7 +96,7 @@ def test_bad_soft_movement_configs_are_refused():
   with pytest.raises(ValueError, match='initial_score=0.0 must be above threshold=0.0'):
     movement.soft_movement_optimizer(optax.sgd(0.1), movement.SoftMovementConfig(initial_score=0.0))
   with pytest.raises(ValueError, match='selects no parameter'):
-    movement.with_scores(params, movement.SoftMovementConfig(include='nothing'))
+    movement.with_scores(params, movement.SoftMovementConfig(rules=core.Rules(include='nothing')))
   with pytest.raises(ValueError, match='prunes dense kernels'):
     movement.with_scores({'layer': {'kernel': core.Masked(jnp.ones((4, 4)), jnp.ones((4, 4), bool))}})
 
@@ -137,7 +137,7 @@ def _hard_reference(x, y, w, s, cfg, *, steps, lr):
 def test_hard_movement_masks_equal_float64_reference():
   x, y, w = _problem()
   cfg = movement.HardMovementConfig(sparsity=0.6, begin_step=1, end_step=5, score_learning_rate=0.02,
-                                    include=r'kernel$')
+                                    rules=core.Rules(include=r'kernel$'))
   steps, lr = 8, 0.05
   s0 = np.random.RandomState(1).randn(IN, OUT) * 0.05  # distinct scores: no ties for float32 to break otherwise
   params = movement.with_scores({'layer': {'kernel': jnp.asarray(w, jnp.float32)}}, cfg)

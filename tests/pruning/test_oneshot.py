@@ -46,7 +46,7 @@ def test_first_block_equals_the_layer_solvers_on_dense_statistics(params):
 
 def test_nm_exclusions_and_overrides(params):
   _, out = pruning.sparsegpt(LLAMA, params, batches(1), config=pruning.SparseGPTConfig(
-      pattern='2:4', exclude=(r'layers/1/',), block_size=16))
+      pattern='2:4', rules=core.Rules(exclude=(r'layers/1/',)), block_size=16))
   flat = core.flatten(out)
   assert isinstance(flat['layers/0/mlp/up_proj/kernel'], core.Masked)
   assert not isinstance(flat['layers/1/mlp/up_proj/kernel'], core.Masked)
@@ -60,7 +60,7 @@ def test_nm_exclusions_and_overrides(params):
 
 def test_bad_calibration_and_selection_are_refused(params):
   with pytest.raises(ValueError, match='matches no kernel'):
-    pruning.wanda(LLAMA, params, batches(1), config=pruning.WandaConfig(include='no_such_layer'))
+    pruning.wanda(LLAMA, params, batches(1), config=pruning.WandaConfig(rules=core.Rules(include='no_such_layer')))
   with pytest.raises(ValueError, match='needs calibration batches'):
     pruning.sparsegpt(LLAMA, params, [], config=pruning.SparseGPTConfig())
   broken = jax.tree.map(lambda x: x, params)

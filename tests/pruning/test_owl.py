@@ -1,5 +1,5 @@
 """OWL (Yin et al. 2024) against a float64 NumPy reference written from the paper, and the per-layer distribution
-axis of Wanda and SparseGPT ('erk', callables), its parse-time refusals and its refusal out of core."""
+axis of Wanda and SparseGPT ('erk', callables), its parse-time refusals and its plan out of core."""
 
 import jax
 import numpy as np
@@ -178,18 +178,18 @@ def test_recipes_parse_owl_and_the_distribution_field():
   assert pruning.WandaConfig().distribution == 'uniform' and pruning.SparseGPTConfig().distribution == 'uniform'
 
 
-def test_owl_is_refused_out_of_core(params):
-  """The ratios need the whole dense model before block 0 is pruned; a block-at-a-time driver has one block."""
-  with calibration.record_sequential():
-    with pytest.raises(calibration.NotSequential):
-      pruning.owl(LLAMA, LLAMA.abstract_params(), batches(1))
+def test_owl_is_planned_out_of_core():
+  """Out of core a distribution reading the dense model's statistics records a first pass (`DensePass`) instead of
+  calling `calibrate`; the planner accepts OWL as a recipe's first stage (equality with the in-memory masks:
+  tests/calibration/test_out_of_core.py)."""
   from jaxcompress.recipes import pipeline
-  stages = recipes.parse('owl(sparsity=0.7)')
-  with pytest.raises(ValueError, match=r'stage 1 owl\(sparsity=0.7\) needs statistics of the whole uncompressed'):
-    pipeline.layerwise_plan(stages, registry.as_context(batches(1)), LLAMA)
-  with calibration.record_sequential() as rec:  # 'erk' needs only the shapes: still block by block
+  for recipe in ('owl(sparsity=0.7)', 'wanda(sparsity=0.6, distribution="owl")',
+                 'sparsegpt(sparsity=0.6, distribution="owl") > gptq(bits=4)'):
+    plans = pipeline.layerwise_plan(recipes.parse(recipe), registry.as_context(batches(1)), LLAMA)
+    assert [p.dense is not None for _, p in plans] == [True, False][:len(plans)], recipe
+  with calibration.record_sequential() as rec:  # 'erk' needs only the shapes: no first pass
     pruning.wanda(LLAMA, LLAMA.abstract_params(), batches(1), config=pruning.WandaConfig(distribution='erk'))
-  assert len(rec) == 1
+  assert len(rec) == 1 and rec[0].dense is None
 
 
 @pytest.mark.slow

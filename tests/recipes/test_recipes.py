@@ -48,11 +48,11 @@ def test_bad_recipes_fail_at_parse_time_naming_the_valid_choices(text, needle):
 
 
 def test_embeddings_and_blocks_are_planned_apart():
-  stages = recipes.parse('gptq(bits=4) > rtn(bits=8, target="embeddings")')
+  stages = recipes.parse('gptq(bits=4) > rtn(bits=8, include=(), embeddings=True)')
   states = recipes.plan(stages)
   assert states[1] == {'blocks': frozenset({'quantized'}), 'embeddings': frozenset()}
   with pytest.raises(ValueError, match='embeddings weights already quantized'):
-    recipes.parse('rtn(bits=8, target="all") > rtn(bits=4, target="embeddings")')
+    recipes.parse('rtn(bits=8, embeddings=True) > rtn(bits=4, include=(), embeddings=True)')
 
 
 def test_every_method_is_listed_with_its_fields_and_paper():
@@ -147,7 +147,7 @@ def test_structured_and_moefy_stages_change_the_architecture_and_refuse_each_oth
     recipes.parse('structured(flops=0.5) > moefy()')
 
 
-def test_rtn_targets_leave_a_tied_embedding_alone_unless_asked():
+def test_rtn_rules_leave_a_tied_embedding_alone_unless_asked():
 
   from jaxcompress import models
   model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -155,12 +155,12 @@ def test_rtn_targets_leave_a_tied_embedding_alone_unless_asked():
                                           tie_embeddings=True))
   params = jax.jit(model.init)(jax.random.key(0))
   ctx = recipes.Context(reference_model=model, reference=params, calib=())
-  for target, emb_quantized, blocks_quantized in (('blocks', False, True), ('embeddings', True, False),
-                                                  ('all', True, True)):
-    _, out = recipes.run(recipes.parse(f'rtn(bits=8, group_size=32, target="{target}")'), ctx, model, params)
+  for args, emb_quantized, blocks_quantized in (('', False, True), (', include=(), embeddings=True', True, False),
+                                                (', embeddings=True', True, True)):
+    _, out = recipes.run(recipes.parse(f'rtn(bits=8, group_size=32{args})'), ctx, model, params)
     flat = core.flatten(out)
-    assert isinstance(flat['embed/tokens/embedding'], core.Quantized) == emb_quantized, target
-    assert isinstance(flat['layers/0/attn/q_proj/kernel'], core.Quantized) == blocks_quantized, target
+    assert isinstance(flat['embed/tokens/embedding'], core.Quantized) == emb_quantized, args
+    assert isinstance(flat['layers/0/attn/q_proj/kernel'], core.Quantized) == blocks_quantized, args
 
 
 TINY = ['--model=tiny', '--recipe=wanda(sparsity=0.5) > gptq(bits=4, group_size=16)', '--save=false',

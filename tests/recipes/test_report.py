@@ -56,7 +56,7 @@ def test_markdown_has_the_criteria_rows(run):
 def test_json_round_trips_and_is_what_the_run_directory_holds(run, tmp_path):
   data = run.to_json()
   assert list(data) == ['model', 'recipe', 'quality_dense', 'quality', 'size', 'compress_s', 'stages', 'params_hash',
-                        'leaf_kinds', 'measure']
+                        'leaf_kinds', 'measure', 'exports']
   back = CompressionResult.from_json(json.loads(json.dumps(data)))
   assert back == run and back.to_json() == data and back.to_markdown() == run.to_markdown()
   out = run.output_dir

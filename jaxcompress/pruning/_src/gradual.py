@@ -38,7 +38,6 @@ import optax
 from jax import lax
 
 from jaxcompress import core, registry
-from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.train import recovery, transforms
@@ -58,11 +57,11 @@ def _prune_lowest(score: jax.Array, sparsity: jax.Array) -> jax.Array:
   return (ranks >= k).reshape(score.shape)
 
 
-def _selected_masks(params: Any, include, exclude, *, caller: str) -> Any:
-  """A tree like params: all-True bool arrays at the selected kernels, None elsewhere."""
-  sel = core.select_by(params, core.Rules(include=include, exclude=exclude))
+def _selected_masks(params: Any, rules: core.Rules, *, caller: str) -> Any:
+  """A tree like params: all-True bool arrays at the kernels `rules` select, None elsewhere."""
+  sel = core.select_by(params, rules)
   if not len(sel):
-    raise ValueError(f'{caller}: include={include!r} exclude={exclude!r} selects no parameter; see '
+    raise ValueError(f'{caller}: include={rules.include!r} exclude={rules.exclude!r} selects no parameter; see '
                      'core.select(params) for the paths.')
   chosen = frozenset(sel)  # (`set` in this module is the method)
   return core.map_with_path(lambda p, x: jnp.ones(core.shape_of(x), bool) if p in chosen else None, params)
@@ -78,6 +77,7 @@ def _apply(masks, tree):
                       is_leaf=lambda x: x is None)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GradualConfig:
   final_sparsity: float = 0.5  # sparsity of every selected kernel from end_step on
@@ -85,8 +85,7 @@ class GradualConfig:
   begin_step: int = 0  # first pruning step
   end_step: int = 1000  # last pruning step (the schedule reaches final_sparsity here)
   frequency: int = 100  # steps between mask updates
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which kernels are pruned (default: every kernel but the output heads')
 
 
 def _check_schedule(cfg, caller: str):
@@ -104,7 +103,7 @@ def gradual_magnitude(config: GradualConfig = GradualConfig()) -> transforms.Tra
   c = config
 
   def init(params):
-    return _selected_masks(params, c.include, c.exclude, caller='gradual_magnitude')
+    return _selected_masks(params, c.rules, caller='gradual_magnitude')
 
   def update(params, masks, step, rng):
     del rng
@@ -123,13 +122,13 @@ def gradual_magnitude(config: GradualConfig = GradualConfig()) -> transforms.Tra
   return transforms.Transform(init=init, update=update)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseTrainingConfig:
   method: str = 'rigl'  # 'rigl' | 'set' (both at constant sparsity)
   sparsity: float = 0.5  # sparsity of every selected kernel, from step 0
   init: str = 'random'  # initial masks: 'random' (from scratch, as the papers) | 'magnitude' (largest |W|: pretrained)
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels made sparse
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which kernels are made sparse (default: every kernel but the output heads')
   update_every: int = 100  # optimizer steps between mask updates
   end_step: int = 1000  # last mask update
   drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
@@ -158,7 +157,7 @@ def sparse_optimizer(tx: optax.GradientTransformation, config: SparseTrainingCon
                      f'({c.update_every}), end_step >= 0 ({c.end_step}).')
 
   def init(params):
-    masks = _selected_masks(params, c.include, c.exclude, caller='sparse_optimizer')
+    masks = _selected_masks(params, c.rules, caller='sparse_optimizer')
     if c.init == 'magnitude':  # the largest |W| of each kernel: what a pretrained model already relies on
       masks = _zip(lambda m, w: _prune_lowest(jnp.abs(w.astype(jnp.float32)), c.sparsity), masks, params)
     else:  # a random mask, as both papers begin from scratch
@@ -270,7 +269,8 @@ def gradual(model: Model, params: Params, calib, *, config: GradualPruneConfig =
   cfg = config
   end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
   gcfg = GradualConfig(final_sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
-                       frequency=cfg.update_every or max(1, cfg.steps // 10), exclude=tuple(model.head_patterns))
+                       frequency=cfg.update_every or max(1, cfg.steps // 10),
+                       rules=core.Rules(exclude=tuple(model.head_patterns)))
   out = recovery.fit(ctx, 'gradual', model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight),
                      steps=cfg.steps, learning_rate=cfg.learning_rate, transforms=gradual_magnitude(gcfg),
                      finish=lambda s: as_masked(s.params, s.transform_state))
@@ -306,7 +306,7 @@ def _dynamic_sparse(method: str, model: Model, params: Params, calib, config: Dy
   scfg = SparseTrainingConfig(method=method, sparsity=cfg.sparsity, init=cfg.init, end_step=end,
                               update_every=cfg.update_every or max(1, cfg.steps // 10),
                               drop_fraction=cfg.drop_fraction, seed=int(jax.random.randint(key, (), 0, 2 ** 31 - 1)),
-                              exclude=tuple(model.head_patterns))
+                              rules=core.Rules(exclude=tuple(model.head_patterns)))
   out = recovery.fit(ctx, method, model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps,
                      learning_rate=cfg.learning_rate, wrap=lambda tx: sparse_optimizer(tx, scfg),
                      finish=lambda s: as_masked(s.params, sparse_masks(s.opt_state)))

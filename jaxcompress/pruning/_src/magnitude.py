@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxcompress import registry
-from jaxcompress.core.selection import KERNELS
+from jaxcompress import core, registry
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.pruning._src.oneshot import check_kernels, selection_rules
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MagnitudeConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # fraction of each selected kernel pruned (N:M: 1 - N/M)
   pattern: str | None = None  # 'per_layer' (default), 'per_output' or 'N:M' along the input dimension
   distribution: str = 'uniform'  # 'uniform', 'erk' or 'global' (one threshold over all selected kernels)
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which kernels are pruned (recipe: include=, exclude=, embeddings=, head=)
   overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs replacing the distribution's
 
   def __post_init__(self):

@@ -56,7 +56,6 @@ from jax import lax
 
 from jaxcompress import core, registry
 from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning._src.gradual import check_steps, cubic_sparsity
 from jaxcompress.pruning._src import masks as masks_lib
@@ -123,14 +122,14 @@ class Scored(core.Compressed):
     return 2 * self.kept()
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoftMovementConfig:
   penalty: float = 10.0  # λ: weight of R(S) = mean σ(S) over the scored weights; sets the sparsity reached
   threshold: float = 0.0  # τ: a weight is kept while its score is above it
   initial_score: float = 0.1  # S at the start, the same for every weight (above τ: the run starts dense)
   score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which kernels are scored and pruned (default: every kernel but the heads')
 
 
 def check_config(config: SoftMovementConfig, caller: str = 'soft movement') -> None:
@@ -144,6 +143,7 @@ def check_config(config: SoftMovementConfig, caller: str = 'soft movement') -> N
     raise ValueError(f'{caller}: score_learning_rate={c.score_learning_rate} must be a positive number.')
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HardMovementConfig:
   sparsity: float = 0.5  # sparsity of every selected kernel from end_step on
@@ -153,8 +153,7 @@ class HardMovementConfig:
   update_every: int = 1  # steps between changes of the kept count (1: every step, as the paper)
   initial_score: float = 0.0  # S at the start, the same for every weight (the paper's constant init)
   score_learning_rate: float = 1e-2  # Adam step size of the scores (constant)
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the kernels pruned
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which kernels are scored and pruned (default: every kernel but the heads')
 
 
 def check_hard_config(config: HardMovementConfig, caller: str = 'hard movement') -> None:
@@ -194,10 +193,10 @@ def with_scores(params: Any, config: SoftMovementConfig | HardMovementConfig = S
   """
   _check_any(config, 'with_scores')
   hard = isinstance(config, HardMovementConfig)
-  sel = core.select_by(params, core.Rules(include=config.include, exclude=config.exclude))
+  sel = core.select_by(params, config.rules)
   if not len(sel):
-    raise ValueError(f'with_scores: include={config.include!r} exclude={config.exclude!r} selects no parameter; '
-                     'see core.select(params) for the paths.')
+    raise ValueError(f'with_scores: include={config.rules.include!r} exclude={config.rules.exclude!r} selects no '
+                     'parameter; see core.select(params) for the paths.')
 
   def one(path, w):
     if core.is_compressed(w):
@@ -326,7 +325,7 @@ def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig
   end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
   mcfg = HardMovementConfig(sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
                             update_every=cfg.update_every or 1, score_learning_rate=cfg.score_learning_rate,
-                            exclude=tuple(model.head_patterns))
+                            rules=core.Rules(exclude=tuple(model.head_patterns)))
   out = recovery.fit(ctx, 'movement', model, with_scores(params, mcfg),
                      recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: hard_movement_optimizer(tx, mcfg), transforms=topk_schedule(mcfg),
@@ -361,7 +360,8 @@ def soft_movement(model: Model, params: Params, calib, *, config: SoftMovementPr
   ctx = registry.as_context(calib)
   cfg = config
   mcfg = SoftMovementConfig(penalty=cfg.penalty, threshold=cfg.threshold, initial_score=cfg.initial_score,
-                            score_learning_rate=cfg.score_learning_rate, exclude=tuple(model.head_patterns))
+                            score_learning_rate=cfg.score_learning_rate,
+                            rules=core.Rules(exclude=tuple(model.head_patterns)))
   out = recovery.fit(ctx, 'soft_movement', model, with_scores(params, mcfg),
                      recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: soft_movement_optimizer(tx, mcfg), finish=lambda s: to_masked(s.params))

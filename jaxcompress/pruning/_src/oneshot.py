@@ -14,12 +14,15 @@ The per-layer distribution (`config.distribution`) is an axis of both methods:
   'owl'      one sparsity per block from its outlier ratio on the dense model (Yin et al. 2024, `owl.py`)
   a callable (shapes {path: shape}, sparsity) -> {path: sparsity}; or, when it takes a keyword `stats`,
              (shapes, sparsity, *, stats: DenseStatistics) -> {path: sparsity}: the dense model's kernels and
-             the column norms of their inputs (every block fed by the unpruned blocks before it), computed by one
-             `calibration.calibrate` pass before pruning starts
+             the column norms of their inputs (every block fed by the unpruned blocks before it), from a first
+             pass over the dense model before pruning starts (`calibration.DensePass`)
 `overrides` replace the distribution's value last. A distribution reading statistics needs the whole dense
-model before the first block is pruned, which a block-at-a-time driver (`calibration.compress_checkpoint`,
-`compress.py --out_of_core`) does not hold: `calibrate` raises `calibration.NotSequential` there, and the
-recipe planner refuses the stage.
+model before the first block is pruned. In memory that pass is one `calibration.calibrate`; the block-at-a-time
+driver (`calibration.compress_checkpoint`, `compress.py --out_of_core`) streams it from the checkpoint instead,
+block by block, keeping only the column norms (then reads each block's kernels once more for the distribution),
+stores the resulting sparsities in its manifest (a resumed run does not repeat the pass) and prunes with them:
+the same sparsities and masks as in memory, bit for bit. Out of core such a stage must be a recipe's first (its
+pass reads the model as given, not as earlier stages leave it).
 """
 
 from __future__ import annotations
@@ -39,10 +42,8 @@ from jaxcompress.pruning._src import masks as masks_lib
 
 
 def selection_rules(config, model: Model | None) -> core.Rules:
-  """The kernels a config's include / exclude choose (model: its head patterns decide what is a head)."""
-  if model is not None:
-    return model.selection_rules(include=config.include, exclude=config.exclude)
-  return core.Rules(include=config.include, exclude=config.exclude)
+  """The kernels a config's `rules` choose (model: its head patterns decide what is a head)."""
+  return config.rules if model is None else model.selection_rules(config.rules)
 
 
 def _experts(model: Model, params: Params, rules: core.Rules) -> set[str]:
@@ -74,8 +75,8 @@ def check_kernels(model: Model, params: Params, *, config, blocks_only: bool = T
   chosen = chosen_kernels(model, params, config, blocks_only=blocks_only)
   if not chosen:
     where = "the model's blocks" if blocks_only else 'the model'
-    raise ValueError(f'include={config.include!r} exclude={config.exclude!r} matches no kernel of {where}; '
-                     'see model.select(params) for the paths.')
+    raise ValueError(f'include={config.rules.include!r} exclude={config.rules.exclude!r} matches no kernel of '
+                     f'{where}; see model.select(params) for the paths.')
   nm = masks_lib.parse_pattern(config.pattern, caller='')
   if not isinstance(nm, tuple):
     return
@@ -105,16 +106,20 @@ def sequential(model, params, batches, observer, solve, statistic, config, drive
   prefix = f'{model.block_path}/'
   chosen = {p for p in chosen if p.startswith(prefix)} | _experts(model, params, rules)
   if not chosen:
-    raise ValueError(f'{name}: include={config.include!r} exclude={config.exclude!r} matches no kernel of the '
-                     f"model's blocks; see model.select(params) for the paths.")
+    raise ValueError(f'{name}: include={config.rules.include!r} exclude={config.rules.exclude!r} matches no kernel '
+                     f"of the model's blocks; see model.select(params) for the paths.")
   overrides: Mapping[str, float] = dict(config.overrides)
+  dense = None if config.distribution == 'uniform' else dense_pass(model, params, chosen, config, caller=name)
   if config.distribution == 'uniform':
     sparsities = masks_lib.layer_sparsities({p: () for p in chosen}, config.sparsity, 'uniform', overrides)
-  else:
-    sparsities = masks_lib.apply_overrides(
-        distribute(model, params, batches, chosen, config, driver_kwargs, caller=name), overrides)
+  else:  # from the shapes alone, or (dense) from the first pass, handed to compress_block as its summary
+    sparsities = {} if dense else masks_lib.apply_overrides(distribute(params, chosen, config, caller=name),
+                                                            overrides)
 
-  def compress_block(i: int, block: Params, stats: dict[str, Any]) -> Params:
+  def compress_block(i: int, block: Params, stats: dict[str, Any], summary: Mapping[str, float] | None = None
+                     ) -> Params:
+    sparsities_ = sparsities if summary is None else summary  # from the dense pass: {path: sparsity}
+
     def one(p, w):
       full = f'{model.block_path}/{i}/{p}'
       if full not in chosen or p not in stats:
@@ -123,17 +128,18 @@ def sequential(model, params, batches, observer, solve, statistic, config, drive
         raise TypeError(f'{name}: {full} is already a {type(w).__name__}; prune dense kernels (materialize '
                         'first, or prune before quantizing).')
       nm = isinstance(masks_lib.parse_pattern(config.pattern), tuple)
-      if sparsities[full] == 0 and not nm:
+      s = sparsities_[full]
+      if s == 0 and not nm:
         return w  # an override keeping this kernel dense
       if len(core.shape_of(w)) == 3:  # stacked experts: one solve per expert, spread over the mesh
-        return calibration.solve_experts(lambda we, s: solve(we, s, sparsities[full]), w,
-                                         statistic(stats[p], True), mesh=driver_kwargs.get('mesh'))
-      return solve(w, statistic(stats[p], False), sparsities[full])
+        return calibration.solve_experts(lambda we, st: solve(we, st, s), w, statistic(stats[p], True),
+                                         mesh=driver_kwargs.get('mesh'))
+      return solve(w, statistic(stats[p], False), s)
 
     return core.map_with_path(one, block)
 
   pruned, _ = calibration.run_sequential(model, params, batches, observer, compress_block, keep_stats=False,
-                                         per_group=config.per_group, experts=True, **driver_kwargs)
+                                         per_group=config.per_group, experts=True, dense=dense, **driver_kwargs)
   return pruned
 
 
@@ -142,16 +148,16 @@ def sequential(model, params, batches, observer, solve, statistic, config, drive
 DISTRIBUTIONS = ('uniform', 'erk', 'owl')  # the names a recipe writes; from Python also a callable
 # (shapes {path: shape}, sparsity) -> {path: sparsity}, or (shapes, sparsity, *, stats: DenseStatistics) -> ...
 Distribution = str | Callable[..., Mapping[str, float]]
-_CALIBRATE_KWARGS = ('mesh', 'data_axis', 'offload', 'deterministic', 'on_step')  # driver options calibrate takes
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseStatistics:
   """What a distribution taking `stats` reads: the chosen kernels of the dense model and their inputs.
 
-  weights: {path: kernel [in, out] ([E, in, out] for stacked experts)} as given.
+  weights: {path: kernel [in, out] ([E, in, out] for stacked experts)} as given, a mapping read on access (out of
+    core: from the checkpoint, one block's kernels held at a time; read them block by block).
   sq_norms: {path: Σ_t x[t, j]² [in] ([E, in]) float32} over the calibration tokens, block i fed by the
-    unpruned blocks 0..i-1 (`calibration.calibrate` with `column_norms()`).
+    unpruned blocks 0..i-1 (`calibration.calibrate` with `column_norms()`, or its streamed equivalent).
   blocks: {path: index of the block holding it}.
   """
 
@@ -200,29 +206,49 @@ def check_distribution(config) -> None:
                      f'= {min(s, 1 - s) / 2:.4g}.')
 
 
-def distribute(model: Model, params: Params, batches, chosen: set[str], config, driver_kwargs, *,
-               caller: str) -> dict[str, float]:
-  """{path: sparsity} of the chosen kernels under config.distribution (not 'uniform'), before overrides."""
-  d = config.distribution
-  flat = core.paths.flatten(params)
-  paths = sorted(chosen)
-  shapes = {p: tuple(core.shape_of(flat[p])) for p in paths}
-  if d == 'erk':
-    return _erk(shapes, config.sparsity)
-  if d == 'owl':
+def _resolve(config) -> Distribution:
+  """config.distribution as a callable, or 'erk'."""
+  if config.distribution == 'owl':
     from jaxcompress.pruning._src.owl import owl_distribution  # owl.py builds on wanda.py, which imports this module
-    d = owl_distribution(threshold=config.outlier_threshold, lam=config.owl_lambda)
-  if wants_statistics(d):
-    stats = calibration.calibrate(model, params, batches, calibration.column_norms(), head=False, experts=True,
-                                  **{k: v for k, v in driver_kwargs.items() if k in _CALIBRATE_KWARGS})
-    shapes = {p: s for p, s in shapes.items() if p in stats}  # kernels no forward reaches stay dense anyway
-    prefix = f'{model.block_path}/'
-    dense = DenseStatistics(weights={p: flat[p] for p in shapes}, sq_norms={p: stats[p]['sq_norm'] for p in shapes},
-                            blocks={p: int(p[len(prefix):].split('/', 1)[0]) for p in shapes})
-    out = d(shapes, config.sparsity, stats=dense)
-  else:
-    out = d(shapes, config.sparsity)
-  return _checked(out, shapes, d, caller)
+    return owl_distribution(threshold=config.outlier_threshold, lam=config.owl_lambda)
+  return config.distribution
+
+
+def _shapes(params: Params, chosen: set[str]) -> dict[str, tuple[int, ...]]:
+  flat = core.paths.flatten(params)
+  return {p: tuple(core.shape_of(flat[p])) for p in sorted(chosen)}
+
+
+def distribute(params: Params, chosen: set[str], config, *, caller: str) -> dict[str, float]:
+  """{path: sparsity} of the chosen kernels under a config.distribution that reads shapes alone ('erk', a
+  callable without `stats`), before overrides."""
+  d = _resolve(config)
+  shapes = _shapes(params, chosen)
+  return _checked(_erk(shapes, config.sparsity) if d == 'erk' else d(shapes, config.sparsity), shapes, d, caller)
+
+
+def dense_pass(model: Model, params: Params, chosen: set[str], config, *,
+               caller: str) -> calibration.DensePass | None:
+  """The first pass over the dense model a distribution reading its statistics needs ('owl', a callable taking
+  `stats`): column norms of every block linear's input, then {path: sparsity} of the chosen kernels the forward
+  reaches, overrides applied. None for a distribution of shapes alone. In memory the pass is one
+  `calibration.calibrate`; out of core (`calibration.compress_checkpoint`) it streams the checkpoint block by
+  block, keeping the column norms only, and reads each block's kernels again for the distribution."""
+  d = _resolve(config)
+  if d == 'erk' or not wants_statistics(d):
+    return None
+  shapes = _shapes(params, chosen)
+  prefix = f'{model.block_path}/'
+  overrides = dict(config.overrides)
+
+  def summarize(stats: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, float]:
+    reached = {p: s for p, s in shapes.items() if p in stats}  # kernels no forward reaches stay dense anyway
+    dense = DenseStatistics(weights=weights, sq_norms={p: stats[p]['sq_norm'] for p in reached},
+                            blocks={p: int(p[len(prefix):].split('/', 1)[0]) for p in reached})
+    out = _checked(d(reached, config.sparsity, stats=dense), reached, d, caller)
+    return masks_lib.apply_overrides(out, overrides)
+
+  return calibration.DensePass(calibration.column_norms(), summarize)
 
 
 def _erk(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:

@@ -17,8 +17,10 @@ configs refuse such a λ). The distribution is an axis of Wanda and SparseGPT (`
                                                                                    distribution='owl'))
     recipe: owl(sparsity=0.7)            # = wanda(sparsity=0.7, distribution='owl')
 
-The ratios need the whole dense model before the first block is pruned (one `calibration.calibrate` pass of
-column norms): a block-at-a-time driver (`--out_of_core`) refuses the method.
+The ratios need the whole dense model before the first block is pruned: in memory one `calibration.calibrate`
+pass of column norms; out of core (`calibration.compress_checkpoint`, `--out_of_core`) a first pass streamed
+block by block from the checkpoint that keeps only the column norms, then each block's kernels read once more
+for its ratio (`calibration.DensePass`). Both give the same sparsities and masks, bit for bit.
 """
 
 from __future__ import annotations
@@ -78,11 +80,24 @@ def owl_distribution(threshold: float = 5.0, lam: float = 0.08):
     for p in shapes:
       by_block.setdefault(stats.blocks[p], []).append(p)
     order = sorted(by_block)
-    ratios = [outlier_ratio((stats.scores(p) for p in by_block[b]), threshold) for b in order]
+    ratios = [_block_ratio(stats, by_block[b], threshold) for b in order]
     per_block = owl_sparsities(ratios, sparsity, lam)
     return {p: float(per_block[k]) for k, b in enumerate(order) for p in by_block[b]}
 
   return owl_layers
+
+
+def _block_ratio(stats: DenseStatistics, paths: Sequence[str], threshold: float) -> float:
+  """`outlier_ratio` of one block's kernels, holding one kernel's scores at a time (each is computed twice: once
+  for the block's mean, once for the count; the same sums and comparisons, so the same ratio to the bit)."""
+  total, size = 0.0, 0
+  for p in paths:
+    a = stats.scores(p)
+    total += float(jnp.sum(a))
+    size += int(np.prod(a.shape))
+    del a
+  cut = jnp.float32(threshold * total / size)
+  return sum(int(jnp.sum(stats.scores(p) > cut)) for p in paths) / size
 
 
 def owl(model: Model, params: Params, calib, *, config: WandaConfig = WandaConfig(distribution='owl'),

@@ -26,7 +26,6 @@ from jax import lax
 
 from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
-from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.pruning._src.inputs import check_calibration, check_kernel
@@ -35,14 +34,14 @@ from jaxcompress.pruning._src.oneshot import Distribution, check_distribution, c
 HIGHEST = lax.Precision.HIGHEST
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseGPTConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # fraction pruned, adaptively per block of rows
   pattern: str | None = None  # None (unstructured) or 'N:M' such as '2:4' (prunes 1 - N/M instead of sparsity)
   block_size: int = 128  # input rows per adaptive-mask block and per lazy update
   damp: float = 0.01  # λ = damp · mean(diag XᵀX) added to the Hessian's diagonal
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which block kernels are pruned (recipe: include=, exclude=, embeddings=, head=)
   per_group: bool = True  # true-sequential: later groups of a block see the earlier groups already pruned
   overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
   distribution: Distribution = 'uniform'  # per-layer sparsity: 'uniform', 'erk', 'owl' or a callable (oneshot.py)

@@ -18,19 +18,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress import calibration, core, registry
-from jaxcompress.core.selection import KERNELS
 from jaxcompress.models import Model, Params
 from jaxcompress.pruning._src import masks as masks_lib
 from jaxcompress.pruning._src.inputs import check_calibration, check_kernel
 from jaxcompress.pruning._src.oneshot import Distribution, check_distribution, check_kernels, sequential
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WandaConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # fraction of each output's inputs pruned (N:M: 1 - N/M)
   pattern: str | None = None  # None / 'per_output' (the paper), 'per_layer', or 'N:M' such as '2:4'
-  include: str | tuple[str, ...] = KERNELS  # path regexes of the block kernels to prune
-  exclude: str | tuple[str, ...] = ()  # path regexes left dense
+  rules: core.Rules = core.Rules()  # which block kernels are pruned (recipe: include=, exclude=, embeddings=, head=)
   per_group: bool = False  # re-calibrate each input group (q/k/v, o, gate/up, down) on the pruned block so far
   overrides: tuple[tuple[str, float], ...] = ()  # (path regex, sparsity) pairs for some kernels
   distribution: Distribution = 'uniform'  # per-layer sparsity: 'uniform', 'erk', 'owl' or a callable (oneshot.py)

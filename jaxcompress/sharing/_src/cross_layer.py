@@ -51,17 +51,17 @@ def _blocks(params: dict, block_path: str) -> dict:
   return params[block_path]
 
 
-def _block_weights(params: dict, i: int, block_path: str, include: str) -> dict[str, Any]:
-  """{subpath within block i: weight} for the subpaths matching `include`."""
+def _block_weights(params: dict, i: int, block_path: str, within_block: str) -> dict[str, Any]:
+  """{subpath within block i: weight} for the subpaths the regex `within_block` matches (re.search)."""
   blocks = _blocks(params, block_path)
   key = i if i in blocks else str(i)
   if key not in blocks:
     raise KeyError(f'block {i} does not exist: {block_path} has blocks {sorted(int(k) for k in blocks)}.')
-  rx = re.compile(include)
+  rx = re.compile(within_block)
   return {p: w for p, w in core.flatten(blocks[key]).items() if rx.search(p)}
 
 
-def _check_groups(params: dict, groups: Sequence[Sequence[int]], block_path: str, include: str) -> Groups:
+def _check_groups(params: dict, groups: Sequence[Sequence[int]], block_path: str, within_block: str) -> Groups:
   n = len(_blocks(params, block_path))
   seen: set[int] = set()
   for g in groups:
@@ -74,9 +74,9 @@ def _check_groups(params: dict, groups: Sequence[Sequence[int]], block_path: str
       if i in seen:
         raise ValueError(f'share_blocks: block {i} appears in two groups of {groups}; groups must be disjoint.')
       seen.add(int(i))
-    ref = _block_weights(params, g[0], block_path, include)
+    ref = _block_weights(params, g[0], block_path, within_block)
     for i in g[1:]:
-      other = _block_weights(params, i, block_path, include)
+      other = _block_weights(params, i, block_path, within_block)
       if set(other) != set(ref):
         raise ValueError(f'share_blocks: blocks {g[0]} and {i} hold different weights '
                          f'({sorted(set(ref) ^ set(other))[:3]}); only identical blocks can share.')
@@ -88,41 +88,43 @@ def _check_groups(params: dict, groups: Sequence[Sequence[int]], block_path: str
 
 
 def share_blocks(params: dict, groups: Sequence[Sequence[int]], *, block_path: str = 'layers',
-                 include: str = r'.', average: bool = True) -> dict:
+                 within_block: str = r'.', average: bool = True) -> dict:
   """params with the weights of each group's blocks stored once (groups of one block are left as they are).
 
-  include: regex over paths inside a block ('attn/q_proj/kernel'); default every weight (ALBERT shares norms
-    too). average: initialise the storage with the group's mean (False: the first block's weights).
+  within_block: regex over paths inside a block ('attn/q_proj/kernel'): which of a block's weights its group
+    ties; default every weight (ALBERT shares norms too). Not a `core.Rules` selection: the same subpath is tied
+    across the group's blocks, so it names places within one block, not paths of the model.
+  average: initialise the storage with the group's mean (False: the first block's weights).
   Storage names are 'g<first>-<last>:<subpath>' ('g0-3:mlp/up_proj/kernel' for blocks 0..3).
   """
-  groups = _check_groups(params, groups, block_path, include)
+  groups = _check_groups(params, groups, block_path, within_block)
   out = params
   for g in groups:
     if len(g) < 2:
       continue
-    ref = _block_weights(params, g[0], block_path, include)
+    ref = _block_weights(params, g[0], block_path, within_block)
     for sub in ref:
-      members = [core.materialize(_block_weights(params, i, block_path, include)[sub]) for i in g]
+      members = [core.materialize(_block_weights(params, i, block_path, within_block)[sub]) for i in g]
       value = jnp.mean(jnp.stack(members), axis=0).astype(members[0].dtype) if average else members[0]
       out = core.tie(out, [f'{block_path}/{i}/{sub}' for i in g], name=f'g{g[0]}-{g[-1]}:{sub}', value=value)
   return out
 
 
-def flat_block(params: dict, i: int, *, block_path: str = 'layers', include: str = r'kernel$') -> np.ndarray:
+def flat_block(params: dict, i: int, *, block_path: str = 'layers', within_block: str = r'kernel$') -> np.ndarray:
   """Block i's selected weights, flattened and concatenated (float64), for similarity."""
-  ws = _block_weights(core.resolve(params), i, block_path, include)
+  ws = _block_weights(core.resolve(params), i, block_path, within_block)
   return np.concatenate([np.asarray(core.materialize(w), np.float64).ravel() for _, w in sorted(ws.items())])
 
 
-def similarity(params: dict, *, block_path: str = 'layers', include: str = r'kernel$') -> np.ndarray:
+def similarity(params: dict, *, block_path: str = 'layers', within_block: str = r'kernel$') -> np.ndarray:
   """Cosine similarity [L, L] float64 of the blocks' flattened weights."""
   n = len(_blocks(params, block_path))
-  flat = np.stack([flat_block(params, i, block_path=block_path, include=include) for i in range(n)])
+  flat = np.stack([flat_block(params, i, block_path=block_path, within_block=within_block) for i in range(n)])
   flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-300)
   return flat @ flat.T
 
 
-def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layers', include: str = r'kernel$',
+def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layers', within_block: str = r'kernel$',
                       method: str = 'agglomerative') -> Groups:
   """Blocks grouped by cosine similarity of their weights into `num_groups` groups.
 
@@ -131,7 +133,7 @@ def similarity_groups(params: dict, num_groups: int, *, block_path: str = 'layer
     that similarity is above the mean similarity of all pairs of distinct blocks or no group may be opened,
     and opens a group otherwise; the last blocks open groups while groups are missing).
   """
-  sim = similarity(params, block_path=block_path, include=include)
+  sim = similarity(params, block_path=block_path, within_block=within_block)
   n = len(sim)
   if not 1 <= num_groups <= n:
     raise ValueError(f'similarity_groups: num_groups={num_groups} must be in [1, {n}] (the number of blocks).')
@@ -192,10 +194,18 @@ def add_deltas(params: dict, key: jax.Array, *, rank: int = 4, alpha: float | No
 
 # The method ----------------------------------------------------------------------------------------------------
 
+@registry.retired(include="the regex over paths inside a block is within_block= (e.g. within_block='mlp/')")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShareConfig:
+  """Which blocks share (`group`, `by`) and which of their weights (`within_block`).
+
+  `within_block` is a regex over paths *inside* a block ('mlp/up_proj/kernel'), not a `core.Rules` selection of
+  model paths: each subpath it matches is tied across the blocks of a group, so it names places within one block.
+  It keeps its own name so that it never reads as the `include=` every selecting method takes.
+  """
+
   group: int = registry.field(2, range='[1, inf)')  # consecutive blocks per shared group (ALBERT: all of them)
-  include: str = '.'  # regex over paths inside a block ('mlp/' shares only the MLPs)
+  within_block: str = '.'  # regex over paths inside a block whose weights are tied ('mlp/' shares only the MLPs)
   average: bool = True  # the shared storage starts as the group's mean (False: the first block's weights)
   lora_rank: int = 0  # > 0: each block's shared kernels get their own LoRA delta of this rank (train with distill)
   by: str = 'consecutive'  # grouping: 'consecutive' blocks, or by weight cosine: 'agglomerative' / 'greedy'
@@ -217,7 +227,8 @@ def share(model: Any, params: dict, calib: Any = None, *, config: ShareConfig = 
     groups = consecutive_groups(n, config.group)
   else:  # as many groups as consecutive sharing would make, chosen by the similarity of the blocks' kernels
     groups = similarity_groups(params, -(-n // config.group), block_path=model.block_path, method=config.by)
-  out = share_blocks(params, groups, block_path=model.block_path, include=config.include, average=config.average)
+  out = share_blocks(params, groups, block_path=model.block_path, within_block=config.within_block,
+                     average=config.average)
   if config.lora_rank:  # relaxed recursive sharing (Bae et al. 2024): a per-place low-rank delta over the storage
     key = registry.as_context(calib).key('share') if key is None else key
     out = add_deltas(out, key, rank=config.lora_rank)

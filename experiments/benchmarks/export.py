@@ -1,0 +1,153 @@
+"""Export formats side by side: bytes, export and import seconds, and agreement with transformers' own load.
+
+    python experiments/benchmarks/export.py                    # the causal-LM fixture and all-MiniLM-L6-v2
+    python experiments/benchmarks/export.py --bits=8 --group_size=0     # W8 per channel
+    python experiments/benchmarks/export.py --json=export.json
+
+Each model's Linear kernels (heads included, embeddings not) are quantized round-to-nearest (asymmetric, W4 g128
+by default), then written in every format of `recipes.exports` (jxc, compressed-tensors, gptq, dense fp32) and
+read back: jxc with `core.serialize.load`, the others with `models.from_pretrained`. Agreement is the relative
+error (‖a − b‖ / ‖b‖ over the logits, or the last hidden states of MiniLM) of the read-back model against the
+compressed params, and of transformers' load of the directory (compressed-tensors with `dequantize=True` for an
+asymmetric scheme) against them. GPTQ directories load in transformers only with optimum + gptqmodel, which this
+CPU environment does not install (GPTQModel's wheel pulls the CUDA runtime): that column says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxcompress import core, models
+from jaxcompress.recipes import exports, fixture
+
+flags.DEFINE_integer('bits', 4, 'Code width of the round-to-nearest quantization.', lower_bound=2, upper_bound=8)
+flags.DEFINE_integer('group_size', 128, 'Inputs per scale group (0: per channel).', lower_bound=0)
+flags.DEFINE_bool('symmetric', False, 'Symmetric codes (no zero points).')
+flags.DEFINE_list('models', ['fixture', 'minilm'], "'fixture' and / or 'minilm' (skipped if not installed).")
+flags.DEFINE_integer('tokens', 32, 'Tokens per sequence of the agreement check (2 sequences).', lower_bound=2)
+flags.DEFINE_string('json', None, 'Also write the rows as JSON to this file.')
+FLAGS = flags.FLAGS
+
+
+def load(name: str):
+  if name == 'fixture':
+    return fixture.load('fixture'), 'causal'
+  return models.from_pretrained(models.minilm_dir()), 'encoder'
+
+
+def quantize(model, params):
+  group = FLAGS.group_size or None
+  return model.select(params, head=True).map(
+      lambda _, w: core.quantize(w, bits=FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric), params)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def transformers_outputs(path: pathlib.Path, kind: str, tokens: np.ndarray, asymmetric: bool) -> np.ndarray:
+  import torch
+  import transformers
+  auto = transformers.AutoModelForCausalLM if kind == 'causal' else transformers.AutoModel
+  kwargs = {}
+  if (path / 'config.json').exists() and asymmetric and 'compressed-tensors' in (path / 'config.json').read_text():
+    kwargs['quantization_config'] = transformers.CompressedTensorsConfig(dequantize=True)
+  ref = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
+  with torch.no_grad():
+    out = ref(torch.tensor(tokens))
+  return (out.logits if kind == 'causal' else out.last_hidden_state).float().numpy()
+
+
+def bench(name: str) -> list[dict]:
+  (model, params), kind = load(name)
+  qparams = quantize(model, params)
+  vocab = model.config.vocab_size
+  tokens = np.random.RandomState(0).randint(1, vocab, (2, FLAGS.tokens)).astype(np.int32)
+  apply = jax.jit(model.apply)
+  ours = np.asarray(apply(qparams, jnp.asarray(tokens)))
+  formats = exports.allowed(model, qparams)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for fmt in exports.FORMATS:
+      row = {'model': name, 'format': fmt}
+      rows.append(row)
+      if fmt not in formats:
+        row['note'] = 'refused: ' + '; '.join(
+            (exports.compressed_tensors.refusals(model, qparams) if fmt == 'compressed-tensors' else
+             exports.gptq_format.refusals(model, qparams, 'gptq_v2')).values())[:120]
+        continue
+      out = pathlib.Path(tmp, fmt)
+      out.mkdir()
+      t0 = time.perf_counter()
+      written = exports.write(out, model, qparams, [fmt])[fmt]
+      row['export_s'] = time.perf_counter() - t0
+      row['bytes'] = written['bytes']
+      path = out / written['path']
+      if fmt == 'gptq':  # v1 where every zero point is at least 1, else v2
+        row['format'] = f"gptq ({json.loads((path / 'config.json').read_text())['quantization_config']['format']})"
+      t0 = time.perf_counter()
+      back = core.serialize.load(path) if fmt == 'jxc' else models.from_pretrained(path)[1]
+      jax.block_until_ready(back)
+      row['import_s'] = time.perf_counter() - t0
+      row['reimport_err'] = rel_err(apply(back, jnp.asarray(tokens)), ours)
+      if fmt == 'gptq':
+        row['transformers_err'] = 'n/a: needs optimum + gptqmodel'
+      elif fmt != 'jxc':
+        row['transformers_err'] = rel_err(transformers_outputs(path, kind, tokens, not FLAGS.symmetric), ours)
+  dense = next(r['bytes'] for r in rows if r['format'] == 'dense')
+  for r in rows:
+    if 'bytes' in r:
+      r['vs_dense'] = r['bytes'] / dense
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  cell = lambda v, f: '' if v is None else v if isinstance(v, str) else format(v, f)
+  lines = ['| model | format | bytes | vs dense fp32 | export s | import s | re-import rel err | transformers rel err |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    if 'note' in r:
+      lines.append(f"| {r['model']} | {r['format']} | {r['note']} | | | | | |")
+      continue
+    lines.append(f"| {r['model']} | {r['format']} | {r['bytes']:,} | {r['vs_dense']:.3f} | {r['export_s']:.2f} | "
+                 f"{r['import_s']:.2f} | {cell(r['reimport_err'], '.1e')} | "
+                 f"{cell(r.get('transformers_err'), '.1e') or 'n/a (no reader)'} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  import transformers
+  transformers.utils.logging.disable_progress_bar()
+  rows = []
+  for name in FLAGS.models:
+    if name == 'minilm':
+      try:
+        models.minilm_dir()
+      except ImportError as e:
+        print(f'minilm skipped: {e}')
+        continue
+    rows += bench(name)
+  scheme = f"W{FLAGS.bits} {'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
+      ('symmetric' if FLAGS.symmetric else 'asymmetric')
+  print(f'{scheme}, round-to-nearest, every Linear kernel (heads included), fp32 elsewhere; CPU ({jax.devices()[0]})')
+  print(table(rows))
+  if FLAGS.json:
+    pathlib.Path(FLAGS.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)

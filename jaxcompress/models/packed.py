@@ -1,0 +1,177 @@
+"""What the quantized checkpoint layouts (`compressed_tensors`, `gptq_format`) share: int codes packed into int32
+bit streams, the check of which leaves a layout can hold (refused before anything is written), the export loop
+over a family's table, and the `Quantized` leaf a load builds from unpacked codes.
+
+Packing: `pack_int32(codes [rows, cols], bits)` writes each row as one little-endian bit stream, code i at bits
+i*bits ... i*bits+bits-1 of the row's words (codes straddle words when 32 % bits != 0). compressed-tensors packs
+a Linear's [out, in] codes along `in` this way; GPTQ packs `qweight` along `in` and `qzeros` along `out`, the same
+stream per column (AutoGPTQ's 3-bit packer spills codes 10 and 21 of every 32 across words exactly so).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcompress import core
+from jaxcompress.core import quantized as quantized_lib
+from jaxcompress.models import convert, hf
+from jaxcompress.models.base import Model
+
+# get(tensor name) -> (array, the file holding it): how a layout's reader asks the loader for a tensor.
+Getter = Callable[[str], tuple[np.ndarray, str]]
+
+
+def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Unsigned codes [rows, cols] < 2**bits -> int32 [rows, ceil(cols * bits / 32)]: each row one little-endian
+  bit stream, code i at bits i*bits ... (compressed-tensors' `pack_to_int32` of the signed codes)."""
+  codes = np.ascontiguousarray(codes, np.uint8)
+  rows, cols = codes.shape
+  planes = ((codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(rows, cols * bits)
+  words = math.ceil(cols * bits / 32)
+  planes = np.pad(planes, ((0, 0), (0, words * 32 - cols * bits)))
+  stream = np.ascontiguousarray(np.packbits(planes, axis=-1, bitorder='little'))
+  return stream.view('<i4').astype(np.int32).reshape(rows, words)
+
+
+def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+  """Inverse of `pack_int32`: int32 [rows, words] -> uint8 [rows, cols]."""
+  packed = np.ascontiguousarray(packed, dtype='<i4')
+  rows = packed.shape[0]
+  planes = np.unpackbits(packed.view(np.uint8).reshape(rows, -1), axis=-1, count=cols * bits, bitorder='little')
+  planes = planes.reshape(rows, cols, bits).astype(np.uint8)
+  return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+
+
+def pack_bytes(codes: np.ndarray, bits: int) -> np.ndarray:
+  """`core.quantized.pack_codes` on the host: uint8 [in, out] -> [in * bits // 8, out], low bits first along `in`
+  (8 % bits == 0), so a load compiles nothing."""
+  per = 8 // bits
+  grouped = np.asarray(codes, np.uint8).reshape(codes.shape[0] // per, per, *codes.shape[1:])
+  shifts = (np.arange(per, dtype=np.uint8) * bits).reshape(1, per, *([1] * (codes.ndim - 1)))
+  return np.bitwise_or.reduce(grouped << shifts, axis=1).astype(np.uint8)
+
+
+# Export -------------------------------------------------------------------------------------------------------
+
+
+def kind(w: Any) -> str:
+  """How a refusal names a leaf's kind."""
+  if isinstance(w, core.Quantized):
+    return f"Quantized(fmt='{w.fmt}', bits={w.bits})"
+  return type(w).__name__
+
+
+def host_codes(w: core.Quantized) -> np.ndarray:
+  """The leaf's unpacked codes, uint8 [in, out], on the host."""
+  return np.asarray(jax.device_get(w.codes_unpacked()), np.uint8)
+
+
+def host_zero(w: core.Quantized) -> np.ndarray | None:
+  """The leaf's zero points, uint8 [groups, out] (checked integral by `refusal`), or None (symmetric)."""
+  return None if w.zero is None else np.asarray(jax.device_get(w.zero), np.float64).astype(np.uint8)
+
+
+def host_scale(w: core.Quantized, dtype: Any = None) -> np.ndarray:
+  """The leaf's scale [groups, out] on the host, cast to `dtype` if given."""
+  return np.asarray(jax.device_get(w.scale if dtype is None else w.scale.astype(dtype)))
+
+
+def refusal(w: Any, row: convert.TensorMap, layout: str, masked: str) -> str | None:
+  """Why the leaf at a table row cannot be written in a packed int `layout` (None: it can, packed or dense).
+  `masked` says why the layout holds no `Masked` leaf."""
+  if isinstance(w, core.Shared):
+    return f'shared storage: {layout} stores every tensor once per module; core.serialize keeps it shared'
+  if isinstance(w, core.Masked):
+    return f'a sparsity mask: {masked}; core.serialize holds it'
+  if not isinstance(w, core.Quantized):
+    return None if not core.is_compressed(w) else f'no {layout} format holds it; core.serialize does'
+  if w.fmt != 'int':
+    other = {'fp8': "compressed-tensors 'float-quantized' (FP8 weights) or core.serialize",
+             'nf4': 'core.serialize or the bitsandbytes NF4 layout'}.get(w.fmt, 'core.serialize')
+    return f"'{w.fmt}' codes: {layout} holds uniform int codes only; {other} holds it"
+  if len(w.shape) != 2:
+    return f'a stacked expert weight [E, in, out]: {layout} packs 2-D Linear weights here; core.serialize holds it'
+  if not row.linear or len(row.ours) != 1:
+    return ("groups along this tensor's first axis, which is not a torch Linear's input axis (embedding, GPT-2 "
+            f"Conv1D or fused qkv); {layout} quantizes Linear weights along `in`; core.serialize holds it")
+  if w.zero is not None:
+    z = np.asarray(jax.device_get(w.zero), np.float64)
+    if not (np.all(z == np.round(z)) and z.min() >= 0 and z.max() < 2 ** w.bits):
+      return (f'zero points that are not integers in [0, {2 ** w.bits}); {layout} stores integer zero points; '
+              'core.serialize holds it')
+  return None
+
+
+def refusals(model: Model, params: dict, check: Callable[[Any, convert.TensorMap], str | None]) -> dict[str, str]:
+  """{path: 'path: kind, why'} for every leaf of `params` that `check(leaf, table row)` refuses."""
+  raw = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
+  return {p: f'{p}: {kind(raw[p])}, {reason}' for row in model.hf_table() for p in row.ours
+          if (reason := check(raw[p], row)) is not None}
+
+
+def refuse(model: Model, params: dict, who: str, layout: str,
+           check: Callable[[Any, convert.TensorMap], str | None], dense_fallback: bool) -> tuple[dict, set[str]]:
+  """(flat resolved params, the refused paths): every leaf `check(leaf, row)` refuses is named in one ValueError
+  before anything is written, unless `dense_fallback` (then those paths are written dense)."""
+  flat = core.flatten(core.resolve(params))
+  hf.check_export_shapes(model, flat, who)
+  refused = refusals(model, params, check)
+  if refused and not dense_fallback:
+    raise ValueError(f'{who}: {len(refused)} weights cannot be written in the {layout} format, so nothing was '
+                     'written:\n  ' + '\n  '.join(refused.values()) + '\nPass dense_fallback=True to write them '
+                     "dense (their Linears left unquantized in the config), or save the tree with "
+                     'core.serialize.save.')
+  return flat, set(refused)
+
+
+def export_tensors(model: Model, flat: dict, refused: set[str], dtype: Any,
+                   write: Callable[[core.Quantized, str], dict[str, np.ndarray]]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, core.Quantized], list[str]]:
+  """(tensors, {module: leaf} written packed, Linear modules written dense) over the family's table: each int
+  `Quantized` Linear not refused through write(leaf, module name), every other row dense (cast to `dtype`)."""
+  tensors: dict[str, np.ndarray] = {}
+  quantized: dict[str, core.Quantized] = {}
+  dense: list[str] = []
+  for row in model.hf_table():
+    w = flat[row.ours[0]]
+    if isinstance(w, core.Quantized) and not any(p in refused for p in row.ours):
+      module = hf.export_name(model, row.hf).removesuffix('.weight')
+      tensors.update(write(w, module))
+      quantized[module] = w
+      continue
+    if row.linear:
+      dense.append(hf.export_name(model, row.hf).removesuffix('.weight'))
+    tensors.update(hf.dense_tensor(model, row, flat, dtype))
+  return tensors, quantized, dense
+
+
+# Import -------------------------------------------------------------------------------------------------------
+
+
+def checked_reader(module: str, get: Getter, what: str) -> Callable[[str, tuple, str], np.ndarray]:
+  """read(suffix, shape, dtype kinds) -> tensor '<module>.<suffix>', or a ValueError naming the tensor, its file,
+  and the shape `what` (e.g. 'the 4-bit scheme and config.json') implies."""
+  def read(suffix: str, want: tuple, kinds: str) -> np.ndarray:
+    arr, file = get(f'{module}.{suffix}')
+    if tuple(arr.shape) != tuple(want) or arr.dtype.kind not in kinds:
+      raise ValueError(f"tensor '{module}.{suffix}' in '{file}' is {arr.dtype} {list(arr.shape)}; {what} "
+                       f'imply {list(want)} ({kinds!r} dtype kinds).')
+    return arr
+  return read
+
+
+def int_leaf(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int,
+             group_size: int | None) -> core.Quantized:
+  """The `Quantized` leaf of host codes uint8 [in, out], scale [groups, out] and zero points [groups, out] (or
+  None), packed two or more to a byte where the width allows, placed with device_put (nothing compiled)."""
+  n_in, n_out = codes.shape
+  packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
+  codes = pack_bytes(codes, bits) if packed else np.ascontiguousarray(codes)
+  return core.Quantized(codes=jax.device_put(codes), scale=jax.device_put(np.ascontiguousarray(scale)),
+                        zero=None if zero is None else jax.device_put(np.ascontiguousarray(zero)), bits=bits,
+                        group_size=group_size, fmt='int', packed=packed, logical_shape=(n_in, n_out))

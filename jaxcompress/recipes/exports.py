@@ -1,0 +1,99 @@
+"""The formats a compression run writes its compressed model in, and which ones its leaves allow.
+
+    formats = exports.parse('jxc,gptq')                       # checked names, before any work
+    written = exports.write(out, model, params, formats)      # {format: {'path': ..., 'bytes': ...}}
+
+  format               written as            what reads it
+  jxc                  compressed.jxc        `core.serialize.load` (every leaf kind, exact disk bytes)
+  compressed-tensors   compressed_tensors/   transformers / vLLM with compressed-tensors; `models.from_pretrained`
+  gptq                 gptq/                 GPTQModel, transformers with optimum + gptqmodel, vLLM; `from_pretrained`
+  dense                hf/                   transformers (materialized weights; a narrowed model: our own layout)
+
+The default (`formats=None`) is jxc and dense, plus each packed format that holds every leaf of the tree as it is
+and has at least one quantized Linear to pack: no weight is written dense behind the user's back. GPTQ is written
+in v1 ('gptq') when the zero points allow, else in 'gptq_v2'. A format named explicitly that cannot hold a leaf
+is an error naming the paths (the exporters' refusals).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from jaxcompress import core, models
+from jaxcompress.models import compressed_tensors, gptq_format
+
+FORMATS = ('jxc', 'compressed-tensors', 'gptq', 'dense')
+PATHS = {'jxc': 'compressed.jxc', 'compressed-tensors': 'compressed_tensors', 'gptq': 'gptq', 'dense': 'hf'}
+DEFAULT = ('jxc', 'dense')  # always written by default; the packed formats join when the leaves allow
+
+
+def parse(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
+  """Format names from 'jxc,gptq' or a list (None or empty: the default, decided once the leaves are known);
+  an unknown name is a ValueError naming it and the choices."""
+  if spec is None:
+    return None
+  names = [s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec) if s.strip()]
+  unknown = [n for n in names if n not in FORMATS]
+  if unknown:
+    raise ValueError(f'export={",".join(names)}: unknown format {", ".join(map(repr, unknown))}; choose from '
+                     f'{", ".join(FORMATS)} (comma-separated).')
+  return tuple(dict.fromkeys(names)) or None
+
+
+def _packs_any(model, params) -> bool:
+  """Whether some table row's Linear is an int `Quantized` leaf (a packed format has something to pack)."""
+  flat = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
+  return any(row.linear and isinstance(flat[row.ours[0]], core.Quantized) for row in model.hf_table())
+
+
+def gptq_checkpoint_format(model, params) -> str | None:
+  """'gptq' (v1) if it holds every leaf, else 'gptq_v2' if that does, else None."""
+  for fmt in gptq_format.CHECKPOINT_FORMATS:
+    if not gptq_format.refusals(model, params, fmt):
+      return fmt
+  return None
+
+
+def allowed(model, params) -> tuple[str, ...]:
+  """The default formats for this tree: jxc, dense, and each packed format that holds all of it."""
+  from jaxcompress.pruning._src.structured import is_narrowed
+  if is_narrowed(model, params) or not _packs_any(model, params):  # per-layer widths: no HF config holds them
+    return DEFAULT
+  packed = []
+  if not compressed_tensors.refusals(model, params):
+    packed.append('compressed-tensors')
+  if gptq_checkpoint_format(model, params) is not None:
+    packed.append('gptq')
+  return DEFAULT[:1] + tuple(packed) + DEFAULT[1:]
+
+
+def _bytes(path: pathlib.Path) -> int:
+  return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+
+
+def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None = None, *,
+          metadata: dict[str, Any] | None = None) -> dict[str, dict]:
+  """Writes the compressed model into directory `out` in each of `formats` (None: `allowed`), jxc first:
+  {format: {'path': its name under out, 'bytes': its bytes on disk}}. `metadata` goes into compressed.jxc."""
+  from jaxcompress.pruning._src.structured import is_narrowed
+  from jaxcompress.pruning._src.structured import save as save_narrowed
+  out = pathlib.Path(out)
+  formats = allowed(model, params) if formats is None else tuple(formats)
+  written = {}
+  for fmt in sorted(formats, key=FORMATS.index):
+    path = out / PATHS[fmt]
+    if fmt == 'jxc':
+      core.serialize.save(path, params, metadata=metadata or {})
+    elif fmt == 'dense':
+      if is_narrowed(model, params):
+        save_narrowed(path, model, params)
+      else:
+        models.save_pretrained(path, model, params)
+    elif fmt == 'compressed-tensors':
+      compressed_tensors.export(model, params, path)
+    else:
+      gptq_format.export(model, params, path, checkpoint_format=gptq_checkpoint_format(model, params) or 'gptq')
+    written[fmt] = {'path': PATHS[fmt], 'bytes': _bytes(path)}
+  return written

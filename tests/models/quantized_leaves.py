@@ -1,0 +1,53 @@
+"""Test support for the quantized checkpoint layouts: random int `Quantized` leaves built directly (no quantizer
+compiled) and the bit-exact comparison of two trees of them."""
+
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import core
+from jaxcompress.core import quantized as quantized_lib
+from jaxcompress.models import packed as packed_lib
+
+
+def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=0, zero_low=0):
+  """A `Quantized` leaf [in, out] with random codes (every code value, 0 included), float32 scales and, when
+  asymmetric, random integer zero points in [zero_low, 2**bits)."""
+  rng = np.random.RandomState(seed)
+  n_in, n_out = shape
+  groups = 1 if group_size is None else n_in // group_size
+  codes = rng.randint(0, 2 ** bits, (n_in, n_out)).astype(np.uint8)
+  scale = ((0.5 + rng.rand(groups, n_out)) * 0.04 / 2 ** (bits - 1)).astype(np.float32)
+  zero = (None if symmetric or fmt != 'int' else
+          rng.randint(zero_low, 2 ** bits, (groups, n_out)).astype(np.float32))
+  packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
+  return core.Quantized(codes=jnp.asarray(packed_lib.pack_bytes(codes, bits) if packed else codes),
+                        scale=jnp.asarray(scale), zero=None if zero is None else jnp.asarray(zero), bits=bits,
+                        group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(shape))
+
+
+def quantize_kernels(params, scheme_of):
+  """Every kernel for which scheme_of(path) gives random_leaf kwargs replaced by such a random leaf."""
+  def q(path, w):
+    kw = scheme_of(path) if path.endswith('/kernel') else None
+    return w if kw is None else random_leaf(w.shape, seed=zlib.crc32(path.encode()), **kw)
+  return core.map_with_path(q, params)
+
+
+def assert_same_leaves(ours, loaded):
+  """The same tree, leaf kinds, static fields and bit-identical codes, scales, zero points and arrays."""
+  flat_a, flat_b = core.flatten(ours), core.flatten(loaded)
+  assert flat_a.keys() == flat_b.keys()
+  for p, a in flat_a.items():
+    b = flat_b[p]
+    assert type(a) is type(b), p
+    if isinstance(a, core.Quantized):
+      assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p
+      np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes), err_msg=p)
+      np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale), err_msg=p)
+      assert (a.zero is None) == (b.zero is None), p
+      if a.zero is not None:
+        np.testing.assert_array_equal(np.asarray(a.zero), np.asarray(b.zero), err_msg=p)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
