@@ -1,10 +1,12 @@
 """The pytree vocabulary every compression family shares.
 
 Typed weights (`Masked`, `Quantized`, `LowRank`, `LoRA`, `Shared`), the one `linear` every model calls, path
-selection, size accounting and compact serialization. Nothing here knows about models.
+selection, size accounting, compact serialization and the fast Walsh–Hadamard transform (`hadamard`). Nothing
+here knows about models.
 """
 
-from jaxcompress.core import paths, serialize, stats
+from jaxcompress.core import hadamard, paths, serialize, stats
+from jaxcompress.core.hadamard import hadamard_transform
 from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compressed, is_weight_leaf,
                                    materialize, materialize_tree, matmul_flops, memory_bytes, nonzeros,
                                    shape_of, stored_params)
@@ -33,6 +35,8 @@ __all__ = [
     'embedding_lookup',
     'fake_quantize',
     'flatten',
+    'hadamard',
+    'hadamard_transform',
     'is_compressed',
     'is_weight_leaf',
     'linear',

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
-from jaxcompress.models import base, convert, layers
+from jaxcompress.models import base, convert, decode, layers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,6 +35,7 @@ class GPT2Config:
   bos_token_id: int | None = 50256
   eos_token_id: int | None = 50256
   pad_token_id: int | None = None
+  kv_cache: decode.KVCacheFormat | None = None  # the KV cache `generate` uses by default (None: full precision)
 
   @property
   def head_dim(self) -> int:
@@ -156,7 +157,8 @@ class GPT2(base.Model):
         num_heads=hf.n_head, intermediate_size=hf.n_inner, activation=hf.activation_function,
         layer_norm_eps=hf.layer_norm_epsilon, scale_attn_weights=bool(hf.scale_attn_weights),
         tie_embeddings=bool(getattr(hf, 'tie_word_embeddings', True)), initializer_range=hf.initializer_range,
-        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id))
+        bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id,
+        kv_cache=decode.hf_kv_cache(hf)))
 
   def hf_config(self):
     import transformers
@@ -166,7 +168,7 @@ class GPT2(base.Model):
         n_head=c.num_heads, n_inner=c.intermediate_size, activation_function=c.activation,
         layer_norm_epsilon=c.layer_norm_eps, scale_attn_weights=c.scale_attn_weights,
         tie_word_embeddings=c.tie_embeddings, initializer_range=c.initializer_range, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id, architectures=['GPT2LMHeadModel'])
+        pad_token_id=c.pad_token_id, architectures=['GPT2LMHeadModel'], **decode.hf_kv_fields(c.kv_cache))
 
   def hf_table(self) -> list[convert.TensorMap]:
     # GPT-2's Conv1D weights are already [in, out].

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
-from jaxcompress.models import base, convert, layers, moe
+from jaxcompress.models import base, convert, decode, layers, moe
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +48,7 @@ class LlamaConfig:
   moe_experts: int = 0  # > 0: every MLP is a mixture of this many experts (models.moe, from MoEfication)
   moe_top_k: int = 0  # experts each token runs (with moe_experts)
   moe_capacity: float = 1.25  # tokens per expert over its even share N top_k / E (the rest are dropped)
+  kv_cache: decode.KVCacheFormat | None = None  # the KV cache `generate` uses by default (None: full precision)
 
   @property
   def dim_per_head(self) -> int:
@@ -219,7 +220,7 @@ class Llama(base.Model):
         tie_embeddings=bool(hf.tie_word_embeddings), qkv_bias=(mt == 'qwen2') or attn_bias,
         o_bias=attn_bias, mlp_bias=mlp_bias, sliding_window=window, hidden_act=hf.hidden_act, model_type=mt,
         initializer_range=hf.initializer_range, bos_token_id=hf.bos_token_id, eos_token_id=_first(hf.eos_token_id),
-        pad_token_id=hf.pad_token_id)
+        pad_token_id=hf.pad_token_id, kv_cache=decode.hf_kv_cache(hf))
     return cls(cfg)
 
   def hf_config(self):
@@ -234,7 +235,8 @@ class Llama(base.Model):
         head_dim=c.dim_per_head, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=c.tie_embeddings, hidden_act=c.hidden_act, initializer_range=c.initializer_range,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        rope_parameters={'rope_theta': c.rope_theta, 'rope_type': 'default', **dict(c.rope)})
+        rope_parameters={'rope_theta': c.rope_theta, 'rope_type': 'default', **dict(c.rope)},
+        **decode.hf_kv_fields(c.kv_cache))
     if c.model_type == 'llama':
       if c.qkv_bias != c.o_bias:
         raise ValueError('Llama export: HF Llama has one attention_bias flag; q/k/v and o biases differ.')

@@ -6,11 +6,13 @@ GPTQ follows Frantar et al., "GPTQ: Accurate Post-Training Quantization for Gene
 Transformers" (ICLR 2023); AWQ Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression
 and Acceleration" (MLSys 2024); SmoothQuant Xiao et al. (ICML 2023); LLM.int8() Dettmers et al. (NeurIPS 2022);
 non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024); learned step sizes (LSQ)
-Esser et al. (ICLR 2020).
+Esser et al. (ICLR 2020); randomized Hadamard rotations fused into the weights (QuaRot) Ashkboos et al.
+(NeurIPS 2024).
 
-Every method (`rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`, `qat`,
-`llm_qat`, `lsq`) is `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own
-module under `quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
+Every method (`quarot`, `rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
+`qat`, `llm_qat`, `lsq`, and `kivi`, a KV-cache format: Liu et al., ICML 2024) is
+`method(model, params, calib, *, config) -> (model, params)`, registered by name in its own module under
+`quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
 This package re-exports the modules' public names, so `quantization.qat` is the method; a module's other functions
 are imported by path (`from jaxcompress.quantization._src.llm_qat import distillation_objective`).
 """
@@ -20,6 +22,7 @@ from jaxcompress.quantization._src import quantizers
 from jaxcompress.quantization._src.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
 from jaxcompress.quantization._src.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
                                                 layer_error)
+from jaxcompress.quantization._src.kivi import KIVIConfig, kivi
 from jaxcompress.quantization._src.llm_qat import llm_qat
 from jaxcompress.quantization._src.lsq import LSQConfig, LSQWeight, add_lsq, lsq
 from jaxcompress.quantization._src.lsq import finalize as finalize_lsq
@@ -30,13 +33,14 @@ from jaxcompress.quantization._src.pq import PQConfig, ProductQuantized, pq, pro
 from jaxcompress.quantization._src.qat import ActQuantized, QATConfig, fake_quant, qat, straight_through
 from jaxcompress.quantization._src.qat import finalize as finalize_qat
 from jaxcompress.quantization._src.quantizers import max_error, quantize_weight
+from jaxcompress.quantization._src.quarot import QuaRotConfig, quarot, random_hadamard
 from jaxcompress.quantization._src.rtn import RTNConfig, rtn
 from jaxcompress.quantization._src.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['AWQConfig', 'ActQuantized', 'GPTQConfig', 'Int8Linear', 'LSQConfig', 'LSQWeight', 'MixedConfig',
-           'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig', 'RTNConfig',
-           'W8A8Config', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer', 'bit_allocation', 'fake_quant',
-           'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor', 'gptq_from_hessian', 'gptq_layer', 'kernels',
-           'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed', 'nonuniform', 'pq', 'product_quantize', 'qat',
-           'quantize_weight', 'quantizers', 'rtn', 'squeezellm_from_hessian', 'squeezellm_layer',
-           'straight_through', 'w8a8', 'w8a8_layer']
+__all__ = ['AWQConfig', 'ActQuantized', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
+           'MixedConfig', 'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig',
+           'QuaRotConfig', 'RTNConfig', 'W8A8Config', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
+           'bit_allocation', 'fake_quant', 'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor',
+           'gptq_from_hessian', 'gptq_layer', 'kernels', 'kivi', 'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed',
+           'nonuniform', 'pq', 'product_quantize', 'qat', 'quantize_weight', 'quantizers', 'quarot', 'random_hadamard',
+           'rtn', 'squeezellm_from_hessian', 'squeezellm_layer', 'straight_through', 'w8a8', 'w8a8_layer']

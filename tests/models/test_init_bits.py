@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcompress import core, models
+from tests import xla_settings
 
 SPECS = {
     'llama': (lambda: models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -23,6 +24,11 @@ SPECS = {
                                                    intermediate_size=64, max_position_embeddings=32)),
              '4583df7a38253675'),
 }
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _full_optimizations():  # the digests are of the programs users run
+  yield from xla_settings.full_optimizations()
 
 
 def digest(params) -> str:

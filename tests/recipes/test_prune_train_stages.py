@@ -7,7 +7,6 @@ import pytest
 
 from jaxcompress import core, models, pruning, recipes
 from jaxcompress.data import pipeline
-from tests import xla_settings
 
 STEPS = 4
 STAGES = {
@@ -18,10 +17,6 @@ STAGES = {
     'soft_movement': f'soft_movement(penalty=0.1, steps={STEPS}, learning_rate=1e-3, score_learning_rate=0.05)',
 }
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 def test_each_stage_parses_and_composes_with_later_stages():

@@ -12,7 +12,6 @@ import pytest
 
 from jaxcompress.recipes import pipeline
 from jaxcompress.recipes.report import CompressionResult
-from tests import xla_settings
 from tests.train import pretrain_runs as runs
 
 SCRIPT = runs.ROOT / 'experiments' / 'compress.py'
@@ -101,7 +100,7 @@ registry.register('scale_kernels', ScaleConfig, scale_kernels, family='quantizat
 @pytest.mark.subprocess
 def test_compress_py_imports_a_module_whose_method_it_lists_and_runs(tmp_path):
   (tmp_path / 'my_methods.py').write_text(textwrap.dedent(PLUGIN))
-  env = xla_settings.child_env(PYTHONPATH=str(tmp_path))  # the programs of `run`: the cache has them
+  env = {**runs.env(1), 'PYTHONPATH': str(tmp_path)}
   listed = subprocess.run([sys.executable, str(SCRIPT), '--import=my_methods', '--list_methods'], env=env,
                           capture_output=True, text=True, timeout=300, cwd=runs.ROOT)
   assert listed.returncode == 0, listed.stderr[-3000:]

@@ -10,14 +10,9 @@ import pytest
 from jaxcompress import core, distillation, quantization, recipes
 from jaxcompress.data import pipeline
 from jaxcompress.train import recovery
-from tests import xla_settings
 
 NEW = ('qat', 'lsq', 'llm_qat', 'gkd', 'seq_kd', 'drop_layers')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 def _spec(num_layers):

@@ -1,6 +1,7 @@
 """States that must not lose work or lie: retention during asynchronous saves, poisoned updates, refused
 resumes that leave the run directory untouched, fingerprints of seed and data, every batch validated."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,17 +16,12 @@ from jaxcompress import models
 from jaxcompress.data.pipeline import LMBatches
 from jaxcompress.train import checkpoint, loop, metrics, objectives, optim
 from jaxcompress.train import state as state_lib
-from tests import xla_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 SEQUENCES = np.random.RandomState(0).randint(0, 64, (64, 17)).astype(np.int32)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, optimizer=None, **kwargs):
@@ -89,7 +85,7 @@ def uninterrupted(tmp_path_factory):
 def test_kill_during_an_asynchronous_save_keeps_keep_checkpoints(tmp_path, keep, uninterrupted):
   run_dir = tmp_path / 'run'
   script = _KILL_IN_SAVE.format(root=str(ROOT), kill_at=6, run_dir=str(run_dir), keep=keep)
-  env = xla_settings.child_env(PYTHONPATH=str(ROOT))  # this process's programs: the cache has them
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(ROOT)}
   proc = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

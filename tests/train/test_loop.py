@@ -12,16 +12,11 @@ from jaxcompress import models
 from jaxcompress.data.pipeline import LMBatches
 from jaxcompress.train import checkpoint, loop, objectives, optim
 from jaxcompress.train import state as state_lib
-from tests import xla_settings
 
 MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 SEQUENCES = np.random.RandomState(0).randint(0, 64, (64, 17)).astype(np.int32)
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 def _fit(run_dir, *, seed=0, steps=8, lr=1e-2, model=MODEL, data=None, **kwargs):

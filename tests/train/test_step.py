@@ -10,17 +10,12 @@ from jaxcompress import core, models
 from jaxcompress.train import objectives, optim
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
-from tests import xla_settings
 
 MODEL = models.Llama(models.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
                                         num_heads=4, num_kv_heads=2, max_position_embeddings=32))
 TOKENS = np.random.RandomState(0).randint(0, 48, (8, 13)).astype(np.int32)
 BATCH = {'inputs': jnp.asarray(TOKENS[:, :-1]), 'targets': jnp.asarray(TOKENS[:, 1:])}
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 @pytest.fixture(scope='module')

@@ -27,7 +27,6 @@ from jaxcompress.data.pipeline import LMBatches
 from jaxcompress.train import checkpoint, loop, objectives, optim, sharding, transforms
 from jaxcompress.train import state as state_lib
 from jaxcompress.train import step as step_lib
-from tests import xla_settings
 from tests.train import pretrain_runs
 
 MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -35,10 +34,6 @@ MODEL = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermedi
 SEQUENCES = np.random.RandomState(0).randint(0, 64, (64, 17)).astype(np.int32)
 STEPS, EVERY = 12, 3
 
-
-@pytest.fixture(autouse=True, scope='module')
-def _quick_compiles():
-  yield from xla_settings.quick_compiles()
 
 
 # A toy gradual magnitude pruning transform ---------------------------------------------------------------------
@@ -269,7 +264,7 @@ def _script(run_dir, *flags, devices=1, check=True, env=None):
 def test_sigkill_at_a_step_then_resume_is_bit_identical(whole, tmp_path, kill_at, monkeypatch):
   # The uninterrupted run of this process is the reference; the script runs its programs (one device, this
   # process's settings), so the compilation cache has them.
-  killed = _script(tmp_path / 'run', f'--kill_at={kill_at}', check=False, env=xla_settings.child_env())
+  killed = _script(tmp_path / 'run', f'--kill_at={kill_at}', check=False)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   survived = pretrain_runs.checkpoint_steps(tmp_path / 'run')
   assert survived and max(survived) < kill_at, survived
