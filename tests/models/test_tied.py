@@ -120,6 +120,7 @@ def fsdp_main() -> None:
   print('fsdp ok')
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_fsdp_on_8_devices():
   assert 'fsdp ok' in run_on_8_devices('tests.models.test_tied', 'fsdp_main')
