@@ -137,47 +137,42 @@ def export(model: Model, params: dict, out_dir: str | os.PathLike, *, dense_fall
 # Import -------------------------------------------------------------------------------------------------------
 
 
-def _field_error(cfg_file: Path, field: str, value: Any, expected: str) -> ValueError:
-  return ValueError(f'{cfg_file}: quantization_config.{field} = {value!r} cannot be loaded as jaxcompress leaves; '
-                    f'expected {expected}.')
-
-
 def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) -> Scheme:
   """A config group's scheme, or a ValueError naming the field this module cannot represent."""
   where = f'config_groups.{name}'
   if not isinstance(group, dict):
-    raise _field_error(cfg_file, where, group, 'a scheme object (preset names are not read)')
+    raise packed.field_error(cfg_file, where, group, 'a scheme object (preset names are not read)')
   for field in ('input_activations', 'output_activations'):
     if group.get(field) is not None:
-      raise _field_error(cfg_file, f'{where}.{field}', group[field], 'null (weight-only quantization)')
+      raise packed.field_error(cfg_file, f'{where}.{field}', group[field], 'null (weight-only quantization)')
   fmt = group.get('format') or default_format
   if fmt != FORMAT:
-    raise _field_error(cfg_file, f'{where}.format', fmt, f"'{FORMAT}'")
+    raise packed.field_error(cfg_file, f'{where}.format', fmt, f"'{FORMAT}'")
   w = group.get('weights')
   if not isinstance(w, dict):
-    raise _field_error(cfg_file, f'{where}.weights', w, 'a QuantizationArgs object')
+    raise packed.field_error(cfg_file, f'{where}.weights', w, 'a QuantizationArgs object')
   at = lambda f: f'{where}.weights.{f}'
   if w.get('type', 'int') != 'int':
-    raise _field_error(cfg_file, at('type'), w.get('type'), "'int'")
+    raise packed.field_error(cfg_file, at('type'), w.get('type'), "'int'")
   bits = w.get('num_bits', 8)
   if not isinstance(bits, int) or not 1 <= bits <= 8:
-    raise _field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8')
+    raise packed.field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8')
   if w.get('dynamic', False) not in (False, None):
-    raise _field_error(cfg_file, at('dynamic'), w.get('dynamic'), 'false (static weight scales)')
+    raise packed.field_error(cfg_file, at('dynamic'), w.get('dynamic'), 'false (static weight scales)')
   if w.get('actorder') not in (None, False, 'weight', 'static'):
-    raise _field_error(cfg_file, at('actorder'), w.get('actorder'), "null, 'weight' or 'static' (no g_idx)")
+    raise packed.field_error(cfg_file, at('actorder'), w.get('actorder'), "null, 'weight' or 'static' (no g_idx)")
   if w.get('block_structure') is not None:
-    raise _field_error(cfg_file, at('block_structure'), w.get('block_structure'), 'null')
+    raise packed.field_error(cfg_file, at('block_structure'), w.get('block_structure'), 'null')
   group_size, strategy = w.get('group_size'), w.get('strategy')
   if strategy is None:
     strategy = 'channel' if group_size == -1 else 'group' if group_size else 'tensor'
   if strategy == 'channel':
     group_size = None
   elif strategy != 'group' or not isinstance(group_size, int) or group_size <= 0:
-    raise _field_error(cfg_file, at('strategy'), strategy, "'group' (with a positive group_size) or 'channel'")
+    raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' (with a positive group_size) or 'channel'")
   symmetric = w.get('symmetric', True)
   if not isinstance(symmetric, bool):
-    raise _field_error(cfg_file, at('symmetric'), symmetric, 'true or false')
+    raise packed.field_error(cfg_file, at('symmetric'), symmetric, 'true or false')
   return Scheme(bits=bits, group_size=group_size, symmetric=symmetric)
 
 
@@ -193,32 +188,32 @@ def read_plan(cfg: dict, cfg_file: Path, linear_modules: list[str]) -> dict[str,
   if q is None:
     return {}
   if not isinstance(q, dict):
-    raise _field_error(cfg_file, '', q, 'a JSON object')
+    raise packed.field_error(cfg_file, '', q, 'a JSON object')
   if q.get('quant_method') != QUANT_METHOD:
-    raise _field_error(cfg_file, 'quant_method', q.get('quant_method'), f"'{QUANT_METHOD}' or 'gptq' (the "
+    raise packed.field_error(cfg_file, 'quant_method', q.get('quant_method'), f"'{QUANT_METHOD}' or 'gptq' (the "
                        'quantized checkpoint formats read here)')
   release = re.match(r'(\d+)\.(\d+)', str(q.get('version', '')))
   if release is None or (int(release[1]), int(release[2])) < (0, 20):
     bits_used = {g.get('weights', {}).get('num_bits') for g in (q.get('config_groups') or {}).values()
                  if isinstance(g, dict) and isinstance(g.get('weights'), dict)}
     if any(b is not None and 32 % b for b in bits_used):  # layouts agree for 1, 2, 4 and 8 bits
-      raise _field_error(cfg_file, 'version', q.get('version'), f"'{VERSION}' or later for {sorted(bits_used)}-bit "
+      raise packed.field_error(cfg_file, 'version', q.get('version'), f"'{VERSION}' or later for {sorted(bits_used)}-bit "
                          'weights (the packing of codes that straddle int32 words changed)')
   for field, empty in (('kv_cache_scheme', None), ('transform_config', None), ('sparsity_config', None),
                        ('moe_sparsity_config', None)):
     if q.get(field) not in (empty, {}):
-      raise _field_error(cfg_file, field, q.get(field), 'null or {}')
+      raise packed.field_error(cfg_file, field, q.get(field), 'null or {}')
   if q.get('quantization_status', 'compressed') != 'compressed':
-    raise _field_error(cfg_file, 'quantization_status', q.get('quantization_status'), "'compressed'")
+    raise packed.field_error(cfg_file, 'quantization_status', q.get('quantization_status'), "'compressed'")
   groups = q.get('config_groups') or {}
   default_format = q.get('format', FORMAT)
   schemes = [(g.get('targets') or [], _read_scheme(cfg_file, n, g, default_format)) for n, g in groups.items()]
   ignore = q.get('ignore') or []
   for t in [t for targets, _ in schemes for t in targets] + list(ignore):
     if not isinstance(t, str) or (not t.startswith('re:') and not re.fullmatch(r'[\w.]+', t)):
-      raise _field_error(cfg_file, 'targets', t, "a module name, a 're:' regex or the class 'Linear'")
+      raise packed.field_error(cfg_file, 'targets', t, "a module name, a 're:' regex or the class 'Linear'")
     if t in ('Embedding', 'Conv1D'):
-      raise _field_error(cfg_file, 'targets', t, "Linear modules (quantized embeddings are not read)")
+      raise packed.field_error(cfg_file, 'targets', t, "Linear modules (quantized embeddings are not read)")
   plan = {}
   for module in linear_modules:
     if _matches(module, ignore):

@@ -159,26 +159,21 @@ def export(model: Model, params: dict, out_dir: str | os.PathLike, *, checkpoint
 # Import -------------------------------------------------------------------------------------------------------
 
 
-def _field_error(cfg_file: Path, field: str, value: Any, expected: str) -> ValueError:
-  return ValueError(f'{cfg_file}: quantization_config.{field} = {value!r} cannot be loaded as jaxcompress leaves; '
-                    f'expected {expected}.')
-
-
 def _read_fields(cfg_file: Path, where: str, q: dict, base: Scheme) -> Scheme:
   """`base` with the fields of `q` (the config or a `dynamic` override) that it sets, each checked."""
   at = lambda f: f'{where}{f}'
   bits = q.get('bits', base.bits)
   if bits not in BITS:
-    raise _field_error(cfg_file, at('bits'), bits, f'one of {BITS}')
+    raise packed.field_error(cfg_file, at('bits'), bits, f'one of {BITS}')
   group_size = q.get('group_size', -1 if base.group_size is None else base.group_size)
   if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-    raise _field_error(cfg_file, at('group_size'), group_size, '-1 (per channel) or a positive integer')
+    raise packed.field_error(cfg_file, at('group_size'), group_size, '-1 (per channel) or a positive integer')
   sym = q.get('sym', base.sym)
   if not isinstance(sym, bool):
-    raise _field_error(cfg_file, at('sym'), sym, 'true or false')
+    raise packed.field_error(cfg_file, at('sym'), sym, 'true or false')
   for field, ok in (('pack_dtype', ('int32', None)), ('adapter', (None, {})), ('quant_method', (QUANT_METHOD,))):
     if field in q and q[field] not in ok:
-      raise _field_error(cfg_file, at(field), q[field], ' or '.join(map(repr, ok)))
+      raise packed.field_error(cfg_file, at(field), q[field], ' or '.join(map(repr, ok)))
   return Scheme(bits=bits, group_size=None if group_size == -1 else group_size, sym=sym,
                 checkpoint_format=base.checkpoint_format)
 
@@ -189,14 +184,14 @@ def read_plan(cfg: dict, cfg_file: Path, linear_modules: list[str], tensor_names
   q = cfg['quantization_config']
   fmt = q.get('checkpoint_format') or q.get('format') or 'gptq'
   if fmt not in CHECKPOINT_FORMATS:
-    raise _field_error(cfg_file, 'checkpoint_format', fmt, f'one of {CHECKPOINT_FORMATS} (the packed layouts read '
+    raise packed.field_error(cfg_file, 'checkpoint_format', fmt, f'one of {CHECKPOINT_FORMATS} (the packed layouts read '
                        'here; marlin and bitblas are kernel-specific repackings)')
   if q.get('desc_act') not in (None, False, True):
-    raise _field_error(cfg_file, 'desc_act', q.get('desc_act'), 'true or false')
+    raise packed.field_error(cfg_file, 'desc_act', q.get('desc_act'), 'true or false')
   base = _read_fields(cfg_file, '', q, Scheme(bits=4, group_size=128, sym=True, checkpoint_format=fmt))
   dynamic = q.get('dynamic') or {}
   if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
-    raise _field_error(cfg_file, 'dynamic', dynamic, '{pattern: {field: value}}')
+    raise packed.field_error(cfg_file, 'dynamic', dynamic, '{pattern: {field: value}}')
   plan = {}
   for module in linear_modules:
     if f'{module}.qweight' not in tensor_names:
@@ -205,7 +200,7 @@ def read_plan(cfg: dict, cfg_file: Path, linear_modules: list[str], tensor_names
     for pattern, overrides in dynamic.items():  # GPTQModel's order: the first pattern that matches decides
       if re.match(pattern.removeprefix('-:').removeprefix('+:'), module):
         if pattern.startswith('-:'):
-          raise _field_error(cfg_file, f'dynamic[{pattern!r}]', overrides, f"no exclusion of '{module}', whose "
+          raise packed.field_error(cfg_file, f'dynamic[{pattern!r}]', overrides, f"no exclusion of '{module}', whose "
                              'qweight the checkpoint holds')
         scheme = _read_fields(cfg_file, f'dynamic[{pattern!r}].', overrides, base)
         break

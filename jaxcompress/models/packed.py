@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,6 +55,12 @@ def pack_bytes(codes: np.ndarray, bits: int) -> np.ndarray:
   grouped = np.asarray(codes, np.uint8).reshape(codes.shape[0] // per, per, *codes.shape[1:])
   shifts = (np.arange(per, dtype=np.uint8) * bits).reshape(1, per, *([1] * (codes.ndim - 1)))
   return np.bitwise_or.reduce(grouped << shifts, axis=1).astype(np.uint8)
+
+
+def field_error(cfg_file: Path, field: str, value: Any, expected: str) -> ValueError:
+  """The error for a `quantization_config` field a layout's reader cannot represent."""
+  return ValueError(f'{cfg_file}: quantization_config.{field} = {value!r} cannot be loaded as jaxcompress leaves; '
+                    f'expected {expected}.')
 
 
 # Export -------------------------------------------------------------------------------------------------------
