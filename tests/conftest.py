@@ -24,6 +24,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # (they inherit the variable). A module checking bits recorded from the optimized programs users run turns them back
 # on (`tests.xla_settings.full_optimizations`).
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
+from tests import xla_settings  # noqa: E402 (before jax: XLA reads its flags once)
+
+if xla_settings.FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_settings.FAST_COMPILE}".strip()
 
 import jax
 import pytest

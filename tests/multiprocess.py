@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from tests.train.pretrain_runs import free_port
+from tests import xla_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,8 @@ def run_two_processes(tmp_path: pathlib.Path, module: str, *args: str, devices: 
   """Calls `module.process_main(coordinator, process_id, *args)` in 2 processes of `devices` CPU devices each."""
   coordinator = f'localhost:{free_port()}'
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             '--xla_cpu_collective_call_terminate_timeout_seconds=900', JAX_PLATFORMS='cpu',
+  env.update(XLA_FLAGS=xla_settings.xla_flags(devices, '--xla_cpu_collective_call_terminate_timeout_seconds=900'),
+             JAX_PLATFORMS='cpu',
              PYTHONPATH=str(REPO))
   code = f'import sys, {module} as t; t.process_main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])'
   logs = [tmp_path / f'p{i}.log' for i in range(2)]

@@ -297,14 +297,20 @@ def _status(field: str) -> int:
 # Driver: each phase in a fresh interpreter ------------------------------------------------------------------------
 
 
+def _xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a child of `devices` CPU devices: this process's other XLA flags kept, its device count replaced."""
+  flag = '--xla_force_host_platform_device_count'
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(flag + '=')]
+  return ' '.join([*kept, f'{flag}={devices}'])
+
+
 def child(phase: str, c: dict, *, work: pathlib.Path, devices: int = 1, layers: int = 0, mesh: bool = False,
           kill_after: float = 0.0, timeout: float | None = None, check: bool = False,
           deterministic: bool = False) -> dict | None:
   args = [sys.executable, __file__, f'--phase={phase}', f'--dir={work}', f'--seed={FLAGS.seed}',
           f'--layers={layers}', f'--mesh={mesh}', f'--kill_after={kill_after}', f'--deterministic={deterministic}']
   args += [f'--{k}={c[k]}' for k in SHAPE_FLAGS]
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-             PYTHONPATH=str(REPO))
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(devices), JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   if check:
     args.append('--check_in_memory')
   # stdout streamed line by line (a 3B run prints a line per block for an hour), stderr kept for errors
@@ -505,8 +511,7 @@ def child_pair(c: dict, *, work: pathlib.Path, data_parallel: bool = False, dete
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
-             PYTHONPATH=str(REPO))
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(1), JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
   procs = [subprocess.Popen([sys.executable, __file__, '--phase=compress', f'--dir={work}', f'--seed={FLAGS.seed}',
                              '--mesh=True', f'--data_parallel={data_parallel}', f'--deterministic={deterministic}',

@@ -1,4 +1,4 @@
-"""Perplexity of the pretrained causal-LM fixture pruned one-shot: dense vs magnitude / Wanda / SparseGPT / OWL at
+"""Perplexity of the pretrained causal-LM fixture pruned one-shot: dense vs magnitude / Wanda / SparseGPT / OWL / RIA at
 50% unstructured, 2:4, 4:8 and 70%, on held-out rows the fixture never saw.
 
     python experiments/tables/prune_table.py                          # the committed fixture
@@ -10,6 +10,7 @@ Every kernel of every block is pruned (embeddings and lm_head stay dense, as in 
 each whole kernel (the papers' layer-wise baseline); Wanda compares the inputs of each output; SparseGPT selects
 adaptively per block of 128 input rows and reconstructs the kept weights, block by block, true-sequentially.
 OWL is Wanda with outlier-weighed block sparsities (M=5, λ=0.08); it has no N:M rows (N:M fixes every layer's).
+RIA scores each weight relative to its output's and its input's weights, times ‖X_j‖₂^0.5, compared as Wanda's.
 
     python experiments/tables/prune_table.py --methods=wanda,owl --settings=50%,70%   # only the OWL rows and Wanda's
 Writes config.json, environment.json, results.json and table.md into --output_dir.
@@ -36,7 +37,7 @@ flags.DEFINE_integer('calib_rows', 128, 'Calibration rows.')
 flags.DEFINE_integer('calib_len', 128, 'Tokens per calibration row.')
 flags.DEFINE_integer('eval_rows', 0, 'Held-out rows scored (0: all).')
 flags.DEFINE_list('settings', ['50%', '2:4', '4:8', '70%'], 'Sparsity settings: a percentage or N:M.')
-flags.DEFINE_list('methods', ['magnitude', 'wanda', 'sparsegpt', 'owl'], 'Pruning methods.')
+flags.DEFINE_list('methods', ['magnitude', 'wanda', 'sparsegpt', 'owl', 'ria'], 'Pruning methods.')
 flags.DEFINE_bool('small', False, 'A tiny random Llama on random tokens (smoke mode).')
 FLAGS = flags.FLAGS
 
@@ -90,7 +91,9 @@ def prune(method: str, setting: str, model, params, calib):
     if pattern is not None:
       return None  # OWL sets per-block sparsities, N:M fixes every layer's: no such row
     return pruning.owl(model, params, batches, config=pruning.WandaConfig(sparsity=sparsity, distribution='owl'))[1]
-  raise ValueError(f'--methods: unknown method {method!r}; use magnitude, wanda, sparsegpt, owl.')
+  if method == 'ria':
+    return pruning.ria(model, params, batches, config=pruning.RIAConfig(sparsity=sparsity, pattern=pattern))[1]
+  raise ValueError(f'--methods: unknown method {method!r}; use magnitude, wanda, sparsegpt, owl, ria.')
 
 
 def main(argv):

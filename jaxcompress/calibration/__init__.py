@@ -10,6 +10,7 @@ update, merge); `Model.block_structure()` says which linears share an input, in 
 from jaxcompress.calibration.driver import (CompressBlock, DensePass, NotSequential, Rows, SequentialPlan, calibrate,
                                            record_sequential, run_sequential)
 from jaxcompress.calibration.parallel import solve_parallel
+from jaxcompress.calibration.selection import block_linears, check_blocks_only, chosen, only
 from jaxcompress.calibration.experts import solve_experts
 from jaxcompress.calibration.out_of_core import compress_checkpoint, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
@@ -25,6 +26,9 @@ __all__ = [
     'Stats',
     'abs_max',
     'abs_mean',
+    'block_linears',
+    'check_blocks_only',
+    'chosen',
     'calibrate',
     'column_norms',
     'combine',
@@ -32,6 +36,7 @@ __all__ = [
     'hessian',
     'load_compressed',
     'norms',
+    'only',
     'record_sequential',
     'run_sequential',
     'solve_experts',

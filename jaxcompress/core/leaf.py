@@ -142,7 +142,14 @@ def matmul_flops(w: Weight) -> int:
 
 def nonzeros(w: Weight) -> int:
   """Non-zero entries of the dense array (host-side; works on arrays sharded across processes)."""
-  return count_nonzero(materialize(w))
+  return count_nonzero(_dense(w) if isinstance(w, Compressed) else w)
+
+
+@jax.jit
+def _dense(w: Compressed) -> jax.Array:
+  """w.materialize() as one compiled program per leaf kind and shapes (eagerly, each of its operations would
+  compile on its own)."""
+  return w.materialize()
 
 
 def count_nonzero(x: Array) -> int:

@@ -10,7 +10,8 @@ Connections for Efficient Neural Networks" (NeurIPS 2015).
 The methods, one file each, with the calling convention of every method
 (`method(model, params, calib, *, config) -> (model, params)`):
   one-shot                 `magnitude`, `wanda`, `sparsegpt` (layer by layer through the calibration driver);
-                           `owl` (Wanda with OWL's outlier-weighed block sparsities, Yin et al. 2024). Wanda's and
+                           `owl` (Wanda with OWL's outlier-weighed block sparsities, Yin et al. 2024); `ria`
+                           (relative importance and activations, Zhang et al. 2024). Wanda's, RIA's and
                            SparseGPT's per-layer `distribution`: 'uniform', 'erk', 'owl' or a callable
   structured               `structured`: whole heads and neurons to a FLOPs budget (Kwon et al. 2022)
   during fine-tuning       `gradual` (gradual magnitude), `set`, `rigl` (gradual.py); `movement`,
@@ -30,6 +31,7 @@ from jaxcompress.pruning._src.sparsegpt import (SparseGPTConfig, sparsegpt, spar
                                                 sparsegpt_from_hessian, sparsegpt_layer)
 from jaxcompress.pruning._src.oneshot import DenseStatistics
 from jaxcompress.pruning._src.owl import owl, owl_sparsities
+from jaxcompress.pruning._src.ria import RIAConfig, ria, ria_from_norms, ria_layer, ria_score
 from jaxcompress.pruning._src.structured import StructuredConfig, structured
 from jaxcompress.pruning._src.gradual import DynamicSparseConfig, GradualPruneConfig, gradual, rigl
 from jaxcompress.pruning._src.gradual import set  # noqa: A004 (the method SET shares the builtin's name)
@@ -42,6 +44,7 @@ __all__ = [
     'MagnitudeConfig',
     'MaskState',
     'MovementPruneConfig',
+    'RIAConfig',
     'SoftMovementPruneConfig',
     'SparseGPTConfig',
     'StructuredConfig',
@@ -61,6 +64,10 @@ __all__ = [
     'owl_sparsities',
     'parse_pattern',
     'prune',
+    'ria',
+    'ria_from_norms',
+    'ria_layer',
+    'ria_score',
     'rigl',
     'set',
     'soft_movement',

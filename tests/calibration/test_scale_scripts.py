@@ -2,7 +2,6 @@
 compression pod plan (calibration and solve programs compiled for 8 simulated devices)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,13 +11,14 @@ import numpy as np
 import pytest
 from jaxcompress import calibration as cal
 from jaxcompress import core
+from tests import xla_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BENCH = REPO / 'experiments' / 'benchmarks'
 
 
 def env():
-  out = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  out = {k: v for k, v in xla_settings.environ().items() if k != 'JAX_PLATFORMS'}  # scale.py adds the devices
   out['PYTHONPATH'] = str(REPO)
   return out
 

@@ -22,6 +22,7 @@ import pytest
 from jaxcompress import core, models
 from jaxcompress.core import leaf as leaf_lib
 from jaxcompress.core import serialize, stats
+from tests import xla_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IN, OUT = 16, 32
@@ -181,7 +182,7 @@ def sharded_main() -> None:
 
 def run_on_8_devices(module: str, function: str) -> str:
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+  env.update(XLA_FLAGS=xla_settings.xla_flags(8), JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
              JAX_DEFAULT_MATMUL_PRECISION='highest')
   proc = subprocess.run([sys.executable, '-c', f'import {module} as m; m.{function}()'], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)

@@ -2,20 +2,19 @@ import pytest
 """experiments/distill.py: a fresh student distilled with GKD end to end, and its flags refused by name."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from tests import xla_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / 'experiments' / 'distill.py'
 
 
 def run(*flags: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
-  env.pop('XLA_FLAGS', None)
+  env = xla_settings.environ(PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, cwd=ROOT, env=env,
                         timeout=300)
 

@@ -23,6 +23,21 @@ def wanda(w_out_in: np.ndarray, x: np.ndarray, sparsity: float, nm=None) -> np.n
   return keep
 
 
+def ria(w_out_in: np.ndarray, x: np.ndarray, sparsity: float, nm=None, a: float = 0.5) -> np.ndarray:
+  """Zhang et al. 2024, in the paper's [out, in] layout: RI_ij = |W_ij| / Σ_row |W_i·| + |W_ij| / Σ_col |W_·j|,
+  S_ij = RI_ij · ||X_j||^a, each output row compares its inputs (or N:M groups of them)."""
+  w = np.abs(np.asarray(w_out_in, np.float64))
+  ri = w / w.sum(axis=1, keepdims=True) + w / w.sum(axis=0, keepdims=True)
+  s = ri * (np.sqrt((x.astype(np.float64) ** 2).sum(0)) ** a)[None, :]
+  if nm is None:
+    return prune_smallest_rows(s, int(round(sparsity * s.shape[1])))
+  n, m = nm
+  keep = np.ones(s.shape, bool)
+  for g in range(0, s.shape[1], m):
+    keep[:, g:g + m] = prune_smallest_rows(s[:, g:g + m], m - n)
+  return keep
+
+
 def sparsegpt(w_out_in: np.ndarray, x: np.ndarray, sparsity: float, nm=None, block_size=128, damp=0.01):
   """Frantar & Alistarh 2023, Algorithm 1 with the reference code's choices: H = XᵀX, dead inputs, damping,
   Hinv = upper Cholesky factor of H⁻¹, adaptive mask per block of columns (or N:M per group), lazy updates.

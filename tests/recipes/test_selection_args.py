@@ -12,7 +12,14 @@ from jaxcompress import core, pruning, quantization, recipes, registry, sharing
 from jaxcompress.lowrank._src.svd import SVDConfig
 from jaxcompress.pruning._src import gradual, movement
 
-SELECTING = ('magnitude', 'wanda', 'owl', 'sparsegpt', 'rtn')  # the registered methods whose selection is an argument
+# the registered methods whose selection is an argument: every method that compresses chosen weights (the others
+# change the whole model: distillation, architecture, rotations, the KV cache, sharing's own in-block regex)
+SELECTING = ('magnitude', 'wanda', 'owl', 'sparsegpt', 'gradual', 'movement', 'soft_movement', 'set', 'rigl',
+             'rtn', 'gptq', 'awq', 'nonuniform', 'mixed', 'pq', 'w8a8', 'smoothquant', 'llm_int8', 'qat', 'llm_qat',
+             'lsq', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora')
+# calibrated block by block: the blocks' linears only (embeddings= and head= are refused); linears only (no tables)
+BLOCKS_ONLY = ('wanda', 'owl', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8', 'smoothquant', 'llm_int8')
+NO_TABLES = ('pq', 'lsq', 'lora', 'qlora')
 OLD = ('include', 'exclude', 'target')  # fields that chose weights before `rules`
 # configs used from Python (transforms, optimizers, layer-level APIs) that select too
 PYTHON_ONLY = (gradual.GradualConfig, gradual.SparseTrainingConfig, movement.SoftMovementConfig,
@@ -31,15 +38,16 @@ def test_every_selecting_config_holds_rules_and_no_other_selection_field():
 
 @pytest.mark.parametrize('name', SELECTING)
 def test_the_four_flat_arguments_build_the_rules(name, tmp_path):
-  stage, = recipes.parse(f'{name}(include=("mlp/",), exclude="layers/0/", embeddings=True, head=True)')
-  assert stage.config.rules == core.Rules(include=('mlp/',), exclude='layers/0/', embeddings=True, head=True)
+  embeddings, head = name not in BLOCKS_ONLY + NO_TABLES, name not in BLOCKS_ONLY
+  stage, = recipes.parse(f'{name}(include=("mlp/",), exclude="layers/0/", embeddings={embeddings}, head={head})')
+  assert stage.config.rules == core.Rules(include=('mlp/',), exclude='layers/0/', embeddings=embeddings, head=head)
   default, = recipes.parse(name)
   assert default.config.rules == core.Rules()
   assert dataclasses.replace(default.config, rules=core.Rules(include=('mlp/',))) == \
       recipes.parse(f'{name}(include=["mlp/"])')[0].config  # a list is a tuple, as every recipe argument
   file = tmp_path / 'r.json'
-  file.write_text(json.dumps([{'method': name, 'include': [], 'embeddings': True}]))
-  assert recipes.parse(str(file))[0].config.rules == core.Rules(include=(), embeddings=True)
+  file.write_text(json.dumps([{'method': name, 'include': ['mlp/'], 'exclude': 'q'}]))
+  assert recipes.parse(str(file))[0].config.rules == core.Rules(include=('mlp/',), exclude='q')
   assert f'include={core.selection.KERNELS!r}, exclude=(), embeddings=False, head=False' in \
       recipes.describe().split(f'  {name}(')[1].split('\n')[0]
   with pytest.raises(ValueError, match=f"{name}: embeddings='yes' is not a bool"):

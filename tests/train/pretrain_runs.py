@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from tests import xla_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / 'experiments' / 'pretrain.py'
@@ -24,7 +25,7 @@ PATIENT_COLLECTIVES = '--xla_cpu_collective_call_terminate_timeout_seconds=900'
 
 def env(devices: int = 1) -> dict:
   out = dict(os.environ)
-  out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}'
+  out['XLA_FLAGS'] = xla_settings.xla_flags(devices, PATIENT_COLLECTIVES)
   out['JAX_PLATFORMS'] = 'cpu'
   out['PYTHONUNBUFFERED'] = '1'
   return out

@@ -9,12 +9,12 @@ before jax is imported, and this process has imported it already.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from tests import xla_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ['--devices=16', '--preset=llama_1b', '--layers=4', '--data=2', '--fsdp=8', '--tensor=1', '--batch=16',
@@ -24,7 +24,7 @@ ARGS = ['--devices=16', '--preset=llama_1b', '--layers=4', '--data=2', '--fsdp=8
 @pytest.fixture(scope='module')
 def plan(tmp_path_factory) -> dict:
   out = tmp_path_factory.mktemp('pod_plan') / 'plan.json'
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  env = {k: v for k, v in xla_settings.environ().items() if k != 'JAX_PLATFORMS'}  # pod_plan.py adds the devices
   proc = subprocess.run([sys.executable, str(REPO / 'experiments' / 'benchmarks' / 'pod_plan.py'), *ARGS,
                          f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                         check=False)

@@ -127,6 +127,7 @@ def merge_into(params: Any, adapters: Any, *, rtol: float = 1e-5) -> Any:
 
 # The method: adapters trained by distillation from the uncompressed model ------------------------------------------
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRAConfig:
   rank: int = registry.field(8, range='[1, inf)')  # adapter rank
@@ -134,16 +135,23 @@ class LoRAConfig:
   steps: int = registry.field(100, range='[1, inf)')  # optimizer steps (KD from the uncompressed model)
   learning_rate: float = registry.field(1e-3, range='(0.0, inf)')  # peak learning rate
   merge: bool = False  # fold the adapters into dense kernels afterwards (False keeps base + adapter leaves)
+  rules: core.Rules = core.Rules()  # which kernels get adapters (recipe: include=, exclude=, head=)
+
+  def __post_init__(self):
+    if self.rules.embeddings:
+      raise ValueError('embeddings=True: a LoRA adapter a·b is added to a linear\'s kernel, not to a lookup '
+                       'table; leave it False.')
 
 
 def lora(model: Any, params: Any, calib: Any, *, config: LoRAConfig = LoRAConfig(),
          key: jax.Array | None = None) -> tuple[Any, Any]:
-  """The model's block kernels get adapters (`add_lora`, a [in, rank] drawn from `key`, b [rank, out] = 0), trained
+  """The kernels `config.rules` choose (default: the blocks') get adapters (`add_lora`, a [in, rank] drawn from `key`, b [rank, out] = 0), trained
   for config.steps on calib.train by KD from calib.reference_model (`recovery.kd_objective`); only the factors
   change. key: None draws from calib.key('lora'). Over a quantized base (QLoRA) the base stays quantized."""
   ctx = registry.as_context(calib)
   key = ctx.key('lora') if key is None else key
-  adapted = add_lora(params, key, rank=config.rank, alpha=config.lora_alpha, rules=model.selection_rules())
+  adapted = add_lora(params, key, rank=config.rank, alpha=config.lora_alpha,
+                     rules=model.selection_rules(config.rules))
   objective = recovery.kd_objective(model, ctx)
   out = recovery.fit(ctx, 'lora', model, adapted, objective, steps=config.steps,
                      learning_rate=config.learning_rate, trainable=LORA_TRAINABLE)

@@ -393,6 +393,7 @@ def output_fisher_loss(forward: Callable[[Any, Mapping[str, jax.Array]], jax.Arr
 
 # The methods: one low-rank config for the four weightings ----------------------------------------------------------
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LowRankConfig:
   """The rank rule (rank, energy or budget when set, else keep) and the weightings' settings."""
@@ -403,15 +404,16 @@ class LowRankConfig:
   budget: float | None = registry.field(None, range='(0.0, 1.0)')  # all kernels together keep this fraction
   activation_power: float = 0.5  # ASVD's exponent α of the mean activation magnitude
   damp: float = 1e-4  # SVD-LLM's damping of XᵀX
+  rules: core.Rules = core.Rules()  # which kernels are factorized (recipe: include=, exclude=, embeddings=, head=)
 
 
 def _factorized(method: str, model: Any, params: Any, calib: Any, config: LowRankConfig) -> tuple[Any, Any]:
-  """(model, params) with the model's block kernels as `LowRank` leaves, weighted by `method` (one of METHODS)."""
+  """(model, params) with the kernels `config.rules` choose (default: the blocks') as `LowRank` leaves, weighted by `method` (one of METHODS)."""
   ctx = registry.as_context(calib)
   chosen = {k: getattr(config, k) for k in ('rank', 'energy', 'budget') if getattr(config, k) is not None}
   rule = RankRule(**(chosen or {'keep': config.keep}))
   svd_cfg = SVDConfig(method=method, ranks=rule, activation_power=config.activation_power, damp=config.damp,
-                      rules=model.selection_rules())
+                      rules=model.selection_rules(config.rules))
   if method in CALIBRATED:  # block by block unless the rule needs every kernel's statistics
     return model, registry.local(compress_model(model, params, ctx.batches(split=True), config=svd_cfg,
                                                 **ctx.driver_kwargs()))
@@ -420,7 +422,7 @@ def _factorized(method: str, model: Any, params: Any, calib: Any, config: LowRan
     if ctx.train is None:
       raise ValueError('fwsvd needs training batches with targets for its Fisher rows (calib=Context(train=...)).')
     stats = fisher_rows(model, params, [ctx.train.batch(i) for i in range(len(ctx.calib) or 1)],
-                        rules=model.selection_rules())
+                        rules=model.selection_rules(config.rules))
   return model, compress(params, config=svd_cfg, stats=stats)
 
 

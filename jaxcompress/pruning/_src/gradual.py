@@ -244,6 +244,7 @@ def check_steps(cfg) -> None:
     raise ValueError(f'kd_weight={cfg.kd_weight} must lie in [0, 1] (0: task loss only, 1: KD only).')
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GradualPruneConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # sparsity of every block kernel once the schedule ends
@@ -253,6 +254,7 @@ class GradualPruneConfig:
   end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
   update_every: int | None = None  # steps between mask updates (None: a tenth of the steps)
   kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  rules: core.Rules = core.Rules()  # which weights are pruned (recipe: include=, exclude=, embeddings=, head=)
 
   def __post_init__(self):
     check_steps(self)
@@ -270,13 +272,14 @@ def gradual(model: Model, params: Params, calib, *, config: GradualPruneConfig =
   end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
   gcfg = GradualConfig(final_sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
                        frequency=cfg.update_every or max(1, cfg.steps // 10),
-                       rules=core.Rules(exclude=tuple(model.head_patterns)))
+                       rules=model.selection_rules(cfg.rules))
   out = recovery.fit(ctx, 'gradual', model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight),
                      steps=cfg.steps, learning_rate=cfg.learning_rate, transforms=gradual_magnitude(gcfg),
                      finish=lambda s: as_masked(s.params, s.transform_state))
   return model, out
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DynamicSparseConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # constant sparsity of every block kernel from step 0
@@ -287,6 +290,7 @@ class DynamicSparseConfig:
   end_step: int | None = None  # last mask update (None: 75% of steps, as RigL)
   drop_fraction: float = 0.3  # fraction of kept weights replaced at the first update (cosine decay)
   kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  rules: core.Rules = core.Rules()  # which weights are pruned (recipe: include=, exclude=, embeddings=, head=)
 
   def __post_init__(self):
     check_steps(self)
@@ -306,7 +310,7 @@ def _dynamic_sparse(method: str, model: Model, params: Params, calib, config: Dy
   scfg = SparseTrainingConfig(method=method, sparsity=cfg.sparsity, init=cfg.init, end_step=end,
                               update_every=cfg.update_every or max(1, cfg.steps // 10),
                               drop_fraction=cfg.drop_fraction, seed=int(jax.random.randint(key, (), 0, 2 ** 31 - 1)),
-                              rules=core.Rules(exclude=tuple(model.head_patterns)))
+                              rules=model.selection_rules(cfg.rules))
   out = recovery.fit(ctx, method, model, params, recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps,
                      learning_rate=cfg.learning_rate, wrap=lambda tx: sparse_optimizer(tx, scfg),
                      finish=lambda s: as_masked(s.params, sparse_masks(s.opt_state)))

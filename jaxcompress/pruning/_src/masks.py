@@ -12,6 +12,7 @@ A mask is bool, True = kept. `prune` returns the params with `core.Masked` leave
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -77,9 +78,17 @@ def _sortable(x: jax.Array) -> jax.Array:
 def _prune_smallest(scores: jax.Array, k, axis: int | None) -> jax.Array:
   """Mask keeping all but the k smallest scores (along axis, or over the whole array), exactly k pruned; ties
   are pruned in index order, as a stable sort would. The k-th key is found by bisection (32 counting passes),
-  which on CPU is far cheaper than sorting a large kernel; k may be traced."""
-  if isinstance(k, int) and k <= 0:
-    return jnp.ones(scores.shape, bool)
+  which on CPU is far cheaper than sorting a large kernel; k may be traced. One compiled program per shape
+  (called eagerly, its few dozen operations would each compile on their own)."""
+  if isinstance(k, (int, np.integer)):
+    if k <= 0:
+      return jnp.ones(scores.shape, bool)
+    k = np.uint32(k)
+  return _prune_smallest_compiled(scores, k, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames='axis')
+def _prune_smallest_compiled(scores: jax.Array, k, *, axis: int | None) -> jax.Array:
   flat = axis is None
   keys = _sortable(scores.reshape(-1) if flat else jnp.moveaxis(scores, axis, 0))
   k = jnp.asarray(k, jnp.uint32)

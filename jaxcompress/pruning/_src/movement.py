@@ -298,6 +298,7 @@ def kept_fraction(params: Any) -> MovementStats:
 
 # The methods: movement pruning while fine-tuning -----------------------------------------------------------------
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MovementPruneConfig:
   sparsity: float = registry.field(0.5, range='(0.0, 1.0)')  # sparsity of every block kernel once the schedule ends
@@ -308,6 +309,7 @@ class MovementPruneConfig:
   end_step: int | None = None  # step where the schedule reaches `sparsity` (None: 70% of steps)
   update_every: int | None = None  # steps between changes of the kept count (None: every step, as the paper)
   kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  rules: core.Rules = core.Rules()  # which weights are pruned (recipe: include=, exclude=, embeddings=, head=)
 
   def __post_init__(self):
     check_steps(self)
@@ -325,7 +327,7 @@ def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig
   end = cfg.end_step if cfg.end_step is not None else max(cfg.begin_step, 1, round(0.7 * cfg.steps))
   mcfg = HardMovementConfig(sparsity=cfg.sparsity, begin_step=cfg.begin_step, end_step=end,
                             update_every=cfg.update_every or 1, score_learning_rate=cfg.score_learning_rate,
-                            rules=core.Rules(exclude=tuple(model.head_patterns)))
+                            rules=model.selection_rules(cfg.rules))
   out = recovery.fit(ctx, 'movement', model, with_scores(params, mcfg),
                      recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: hard_movement_optimizer(tx, mcfg), transforms=topk_schedule(mcfg),
@@ -333,6 +335,7 @@ def movement(model: Model, params: Params, calib, *, config: MovementPruneConfig
   return model, out
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoftMovementPruneConfig:
   penalty: float = 10.0  # λ on mean σ(S): sets the sparsity reached (larger: sparser); no target is hit exactly
@@ -342,6 +345,7 @@ class SoftMovementPruneConfig:
   threshold: float = 0.0  # τ: a weight is kept while its score is above it
   initial_score: float = 0.1  # every score at the start (above τ: the run starts dense)
   kd_weight: float = 0.0  # weight of KD from the uncompressed model against the task loss (0: task loss only)
+  rules: core.Rules = core.Rules()  # which weights are pruned (recipe: include=, exclude=, embeddings=, head=)
 
   def __post_init__(self):
     check_config(SoftMovementConfig(penalty=self.penalty, threshold=self.threshold, initial_score=self.initial_score,
@@ -361,7 +365,7 @@ def soft_movement(model: Model, params: Params, calib, *, config: SoftMovementPr
   cfg = config
   mcfg = SoftMovementConfig(penalty=cfg.penalty, threshold=cfg.threshold, initial_score=cfg.initial_score,
                             score_learning_rate=cfg.score_learning_rate,
-                            rules=core.Rules(exclude=tuple(model.head_patterns)))
+                            rules=model.selection_rules(cfg.rules))
   out = recovery.fit(ctx, 'soft_movement', model, with_scores(params, mcfg),
                      recovery.mixed_objective(model, ctx, cfg.kd_weight), steps=cfg.steps, learning_rate=cfg.learning_rate,
                      wrap=lambda tx: soft_movement_optimizer(tx, mcfg), finish=lambda s: to_masked(s.params))

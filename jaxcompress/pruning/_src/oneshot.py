@@ -182,7 +182,10 @@ def wants_statistics(distribution: Callable) -> bool:
 def check_distribution(config) -> None:
   """Refuses a config's distribution fields (`distribution`, `outlier_threshold`, `owl_lambda`) that cannot run,
   naming the field and the fix; called by WandaConfig and SparseGPTConfig as they are built (recipe parse time).
+  Their rules choose block linears only (they are calibrated block by block): embeddings=True or head=True is
+  refused too.
   """
+  calibration.check_blocks_only(config.rules, type(config).__name__.removesuffix('Config').lower())
   d = config.distribution
   if not callable(d) and d not in DISTRIBUTIONS:
     raise ValueError(f'distribution={d!r} is not one of {DISTRIBUTIONS}; write one of them (from Python also a '

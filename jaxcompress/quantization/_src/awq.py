@@ -83,6 +83,7 @@ def _decode(desc: dict, src: serialize.Reader) -> Prescaled:
 serialize.register('prescaled', Prescaled, _encode, _decode)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AWQConfig:
   bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
@@ -95,6 +96,12 @@ class AWQConfig:
   # errors pass through q·kᵀ and the softmax); ('q_proj', 'k_proj') does that, but measured slightly worse here
   # (fixture W4 g128 ppl 111.31 vs 111.29, MiniLM W4 cosine 0.97240 vs 0.97254), so every kernel is clipped
   no_clip: tuple[str, ...] = ()
+  # which block linears are quantized (recipe: include=, exclude=); a group chosen in part keeps its scales in
+  # the leaves (`Prescaled`), since folding them into the norm would change the kernels left float
+  rules: core.Rules = core.Rules()
+
+  def __post_init__(self):
+    calibration.check_blocks_only(self.rules, 'awq')
 
 
 def _rtn(w, bits, group_size, symmetric):
@@ -200,7 +207,8 @@ def _check(w, h, x_mean, config):
 
 
 def awq(model, params, calib, *, config: AWQConfig = AWQConfig(), offload: bool = False):
-  """AWQ of every block linear, block by block on the outputs of the already quantized blocks.
+  """AWQ of every block linear `config.rules` choose (default: all), block by block on the outputs of the already
+  quantized blocks.
 
   calib: a `registry.Context` or a list of calibration batches (as `calibration.run_sequential` takes them);
   offload: keep the hidden states on the host between blocks. Groups of `model.block_structure()` with a norm
@@ -211,8 +219,9 @@ def awq(model, params, calib, *, config: AWQConfig = AWQConfig(), offload: bool 
   observer = calibration.combine(h=calibration.hessian(), m=calibration.abs_mean())
 
   def compress_block(i, block, stats):
-    group = _group_of(model, block, tuple(stats))
-    kernels = group.kernels
+    kernels = tuple(stats)
+    group = _group_of(model, block, kernels)
+    fold = group.norm is not None and set(kernels) == set(group.kernels)
     ws = [core.paths.get(block, k) for k in kernels]
     st = stats[kernels[0]]  # the kernels of a group share their input and so their statistics
     h, x_mean = st['h']['xtx'], st['m']['abs_sum'] / jnp.maximum(st['m']['count'], 1)
@@ -225,8 +234,8 @@ def awq(model, params, calib, *, config: AWQConfig = AWQConfig(), offload: bool 
       if any(n in k for n in config.no_clip):
         b = jnp.full_like(b, jnp.inf)
       q = quantize_scaled(jnp.asarray(w), s, b, config)
-      updates[k] = q if group.norm else Prescaled(q, (1.0 / s).astype(jnp.asarray(w).dtype))
-    if group.norm:
+      updates[k] = q if fold else Prescaled(q, (1.0 / s).astype(jnp.asarray(w).dtype))
+    if fold:
       path = f'{group.norm}/scale'
       norm = core.paths.get(block, path)
       updates[path] = (jnp.asarray(norm, jnp.float32) / s).astype(jnp.asarray(norm).dtype)
@@ -235,16 +244,18 @@ def awq(model, params, calib, *, config: AWQConfig = AWQConfig(), offload: bool 
         updates[f'{group.norm}/bias'] = (jnp.asarray(bias, jnp.float32) / s).astype(jnp.asarray(bias).dtype)
     return core.paths.replace(block, updates)
 
-  params, _ = calibration.run_sequential(model, params, batches, observer, common.through_masks(compress_block),
-                                         per_group=True, keep_stats=False, offload=offload)
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules),
+                                    common.through_masks(compress_block), caller='awq')
+  params, _ = calibration.run_sequential(model, params, batches, observer, compress_block, per_group=True,
+                                         keep_stats=False, offload=offload)
   return model, params
 
 
 def _group_of(model, block, kernels):
   for g in model.block_structure(block):
-    if set(g.kernels) == set(kernels):
+    if set(kernels) <= set(g.kernels):
       return g
-  raise ValueError(f'awq: no linear group of {type(model).__name__} holds exactly {kernels}.')
+  raise ValueError(f'awq: no linear group of {type(model).__name__} holds {kernels}.')
 
 
 registry.register('awq', AWQConfig, awq, family='quantization', forbids=common.DENSE_OR_MASKED,

@@ -252,7 +252,7 @@ def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
   return float(jnp.linalg.norm(y - x @ core.materialize(w_hat).astype(y.dtype)) / jnp.linalg.norm(y))
 
 
-
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQConfig:
   bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
@@ -262,10 +262,14 @@ class GPTQConfig:
   symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
   block_size: int = 128  # rows per lazy-update block
   damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
+  rules: core.Rules = core.Rules()  # which block linears are quantized (recipe: include=, exclude=)
+
+  def __post_init__(self):
+    calibration.check_blocks_only(self.rules, 'gptq')
 
 
 def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bool = False, mesh=None):
-  """GPTQ of every block linear, true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
+  """GPTQ of every block linear `config.rules` choose (default: all), true-sequentially: each group of `model.block_structure()` (q/k/v, o, gate/up,
   down) is calibrated on the block as quantized so far (`calibration.run_sequential(..., per_group=True)`).
 
   Mixture-of-experts weights ('mlp/up', 'mlp/gate', 'mlp/down' [E, in, out]) are quantized expert by expert,
@@ -298,6 +302,8 @@ def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bo
     del i
     return core.paths.replace(block, {p: one(core.paths.get(block, p), st) for p, st in stats.items()})
 
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
+                                    caller='gptq')
   params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
                                          per_group=True, keep_stats=False, offload=offload, mesh=mesh, experts=True)
   return model, params

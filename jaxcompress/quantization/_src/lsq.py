@@ -96,20 +96,31 @@ def finalize(params):
   return jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, LSQWeight))
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LSQConfig:
   bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8); symmetric, one learned step per output column
   steps: int = registry.field(100, range='[1, inf)')  # optimizer steps training weights and steps together
   learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+  rules: core.Rules = core.Rules()  # which kernels learn their steps (recipe: include=, exclude=, head=)
+
+  def __post_init__(self):
+    if self.rules.embeddings:
+      raise ValueError('embeddings=True: an LSQ weight is a linear (a learned step per output column), not a '
+                       'lookup table; quantize the embeddings with rtn(include=(), embeddings=True).')
 
 
 def lsq(model, params, calib, *, config: LSQConfig = LSQConfig()):
-  """Every block kernel as an `LSQWeight` trained with its steps on the model's own loss (encoders: KD of the
+  """Every kernel `config.rules` choose (default: the blocks') as an `LSQWeight` trained with its steps on the model's own loss (encoders: KD of the
   embeddings from calib.reference_model), then `finalize`d into `core.Quantized`. `core.Masked` kernels train
   their kept values under the mask. calib: a `registry.Context` with training batches. Returns (model, params)."""
   ctx = registry.as_context(calib)
   dense, masks = common.unmask(params)
-  wrapped = common.remask(add_lsq(dense, model.selection_rules(), bits=config.bits), masks)
+  sel = core.select_by(dense, model.selection_rules(config.rules))
+  if not len(sel):
+    raise ValueError(f'lsq: include={config.rules.include!r} exclude={config.rules.exclude!r} choose no kernel; '
+                     'see model.select(params) for the paths.')
+  wrapped = common.remask(add_lsq(dense, model.selection_rules(config.rules), bits=config.bits), masks)
   trained = recovery.fit(ctx, 'lsq', model, wrapped, recovery.task_objective(model, ctx), steps=config.steps,
                          learning_rate=config.learning_rate, teacher=not model.causal)
   return model, jax.jit(finalize)(trained)

@@ -20,12 +20,18 @@ from jaxcompress.quantization._src import common, quantizers
 from jaxcompress.quantization._src.gptq import gptq_from_hessian
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedConfig:
   average_bits: float = registry.field(3.5, range='[2, 8]')  # mean code bits over all block kernels
   candidates: tuple[int, ...] = (2, 3, 4, 8)  # widths a kernel may get
   group_size: int | None = registry.field(128, range='[1, inf)')  # GPTQ rows per scale
   damp: float = 0.01  # GPTQ damping
+  # which block linears are quantized (recipe: include=, exclude=); average_bits is over these
+  rules: core.Rules = core.Rules()
+
+  def __post_init__(self):
+    calibration.check_blocks_only(self.rules, 'mixed')
 
 
 def sensitivity(w: jax.Array, h: jax.Array, count, bits: int, group_size: int | None) -> float:
@@ -67,13 +73,14 @@ def allocate(errors: dict[str, dict[int, float]], sizes: dict[str, int], average
 
 
 def bit_allocation(model, params, calib, *, config: MixedConfig = MixedConfig()) -> dict[str, int]:
-  """{block kernel path: bits}: each kernel's round-to-nearest sensitivity at every candidate width, measured on
-  the full-precision model's calibration inputs, then `allocate` under config.average_bits. calib: a
-  `registry.Context` or a list of calibration batches."""
+  """{block kernel path: bits} of the kernels `config.rules` choose: each kernel's round-to-nearest sensitivity
+  at every candidate width, measured on the full-precision model's calibration inputs, then `allocate` under
+  config.average_bits. calib: a `registry.Context` or a list of calibration batches."""
   batches = registry.as_context(calib).batches()
   stats = calibration.calibrate(model, params, batches, calibration.hessian(), head=False)
+  keep = calibration.chosen(model, params, model.selection_rules(config.rules), caller='mixed')
   errors, sizes = {}, {}
-  for p, st in stats.items():
+  for p, st in ((p, st) for p, st in stats.items() if p in keep):
     w = jnp.asarray(core.paths.get(params, p), jnp.float32)
     errors[p] = {b: sensitivity(w, st['xtx'], st['count'], b, config.group_size) for b in config.candidates}
     sizes[p] = int(w.size)
@@ -81,9 +88,9 @@ def bit_allocation(model, params, calib, *, config: MixedConfig = MixedConfig())
 
 
 def mixed(model, params, calib, *, config: MixedConfig = MixedConfig(), widths: dict[str, int] | None = None):
-  """Every block linear GPTQ-quantized at its allocated width, true-sequentially. calib: a `registry.Context` or
-  a list of calibration batches; widths: {kernel path: bits} (what `bit_allocation` returns; None: computed
-  here). Returns (model, params)."""
+  """Every block linear `config.rules` choose GPTQ-quantized at its allocated width, true-sequentially. calib: a
+  `registry.Context` or a list of calibration batches; widths: {kernel path: bits} (what `bit_allocation`
+  returns; None: computed here). Returns (model, params)."""
   batches = registry.as_context(calib).batches()
   bits = bit_allocation(model, params, batches, config=config) if widths is None else widths
 
@@ -93,6 +100,8 @@ def mixed(model, params, calib, *, config: MixedConfig = MixedConfig(), widths: 
                              group_size=config.group_size, damp=config.damp)
         for k, s in st.items()})
 
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
+                                    caller='mixed')
   params, _ = calibration.run_sequential(model, params, batches, calibration.hessian(), compress_block,
                                          per_group=True, keep_stats=False)
   return model, params

@@ -156,16 +156,21 @@ def squeezellm_layer(w: jax.Array, x: jax.Array, **kwargs):
   return squeezellm_from_hessian(w, jnp.sum(x * x, axis=0), **kwargs)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NonUniformConfig:
   bits: int = registry.field(3, range='[2, 8]')  # codebook entries 2^bits per output column
   # fraction of weights kept in float (dense-and-sparse)
   outlier_fraction: float = registry.field(0.0, range='[0.0, 1.0)')
   iters: int = registry.field(20, range='[1, inf)')  # weighted k-means iterations
+  rules: core.Rules = core.Rules()  # which block linears are quantized (recipe: include=, exclude=)
+
+  def __post_init__(self):
+    calibration.check_blocks_only(self.rules, 'nonuniform')
 
 
 def nonuniform(model, params, calib, *, config: NonUniformConfig = NonUniformConfig()):
-  """Every block linear as a per-column codebook (`squeezellm_from_hessian`), sensitivities Σ x² from the
+  """Every block linear `config.rules` choose (default: all) as a per-column codebook (`squeezellm_from_hessian`), sensitivities Σ x² from the
   full-precision model's calibration inputs (`calibration.column_norms()` through `run_sequential` with
   calibrate_on='original': one block's statistics at a time, so it also runs out of core). calib: a
   `registry.Context` or a list of calibration batches. Returns (model, the new params)."""
@@ -177,6 +182,8 @@ def nonuniform(model, params, calib, *, config: NonUniformConfig = NonUniformCon
                                    outlier_fraction=config.outlier_fraction, iters=config.iters)
         for k, st in stats.items()})
 
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
+                                    caller='nonuniform')
   params, _ = calibration.run_sequential(model, params, batches, calibration.column_norms(), compress_block,
                                          calibrate_on='original', keep_stats=False)
   return model, params

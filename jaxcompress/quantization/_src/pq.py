@@ -121,19 +121,30 @@ def product_quantize(w: jax.Array, key: jax.Array, *, d: int = 4, bits: int = 8,
   return ProductQuantized(codes.astype(jnp.uint8), book.astype(w.dtype))
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PQConfig:
   d: int = 4  # rows per sub-vector
   bits: int = registry.field(8, range='[1, 16]')  # log2 of the centroids per subspace
   iters: int = registry.field(20, range='[1, inf)')  # k-means iterations
+  rules: core.Rules = core.Rules()  # which kernels are product-quantized (recipe: include=, exclude=, head=)
+
+  def __post_init__(self):
+    if self.rules.embeddings:
+      raise ValueError('embeddings=True: a product-quantized leaf is a linear\'s kernel (sub-vectors of its '
+                       'input rows), not a lookup table; quantize the embeddings with rtn(include=(), '
+                       'embeddings=True).')
 
 
 def pq(model, params, calib=None, *, config: PQConfig = PQConfig(), key: jax.Array | None = None):
-  """Every block kernel as a `ProductQuantized` leaf (`product_quantize`), each from its own split of `key`
+  """Every kernel `config.rules` choose (default: the blocks') as a `ProductQuantized` leaf (`product_quantize`), each from its own split of `key`
   (None: the context's key of 'pq'). calib: a `registry.Context` (for its seed) or a list of batches (not used
   otherwise). Returns (model, params)."""
   key = registry.as_context(calib).key('pq') if key is None else key
-  sel = model.select(params)
+  sel = core.select_by(params, model.selection_rules(config.rules))
+  if not len(sel):
+    raise ValueError(f'pq: include={config.rules.include!r} exclude={config.rules.exclude!r} choose no kernel; '
+                     'see model.select(params) for the paths.')
   keys = dict(zip(sel.paths, jax.random.split(key, len(sel.paths))))
   return model, sel.map(lambda p, w: product_quantize(jnp.asarray(w), keys[p], d=config.d, bits=config.bits,
                                                       iters=config.iters), params)

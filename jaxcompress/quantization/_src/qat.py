@@ -142,6 +142,7 @@ def finalize(params, rules: core.Rules = core.Rules(), *, bits: int = 4, group_s
   return core.select_by(params, rules).map(lambda _, w: act(one(w)), params)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QATConfig:
   bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
@@ -152,6 +153,7 @@ class QATConfig:
   fmt: str = 'int'  # weight grid: 'int' (min-max / absmax), 'nf4' (4 bits) or 'fp8'
   steps: int = registry.field(100, range='[1, inf)')  # optimizer steps with the fake-quantized forward
   learning_rate: float = registry.field(1e-4, range='(0.0, inf)')  # peak learning rate (warm-up then cosine decay)
+  rules: core.Rules = core.Rules()  # which weights train quantized (recipe: include=, exclude=, embeddings=, head=)
 
   def __post_init__(self):
     if self.act_bits is not None and not 2 <= self.act_bits <= 16:
@@ -160,10 +162,14 @@ class QATConfig:
       raise ValueError(f"fmt={self.fmt!r}; choose 'int', 'nf4' or 'fp8'.")
 
 
-def qat_groups(model, params, group_size: int | None) -> list[tuple[core.Rules, int | None]]:
-  """(rules, group size) per set of block kernels sharing a group size (group_size where it divides the
-  kernel's input width, else one scale per column, as `rtn`)."""
-  sel = model.select(params)
+def qat_groups(model, params, group_size: int | None, rules: core.Rules = core.Rules()
+               ) -> list[tuple[core.Rules, int | None]]:
+  """(rules, group size) per set of the weights `rules` choose sharing a group size (group_size where it
+  divides the weight's input width, else one scale per column, as `rtn`)."""
+  sel = core.select_by(params, model.selection_rules(rules))
+  if not len(sel):
+    raise ValueError(f'qat: include={rules.include!r} exclude={rules.exclude!r} embeddings={rules.embeddings} '
+                     f'head={rules.head} choose no weight; see model.select(params) for the paths.')
   groups: dict[int | None, list[str]] = {}
   for path, shape in zip(sel.paths, sel.shapes):
     gs = group_size if group_size is not None and shape[0] % group_size == 0 else None
@@ -176,19 +182,19 @@ def check(model, params, *, config: QATConfig) -> None:
   scale per column; a size dividing none would quantize per column under another name; the default falls back
   silently on small models). Shapes only: params may be abstract."""
   if config.group_size != QATConfig().group_size:
-    sel = model.select(params)
+    sel = core.select_by(params, model.selection_rules(config.rules))
     common.check_group_size_used(config.group_size, {p: s[0] for p, s in zip(sel.paths, sel.shapes)})
 
 
 def quantization_aware(calib, name: str, model, params, config: QATConfig, objective_of, *, teacher: bool):
-  """Trains under `fake_quant` of every block kernel, then quantizes them with the same grids (`finalize`).
+  """Trains under `fake_quant` of the weights `config.rules` choose (default: every block kernel), then quantizes them with the same grids (`finalize`).
 
   name: the method (its run directory); objective_of(model, context) -> the training objective; teacher: the
   objective reads the uncompressed params (`recovery.fit`'s teacher). `core.Masked` kernels train and end under
   their masks. Returns (model, params)."""
   ctx = registry.as_context(calib)
   params = common.dense_values(params)
-  groups = qat_groups(model, params, config.group_size)
+  groups = qat_groups(model, params, config.group_size, config.rules)
   kw = dict(bits=config.bits, symmetric=config.symmetric, act_bits=config.act_bits, fmt=config.fmt)
   fq = [fake_quant(rules, group_size=gs, **kw) for rules, gs in groups]
   trained = recovery.fit(ctx, name, model, params, objective_of(model, ctx), steps=config.steps,

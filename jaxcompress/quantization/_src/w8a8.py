@@ -172,14 +172,22 @@ def w8a8_layer(w: jax.Array, *, x_absmax: jax.Array | None = None, alpha: float 
                     outlier_weight=outlier_weight)
 
 
+@registry.retired()
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class W8A8Config:
   migration: float | None = 0.5  # SmoothQuant's migration strength α; None: naive W8A8
   outlier_threshold: float | None = None  # LLM.int8(): features with calibration max |x| above it stay float
+  # which block linears are quantized (recipe: include=, exclude=); a group chosen in part keeps its smoothing in
+  # the leaves, since folding it into the norm would change the kernels left float
+  rules: core.Rules = core.Rules()
+
+  def __post_init__(self):
+    calibration.check_blocks_only(self.rules, 'w8a8')
 
 
 def w8a8(model, params, calib, *, config: W8A8Config = W8A8Config()):
-  """Every block linear as an `Int8Linear`. With a migration strength, the smoothing of a group fed by a norm
+  """Every block linear `config.rules` choose (default: all) as an `Int8Linear`. With a migration strength, the
+  smoothing of a group fed by a norm
   (`model.linear_groups`) is folded into that norm's scale (and bias); other groups keep it in the leaf.
   Statistics (max |x| per input feature) are those of the full-precision model: `calibration.run_sequential`
   with calibrate_on='original' (the same as `calibrate`'s, one block's at a time), so it also runs out of core.
@@ -191,18 +199,24 @@ def w8a8(model, params, calib, *, config: W8A8Config = W8A8Config()):
   def compress_block(i, block, stats):
     return _w8a8_block(model, block, stats, config)
 
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
+                                    caller='w8a8')
   params, _ = calibration.run_sequential(model, params, batches, calibration.abs_max(), compress_block,
                                          calibrate_on='original', keep_stats=False)
   return model, params
 
 
 def _w8a8_block(model, block, stats, config: W8A8Config):
-  """One block's linears as `Int8Linear`s. stats: {kernel path within the block: `abs_max()` statistics}."""
+  """The block's linears in `stats` as `Int8Linear`s. stats: {kernel path within the block: `abs_max()`
+  statistics}."""
   updates = {}
   for group in model.block_structure(block):
-    amax = stats[group.kernels[0]]['abs_max']  # the kernels of a group share their input
-    ws = [jnp.asarray(core.paths.get(block, k)) for k in group.kernels]
-    fold = group.norm is not None and config.migration is not None
+    kernels = [k for k in group.kernels if k in stats]
+    if not kernels:
+      continue
+    amax = stats[kernels[0]]['abs_max']  # the kernels of a group share their input
+    ws = [jnp.asarray(core.paths.get(block, k)) for k in kernels]
+    fold = group.norm is not None and config.migration is not None and len(kernels) == len(group.kernels)
     if fold:  # one s for the group: its kernels share the norm
       s = smooth_scales(amax, jnp.concatenate(ws, axis=1).astype(jnp.float32), config.migration)
       for name in ('scale', 'bias'):
@@ -212,7 +226,7 @@ def _w8a8_block(model, block, stats, config: W8A8Config):
           updates[p] = (jnp.asarray(v, jnp.float32) / s).astype(jnp.asarray(v).dtype)
       ws = [(w.astype(jnp.float32) * s[:, None]).astype(w.dtype) for w in ws]
       amax = amax / s
-    for k, w in zip(group.kernels, ws):
+    for k, w in zip(kernels, ws):
       updates[k] = w8a8_layer(w, x_absmax=amax, alpha=None if fold else config.migration,
                               outlier_threshold=config.outlier_threshold)
   return core.paths.replace(block, updates)
