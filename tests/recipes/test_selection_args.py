@@ -14,11 +14,11 @@ from jaxcompress.pruning._src import gradual, movement
 
 # the registered methods whose selection is an argument: every method that compresses chosen weights (the others
 # change the whole model: distillation, architecture, rotations, the KV cache, sharing's own in-block regex)
-SELECTING = ('magnitude', 'wanda', 'owl', 'sparsegpt', 'gradual', 'movement', 'soft_movement', 'set', 'rigl',
+SELECTING = ('magnitude', 'wanda', 'owl', 'ria', 'sparsegpt', 'gradual', 'movement', 'soft_movement', 'set', 'rigl',
              'rtn', 'gptq', 'awq', 'nonuniform', 'mixed', 'pq', 'w8a8', 'smoothquant', 'llm_int8', 'qat', 'llm_qat',
              'lsq', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora')
 # calibrated block by block: the blocks' linears only (embeddings= and head= are refused); linears only (no tables)
-BLOCKS_ONLY = ('wanda', 'owl', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8', 'smoothquant', 'llm_int8')
+BLOCKS_ONLY = ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8', 'smoothquant', 'llm_int8')
 NO_TABLES = ('pq', 'lsq', 'lora', 'qlora')
 OLD = ('include', 'exclude', 'target')  # fields that chose weights before `rules`
 # configs used from Python (transforms, optimizers, layer-level APIs) that select too
