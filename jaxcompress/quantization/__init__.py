@@ -7,10 +7,10 @@ Transformers" (ICLR 2023); AWQ Lin et al., "AWQ: Activation-aware Weight Quantiz
 and Acceleration" (MLSys 2024); SmoothQuant Xiao et al. (ICML 2023); LLM.int8() Dettmers et al. (NeurIPS 2022);
 non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024); learned step sizes (LSQ)
 Esser et al. (ICLR 2020); randomized Hadamard rotations fused into the weights (QuaRot) Ashkboos et al.
-(NeurIPS 2024).
+(NeurIPS 2024); absmean ternary weights trained quantization-aware (BitNet b1.58) Ma et al. (2024).
 
 Every method (`quarot`, `rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
-`qat`, `llm_qat`, `lsq`, and `kivi`, a KV-cache format: Liu et al., ICML 2024) is
+`qat`, `llm_qat`, `lsq`, `bitnet`, and `kivi`, a KV-cache format: Liu et al., ICML 2024) is
 `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own module under
 `quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
 This package re-exports the modules' public names, so `quantization.qat` is the method; a module's other functions
@@ -22,6 +22,7 @@ from jaxcompress.quantization._src import quantizers
 from jaxcompress.quantization._src.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
 from jaxcompress.quantization._src.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
                                                 layer_error)
+from jaxcompress.quantization._src.bitnet import BitNetConfig, bitnet, ternarize
 from jaxcompress.quantization._src.kivi import KIVIConfig, kivi
 from jaxcompress.quantization._src.llm_qat import llm_qat
 from jaxcompress.quantization._src.lsq import LSQConfig, LSQWeight, add_lsq, lsq
@@ -37,10 +38,10 @@ from jaxcompress.quantization._src.quarot import QuaRotConfig, quarot, random_ha
 from jaxcompress.quantization._src.rtn import RTNConfig, rtn
 from jaxcompress.quantization._src.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['AWQConfig', 'ActQuantized', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
+__all__ = ['AWQConfig', 'ActQuantized', 'BitNetConfig', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
            'MixedConfig', 'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig',
            'QuaRotConfig', 'RTNConfig', 'W8A8Config', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
-           'bit_allocation', 'fake_quant', 'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor',
+           'bit_allocation', 'bitnet', 'fake_quant', 'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor',
            'gptq_from_hessian', 'gptq_layer', 'kernels', 'kivi', 'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed',
            'nonuniform', 'pq', 'product_quantize', 'qat', 'quantize_weight', 'quantizers', 'quarot', 'random_hadamard',
-           'rtn', 'squeezellm_from_hessian', 'squeezellm_layer', 'straight_through', 'w8a8', 'w8a8_layer']
+           'rtn', 'squeezellm_from_hessian', 'squeezellm_layer', 'straight_through', 'ternarize', 'w8a8', 'w8a8_layer']

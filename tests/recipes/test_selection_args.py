@@ -16,10 +16,10 @@ from jaxcompress.pruning._src import gradual, movement
 # change the whole model: distillation, architecture, rotations, the KV cache, sharing's own in-block regex)
 SELECTING = ('magnitude', 'wanda', 'owl', 'ria', 'sparsegpt', 'gradual', 'movement', 'soft_movement', 'set', 'rigl',
              'rtn', 'gptq', 'awq', 'nonuniform', 'mixed', 'pq', 'w8a8', 'smoothquant', 'llm_int8', 'qat', 'llm_qat',
-             'lsq', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora')
+             'lsq', 'bitnet', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora')
 # calibrated block by block: the blocks' linears only (embeddings= and head= are refused); linears only (no tables)
 BLOCKS_ONLY = ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8', 'smoothquant', 'llm_int8')
-NO_TABLES = ('pq', 'lsq', 'lora', 'qlora')
+NO_TABLES = ('pq', 'lsq', 'bitnet', 'lora', 'qlora')
 OLD = ('include', 'exclude', 'target')  # fields that chose weights before `rules`
 # configs used from Python (transforms, optimizers, layer-level APIs) that select too
 PYTHON_ONLY = (gradual.GradualConfig, gradual.SparseTrainingConfig, movement.SoftMovementConfig,
