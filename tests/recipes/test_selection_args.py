@@ -12,14 +12,12 @@ from jaxcompress import core, pruning, quantization, recipes, registry, sharing
 from jaxcompress.lowrank._src.svd import SVDConfig
 from jaxcompress.pruning._src import gradual, movement
 
-# the registered methods whose selection is an argument: every method that compresses chosen weights (the others
-# change the whole model: distillation, architecture, rotations, the KV cache, sharing's own in-block regex)
-SELECTING = ('magnitude', 'wanda', 'owl', 'ria', 'sparsegpt', 'gradual', 'movement', 'soft_movement', 'set', 'rigl',
-             'rtn', 'gptq', 'awq', 'nonuniform', 'mixed', 'pq', 'w8a8', 'smoothquant', 'llm_int8', 'qat', 'llm_qat',
-             'lsq', 'bitnet', 'svd', 'fwsvd', 'asvd', 'svd_llm', 'lora', 'qlora')
-# calibrated block by block: the blocks' linears only (embeddings= and head= are refused); linears only (no tables)
-BLOCKS_ONLY = ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8', 'smoothquant', 'llm_int8')
-NO_TABLES = ('pq', 'lsq', 'bitnet', 'lora', 'qlora')
+# The registered methods that change the whole model and so choose no weights: distillation, architecture,
+# rotations, the KV cache, structured pruning, and sharing with its own in-block regex. Every other method,
+# including one added later, must take the selection arguments (`registry.selects`).
+WHOLE_MODEL = ('distill', 'recover', 'gkd', 'seq_kd', 'fresh_student', 'drop_layers', 'gqa', 'moefy', 'quarot',
+               'kivi', 'structured', 'share', 'tie_embeddings')
+SELECTING = tuple(sorted(n for n in recipes.REGISTRY if n not in WHOLE_MODEL))
 OLD = ('include', 'exclude', 'target')  # fields that chose weights before `rules`
 # configs used from Python (transforms, optimizers, layer-level APIs) that select too
 PYTHON_ONLY = (gradual.GradualConfig, gradual.SparseTrainingConfig, movement.SoftMovementConfig,
@@ -30,15 +28,37 @@ def test_every_selecting_config_holds_rules_and_no_other_selection_field():
   for name, m in recipes.REGISTRY.items():
     fields = {f.name for f in dataclasses.fields(m.config)}
     assert not fields & set(OLD), f'{name}: {m.config.__name__} still has {sorted(fields & set(OLD))}'
-    assert registry.selects(m.config) == (name in SELECTING), name
+    assert registry.selects(m.config) == (name in SELECTING), (
+        f'{name}: a method that compresses chosen weights holds rules: core.Rules = core.Rules() (see '
+        'docs/new_method.md); one that changes the whole model belongs in WHOLE_MODEL above')
   for config in [recipes.get(n).config for n in SELECTING] + list(PYTHON_ONLY):
     assert typing.get_type_hints(config)['rules'] is core.Rules, config.__name__
     assert isinstance(config().rules, core.Rules) and config().rules.heads is None  # the model's heads decide
 
 
+def _refuses(name: str, arg: str) -> bool:
+  """Whether the method refuses arg=True when the recipe is read, saying so (layer-wise methods: the blocks'
+  linears only; linear-only leaves: no embedding tables)."""
+  try:
+    recipes.parse(f'{name}({arg}=True)')
+  except ValueError as e:
+    assert f'{name}: {arg}=True' in str(e) or f'{name}: embeddings and head=True' in str(e), str(e)
+    return True
+  return False
+
+
+def test_the_methods_known_to_refuse_tables_or_heads_do():
+  for name in ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8'):
+    assert _refuses(name, 'embeddings') and _refuses(name, 'head'), name
+  for name in ('pq', 'lsq', 'bitnet', 'lora', 'qlora'):
+    assert _refuses(name, 'embeddings') and not _refuses(name, 'head'), name
+  for name in ('magnitude', 'rtn', 'svd', 'qat', 'gradual'):
+    assert not _refuses(name, 'embeddings') and not _refuses(name, 'head'), name
+
+
 @pytest.mark.parametrize('name', SELECTING)
 def test_the_four_flat_arguments_build_the_rules(name, tmp_path):
-  embeddings, head = name not in BLOCKS_ONLY + NO_TABLES, name not in BLOCKS_ONLY
+  embeddings, head = not _refuses(name, 'embeddings'), not _refuses(name, 'head')
   stage, = recipes.parse(f'{name}(include=("mlp/",), exclude="layers/0/", embeddings={embeddings}, head={head})')
   assert stage.config.rules == core.Rules(include=('mlp/',), exclude='layers/0/', embeddings=embeddings, head=head)
   default, = recipes.parse(name)
