@@ -101,6 +101,32 @@ def rng_stream(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
 
 
+@contextlib.contextmanager
+def _holding(run_dir: Path, main: bool) -> Iterator[None]:
+  """This job's hold on run_dir while it trains (process 0 takes it for the job). A second job training into the
+  same directory at the same time would resume from this one's checkpoints and overwrite its records; it is
+  refused instead. The lock is advisory (fcntl.flock on run_dir/.lock) and the OS drops it when the process ends,
+  however it ends, so a killed run never leaves the directory locked."""
+  if not main:
+    yield
+    return
+  import fcntl
+  run_dir.mkdir(parents=True, exist_ok=True)
+  handle = open(run_dir / '.lock', 'a+')  # noqa: SIM115 (held open for the lock's lifetime)
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise RuntimeError(f'run_dir {run_dir} is in use: another training run holds {run_dir / ".lock"}. Give this '
+                       'run another run_dir, or wait for that one to end (to resume it later, rerun with the same '
+                       'run_dir once it has stopped).') from None
+  try:
+    yield
+  finally:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
 def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
         optimizer: optax.GradientTransformation, data: Batches,
         eval_fn: Callable[[Any], dict[str, float]] | None = None,
@@ -111,8 +137,17 @@ def fit(cfg: LoopConfig, *, model: Any, params: Any, objective: Objective,
   """Trains until `cfg.steps` (see module docstring). `params` are the starting point of a fresh run.
 
   transforms: a `transforms.Transform` or a sequence of them (chained) run inside the step; their state is
-  part of the checkpointed, sharded TrainState.
+  part of the checkpointed, sharded TrainState. A second run into the same `cfg.run_dir` while this one trains
+  is refused (RuntimeError), not resumed from this one's checkpoints.
   """
+  with _holding(Path(cfg.run_dir), jax.process_index() == 0):
+    return _fit(cfg, model=model, params=params, objective=objective, optimizer=optimizer, data=data,
+                eval_fn=eval_fn, transforms=transforms, trainable=trainable, frozen=frozen, rules=rules, mesh=mesh,
+                config_record=config_record)
+
+
+def _fit(cfg: LoopConfig, *, model, params, objective, optimizer, data, eval_fn, transforms, trainable, frozen,
+         rules, mesh, config_record) -> FitResult:
   run_dir = Path(cfg.run_dir)
   main = jax.process_index() == 0
   mesh = mesh or sharding_lib.make_mesh(*cfg.mesh)

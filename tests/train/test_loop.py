@@ -156,3 +156,17 @@ def _flip_bytes(step_dir):
   mid = len(data) // 2
   data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
   target.write_bytes(bytes(data))
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_not_resumed(tmp_path, whole):
+  """While a run trains into run_dir (here: another open file description holds its lock, as another process
+  would), a second fit there is refused before it reads or writes anything; once the lock is gone it runs."""
+  import fcntl
+  shutil.copytree(whole.run_dir, tmp_path / 'r')  # a directory with checkpoints a second run could resume from
+  with open(tmp_path / 'r' / '.lock', 'a+') as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    before = sorted(p.name for p in (tmp_path / 'r').rglob('*'))
+    with pytest.raises(RuntimeError, match=r"run_dir .*/r is in use: another training run holds .*/r/\.lock"):
+      _fit(tmp_path / 'r')
+    assert sorted(p.name for p in (tmp_path / 'r').rglob('*')) == before
+  assert _fit(tmp_path / 'r').status == 'completed'  # released: the run resumes (already at its last step)
