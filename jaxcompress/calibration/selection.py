@@ -44,12 +44,13 @@ def check_blocks_only(rules: core.Rules, caller: str) -> None:
 
 
 def chosen(model: Model, params: Params, rules: core.Rules, *, caller: str) -> frozenset[str]:
-  """The rule paths (`rule_path`) of the block linears `rules` choose; a ValueError naming the rules when none."""
+  """The rule paths (`rule_path`) of the block linears `rules` choose; a ValueError naming the rules when none
+  (prefixed by `caller:` unless caller is '', as in a registry `check`, whose errors the planner prefixes)."""
   check_blocks_only(rules, caller)
   linears = block_linears(model, params)
   out = frozenset(p for p in (rule_path(model, i, k) for i, k in linears) if rules.matches(p))
   if not out:
-    raise ValueError(f'{caller}: include={rules.include!r} exclude={rules.exclude!r} choose none of the '
+    raise ValueError(f'{caller + ": " if caller else ""}include={rules.include!r} exclude={rules.exclude!r} choose none of the '
                      f'{len(linears)} linears of the blocks (e.g. {rule_path(model, *linears[0]) if linears else "-"});'
                      ' see model.select(params) for the paths.')
   return out

@@ -96,7 +96,14 @@ def test_what_a_method_cannot_compress_is_refused_when_the_recipe_is_read(text, 
   assert needle in str(e.value)
 
 
-def test_rules_choosing_no_block_linear_are_refused_naming_them(tiny):
-  model, params, ctx = tiny
-  with pytest.raises(ValueError, match=r"gptq: include='nothing/' exclude=\(\) choose none of the 14 linears"):
-    recipes.run(recipes.parse('gptq(include="nothing/")'), ctx, model, params)
+@pytest.mark.parametrize('text', ['gptq(group_size=16, include="nothing/")', 'w8a8(include="nothing/")',
+                                  'nonuniform(exclude="kernel")', 'awq(group_size=16, include="nothing/")'])
+def test_rules_choosing_no_block_linear_are_refused_before_any_weight_is_loaded(tiny, text):
+  from jaxcompress.recipes import preflight
+  name = text.split('(')[0]
+  with pytest.raises(ValueError, match=rf"recipe: stage 1 {name}: include=.* choose none of the 14 linears of the "
+                     r"blocks \(e.g. layers/0/attn/q_proj/kernel\)"):
+    preflight.check('tiny', recipes.parse(text))
+  model, params, ctx = tiny  # and from Python, where the method runs
+  with pytest.raises(ValueError, match=rf"{name}: include=.* choose none of the 14 linears"):
+    recipes.run(recipes.parse(text), ctx, model, params)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress import core
+from jaxcompress import calibration, core
 from jaxcompress.core import quantized as qlib
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -76,8 +76,16 @@ def check_group_size_used(group_size, widths: dict[str, int]) -> None:
                    'for that.')
 
 
+def check_rules(model, params, *, config) -> None:
+  """The registry `check` of layer-wise quantizers: config.rules choose some block linear, or a ValueError
+  naming the rules (before any weight is loaded; shapes only)."""
+  calibration.chosen(model, params, model.selection_rules(config.rules), caller='')
+
+
 def check_block_group_size(model, params, *, config) -> None:
-  """The registry `check` of methods grouping every block linear's rows by config.group_size."""
+  """The registry `check` of layer-wise quantizers grouping every block linear's rows by config.group_size:
+  `check_rules`, and the group size divides the input width of each block linear."""
+  check_rules(model, params, config=config)
   check_group_size_fits(config.group_size, block_input_widths(model, params))
 
 

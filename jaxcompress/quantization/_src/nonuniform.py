@@ -190,5 +190,5 @@ def nonuniform(model, params, calib, *, config: NonUniformConfig = NonUniformCon
 
 
 registry.register('nonuniform', NonUniformConfig, nonuniform, family='quantization', forbids=registry.COMPRESSED,
-                  adds='quantized', calibrated=True,
+                  adds='quantized', calibrated=True, check=common.check_rules,
                   paper='Kim et al., "SqueezeLLM: Dense-and-Sparse Quantization" (ICML 2024)')

@@ -233,13 +233,13 @@ def _w8a8_block(model, block, stats, config: W8A8Config):
 
 
 registry.register('w8a8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED, adds='quantized',
-                  calibrated=True, defaults={'migration': None},
+                  calibrated=True, check=common.check_rules, defaults={'migration': None},
                   paper='int8 weights per channel, int8 activations per token')
 registry.register('smoothquant', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
-                  adds='quantized', calibrated=True, defaults={'migration': 0.5},
+                  adds='quantized', calibrated=True, check=common.check_rules, defaults={'migration': 0.5},
                   paper='Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for LLMs" '
                   '(ICML 2023)')
 registry.register('llm_int8', W8A8Config, w8a8, family='quantization', forbids=registry.COMPRESSED,
-                  adds='quantized', calibrated=True, defaults={'migration': None, 'outlier_threshold': 6.0},
+                  adds='quantized', calibrated=True, check=common.check_rules, defaults={'migration': None, 'outlier_threshold': 6.0},
                   paper='Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale" '
                   '(NeurIPS 2022)')
