@@ -74,12 +74,16 @@ class Quantized(leaf_lib.Compressed):
   scale:    [in // group_size, out] float (its dtype is the dtype `materialize` returns); None for a plain codebook.
   zero:     like scale, in code units, or None (symmetric: zero = 2**(bits-1)). Only for fmt='int'.
   codebook: [2**bits] or [out, 2**bits] float levels for fmt='codebook', else None.
+  g_idx:    [in] int32 group of each input row, or None: groups are runs of group_size consecutive rows. Set by
+            GPTQ's act-order with groups formed in the permuted order (the GPTQ layout's `g_idx`); only for
+            fmt='int' with a group_size.
   """
 
   codes: jax.Array
   scale: jax.Array | None
   zero: jax.Array | None = None
   codebook: jax.Array | None = None
+  g_idx: jax.Array | None = None
   bits: int = leaf_lib.static(default=4)
   group_size: int | None = leaf_lib.static(default=None)
   fmt: str = leaf_lib.static(default='int')
@@ -96,6 +100,9 @@ class Quantized(leaf_lib.Compressed):
     if len(self.logical_shape) not in (2, 3):
       raise ValueError(f'Quantized: logical_shape must be [in, out] or [experts, in, out], got '
                        f'{self.logical_shape}.')
+    if self.g_idx is not None and (self.fmt != 'int' or self.group_size is None):
+      raise ValueError(f"Quantized: g_idx needs fmt='int' and a group_size, got fmt={self.fmt!r}, "
+                       f'group_size={self.group_size}.')
 
   @property
   def shape(self):
@@ -122,10 +129,16 @@ class Quantized(leaf_lib.Compressed):
     arrays = {f: getattr(self, f) for f in _ARRAYS if getattr(self, f) is not None}
     return jax.vmap(lambda a: fn(dataclasses.replace(self, **a, logical_shape=self.shape[1:])))(arrays)
 
+  def _rows(self, per_group: jax.Array) -> jax.Array:
+    """[groups, out] -> [in, out]: each row's group's values (runs of rows, or by g_idx)."""
+    if self.g_idx is None:
+      return _expand(per_group, self.shape[0])
+    return jnp.take(jnp.asarray(per_group), jnp.asarray(self.g_idx, jnp.int32), axis=0)
+
   def _levels(self, q: jax.Array) -> jax.Array:
     """Codes -> unscaled values, float32 [in, out]."""
     if self.fmt == 'int':
-      zero = (2 ** (self.bits - 1)) if self.zero is None else _expand(self.zero, self.shape[0])
+      zero = (2 ** (self.bits - 1)) if self.zero is None else self._rows(self.zero)
       return q.astype(jnp.float32) - jnp.asarray(zero, jnp.float32)
     if self.fmt == 'nf4':
       return jnp.asarray(NF4_LEVELS)[q.astype(jnp.int32)]
@@ -141,7 +154,7 @@ class Quantized(leaf_lib.Compressed):
       return self._per_expert(lambda w: w.materialize())
     w = self._levels(self.codes_unpacked())
     if self.scale is not None:
-      w = w * _expand(self.scale, self.shape[0]).astype(jnp.float32)
+      w = w * self._rows(self.scale).astype(jnp.float32)
     return w.astype(self.dtype)
 
   def dequantize(self, dtype=None) -> jax.Array:
@@ -149,7 +162,7 @@ class Quantized(leaf_lib.Compressed):
     dtype = self.dtype if dtype is None else dtype
     if len(self.shape) == 3:
       return self._per_expert(lambda w: w.dequantize(dtype))
-    if self.fmt != 'int' or self.scale is None:
+    if self.fmt != 'int' or self.scale is None or self.g_idx is not None:
       return self.materialize().astype(dtype)
     rows, out = self.shape
     g = self.groups
@@ -175,12 +188,13 @@ class Quantized(leaf_lib.Compressed):
     return self.size
 
   def memory_bytes(self):
-    return sum(leaf_lib.memory_bytes(a) for a in (self.codes, self.scale, self.zero, self.codebook)
+    return sum(leaf_lib.memory_bytes(a) for a in (self.codes, self.scale, self.zero, self.codebook, self.g_idx)
                if a is not None)
 
   def disk_bytes(self):
     # Codes are bit-packed tightly on disk (three 3-bit codes take 9 bits), side arrays stored as they are.
-    side = sum(leaf_lib.memory_bytes(a) for a in (self.scale, self.zero, self.codebook) if a is not None)
+    side = sum(leaf_lib.memory_bytes(a) for a in (self.scale, self.zero, self.codebook, self.g_idx)
+               if a is not None)
     return math.ceil(self.size * self.bits / 8) + side
 
   def matmul_flops(self):
@@ -284,7 +298,7 @@ def fake_quantize(w: jax.Array, **kwargs) -> jax.Array:
   return quantize(w, **kwargs).materialize().astype(w.dtype)
 
 
-_SIDE = ('scale', 'zero', 'codebook')
+_SIDE = ('scale', 'zero', 'codebook', 'g_idx')
 _ARRAYS = ('codes', *_SIDE)
 
 

@@ -76,7 +76,11 @@ MASKED = 'compressed-tensors 0.20 reads no sparse format (transformers would lea
 
 
 def _refusal(w: Any, row: convert.TensorMap) -> str | None:
-  return packed.refusal(w, row, LAYOUT, MASKED)
+  reason = packed.refusal(w, row, LAYOUT, MASKED)
+  if reason is None and isinstance(w, core.Quantized) and w.g_idx is not None:
+    return (f'act-order groups (g_idx): compressed-tensors 0.20 {LAYOUT} stores no group index; the GPTQ layout '
+            '(--export=gptq) or core.serialize holds it')
+  return reason
 
 
 def refusals(model: Model, params: dict) -> dict[str, str]:

@@ -11,7 +11,7 @@ A Linear `<m>` [out, in] quantized to b bits (b in 2, 3, 4, 8) in groups of `gro
                                               and 21 straddling words)
   <m>.qzeros   int32 [groups, out // 32 * b]  each group's zero points along `out`, packed the same way
   <m>.scales   [groups, out]                  conventionally float16 (`dtype=jnp.float16`); here the scale's dtype
-  <m>.g_idx    int32 [in]                     the group of each input: i // group_size (no act-order here)
+  <m>.g_idx    int32 [in]                     the group of each input: i // group_size, or the leaf's g_idx (act-order)
 
 and w[i, o] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o]): our codes, scales and zero points exactly
 (groups run along `in` in both), with `group_size: -1` for one group per column.
@@ -27,8 +27,8 @@ What the layout cannot hold is refused before anything is written, naming each p
 compressed-tensors refuses (NF4, fp8 and codebook codes, `LowRank`, `Shared`, `Masked`, quantized embeddings,
 GPT-2's Conv1D), widths other than 2, 3, 4, 8 bits, sizes not multiples of 32 (the layout's shapes are
 `in // 32 * b` and `out // 32 * b`), and zero points of 0 in v1. `dense_fallback=True` writes them dense.
-Loading refuses act-order checkpoints whose `g_idx` is not i // group_size (a `Quantized` leaf's groups are
-contiguous runs of inputs), other formats (marlin, bitblas), pack dtypes other than int32 and adapters.
+An act-order checkpoint (a `g_idx` other than i // group_size) loads as a leaf holding that `g_idx`. Loading
+refuses other formats (marlin, bitblas), pack dtypes other than int32 and adapters.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxcompress import core
@@ -115,16 +116,18 @@ def gptq_tensors(w: core.Quantized, module: str, checkpoint_format: str = 'gptq'
   return {f'{module}.qweight': np.ascontiguousarray(packed.pack_int32(codes.T, w.bits).T),
           f'{module}.qzeros': packed.pack_int32(scheme.stored_zero(zero), w.bits),
           f'{module}.scales': np.ascontiguousarray(packed.host_scale(w, dtype)),
-          f'{module}.g_idx': (np.arange(n_in) // group).astype(np.int32)}
+          f'{module}.g_idx': (np.arange(n_in) // group if w.g_idx is None else
+                              np.asarray(jax.device_get(w.g_idx))).astype(np.int32)}
 
 
-def quantization_config(schemes: dict[str, Scheme], dense: list[str], checkpoint_format: str) -> dict:
+def quantization_config(schemes: dict[str, Scheme], dense: list[str], checkpoint_format: str,
+                        desc_act: bool = False) -> dict:
   """config.json's GPTQ `quantization_config`: the most common scheme, the others as `dynamic` overrides and
-  dense Linears excluded."""
+  dense Linears excluded; desc_act: some Linear's groups follow act-order (a g_idx of its own)."""
   common = collections.Counter(schemes.values()).most_common(1)[0][0]
   dynamic = {f'-:^{re.escape(m)}$': {} for m in sorted(dense)}
   dynamic.update({f'+:^{re.escape(m)}$': s.fields() for m, s in schemes.items() if s != common})
-  return {'quant_method': QUANT_METHOD, **common.fields(), 'desc_act': False, 'static_groups': False,
+  return {'quant_method': QUANT_METHOD, **common.fields(), 'desc_act': bool(desc_act), 'static_groups': False,
           'true_sequential': True, 'damp_percent': 0.01, 'checkpoint_format': checkpoint_format,
           'format': checkpoint_format, 'pack_dtype': 'int32', 'lm_head': any(m == 'lm_head' for m in schemes),
           'dynamic': dynamic or None}
@@ -153,7 +156,8 @@ def export(model: Model, params: dict, out_dir: str | os.PathLike, *, checkpoint
                      'was written; save a dense model with models.save_pretrained.')
   schemes = {module: scheme_of(w, checkpoint_format) for module, w in quantized.items()}
   return hf.write_checkpoint(out_dir, model, tensors, max_shard_bytes, config_fields={
-      'quantization_config': quantization_config(schemes, dense, checkpoint_format)})
+      'quantization_config': quantization_config(schemes, dense, checkpoint_format,
+                                                 desc_act=any(w.g_idx is not None for w in quantized.values()))})
 
 
 # Import -------------------------------------------------------------------------------------------------------
@@ -223,11 +227,12 @@ def read_quantized(scheme: Scheme, module: str, get: packed.Getter, shape: tuple
   qweight = read('qweight', (n_in // 32 * b, n_out), 'i')
   qzeros = read('qzeros', (n_in // group, n_out // 32 * b), 'i')
   scale = read('scales', (n_in // group, n_out), 'f')
-  g_idx = read('g_idx', (n_in,), 'iu')
-  if not np.array_equal(g_idx, np.arange(n_in) // group):
+  g_idx = read('g_idx', (n_in,), 'iu').astype(np.int64)
+  if g_idx.min() < 0 or g_idx.max() >= n_in // group:
     _, file = get(f'{module}.g_idx')
-    raise ValueError(f"tensor '{module}.g_idx' in '{file}' is not i // {group} (act-order groups); jaxcompress "
-                     'Quantized leaves hold groups of consecutive inputs only.')
+    raise ValueError(f"tensor '{module}.g_idx' in '{file}' names groups outside 0..{n_in // group - 1} (the rows "
+                     'of its scales); the checkpoint is damaged.')
+  contiguous = np.array_equal(g_idx, np.arange(n_in) // group)  # else act-order groups, kept as the leaf's g_idx
   codes = packed.unpack_int32(np.ascontiguousarray(qweight.T), b, n_in).T  # [in, out]
   stored = packed.unpack_int32(qzeros, b, n_out).astype(np.int64)  # [groups, out]
   zero = stored + 1 if scheme.checkpoint_format == 'gptq' else stored
@@ -238,4 +243,5 @@ def read_quantized(scheme: Scheme, module: str, get: packed.Getter, shape: tuple
   if scale_dtype is not None:
     scale = scale.astype(scale_dtype)
   symmetric = scheme.sym and np.all(zero == 2 ** (b - 1))
-  return packed.int_leaf(codes, scale, None if symmetric else zero.astype(scale.dtype), b, scheme.group_size)
+  return packed.int_leaf(codes, scale, None if symmetric else zero.astype(scale.dtype), b, scheme.group_size,
+                         None if contiguous or scheme.group_size is None else g_idx)

@@ -173,12 +173,14 @@ def checked_reader(module: str, get: Getter, what: str) -> Callable[[str, tuple,
 
 
 def int_leaf(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int,
-             group_size: int | None) -> core.Quantized:
+             group_size: int | None, g_idx: np.ndarray | None = None) -> core.Quantized:
   """The `Quantized` leaf of host codes uint8 [in, out], scale [groups, out] and zero points [groups, out] (or
-  None), packed two or more to a byte where the width allows, placed with device_put (nothing compiled)."""
+  None), packed two or more to a byte where the width allows, placed with device_put (nothing compiled); g_idx
+  [in] int32: each input's group (act-order), None for runs of group_size inputs."""
   n_in, n_out = codes.shape
   packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
   codes = pack_bytes(codes, bits) if packed else np.ascontiguousarray(codes)
   return core.Quantized(codes=jax.device_put(codes), scale=jax.device_put(np.ascontiguousarray(scale)),
                         zero=None if zero is None else jax.device_put(np.ascontiguousarray(zero)), bits=bits,
-                        group_size=group_size, fmt='int', packed=packed, logical_shape=(n_in, n_out))
+                        group_size=group_size, fmt='int', packed=packed, logical_shape=(n_in, n_out),
+                        g_idx=None if g_idx is None else jax.device_put(np.asarray(g_idx, np.int32)))

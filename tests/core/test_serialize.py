@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import os
 
 import chex
@@ -51,6 +52,10 @@ def _every_kind() -> dict:
           codes=jnp.asarray(np.random.default_rng(13).integers(0, 8, size=(IN, OUT)), jnp.uint8), scale=None,
           codebook=_normal(14, (OUT, 8)), bits=3, fmt='codebook', logical_shape=(IN, OUT))},
       'norm': {'scale': jnp.ones((IN,), jnp.bfloat16)},
+      # act-order groups: each input's group given by g_idx (GPTQ with static_groups=False)
+      'act_order': {'kernel': dataclasses.replace(
+          core.quantize(_normal(15, (IN, OUT)), bits=4, group_size=16, symmetric=False),
+          g_idx=jnp.asarray(np.random.default_rng(15).permutation(IN).astype(np.int32) // 16))},
   }
   return core.tie(params, ['layers/0/up/kernel', 'layers/1/up/kernel'], name='up')
 

@@ -11,9 +11,10 @@ from jaxcompress.core import quantized as quantized_lib
 from jaxcompress.models import packed as packed_lib
 
 
-def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=0, zero_low=0):
+def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=0, zero_low=0, act_order=False):
   """A `Quantized` leaf [in, out] with random codes (every code value, 0 included), float32 scales and, when
-  asymmetric, random integer zero points in [zero_low, 2**bits)."""
+  asymmetric, random integer zero points in [zero_low, 2**bits); act_order: groups of a random permutation of the
+  inputs (a g_idx, as GPTQ's act-order with static_groups=False leaves)."""
   rng = np.random.RandomState(seed)
   n_in, n_out = shape
   groups = 1 if group_size is None else n_in // group_size
@@ -22,9 +23,10 @@ def random_leaf(shape, bits=4, group_size=None, symmetric=True, fmt='int', seed=
   zero = (None if symmetric or fmt != 'int' else
           rng.randint(zero_low, 2 ** bits, (groups, n_out)).astype(np.float32))
   packed = quantized_lib.packs(bits) and n_in % (8 // bits) == 0
+  g_idx = (jnp.asarray(np.argsort(rng.permutation(n_in)).astype(np.int32) // group_size) if act_order else None)
   return core.Quantized(codes=jnp.asarray(packed_lib.pack_bytes(codes, bits) if packed else codes),
                         scale=jnp.asarray(scale), zero=None if zero is None else jnp.asarray(zero), bits=bits,
-                        group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(shape))
+                        group_size=group_size, fmt=fmt, packed=packed, logical_shape=tuple(shape), g_idx=g_idx)
 
 
 def quantize_kernels(params, scheme_of):
@@ -46,8 +48,10 @@ def assert_same_leaves(ours, loaded):
       assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p
       np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes), err_msg=p)
       np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale), err_msg=p)
-      assert (a.zero is None) == (b.zero is None), p
-      if a.zero is not None:
-        np.testing.assert_array_equal(np.asarray(a.zero), np.asarray(b.zero), err_msg=p)
+      for side in ('zero', 'g_idx'):
+        x, y = getattr(a, side), getattr(b, side)
+        assert (x is None) == (y is None), (p, side)
+        if x is not None:
+          np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f'{p} {side}')
     else:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)

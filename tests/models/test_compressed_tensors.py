@@ -94,6 +94,7 @@ def test_unsupported_leaves_are_refused_before_writing(llama, tmp_path):
   up = params['layers'][1]['mlp']['up_proj']['kernel']
   odd = {'layers/0/attn/q_proj/kernel': random_leaf((32, 32), group_size=16, fmt='nf4'),
          'layers/1/mlp/up_proj/kernel': core.Masked(up, jnp.abs(up) > 0.01),
+         'layers/1/attn/o_proj/kernel': random_leaf((32, 32), group_size=16, act_order=True),
          'embed/tokens/embedding': random_leaf((VOCAB, 32), bits=8)}
   mixed = core.paths.replace(qparams, odd)
   out = tmp_path / 'refused'
@@ -102,11 +103,13 @@ def test_unsupported_leaves_are_refused_before_writing(llama, tmp_path):
   for p in odd:
     assert p in str(e.value)
   assert 'nf4' in str(e.value) and 'Masked' in str(e.value) and 'dense_fallback=True' in str(e.value)
+  assert 'act-order groups (g_idx)' in str(e.value) and '--export=gptq' in str(e.value)
   assert not out.exists()
 
   ct.export(model, mixed, out, dense_fallback=True)  # those paths written dense, their Linears ignored
   cfg = json.loads((out / 'config.json').read_text())['quantization_config']
-  assert cfg['ignore'] == ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj']
+  assert cfg['ignore'] == ['model.layers.0.self_attn.q_proj', 'model.layers.1.mlp.up_proj',
+                           'model.layers.1.self_attn.o_proj']
   err = rel_err(logits(model, mixed), torch_outputs(hf_load(out), TOKENS))
   assert err <= TOL
   _, loaded = models.from_pretrained(out)

@@ -41,6 +41,8 @@ SCHEMES = {
     'mixed_w8_channel_asym_w2_g16_v1': (lambda p: (None if 'lm_head' in p else
                                                    dict(bits=8, symmetric=False, zero_low=1) if 'attn' in p else
                                                    dict(bits=2, group_size=16)), 'gptq'),
+    # act-order groups (GPTQ's static_groups=False): each Linear's own g_idx, desc_act in the config
+    'w4_g16_act_order_asym_v2': (lambda p: dict(bits=4, group_size=16, symmetric=False, act_order=True), 'gptq_v2'),
 }
 
 
@@ -81,7 +83,7 @@ def test_reference_reading_equals_materialize_and_round_trip(name, params, tmp_p
   qparams = quantize_kernels(params, scheme)
   gptq_format.export(MODEL, qparams, tmp_path, checkpoint_format=fmt)
   cfg = json.loads((tmp_path / 'config.json').read_text())['quantization_config']
-  assert (cfg['quant_method'], cfg['checkpoint_format'], cfg['desc_act']) == ('gptq', fmt, False)
+  assert (cfg['quant_method'], cfg['checkpoint_format'], cfg['desc_act']) == ('gptq', fmt, 'act_order' in name)
   flat = core.flatten(qparams)
   dense = core.flatten(jax.jit(core.materialize_tree)(qparams))  # each leaf's materialize(), one compile
   ref = reference_weights(tmp_path)
@@ -164,8 +166,7 @@ def test_unreadable_checkpoints_name_the_field_or_tensor(params, tmp_path):
       'checkpoint_format': dict(config=lambda q: q.update(checkpoint_format='marlin', format='marlin')),
       'bits': dict(config=lambda q: q.update(bits=5)),
       'dynamic': dict(config=lambda q: q.update(dynamic={'-:.*q_proj': {}})),
-      'g_idx': dict(tensors=lambda t: t.update({'model.layers.0.mlp.up_proj.g_idx':
-                                                np.random.RandomState(0).permutation(64).astype(np.int32) // 32})),
+      'g_idx': dict(tensors=lambda t: t.update({'model.layers.0.mlp.up_proj.g_idx': np.full(64, 7, np.int32)})),
       r'qzeros.*model\.safetensors': dict(config=lambda q: q.update(group_size=16)),
   }
   for match, edit in cases.items():

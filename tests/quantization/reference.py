@@ -22,14 +22,18 @@ def quant(x, scale, zero, bits, symmetric):
   return q, scale * (q - zero)
 
 
-def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocksize=128, percdamp=0.01, mask=None):
+def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocksize=128, percdamp=0.01, mask=None,
+         static_groups=True, return_g_idx=False):
   """Algorithm 1 of Frantar et al. (2023) as in the authors' reference: W [out, in] (rows = outputs), H [in, in].
 
   mask [out, in] bool (kept weights), as in SparseGPT's joint sparsification and quantization (Frantar &
   Alistarh 2023): a pruned weight's quantized value is 0, so its whole value is error, and grids span kept weights.
 
-  Returns codes [out, in], the dequantized weight [out, in], scales and zeros [out, groups] (original order).
-  Groups with act_order use static group parameters from the unmodified W.
+  Returns codes [out, in], the dequantized weight [out, in], scales and zeros [out, groups] (and, with
+  return_g_idx, each input's group [in]). Groups with act_order: static_groups=True takes every group's
+  parameters from the unmodified W in the original order; static_groups=False is the authors' default: group g
+  is permuted columns g·gs ... (g+1)·gs − 1, its parameters from W as updated when the loop reaches its first
+  column, and g_idx[j] = (position of column j in the permuted order) // gs.
   """
   W = np.array(W, np.float64)
   H = np.array(H, np.float64)
@@ -42,7 +46,7 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
   ng = cols // gs
   S = np.zeros((rows, ng))
   Z = np.zeros((rows, ng))
-  static = groupsize is None or act_order
+  static = groupsize is None or (act_order and static_groups)
   if static:
     for g in range(ng):
       S[:, g], Z[:, g] = grid((W * M)[:, g * gs:(g + 1) * gs], bits, symmetric)
@@ -60,7 +64,7 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
     Err1 = np.zeros_like(W1)
     H1 = Hinv[i1:i2, i1:i2]
     for i in range(i2 - i1):
-      g = perm[i1 + i] // gs
+      g = perm[i1 + i] // gs if static else (i1 + i) // gs
       if not static and (i1 + i) % gs == 0:
         S[:, g], Z[:, g] = grid((W * M)[:, i1 + i:i1 + i + gs], bits, symmetric)
       w = W1[:, i]
@@ -74,7 +78,8 @@ def gptq(W, H, *, bits, groupsize=None, act_order=False, symmetric=False, blocks
       Err1[:, i] = err
     W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
   inv = np.argsort(perm)
-  return C[:, inv], Q[:, inv], S, Z
+  g_idx = inv // gs if not static else np.arange(cols) // gs
+  return (C[:, inv], Q[:, inv], S, Z, g_idx) if return_g_idx else (C[:, inv], Q[:, inv], S, Z)
 
 
 def rtn(W, *, bits, groupsize=None, symmetric=False):

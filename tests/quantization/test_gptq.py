@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress import quantization
+from jaxcompress import core, quantization
 from tests.quantization import reference as ref
 
 
@@ -35,6 +35,46 @@ def test_gptq_matches_float64_reference(bits, group_size, act_order, symmetric, 
                                     symmetric=symmetric, blocksize=block_size)
   np.testing.assert_array_equal(codes, want_codes.T)
   np.testing.assert_allclose(deq, want.T, rtol=1e-6, atol=1e-6)  # materialize runs in float32
+
+
+@pytest.mark.parametrize('bits,group_size,symmetric,block_size', [
+    (3, 16, False, 16),   # the outside check's setting: W3, groups, act-order
+    (4, 16, False, 32),   # groups smaller than blocks
+    (4, 32, True, 16),    # groups spanning blocks, symmetric
+])
+def test_gptq_act_order_dynamic_groups_match_float64_reference(bits, group_size, symmetric, block_size):
+  """static_groups=False, the authors' default under act-order: group g is the next group_size rows of the
+  permuted order, its grid formed from the weights as updated when the solver reaches it; the leaf keeps each
+  input's group as g_idx."""
+  w, x = _layer(bits)
+  h = x.T @ x
+  with jax.enable_x64(True):
+    leaf = quantization.gptq_from_hessian(jnp.asarray(w), jnp.asarray(h), bits=bits, group_size=group_size,
+                                          act_order=True, symmetric=symmetric, block_size=block_size,
+                                          static_groups=False)
+    codes, deq = np.asarray(leaf.codes_unpacked()), np.asarray(leaf.materialize())
+  want_codes, want, scale, _, g_idx = ref.gptq(w.T, h, bits=bits, groupsize=group_size, act_order=True,
+                                               symmetric=symmetric, blocksize=block_size, static_groups=False,
+                                               return_g_idx=True)
+  np.testing.assert_array_equal(np.asarray(leaf.g_idx), g_idx)
+  assert not np.array_equal(g_idx, np.arange(len(g_idx)) // group_size)  # the groups really are permuted
+  np.testing.assert_array_equal(codes, want_codes.T)
+  np.testing.assert_allclose(np.asarray(leaf.scale), scale.T, rtol=1e-6)
+  np.testing.assert_allclose(deq, want.T, rtol=1e-6, atol=1e-6)
+
+
+def test_static_and_dynamic_act_order_groups_both_beat_round_to_nearest_and_differ():
+  w, x = _layer(3)
+  h = x.T @ x
+  errs = {}
+  for static in (True, False):
+    leaf = quantization.gptq_from_hessian(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), bits=3,
+                                          group_size=16, act_order=True, static_groups=static)
+    assert (leaf.g_idx is None) == static
+    errs[static] = quantization.layer_error(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), leaf)
+  rtn = core.quantize(jnp.asarray(w, jnp.float32), bits=3, group_size=16, symmetric=False)
+  e_rtn = quantization.layer_error(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), rtn)
+  assert errs[True] < e_rtn and errs[False] < e_rtn and errs[True] != errs[False], (errs, e_rtn)
 
 
 def test_gptq_float32_agrees_with_reference():

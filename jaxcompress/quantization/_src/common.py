@@ -100,14 +100,15 @@ def check_finite(a, name: str, where: str) -> None:
 _pack_codes = jax.jit(qlib.pack_codes, static_argnums=1)
 
 
-def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=True) -> core.Quantized:
-  """Integer codes [in, out] uint8 and per-group scale / zero [G, out] -> a `core.Quantized` leaf."""
+def make_leaf(codes, scale, zero, *, bits, group_size, shape, scale_dtype, pack=True, g_idx=None) -> core.Quantized:
+  """Integer codes [in, out] uint8 and per-group scale / zero [G, out] -> a `core.Quantized` leaf (g_idx [in]:
+  each input's group, for act-order groups; None: runs of group_size inputs)."""
   packed = bool(pack and qlib.packs(bits) and shape[0] % (8 // bits) == 0)
   if packed:
     codes = _pack_codes(codes, bits)
   return core.Quantized(codes=codes, scale=jnp.asarray(scale).astype(scale_dtype),
                         zero=None if zero is None else jnp.asarray(zero).astype(scale_dtype), bits=bits,
-                        group_size=group_size, fmt='int', packed=packed, logical_shape=tuple(shape))
+                        group_size=group_size, fmt='int', packed=packed, logical_shape=tuple(shape), g_idx=g_idx)
 
 
 def through_masks(compress_block):

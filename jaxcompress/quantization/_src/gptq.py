@@ -14,9 +14,11 @@ Grids. `symmetric=False` (default) is the authors' asymmetric min-max grid (scal
 integer zero point; min ≤ 0 ≤ max), `symmetric=True` the symmetric grid of `core.quantize`. Per-channel
 (`group_size=None`): one scale per output column from the whole weight. Groups: a group's scale and zero are
 computed when the solver reaches the group's first row, from the weights as updated by the previous blocks (the
-reference implementation's order). With `act_order=True` rows are visited by decreasing diag(H); with groups the
-group parameters are then computed once from the unmodified weights in the original order ("static groups"),
-so groups stay contiguous in the stored leaf. Codes come back in the original row order.
+reference implementation's order). With `act_order=True` rows are visited by decreasing diag(H); with groups,
+`static_groups=True` (default) computes the group parameters once from the unmodified weights in the original
+order, so groups stay contiguous in the stored leaf; `static_groups=False` is the authors' default: a group is
+the next `group_size` rows of the act-order, its grid formed when the solver reaches it, and the leaf holds
+`g_idx` (each input's group). Codes come back in the original row order.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ def _encode(w, scale, zero, bits, symmetric):
   return q, (q - zero) * scale
 
 
-@functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size'))
-def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetric, block_size):
+@functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size',
+                                             'static_groups'))
+def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetric, block_size, static_groups=True):
   """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
-  dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out]).
+  dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out]). With act_order and
+  static_groups=False, group g is rows g·gs ... (g+1)·gs − 1 of the permuted order (its grid formed when the
+  solver reaches it), so the caller's leaf needs g_idx = position in the permuted order // gs.
 
   mask [in, out] bool or None: the weights a pruning kept. A pruned weight decodes to 0 (it is masked in the
   model), so its whole value is the error the later rows compensate, and the grids span the kept weights only
@@ -71,7 +76,7 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
   kept = (lambda v, m: v) if mask is None else (lambda v, m: jnp.where(m, v, 0.0))
   gs = n if group_size is None else group_size
   groups = n // gs
-  static = group_size is None or act_order  # parameters known before the solver runs
+  static = group_size is None or (act_order and static_groups)  # parameters known before the solver runs
   if static:
     sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(kept(w, mask).reshape(groups, gs, out))
   else:
@@ -87,7 +92,8 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
     w = jnp.pad(w, ((0, pad), (0, 0)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.r_[jnp.zeros(n, dtype), jnp.ones(pad, dtype)])
     mask = None if mask is None else jnp.pad(mask, ((0, pad), (0, 0)))
-  gidx = jnp.pad(perm // gs, (0, pad))  # each solver row's group in the stored (original-order) leaf
+  # each solver row's group: in the stored (original-order) leaf, or (dynamic act-order) in the permuted order
+  gidx = jnp.pad(perm // gs if static else jnp.arange(n) // gs, (0, pad))
   sub = inverse_hessian.sub_block_size(block_size)
 
   def block(b, carry):
@@ -150,7 +156,7 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
 def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = None,
                       act_order: bool = False, symmetric: bool = False, block_size: int = 128,
                       damp: float = 0.01, pack: bool = True, max_damp_tries: int = 6,
-                      mask: jax.Array | None = None) -> core.Quantized:
+                      mask: jax.Array | None = None, static_groups: bool = True) -> core.Quantized:
   """GPTQ of one linear given its input Hessian.
 
   w: [in, out] float weight; h: [in, in] XᵀX of the layer's inputs (any positive multiple, e.g. the sum from
@@ -161,6 +167,10 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   (`calibration.inverse_hessian.inverse_factor`). Dead inputs (H_ii = 0) get H_ii = 1 and their weights zeroed, as in
   the paper's implementation. mask: [in, out] bool, the weights a pruning kept (e.g. `core.Masked.mask`):
   pruned weights count as quantized to 0 and their error is compensated (wrap the result in `core.Masked`).
+  static_groups (with act_order and groups): True fixes every group's grid from the unmodified weights in the
+  original order before the solver runs (groups stay runs of inputs); False is the authors' default, a group
+  being the next group_size rows of the act-order and its grid formed from the weights as updated when the
+  solver reaches it (the leaf then holds `g_idx`, each input's group).
   Raises ValueError for NaN/inf in w or h or a zero h.
   Returns a `core.Quantized` (fmt='int', scale in w's dtype, codes packed when bits divides 8).
   """
@@ -181,11 +191,13 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   block_size = min(block_size, w.shape[0])
   factor = inverse_hessian.inverse_factor(h.astype(dtype), damp=float(damp), caller=where, act_order=bool(act_order),
                                   max_tries=max_damp_tries)
+  dynamic = bool(act_order) and group_size is not None and not static_groups
   codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, mask, bits=int(bits),
                               group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
-                              block_size=block_size)
+                              block_size=block_size, static_groups=not dynamic)
+  g_idx = jnp.argsort(factor.perm).astype(jnp.int32) // group_size if dynamic else None
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
-                   shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
+                   shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack, g_idx=g_idx)
 
 
 def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int = 4, group_size: int | None = None,
@@ -228,7 +240,7 @@ def _check_mask(mask, w, where: str):
 
 def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | None = None,
                act_order: bool = False, symmetric: bool = False, block_size: int = 128,
-               damp: float = 0.01) -> core.Quantized:
+               damp: float = 0.01, static_groups: bool = True) -> core.Quantized:
   """GPTQ of one linear from calibration inputs. w: [in, out]; x: [tokens, in] (or [..., in]).
 
   Same arguments as `gptq_from_hessian`; H = XᵀX in float32. Returns a `core.Quantized`.
@@ -243,7 +255,7 @@ def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | N
   x = x.reshape(-1, x.shape[-1])
   h = inverse_hessian.xtx(x) if x.dtype != jnp.float64 else x.T @ x
   return gptq_from_hessian(w, h, bits=bits, group_size=group_size, act_order=act_order,
-                           symmetric=symmetric, block_size=block_size, damp=damp)
+                           symmetric=symmetric, block_size=block_size, damp=damp, static_groups=static_groups)
 
 
 def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
@@ -258,7 +270,11 @@ class GPTQConfig:
   bits: int = registry.field(4, range='[2, 8]')  # weight bits (2..8)
   # rows per scale (divides every kernel's input dimension), None: per channel
   group_size: int | None = registry.field(128, range='[1, inf)')
-  act_order: bool = False  # visit input rows by decreasing diag(H) (static groups)
+  act_order: bool = False  # visit input rows by decreasing diag(H)
+  # with act_order and groups: True fixes the grids beforehand in the original order (groups of consecutive
+  # inputs); False forms each group from the next group_size rows of the act-order (the authors' default; the
+  # leaf holds g_idx, which the GPTQ layout exports and compressed-tensors cannot hold)
+  static_groups: bool = True
   symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
   block_size: int = 128  # rows per lazy-update block
   damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
@@ -284,6 +300,7 @@ def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bo
   batches = registry.as_context(calib).batches()
   solve = functools.partial(gptq_from_hessian, bits=config.bits, group_size=config.group_size,
                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
+                            static_groups=config.static_groups,
                             damp=config.damp)
 
   def one(w, st):

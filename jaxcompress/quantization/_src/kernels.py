@@ -99,7 +99,8 @@ MAX_ROWS = 64  # x rows up to which the registered kernel is used (the whole x b
 
 def supports(w, x) -> bool:
   """Whether `quantized_matmul` takes this leaf and input (static: shapes and leaf fields only)."""
-  if not isinstance(w, core.Quantized) or w.fmt != 'int' or w.bits not in (4, 8) or w.scale is None:
+  if (not isinstance(w, core.Quantized) or w.fmt != 'int' or w.bits not in (4, 8) or w.scale is None
+      or w.g_idx is not None):  # act-order groups: the kernel reads runs of consecutive rows
     return False
   rows = 1
   for d in x.shape[:-1]:
