@@ -100,7 +100,8 @@ class Quantized(leaf_lib.Compressed):
     if len(self.logical_shape) not in (2, 3):
       raise ValueError(f'Quantized: logical_shape must be [in, out] or [experts, in, out], got '
                        f'{self.logical_shape}.')
-    if self.g_idx is not None and (self.fmt != 'int' or self.group_size is None):
+    # Only arrays are checked: pytree maps (orbax save args, jit shardings) rebuild the leaf with other children.
+    if isinstance(self.g_idx, (jax.Array, np.ndarray)) and (self.fmt != 'int' or self.group_size is None):
       raise ValueError(f"Quantized: g_idx needs fmt='int' and a group_size, got fmt={self.fmt!r}, "
                        f'group_size={self.group_size}.')
 
