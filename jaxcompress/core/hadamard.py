@@ -100,13 +100,15 @@ def _fwht(x: jax.Array) -> jax.Array:
   return x
 
 
-def hadamard_transform(x: jax.Array, axis: int = -1, *, block: int | None = None) -> jax.Array:
+def hadamard_transform(x: jax.Array, axis: int = -1, *, block: int | None = None,
+                       transpose: bool = False) -> jax.Array:
   """y = x · H_n / √n contracted over `axis` (n = x.shape[axis]): y[..., k, ...] = Σ_i x[..., i, ...] H_ik / √n.
 
   Over axis 0 of a kernel w [in, out] this is H_nᵀ w / √n. Orthogonal: ‖y‖ = ‖x‖ along the axis. Floating x
   keeps its dtype (the adds run in it). block: apply H_b / √b to each contiguous block of `block` entries
-  instead (b must divide n and be a width this module handles). A width it does not handle is a ValueError
-  naming it and the block that would do. One jitted program per shape, axis and block.
+  instead (b must divide n and be a width this module handles). transpose: x · H_nᵀ / √n, the inverse (H_n is
+  symmetric for powers of two, not with a Paley factor). A width it does not handle is a ValueError naming it and
+  the block that would do. One jitted program per shape, axis, block and transpose.
   """
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -118,17 +120,18 @@ def hadamard_transform(x: jax.Array, axis: int = -1, *, block: int | None = None
     raise ValueError(f'hadamard_transform: block={block} must be a positive divisor of the width {n}.')
   if _split(b) is None:
     raise _unsupported(b)
-  return _transform(x, axis, b)
+  return _transform(x, axis, b, transpose)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _transform(x: jax.Array, axis: int, b: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _transform(x: jax.Array, axis: int, b: int, transpose: bool = False) -> jax.Array:
   m, p = _split(b)
   n = x.shape[axis]
   y = jnp.moveaxis(x, axis, -1)
   lead = y.shape[:-1]
   y = _fwht(y.reshape(*lead, n // b, m, p))
   if m > 1:
-    y = jnp.einsum('...ip,ik->...kp', y, jnp.asarray(paley(m - 1), y.dtype))
+    h = paley(m - 1)  # H_b = H_m ⊗ H_p, the Sylvester H_p symmetric: H_bᵀ = H_mᵀ ⊗ H_p
+    y = jnp.einsum('...ip,ik->...kp', y, jnp.asarray(h.T if transpose else h, y.dtype))
   y = (y * jnp.asarray(1.0 / np.sqrt(b), y.dtype)).reshape(*lead, n)
   return jnp.moveaxis(y, -1, axis)

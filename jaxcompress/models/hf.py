@@ -12,6 +12,7 @@ reads only the slices its own devices hold (a checkpoint larger than one host lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -361,9 +362,41 @@ def dense_tensor(model: Model, row: convert.TensorMap, flat: dict[str, Any], dty
   """{HF name: host array} of one table row, its parameters materialized (and cast to `dtype` if given)."""
   arrays = []
   for p in row.ours:
-    a = core.materialize(flat[p])
+    a = plain_weight(model, p, core.materialize(flat[p]))
     arrays.append(np.asarray(jax.device_get(a if dtype is None else a.astype(dtype))))
   return {export_name(model, row.hf): np.ascontiguousarray(row.to_hf(*arrays))}
+
+
+ONLINE_ROTATED = 'mlp/down_proj/kernel'  # the kernels a model with `online_hadamard` stores as Qᵀ·W
+
+
+def plain_weight(model: Model, path: str, w: jax.Array) -> jax.Array:
+  """The weight a Hugging Face layout holds at `path`: w itself, except the down_proj kernels of a model whose MLP
+  rotates their input online (config `online_hadamard`), stored as Qᵀ·W and written as Q·(Qᵀ·W) = W."""
+  n = getattr(model.config, 'online_hadamard', 0)
+  if not n or not path.endswith(ONLINE_ROTATED):
+    return w
+  return core.hadamard.hadamard_transform(jnp.asarray(w, jnp.float32), axis=0, block=n,
+                                          transpose=True).astype(w.dtype)
+
+
+ONLINE_HADAMARD = 'online_hadamard'  # compressed.jxc metadata: the model config's online rotation (no HF field)
+
+
+def online_metadata(model: Model) -> dict[str, int]:
+  """What a tree file must record beside the Hugging Face config.json to rebuild `model`: {} or its rotation."""
+  n = getattr(model.config, 'online_hadamard', 0)
+  return {ONLINE_HADAMARD: n} if n else {}
+
+
+def with_metadata(model: Model, metadata: dict) -> Model:
+  """`model` (read from a config.json) with what a tree file's metadata records (`online_metadata`)."""
+  n = int(metadata.get(ONLINE_HADAMARD, 0) or 0)
+  if not n:
+    return model
+  if not hasattr(model.config, 'online_hadamard'):
+    raise ValueError(f'{ONLINE_HADAMARD}={n} is recorded for a {type(model).__name__}, which has no online rotation.')
+  return type(model)(dataclasses.replace(model.config, online_hadamard=n))
 
 
 def export_name(model: Model, name: str) -> str:

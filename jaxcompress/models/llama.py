@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from flax import nnx
 
+from jaxcompress.core import hadamard
 from jaxcompress.models import base, convert, decode, layers, moe
 
 
@@ -49,6 +50,16 @@ class LlamaConfig:
   moe_top_k: int = 0  # experts each token runs (with moe_experts)
   moe_capacity: float = 1.25  # tokens per expert over its even share N top_k / E (the rest are dropped)
   kv_cache: decode.KVCacheFormat | None = None  # the KV cache `generate` uses by default (None: full precision)
+  # > 0: the MLP rotates down_proj's input online by a (block) Hadamard Q of this size, x·Q (`quarot(online=True)`
+  # sets it and stores down_proj's kernel as Qᵀ·W, the same function). Not a Hugging Face field: the exports write
+  # Q·kernel, the plain weight; compressed.jxc's metadata records it (`ONLINE_HADAMARD`).
+  online_hadamard: int = 0
+
+  def __post_init__(self):
+    if self.online_hadamard and (self.moe_experts or self.intermediate_size % self.online_hadamard):
+      raise ValueError(f'LlamaConfig: online_hadamard={self.online_hadamard} rotates a dense MLP input of a width it '
+                       f'divides; got intermediate_size={self.intermediate_size}, moe_experts={self.moe_experts}. '
+                       'Change the MLP before quarot(online=True).')
 
   @property
   def dim_per_head(self) -> int:
@@ -86,9 +97,13 @@ class MLP(nnx.Module):
     self.up_proj = layers.Linear(d, f, bias=cfg.mlp_bias, std=std, dtype=dtype, rngs=rngs)
     self.down_proj = layers.Linear(f, d, bias=cfg.mlp_bias, std=std, dtype=dtype, rngs=rngs)
     self.act = cfg.hidden_act
+    self.online_hadamard = cfg.online_hadamard
 
   def __call__(self, x):
-    return self.down_proj(layers.activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+    h = layers.activation(self.act)(self.gate_proj(x)) * self.up_proj(x)
+    if self.online_hadamard:
+      h = hadamard.hadamard_transform(h, block=self.online_hadamard)
+    return self.down_proj(h)
 
 
 def block(cfg: LlamaConfig, dtype, rngs: nnx.Rngs) -> layers.PreNormBlock:

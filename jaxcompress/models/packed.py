@@ -118,7 +118,16 @@ def refusals(model: Model, params: dict, check: Callable[[Any, convert.TensorMap
   """{path: 'path: kind, why'} for every leaf of `params` that `check(leaf, table row)` refuses."""
   raw = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
   return {p: f'{p}: {kind(raw[p])}, {reason}' for row in model.hf_table() for p in row.ours
-          if (reason := check(raw[p], row)) is not None}
+          if (reason := _online(model, p, raw[p]) or check(raw[p], row)) is not None}
+
+
+def _online(model: Model, path: str, w: Any) -> str | None:
+  """Why a compressed kernel stored in a model's online-rotated basis (`hf.plain_weight`) cannot be packed."""
+  n = getattr(model.config, 'online_hadamard', 0)
+  if n and path.endswith(hf.ONLINE_ROTATED) and core.is_compressed(w):
+    return (f'stored as Qᵀ·W for the MLP\'s online Hadamard (online_hadamard={n}), which Hugging Face models do not '
+            'apply: its codes hold no plain weight (compressed.jxc keeps it; dense_fallback writes Q·(Qᵀ·W))')
+  return None
 
 
 def refuse(model: Model, params: dict, who: str, layout: str,

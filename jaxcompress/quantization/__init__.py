@@ -9,7 +9,9 @@ non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024); learn
 Esser et al. (ICLR 2020); randomized Hadamard rotations fused into the weights (QuaRot) Ashkboos et al.
 (NeurIPS 2024); absmean ternary weights trained quantization-aware (BitNet b1.58) Ma et al. (2024).
 
-Every method (`quarot`, `rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
+Per-token dynamic activation quantization after any weight quantizer (`act_quant`: W4A8, W4A4) follows QuaRot.
+
+Every method (`quarot`, `act_quant`, `rtn`, `gptq`, `awq`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
 `qat`, `llm_qat`, `lsq`, `bitnet`, and `kivi`, a KV-cache format: Liu et al., ICML 2024) is
 `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own module under
 `quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
@@ -19,6 +21,7 @@ are imported by path (`from jaxcompress.quantization._src.llm_qat import distill
 
 from jaxcompress.quantization._src import kernels  # kernels.enable(): the GPU/TPU weight-only kernel (opt-in)
 from jaxcompress.quantization._src import quantizers
+from jaxcompress.quantization._src.act_quant import ActQuantConfig, act_quant
 from jaxcompress.quantization._src.awq import AWQConfig, Prescaled, awq, awq_from_stats, awq_layer
 from jaxcompress.quantization._src.gptq import (GPTQConfig, gptq, gptq_from_factor, gptq_from_hessian, gptq_layer,
                                                 layer_error)
@@ -38,9 +41,9 @@ from jaxcompress.quantization._src.quarot import QuaRotConfig, quarot, random_ha
 from jaxcompress.quantization._src.rtn import RTNConfig, rtn
 from jaxcompress.quantization._src.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['AWQConfig', 'ActQuantized', 'BitNetConfig', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
+__all__ = ['AWQConfig', 'ActQuantConfig', 'ActQuantized', 'BitNetConfig', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
            'MixedConfig', 'NonUniformConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig',
-           'QuaRotConfig', 'RTNConfig', 'W8A8Config', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
+           'QuaRotConfig', 'RTNConfig', 'W8A8Config', 'act_quant', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
            'bit_allocation', 'bitnet', 'fake_quant', 'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor',
            'gptq_from_hessian', 'gptq_layer', 'kernels', 'kivi', 'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed',
            'nonuniform', 'pq', 'product_quantize', 'qat', 'quantize_weight', 'quantizers', 'quarot', 'random_hadamard',

@@ -85,7 +85,7 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
   for fmt in sorted(formats, key=FORMATS.index):
     path = out / PATHS[fmt]
     if fmt == 'jxc':
-      core.serialize.save(path, params, metadata=metadata or {})
+      core.serialize.save(path, params, metadata={**(metadata or {}), **models.hf.online_metadata(model)})
     elif fmt == 'dense':
       if is_narrowed(model, params):
         save_narrowed(path, model, params)

@@ -75,16 +75,18 @@ def tokenizer_dir(name: str | os.PathLike) -> pathlib.Path | None:
 def save_compressed(directory: str | os.PathLike, model, params, metadata: dict | None = None) -> pathlib.Path:
   """Writes a compressed-checkpoint directory: config.json (the architecture) and `model.jc.safetensors`
   (`core.serialize.save`: compressed leaves kept compressed). `load` reads it back."""
+  from jaxcompress import models
   from jaxcompress.core import serialize
   out = pathlib.Path(directory)
   out.mkdir(parents=True, exist_ok=True)
   model.hf_config().save_pretrained(str(out))
-  serialize.save(out / COMPRESSED_FILE, params, metadata)
+  serialize.save(out / COMPRESSED_FILE, params, {**(metadata or {}), **models.hf.online_metadata(model)})
   return out
 
 
 def load(name: str | os.PathLike):
   """(model spec, params, kind) of a named model or a directory; kind is 'hf', 'compressed' or 'run'."""
+  from jaxcompress import models
   from jaxcompress.core import serialize
   from jaxcompress.recipes import fixture
   if is_run_dir(name):
@@ -95,13 +97,14 @@ def load(name: str | os.PathLike):
     model, params = fixture.load(name)
     return model, params, 'hf'
   params = serialize.load(file)
-  model = _architecture(path, params)
+  model = models.hf.with_metadata(_architecture(path, params), serialize.user_metadata(file))
   _check(model, params, file, path / 'config.json')
   return model, params, 'compressed'
 
 
 def _load_run(path: pathlib.Path):
   """(model, params) of a compression run directory: the architecture of hf/, the tree of compressed.jxc."""
+  from jaxcompress import models
   from jaxcompress.core import serialize
   from jaxcompress.pruning._src.structured import WIDTHS_FIELD
   from jaxcompress.pruning._src.structured import load as load_narrowed
@@ -110,7 +113,7 @@ def _load_run(path: pathlib.Path):
   if WIDTHS_FIELD in json.loads((arch / 'config.json').read_text()):  # per-layer widths
     model, _ = load_narrowed(arch)
   else:
-    model = _architecture(arch, params)
+    model = models.hf.with_metadata(_architecture(arch, params), serialize.user_metadata(path / RUN_FILE))
   _check(model, params, path / RUN_FILE, arch / 'config.json')
   return model, params
 

@@ -619,6 +619,9 @@ def structured(model: Model, params: Params, calib, *, config: StructuredConfig 
   calib: a `registry.Context` or a list of calibration batches {'tokens' [B, T], 'attention_mask' [B, T]}.
   key: the Fisher's sampled targets (encoders); None: the context's key of 'structured'.
   """
+  if getattr(model.config, 'online_hadamard', 0):
+    raise ValueError(f'structured pruning: the model rotates its MLP input online (online_hadamard='
+                     f'{model.config.online_hadamard}), over every neuron; prune neurons before quarot(online=True).')
   ctx = registry.as_context(calib)
   cfg = config
   batches = ctx.batches()

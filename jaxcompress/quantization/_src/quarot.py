@@ -16,9 +16,12 @@ bias b folds into the readers' biases (c ← c + b·W) or, before a bias-free LM
 `rotate_values`, each attention head's values are also rotated by the head-size Hadamard H_v (v_proj outputs
 ·H_v, o_proj inputs H_vᵀ·), which the attention weights' sum over positions passes through unchanged.
 
-The rotations are fused: nothing is applied online, and the rotated model is the same function (logits equal to
-float rounding). What it changes is the weights' coordinates: a few large input channels (outlier features) are
-spread over all of them, so a grid per column (RTN, GPTQ, AWQ) loses less. A tied LM head stays tied when the
+The rotations are fused, and the rotated model is the same function (logits equal to float rounding). One input
+no fused rotation reaches is down_proj's (the MLP's gated product): with `online=True` (Llama family) its kernel
+becomes Q_fᵀ·W for the Hadamard Q_f of the MLP width, and the model's forward rotates that input by x·Q_f
+(`LlamaConfig.online_hadamard`, a fast Walsh–Hadamard transform), as 4-bit activations need (`act_quant`).
+What it changes is the weights' coordinates: a few large input channels (outlier features) are spread over all of
+them, so a grid per column (RTN, GPTQ, AWQ) loses less. A tied LM head stays tied when the
 final norm's scale is all ones; otherwise the head becomes its own weight (the model's config gets
 tie_embeddings=False), since the folded head Qᵀ·diag(g)·Eᵀ is no longer the rotated table's transpose.
 
@@ -50,6 +53,7 @@ FALLBACKS = ('error', 'block')
 class QuaRotConfig:
   rotate_values: bool = True  # also rotate each head's values (v_proj outputs, o_proj inputs) by a Hadamard
   fallback: str = 'error'  # a width with no Hadamard here: 'error', or 'block' (block-diagonal Hadamard)
+  online: bool = False  # also rotate each MLP's down_proj input online (Llama family): for 4-bit activations
 
 
 @jax.tree_util.register_dataclass
@@ -147,6 +151,20 @@ def check(model, params, *, config: QuaRotConfig) -> None:
   _block(d, 'hidden size', config.fallback)
   if config.rotate_values:
     _block(layout.head_dim, 'head size', config.fallback)
+  if config.online:
+    _online_block(model, config.fallback)
+
+
+def _online_block(model, fallback: str) -> int:
+  """The Hadamard size the MLP's online rotation uses (the MLP width, or a block of it), or a ValueError."""
+  if getattr(model, 'family', '') != 'llama':
+    raise ValueError(f'quarot: online=True rotates the input of a Llama-family MLP\'s down_proj in the forward; '
+                     f'{type(model).__name__} has no online rotation here. Use online=False (fused rotations only).')
+  if model.config.online_hadamard:
+    raise ValueError(f'quarot: online=True: the model already rotates its MLP input online '
+                     f'(online_hadamard={model.config.online_hadamard}); rotate it once.')
+  n = model.config.intermediate_size
+  return _block(n, 'MLP width (intermediate_size)', fallback) or n
 
 
 def _dense(flat: dict, path: str) -> jax.Array:
@@ -217,12 +235,16 @@ def quarot(model, params, calib=None, *, config: QuaRotConfig = QuaRotConfig(), 
   hd = layout.head_dim
   per_head = (Rotation(jnp.ones((hd,), jnp.float32), _block(hd, 'head size', config.fallback))
               if config.rotate_values else None)
+  online = _online_block(model, config.fallback) if config.online else 0
   new: dict[str, jax.Array] = {}
   groups = tuple((g.norm, tuple(k.removesuffix('/kernel') for k in g.kernels)) for g in model.linear_groups)
   for i in range(model.num_layers(params)):
     prefix = f'{model.block_path}/{i}/'
     block = {p.removeprefix(prefix): _dense(flat, p) for p in flat if p.startswith(prefix)}
     updates = _rotate_block(block, rot, per_head, groups=groups, layer_norm=layout.layer_norm, head_dim=hd)
+    if online:  # the forward computes (x·Q_f)·(Q_fᵀ·W): the same function, down_proj's input spread out
+      w = updates['mlp/down_proj/kernel']
+      updates['mlp/down_proj/kernel'] = hadamard.hadamard_transform(w, axis=0, block=online)
     new.update({prefix + p: w for p, w in updates.items()})
 
   # The head reads the final norm's output: fold it there (into the table itself only while that stays exact).
@@ -248,6 +270,8 @@ def quarot(model, params, calib=None, *, config: QuaRotConfig = QuaRotConfig(), 
   elif untie:
     head_update = {'lm_head': {'kernel': head}}
     model = type(model)(dataclasses.replace(model.config, tie_embeddings=False))
+  if online:
+    model = type(model)(dataclasses.replace(model.config, online_hadamard=online))
   params = core.paths.replace(params, new)
   return model, {**params, **head_update}
 

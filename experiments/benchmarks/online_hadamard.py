@@ -1,0 +1,74 @@
+"""What QuaRot's online Hadamard on down_proj's input costs: the forward of a model against the same model after
+`quarot(online=True)` (the same function; the fused rotations cost nothing at run time), in one run.
+
+    python experiments/benchmarks/online_hadamard.py                       # fixture + a 768-wide model, 8 x 512
+    python experiments/benchmarks/online_hadamard.py --small --repeats=2   # smoke size, seconds
+
+Both forwards are compiled ahead of time and timed interleaved (`benchlib.interleaved`), so load from other work
+falls on both alike; the ratio of medians is the cost. The transform is `core.hadamard_transform`: log2 butterfly
+stages of adds over the power-of-two part, one small matmul for a Paley factor (768 = 12 · 64, 3072 = 12 · 256).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from experiments.benchmarks.benchlib import interleaved
+from jaxcompress import models, provenance, quantization
+
+_BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per forward.')
+_SEQ = flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.')
+_REPEATS = flags.DEFINE_integer('repeats', 15, 'Interleaved timing rounds.')
+_SMALL = flags.DEFINE_boolean('small', False, 'Tiny shapes: a smoke test in seconds.')
+_OUT = flags.DEFINE_string('out', '', 'Write the results here as JSON (with versions and git revision).')
+
+
+def _random(hidden: int, intermediate: int, layers: int, small: bool):
+  heads = max(hidden // 64, 1)
+  cfg = models.LlamaConfig(vocab_size=256 if small else 4096, hidden_size=hidden, intermediate_size=intermediate,
+                           num_layers=layers, num_heads=heads, num_kv_heads=heads, max_position_embeddings=1024)
+  model = models.Llama(cfg)
+  return model, jax.jit(model.init)(jax.random.key(0))
+
+
+def _models(small: bool):
+  if small:
+    yield 'random 64 / 192, 2 layers', *_random(64, 192, 2, True)
+    return
+  from jaxcompress.recipes import fixture
+  yield 'fixture 256 / 768, 4 layers', *fixture.load('fixture')
+  yield 'random 768 / 3072, 4 layers', *_random(768, 3072, 4, False)
+
+
+def main(argv):
+  del argv
+  batch, seq = (2, 32) if _SMALL.value else (_BATCH.value, _SEQ.value)
+  rows = []
+  for name, model, params in _models(_SMALL.value):
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
+    rmodel, rparams = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=True),
+                                          key=jax.random.key(0))
+    plain = jax.jit(model.apply).lower(params, tokens).compile()
+    online = jax.jit(rmodel.apply).lower(rparams, tokens).compile()
+    err = float(np.linalg.norm(online(rparams, tokens) - plain(params, tokens)) / np.linalg.norm(plain(params, tokens)))
+    t = interleaved({'plain': lambda: plain(params, tokens), 'online': lambda: online(rparams, tokens)},
+                    _REPEATS.value)
+    rows.append({'model': name, 'batch': batch, 'seq_len': seq, 'plain_s': t['plain'].median,
+                 'online_s': t['online'].median, 'ratio': t['online'].median / t['plain'].median,
+                 'spread_pct': max(t['plain'].as_dict()['spread_pct'], t['online'].as_dict()['spread_pct']),
+                 'logit_rel_err': err})
+    print(rows[-1], flush=True)
+  print(f'\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {batch} x {seq} tokens, medians of '
+        f'{_REPEATS.value} interleaved rounds')
+  print('| model | forward s | with online Hadamard s | ratio | logits rel err |\n|---|---:|---:|---:|---:|')
+  for r in rows:
+    print(f"| {r['model']} | {r['plain_s']:.4f} | {r['online_s']:.4f} | {r['ratio']:.3f} | "
+          f"{r['logit_rel_err']:.1e} |")
+  if _OUT.value:
+    provenance.write_json(_OUT.value, {'rows': rows, 'environment': provenance.environment()})
+
+
+if __name__ == '__main__':
+  app.run(main)

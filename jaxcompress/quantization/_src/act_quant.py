@@ -1,0 +1,61 @@
+"""Per-token dynamic activation quantization: W4A8 and W4A4 after any weight quantizer (QuaRot, Ashkboos et al.,
+NeurIPS 2024, §4: activations rounded per token at run time, on the rotated model).
+
+Each chosen linear becomes an `ActQuantized` leaf around its weight (dense, Masked or Quantized, kept as it is),
+whose matmul rounds the input per token to a symmetric `bits`-bit grid before multiplying:
+
+    s[t] = max_j |x[t, j]| / (2^(bits-1) − 1),    x̂[t, j] = s[t] · clip(round(x[t, j] / s[t]), ±(2^(bits-1) − 1))
+
+The scale is computed from each token on the fly (dynamic), so no calibration is needed. One outlier channel sets
+every token's scale, which is why 4-bit activations need the rotations of `quarot` first (with `online=True` for
+the MLP's down_proj input, which no fused rotation reaches).
+
+    quarot(online=True) > gptq(bits=4, group_size=128) > act_quant(bits=4)                  # W4A4, a recipe
+    model, params = quantization.act_quant(model, params, config=quantization.ActQuantConfig(bits=8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxcompress import core, registry
+from jaxcompress.quantization._src.qat import ActQuantized
+from jaxcompress.quantization._src.rtn import selection
+from jaxcompress.quantization._src.w8a8 import Int8Linear
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActQuantConfig:
+  bits: int = registry.field(8, range='[2, 16]')  # activation bits, per token, symmetric
+  rules: core.Rules = core.Rules()  # which linears (recipe: include=, exclude=, head=); default the blocks'
+
+  def __post_init__(self):
+    if self.rules.embeddings:
+      raise ValueError('embeddings=True: an embedding lookup has no input activation to round; choose linears.')
+
+
+def _wrap(bits: int):
+  def one(path, w):
+    if isinstance(w, (ActQuantized, Int8Linear)):
+      raise ValueError(f'act_quant: {path} already rounds its input ({type(w).__name__}); quantize activations '
+                       'once.')
+    return ActQuantized(w, bits=bits)
+  return one
+
+
+def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantConfig()):
+  """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits)`; calib is not used. Returns
+  (model, params)."""
+  del calib
+  return model, selection(model, params, config.rules).map(_wrap(config.bits), params)
+
+
+def check(model, params, *, config: ActQuantConfig) -> None:
+  """config.rules choose some weight (params may be abstract)."""
+  selection(model, params, config.rules)
+
+
+registry.register('act_quant', ActQuantConfig, act_quant, family='quantization', forbids=('shared', 'adapter'),
+                  adds='quantized', check=check,
+                  paper='Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs" (NeurIPS 2024): '
+                  'per-token dynamic activation quantization (W4A8, W4A4)')
