@@ -30,8 +30,8 @@ from absl import logging as absl_logging
 
 from experiments import cli
 
-DEFAULT_RECIPE = ('rtn(bits=8, group_size=64, include=(), embeddings=True) > wanda(sparsity=0.1, include=("mlp/",)) '
-                  '> gptq(bits=4, group_size=128, act_order=True)')
+DEFAULT_RECIPE = ('rtn(bits=4, group_size=32, include=(), embeddings=True, clip="mse") '
+                  '> gptq(bits=5, group_size=128, act_order=True)')
 MODELS = ('minilm', 'fixture', 'tiny')  # jaxcompress.recipes.setup.MODELS (not imported here: jax loads later)
 
 flags.DEFINE_string('model', 'minilm', "'minilm' (all-MiniLM-L6-v2), 'fixture' (the causal-LM fixture), 'tiny' (a "

@@ -89,6 +89,7 @@ def test_online_rotation_is_the_same_function(name, model, config):
                              atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_online_model_exports_plain_weights_and_its_run_files_keep_the_rotation(tmp_path):
   import torch
   import transformers
