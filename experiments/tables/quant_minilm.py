@@ -11,7 +11,10 @@ cosine. Every block linear (q/k/v/o, up/down) is quantized; embeddings, LayerNor
 Rows: W8A8 (int8 weights per output channel, dynamic int8 activations per token, int32 accumulation) naive and
 with SmoothQuant (α = 0.5); weight-only W4 g128 and W3 g128 (asymmetric min-max grids; 384 = 3 × 128 and
 1536 = 12 × 128) by round-to-nearest, GPTQ and AWQ. MiniLM is post-norm: the LayerNorm before up_proj also feeds
-the residual, so no smoothing / AWQ scale is folded into a norm; every such scale stays in the leaf.
+the residual, so no smoothing / AWQ scale is folded into a norm; every such scale stays in the leaf. GPTQ with
+act-order, and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream cannot be rotated (post-norm), so the
+inputs of q/k/v, up_proj and down_proj are rotated online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each
+head's values by one of 32 fused into v_proj / o_proj.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def main(argv):
   batches = [{'tokens': c_ids[i:i + 8], 'attention_mask': c_mask[i:i + 8]} for i in range(0, c_ids.shape[0], 8)]
   gs128 = 16 if FLAGS.small else 128
   ref = embed_all(model, params, e_ids, e_mask)
+  # online Hadamard rotations of every linear input but o_proj's (post-norm: none can be fused), values per head
+  rotated = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=True),
+                                key=jax.random.key(FLAGS.seed))
   rows = []
 
   def add(method, setting, make):
@@ -91,8 +97,9 @@ def main(argv):
       return
     t = time.time()
     q = make()
+    qmodel, q = q if isinstance(q, tuple) else (model, q)  # a rotated model is another spec
     seconds = time.time() - t
-    cos = fidelity.embedding_cosine(jnp.asarray(ref), jnp.asarray(embed_all(model, q, e_ids, e_mask)))
+    cos = fidelity.embedding_cosine(jnp.asarray(ref), jnp.asarray(embed_all(qmodel, q, e_ids, e_mask)))
     rows.append({'method': method, 'setting': setting, 'cos_mean': float(cos.mean), 'cos_min': float(cos.min),
                  'one_minus_cos': 1.0 - float(cos.mean), 'seconds': seconds})
     print(rows[-1], flush=True)
@@ -108,6 +115,13 @@ def main(argv):
                                                 config=quantization.GPTQConfig(bits=bits, group_size=gs))[1])
     add('AWQ', name, lambda: quantization.awq(model, params, batches,
                                               config=quantization.AWQConfig(bits=bits, group_size=gs))[1])
+    add('GPTQ act-order', name, lambda: quantization.gptq(
+        model, params, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=True))[1])
+    for order in (False, True):
+      add('QuaRot online + GPTQ' + (' act-order' if order else ''), name, lambda order=order: quantization.gptq(
+          *rotated, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=order)))
+    add('QuaRot online + RTN', name, lambda: (rotated[0], common.rtn(rotated[0].select(rotated[1]), rotated[1],
+                                                                   bits, gs)))
 
   table = ['| method | setting | cosine mean | cosine min | 1 - mean | seconds |', '|---|---|---|---|---|---|']
   table += [f"| {r['method']} | {r['setting']} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "

@@ -76,6 +76,9 @@ class Model(abc.ABC):
   # Stacked expert weights [E, in, out] of mixture-of-experts blocks (models.moe), by the linear group whose
   # input they take: `block_structure(block)` adds them to the group of that name when the block holds them.
   routed_groups: ClassVar[tuple[LinearGroup, ...]] = ()
+  # Kernels (path suffixes) whose input the forward rotates online when the config's `online_hadamard` is set: they
+  # are stored as Qᵀ·W (`quantization.quarot(online=True)`; `models.hf.plain_weight` gives W back).
+  online_rotated: ClassVar[tuple[str, ...]] = ()
 
   # Subclass hooks ---------------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcompress import core
+from jaxcompress.core import hadamard
 from jaxcompress.models import base, convert, layers
 
 
@@ -40,6 +41,15 @@ class BertConfig:
   pooler: bool = True  # BertModel's tanh pooler over [CLS]
   mlm_head: bool = False  # BertForMaskedLM's prediction head
   tie_embeddings: bool = True  # the MLM decoder is the token embedding (HF tie_word_embeddings)
+  # > 0: the input of q/k/v, up_proj and down_proj is rotated online by a block Hadamard of this size, x·Q, and
+  # those kernels are stored as Qᵀ·W (`quarot(online=True)`; compressed.jxc's metadata records it, no HF field).
+  online_hadamard: int = 0
+
+  def __post_init__(self):
+    if self.online_hadamard and (self.hidden_size % self.online_hadamard or
+                                 self.intermediate_size % self.online_hadamard):
+      raise ValueError(f'BertConfig: online_hadamard={self.online_hadamard} must divide hidden_size='
+                       f'{self.hidden_size} and intermediate_size={self.intermediate_size}.')
 
   @property
   def head_dim(self) -> int:
@@ -53,12 +63,15 @@ class Attention(nnx.Module):
     for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
       setattr(self, name, layers.Linear(d, d, bias=True, std=std, dtype=dtype, rngs=rngs))
     self.head_dim = cfg.head_dim
+    self.online_hadamard = cfg.online_hadamard
 
   def __call__(self, x, ctx: layers.Context, cache=None, *, return_probs: bool = False):
     """-> [B, T, D], or ([B, T, D], probabilities [B, N, T, T]) when return_probs."""
     if cache is not None:
       raise ValueError('BERT is an encoder; it has no KV cache.')
     b, t, _ = x.shape
+    if self.online_hadamard:
+      x = hadamard.hadamard_transform(x, block=self.online_hadamard)
     q, k, v = (p(x).reshape(b, t, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
     out = layers.dot_product_attention(q, k, v, ctx.mask, self.head_dim ** -0.5, return_probs=return_probs)
     out, probs = out if return_probs else (out, None)
@@ -72,7 +85,8 @@ class Block(nnx.Module):
     d, std = cfg.hidden_size, cfg.initializer_range
     self.attn = Attention(cfg, dtype, rngs)
     self.attn_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
-    self.mlp = layers.MLP(d, cfg.intermediate_size, cfg.hidden_act, std=std, dtype=dtype, rngs=rngs)
+    self.mlp = layers.MLP(d, cfg.intermediate_size, cfg.hidden_act, std=std, dtype=dtype, rngs=rngs,
+                          online_hadamard=cfg.online_hadamard)
     self.mlp_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype)
 
   def __call__(self, h, ctx: layers.Context, cache=None, *, return_probs: bool = False):
@@ -149,6 +163,8 @@ class Bert(base.Model):
 
   family: ClassVar[str] = 'bert'
   causal: ClassVar[bool] = False
+  online_rotated: ClassVar[tuple[str, ...]] = ('attn/q_proj/kernel', 'attn/k_proj/kernel', 'attn/v_proj/kernel',
+                                               'mlp/up_proj/kernel', 'mlp/down_proj/kernel')
   hf_model_types: ClassVar[tuple[str, ...]] = ('bert',)
   hf_prefixes: ClassVar[tuple[str, ...]] = ('bert.', '')
   hf_ignore: ClassVar[tuple[str, ...]] = (r'position_ids$', r'embeddings\.token_type_ids$')

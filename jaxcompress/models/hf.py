@@ -367,14 +367,17 @@ def dense_tensor(model: Model, row: convert.TensorMap, flat: dict[str, Any], dty
   return {export_name(model, row.hf): np.ascontiguousarray(row.to_hf(*arrays))}
 
 
-ONLINE_ROTATED = 'mlp/down_proj/kernel'  # the kernels a model with `online_hadamard` stores as Qᵀ·W
+def online_block(model: Model, path: str) -> int:
+  """The Hadamard block size the forward rotates the input of kernel `path` by (0: none; `Model.online_rotated`)."""
+  n = getattr(model.config, 'online_hadamard', 0)
+  return n if n and path.endswith(model.online_rotated) else 0
 
 
 def plain_weight(model: Model, path: str, w: jax.Array) -> jax.Array:
-  """The weight a Hugging Face layout holds at `path`: w itself, except the down_proj kernels of a model whose MLP
-  rotates their input online (config `online_hadamard`), stored as Qᵀ·W and written as Q·(Qᵀ·W) = W."""
-  n = getattr(model.config, 'online_hadamard', 0)
-  if not n or not path.endswith(ONLINE_ROTATED):
+  """The weight a Hugging Face layout holds at `path`: w itself, except a kernel whose input the model rotates
+  online (`online_block`), stored as Qᵀ·W and written as Q·(Qᵀ·W) = W."""
+  n = online_block(model, path)
+  if not n:
     return w
   return core.hadamard.hadamard_transform(jnp.asarray(w, jnp.float32), axis=0, block=n,
                                           transpose=True).astype(w.dtype)

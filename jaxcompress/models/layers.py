@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress import core
+from jaxcompress.core import hadamard
 
 # Hidden states are pinned to this sharding at block boundaries while `activation_sharding()` is active.
 _ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar('jaxcompress_activation_sharding', default=None)
@@ -276,13 +277,17 @@ def update_cache(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array) -> d
 class MLP(nnx.Module):
   """down_proj(act(up_proj(x))): the two-layer MLP of GPT-2 and BERT."""
 
-  def __init__(self, dim: int, inner: int, act: str, *, std: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, inner: int, act: str, *, std: float, dtype, rngs: nnx.Rngs,
+               online_hadamard: int = 0):
     self.up_proj = Linear(dim, inner, bias=True, std=std, dtype=dtype, rngs=rngs)
     self.down_proj = Linear(inner, dim, bias=True, std=std, dtype=dtype, rngs=rngs)
     self.act = act
+    self.online_hadamard = online_hadamard  # > 0: both inputs rotated by a block Hadamard of this size (x·Q)
 
   def __call__(self, x):
-    return self.down_proj(activation(self.act)(self.up_proj(x)))
+    rotate = ((lambda v: hadamard.hadamard_transform(v, block=self.online_hadamard)) if self.online_hadamard
+              else (lambda v: v))
+    return self.down_proj(rotate(activation(self.act)(self.up_proj(rotate(x)))))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, cache: dict | None, scale: float,

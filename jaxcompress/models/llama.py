@@ -152,6 +152,7 @@ class Llama(base.Model):
 
   family: ClassVar[str] = 'llama'
   causal: ClassVar[bool] = True
+  online_rotated: ClassVar[tuple[str, ...]] = ('mlp/down_proj/kernel',)
   hf_model_types: ClassVar[tuple[str, ...]] = ('llama', 'mistral', 'qwen2')
   hf_prefixes: ClassVar[tuple[str, ...]] = ('',)
   hf_ignore: ClassVar[tuple[str, ...]] = (r'rotary_emb\.inv_freq$',)

@@ -123,9 +123,9 @@ def refusals(model: Model, params: dict, check: Callable[[Any, convert.TensorMap
 
 def _online(model: Model, path: str, w: Any) -> str | None:
   """Why a compressed kernel stored in a model's online-rotated basis (`hf.plain_weight`) cannot be packed."""
-  n = getattr(model.config, 'online_hadamard', 0)
-  if n and path.endswith(hf.ONLINE_ROTATED) and core.is_compressed(w):
-    return (f'stored as Qᵀ·W for the MLP\'s online Hadamard (online_hadamard={n}), which Hugging Face models do not '
+  n = hf.online_block(model, path)
+  if n and core.is_compressed(w):
+    return (f'stored as Qᵀ·W for the online Hadamard of its input (online_hadamard={n}), which Hugging Face models do not '
             'apply: its codes hold no plain weight (compressed.jxc keeps it; dense_fallback writes Q·(Qᵀ·W))')
   return None
 

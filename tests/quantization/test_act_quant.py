@@ -89,6 +89,27 @@ def test_online_rotation_is_the_same_function(name, model, config):
                              atol=1e-5, rtol=1e-5)
 
 
+def test_bert_online_rotation_is_the_same_function_and_exports_plain_weights(tmp_path):
+  """Post-norm BERT: no fused rotation of the stream, so q/k/v, up_proj and down_proj read their input rotated
+  online; the dense export holds the plain weights (read back as an unrotated model, the same function)."""
+  model = models.Bert(models.BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                        intermediate_size=64, max_position_embeddings=32))
+  params = _perturbed(model)
+  tokens = _tokens()
+  want = np.asarray(jax.jit(model.apply)(params, tokens))
+  rmodel, rparams = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=True))
+  assert rmodel.config.online_hadamard == 32
+  np.testing.assert_allclose(np.asarray(jax.jit(rmodel.apply)(rparams, tokens)), want, atol=1e-5, rtol=1e-5)
+  assert not np.allclose(core.paths.get(rparams, 'layers/0/attn/q_proj/kernel'),
+                         core.paths.get(params, 'layers/0/attn/q_proj/kernel'))
+  models.save_pretrained(tmp_path / 'hf', rmodel, rparams)
+  plain_model, plain = models.from_pretrained(tmp_path / 'hf')
+  assert plain_model.config.online_hadamard == 0
+  np.testing.assert_allclose(np.asarray(plain_model.apply(plain, tokens)), want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match='post-norm encoder.*or online=True'):
+    quantization.quarot(model, params)
+
+
 @pytest.mark.slow
 def test_online_model_exports_plain_weights_and_its_run_files_keep_the_rotation(tmp_path):
   import torch
@@ -105,7 +126,7 @@ def test_online_model_exports_plain_weights_and_its_run_files_keep_the_rotation(
   logits = np.asarray(qmodel.apply(qparams, tokens))
   # the packed formats cannot hold a down_proj in the rotated basis: not a default, refused by name when asked
   assert exports.allowed(qmodel, qparams) == ('jxc', 'dense')
-  with pytest.raises(ValueError, match=r'layers/0/mlp/down_proj/kernel: .*online Hadamard \(online_hadamard=64\)'):
+  with pytest.raises(ValueError, match=r'layers/0/mlp/down_proj/kernel: .*online Hadamard of its input \(online_hadamard=64\)'):
     models.compressed_tensors.export(qmodel, qparams, tmp_path / 'ct')
   models.compressed_tensors.export(qmodel, qparams, tmp_path / 'ct', dense_fallback=True)
   (tmp_path / 'run').mkdir()
@@ -159,7 +180,7 @@ def test_refusals_name_the_parameter():
   with pytest.raises(ValueError, match='online=True rotates the input of a Llama-family MLP'):
     quantization.quarot(gpt2, gpt2.abstract_params(), config=quantization.QuaRotConfig(online=True))
   rmodel, rparams = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=True))
-  with pytest.raises(ValueError, match='already rotates its MLP input online'):
+  with pytest.raises(ValueError, match='already rotates its inputs online'):
     quantization.quarot(rmodel, rparams, config=quantization.QuaRotConfig(online=True))
   with pytest.raises(ValueError, match='online_hadamard=64 rotates a dense MLP input.*moe_experts=4'):  # MoEfication
     dataclasses.replace(rmodel.config, moe_experts=4, moe_top_k=2)

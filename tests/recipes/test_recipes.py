@@ -30,7 +30,7 @@ def test_parse_the_example_and_its_json_form(tmp_path):
 
 
 @pytest.mark.parametrize('text, needle', [
-    ('gptq > nosuch(bits=3)', 'registered methods: asvd, awq'),
+    ('gptq > nosuch(bits=3)', 'registered methods: act_quant, asvd, awq'),
     ('gptq(bitz=3)', "unknown argument(s) ['bitz']; valid: bits, group_size"),
     ('gptq(bits="4")', "bits='4' is not a int"),
     ('gptq(bits=12)', 'bits=12 is outside [2, 8]'),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -116,7 +117,7 @@ def _layout(model) -> _Layout:
     raise ValueError(f'quarot: {name} is a post-norm encoder: its residual stream is the output of a LayerNorm '
                      'with a per-channel scale and bias, and no rotation of the stream commutes with that scale, so '
                      'the rotation cannot be fused into the weights. Rotations need a pre-norm model (Llama, Qwen2, '
-                     'Mistral, GPT-2).')
+                     'Mistral, GPT-2), or online=True, which rotates each linear\'s input in the forward instead.')
   if family == 'llama':
     if model.config.moe_experts:
       raise ValueError(f'quarot: moe_experts={model.config.moe_experts}: mixture-of-experts MLPs (their router and '
@@ -146,6 +147,11 @@ def _block(n: int, what: str, fallback: str) -> int | None:
 def check(model, params, *, config: QuaRotConfig) -> None:
   """The family can be rotated and its hidden and head sizes have a Hadamard matrix (or a block with
   fallback='block'). params may be abstract (shapes only)."""
+  if getattr(model, 'family', '') == 'bert' and config.online:
+    _online_block(model, config.fallback)
+    if config.rotate_values:
+      _block(model.config.head_dim, 'head size', config.fallback)
+    return
   layout = _layout(model)
   d = core.shape_of(core.paths.get(params, layout.embeddings[0]))[1]
   _block(d, 'hidden size', config.fallback)
@@ -156,15 +162,51 @@ def check(model, params, *, config: QuaRotConfig) -> None:
 
 
 def _online_block(model, fallback: str) -> int:
-  """The Hadamard size the MLP's online rotation uses (the MLP width, or a block of it), or a ValueError."""
-  if getattr(model, 'family', '') != 'llama':
-    raise ValueError(f'quarot: online=True rotates the input of a Llama-family MLP\'s down_proj in the forward; '
-                     f'{type(model).__name__} has no online rotation here. Use online=False (fused rotations only).')
+  """The Hadamard size of the online rotations, or a ValueError: Llama, the MLP width (down_proj's input, or a
+  block of it); BERT, the hidden size (every linear input but o_proj's; it must divide the MLP width)."""
+  family = getattr(model, 'family', '')
+  if family not in ('llama', 'bert'):
+    raise ValueError(f'quarot: online=True rotates the input of a Llama-family MLP\'s down_proj (or of every BERT '
+                     f'linear) in the forward; {type(model).__name__} has no online rotation here. Use online=False '
+                     '(fused rotations only).')
   if model.config.online_hadamard:
-    raise ValueError(f'quarot: online=True: the model already rotates its MLP input online '
+    raise ValueError(f'quarot: online=True: the model already rotates its inputs online '
                      f'(online_hadamard={model.config.online_hadamard}); rotate it once.')
-  n = model.config.intermediate_size
-  return _block(n, 'MLP width (intermediate_size)', fallback) or n
+  if family == 'llama':
+    n = model.config.intermediate_size
+    return _block(n, 'MLP width (intermediate_size)', fallback) or n
+  d, f = model.config.hidden_size, model.config.intermediate_size
+  if f % d:
+    if fallback != 'block':
+      raise ValueError(f"quarot: online=True: hidden size {d} does not divide intermediate_size {f}; fallback='block' "
+                       f'rotates blocks of {hadamard.largest_block(math.gcd(d, f))}.')
+    return hadamard.largest_block(math.gcd(d, f))
+  return _block(d, 'hidden size', fallback) or d
+
+
+def _quarot_online_bert(model, params, config: QuaRotConfig):
+  """BERT (post-norm): no fused rotation of the stream exists, so every linear reading it (q, k, v, up_proj) and
+  down_proj get their input rotated online (kernels stored as Qᵀ·W); with rotate_values each head's values are
+  rotated by a head-size Hadamard fused into v_proj and o_proj, as in the pre-norm path."""
+  n = _online_block(model, config.fallback)
+  hd = model.config.head_dim
+  per_head = (Rotation(jnp.ones((hd,), jnp.float32), _block(hd, 'head size', config.fallback))
+              if config.rotate_values else None)
+  flat = core.paths.flatten(params)
+  new = {}
+  for i in range(model.num_layers(params)):
+    prefix = f'{model.block_path}/{i}/'
+    for m in model.online_rotated:
+      new[prefix + m] = hadamard.hadamard_transform(_dense(flat, prefix + m), axis=0, block=n)
+    if per_head is not None:
+      wv = new[prefix + 'attn/v_proj/kernel']
+      new[prefix + 'attn/v_proj/kernel'] = per_head.apply(wv.reshape(wv.shape[0], -1, hd), axis=-1).reshape(wv.shape)
+      bv = _dense(flat, prefix + 'attn/v_proj/bias')
+      new[prefix + 'attn/v_proj/bias'] = per_head.apply(bv.reshape(-1, hd), axis=-1).reshape(bv.shape)
+      wo = _dense(flat, prefix + 'attn/o_proj/kernel')
+      new[prefix + 'attn/o_proj/kernel'] = per_head.apply(wo.reshape(-1, hd, wo.shape[1]), axis=1).reshape(wo.shape)
+  model = type(model)(dataclasses.replace(model.config, online_hadamard=n))
+  return model, core.paths.replace(params, new)
 
 
 def _dense(flat: dict, path: str) -> jax.Array:
@@ -227,6 +269,8 @@ def quarot(model, params, calib=None, *, config: QuaRotConfig = QuaRotConfig(), 
   model spec unchanged, or with tie_embeddings=False when a tied head had to be split (a new `lm_head/kernel`).
   """
   check(model, params, config=config)
+  if getattr(model, 'family', '') == 'bert':
+    return _quarot_online_bert(model, params, config)
   layout = _layout(model)
   key = registry.as_context(calib).key('quarot') if key is None else key
   flat = core.paths.flatten(params)
