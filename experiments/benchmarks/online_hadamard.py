@@ -1,7 +1,7 @@
 """What QuaRot's online Hadamard on down_proj's input costs: the forward of a model against the same model after
 `quarot(online=True)` (the same function; the fused rotations cost nothing at run time), in one run.
 
-    python experiments/benchmarks/online_hadamard.py                       # fixture + a 768-wide model, 8 x 512
+    python experiments/benchmarks/online_hadamard.py             # fixture, a 768-wide Llama, MiniLM; 8 x 512
     python experiments/benchmarks/online_hadamard.py --small --repeats=2   # smoke size, seconds
 
 Both forwards are compiled ahead of time and timed interleaved (`benchlib.interleaved`), so load from other work
@@ -40,6 +40,7 @@ def _models(small: bool):
   from jaxcompress.recipes import fixture
   yield 'fixture 256 / 768, 4 layers', *fixture.load('fixture')
   yield 'random 768 / 3072, 4 layers', *_random(768, 3072, 4, False)
+  yield 'all-MiniLM-L6-v2 384 / 1536 (q/k/v, up, down rotated)', *fixture.load('minilm')
 
 
 def main(argv):
