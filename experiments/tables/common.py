@@ -45,6 +45,20 @@ def fixture_rows(name: str, calib_rows: int, seed: int, *, sort: bool = False):
   return model, params, train.sequences[np.sort(pick) if sort else pick], held_out
 
 
+def tiny_llama_rows(seed: int):
+  """`fixture_rows` of a tiny random tied Llama (2 layers, 32 wide) on random tokens: 16 calibration and 8
+  held-out rows of 17 tokens (smoke tests of the tables)."""
+  import jax
+
+  from jaxcompress import models
+  model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                          num_heads=4, num_kv_heads=2, max_position_embeddings=32,
+                                          tie_embeddings=True))
+  params = jax.jit(model.init)(jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  return model, params, rng.integers(0, 64, (16, 17)).astype(np.int32), rng.integers(0, 64, (8, 17)).astype(np.int32)
+
+
 def minilm():
   """(model, params, tokenizer) of all-MiniLM-L6-v2 from its package."""
   import transformers

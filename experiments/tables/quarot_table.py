@@ -22,10 +22,9 @@ import time
 from experiments.tables import common
 
 import jax
-import numpy as np
 from absl import app, flags
 
-from jaxcompress import models, quantization
+from jaxcompress import quantization
 from jaxcompress.eval import lm
 
 common.define_flags('quarot_table')
@@ -34,20 +33,11 @@ flags.DEFINE_integer('eval_rows', 256, 'Held-out rows scored (0: all).')
 FLAGS = flags.FLAGS
 
 
-def _small():
-  model = models.Llama(models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                                          num_heads=4, num_kv_heads=2, max_position_embeddings=32,
-                                          tie_embeddings=True))
-  params = jax.jit(model.init)(jax.random.key(FLAGS.seed))
-  rng = np.random.default_rng(FLAGS.seed)
-  return model, params, rng.integers(0, 64, (16, 17)).astype(np.int32), rng.integers(0, 64, (8, 17)).astype(np.int32)
-
-
 def main(argv):
   del argv
   t0 = time.time()
   if FLAGS.small:
-    model, params, calib, held_out = _small()
+    model, params, calib, held_out = common.tiny_llama_rows(FLAGS.seed)
   else:
     model, params, calib, held_out = common.fixture_rows(FLAGS.model, FLAGS.calib_rows, FLAGS.seed)
     held_out = held_out[:FLAGS.eval_rows or None]
