@@ -59,6 +59,14 @@ def tiny_llama_rows(seed: int):
   return model, params, rng.integers(0, 64, (16, 17)).astype(np.int32), rng.integers(0, 64, (8, 17)).astype(np.int32)
 
 
+def llama_rows(*, small: bool, name: str, calib_rows: int, eval_rows: int, seed: int):
+  """`tiny_llama_rows(seed)` with --small, else `fixture_rows` with the first `eval_rows` held-out rows (0: all)."""
+  if small:
+    return tiny_llama_rows(seed)
+  model, params, calib, held_out = fixture_rows(name, calib_rows, seed)
+  return model, params, calib, held_out[:eval_rows or None]
+
+
 def minilm():
   """(model, params, tokenizer) of all-MiniLM-L6-v2 from its package."""
   import transformers

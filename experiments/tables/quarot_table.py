@@ -36,11 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   t0 = time.time()
-  if FLAGS.small:
-    model, params, calib, held_out = common.tiny_llama_rows(FLAGS.seed)
-  else:
-    model, params, calib, held_out = common.fixture_rows(FLAGS.model, FLAGS.calib_rows, FLAGS.seed)
-    held_out = held_out[:FLAGS.eval_rows or None]
+  model, params, calib, held_out = common.llama_rows(small=FLAGS.small, name=FLAGS.model, calib_rows=FLAGS.calib_rows,
+                                                    eval_rows=FLAGS.eval_rows, seed=FLAGS.seed)
   batches = [calib[i:i + 8, :-1] for i in range(0, calib.shape[0], 8)]
   gs = 16 if FLAGS.small else 128
   nll = lambda m, p: lm.rows_perplexity(m, p, held_out, batch_size=32).mean_nll
