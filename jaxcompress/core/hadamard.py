@@ -83,10 +83,8 @@ def hadamard_matrix(n: int) -> np.ndarray:
   if split is None:
     raise _unsupported(n)
   m, p = split
-  h = np.ones((1, 1), np.int8)
-  while h.shape[0] < p:
-    h = np.block([[h, h], [h, -h]])
-  return h if m == 1 else np.kron(paley(m - 1), h).astype(np.int8)
+  h = _sylvester(p)
+  return h.copy() if m == 1 else np.kron(paley(m - 1), h).astype(np.int8)  # the cached factor stays unwritten
 
 
 RADIX = 16  # the Sylvester factor each stage of `_fwht` applies

@@ -199,12 +199,8 @@ def _quarot_online_bert(model, params, config: QuaRotConfig):
     for m in model.online_rotated:
       new[prefix + m] = hadamard.hadamard_transform(_dense(flat, prefix + m), axis=0, block=n)
     if per_head is not None:
-      wv = new[prefix + 'attn/v_proj/kernel']
-      new[prefix + 'attn/v_proj/kernel'] = per_head.apply(wv.reshape(wv.shape[0], -1, hd), axis=-1).reshape(wv.shape)
-      bv = _dense(flat, prefix + 'attn/v_proj/bias')
-      new[prefix + 'attn/v_proj/bias'] = per_head.apply(bv.reshape(-1, hd), axis=-1).reshape(bv.shape)
-      wo = _dense(flat, prefix + 'attn/o_proj/kernel')
-      new[prefix + 'attn/o_proj/kernel'] = per_head.apply(wo.reshape(-1, hd, wo.shape[1]), axis=1).reshape(wo.shape)
+      block = {m: new.get(prefix + m, _dense(flat, prefix + m)) for m in _VALUE_PATHS if prefix + m in flat}
+      new.update({prefix + m: w for m, w in _rotate_values(block, per_head, hd).items()})
   model = type(model)(dataclasses.replace(model.config, online_hadamard=n))
   return model, core.paths.replace(params, new)
 
@@ -252,13 +248,22 @@ def _rotate_block_jit(block, rot, per_head, groups, layer_norm, hd):
     if b is not None:
       new[f'{norm}/bias'] = jnp.zeros_like(block[f'{norm}/bias'])
   if per_head is not None:
-    wv = new['attn/v_proj/kernel']
-    new['attn/v_proj/kernel'] = per_head.apply(wv.reshape(wv.shape[0], -1, hd), axis=-1).reshape(wv.shape)
-    if 'attn/v_proj/bias' in block:
-      bv = new.get('attn/v_proj/bias', block['attn/v_proj/bias'])
-      new['attn/v_proj/bias'] = per_head.apply(bv.reshape(-1, hd), axis=-1).reshape(bv.shape)
-    wo = new['attn/o_proj/kernel']
-    new['attn/o_proj/kernel'] = per_head.apply(wo.reshape(-1, hd, wo.shape[1]), axis=1).reshape(wo.shape)
+    new.update(_rotate_values({m: new.get(m, block[m]) for m in _VALUE_PATHS if m in block}, per_head, hd))
+  return new
+
+
+_VALUE_PATHS = ('attn/v_proj/kernel', 'attn/v_proj/bias', 'attn/o_proj/kernel')
+
+
+def _rotate_values(block: dict, per_head: Rotation, hd: int) -> dict:
+  """Each head's values rotated by `per_head`: v_proj's outputs (kernel columns, bias) ·H_v, o_proj's inputs
+  H_vᵀ· (kernel rows); `block` holds the `_VALUE_PATHS` present."""
+  wv, wo = block['attn/v_proj/kernel'], block['attn/o_proj/kernel']
+  new = {'attn/v_proj/kernel': per_head.apply(wv.reshape(wv.shape[0], -1, hd), axis=-1).reshape(wv.shape),
+         'attn/o_proj/kernel': per_head.apply(wo.reshape(-1, hd, wo.shape[1]), axis=1).reshape(wo.shape)}
+  if 'attn/v_proj/bias' in block:
+    bv = block['attn/v_proj/bias']
+    new['attn/v_proj/bias'] = per_head.apply(bv.reshape(-1, hd), axis=-1).reshape(bv.shape)
   return new
 
 
@@ -287,8 +292,8 @@ def quarot(model, params, calib=None, *, config: QuaRotConfig = QuaRotConfig(), 
     block = {p.removeprefix(prefix): _dense(flat, p) for p in flat if p.startswith(prefix)}
     updates = _rotate_block(block, rot, per_head, groups=groups, layer_norm=layout.layer_norm, head_dim=hd)
     if online:  # the forward computes (x·Q_f)·(Q_fᵀ·W): the same function, down_proj's input spread out
-      w = updates['mlp/down_proj/kernel']
-      updates['mlp/down_proj/kernel'] = hadamard.hadamard_transform(w, axis=0, block=online)
+      for m in model.online_rotated:
+        updates[m] = hadamard.hadamard_transform(updates[m], axis=0, block=online)
     new.update({prefix + p: w for p, w in updates.items()})
 
   # The head reads the final norm's output: fold it there (into the table itself only while that stays exact).
