@@ -14,7 +14,9 @@ with SmoothQuant (α = 0.5); weight-only W4 g128 and W3 g128 (asymmetric min-max
 the residual, so no smoothing / AWQ scale is folded into a norm; every such scale stays in the leaf. GPTQ with
 act-order, and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream cannot be rotated (post-norm), so the
 inputs of q/k/v, up_proj and down_proj are rotated online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each
-head's values by one of 32 fused into v_proj / o_proj.
+head's values by one of 32 fused into v_proj / o_proj. OmniQuant's learned clipping (10 epochs over the calibration
+batches per block) with and without that rotation; W4A8 and W4A4 (GPTQ W4 g128, then `act_quant`: activations
+rounded per token at every block linear's input), with and without it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,17 @@ def main(argv):
           *rotated, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=order)))
     add('QuaRot online + RTN', name, lambda: (rotated[0], common.rtn(rotated[0].select(rotated[1]), rotated[1],
                                                                    bits, gs)))
+    omni = lambda m, p: quantization.omniquant(m, p, batches, config=quantization.OmniQuantConfig(bits=bits,
+                                                                                                 group_size=gs))
+    add('OmniQuant', name, lambda: omni(model, params)[1])
+    add('QuaRot online + OmniQuant', name, lambda: omni(*rotated))
+  # per-token activation rounding at every block linear's input, after GPTQ W4 g128 (rotated or not)
+  for act in (8, 4):
+    act_cfg = quantization.ActQuantConfig(bits=act)
+    add('GPTQ', f'W4A{act} g128', lambda: quantization.act_quant(model, quantization.gptq(
+        model, params, batches, config=quantization.GPTQConfig(bits=4, group_size=gs128))[1], config=act_cfg)[1])
+    add('QuaRot online + GPTQ', f'W4A{act} g128', lambda: quantization.act_quant(*quantization.gptq(
+        *rotated, batches, config=quantization.GPTQConfig(bits=4, group_size=gs128)), config=act_cfg))
 
   table = ['| method | setting | cosine mean | cosine min | 1 - mean | seconds |', '|---|---|---|---|---|---|']
   table += [f"| {r['method']} | {r['setting']} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} | "

@@ -2,13 +2,15 @@
 
     stats = calibration.calibrate(model, params, batches, calibration.hessian())
     params, stats = calibration.run_sequential(model, params, batches, observer, compress_block)
+    params = calibration.run_blockwise(model, params, batches, fit_block)     # fit each block to its fp outputs
 
 Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are optax-like pure functions (init,
 update, merge); `Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
 """
 
-from jaxcompress.calibration.driver import (CompressBlock, DensePass, NotSequential, Rows, SequentialPlan, calibrate,
-                                           record_sequential, run_sequential)
+from jaxcompress.calibration.driver import (BlockData, CompressBlock, DensePass, FitBlock, NotSequential, Rows,
+                                           SequentialPlan, calibrate, record_sequential, run_blockwise,
+                                           run_sequential)
 from jaxcompress.calibration.parallel import solve_parallel
 from jaxcompress.calibration.selection import block_linears, check_blocks_only, chosen, only
 from jaxcompress.calibration.experts import solve_experts
@@ -17,8 +19,10 @@ from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mea
                                                norms)
 
 __all__ = [
+    'BlockData',
     'CompressBlock',
     'DensePass',
+    'FitBlock',
     'NotSequential',
     'Observer',
     'Rows',
@@ -38,6 +42,7 @@ __all__ = [
     'norms',
     'only',
     'record_sequential',
+    'run_blockwise',
     'run_sequential',
     'solve_experts',
     'solve_parallel',

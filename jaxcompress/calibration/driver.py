@@ -240,6 +240,78 @@ def run_sequential(model: Model, params: Params, batches: Iterable[Any], observe
   return params, stats
 
 
+class BlockData(NamedTuple):
+  """What `run_blockwise` shows a block: one entry per calibration batch.
+
+  inputs: the hidden states [B, T, D] entering the block in the model as compressed so far; targets: the
+  block's output in the uncompressed model (the uncompressed block on the uncompressed model's hidden states);
+  rows: the batches' `Rows` (tokens and padding, for `model.context`). With offload=True the hidden states are
+  host arrays.
+  """
+
+  inputs: list[Any]
+  targets: list[Any]
+  rows: list[Rows]
+
+  def weights(self, j: int) -> jax.Array:
+    """[B * T] float32 of batch j: 1 for a real token, 0 for padding."""
+    return _token_weights(self.rows[j])
+
+
+# fit_block(block index, block params on the device, BlockData) -> new block params
+FitBlock = Callable[[int, Params, BlockData], Params]
+
+
+def run_blockwise(model: Model, params: Params, batches: Iterable[Any], fit_block: FitBlock, *,
+                  offload: bool = False, on_step: OnStep | None = None) -> Params:
+  """Block-wise reconstruction (OmniQuant, BRECQ-style): block i is fitted by `fit_block(i, block, data)` to
+  reproduce the uncompressed model's output of block i (data.targets) from the hidden states of the model
+  compressed up to block i - 1 (data.inputs); both streams then go on, the uncompressed one through the
+  uncompressed block and the other through the fitted one.
+
+  Two streams of hidden states are held (2 x batches x [B, T, D]; offload=True keeps them on the host), and one
+  block's parameters on the device at a time. on_step(phase, block, batch): 'embed', 'target', 'forward'.
+  One device (no mesh). Returns params with every block replaced by fit_block's result.
+  """
+  if not callable(fit_block):
+    raise TypeError(f'run_blockwise: fit_block={fit_block!r} must be a function (block index, block params, '
+                    'BlockData) -> block params.')
+  if _RECORDING:
+    raise NotSequential('run_blockwise: a block-wise reconstruction fits each block on its hidden states, '
+                        'not from linear statistics (run_sequential).')
+  place = _Placement(None, 'data', offload)
+  on_step = on_step or (lambda phase, block, batch: None)
+  rows = [place.rows(_as_rows(b, j, model)) for j, b in enumerate(batches)]
+  if not rows:
+    raise ValueError('run_blockwise: batches is empty; give at least one batch of tokens [B, T].')
+  rest, abstract = _outside_blocks(model, params)
+  embed = _embed_step(model, abstract, None, False)
+  rest_dev = place.replicated(rest)
+  inputs = []
+  for j, r in enumerate(rows):
+    inputs.append(place.keep(embed(rest_dev, r)))
+    on_step('embed', -1, j)
+  del rest_dev
+  targets = list(inputs)
+  forward = lambda block, h, r: _block_step(model, None, block, place.fetch(h), r, None, shardings=None,
+                                            outputs=True)[0]
+  new_blocks = {}
+  for i in range(model.num_layers(params)):
+    block = place.replicated(model.block_params(params, i))
+    for j, r in enumerate(rows):
+      targets[j] = place.keep(forward(block, targets[j], r))
+      on_step('target', i, j)
+    new = fit_block(i, block, BlockData(list(inputs), list(targets), rows))
+    del block
+    block = place.replicated(model.block_params(_with_block(model, params, i, new), i))
+    for j, r in enumerate(rows):
+      inputs[j] = place.keep(forward(block, inputs[j], r))
+      on_step('forward', i, j)
+    new_blocks[i] = _to_host(new) if offload else new
+    del block, new
+  return _with_blocks(model, params, new_blocks)
+
+
 # The loop -------------------------------------------------------------------------------------------------------
 
 

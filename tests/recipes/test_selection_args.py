@@ -48,7 +48,7 @@ def _refuses(name: str, arg: str) -> bool:
 
 
 def test_the_methods_known_to_refuse_tables_or_heads_do():
-  for name in ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'nonuniform', 'mixed', 'w8a8'):
+  for name in ('wanda', 'owl', 'ria', 'sparsegpt', 'gptq', 'awq', 'omniquant', 'nonuniform', 'mixed', 'w8a8'):
     assert _refuses(name, 'embeddings') and _refuses(name, 'head'), name
   for name in ('pq', 'lsq', 'bitnet', 'lora', 'qlora'):
     assert _refuses(name, 'embeddings') and not _refuses(name, 'head'), name

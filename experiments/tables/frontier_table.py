@@ -1,0 +1,102 @@
+"""The quantization frontier on the causal-LM fixture: every weight quantizer at W4, W3 and W2 weight-only and at
+W4A8 and W4A4, without and with QuaRot's rotations (fused and online), as held-out perplexity.
+
+    python experiments/tables/frontier_table.py --output_dir runs/frontier_table    # the fixture (4 layers, 256 wide)
+    python experiments/tables/frontier_table.py --small --output_dir /tmp/ft_small   # tiny random model, seconds
+    python experiments/tables/frontier_table.py --methods=omniquant --settings=W3      # one cell
+
+Each cell is the recipe `[quarot(online=True) > [spinquant(bits=B[, act_bits=A]) >]] <method>(bits=B,
+group_size=128) [> act_quant(bits=A)]`: rotation 'none', 'online' (QuaRot's fused and online Hadamards) or
+'learned' (those, then SpinQuant's residual rotation learned for that cell's bits); the
+weights of every block linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; AWQ; OmniQuant's learned
+clipping), activations rounded per token (symmetric absmax, dynamic) at every block linear's input for W4A8 /
+W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned too, with the
+activations rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows` training rows of the fixture's
+own data, in batches of 8; evaluation: the held-out rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from experiments.tables import common
+
+from absl import app, flags
+
+from jaxcompress import recipes
+from jaxcompress.eval import lm
+
+common.define_flags('frontier_table')
+flags.DEFINE_integer('calib_rows', 128, 'Training rows used for calibration.')
+flags.DEFINE_integer('eval_rows', 256, 'Held-out rows scored (0: all).')
+flags.DEFINE_list('methods', ['rtn', 'gptq', 'awq', 'omniquant', 'omniquant_let'],
+                  "Weight quantizers: registry names, or 'omniquant_let' (LET too, activations rounded while fitting).")
+flags.DEFINE_list('settings', ['W4', 'W3', 'W2', 'W4A8', 'W4A4'], 'Columns: weight bits and activation bits.')
+flags.DEFINE_list('rotations', ['none', 'online'],
+                  "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
+FLAGS = flags.FLAGS
+
+SETTINGS = {'W4': (4, None), 'W3': (3, None), 'W2': (2, None), 'W4A8': (4, 8), 'W4A4': (4, 4)}
+ROTATIONS = ('none', 'online', 'learned')
+
+
+def rotation(name: str, bits: int, act: int | None, gs: int) -> str:
+  """The recipe's rotation stages: none, QuaRot's (fused and online), or those and SpinQuant's learned rotation
+  for the cell's weight and activation bits."""
+  if name == 'none':
+    return ''
+  if name == 'online':
+    return 'quarot(online=True) > '
+  return (f'quarot(online=True) > spinquant(bits={bits}, group_size={gs}' + (f', act_bits={act}' if act else '')
+          + ') > ')
+
+
+def stage(method: str, bits: int, act: int | None, gs: int) -> str:
+  """The recipe of one cell after the rotation: the weight stage, then the activation rounding."""
+  if method == 'omniquant_let':  # OmniQuant's weight-activation setting: LET learned with the inputs rounded
+    return f'omniquant(bits={bits}, group_size={gs}, let=True' + (f', act_bits={act})' if act else ')')
+  return f'{method}(bits={bits}, group_size={gs})' + (f' > act_quant(bits={act})' if act else '')
+
+
+def main(argv):
+  del argv
+  t0 = time.time()
+  for name, given, known in (('settings', FLAGS.settings, SETTINGS), ('rotations', FLAGS.rotations, ROTATIONS)):
+    if set(given) - set(known):
+      raise app.UsageError(f'--{name}={",".join(given)}: unknown {sorted(set(given) - set(known))}; choose from '
+                           f'{sorted(known)}.')
+  model, params, calib, held_out = common.llama_rows(small=FLAGS.small, name=FLAGS.model, calib_rows=FLAGS.calib_rows,
+                                                    eval_rows=FLAGS.eval_rows, seed=FLAGS.seed)
+  gs = 16 if FLAGS.small else 128
+  ctx = recipes.Context(calib=tuple({'tokens': calib[i:i + 8, :-1]} for i in range(0, calib.shape[0], 8)),
+                        seed=FLAGS.seed)
+  nll = lambda m, p: lm.rows_perplexity(m, p, held_out, batch_size=32).mean_nll
+  fp = nll(model, params)
+  rows = []
+  for method in FLAGS.methods:
+    for rot in FLAGS.rotations:
+      for setting in FLAGS.settings:
+        recipe = rotation(rot, *SETTINGS[setting], gs) + stage(method, *SETTINGS[setting], gs)
+        t = time.time()
+        m, p = recipes.run(recipes.parse(recipe), ctx, model, params)
+        rows.append({'method': method, 'rotation': rot, 'setting': setting, 'recipe': recipe,
+                     'nll': nll(m, p), 'seconds': time.time() - t})
+        rows[-1]['ppl'] = math.exp(rows[-1]['nll'])
+        print(rows[-1], flush=True)
+  table = ['| method | rotation | ' + ' | '.join(FLAGS.settings) + ' |',
+           '|---|---|' + '---:|' * len(FLAGS.settings)]
+  for method in FLAGS.methods:
+    for rot in FLAGS.rotations:
+      cells = {r['setting']: r['ppl'] for r in rows if r['method'] == method and r['rotation'] == rot}
+      table.append(f'| {method} | {rot} | ' + ' | '.join(f'{cells[s]:.2f}' for s in FLAGS.settings) + ' |')
+  table += ['', f'fp32 {math.exp(fp):.2f}; {calib.shape[0]} calibration rows, {held_out.shape[0]} held-out rows of '
+            f'{held_out.shape[1] - 1} predictions; group size {gs}; rotation seed {FLAGS.seed}.']
+  config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
+                                        'rotations')}
+  common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
+               '\n'.join(table), {'seconds': time.time() - t0})
+
+
+if __name__ == '__main__':
+  app.run(main)
