@@ -22,7 +22,6 @@ from experiments.tables import common
 from absl import app, flags
 
 from jaxcompress import recipes
-from jaxcompress.eval import lm
 
 common.define_flags('act_quant_table')
 flags.DEFINE_integer('calib_rows', 64, 'Training rows used for calibration (GPTQ).')
@@ -37,12 +36,7 @@ ACTIVATIONS = (('16', ''), ('8', ' > act_quant(bits=8)'), ('4', ' > act_quant(bi
 def main(argv):
   del argv
   t0 = time.time()
-  model, params, calib, held_out = common.llama_rows(small=FLAGS.small, name=FLAGS.model, calib_rows=FLAGS.calib_rows,
-                                                    eval_rows=FLAGS.eval_rows, seed=FLAGS.seed)
-  gs = 16 if FLAGS.small else 128
-  ctx = recipes.Context(calib=tuple({'tokens': calib[i:i + 8, :-1]} for i in range(0, calib.shape[0], 8)),
-                        seed=FLAGS.seed)
-  nll = lambda m, p: lm.rows_perplexity(m, p, held_out, batch_size=32).mean_nll
+  model, params, calib, held_out, ctx, gs, nll = common.llama_recipe_rows(FLAGS)
   rows = [{'weights': 'fp32', 'activations': '16', 'rotation': 'none', 'recipe': '-', 'nll': nll(model, params),
            'seconds': 0.0}]
   quantizers = {'rtn': ('RTN W4', f'rtn(bits=4, group_size={gs})'),

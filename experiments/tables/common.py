@@ -17,7 +17,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # the models are local (the fixture, MiniLM's package)
 
@@ -65,6 +65,30 @@ def llama_rows(*, small: bool, name: str, calib_rows: int, eval_rows: int, seed:
     return tiny_llama_rows(seed)
   model, params, calib, held_out = fixture_rows(name, calib_rows, seed)
   return model, params, calib, held_out[:eval_rows or None]
+
+
+class RecipeRows(NamedTuple):
+  """A recipe table's set-up: the model, its calibration rows as a recipes.Context, the group size and a
+  held-out mean NLL."""
+  model: Any
+  params: Any
+  calib: np.ndarray  # [calib_rows, T + 1]
+  held_out: np.ndarray  # [N, T + 1]
+  ctx: Any  # recipes.Context: the calibration rows without their last token, in batches of 8
+  group_size: int  # 16 with --small (the tiny model's widths), else 128
+  nll: Callable[[Any, Any], float]  # (model, params) -> mean NLL over every held-out prediction
+
+
+def llama_recipe_rows(values) -> RecipeRows:
+  """`llama_rows` from the flags `values` (small, model, calib_rows, eval_rows, seed) set up for recipes."""
+  from jaxcompress import recipes
+  from jaxcompress.eval import lm
+  model, params, calib, held_out = llama_rows(small=values.small, name=values.model, calib_rows=values.calib_rows,
+                                              eval_rows=values.eval_rows, seed=values.seed)
+  ctx = recipes.Context(calib=tuple({'tokens': calib[i:i + 8, :-1]} for i in range(0, calib.shape[0], 8)),
+                        seed=values.seed)
+  return RecipeRows(model, params, calib, held_out, ctx, 16 if values.small else 128,
+                    lambda m, p: lm.rows_perplexity(m, p, held_out, batch_size=32).mean_nll)
 
 
 def minilm():

@@ -25,7 +25,6 @@ from experiments.tables import common
 from absl import app, flags
 
 from jaxcompress import recipes
-from jaxcompress.eval import lm
 
 common.define_flags('frontier_table')
 flags.DEFINE_integer('calib_rows', 128, 'Training rows used for calibration.')
@@ -66,12 +65,7 @@ def main(argv):
     if set(given) - set(known):
       raise app.UsageError(f'--{name}={",".join(given)}: unknown {sorted(set(given) - set(known))}; choose from '
                            f'{sorted(known)}.')
-  model, params, calib, held_out = common.llama_rows(small=FLAGS.small, name=FLAGS.model, calib_rows=FLAGS.calib_rows,
-                                                    eval_rows=FLAGS.eval_rows, seed=FLAGS.seed)
-  gs = 16 if FLAGS.small else 128
-  ctx = recipes.Context(calib=tuple({'tokens': calib[i:i + 8, :-1]} for i in range(0, calib.shape[0], 8)),
-                        seed=FLAGS.seed)
-  nll = lambda m, p: lm.rows_perplexity(m, p, held_out, batch_size=32).mean_nll
+  model, params, calib, held_out, ctx, gs, nll = common.llama_recipe_rows(FLAGS)
   fp = nll(model, params)
   rows = []
   for method in FLAGS.methods:

@@ -281,17 +281,7 @@ def run_blockwise(model: Model, params: Params, batches: Iterable[Any], fit_bloc
                         'not from linear statistics (run_sequential).')
   place = _Placement(None, 'data', offload)
   on_step = on_step or (lambda phase, block, batch: None)
-  rows = [place.rows(_as_rows(b, j, model)) for j, b in enumerate(batches)]
-  if not rows:
-    raise ValueError('run_blockwise: batches is empty; give at least one batch of tokens [B, T].')
-  rest, abstract = _outside_blocks(model, params)
-  embed = _embed_step(model, abstract, None, False)
-  rest_dev = place.replicated(rest)
-  inputs = []
-  for j, r in enumerate(rows):
-    inputs.append(place.keep(embed(rest_dev, r)))
-    on_step('embed', -1, j)
-  del rest_dev
+  rows, inputs = _embedded(model, params, batches, place, False, on_step, caller='run_blockwise')
   targets = list(inputs)
   forward = lambda block, h, r: _block_step(model, None, block, place.fetch(h), r, None, shardings=None,
                                             outputs=True)[0]
@@ -325,19 +315,8 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
                      'axis_types=(jax.sharding.AxisType.Auto,) * n).')
   place = _Placement(mesh, data_axis, offload)
   on_step = on_step or (lambda phase, block, batch: None)
-  rows = [place.rows(_as_rows(b, j, model)) for j, b in enumerate(batches)]
-  if not rows:
-    raise ValueError('calibrate: batches is empty; give at least one batch of tokens [B, T].')
   shardings = place.shardings()
-
-  rest, abstract = _outside_blocks(model, params)
-  embed = _embed_step(model, abstract, shardings, deterministic)
-  rest_dev = place.replicated(rest)
-  hs = []
-  for j, r in enumerate(rows):
-    hs.append(place.keep(embed(rest_dev, r)))
-    on_step('embed', -1, j)
-  del rest_dev  # the embedding table need not stay on the device while the blocks run
+  rows, hs = _embedded(model, params, batches, place, deterministic, on_step, caller='calibrate')
 
   out_stats: dict[str, Stats] = {}
   new_blocks = {}
@@ -379,6 +358,7 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
     del block
 
   if head:
+    rest, abstract = _outside_blocks(model, params)
     rest_dev = place.replicated(rest)
     names = _head_shapes(model, rest, abstract, place.fetch(hs[0]))
     stats = {p: place.replicated(observer.init(p, n)) for p, n in names}
@@ -392,6 +372,21 @@ def _run(model, params, batches, observer, compress_block, *, mesh, data_axis, o
   if compress_block is None:
     return out_stats, params
   return out_stats, _with_blocks(model, params, new_blocks)
+
+
+def _embedded(model, params, batches, place, deterministic, on_step, *, caller):
+  """(every batch's Rows, its embedded hidden states as kept between blocks); an empty `batches` is an error."""
+  rows = [place.rows(_as_rows(b, j, model)) for j, b in enumerate(batches)]
+  if not rows:
+    raise ValueError(f'{caller}: batches is empty; give at least one batch of tokens [B, T].')
+  rest, abstract = _outside_blocks(model, params)
+  embed = _embed_step(model, abstract, place.shardings(), deterministic)
+  rest_dev = place.replicated(rest)
+  hs = []
+  for j, r in enumerate(rows):
+    hs.append(place.keep(embed(rest_dev, r)))
+    on_step('embed', -1, j)
+  return rows, hs  # the device copy of the embedding table goes with rest_dev: blocks run without it
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'observer', 'shardings', 'outputs', 'deterministic'),
