@@ -3,16 +3,17 @@ W4A8 and W4A4, without and with QuaRot's rotations (fused and online), as held-o
 
     python experiments/tables/frontier_table.py --output_dir runs/frontier_table    # the fixture (4 layers, 256 wide)
     python experiments/tables/frontier_table.py --small --output_dir /tmp/ft_small   # tiny random model, seconds
-    python experiments/tables/frontier_table.py --methods=omniquant --settings=W3      # one cell
+    python experiments/tables/frontier_table.py --methods=omniquant --settings=W3 --rotations=none   # one cell
 
 Each cell is the recipe `[quarot(online=True) > [spinquant(bits=B[, act_bits=A]) >]] <method>(bits=B,
 group_size=128) [> act_quant(bits=A)]`: rotation 'none', 'online' (QuaRot's fused and online Hadamards) or
-'learned' (those, then SpinQuant's residual rotation learned for that cell's bits); the
-weights of every block linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; AWQ; OmniQuant's learned
-clipping), activations rounded per token (symmetric absmax, dynamic) at every block linear's input for W4A8 /
-W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned too, with the
-activations rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows` training rows of the fixture's
-own data, in batches of 8; evaluation: the held-out rows.
+'learned' (those, then SpinQuant's residual rotation learned for that cell's bits); the weights of every block
+linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; QuIP's incoherence processing around GPTQ; AWQ;
+OmniQuant's learned clipping), activations rounded per token (symmetric absmax, dynamic) at every block linear's
+input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned
+too, with the activations rounded while each block is fitted. The embedding, the head and the norms stay fp32.
+Calibration: `--calib_rows` training rows of the fixture's own data, in batches of 8; evaluation: the held-out
+rows.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from jaxcompress import recipes
 common.define_flags('frontier_table')
 flags.DEFINE_integer('calib_rows', 128, 'Training rows used for calibration.')
 flags.DEFINE_integer('eval_rows', 256, 'Held-out rows scored (0: all).')
-flags.DEFINE_list('methods', ['rtn', 'gptq', 'awq', 'omniquant', 'omniquant_let'],
+flags.DEFINE_list('methods', ['rtn', 'gptq', 'quip', 'awq', 'omniquant', 'omniquant_let'],
                   "Weight quantizers: registry names, or 'omniquant_let' (LET too, activations rounded while fitting).")
+flags.DEFINE_integer('group_size', 128, 'Rows per weight scale (0: one per output column); 16 with --small.')
 flags.DEFINE_list('settings', ['W4', 'W3', 'W2', 'W4A8', 'W4A4'], 'Columns: weight bits and activation bits.')
 flags.DEFINE_list('rotations', ['none', 'online'],
                   "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
@@ -66,6 +68,7 @@ def main(argv):
       raise app.UsageError(f'--{name}={",".join(given)}: unknown {sorted(set(given) - set(known))}; choose from '
                            f'{sorted(known)}.')
   model, params, calib, held_out, ctx, gs, nll = common.llama_recipe_rows(FLAGS)
+  gs = gs if FLAGS.small else FLAGS.group_size or None
   fp = nll(model, params)
   rows = []
   for method in FLAGS.methods:
@@ -85,9 +88,9 @@ def main(argv):
       cells = {r['setting']: r['ppl'] for r in rows if r['method'] == method and r['rotation'] == rot}
       table.append(f'| {method} | {rot} | ' + ' | '.join(f'{cells[s]:.2f}' for s in FLAGS.settings) + ' |')
   table += ['', f'fp32 {math.exp(fp):.2f}; {calib.shape[0]} calibration rows, {held_out.shape[0]} held-out rows of '
-            f'{held_out.shape[1] - 1} predictions; group size {gs}; rotation seed {FLAGS.seed}.']
+            f'{held_out.shape[1] - 1} predictions; group size {gs or "per channel"}; rotation seed {FLAGS.seed}.']
   config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
-                                        'rotations')}
+                                        'rotations', 'group_size')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
 

@@ -16,7 +16,8 @@ act-order, and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream ca
 inputs of q/k/v, up_proj and down_proj are rotated online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each
 head's values by one of 32 fused into v_proj / o_proj. OmniQuant's learned clipping (10 epochs over the calibration
 batches per block) with and without that rotation; W4A8 and W4A4 (GPTQ W4 g128, then `act_quant`: activations
-rounded per token at every block linear's input), with and without it.
+rounded per token at every block linear's input), with and without it. QuIP: every linear's weight and Hessian
+multiplied on both sides by random-signed Hadamards before GPTQ, undone around the matmul at run time.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main(argv):
           *rotated, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=order)))
     add('QuaRot online + RTN', name, lambda: (rotated[0], common.rtn(rotated[0].select(rotated[1]), rotated[1],
                                                                    bits, gs)))
+    add('QuIP', name, lambda: quantization.quip(model, params, batches,
+                                                config=quantization.QuIPConfig(bits=bits, group_size=gs))[1])
     omni = lambda m, p: quantization.omniquant(m, p, batches, config=quantization.OmniQuantConfig(bits=bits,
                                                                                                  group_size=gs))
     add('OmniQuant', name, lambda: omni(model, params)[1])

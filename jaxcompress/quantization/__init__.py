@@ -7,12 +7,13 @@ Transformers" (ICLR 2023); AWQ Lin et al., "AWQ: Activation-aware Weight Quantiz
 and Acceleration" (MLSys 2024); SmoothQuant Xiao et al. (ICML 2023); LLM.int8() Dettmers et al. (NeurIPS 2022);
 non-uniform codebooks in the manner of SqueezeLLM, Kim et al. (ICML 2024); learned step sizes (LSQ)
 Esser et al. (ICLR 2020); randomized Hadamard rotations fused into the weights (QuaRot) Ashkboos et al.
-(NeurIPS 2024); a learned residual rotation on top of it (SpinQuant) Liu et al. (ICLR 2025); learnable weight clipping and equivalent transforms fitted block by block (OmniQuant) Shao et
+(NeurIPS 2024); incoherence processing with randomized Hadamards around GPTQ (QuIP) Chee et al. (NeurIPS
+2023); a learned residual rotation on top of it (SpinQuant) Liu et al. (ICLR 2025); learnable weight clipping and equivalent transforms fitted block by block (OmniQuant) Shao et
 al. (ICLR 2024); absmean ternary weights trained quantization-aware (BitNet b1.58) Ma et al. (2024).
 
 Per-token dynamic activation quantization after any weight quantizer (`act_quant`: W4A8, W4A4) follows QuaRot.
 
-Every method (`quarot`, `spinquant`, `act_quant`, `rtn`, `gptq`, `awq`, `omniquant`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
+Every method (`quarot`, `spinquant`, `quip`, `act_quant`, `rtn`, `gptq`, `awq`, `omniquant`, `w8a8` / `smoothquant` / `llm_int8`, `nonuniform`, `mixed`, `pq`,
 `qat`, `llm_qat`, `lsq`, `bitnet`, and `kivi`, a KV-cache format: Liu et al., ICML 2024) is
 `method(model, params, calib, *, config) -> (model, params)`, registered by name in its own module under
 `quantization/_src/` (`_src/gptq.py`, `_src/qat.py`, ...); importing this package registers them all.
@@ -41,13 +42,14 @@ from jaxcompress.quantization._src.qat import finalize as finalize_qat
 from jaxcompress.quantization._src.quantizers import max_error, quantize_weight
 from jaxcompress.quantization._src.quarot import QuaRotConfig, quarot, random_hadamard
 from jaxcompress.quantization._src.spinquant import SpinQuantConfig, cayley_sgd, spinquant
+from jaxcompress.quantization._src.quip import Incoherent, QuIPConfig, quip, quip_layer
 from jaxcompress.quantization._src.rtn import RTNConfig, rtn
 from jaxcompress.quantization._src.w8a8 import Int8Linear, W8A8Config, w8a8, w8a8_layer
 
-__all__ = ['AWQConfig', 'ActQuantConfig', 'ActQuantized', 'BitNetConfig', 'GPTQConfig', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
+__all__ = ['AWQConfig', 'ActQuantConfig', 'ActQuantized', 'BitNetConfig', 'GPTQConfig', 'Incoherent', 'Int8Linear', 'KIVIConfig', 'LSQConfig', 'LSQWeight',
            'MixedConfig', 'NonUniformConfig', 'OmniQuantConfig', 'Outliers', 'PQConfig', 'Prescaled', 'ProductQuantized', 'QATConfig',
-           'QuaRotConfig', 'RTNConfig', 'SpinQuantConfig', 'W8A8Config', 'act_quant', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
+           'QuIPConfig', 'QuaRotConfig', 'RTNConfig', 'SpinQuantConfig', 'W8A8Config', 'act_quant', 'add_lsq', 'allocate', 'awq', 'awq_from_stats', 'awq_layer',
            'bit_allocation', 'cayley_sgd', 'bitnet', 'fake_quant', 'finalize_lsq', 'finalize_qat', 'gptq', 'gptq_from_factor',
            'gptq_from_hessian', 'gptq_layer', 'kernels', 'kivi', 'layer_error', 'llm_qat', 'lsq', 'max_error', 'mixed',
-           'nonuniform', 'omniquant', 'pq', 'product_quantize', 'qat', 'quantize_weight', 'quantizers', 'quarot', 'random_hadamard',
+           'nonuniform', 'omniquant', 'pq', 'product_quantize', 'qat', 'quantize_weight', 'quantizers', 'quarot', 'quip', 'quip_layer', 'random_hadamard',
            'rtn', 'spinquant', 'squeezellm_from_hessian', 'squeezellm_layer', 'straight_through', 'ternarize', 'w8a8', 'w8a8_layer']

@@ -89,6 +89,22 @@ def check_block_group_size(model, params, *, config) -> None:
   check_group_size_fits(config.group_size, block_input_widths(model, params))
 
 
+def chosen_2d(model, params, rules: core.Rules, caller: str) -> list[tuple[int, str, tuple[int, ...]]]:
+  """[(block index, linear path within the block, shape)] of the block linears `rules` choose (params may be
+  abstract); a stacked expert weight among them is a ValueError naming it (`caller` quantizes [in, out] kernels)."""
+  keep = calibration.chosen(model, params, rules, caller=caller)
+  out = []
+  for i, k in calibration.block_linears(model, params):
+    if calibration.selection.rule_path(model, i, k) not in keep:
+      continue
+    shape = tuple(np.shape(core.paths.get(params[model.block_path][i], k)))
+    if len(shape) != 2:
+      raise ValueError(f'{caller}: block {i} {k} has shape {shape}; it quantizes 2-D kernels [in, out] only '
+                       '(stacked experts: use gptq). Leave it out with exclude=.')
+    out.append((i, k, shape))
+  return out
+
+
 def check_finite(a, name: str, where: str) -> None:
   a = np.asarray(a)
   if not np.isfinite(a).all():

@@ -220,15 +220,8 @@ def _fit(model, params, calib, *, config, offload):
 def check(model, params, *, config: OmniQuantConfig) -> None:
   """Dense 2-D kernels only (stacked experts are refused by name), a group size dividing every chosen kernel's
   input dimension, and the recipe's rules choosing some linear."""
-  keep = calibration.chosen(model, params, config.rules, caller='omniquant')
   common.check_bits(config.bits, 'omniquant')
-  for i, k in calibration.block_linears(model, params):
-    if calibration.selection.rule_path(model, i, k) not in keep:
-      continue
-    shape = np.shape(core.paths.get(params[model.block_path][i], k))
-    if len(shape) != 2:
-      raise ValueError(f'omniquant: block {i} {k} has shape {shape}; it quantizes 2-D kernels [in, out] only '
-                       '(stacked experts: use gptq). Leave it out with exclude=.')
+  for i, k, shape in common.chosen_2d(model, params, config.rules, 'omniquant'):
     common.check_group_size(config.group_size, shape[0], f'omniquant: block {i} {k}')
 
 
