@@ -61,3 +61,24 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Ti
     for k, fn in fns.items():
       times[k].append(timed(fn)[1])
   return {k: Timing(tuple(v)) for k, v in times.items()}
+
+
+def _random(hidden: int, intermediate: int, layers: int, small: bool):
+  from jaxcompress import models
+  heads = max(hidden // 64, 1)
+  cfg = models.LlamaConfig(vocab_size=256 if small else 4096, hidden_size=hidden, intermediate_size=intermediate,
+                           num_layers=layers, num_heads=heads, num_kv_heads=heads, max_position_embeddings=1024)
+  model = models.Llama(cfg)
+  return model, jax.jit(model.init)(jax.random.key(0))
+
+
+def forward_models(small: bool):
+  """(name, model, params) of the forward benchmarks: the fixture, a random 768 / 3072 Llama and all-MiniLM-L6-v2,
+  or with `small` one tiny random Llama."""
+  if small:
+    yield 'random 64 / 192, 2 layers', *_random(64, 192, 2, True)
+    return
+  from jaxcompress.recipes import fixture
+  yield 'fixture 256 / 768, 4 layers', *fixture.load('fixture')
+  yield 'random 768 / 3072, 4 layers', *_random(768, 3072, 4, False)
+  yield 'all-MiniLM-L6-v2 384 / 1536', *fixture.load('minilm')

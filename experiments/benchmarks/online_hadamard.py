@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarks.benchlib import interleaved
-from jaxcompress import models, provenance, quantization
+from experiments.benchmarks.benchlib import forward_models, interleaved
+from jaxcompress import provenance, quantization
 
 _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per forward.')
 _SEQ = flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.')
@@ -25,29 +25,11 @@ _SMALL = flags.DEFINE_boolean('small', False, 'Tiny shapes: a smoke test in seco
 _OUT = flags.DEFINE_string('out', '', 'Write the results here as JSON (with versions and git revision).')
 
 
-def _random(hidden: int, intermediate: int, layers: int, small: bool):
-  heads = max(hidden // 64, 1)
-  cfg = models.LlamaConfig(vocab_size=256 if small else 4096, hidden_size=hidden, intermediate_size=intermediate,
-                           num_layers=layers, num_heads=heads, num_kv_heads=heads, max_position_embeddings=1024)
-  model = models.Llama(cfg)
-  return model, jax.jit(model.init)(jax.random.key(0))
-
-
-def _models(small: bool):
-  if small:
-    yield 'random 64 / 192, 2 layers', *_random(64, 192, 2, True)
-    return
-  from jaxcompress.recipes import fixture
-  yield 'fixture 256 / 768, 4 layers', *fixture.load('fixture')
-  yield 'random 768 / 3072, 4 layers', *_random(768, 3072, 4, False)
-  yield 'all-MiniLM-L6-v2 384 / 1536 (q/k/v, up, down rotated)', *fixture.load('minilm')
-
-
 def main(argv):
   del argv
   batch, seq = (2, 32) if _SMALL.value else (_BATCH.value, _SEQ.value)
   rows = []
-  for name, model, params in _models(_SMALL.value):
+  for name, model, params in forward_models(_SMALL.value):
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
     rmodel, rparams = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=True),
                                           key=jax.random.key(0))

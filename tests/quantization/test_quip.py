@@ -120,3 +120,19 @@ def test_packed_formats_refuse_it_by_name_and_the_dense_export_is_the_same_model
   back_model, back = models.from_pretrained(tmp_path / 'dense')
   np.testing.assert_allclose(np.asarray(back_model.apply(back, tokens)), np.asarray(model.apply(out, tokens)),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.subprocess
+def test_benchmark_runs_small(tmp_path):
+  import json
+  import pathlib
+  import subprocess
+  import sys
+
+  from tests import xla_settings
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  out = subprocess.run([sys.executable, 'experiments/benchmarks/incoherence.py', '--small', '--repeats=1',
+                        f'--out={tmp_path}/bench.json'], cwd=repo, check=True, capture_output=True, text=True,
+                       env=xla_settings.environ(PYTHONPATH=str(repo), JAX_PLATFORMS='cpu'), timeout=600).stdout
+  row, = json.loads((tmp_path / 'bench.json').read_text())['rows']
+  assert row['ratio'] > 0 and row['bits'] == 2 and '| ratio |' in out
