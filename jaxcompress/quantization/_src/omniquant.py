@@ -202,12 +202,10 @@ def omniquant(model, params, calib, *, config: OmniQuantConfig = OmniQuantConfig
 @common.masked_through
 def _fit(model, params, calib, *, config, offload):
   batches = registry.as_context(calib).batches()
-  check(model, params, config=config)
-  keep = calibration.chosen(model, params, config.rules, caller='omniquant')
+  chosen = _chosen(model, params, config)
 
   def fit(i, block, data):
-    kernels = [k for g in model.block_structure(block) for k in g.kernels
-               if calibration.selection.rule_path(model, i, k) in keep]
+    kernels = chosen.get(i, [])
     if not kernels:
       return block
     for k in kernels:
@@ -217,12 +215,20 @@ def _fit(model, params, calib, *, config, offload):
   return model, calibration.run_blockwise(model, params, batches, fit, offload=offload)
 
 
+def _chosen(model, params, config: OmniQuantConfig) -> dict[int, list[str]]:
+  """{block index: its chosen linears in call order}, after `check`'s refusals."""
+  common.check_bits(config.bits, 'omniquant')
+  chosen: dict[int, list[str]] = {}
+  for i, k, shape in common.chosen_2d(model, params, config.rules, 'omniquant'):
+    common.check_group_size(config.group_size, shape[0], f'omniquant: block {i} {k}')
+    chosen.setdefault(i, []).append(k)
+  return chosen
+
+
 def check(model, params, *, config: OmniQuantConfig) -> None:
   """Dense 2-D kernels only (stacked experts are refused by name), a group size dividing every chosen kernel's
   input dimension, and the recipe's rules choosing some linear."""
-  common.check_bits(config.bits, 'omniquant')
-  for i, k, shape in common.chosen_2d(model, params, config.rules, 'omniquant'):
-    common.check_group_size(config.group_size, shape[0], f'omniquant: block {i} {k}')
+  _chosen(model, params, config)
 
 
 registry.register('omniquant', OmniQuantConfig, omniquant, family='quantization', forbids=common.DENSE_OR_MASKED,

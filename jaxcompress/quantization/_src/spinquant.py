@@ -98,7 +98,7 @@ def rotate(model, params, r: jax.Array):
 
 
 def check(model, params, *, config: SpinQuantConfig) -> None:
-  """An RMSNorm family, dense weights, a group size dividing the chosen kernels. params may be abstract."""
+  """An RMSNorm family without experts, dense weights. params may be abstract."""
   del config
   name = type(model).__name__
   if getattr(model, 'family', '') != 'llama':
@@ -106,10 +106,11 @@ def check(model, params, *, config: SpinQuantConfig) -> None:
                      'the residual stream commutes with RMSNorm only (LayerNorm needs R·1 = 1).')
   if model.config.moe_experts:
     raise ValueError(f'spinquant: moe_experts={model.config.moe_experts}: rotate the dense model before MoEfying it.')
-  compressed = [p for p, w in core.paths.flatten(params).items() if core.is_compressed(w)]
+  compressed = [(p, w) for p, w in core.paths.flatten(params).items() if core.is_compressed(w)]
   if compressed:
-    raise ValueError(f'spinquant: {compressed[0]} is already {type(core.paths.flatten(params)[compressed[0]]).__name__};'
-                     ' learn the rotation on the dense model (recipe: quarot > spinquant > gptq(bits=4)).')
+    path, w = compressed[0]
+    raise ValueError(f'spinquant: {path} is already {type(w).__name__}; learn the rotation on the dense model '
+                     '(recipe: quarot > spinquant > gptq(bits=4)).')
 
 
 def _check_folded(params):
