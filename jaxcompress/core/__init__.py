@@ -1,11 +1,12 @@
 """The pytree vocabulary every compression family shares.
 
-Typed weights (`Masked`, `Quantized`, `LowRank`, `LoRA`, `Shared`), the one `linear` every model calls, path
+Typed weights (`Masked`, `Quantized`, `ActQuantized`, `LowRank`, `LoRA`, `Shared`), the one `linear` every model calls, path
 selection, size accounting, compact serialization and the fast Walsh–Hadamard transform (`hadamard`). Nothing
 here knows about models.
 """
 
-from jaxcompress.core import hadamard, paths, serialize, stats
+from jaxcompress.core import activations, hadamard, paths, serialize, stats
+from jaxcompress.core.activations import ActQuantized, quantize_tokens, straight_through
 from jaxcompress.core.hadamard import hadamard_transform
 from jaxcompress.core.leaf import (Compressed, dtype_of, disk_bytes, is_compressed, is_weight_leaf,
                                    materialize, materialize_tree, matmul_flops, memory_bytes, nonzeros,
@@ -20,6 +21,8 @@ from jaxcompress.core.shared import SHARED, Shared, resolve, tie
 from jaxcompress.core.stats import summary
 
 __all__ = [
+    'ActQuantized',
+    'activations',
     'Compressed',
     'LoRA',
     'LowRank',
@@ -49,6 +52,7 @@ __all__ = [
     'nonzeros',
     'paths',
     'quantize',
+    'quantize_tokens',
     'resolve',
     'select',
     'select_by',
@@ -56,6 +60,7 @@ __all__ = [
     'shape_of',
     'stats',
     'stored_params',
+    'straight_through',
     'summary',
     'tie',
 ]

@@ -37,7 +37,8 @@ from jaxcompress.quantization._src.omniquant import OmniQuantConfig, omniquant
 from jaxcompress.quantization._src.nonuniform import (NonUniformConfig, Outliers, nonuniform,
                                                       squeezellm_from_hessian, squeezellm_layer)
 from jaxcompress.quantization._src.pq import PQConfig, ProductQuantized, pq, product_quantize
-from jaxcompress.quantization._src.qat import ActQuantized, QATConfig, fake_quant, qat, straight_through
+from jaxcompress.core.activations import ActQuantized, straight_through
+from jaxcompress.quantization._src.qat import QATConfig, fake_quant, qat
 from jaxcompress.quantization._src.qat import finalize as finalize_qat
 from jaxcompress.quantization._src.quantizers import max_error, quantize_weight
 from jaxcompress.quantization._src.quarot import QuaRotConfig, quarot, random_hadamard

@@ -21,25 +21,52 @@ from tests.quantization.test_quarot import _gpt2, _llama, _perturbed, _tokens
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _ref(x, w, bits):
-  """NumPy float64: x rounded per token to a symmetric bits-bit absmax grid, then times w."""
-  x = x.astype(np.float64)
+def _ref(x, w, bits, grid='narrow'):
+  """NumPy float64: x rounded per token to a symmetric bits-bit absmax grid, then times w. 'narrow': codes
+  ±(2^(bits-1) - 1), scale max|x| / (2^(bits-1) - 1); 'full' (compressed-tensors'): codes [-2^(bits-1),
+  2^(bits-1) - 1], scale max|x| / ((2^bits - 1) / 2).
+  On the 'full' grid each token's largest |x| lands on a rounding tie (x / s = ±(2^bits - 1) / 2), which the
+  float32 division decides, here as in torch and in jaxcompress: the ratio is taken in float32, the rest in float64.
+  """
   qmax = 2 ** (bits - 1) - 1
-  s = np.abs(x).max(axis=-1, keepdims=True) / qmax
+  lo, half_range = (-qmax, qmax) if grid == 'narrow' else (-qmax - 1, (2 ** bits - 1) / 2)
+  s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(half_range)
   s[s == 0] = 1.0
-  return (np.clip(np.round(x / s), -qmax, qmax) * s) @ w.astype(np.float64)
+  ratio = (x.astype(np.float32) / s.astype(np.float32)).astype(np.float64)
+  return (np.clip(np.round(ratio), lo, qmax) * s.astype(np.float64)) @ w.astype(np.float64)
 
 
-@pytest.mark.parametrize('bits', [8, 4])
-def test_act_quantized_linear_equals_a_float64_reference(bits):
+@pytest.mark.parametrize('bits, grid', [(8, 'narrow'), (4, 'narrow'), (8, 'full'), (4, 'full')])
+def test_act_quantized_linear_equals_a_float64_reference(bits, grid):
   rng = np.random.default_rng(bits)
   x = rng.standard_normal((3, 5, 64)).astype(np.float32)
   x[..., 7] *= 30.0  # an outlier channel: it sets every token's scale
   x[0, 0] = 0.0  # an all-zero token keeps scale 1
+  x[1, 2, 7] = -abs(x[1, 2, 7])  # a token whose largest |x| is negative: on the 'full' grid it is code -2^(bits-1)
   w = rng.standard_normal((64, 24)).astype(np.float32)
-  got = np.asarray(core.linear(jnp.asarray(x), quantization.ActQuantized(jnp.asarray(w), bits=bits)))
-  np.testing.assert_allclose(got, _ref(x, w, bits), rtol=2e-5, atol=2e-5)
+  got = np.asarray(core.linear(jnp.asarray(x), quantization.ActQuantized(jnp.asarray(w), bits=bits, grid=grid)))
+  np.testing.assert_allclose(got, _ref(x, w, bits, grid), rtol=2e-5, atol=2e-5)
   assert not np.allclose(got, x @ w, rtol=1e-3, atol=1e-3)  # the rounding is applied
+  other = 'full' if grid == 'narrow' else 'narrow'
+  assert not np.allclose(got, _ref(x, w, bits, other), rtol=1e-4, atol=1e-4)  # the grids differ
+
+
+def test_per_token_codes_are_those_of_correctly_rounded_division():
+  """x / s computed as x · (1 / s) (XLA's rewrite of a division by a broadcast value) moves values near a rounding
+  boundary to the next code; the codes here are exactly those of float32 division, as torch computes them."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((512, 96)).astype(np.float32)
+  s = (np.abs(x).max(-1, keepdims=True) / np.float32(127.5)).astype(np.float32)
+  want = np.clip(np.round(x / s), -128, 127) * s
+  got = np.asarray(jax.jit(lambda v: core.quantize_tokens(v, 8, 'full'))(x))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_grid_names_are_checked():
+  with pytest.raises(ValueError, match="grid='wide'.*'narrow', 'full'"):
+    quantization.ActQuantConfig(grid='wide')
+  with pytest.raises(ValueError, match="grid='wide'"):
+    quantization.ActQuantized(jnp.ones((4, 4)), bits=8, grid='wide')
 
 
 def test_stage_wraps_every_chosen_kernel_around_its_quantized_weight():

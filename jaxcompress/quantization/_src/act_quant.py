@@ -6,7 +6,14 @@ whose matmul rounds the input per token to a symmetric `bits`-bit grid before mu
 
     s[t] = max_j |x[t, j]| / (2^(bits-1) − 1),    x̂[t, j] = s[t] · clip(round(x[t, j] / s[t]), ±(2^(bits-1) − 1))
 
-The scale is computed from each token on the fly (dynamic), so no calibration is needed. One outlier channel sets
+(`grid='narrow'`, the papers'). `grid='full'` rounds to [−2^(bits-1), 2^(bits-1) − 1] with s[t] = max|x[t]| /
+((2^bits − 1) / 2), as compressed-tensors and vLLM do: an int W8A8 model written with `compressed_tensors.export`
+computes the same numbers in transformers only on that grid. `grid='fp8'` (bits=8) rounds to float8_e4m3fn values
+with s[t] = max|x[t]| / 448: FP8 W8A8 after `rtn(fmt='fp8')`, compressed-tensors' 'float-quantized'.
+
+The scale is computed from each token on the fly (dynamic), so no calibration is needed. Around a QuIP
+`Incoherent` leaf the rounding goes inside, on the input its quantized weight multiplies (after QuIP's randomized
+Hadamard), where no outlier channel sets the scale. One outlier channel sets
 every token's scale, which is why 4-bit activations need the rotations of `quarot` first (with `online=True` for
 the MLP's down_proj input, which no fused rotation reaches).
 
@@ -19,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxcompress import core, registry
-from jaxcompress.quantization._src.qat import ActQuantized
+from jaxcompress.core.activations import ActQuantized
+from jaxcompress.quantization._src.quip import Incoherent
 from jaxcompress.quantization._src.rtn import selection
 from jaxcompress.quantization._src.w8a8 import Int8Linear
 
@@ -27,27 +35,32 @@ from jaxcompress.quantization._src.w8a8 import Int8Linear
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ActQuantConfig:
   bits: int = registry.field(8, range='[2, 16]')  # activation bits, per token, symmetric
+  # 'narrow': ±(2^(bits-1) − 1); 'full': [−2^(bits-1), 2^(bits-1) − 1] (compressed-tensors'); 'fp8': e4m3 values
+  grid: str = 'narrow'
   rules: core.Rules = core.Rules()  # which linears (recipe: include=, exclude=, head=); default the blocks'
 
   def __post_init__(self):
+    core.activations.check_grid(self.grid, 'act_quant', self.bits)
     if self.rules.embeddings:
       raise ValueError('embeddings=True: an embedding lookup has no input activation to round; choose linears.')
 
 
-def _wrap(bits: int):
+def _wrap(bits: int, grid: str):
   def one(path, w):
+    if isinstance(w, Incoherent):  # round what the quantized weight multiplies: the input after QuIP's transform
+      return dataclasses.replace(w, base=one(path, w.base))
     if isinstance(w, (ActQuantized, Int8Linear)):
       raise ValueError(f'act_quant: {path} already rounds its input ({type(w).__name__}); quantize activations '
                        'once.')
-    return ActQuantized(w, bits=bits)
+    return ActQuantized(w, bits=bits, grid=grid)
   return one
 
 
 def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantConfig()):
-  """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits)`; calib is not used. Returns
-  (model, params)."""
+  """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits, grid=config.grid)`; calib is not
+  used. Returns (model, params)."""
   del calib
-  return model, selection(model, params, config.rules).map(_wrap(config.bits), params)
+  return model, selection(model, params, config.rules).map(_wrap(config.bits, config.grid), params)
 
 
 def check(model, params, *, config: ActQuantConfig) -> None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxcompress import core, registry
 from jaxcompress.quantization._src import common
-from jaxcompress.quantization._src.qat import ActQuantized, straight_through
+from jaxcompress.core.activations import ActQuantized, straight_through
 from jaxcompress.train import recovery, transforms
 
 EPS = 1e-5  # the paper's ε in W / (γ + ε)

@@ -35,7 +35,7 @@ import optax
 
 from jaxcompress import calibration, core, registry
 from jaxcompress.quantization._src import act_quant, common
-from jaxcompress.quantization._src.qat import ActQuantized
+from jaxcompress.core.activations import ActQuantized
 
 INIT = 4.0  # sigmoid(4) ≈ 0.982: the clipping strengths at the start
 

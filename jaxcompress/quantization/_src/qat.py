@@ -15,79 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxcompress import core, registry
-from jaxcompress.core import leaf as leaf_lib
-from jaxcompress.core import serialize
+from jaxcompress.core.activations import ActQuantized, straight_through
 from jaxcompress.quantization._src import common
 from jaxcompress.train import recovery, transforms
-
-
-def straight_through(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
-  """w -> fn(w) in the forward pass, identity in the backward pass: d fn(w) / dw := 1."""
-  return lambda w: w + jax.lax.stop_gradient(fn(w) - w)
-
-
-def quantize_tokens(x: jax.Array, bits: int) -> jax.Array:
-  """x [..., in] rounded per token to a symmetric `bits`-bit grid (scale max|x| / (2^(bits-1) - 1); an all-zero
-  token keeps scale 1), in x's dtype, gradient straight through the rounding."""
-  qmax = 2 ** (bits - 1) - 1
-  x32 = x.astype(jnp.float32)
-  s = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / qmax
-  s = jnp.where(s == 0, 1.0, s)
-  return straight_through(lambda v: jnp.clip(jnp.round(v / s), -qmax, qmax) * s)(x32).astype(x.dtype)
-
-
-@leaf_lib.leaf_type
-@dataclasses.dataclass(frozen=True)
-class ActQuantized(core.Compressed):
-  """A linear whose input is rounded per token to `bits` bits before the matmul with `w` [in, out] (dense,
-  Masked or Quantized). `materialize()` is the weight; the activation rounding happens in `matmul`."""
-
-  w: Any
-  bits: int = leaf_lib.static(default=8)
-
-  @property
-  def shape(self):
-    return core.shape_of(self.w)
-
-  @property
-  def dtype(self):
-    return core.dtype_of(self.w)
-
-  def materialize(self):
-    return core.materialize(self.w)
-
-  def matmul(self, x):
-    return core.linear(quantize_tokens(x, self.bits), self.w)
-
-  def stored_params(self):
-    return core.stored_params(self.w)
-
-  def memory_bytes(self):
-    return core.memory_bytes(self.w)
-
-  def disk_bytes(self):
-    return core.disk_bytes(self.w)
-
-  def matmul_flops(self):
-    return core.matmul_flops(self.w)
-
-
-def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
-  return {'bits': w.bits, 'w': out.weight('.w', w.w)}
-
-
-def _decode(desc: dict, src: serialize.Reader) -> ActQuantized:
-  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'])
-
-
-serialize.register('act_quantized', ActQuantized, _encode, _decode)
 
 
 def _check_act_bits(act_bits, where: str) -> None:

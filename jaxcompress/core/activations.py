@@ -1,0 +1,124 @@
+"""Activation quantization as a leaf kind: `ActQuantized(w, bits, grid)` rounds a linear's input per token before
+its matmul with `w` (dense, Masked or Quantized), with the scale computed from each token on the fly (dynamic).
+
+Three grids, all symmetric about zero (the token's largest |x| sets the scale):
+
+    'narrow'  codes in [-(2^(b-1) - 1), 2^(b-1) - 1],  s = max|x| / (2^(b-1) - 1)          (W4A4 / W4A8 papers)
+    'full'    codes in [-2^(b-1), 2^(b-1) - 1],        s = max|x| / ((2^b - 1) / 2)       (compressed-tensors,
+              vLLM: 8 bits give s = max|x| / 127.5; the largest positive value clips to 127)
+    'fp8'     float8_e4m3fn values (bits=8),           s = max|x| / 448                   (FP8 W8A8)
+
+A model exported in compressed-tensors' `input_activations` schemes computes what the 'full' and 'fp8' grids
+compute here, so only those are written there; 'narrow' and 'full' differ by less than one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core import leaf as leaf_lib
+from jaxcompress.core import serialize
+from jaxcompress.core.matmul import linear
+
+GRIDS = ('narrow', 'full', 'fp8')
+FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+
+
+def straight_through(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  """w -> fn(w) in the forward pass, identity in the backward pass: d fn(w) / dw := 1."""
+  return lambda w: w + jax.lax.stop_gradient(fn(w) - w)
+
+
+def check_grid(grid: Any, where: str, bits: int | None = None) -> None:
+  if grid not in GRIDS:
+    raise ValueError(f"{where}: grid={grid!r} is not one of {GRIDS}: 'narrow' rounds to ±(2^(bits-1) - 1), "
+                     "'full' to [-2^(bits-1), 2^(bits-1) - 1] as compressed-tensors and vLLM do, 'fp8' to "
+                     'float8_e4m3fn values (bits=8).')
+  if grid == 'fp8' and bits is not None and bits != 8:
+    raise ValueError(f"{where}: grid='fp8' rounds to float8_e4m3fn values: bits={bits} must be 8.")
+
+
+def token_range(bits: int, grid: str = 'narrow') -> tuple[int, int, float]:
+  """(lowest code, highest code, max|x| / scale) of a `bits`-bit symmetric per-token grid."""
+  qmax = 2 ** (bits - 1) - 1
+  if grid == 'full':
+    return -qmax - 1, qmax, (2 ** bits - 1) / 2
+  return -qmax, qmax, float(qmax)
+
+
+def divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
+  """a / b correctly rounded, b broadcast to a's shape. XLA rewrites a division by a broadcast value as a
+  multiplication by its reciprocal, which moves codes that sit near a rounding boundary: a grid meant to compute
+  what another implementation computes (compressed-tensors' in torch) divides here."""
+  return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
+def quantize_tokens(x: jax.Array, bits: int, grid: str = 'narrow') -> jax.Array:
+  """x [..., in] rounded per token to a symmetric `bits`-bit `grid` (an all-zero token keeps scale 1), computed in
+  float32 (with correctly rounded divisions) and returned in x's dtype, gradient straight through the rounding."""
+  if grid == 'fp8':
+    lo, hi, half_range = -FP8_MAX, FP8_MAX, FP8_MAX
+    snap = lambda r: jnp.clip(r, lo, hi).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+  else:
+    lo, hi, half_range = token_range(bits, grid)
+    snap = lambda r: jnp.clip(jnp.round(r), lo, hi)
+  x32 = x.astype(jnp.float32)
+  s = divide(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), half_range)
+  s = jnp.where(s == 0, 1.0, s)
+  return straight_through(lambda v: snap(divide(v, s)) * s)(x32).astype(x.dtype)
+
+
+@leaf_lib.leaf_type
+@dataclasses.dataclass(frozen=True)
+class ActQuantized(leaf_lib.Compressed):
+  """A linear whose input is rounded per token to `bits` bits on `grid` before the matmul with `w` [in, out]
+  (dense, Masked or Quantized). `materialize()` is the weight; the activation rounding happens in `matmul`."""
+
+  w: Any
+  bits: int = leaf_lib.static(default=8)
+  grid: str = leaf_lib.static(default='narrow')
+
+  def __post_init__(self):
+    check_grid(self.grid, 'ActQuantized', self.bits)
+
+  @property
+  def shape(self):
+    return leaf_lib.shape_of(self.w)
+
+  @property
+  def dtype(self):
+    return leaf_lib.dtype_of(self.w)
+
+  def materialize(self):
+    return leaf_lib.materialize(self.w)
+
+  def matmul(self, x):
+    return linear(quantize_tokens(x, self.bits, self.grid), self.w)
+
+  def stored_params(self):
+    return leaf_lib.stored_params(self.w)
+
+  def memory_bytes(self):
+    return leaf_lib.memory_bytes(self.w)
+
+  def disk_bytes(self):
+    return leaf_lib.disk_bytes(self.w)
+
+  def matmul_flops(self):
+    return leaf_lib.matmul_flops(self.w)
+
+
+def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
+  return {'bits': w.bits, 'grid': w.grid, 'w': out.weight('.w', w.w)}
+
+
+def _decode(desc: dict, src: serialize.Reader) -> ActQuantized:
+  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'], grid=desc.get('grid', 'narrow'))
+
+
+serialize.register('act_quantized', ActQuantized, _encode, _decode)
