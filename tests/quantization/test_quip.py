@@ -14,8 +14,8 @@ from tests.quantization.test_quarot import _llama, _tokens
 
 
 def _q(n, signs):
-  """NumPy float64 Q = H·diag(signs), H the normalized Hadamard of n."""
-  return (hadamard.hadamard_matrix(n).astype(np.float64) / np.sqrt(n)) * np.asarray(signs, np.float64)[None, :]
+  """NumPy float64 Q = diag(signs)·H, H the normalized Hadamard of n."""
+  return np.asarray(signs, np.float64)[:, None] * (hadamard.hadamard_matrix(n).astype(np.float64) / np.sqrt(n))
 
 
 def _layer(seed=0, n_in=64, n_out=48, outliers=(3, 17)):
@@ -46,6 +46,37 @@ def test_the_transforms_equal_a_float64_reference_and_the_leaf_is_exact_before_r
   np.testing.assert_allclose(np.asarray(core.linear(jnp.asarray(xs), exact)), xs @ w, rtol=1e-4, atol=1e-4)
   ht = q_in.T @ h @ q_in
   assert np.abs(np.diag(ht)).max() / np.abs(np.diag(ht)).mean() < 0.2 * np.diag(h).max() / np.diag(h).mean()
+
+
+def test_activation_rounding_goes_inside_the_transform():
+  """act_quant after quip rounds the input its quantized weight multiplies, x·Q_in (float64 reference), where the
+  outlier channels are spread over all: at 4 bits far closer to the float output than rounding x itself."""
+  x, w = _layer()
+  leaf = quantization.quip_layer(jnp.asarray(w), jnp.asarray(x.T @ x), jax.random.key(3),
+                                 quantization.QuIPConfig(bits=8, group_size=16))
+  model = _llama(hidden_size=64, intermediate_size=48)  # up_proj [64, 48], the layer's shape
+  params = core.paths.replace(model.init(jax.random.key(0)), {'layers/0/mlp/up_proj/kernel': leaf})
+  _, out = quantization.act_quant(model, params, config=quantization.ActQuantConfig(
+      bits=4, rules=core.Rules(include=('layers/0/mlp/up_proj/kernel$',))))
+  rounded = core.paths.get(out, 'layers/0/mlp/up_proj/kernel')
+  assert isinstance(rounded, quantization.Incoherent) and isinstance(rounded.base, quantization.ActQuantized)
+  q_in, q_out = _q(64, leaf.in_signs), _q(48, leaf.out_signs)
+  xt = x[:16].astype(np.float64) @ q_in
+  s = np.abs(xt).max(-1, keepdims=True) / 7
+  want = (np.clip(np.round(xt / s), -7, 7) * s) @ np.asarray(leaf.base.materialize(), np.float64) @ q_out.T
+  got = np.asarray(core.linear(jnp.asarray(x[:16]), rounded), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+  outside = np.asarray(core.linear(jnp.asarray(x[:16]), quantization.ActQuantized(leaf, bits=4)), np.float64)
+  exact = x[:16].astype(np.float64) @ w
+  err = lambda y: np.linalg.norm(y - exact) / np.linalg.norm(exact)
+  print(f'4-bit inputs: relative error {err(got):.4f} rounded after the transform, {err(outside):.4f} before')
+  assert err(got) < 0.5 * err(outside), (err(got), err(outside))
+
+
+def test_a_leaf_of_the_earlier_transform_order_is_refused_on_load():
+  from jaxcompress.quantization._src import quip as quip_lib
+  with pytest.raises(ValueError, match='Hadamard before the signs.*Run quip again'):
+    quip_lib._decode({'base': {}, 'in_block': None, 'out_block': None}, None)
 
 
 def test_a_width_with_no_hadamard_uses_blocks_or_is_refused():

@@ -2,8 +2,10 @@
 Large Language Models With Guarantees", NeurIPS 2023), with randomized Hadamard transforms as in QuIP#.
 
 Each linear W [in, out] with input Hessian H = XᵀX is multiplied on both sides by random orthogonal matrices
-Q_in = H_in·D_in and Q_out = H_out·D_out (H the normalized Walsh–Hadamard matrix of the width, D = diag(±1) drawn
-per linear from the run's seed), so that no weight and no Hessian direction stands out (the paper's μ-incoherence):
+Q_in = D_in·H_in and Q_out = D_out·H_out (H the normalized Walsh–Hadamard matrix of the width, D = diag(±1) drawn
+per linear from the run's seed; signs first, QuIP#'s randomized Hadamard transform, so that an input a model
+already rotates by H online (QuaRot's down_proj) is not rotated back by a second H), so that no weight and no
+Hessian direction stands out (the paper's μ-incoherence):
 
     W̃ = Q_inᵀ·W·Q_out,   H̃ = Q_inᵀ·H·Q_in      (x·W = (x·Q_in)·W̃·Q_outᵀ)
 
@@ -34,7 +36,7 @@ from jaxcompress.quantization._src.gptq import gptq_from_hessian
 @leaf_lib.leaf_type
 @dataclasses.dataclass(frozen=True)
 class Incoherent(core.Compressed):
-  """W = Q_in·base·Q_outᵀ with Q = H·diag(signs) (H the normalized Hadamard of the width, block-diagonal with
+  """W = Q_in·base·Q_outᵀ with Q = diag(signs)·H (H the normalized Hadamard of the width, block-diagonal with
   blocks of `in_block` / `out_block` when set). base: [in, out] (a `Quantized` leaf, or dense); in_signs [in],
   out_signs [out]: ±1 float32."""
 
@@ -53,15 +55,15 @@ class Incoherent(core.Compressed):
     return core.dtype_of(self.base)
 
   def materialize(self):
-    w = core.materialize(self.base).astype(jnp.float32) * self.out_signs[None, :]
-    w = hadamard.hadamard_transform(w, axis=-1, block=self.out_block, transpose=True)  # ·Q_outᵀ
-    w = hadamard.hadamard_transform(self.in_signs[:, None] * w, axis=0, block=self.in_block, transpose=True)
-    return w.astype(self.dtype)
+    w = core.materialize(self.base).astype(jnp.float32)
+    w = hadamard.hadamard_transform(w, axis=-1, block=self.out_block, transpose=True) * self.out_signs[None, :]
+    w = hadamard.hadamard_transform(w, axis=0, block=self.in_block, transpose=True)  # Q_in·(base·Q_outᵀ)
+    return (self.in_signs[:, None] * w).astype(self.dtype)
 
   def matmul(self, x):
-    x32 = hadamard.hadamard_transform(x.astype(jnp.promote_types(x.dtype, jnp.float32)), block=self.in_block)
-    z = core.linear((x32 * self.in_signs).astype(x.dtype), self.base)
-    z = hadamard.hadamard_transform(z.astype(x32.dtype) * self.out_signs, block=self.out_block, transpose=True)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32)) * self.in_signs
+    z = core.linear(hadamard.hadamard_transform(x32, block=self.in_block).astype(x.dtype), self.base)  # (x·Q_in)·base
+    z = hadamard.hadamard_transform(z.astype(x32.dtype), block=self.out_block, transpose=True) * self.out_signs
     return z.astype(x.dtype)
 
   def stored_params(self):
@@ -80,10 +82,14 @@ class Incoherent(core.Compressed):
 def _encode(w: Incoherent, out: serialize.Writer) -> dict:
   out.put('.in_signs', np.asarray(w.in_signs, np.int8))
   out.put('.out_signs', np.asarray(w.out_signs, np.int8))
-  return {'base': out.weight('.base', w.base), 'in_block': w.in_block, 'out_block': w.out_block}
+  return {'base': out.weight('.base', w.base), 'in_block': w.in_block, 'out_block': w.out_block, 'signs': 'first'}
 
 
 def _decode(desc: dict, src: serialize.Reader) -> Incoherent:
+  if desc.get('signs') != 'first':
+    raise ValueError('an Incoherent (QuIP) leaf written by an earlier jaxcompress, whose transform applied the '
+                     'Hadamard before the signs (Q = H·D; now Q = D·H): its base would be read against the other '
+                     'transform. Run quip again on the uncompressed model.')
   signs = lambda k: jnp.asarray(np.asarray(src.get(k), np.float32))
   return Incoherent(src.weight('.base', desc['base']), signs('.in_signs'), signs('.out_signs'),
                     in_block=desc['in_block'], out_block=desc['out_block'])
@@ -131,11 +137,10 @@ def quip_layer(w: jax.Array, h: jax.Array, key: jax.Array, config: QuIPConfig = 
   s_in = jax.random.rademacher(k_in, (n_in,), jnp.float32)
   s_out = jax.random.rademacher(k_out, (n_out,), jnp.float32)
   wf = w.astype(jnp.float32)
-  wt = hadamard.hadamard_transform(s_in[:, None] * hadamard.hadamard_transform(wf, axis=0, block=bi), axis=-1,
-                                   block=bo) * s_out[None, :]  # Q_inᵀ·W·Q_out
-  hf = h.astype(jnp.float32)
-  ht = hadamard.hadamard_transform(hadamard.hadamard_transform(hf, axis=0, block=bi), axis=-1, block=bi)
-  ht = s_in[:, None] * ht * s_in[None, :]  # Q_inᵀ·H·Q_in
+  wt = hadamard.hadamard_transform(hadamard.hadamard_transform(s_in[:, None] * wf * s_out[None, :], axis=0,
+                                                                block=bi), axis=-1, block=bo)  # Q_inᵀ·W·Q_out
+  hf = s_in[:, None] * h.astype(jnp.float32) * s_in[None, :]
+  ht = hadamard.hadamard_transform(hadamard.hadamard_transform(hf, axis=0, block=bi), axis=-1, block=bi)  # Q_inᵀ·H·Q_in
   q = gptq_from_hessian(wt.astype(w.dtype), ht, bits=config.bits, group_size=config.group_size,
                         symmetric=config.symmetric, damp=config.damp)
   return Incoherent(q, s_in, s_out, in_block=bi, out_block=bo)
