@@ -2,6 +2,8 @@
 
     python experiments/benchmarks/export.py                    # the causal-LM fixture and all-MiniLM-L6-v2
     python experiments/benchmarks/export.py --bits=8 --group_size=0     # W8 per channel
+    python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8    # W8A8 int
+    python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8              # FP8 W8A8
     python experiments/benchmarks/export.py --json=export.json
 
 Each model's Linear kernels (heads included, embeddings not) are quantized round-to-nearest (asymmetric, W4 g128
@@ -9,7 +11,12 @@ by default), then written in every format of `recipes.exports` (jxc, compressed-
 read back: jxc with `core.serialize.load`, the others with `models.from_pretrained`. Agreement is the relative
 error (‖a − b‖ / ‖b‖ over the logits, or the last hidden states of MiniLM) of the read-back model against the
 compressed params, and of transformers' load of the directory (compressed-tensors with `dequantize=True` for an
-asymmetric scheme) against them. GPTQ directories load in transformers only with optimum + gptqmodel, which this
+asymmetric 'pack-quantized' scheme) against them. With `--act_bits`, each kernel's input is also rounded per token
+(`ActQuantized` on compressed-tensors' grid: 'full' for int weights, 'fp8' for FP8 ones), written 'int-quantized'
+or 'float-quantized'. There an activation within float error of a rounding boundary lands on the neighbouring code
+in one implementation and not in the other, and in a deep model such flips feed the next layers' roundings, so the
+whole-model agreement says little; the column "per-Linear" gives the largest relative error of one transformers
+Linear against ours on the same random input [2, tokens, in], which is where the two must agree. GPTQ directories load in transformers only with optimum + gptqmodel, which this
 CPU environment does not install (GPTQModel's wheel pulls the CUDA runtime): that column says so.
 """
 
@@ -34,6 +41,9 @@ from jaxcompress.recipes import exports, fixture
 flags.DEFINE_integer('bits', 4, 'Code width of the round-to-nearest quantization.', lower_bound=2, upper_bound=8)
 flags.DEFINE_integer('group_size', 128, 'Inputs per scale group (0: per channel).', lower_bound=0)
 flags.DEFINE_bool('symmetric', False, 'Symmetric codes (no zero points).')
+flags.DEFINE_enum('fmt', 'int', ['int', 'fp8'], "Code format: uniform 'int' or 'fp8' (e4m3, absmax; --bits ignored).")
+flags.DEFINE_integer('act_bits', 0, 'Also round every kernel input per token to this many bits (0: weights only).',
+                     lower_bound=0, upper_bound=8)
 flags.DEFINE_list('models', ['fixture', 'minilm'], "'fixture' and / or 'minilm' (skipped if not installed).")
 flags.DEFINE_integer('tokens', 32, 'Tokens per sequence of the agreement check (2 sequences).', lower_bound=2)
 flags.DEFINE_string('json', None, 'Also write the rows as JSON to this file.')
@@ -48,8 +58,13 @@ def load(name: str):
 
 def quantize(model, params):
   group = FLAGS.group_size or None
-  return model.select(params, head=True).map(
-      lambda _, w: core.quantize(w, bits=FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric), params)
+  fp8 = FLAGS.fmt == 'fp8'
+
+  def one(_, w):
+    q = core.quantize(w, bits=8 if fp8 else FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric or fp8,
+                      fmt=FLAGS.fmt)
+    return core.ActQuantized(q, bits=FLAGS.act_bits, grid='fp8' if fp8 else 'full') if FLAGS.act_bits else q
+  return model.select(params, head=True).map(one, params)
 
 
 def rel_err(a, b) -> float:
@@ -57,17 +72,36 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def transformers_outputs(path: pathlib.Path, kind: str, tokens: np.ndarray, asymmetric: bool) -> np.ndarray:
+def per_linear_error(ref, model, qparams, tokens: int) -> float:
+  """The largest relative error of a transformers Linear (with its bias) against `core.linear` on the same input."""
+  import torch
+  rng, worst = np.random.RandomState(1), 0.0
+  flat = core.flatten(qparams)
+  for row in model.hf_table():
+    w = flat[row.ours[0]]
+    if not isinstance(w, core.ActQuantized):
+      continue
+    x = rng.randn(2, tokens, w.shape[0]).astype(np.float32)
+    bias = flat.get(row.ours[0].removesuffix('kernel') + 'bias')
+    module = ref.get_submodule(models.hf.export_name(model, row.hf).removesuffix('.weight'))
+    with torch.no_grad():
+      want = module(torch.from_numpy(x)).numpy()
+    worst = max(worst, rel_err(core.linear(jnp.asarray(x), w, bias), want))
+  return worst
+
+
+def transformers_outputs(path: pathlib.Path, kind: str, tokens: np.ndarray, asymmetric: bool, check=None):
   import torch
   import transformers
   auto = transformers.AutoModelForCausalLM if kind == 'causal' else transformers.AutoModel
   kwargs = {}
-  if (path / 'config.json').exists() and asymmetric and 'compressed-tensors' in (path / 'config.json').read_text():
+  if asymmetric and f'"{exports.compressed_tensors.FORMAT}"' in (path / 'config.json').read_text():
     kwargs['quantization_config'] = transformers.CompressedTensorsConfig(dequantize=True)
   ref = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
   with torch.no_grad():
-    out = ref(torch.tensor(tokens))
-  return (out.logits if kind == 'causal' else out.last_hidden_state).float().numpy()
+    out = ref(torch.tensor(tokens))  # the first forward also decompresses the weights
+  outputs = (out.logits if kind == 'causal' else out.last_hidden_state).float().numpy()
+  return outputs, None if check is None else check(ref)
 
 
 def bench(name: str) -> list[dict]:
@@ -77,7 +111,7 @@ def bench(name: str) -> list[dict]:
   tokens = np.random.RandomState(0).randint(1, vocab, (2, FLAGS.tokens)).astype(np.int32)
   apply = jax.jit(model.apply)
   ours = np.asarray(apply(qparams, jnp.asarray(tokens)))
-  formats = exports.allowed(model, qparams)
+  formats = exports.allowed(model, qparams) + ('dense',)  # dense: the byte reference, written in any case
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for fmt in exports.FORMATS:
@@ -97,6 +131,9 @@ def bench(name: str) -> list[dict]:
       path = out / written['path']
       if fmt == 'gptq':  # v1 where every zero point is at least 1, else v2
         row['format'] = f"gptq ({json.loads((path / 'config.json').read_text())['quantization_config']['format']})"
+      if fmt == 'dense' and FLAGS.act_bits:  # not a default here: its weights alone compute another function
+        row['format'] = 'dense (weights only)'
+
       t0 = time.perf_counter()
       back = core.serialize.load(path) if fmt == 'jxc' else models.from_pretrained(path)[1]
       jax.block_until_ready(back)
@@ -105,8 +142,11 @@ def bench(name: str) -> list[dict]:
       if fmt == 'gptq':
         row['transformers_err'] = 'n/a: needs optimum + gptqmodel'
       elif fmt != 'jxc':
-        row['transformers_err'] = rel_err(transformers_outputs(path, kind, tokens, not FLAGS.symmetric), ours)
-  dense = next(r['bytes'] for r in rows if r['format'] == 'dense')
+        check = (lambda ref: per_linear_error(ref, model, qparams, FLAGS.tokens)) if fmt == 'compressed-tensors' \
+            and FLAGS.act_bits else None
+        theirs, row['per_linear_err'] = transformers_outputs(path, kind, tokens, not FLAGS.symmetric, check)
+        row['transformers_err'] = rel_err(theirs, ours)
+  dense = next(r['bytes'] for r in rows if r['format'].startswith('dense'))
   for r in rows:
     if 'bytes' in r:
       r['vs_dense'] = r['bytes'] / dense
@@ -115,15 +155,17 @@ def bench(name: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   cell = lambda v, f: '' if v is None else v if isinstance(v, str) else format(v, f)
-  lines = ['| model | format | bytes | vs dense fp32 | export s | import s | re-import rel err | transformers rel err |',
-           '|---|---|---|---|---|---|---|---|']
+  acts = bool(FLAGS.act_bits)
+  lines = ['| model | format | bytes | vs dense fp32 | export s | import s | re-import rel err | transformers rel err |'
+           + (' per-Linear |' if acts else ''), '|---|---|---|---|---|---|---|---|' + ('---|' if acts else '')]
   for r in rows:
     if 'note' in r:
-      lines.append(f"| {r['model']} | {r['format']} | {r['note']} | | | | | |")
+      lines.append(f"| {r['model']} | {r['format']} | {r['note']} | | | | | |" + (' |' if acts else ''))
       continue
     lines.append(f"| {r['model']} | {r['format']} | {r['bytes']:,} | {r['vs_dense']:.3f} | {r['export_s']:.2f} | "
                  f"{r['import_s']:.2f} | {cell(r['reimport_err'], '.1e')} | "
-                 f"{cell(r.get('transformers_err'), '.1e') or 'n/a (no reader)'} |")
+                 f"{cell(r.get('transformers_err'), '.1e') or 'n/a (no reader)'} |" +
+                 (f" {cell(r.get('per_linear_err'), '.1e')} |" if acts else ''))
   return '\n'.join(lines)
 
 
@@ -141,8 +183,10 @@ def main(argv):
         print(f'minilm skipped: {e}')
         continue
     rows += bench(name)
-  scheme = f"W{FLAGS.bits} {'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
-      ('symmetric' if FLAGS.symmetric else 'asymmetric')
+  weights = 'FP8 (e4m3)' if FLAGS.fmt == 'fp8' else f'W{FLAGS.bits}'
+  acts = f"A{FLAGS.act_bits} ({'fp8' if FLAGS.fmt == 'fp8' else 'int'}, per token) " if FLAGS.act_bits else ''
+  scheme = f"{weights} {acts}{'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
+      ('symmetric' if FLAGS.symmetric or FLAGS.fmt == 'fp8' else 'asymmetric')
   print(f'{scheme}, round-to-nearest, every Linear kernel (heads included), fp32 elsewhere; CPU ({jax.devices()[0]})')
   print(table(rows))
   if FLAGS.json:

@@ -14,7 +14,7 @@ from jaxcompress.calibration.driver import (BlockData, CompressBlock, DensePass,
 from jaxcompress.calibration.parallel import solve_parallel
 from jaxcompress.calibration.selection import block_linears, check_blocks_only, chosen, only
 from jaxcompress.calibration.experts import solve_experts
-from jaxcompress.calibration.out_of_core import compress_checkpoint, load_compressed
+from jaxcompress.calibration.out_of_core import compress_checkpoint, compressed_parts, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
                                                norms)
 
@@ -37,6 +37,7 @@ __all__ = [
     'column_norms',
     'combine',
     'compress_checkpoint',
+    'compressed_parts',
     'hessian',
     'load_compressed',
     'norms',

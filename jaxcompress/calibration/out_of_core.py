@@ -266,22 +266,43 @@ def _as_plans(compress_block, observer, per_group) -> list[driver.SequentialPlan
 
 def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
   """The full parameter tree of a finished `compress_checkpoint` output (every file checked against its hash)."""
+  params: dict[str, Any] = {}
+  for load in compressed_parts(output_dir):
+    for k, v in load().items():
+      if k in params:  # the blocks, one {i: block} at a time
+        params[k].update(v)
+      else:
+        params[k] = v
+  return params
+
+
+def compressed_parts(output_dir: str | os.PathLike) -> list[Callable[[], dict[str, Any]]]:
+  """Loaders of a finished `compress_checkpoint` output a part at a time: first everything outside the blocks
+  (embedding, final norm, head), then each block as {block_path: {i: block}}; each file is checked against its
+  hash when loaded. What a streamed export (`models.compressed_tensors.export_parts`) reads, one part in memory."""
   out = Path(output_dir)
   manifest = _read_manifest(out)
   if manifest is None or not manifest.get('complete'):
     raise ValueError(f"load_compressed: '{out}' holds no finished compression (manifest.json "
                      f"{'missing' if manifest is None else 'says incomplete'}); run compress_checkpoint again with "
                      'the same arguments to finish it.')
-  for rec in [*manifest['rest'], *manifest['blocks'].values()]:
+
+  def load(rec: dict) -> dict[str, Any]:
     if _sha256(out / rec['file']) != rec['sha256']:
       raise ValueError(f"load_compressed: '{out / rec['file']}' does not match the sha256 in the manifest; the "
                        'file was changed or damaged: rerun compress_checkpoint to rewrite it.')
-  params = {}
-  for rec in manifest['rest']:
-    params.update(core.serialize.load(out / rec['file']))
-  blocks = {int(i): core.serialize.load(out / rec['file']) for i, rec in manifest['blocks'].items()}
-  params[manifest['block_path']] = {i: blocks[i] for i in sorted(blocks)}
-  return params
+    return core.serialize.load(out / rec['file'])
+
+  def rest() -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for rec in manifest['rest']:
+      params.update(load(rec))
+    return params
+
+  def block(i: int) -> Callable[[], dict[str, Any]]:
+    return lambda: {manifest['block_path']: {i: load(manifest['blocks'][str(i)])}}
+
+  return [rest] + [block(i) for i in sorted(int(i) for i in manifest['blocks'])]
 
 
 # Output directory and manifest -----------------------------------------------------------------------------------

@@ -18,9 +18,24 @@ rows of [in, out]). A Linear `<m>` quantized to b bits stores
 
 compressed-tensors computes w = (s - zp) * scale over signed codes s = q - 2**(b-1) (the packer's offset), and
 ours is w = (q - zero) * scale, so zp = zero - 2**(b-1): a symmetric scheme (zp = 0, no tensor) is our zero=None.
-What the format cannot hold (NF4, fp8 and codebook codes, low-rank factors, shared storage, masks, quantized
+What the format cannot hold (NF4, e5m2 and codebook codes, low-rank factors, shared storage, masks, quantized
 embeddings or GPT-2's Conv1D weights) is refused before anything is written, naming the paths; with
 `dense_fallback=True` those tensors are written dense and their Linears listed in `ignore`.
+
+Activations: an `ActQuantized` leaf on the 'full' grid around such a weight (W8A8, W4A8: `act_quant(grid='full')`)
+is written in the 'int-quantized' format llm-compressor writes for those schemes, its config group carrying
+`input_activations` (int, symmetric, per token, dynamic): compressed-tensors rounds each token to
+[-2^(b-1), 2^(b-1) - 1] with scale max|x| / ((2^b - 1) / 2), which is that grid. 'int-quantized' stores
+
+  <m>.weight             int8 [out, in]      signed codes s = q - 2**(b-1)
+  <m>.weight_scale       [out, groups]
+  <m>.weight_zero_point  int8 [out, groups]  asymmetric only: zp = zero - 2**(b-1), unpacked
+
+FP8 (e4m3, absmax scales: `rtn(fmt='fp8')`) kernels are written 'naive-quantized' (`<m>.weight` float8_e4m3fn
+[out, in] and `<m>.weight_scale`), or 'float-quantized' inside an 'fp8'-grid `ActQuantized` (FP8 W8A8, dynamic per
+token). The papers' 'narrow' grid (±(2^(b-1) - 1)) is refused by name: transformers would compute other numbers.
+Nor does `dense_fallback` write an `ActQuantized` leaf dense, which would drop the rounding of its input. A model
+too large for memory is written a part at a time by `export_parts` (`packed.write`).
 
 transformers 5.25 (with compressed-tensors 0.20.1) loads symmetric schemes on its default path; asymmetric ones
 need `CompressedTensorsConfig(dequantize=True)`, whose path applies the first config group's scheme to every
@@ -37,48 +52,94 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import core
-from jaxcompress.models import convert, hf, packed
+from jaxcompress.models import convert, packed
 from jaxcompress.models.base import Model
 
 QUANT_METHOD = 'compressed-tensors'
-FORMAT = 'pack-quantized'
+FORMAT = 'pack-quantized'  # int weight-only: codes packed into int32 words
+INT_FORMAT = 'int-quantized'  # int weights one code per int8, with input_activations (llm-compressor's W8A8, W4A8)
+NAIVE_FORMAT = 'naive-quantized'  # FP8 weight-only: codes as float8_e4m3fn
+FLOAT_FORMAT = 'float-quantized'  # FP8 weights with FP8 input_activations (llm-compressor's FP8_DYNAMIC)
 VERSION = '0.20.1'  # the compressed-tensors release whose layout this module writes and reads
 # Suffixes a packed Linear stores instead of `.weight`.
 PACKED = ('weight_packed', 'weight_scale', 'weight_shape', 'weight_zero_point')
+# The format compressed-tensors infers for (weight type, input activations rounded).
+FORMATS = {('int', False): FORMAT, ('int', True): INT_FORMAT, ('float', False): NAIVE_FORMAT,
+           ('float', True): FLOAT_FORMAT}
 
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
-  """Int weight-only quantization of one Linear: `bits`, groups of `group_size` inputs (None: per channel)."""
+  """The quantization of one Linear: `bits`, groups of `group_size` inputs (None: per channel), `type` 'int' or
+  'float' (FP8 e4m3 codes); with `act_bits` its input is also rounded per token (dynamic, symmetric: the 'full'
+  grid for int, 'fp8' for float). `format` is how the weight is stored (one of FORMATS' values)."""
 
   bits: int
   group_size: int | None
   symmetric: bool
+  type: str = 'int'
+  act_bits: int | None = None
+  format: str = FORMAT
+
+  def activations_config(self) -> dict | None:
+    """The scheme's `input_activations` QuantizationArgs (None: weight-only)."""
+    if self.act_bits is None:
+      return None
+    return {'num_bits': self.act_bits, 'type': self.type, 'symmetric': True, 'group_size': None,
+            'strategy': 'token', 'dynamic': True, 'actorder': None, 'block_structure': None}
 
   def weights_config(self) -> dict:
     """The scheme's `weights` QuantizationArgs as compressed-tensors serializes them."""
     strategy = 'channel' if self.group_size is None else 'group'
-    return {'num_bits': self.bits, 'type': 'int', 'symmetric': self.symmetric, 'group_size': self.group_size,
+    return {'num_bits': self.bits, 'type': self.type, 'symmetric': self.symmetric, 'group_size': self.group_size,
             'strategy': strategy, 'dynamic': False, 'actorder': None, 'block_structure': None}
 
 
 # Export -------------------------------------------------------------------------------------------------------
 
-LAYOUT = "compressed-tensors 'pack-quantized'"
+LAYOUT = 'compressed-tensors'
 MASKED = 'compressed-tensors 0.20 reads no sparse format (transformers would leave the weight uninitialized)'
+ACT_GRID = {'int': 'full', 'float': 'fp8'}  # the activation grid compressed-tensors computes, per weight type
+
+
+def _activation_refusal(w: core.ActQuantized) -> str | None:
+  """Why compressed-tensors cannot compute an `ActQuantized` leaf's rounding of its input (None: it can)."""
+  if w.grid == 'narrow':
+    return (f"per-token activations on the 'narrow' grid: compressed-tensors rounds them to [-{2 ** (w.bits - 1)}, "
+            f"{2 ** (w.bits - 1) - 1}] with scale max|x| / {(2 ** w.bits - 1) / 2}; quantize with "
+            "act_quant(grid='full') to export, or keep compressed.jxc")
+  if w.bits > 8:
+    return f'{w.bits}-bit activations: compressed-tensors int activations hold at most 8 bits'
+  inner = w.w
+  weight_type = 'float' if isinstance(inner, core.Quantized) and inner.fmt == 'fp8' else 'int'
+  if not isinstance(inner, core.Quantized) or inner.fmt not in ('int', 'fp8') or ACT_GRID[weight_type] != w.grid:
+    want = {'full': f"int Quantized weights ({INT_FORMAT!r})", 'fp8': f"FP8 Quantized weights ({FLOAT_FORMAT!r}, "
+            "rtn(fmt='fp8'))"}[w.grid]
+    return (f"'{w.grid}' activation rounding around a {packed.kind(inner)} weight: compressed-tensors holds it "
+            f'around {want} only')
+  return None
 
 
 def _refusal(w: Any, row: convert.TensorMap) -> str | None:
-  reason = packed.refusal(w, row, LAYOUT, MASKED)
+  if isinstance(w, core.ActQuantized):
+    reason = _activation_refusal(w)
+    if reason is not None:
+      return reason
+    w = w.w
+  if isinstance(w, core.Quantized) and w.fmt == 'fp8' and np.dtype(w.codes.dtype) != np.dtype(jnp.float8_e4m3fn):
+    return f'{np.dtype(w.codes.dtype).name} codes: compressed-tensors FP8 is float8_e4m3fn; core.serialize holds it'
+  reason = packed.refusal(w, row, LAYOUT, MASKED, formats=('int', 'fp8'))
   if reason is None and isinstance(w, core.Quantized) and w.g_idx is not None:
-    return (f'act-order groups (g_idx): compressed-tensors 0.20 {LAYOUT} stores no group index; the GPTQ layout '
+    return ('act-order groups (g_idx): compressed-tensors 0.20 stores no group index; the GPTQ layout '
             '(--export=gptq) or core.serialize holds it')
   return reason
 
@@ -88,8 +149,34 @@ def refusals(model: Model, params: dict) -> dict[str, str]:
   return packed.refusals(model, params, _refusal)
 
 
-def _scheme(w: core.Quantized) -> Scheme:
-  return Scheme(bits=w.bits, group_size=w.group_size, symmetric=w.zero is None)
+def _scheme(w: core.Quantized | core.ActQuantized) -> Scheme:
+  act_bits = w.bits if isinstance(w, core.ActQuantized) else None
+  q = w.w if act_bits else w
+  kind = 'float' if q.fmt == 'fp8' else 'int'
+  return Scheme(bits=q.bits, group_size=q.group_size, symmetric=q.zero is None, type=kind, act_bits=act_bits,
+                format=FORMATS[kind, act_bits is not None])
+
+
+def unpacked_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
+  """The 'int-quantized' / 'naive-quantized' / 'float-quantized' tensors of one Linear `module` from a leaf
+  [in, out]: one code per int8 (signed, s = q - 2**(b-1)) or per float8_e4m3fn, [out, in]."""
+  if w.fmt == 'fp8':
+    codes = np.asarray(jax.device_get(w.codes))
+  else:
+    codes = (packed.host_codes(w).astype(np.int16) - 2 ** (w.bits - 1)).astype(np.int8)
+  out = {f'{module}.weight': np.ascontiguousarray(codes.T),
+         f'{module}.weight_scale': np.ascontiguousarray(packed.host_scale(w, dtype).T)}  # [out, groups]
+  zero = packed.host_zero(w)
+  if zero is not None:
+    out[f'{module}.weight_zero_point'] = np.ascontiguousarray(
+        (zero.astype(np.int16) - 2 ** (w.bits - 1)).T.astype(np.int8))
+  return out
+
+
+def _tensors(w: core.Quantized | core.ActQuantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
+  if _scheme(w).format == FORMAT:
+    return packed_tensors(w, module, dtype)
+  return unpacked_tensors(w.w if isinstance(w, core.ActQuantized) else w, module, dtype)
 
 
 def packed_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
@@ -110,32 +197,44 @@ def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict:
   by_scheme: dict[Scheme, list[str]] = {}
   for module, scheme in schemes.items():
     by_scheme.setdefault(scheme, []).append(module)
-  groups = {f'group_{k}': {'targets': names, 'weights': scheme.weights_config(), 'input_activations': None,
-                           'output_activations': None, 'format': FORMAT}
+  groups = {f'group_{k}': {'targets': names, 'weights': scheme.weights_config(),
+                           'input_activations': scheme.activations_config(), 'output_activations': None,
+                           'format': scheme.format}
             for k, (scheme, names) in enumerate(by_scheme.items())}
-  return {'quant_method': QUANT_METHOD, 'version': VERSION, 'format': FORMAT if groups else 'dense',
+  formats = {scheme.format for scheme in by_scheme}
+  fmt = 'dense' if not formats else formats.pop() if len(formats) == 1 else 'mixed-precision'
+  return {'quant_method': QUANT_METHOD, 'version': VERSION, 'format': fmt,
           'quantization_status': 'compressed', 'config_groups': groups, 'ignore': sorted(ignore),
           'kv_cache_scheme': None, 'global_compression_ratio': None, 'sparsity_config': {},
           'transform_config': {}}
 
 
+def layout() -> packed.Layout:
+  return packed.Layout(LAYOUT, _refusal, _tensors, _scheme, quantization_config)
+
+
 def export(model: Model, params: dict, out_dir: str | os.PathLike, *, dense_fallback: bool = False,
            dtype: Any = None, max_shard_bytes: int = 4 << 30) -> Path:
   """Writes a compressed-tensors checkpoint directory that transformers (with compressed-tensors installed), vLLM
-  and `models.from_pretrained` load: int `Quantized` Linear kernels as 'pack-quantized', the rest dense.
+  and `models.from_pretrained` load: int `Quantized` Linear kernels as 'pack-quantized', those inside a 'full'-grid
+  `ActQuantized` as 'int-quantized' with their dynamic per-token input activations, FP8 ones as 'naive-quantized'
+  (or 'float-quantized' inside an 'fp8'-grid `ActQuantized`), the rest dense.
 
   Leaves the format cannot hold are refused before anything is written (a ValueError naming each path, its kind
   and a format that holds it); with `dense_fallback=True` they are written dense instead and their Linears
   listed in `ignore`. `dtype` casts the dense tensors and the scales (e.g. jnp.bfloat16); codes, zero points
   and shapes are exact integers.
   """
-  flat, refused = packed.refuse(model, params, 'compressed_tensors.export', 'compressed-tensors', _refusal,
-                                dense_fallback)
-  tensors, quantized, dense = packed.export_tensors(model, flat, refused, dtype,
-                                                    lambda w, module: packed_tensors(w, module, dtype))
-  schemes = {module: _scheme(w) for module, w in quantized.items()}
-  return hf.write_checkpoint(out_dir, model, tensors, max_shard_bytes,
-                             config_fields={'quantization_config': quantization_config(schemes, dense)})
+  return export_parts(model, [lambda: params], out_dir, dense_fallback=dense_fallback, dtype=dtype,
+                      max_shard_bytes=max_shard_bytes)
+
+
+def export_parts(model: Model, parts: Sequence[packed.Part], out_dir: str | os.PathLike, *,
+                 dense_fallback: bool = False, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> Path:
+  """`export` of a tree given as loaders of its disjoint parts (e.g. the blocks of an out-of-core compression,
+  `calibration.compressed_parts`), holding one part in memory at a time (`packed.write`)."""
+  return packed.write(model, parts, out_dir, layout(), who='compressed_tensors.export',
+                      dense_fallback=dense_fallback, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 # Import -------------------------------------------------------------------------------------------------------
@@ -146,21 +245,24 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
   where = f'config_groups.{name}'
   if not isinstance(group, dict):
     raise packed.field_error(cfg_file, where, group, 'a scheme object (preset names are not read)')
-  for field in ('input_activations', 'output_activations'):
-    if group.get(field) is not None:
-      raise packed.field_error(cfg_file, f'{where}.{field}', group[field], 'null (weight-only quantization)')
-  fmt = group.get('format') or default_format
-  if fmt != FORMAT:
-    raise packed.field_error(cfg_file, f'{where}.format', fmt, f"'{FORMAT}'")
+  if group.get('output_activations') is not None:
+    raise packed.field_error(cfg_file, f'{where}.output_activations', group['output_activations'], 'null')
   w = group.get('weights')
   if not isinstance(w, dict):
     raise packed.field_error(cfg_file, f'{where}.weights', w, 'a QuantizationArgs object')
   at = lambda f: f'{where}.weights.{f}'
-  if w.get('type', 'int') != 'int':
-    raise packed.field_error(cfg_file, at('type'), w.get('type'), "'int'")
+  kind = w.get('type', 'int')
+  if kind not in ('int', 'float'):
+    raise packed.field_error(cfg_file, at('type'), kind, "'int' or 'float' (FP8)")
   bits = w.get('num_bits', 8)
-  if not isinstance(bits, int) or not 1 <= bits <= 8:
-    raise packed.field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8')
+  if not isinstance(bits, int) or not 1 <= bits <= 8 or (kind == 'float' and bits != 8):
+    raise packed.field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8' if kind == 'int' else
+                             '8 (float8_e4m3fn)')
+  act_bits = _read_activations(cfg_file, f'{where}.input_activations', group.get('input_activations'), kind)
+  fmt = group.get('format') or default_format
+  allowed = [f for (k, _), f in FORMATS.items() if k == kind] + ([NAIVE_FORMAT] if kind == 'int' else [])
+  if fmt not in allowed:
+    raise packed.field_error(cfg_file, f'{where}.format', fmt, f'one of {allowed} for {kind} weights')
   if w.get('dynamic', False) not in (False, None):
     raise packed.field_error(cfg_file, at('dynamic'), w.get('dynamic'), 'false (static weight scales)')
   if w.get('actorder') not in (None, False, 'weight', 'static'):
@@ -175,9 +277,30 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
   elif strategy != 'group' or not isinstance(group_size, int) or group_size <= 0:
     raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' (with a positive group_size) or 'channel'")
   symmetric = w.get('symmetric', True)
-  if not isinstance(symmetric, bool):
-    raise packed.field_error(cfg_file, at('symmetric'), symmetric, 'true or false')
-  return Scheme(bits=bits, group_size=group_size, symmetric=symmetric)
+  if not isinstance(symmetric, bool) or (kind == 'float' and not symmetric):
+    raise packed.field_error(cfg_file, at('symmetric'), symmetric, 'true or false' if kind == 'int' else
+                             'true (FP8 scales are absmax)')
+  return Scheme(bits=bits, group_size=group_size, symmetric=symmetric, type=kind, act_bits=act_bits, format=fmt)
+
+
+def _read_activations(cfg_file: Path, where: str, a: Any, kind: str) -> int | None:
+  """The bits of a config group's `input_activations` (None: weight-only), or a ValueError naming the field this
+  module cannot represent: dynamic, symmetric, per-token rounding of the weights' type (int: the 'full' grid,
+  float: 'fp8') is an `ActQuantized` leaf, nothing else."""
+  if a is None:
+    return None
+  if not isinstance(a, dict):
+    raise packed.field_error(cfg_file, where, a, 'null or a QuantizationArgs object')
+  want = {'type': (kind, f"'{kind}' (the weights' type)"), 'symmetric': (True, 'true'),
+          'strategy': ('token', "'token' (per token)"),
+          'dynamic': (True, 'true (scales computed per token at run time)')}
+  for field, (value, said) in want.items():
+    if a.get(field, {'type': 'int', 'symmetric': True}.get(field)) != value:
+      raise packed.field_error(cfg_file, f'{where}.{field}', a.get(field), said)
+  bits = a.get('num_bits', 8)
+  if not isinstance(bits, int) or not 2 <= bits <= 8 or (kind == 'float' and bits != 8):
+    raise packed.field_error(cfg_file, f'{where}.num_bits', bits, 'an integer in 2..8' if kind == 'int' else '8')
+  return bits
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -231,8 +354,9 @@ def read_plan(cfg: dict, cfg_file: Path, linear_modules: list[str]) -> dict[str,
 
 
 def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.ndarray, str]],
-                   shape: tuple[int, int], scale_dtype: Any = None) -> core.Quantized:
-  """The `Quantized` leaf [in, out] of one packed Linear. get(tensor name) -> (array, file name); `shape` is the
+                   shape: tuple[int, int], scale_dtype: Any = None) -> core.Quantized | core.ActQuantized:
+  """The `Quantized` leaf [in, out] of one packed Linear (inside an `ActQuantized` on the 'full' grid when its scheme
+  rounds input activations). get(tensor name) -> (array, file name); `shape` is the
   kernel shape the config implies. Shapes that disagree are a ValueError naming the file and tensor."""
   n_in, n_out = shape
   groups = 1 if scheme.group_size is None else n_in // max(scheme.group_size, 1)
@@ -241,6 +365,57 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
   read = packed.checked_reader(module, get, f'the {b}-bit scheme and config.json')
   if scheme.group_size is not None and n_in % scheme.group_size:
     raise ValueError(f"'{module}': group_size={scheme.group_size} does not divide in_features={n_in}.")
+  if scheme.format == FORMAT:
+    leaf = _read_packed(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+  elif scheme.type == 'float':
+    leaf = _read_fp8(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+  else:
+    leaf = _read_int(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+  if scheme.act_bits is None:
+    return leaf
+  return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type])
+
+
+def _read_fp8(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
+              scale_dtype: Any) -> core.Quantized:
+  """One FP8 Linear ('naive-quantized' or 'float-quantized'): codes float8_e4m3fn [out, in], absmax scales."""
+  n_in, n_out = shape
+  arr, file = get(f'{module}.weight')
+  if tuple(arr.shape) != (n_out, n_in) or arr.dtype != np.dtype(jnp.float8_e4m3fn):
+    raise ValueError(f"tensor '{module}.weight' in '{file}' is {arr.dtype} {list(arr.shape)}; the FP8 scheme and "
+                     f'config.json imply float8_e4m3fn {[n_out, n_in]}.')
+  scale = read('weight_scale', (n_out, groups), 'f').T
+  if scale_dtype is not None:
+    scale = scale.astype(scale_dtype)
+  return core.Quantized(codes=jax.device_put(np.ascontiguousarray(arr.T)),
+                        scale=jax.device_put(np.ascontiguousarray(scale)), zero=None, bits=8,
+                        group_size=scheme.group_size, fmt='fp8', packed=False, logical_shape=(n_in, n_out))
+
+
+def _read_int(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
+              scale_dtype: Any) -> core.Quantized:
+  """One 'int-quantized' (or int 'naive-quantized') Linear: signed codes one per int8 [out, in], codes outside the
+  b-bit range refused."""
+  (n_in, n_out), b = shape, scheme.bits
+  offset = 2 ** (b - 1)
+  signed = read('weight', (n_out, n_in), 'i').astype(np.int16)
+  if signed.min(initial=0) < -offset or signed.max(initial=0) >= offset:
+    _, file = get(f'{module}.weight')
+    raise ValueError(f"tensor '{module}.weight' in '{file}' holds codes in [{signed.min()}, {signed.max()}], outside "
+                     f'the {b}-bit range [{-offset}, {offset - 1}] config.json gives.')
+  scale = read('weight_scale', (n_out, groups), 'f').T
+  if scale_dtype is not None:
+    scale = scale.astype(scale_dtype)
+  zero = None
+  if not scheme.symmetric:
+    zero = (read('weight_zero_point', (n_out, groups), 'i').astype(np.int16).T + offset).astype(scale.dtype)
+  return packed.int_leaf((signed.T + offset).astype(np.uint8), scale, zero, b, scheme.group_size)
+
+
+def _read_packed(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
+                 scale_dtype: Any) -> core.Quantized:
+  """One 'pack-quantized' Linear: codes packed into int32 words along `in`, zero points along `out`."""
+  (n_in, n_out), b = shape, scheme.bits
   stored = read('weight_shape', (2,), 'iu')
   if [int(x) for x in stored] != [n_out, n_in]:
     _, file = get(f'{module}.weight_shape')

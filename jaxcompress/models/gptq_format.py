@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ import jax
 import numpy as np
 
 from jaxcompress import core
-from jaxcompress.models import convert, hf, packed
+from jaxcompress.models import convert, packed
 from jaxcompress.models.base import Model
 
 QUANT_METHOD = 'gptq'
@@ -144,20 +145,29 @@ def export(model: Model, params: dict, out_dir: str | os.PathLike, *, checkpoint
   and a format that holds it); with `dense_fallback=True` they are written dense and excluded in `dynamic`.
   `dtype` casts the dense tensors and the scales (jnp.float16 gives GPTQ's usual scales).
   """
+  return export_parts(model, [lambda: params], out_dir, checkpoint_format=checkpoint_format,
+                      dense_fallback=dense_fallback, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def export_parts(model: Model, parts: Sequence[packed.Part], out_dir: str | os.PathLike, *,
+                 checkpoint_format: str = 'gptq', dense_fallback: bool = False, dtype: Any = None,
+                 max_shard_bytes: int = 4 << 30) -> Path:
+  """`export` of a tree given as loaders of its disjoint parts (e.g. the blocks of an out-of-core compression,
+  `calibration.compressed_parts`), holding one part in memory at a time (`packed.write`)."""
   if checkpoint_format not in CHECKPOINT_FORMATS:
     raise ValueError(f'gptq_format.export: checkpoint_format={checkpoint_format!r}; expected one of '
                      f'{CHECKPOINT_FORMATS}.')
-  flat, refused = packed.refuse(model, params, 'gptq_format.export', LAYOUT,
-                                lambda w, row: _refusal(w, row, checkpoint_format), dense_fallback)
-  tensors, quantized, dense = packed.export_tensors(
-      model, flat, refused, dtype, lambda w, module: gptq_tensors(w, module, checkpoint_format, dtype))
-  if not quantized:
-    raise ValueError('gptq_format.export: no Linear is an int Quantized leaf the GPTQ layout holds, so nothing '
-                     'was written; save a dense model with models.save_pretrained.')
-  schemes = {module: scheme_of(w, checkpoint_format) for module, w in quantized.items()}
-  return hf.write_checkpoint(out_dir, model, tensors, max_shard_bytes, config_fields={
-      'quantization_config': quantization_config(schemes, dense, checkpoint_format,
-                                                 desc_act=any(w.g_idx is not None for w in quantized.values()))})
+  layout = packed.Layout(
+      LAYOUT, check=lambda w, row: _refusal(w, row, checkpoint_format),
+      tensors=lambda w, module: gptq_tensors(w, module, checkpoint_format, dtype),
+      describe=lambda w: (scheme_of(w, checkpoint_format), w.g_idx is not None),
+      config=lambda described, dense: quantization_config(
+          {m: d[0] for m, d in described.items()}, dense, checkpoint_format,
+          desc_act=any(d[1] for d in described.values())),
+      empty='gptq_format.export: no Linear is an int Quantized leaf the GPTQ layout holds, so nothing was '
+            'written; save a dense model with models.save_pretrained.')
+  return packed.write(model, parts, out_dir, layout, who='gptq_format.export', dense_fallback=dense_fallback,
+                      dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 # Import -------------------------------------------------------------------------------------------------------

@@ -345,11 +345,14 @@ def save_pretrained(out_dir: str | os.PathLike, model: Model, params: dict, *, d
   return write_checkpoint(out_dir, model, tensors, max_shard_bytes)
 
 
-def check_export_shapes(model: Model, flat: dict[str, Any], who: str) -> None:
-  """Every parameter the config implies is in `flat` (arrays or leaves) with the shape the config implies."""
+def check_export_shapes(model: Model, flat: dict[str, Any], who: str, *, partial: bool = False) -> None:
+  """Every parameter the config implies is in `flat` (arrays or leaves) with the shape the config implies
+  (partial: `flat` is a part of the tree; only what it holds is checked)."""
   expected = core.flatten(model.abstract_params())
   for p, s in expected.items():
     if p not in flat:
+      if partial:
+        continue
       raise KeyError(f"{who}: params lack '{p}' ({list(s.shape)}), which the config implies.")
     if core.shape_of(flat[p]) != tuple(s.shape):
       raise ValueError(f"{who}: '{p}' has shape {list(core.shape_of(flat[p]))} but the config implies "
@@ -411,49 +414,71 @@ def write_checkpoint(out_dir: str | os.PathLike, model: Model, tensors: dict[str
                      max_shard_bytes: int = 4 << 30, *, config_fields: dict | None = None) -> Path:
   """Writes `tensors` (HF names, the tensors transformers expects twice added) as safetensors shards and the
   model's config.json, with `config_fields` (e.g. a `quantization_config`) added to it."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  tensors = dict(tensors)
-  for copy, src in model.hf_export_copies().items():  # tensors transformers expects twice
-    tensors[export_name(model, copy)] = tensors[export_name(model, src)]
-  _write_shards(out, tensors, max_shard_bytes)
-  model.hf_config().save_pretrained(str(out))
-  if config_fields:
-    cfg_file = out / 'config.json'
-    cfg = {**_read_json_object(cfg_file), **config_fields}
-    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
-  return out
+  writer = ShardWriter(out_dir, model, max_shard_bytes)
+  writer.add(tensors)
+  return writer.close(config_fields)
+
+
+class ShardWriter:
+  """A checkpoint directory written a part at a time: `add(tensors)` writes them as one or more safetensors shards
+  at once (so no whole copy of the model is ever held), `close(config_fields)` names the shards, writes the index
+  and config.json. Shards are written under temporary names and renamed at `close`, so a directory left by a
+  failed export holds no file a loader would take for a checkpoint."""
+
+  def __init__(self, out_dir: str | os.PathLike, model: Model, max_shard_bytes: int = 4 << 30):
+    self.out, self.model, self.max_shard_bytes = Path(out_dir), model, max_shard_bytes
+    self.out.mkdir(parents=True, exist_ok=True)
+    for stale in [*self.out.glob('model*.safetensors'), *self.out.glob(f'{_PART}*'), self.out / SAFE_INDEX]:
+      stale.unlink(missing_ok=True)
+    self.shards: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names)
+    self.total = 0
+
+  def add(self, tensors: dict[str, np.ndarray]) -> None:
+    tensors = dict(tensors)
+    for copy, src in self.model.hf_export_copies().items():  # tensors transformers expects twice
+      if export_name(self.model, src) in tensors:
+        tensors[export_name(self.model, copy)] = tensors[export_name(self.model, src)]
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+    for name, t in tensors.items():
+      if shard and size + t.nbytes > self.max_shard_bytes:
+        self._save(shard)
+        shard, size = {}, 0
+      shard[name] = t
+      size += t.nbytes
+    if shard:
+      self._save(shard)
+
+  def _save(self, shard: dict[str, np.ndarray]) -> None:
+    path = self.out / f'{_PART}{len(self.shards):05d}'
+    save_file(shard, str(path), metadata={'format': 'pt'})
+    self.shards.append((path, list(shard)))
+    self.total += sum(t.nbytes for t in shard.values())
+
+  def close(self, config_fields: dict | None = None) -> Path:
+    n = len(self.shards)
+    weight_map = {}
+    for k, (path, names) in enumerate(self.shards, 1):
+      final = SAFE_SINGLE if n == 1 else f'model-{k:05d}-of-{n:05d}.safetensors'
+      path.rename(self.out / final)
+      weight_map.update({name: final for name in names})
+    if n > 1:
+      (self.out / SAFE_INDEX).write_text(json.dumps({'metadata': {'total_size': self.total},
+                                                     'weight_map': weight_map}, indent=2))
+    self.model.hf_config().save_pretrained(str(self.out))
+    if config_fields:
+      cfg_file = self.out / 'config.json'
+      cfg = {**_read_json_object(cfg_file), **config_fields}
+      cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
+    return self.out
+
+
+_PART = '.part-'  # a shard ShardWriter has written and not yet named
 
 
 def _hf_name(model: Model, name: str, prefix: str) -> str:
   # Heads sit outside the base-model prefix in HF ("lm_head.weight", "cls.predictions.*").
   return name if name.startswith(('lm_head.', 'cls.', 'model.')) else prefix + name
-
-
-def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, t in tensors.items():
-    if shards[-1] and size + t.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = t
-    size += t.nbytes
-  meta = {'format': 'pt'}
-  for stale in list(out.glob('model*.safetensors')) + [out / SAFE_INDEX]:
-    stale.unlink(missing_ok=True)
-  if len(shards) == 1:
-    save_file(shards[0], str(out / SAFE_SINGLE), metadata=meta)
-    return
-  weight_map = {}
-  n = len(shards)
-  for k, shard in enumerate(shards, 1):
-    fname = f'model-{k:05d}-of-{n:05d}.safetensors'
-    save_file(shard, str(out / fname), metadata=meta)
-    weight_map.update({name: fname for name in shard})
-  total = sum(t.nbytes for t in tensors.values())
-  (out / SAFE_INDEX).write_text(json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map},
-                                           indent=2))
 
 
 def minilm_dir() -> Path:

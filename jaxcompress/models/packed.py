@@ -10,8 +10,10 @@ stream per column (AutoGPTQ's 3-bit packer spills codes 10 and 21 of every 32 ac
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ def kind(w: Any) -> str:
   """How a refusal names a leaf's kind."""
   if isinstance(w, core.Quantized):
     return f"Quantized(fmt='{w.fmt}', bits={w.bits})"
-  return type(w).__name__
+  return type(w).__name__ if core.is_compressed(w) else 'dense'
 
 
 def host_codes(w: core.Quantized) -> np.ndarray:
@@ -88,19 +90,24 @@ def host_scale(w: core.Quantized, dtype: Any = None) -> np.ndarray:
   return np.asarray(jax.device_get(w.scale if dtype is None else w.scale.astype(dtype)))
 
 
-def refusal(w: Any, row: convert.TensorMap, layout: str, masked: str) -> str | None:
-  """Why the leaf at a table row cannot be written in a packed int `layout` (None: it can, packed or dense).
-  `masked` says why the layout holds no `Masked` leaf."""
+def refusal(w: Any, row: convert.TensorMap, layout: str, masked: str, formats: tuple[str, ...] = ('int',)
+            ) -> str | None:
+  """Why the leaf at a table row cannot be written in a packed `layout` holding `Quantized` leaves of `formats`
+  (None: it can, packed or dense). `masked` says why the layout holds no `Masked` leaf."""
   if isinstance(w, core.Shared):
     return f'shared storage: {layout} stores every tensor once per module; core.serialize keeps it shared'
   if isinstance(w, core.Masked):
     return f'a sparsity mask: {masked}; core.serialize holds it'
+  if isinstance(w, core.ActQuantized):
+    return (f'its input activations rounded per token: {layout} holds weights only; compressed-tensors '
+            "'int-quantized' (the 'full' grid, act_quant(grid='full')) or core.serialize holds it")
   if not isinstance(w, core.Quantized):
     return None if not core.is_compressed(w) else f'no {layout} format holds it; core.serialize does'
-  if w.fmt != 'int':
-    other = {'fp8': "compressed-tensors 'float-quantized' (FP8 weights) or core.serialize",
+  if w.fmt not in formats:
+    other = {'fp8': "compressed-tensors ('naive-quantized', 'float-quantized') or core.serialize",
              'nf4': 'core.serialize or the bitsandbytes NF4 layout'}.get(w.fmt, 'core.serialize')
-    return f"'{w.fmt}' codes: {layout} holds uniform int codes only; {other} holds it"
+    held = ' and '.join(f"'{f}'" for f in formats)
+    return f"'{w.fmt}' codes: {layout} holds {held} codes only; {other} holds it"
   if len(w.shape) != 2:
     return f'a stacked expert weight [E, in, out]: {layout} packs 2-D Linear weights here; core.serialize holds it'
   if not row.linear or len(row.ours) != 1:
@@ -114,11 +121,13 @@ def refusal(w: Any, row: convert.TensorMap, layout: str, masked: str) -> str | N
   return None
 
 
-def refusals(model: Model, params: dict, check: Callable[[Any, convert.TensorMap], str | None]) -> dict[str, str]:
-  """{path: 'path: kind, why'} for every leaf of `params` that `check(leaf, table row)` refuses."""
+def refusals(model: Model, params: dict, check: Callable[[Any, convert.TensorMap], str | None],
+             rows: Sequence[convert.TensorMap] | None = None) -> dict[str, str]:
+  """{path: 'path: kind, why'} for every leaf of `params` that `check(leaf, table row)` refuses (over `rows`,
+  default the family's whole table)."""
   raw = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
-  return {p: f'{p}: {kind(raw[p])}, {reason}' for row in model.hf_table() for p in row.ours
-          if (reason := _online(model, p, raw[p]) or check(raw[p], row)) is not None}
+  return {p: f'{p}: {kind(raw[p])}, {reason}' for row in (model.hf_table() if rows is None else rows)
+          for p in row.ours if (reason := _online(model, p, raw[p]) or check(raw[p], row)) is not None}
 
 
 def _online(model: Model, path: str, w: Any) -> str | None:
@@ -130,32 +139,121 @@ def _online(model: Model, path: str, w: Any) -> str | None:
   return None
 
 
-def refuse(model: Model, params: dict, who: str, layout: str,
-           check: Callable[[Any, convert.TensorMap], str | None], dense_fallback: bool) -> tuple[dict, set[str]]:
-  """(flat resolved params, the refused paths): every leaf `check(leaf, row)` refuses is named in one ValueError
-  before anything is written, unless `dense_fallback` (then those paths are written dense)."""
-  flat = core.flatten(core.resolve(params))
-  hf.check_export_shapes(model, flat, who)
-  refused = refusals(model, params, check)
+def _raise_refused(who: str, layout: str, refused: dict[str, str], rounded: list[str], dense_fallback: bool) -> None:
+  """The one ValueError naming every refused leaf (or, with dense_fallback, every one that rounds its inputs)."""
+  unwrap = ('Unwrap them first (jax.tree.map(lambda w: w.w if isinstance(w, core.ActQuantized) else w, params, '
+            'is_leaf=core.is_weight_leaf)) to export the weights alone.')
+  if rounded and dense_fallback:
+    raise ValueError(f'{who}: dense_fallback=True would write these weights dense without the rounding of their '
+                     'inputs, a different function, so nothing was written:\n  ' + '\n  '.join(rounded) +
+                     '\n' + unwrap)
   if refused and not dense_fallback:
+    tail = (f'\nThe {len(rounded)} ActQuantized leaves cannot be written dense either (the rounding of their inputs '
+            f'would be lost): {unwrap}') if rounded else ''
     raise ValueError(f'{who}: {len(refused)} weights cannot be written in the {layout} format, so nothing was '
                      'written:\n  ' + '\n  '.join(refused.values()) + '\nPass dense_fallback=True to write them '
                      "dense (their Linears left unquantized in the config), or save the tree with "
-                     'core.serialize.save.')
-  return flat, set(refused)
+                     'core.serialize.save.' + tail)
+
+
+# Loads one part of a params tree: a sub-tree such as {'layers': {3: block}} or {'embed': ..., 'lm_head': ...}.
+Part = Callable[[], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one packed checkpoint layout writes a tree: `check(leaf, row)` -> why it cannot hold the leaf (None: it
+  can); `tensors(leaf, module)` -> the packed tensors of a Linear; `describe(leaf)` -> what its config needs of it
+  (a scheme); `config(described {module: description}, dense Linear modules)` -> config.json's
+  `quantization_config`. `empty`: the error when no Linear is packed (None: a dense-only checkpoint is fine)."""
+
+  name: str
+  check: Callable[[Any, convert.TensorMap], str | None]
+  tensors: Callable[[Any, str], dict[str, np.ndarray]]
+  describe: Callable[[Any], Any]
+  config: Callable[[dict[str, Any], list[str]], dict]
+  empty: str | None = None
+
+
+def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layout: Layout, *, who: str,
+          dense_fallback: bool = False, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> Path:
+  """Writes a packed checkpoint of the tree whose disjoint `parts` together make the whole params, one part in
+  memory at a time: a first pass loads each part to check it (shapes, and every leaf the layout refuses, named in
+  one ValueError before anything is written, unless `dense_fallback`), a second loads each again and writes its
+  tensors as shards at once (`hf.ShardWriter`). Peak memory: about one part and its tensors. `parts=[lambda:
+  params]` exports a tree in memory."""
+  expected = {p: tuple(s.shape) for p, s in core.flatten(model.abstract_params()).items()}
+  refused: dict[str, str] = {}
+  rounded: list[str] = []
+  seen: set[str] = set()
+  packable = False
+  for load in parts:
+    params = load()
+    if core.SHARED in params and len(parts) > 1:
+      raise ValueError(f'{who}: shared storage ({core.SHARED}) spans the parts of a streamed export; export the '
+                       'tree in memory.')
+    flat = core.flatten(core.resolve(params))
+    hf.check_export_shapes(model, flat, who, partial=True)
+    rows = _rows(model, flat, who)
+    found = refusals(model, params, layout.check, rows)
+    refused.update(found)
+    rounded += [why for p, why in found.items() if isinstance(flat[p], core.ActQuantized)]
+    packable = packable or any(_packs(flat[row.ours[0]]) and row.ours[0] not in found for row in rows)
+    seen.update(flat)
+    del params, flat
+  missing = sorted(set(expected) - seen)
+  if missing:
+    raise KeyError(f"{who}: params lack {missing[:4]}{' ...' if len(missing) > 4 else ''}, which the config "
+                   'implies.')
+  _raise_refused(who, layout.name, refused, rounded, dense_fallback)
+  if layout.empty and not packable:
+    raise ValueError(layout.empty)
+
+  writer = hf.ShardWriter(out_dir, model, max_shard_bytes)
+  described: dict[str, Any] = {}
+  dense: list[str] = []
+  for load in parts:
+    flat = core.flatten(core.resolve(load()))
+    tensors, packed_leaves, dense_part = export_tensors(model, flat, set(refused), dtype, layout.tensors,
+                                                        _rows(model, flat, who))
+    writer.add(tensors)
+    described.update({module: layout.describe(w) for module, w in packed_leaves.items()})
+    dense += dense_part
+    del tensors, packed_leaves, flat
+  return writer.close({'quantization_config': layout.config(described, dense)})
+
+
+def _packs(w: Any) -> bool:
+  return isinstance(w.w if isinstance(w, core.ActQuantized) else w, core.Quantized)
+
+
+def _rows(model: Model, flat: dict, who: str) -> list[convert.TensorMap]:
+  """The table rows whose parameters are in `flat` (a row with only some of them is an error)."""
+  rows = []
+  for row in model.hf_table():
+    held = [p in flat for p in row.ours]
+    if all(held):
+      rows.append(row)
+    elif any(held):
+      raise ValueError(f'{who}: a part holds {[p for p in row.ours if p in flat]} without '
+                       f'{[p for p in row.ours if p not in flat]}, which {row.hf} is written from; keep them in '
+                       'one part.')
+  return rows
 
 
 def export_tensors(model: Model, flat: dict, refused: set[str], dtype: Any,
-                   write: Callable[[core.Quantized, str], dict[str, np.ndarray]]
-                   ) -> tuple[dict[str, np.ndarray], dict[str, core.Quantized], list[str]]:
-  """(tensors, {module: leaf} written packed, Linear modules written dense) over the family's table: each int
-  `Quantized` Linear not refused through write(leaf, module name), every other row dense (cast to `dtype`)."""
+                   write: Callable[[Any, str], dict[str, np.ndarray]],
+                   rows: Sequence[convert.TensorMap] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+  """(tensors, {module: leaf} written packed, Linear modules written dense) over `rows` (default the family's
+  table): each int `Quantized` Linear (bare, or inside an `ActQuantized` the layout's check let through) not
+  refused through write(leaf, module name), every other row dense (cast to `dtype`)."""
   tensors: dict[str, np.ndarray] = {}
-  quantized: dict[str, core.Quantized] = {}
+  quantized: dict[str, Any] = {}
   dense: list[str] = []
-  for row in model.hf_table():
+  for row in (model.hf_table() if rows is None else rows):
     w = flat[row.ours[0]]
-    if isinstance(w, core.Quantized) and not any(p in refused for p in row.ours):
+    if _packs(w) and not any(p in refused for p in row.ours):
       module = hf.export_name(model, row.hf).removesuffix('.weight')
       tensors.update(write(w, module))
       quantized[module] = w

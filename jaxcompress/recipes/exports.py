@@ -10,7 +10,9 @@
   dense                hf/                   transformers (materialized weights; a narrowed model: our own layout)
 
 The default (`formats=None`) is jxc and dense, plus each packed format that holds every leaf of the tree as it is
-and has at least one quantized Linear to pack: no weight is written dense behind the user's back. GPTQ is written
+and has at least one quantized Linear to pack: no weight is written dense behind the user's back. A tree with
+`ActQuantized` leaves (inputs rounded per token) leaves dense out of the default: its materialized weights compute
+another function (name `dense` to write them anyway). GPTQ is written
 in v1 ('gptq') when the zero points allow, else in 'gptq_v2'. A format named explicitly that cannot hold a leaf
 is an error naming the paths (the exporters' refusals).
 """
@@ -43,9 +45,15 @@ def parse(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def _packs_any(model, params) -> bool:
-  """Whether some table row's Linear is an int `Quantized` leaf (a packed format has something to pack)."""
+  """Whether some table row's Linear is a `Quantized` leaf, bare or in an `ActQuantized` (a packed format has
+  something to pack)."""
   flat = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
-  return any(row.linear and isinstance(flat[row.ours[0]], core.Quantized) for row in model.hf_table())
+  inner = lambda w: w.w if isinstance(w, core.ActQuantized) else w
+  return any(row.linear and isinstance(inner(flat[row.ours[0]]), core.Quantized) for row in model.hf_table())
+
+
+def _rounds_inputs(params) -> bool:
+  return any(isinstance(w, core.ActQuantized) for w in core.flatten(params).values())
 
 
 def gptq_checkpoint_format(model, params) -> str | None:
@@ -57,16 +65,18 @@ def gptq_checkpoint_format(model, params) -> str | None:
 
 
 def allowed(model, params) -> tuple[str, ...]:
-  """The default formats for this tree: jxc, dense, and each packed format that holds all of it."""
+  """The default formats for this tree: jxc, dense (unless some leaf rounds its inputs), and each packed format
+  that holds all of it."""
   from jaxcompress.pruning._src.structured import is_narrowed
+  dense = () if _rounds_inputs(params) else DEFAULT[1:]
   if is_narrowed(model, params) or not _packs_any(model, params):  # per-layer widths: no HF config holds them
-    return DEFAULT
+    return DEFAULT[:1] + dense
   packed = []
   if not compressed_tensors.refusals(model, params):
     packed.append('compressed-tensors')
   if gptq_checkpoint_format(model, params) is not None:
     packed.append('gptq')
-  return DEFAULT[:1] + tuple(packed) + DEFAULT[1:]
+  return DEFAULT[:1] + tuple(packed) + dense
 
 
 def _bytes(path: pathlib.Path) -> int:
@@ -74,9 +84,11 @@ def _bytes(path: pathlib.Path) -> int:
 
 
 def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None = None, *,
-          metadata: dict[str, Any] | None = None) -> dict[str, dict]:
+          metadata: dict[str, Any] | None = None, parts: Sequence[Any] | None = None) -> dict[str, dict]:
   """Writes the compressed model into directory `out` in each of `formats` (None: `allowed`), jxc first:
-  {format: {'path': its name under out, 'bytes': its bytes on disk}}. `metadata` goes into compressed.jxc."""
+  {format: {'path': its name under out, 'bytes': its bytes on disk}}. `metadata` goes into compressed.jxc.
+  `parts`: loaders of the same tree a part at a time (`calibration.compressed_parts` of an out-of-core run): the
+  packed formats are then written from them, one part in memory at a time."""
   from jaxcompress.pruning._src.structured import is_narrowed
   from jaxcompress.pruning._src.structured import save as save_narrowed
   out = pathlib.Path(out)
@@ -92,8 +104,9 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
       else:
         models.save_pretrained(path, model, params)
     elif fmt == 'compressed-tensors':
-      compressed_tensors.export(model, params, path)
+      compressed_tensors.export_parts(model, parts or [lambda: params], path)
     else:
-      gptq_format.export(model, params, path, checkpoint_format=gptq_checkpoint_format(model, params) or 'gptq')
+      gptq_format.export_parts(model, parts or [lambda: params], path,
+                               checkpoint_format=gptq_checkpoint_format(model, params) or 'gptq')
     written[fmt] = {'path': PATHS[fmt], 'bytes': _bytes(path)}
   return written

@@ -165,8 +165,12 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
     provenance.atomic_write(out / 'metrics.jsonl', ''.join(json.dumps(provenance.to_jsonable(r)) + '\n'
                                                           for r in records))
     if save and jax.process_index() == 0:  # every process holds the same compressed model; one writes it
+      parts = None
+      if cfg['out_of_core']:  # the packed formats stream from the block files, one block in memory
+        from jaxcompress import calibration
+        parts = calibration.compressed_parts(out / 'blocks')
       written = export_lib.write(out, model, params, cfg.get('export'),
-                                 metadata={'recipe': result.recipe, 'model': cfg['model']})
+                                 metadata={'recipe': result.recipe, 'model': cfg['model']}, parts=parts)
       if 'jxc' in written and jax.process_count() == 1:  # orbax would coordinate a save across processes
         _save_orbax(out / 'orbax', params)
       result = dataclasses.replace(result, exports=written)

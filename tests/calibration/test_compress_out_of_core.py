@@ -32,6 +32,21 @@ def test_owl_out_of_core_equals_owl_in_memory(tmp_path):
   assert got['params_hash'] == ref['params_hash'] and got['quality'] == ref['quality']
 
 
+@pytest.mark.slow
+def test_out_of_core_run_exports_the_packed_formats_from_its_block_files(tmp_path):
+  """The packed exports of an out-of-core run stream from out/blocks/ (a part at a time) and hold exactly the
+  leaves of the run's compressed.jxc."""
+  from jaxcompress import core, models
+  from jaxcompress.recipes import pipeline as compress
+  from tests.models.quantized_leaves import assert_same_leaves
+  cfg = {**CFG, 'recipe': 'gptq(bits=4, group_size=16, symmetric=True)', 'out_of_core': True,
+         'output_dir': str(tmp_path / 'ooc')}
+  got = compress.run(cfg, save=True, verbose=False)
+  assert 'compressed-tensors' in got['exports']
+  params = core.serialize.load(tmp_path / 'ooc' / 'compressed.jxc')
+  assert_same_leaves(params, models.from_pretrained(tmp_path / 'ooc' / 'compressed_tensors')[1])
+
+
 @pytest.mark.parametrize('recipe', ['smoothquant(migration=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path
 def test_methods_calibrated_on_the_original_model_run_out_of_core(tmp_path, recipe):
   """Stages whose statistics are those of the uncompressed model (run_sequential(calibrate_on='original')):

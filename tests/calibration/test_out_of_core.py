@@ -321,3 +321,48 @@ def test_owl_out_of_core_resumed_ends_identical(src, owl_in_memory, tmp_path):
   run_owl(src, out, plan, on_step=lambda phase, i, j: steps.append(phase))
   assert 'dense' not in steps and 'stats' in steps
   assert_equal_leaves(out, want)
+
+
+def rtn_block(i, block, stats):
+  """Each kernel round-to-nearest W4 g16, symmetric (what compressed-tensors' default transformers path reads)."""
+  del i
+  return core.paths.replace(block, {p: core.quantize(core.paths.get(block, p), bits=4, group_size=16, symmetric=True)
+                                    for p in stats})
+
+
+def test_streamed_export_writes_what_the_in_memory_export_writes(src, tmp_path):
+  """compressed-tensors and GPTQ checkpoints written from the out-of-core output a part at a time (the rest, then
+  each block) hold the same leaves and config as those written from the whole tree, in several shards."""
+  from jaxcompress.models import compressed_tensors as ct
+  from jaxcompress.models import gptq_format
+  from tests.models.quantized_leaves import assert_same_leaves
+  out = tmp_path / 'out'
+  cal.compress_checkpoint(src, out, rtn_block, oc.batches(), observer=cal.hessian(), recipe={'rtn': 4},
+                          per_group=True)
+  model, params = oc.SPEC, cal.load_compressed(out)
+  parts = cal.compressed_parts(out)
+  assert len(parts) == 1 + oc.SPEC.config.num_layers
+  for name, export, export_parts, kw in (('ct', ct.export, ct.export_parts, {}),
+                                         ('gptq', gptq_format.export, gptq_format.export_parts,
+                                          {'dense_fallback': True})):  # k_proj is 16 wide: GPTQ packs 32s
+    export(model, params, tmp_path / f'{name}_memory', **kw)
+    export_parts(model, parts, tmp_path / f'{name}_stream', max_shard_bytes=1 << 14, **kw)
+    config = lambda d: json.loads((d / 'config.json').read_text())['quantization_config']
+    a, b = config(tmp_path / f'{name}_memory'), config(tmp_path / f'{name}_stream')
+    for q in (a, b):
+      for g in (q.get('config_groups') or {}).values():
+        g['targets'].sort()
+    assert a == b, name
+    assert len(list((tmp_path / f'{name}_stream').glob('model-*-of-*.safetensors'))) > 1
+    _, back = models.from_pretrained(tmp_path / f'{name}_stream')
+    _, want = models.from_pretrained(tmp_path / f'{name}_memory')
+    assert_same_leaves(want, back)
+  assert_same_leaves(params, models.from_pretrained(tmp_path / 'ct_stream')[1])
+
+
+def test_streamed_export_refuses_before_writing(src, reference, tmp_path):
+  """A leaf the format cannot hold, in any part, stops the export before its first shard is written."""
+  from jaxcompress.models import compressed_tensors as ct
+  with pytest.raises(ValueError, match=r'layers/2/mlp/down_proj/kernel: Masked, a sparsity mask'):
+    ct.export_parts(oc.SPEC, cal.compressed_parts(reference), tmp_path / 'ct')
+  assert not (tmp_path / 'ct').exists()

@@ -3,6 +3,7 @@ compiled) and the bit-exact comparison of two trees of them."""
 
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,6 +38,12 @@ def quantize_kernels(params, scheme_of):
   return core.map_with_path(q, params)
 
 
+def round_inputs(params, bits=8, grid='full'):
+  """Every `Quantized` leaf of `params` inside an `ActQuantized(bits, grid)` (its input rounded per token)."""
+  wrap = lambda w: core.ActQuantized(w, bits=bits, grid=grid) if isinstance(w, core.Quantized) else w
+  return jax.tree.map(wrap, params, is_leaf=core.is_weight_leaf)
+
+
 def assert_same_leaves(ours, loaded):
   """The same tree, leaf kinds, static fields and bit-identical codes, scales, zero points and arrays."""
   flat_a, flat_b = core.flatten(ours), core.flatten(loaded)
@@ -44,7 +51,10 @@ def assert_same_leaves(ours, loaded):
   for p, a in flat_a.items():
     b = flat_b[p]
     assert type(a) is type(b), p
-    if isinstance(a, core.Quantized):
+    if isinstance(a, core.ActQuantized):
+      assert (a.bits, a.grid) == (b.bits, b.grid), p
+      assert_same_leaves({'w': a.w}, {'w': b.w})
+    elif isinstance(a, core.Quantized):
       assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p
       np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes), err_msg=p)
       np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale), err_msg=p)

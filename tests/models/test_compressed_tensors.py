@@ -1,6 +1,7 @@
 """compressed-tensors export and import: transformers' own loader reads what we write (same logits), and
 `from_pretrained` gives back the same codes, scales, zero points."""
 
+import dataclasses
 import json
 import shutil
 
@@ -12,7 +13,10 @@ import transformers
 
 from jaxcompress import core, models
 from jaxcompress.models import compressed_tensors as ct
-from tests.models.quantized_leaves import assert_same_leaves, quantize_kernels, random_leaf
+from jaxcompress.models import gptq_format
+from jaxcompress.models import hf as hf_lib
+from jaxcompress.recipes import exports
+from tests.models.quantized_leaves import assert_same_leaves, quantize_kernels, random_leaf, round_inputs
 from tests.reference_models import VOCAB
 from tests.reference_models import relative_error as rel_err
 from tests.reference_models import torch_outputs
@@ -41,11 +45,12 @@ def bert(hf_checkpoint):
 
 
 def hf_load(path, auto=transformers.AutoModelForCausalLM):
-  """transformers' load of a compressed-tensors directory, float32. Asymmetric schemes go through
+  """transformers' load of a compressed-tensors directory, float32. Asymmetric 'pack-quantized' schemes go through
   `dequantize=True` (compressed-tensors' own decompressor at load time): in compressed-tensors 0.20.1 the default
-  path builds the empty modules with unpacked zero points [out, groups] and refuses the packed ones it writes."""
+  path builds the empty modules with unpacked zero points [out, groups] and refuses the packed ones it writes.
+  ('int-quantized' stores them unpacked, and `dequantize=True` would drop the rounding of input activations.)"""
   groups = json.loads((path / 'config.json').read_text())['quantization_config']['config_groups'].values()
-  asymmetric = any(not g['weights']['symmetric'] for g in groups)
+  asymmetric = any(not g['weights']['symmetric'] and g['format'] == ct.FORMAT for g in groups)
   kwargs = {'quantization_config': transformers.CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
   return auto.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
 
@@ -86,6 +91,102 @@ def test_bert_export_loads_in_transformers_and_round_trips(bert, tmp_path):
   assert err <= TOL
   _, loaded = models.from_pretrained(tmp_path)
   assert_same_leaves(qparams, loaded)
+
+
+def fp8_kernels(params, group_size=None, act=False):
+  """Every block kernel round-to-nearest FP8 (e4m3, absmax scales), its input rounded to FP8 per token with act."""
+  def q(path, w):
+    if not path.endswith('/kernel') or 'lm_head' in path:
+      return w
+    leaf = core.quantize(w, fmt='fp8', group_size=group_size)
+    return core.ActQuantized(leaf, bits=8, grid='fp8') if act else leaf
+  return core.map_with_path(q, params)
+
+
+int_kernels = lambda **kw: lambda params: quantize_kernels(params, lambda p: None if 'lm_head' in p else kw)
+# (the leaves, the format compressed-tensors infers for them): int weights with per-token dynamic int8 activations
+# (W8A8, W4A8) as 'int-quantized', FP8 weights alone as 'naive-quantized', FP8 W8A8 (llm-compressor's FP8_DYNAMIC)
+# as 'float-quantized'.
+ACT_SCHEMES = {
+    'w8a8_channel_sym': (lambda p: round_inputs(int_kernels(bits=8, group_size=None)(p)), ct.INT_FORMAT),
+    'w8a8_channel_asym': (lambda p: round_inputs(int_kernels(bits=8, group_size=None, symmetric=False)(p)),
+                          ct.INT_FORMAT),
+    'w4a8_g16_sym': (lambda p: round_inputs(int_kernels(bits=4, group_size=16)(p)), ct.INT_FORMAT),
+    'fp8_channel': (lambda p: fp8_kernels(p), ct.NAIVE_FORMAT),
+    'fp8_channel_a8': (lambda p: fp8_kernels(p, act=True), ct.FLOAT_FORMAT),
+    'fp8_g16_a8': (lambda p: fp8_kernels(p, group_size=16, act=True), ct.FLOAT_FORMAT),
+}
+
+
+def per_position_error(ours, theirs):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  return np.linalg.norm(ours - theirs, axis=-1) / np.linalg.norm(theirs, axis=-1)
+
+
+@pytest.mark.parametrize('name', sorted(ACT_SCHEMES))
+def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, llama, tmp_path):
+  model, params = llama
+  make, fmt = ACT_SCHEMES[name]
+  qparams = make(params)
+  ct.export(model, qparams, tmp_path)
+  cfg = json.loads((tmp_path / 'config.json').read_text())['quantization_config']
+  (group,) = cfg['config_groups'].values()
+  assert cfg['format'] == group['format'] == fmt and cfg['ignore'] == ['lm_head']
+  act = group['input_activations']
+  if fmt != ct.NAIVE_FORMAT:
+    assert (act['num_bits'], act['strategy'], act['dynamic'], act['symmetric']) == (8, 'token', True, True)
+  hf = hf_load(tmp_path)
+
+  # The whole model: float differences upstream (attention, norms) move an activation that sits within float
+  # error of a rounding boundary to the neighbouring code now and then; that position then differs by about one
+  # code's step, every other position agrees to TOL.
+  theirs = torch_outputs(hf, TOKENS)
+  err = per_position_error(logits(model, qparams, compressed=True), theirs)
+  print(f'{name}: per-position relative error median {np.median(err):.1e}, max {err.max():.1e}, '
+        f'{np.mean(err <= TOL):.0%} of positions within {TOL}')
+  assert np.mean(err <= TOL) >= 0.75 and err.max() <= 3e-3
+
+  # Each Linear alone (weights decompressed by the forward above), on one input: the same codes, so the same
+  # numbers to float error.
+  rng = np.random.RandomState(1)
+  for row in model.hf_table():
+    w = core.paths.get(qparams, row.ours[0])
+    if core.is_compressed(w):
+      x = rng.randn(2, 12, w.shape[0]).astype(np.float32)
+      module = hf.get_submodule(hf_lib.export_name(model, row.hf).removesuffix('.weight'))
+      with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+      assert rel_err(w.matmul(jnp.asarray(x)), want) <= 1e-6, row.hf
+  if fmt == ct.INT_FORMAT:  # the papers' ±127 grid is another function: the check tells them apart
+    narrow = jax.tree.map(lambda w: dataclasses.replace(w, grid='narrow') if isinstance(w, core.ActQuantized) else w,
+                          qparams, is_leaf=core.is_weight_leaf)
+    assert np.mean(per_position_error(logits(model, narrow, compressed=True), theirs) <= TOL) < 0.25
+  _, loaded = models.from_pretrained(tmp_path)
+  assert_same_leaves(qparams, loaded)
+
+
+def test_activation_rounding_that_no_format_computes_is_refused(llama, tmp_path):
+  model, params = llama
+  q = quantize_kernels(params, lambda p: None if 'lm_head' in p else dict(bits=8, group_size=None))
+  narrow = round_inputs(q, grid='narrow')
+  with pytest.raises(ValueError, match=r"'narrow' grid.*act_quant\(grid='full'\)"):
+    ct.export(model, narrow, tmp_path / 'narrow')
+  with pytest.raises(ValueError, match='without the rounding of their inputs'):
+    ct.export(model, narrow, tmp_path / 'narrow', dense_fallback=True)
+  around_dense = core.paths.replace(q, {'layers/0/mlp/up_proj/kernel': core.ActQuantized(
+      params['layers'][0]['mlp']['up_proj']['kernel'], bits=8, grid='full')})
+  with pytest.raises(ValueError, match=r"layers/0/mlp/up_proj/kernel: ActQuantized, 'full' activation rounding around a dense weight"):
+    ct.export(model, around_dense, tmp_path / 'dense')
+  fp8_around_int = round_inputs(q, grid='fp8')
+  with pytest.raises(ValueError, match=r"'fp8' activation rounding around a Quantized\(fmt='int', bits=8\) weight"):
+    ct.export(model, fp8_around_int, tmp_path / 'fp8')
+  with pytest.raises(ValueError, match="int-quantized"):
+    gptq_format.export(model, round_inputs(q), tmp_path / 'gptq')
+  assert not any(tmp_path.iterdir())
+  # a run's default formats: the dense weights alone would compute another function, so not dense
+  assert exports.allowed(model, round_inputs(q)) == ('jxc', 'compressed-tensors')
+  assert exports.allowed(model, narrow) == ('jxc',)
+  assert {'compressed-tensors', 'dense'} <= set(exports.allowed(model, q))
 
 
 def test_unsupported_leaves_are_refused_before_writing(llama, tmp_path):
@@ -146,16 +247,26 @@ def test_unreadable_quantization_configs_name_the_field(llama, tmp_path):
   src = tmp_path / 'src'
   ct.export(model, quantize_kernels(params, lambda p: dict(bits=4, group_size=16, symmetric=False)), src)
   group = lambda q: next(iter(q['config_groups'].values()))
-  cases = {
+  cases = {  # the field the error must name: the edit that makes it unreadable
       'quant_method': lambda q: q.update(quant_method='awq'),
-      'actorder': lambda q: group(q)['weights'].update(actorder='group'),
-      'input_activations': lambda q: group(q).update(input_activations={'num_bits': 8, 'type': 'int'}),
-      'type': lambda q: group(q)['weights'].update(type='float'),
+      'weights.actorder': lambda q: group(q)['weights'].update(actorder='group'),
+      'input_activations.strategy': lambda q: group(q).update(input_activations={'num_bits': 8, 'type': 'int'}),
+      'weights.type': lambda q: group(q)['weights'].update(type='nf4'),
+      'weights.num_bits': lambda q: group(q)['weights'].update(type='float'),  # FP8 is 8 bits, these are 4
       'version': lambda q: (q.update(version='0.9.0'), group(q)['weights'].update(num_bits=3)),
   }
-  for field, fn in cases.items():
-    with pytest.raises(ValueError, match=field):
-      models.from_pretrained(edited(src, tmp_path / field, fn))
+  for k, (field, fn) in enumerate(cases.items()):
+    with pytest.raises(ValueError, match=rf'quantization_config\.(config_groups\.group_0\.)?{field} = '):
+      models.from_pretrained(edited(src, tmp_path / f'case{k}', fn))
+
+  w8a8 = tmp_path / 'w8a8'
+  ct.export(model, round_inputs(quantize_kernels(params, lambda p: dict(bits=8, group_size=None))), w8a8)
+  with pytest.raises(ValueError, match=r'input_activations\.strategy.*per token'):
+    models.from_pretrained(edited(w8a8, tmp_path / 'per_tensor', lambda q: group(q)['input_activations'].update(
+        strategy='tensor')))
+  with pytest.raises(ValueError, match=r"weight' in 'model\.safetensors' holds codes in \[-12\d, 127\], outside the "
+                                       r'4-bit range'):
+    models.from_pretrained(edited(w8a8, tmp_path / 'bits', lambda q: group(q)['weights'].update(num_bits=4)))
 
 
 def test_tensor_shapes_that_disagree_are_named(llama, tmp_path):
