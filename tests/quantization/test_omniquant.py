@@ -194,9 +194,11 @@ def test_beats_round_to_nearest_at_3_bits_on_the_fixture():
 
   fp = lm.rows_perplexity(model, params, held, batch_size=32).perplexity
   rtn = ppl('rtn(bits=3, group_size=128)')
-  omni = ppl('omniquant(bits=3, group_size=128, epochs=10, lr=0.1)')
-  # It closes 38% of the gap on one 2-core machine (fp32 110.18, RTN 110.91, OmniQuant 110.64), a few points more or
-  # less on another CPU: the claim checked is that it clearly beats RTN, by more than a quarter of the gap.
+  omni = ppl('omniquant(bits=3, group_size=128, epochs=5, lr=0.1)')
+  print('fp32, RTN, OmniQuant', fp, rtn, omni, (omni - fp) / (rtn - fp))
+  # 5 epochs (the method's default is 10): 37% of the gap closed on one 2-core machine (fp32 110.18, RTN 110.91,
+  # OmniQuant 110.65; 10 epochs: 38%), a few points more or less on another CPU: the claim checked is that it
+  # clearly beats RTN, by more than a quarter of the gap.
   assert omni - fp < 0.75 * (rtn - fp), (fp, rtn, omni)
 
 
