@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -337,12 +337,32 @@ def save_pretrained(out_dir: str | os.PathLike, model: Model, params: dict, *, d
   expanded. The layer shapes must still match the config: a structurally pruned model needs a config that
   describes its new sizes. `models.compressed_tensors.export` keeps quantized linears compressed instead.
   """
-  flat = core.flatten(core.materialize_tree(core.resolve(params)))
-  check_export_shapes(model, flat, 'save_pretrained')
-  tensors: dict[str, np.ndarray] = {}
-  for row in model.hf_table():
-    tensors.update(dense_tensor(model, row, flat, dtype))
-  return write_checkpoint(out_dir, model, tensors, max_shard_bytes)
+  return save_pretrained_parts(out_dir, model, [lambda: params], dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def save_pretrained_parts(out_dir: str | os.PathLike, model: Model, parts: Sequence[Callable[[], dict]], *,
+                          dtype: Any = None, max_shard_bytes: int = 4 << 30) -> Path:
+  """`save_pretrained` of a tree given as loaders of its disjoint parts (e.g. `calibration.compressed_parts` of an
+  out-of-core compression), one part in memory at a time: each part's dense tensors are written as shards before
+  the next part is loaded. A parameter no part holds is a KeyError, and the shards written are removed."""
+  writer = ShardWriter(out_dir, model, max_shard_bytes)
+  seen: set[str] = set()
+  for load in parts:
+    flat = core.flatten(core.materialize_tree(core.resolve(load())))
+    check_export_shapes(model, flat, 'save_pretrained', partial=True)
+    tensors: dict[str, np.ndarray] = {}
+    for row in model.hf_table():
+      if row.ours[0] in flat:
+        tensors.update(dense_tensor(model, row, flat, dtype))
+    writer.add(tensors)
+    seen.update(flat)
+    del flat, tensors
+  missing = [(p, list(s.shape)) for p, s in core.flatten(model.abstract_params()).items() if p not in seen]
+  if missing:
+    writer.abort()
+    raise KeyError(f"save_pretrained: params lack '{missing[0][0]}' ({missing[0][1]})"
+                   f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, which the config implies.")
+  return writer.close()
 
 
 def check_export_shapes(model: Model, flat: dict[str, Any], who: str, *, partial: bool = False) -> None:
@@ -454,6 +474,12 @@ class ShardWriter:
     save_file(shard, str(path), metadata={'format': 'pt'})
     self.shards.append((path, list(shard)))
     self.total += sum(t.nbytes for t in shard.values())
+
+  def abort(self) -> None:
+    """Removes the shards written so far (nothing of the checkpoint stays)."""
+    for path, _ in self.shards:
+      path.unlink(missing_ok=True)
+    self.shards = []
 
   def close(self, config_fields: dict | None = None) -> Path:
     n = len(self.shards)

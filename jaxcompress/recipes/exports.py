@@ -88,7 +88,7 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
   """Writes the compressed model into directory `out` in each of `formats` (None: `allowed`), jxc first:
   {format: {'path': its name under out, 'bytes': its bytes on disk}}. `metadata` goes into compressed.jxc.
   `parts`: loaders of the same tree a part at a time (`calibration.compressed_parts` of an out-of-core run): the
-  packed formats are then written from them, one part in memory at a time."""
+  packed formats and the dense one are then written from them, one part in memory at a time."""
   from jaxcompress.pruning._src.structured import is_narrowed
   from jaxcompress.pruning._src.structured import save as save_narrowed
   out = pathlib.Path(out)
@@ -101,6 +101,8 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
     elif fmt == 'dense':
       if is_narrowed(model, params):
         save_narrowed(path, model, params)
+      elif parts:
+        models.hf.save_pretrained_parts(path, model, parts)
       else:
         models.save_pretrained(path, model, params)
     elif fmt == 'compressed-tensors':

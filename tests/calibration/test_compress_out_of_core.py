@@ -1,6 +1,7 @@
 """experiments/compress.py --out_of_core: a layer-wise recipe run block by block from the checkpoint on disk gives
 the in-memory recipe's compressed model; stages that cannot run block by block are refused up front."""
 
+import numpy as np
 import pytest
 
 CFG = dict(model='tiny', calib_data='default', eval_data='default', calib_samples=32, eval_samples=16, seq_len=16,
@@ -34,8 +35,8 @@ def test_owl_out_of_core_equals_owl_in_memory(tmp_path):
 
 @pytest.mark.slow
 def test_out_of_core_run_exports_the_packed_formats_from_its_block_files(tmp_path):
-  """The packed exports of an out-of-core run stream from out/blocks/ (a part at a time) and hold exactly the
-  leaves of the run's compressed.jxc."""
+  """The packed and dense exports of an out-of-core run stream from out/blocks/ (a part at a time) and hold exactly
+  the leaves of the run's compressed.jxc (the dense one: their values)."""
   from jaxcompress import core, models
   from jaxcompress.recipes import pipeline as compress
   from tests.models.quantized_leaves import assert_same_leaves
@@ -45,6 +46,9 @@ def test_out_of_core_run_exports_the_packed_formats_from_its_block_files(tmp_pat
   assert 'compressed-tensors' in got['exports']
   params = core.serialize.load(tmp_path / 'ooc' / 'compressed.jxc')
   assert_same_leaves(params, models.from_pretrained(tmp_path / 'ooc' / 'compressed_tensors')[1])
+  dense = core.flatten(models.from_pretrained(tmp_path / 'ooc' / 'hf')[1])
+  for p, w in core.flatten(params).items():
+    np.testing.assert_array_equal(dense[p], np.asarray(core.materialize(w)), err_msg=p)
 
 
 @pytest.mark.parametrize('recipe', ['smoothquant(migration=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path

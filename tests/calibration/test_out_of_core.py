@@ -366,3 +366,15 @@ def test_streamed_export_refuses_before_writing(src, reference, tmp_path):
   with pytest.raises(ValueError, match=r'layers/2/mlp/down_proj/kernel: Masked, a sparsity mask'):
     ct.export_parts(oc.SPEC, cal.compressed_parts(reference), tmp_path / 'ct')
   assert not (tmp_path / 'ct').exists()
+
+
+def test_streamed_dense_export_of_missing_parts_leaves_no_checkpoint(src, reference, tmp_path):
+  """save_pretrained from parts that lack a parameter is an error naming it, and removes the shards it wrote."""
+  with pytest.raises(KeyError, match=r"params lack 'embed/tokens/embedding'"):
+    models.hf.save_pretrained_parts(tmp_path / 'hf', oc.SPEC, cal.compressed_parts(reference)[1:])
+  assert not list((tmp_path / 'hf').iterdir())
+  models.hf.save_pretrained_parts(tmp_path / 'hf', oc.SPEC, cal.compressed_parts(reference))
+  want = core.flatten(cal.load_compressed(reference))
+  got = core.flatten(models.from_pretrained(tmp_path / 'hf')[1])
+  for p, w in want.items():
+    np.testing.assert_array_equal(got[p], np.asarray(core.materialize(w)), err_msg=p)
