@@ -127,6 +127,8 @@ def main(argv):
                                                                    bits, gs)))
     add('QuIP', name, lambda: quantization.quip(model, params, batches,
                                                 config=quantization.QuIPConfig(bits=bits, group_size=gs))[1])
+    add('QuaRot online + QuIP', name, lambda: quantization.quip(
+        *rotated, batches, config=quantization.QuIPConfig(bits=bits, group_size=gs)))
     omni = lambda m, p: quantization.omniquant(m, p, batches, config=quantization.OmniQuantConfig(bits=bits,
                                                                                                  group_size=gs))
     add('OmniQuant', name, lambda: omni(model, params)[1])
