@@ -430,15 +430,6 @@ def export_name(model: Model, name: str) -> str:
   return _hf_name(model, name, model.hf_export_prefix())
 
 
-def write_checkpoint(out_dir: str | os.PathLike, model: Model, tensors: dict[str, np.ndarray],
-                     max_shard_bytes: int = 4 << 30, *, config_fields: dict | None = None) -> Path:
-  """Writes `tensors` (HF names, the tensors transformers expects twice added) as safetensors shards and the
-  model's config.json, with `config_fields` (e.g. a `quantization_config`) added to it."""
-  writer = ShardWriter(out_dir, model, max_shard_bytes)
-  writer.add(tensors)
-  return writer.close(config_fields)
-
-
 class ShardWriter:
   """A checkpoint directory written a part at a time: `add(tensors)` writes them as one or more safetensors shards
   at once (so no whole copy of the model is ever held), `close(config_fields)` names the shards, writes the index
