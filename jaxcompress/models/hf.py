@@ -473,6 +473,12 @@ class ShardWriter:
     self.shards = []
 
   def close(self, config_fields: dict | None = None) -> Path:
+    written = {name for _, names in self.shards for name in names}
+    for copy, src in self.model.hf_export_copies().items():
+      if export_name(self.model, copy) not in written:
+        self.abort()
+        raise ValueError(f"ShardWriter: '{export_name(self.model, copy)}', which transformers expects as a copy of "
+                         f"'{export_name(self.model, src)}', was never written: add that tensor in one `add`.")
     n = len(self.shards)
     weight_map = {}
     for k, (path, names) in enumerate(self.shards, 1):

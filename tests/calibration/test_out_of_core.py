@@ -378,3 +378,15 @@ def test_streamed_dense_export_of_missing_parts_leaves_no_checkpoint(src, refere
   got = core.flatten(models.from_pretrained(tmp_path / 'hf')[1])
   for p, w in want.items():
     np.testing.assert_array_equal(got[p], np.asarray(core.materialize(w)), err_msg=p)
+
+
+def test_a_copy_whose_source_no_part_wrote_is_an_error(tmp_path):
+  """A tensor transformers expects twice (BERT's untied MLM decoder bias) is written beside its source; a streamed
+  writer never given the source says which tensor to add, and leaves no checkpoint."""
+  bert = models.Bert(models.BertConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                       max_position_embeddings=16, mlm_head=True, tie_embeddings=False))
+  writer = models.hf.ShardWriter(tmp_path / 'hf', bert)
+  writer.add({'bert.pooler.dense.bias': np.zeros(16, np.float32)})
+  with pytest.raises(ValueError, match=r"'cls.predictions.bias'.*copy of 'cls.predictions.decoder.bias'"):
+    writer.close()
+  assert not list((tmp_path / 'hf').iterdir())
