@@ -14,12 +14,19 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   from jaxcompress.recipes import pipeline as compress
   cfg = {**CFG, 'recipe': 'sparsegpt(sparsity=0.5) > gptq(bits=4, group_size=16)'}
   ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
-  got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
+  got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=True, verbose=False)
   assert (tmp_path / 'ooc' / 'blocks' / 'manifest.json').is_file()
   assert got['params_hash'] == ref['params_hash']
   assert got['leaf_kinds'] == ref['leaf_kinds'] and got['quality'] == ref['quality']
   # every pruned kernel quantized under its mask
   assert got['leaf_kinds']['Masked'] == got['leaf_kinds']['Quantized'] > 0
+  # its dense export is streamed from out/blocks/ a part at a time (as the packed formats are, which hold no
+  # Masked leaf): the values of its compressed.jxc
+  from jaxcompress import core, models
+  params = core.flatten(core.serialize.load(tmp_path / 'ooc' / 'compressed.jxc'))
+  dense = core.flatten(models.from_pretrained(tmp_path / 'ooc' / 'hf')[1])
+  for p, w in params.items():
+    np.testing.assert_array_equal(dense[p], np.asarray(core.materialize(w)), err_msg=p)
 
 
 @pytest.mark.slow
@@ -31,24 +38,6 @@ def test_owl_out_of_core_equals_owl_in_memory(tmp_path):
   got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=False, verbose=False)
   assert 'dense' in (tmp_path / 'ooc' / 'blocks' / 'manifest.json').read_text()
   assert got['params_hash'] == ref['params_hash'] and got['quality'] == ref['quality']
-
-
-@pytest.mark.slow
-def test_out_of_core_run_exports_the_packed_formats_from_its_block_files(tmp_path):
-  """The packed and dense exports of an out-of-core run stream from out/blocks/ (a part at a time) and hold exactly
-  the leaves of the run's compressed.jxc (the dense one: their values)."""
-  from jaxcompress import core, models
-  from jaxcompress.recipes import pipeline as compress
-  from tests.models.quantized_leaves import assert_same_leaves
-  cfg = {**CFG, 'recipe': 'gptq(bits=4, group_size=16, symmetric=True)', 'out_of_core': True,
-         'output_dir': str(tmp_path / 'ooc')}
-  got = compress.run(cfg, save=True, verbose=False)
-  assert 'compressed-tensors' in got['exports']
-  params = core.serialize.load(tmp_path / 'ooc' / 'compressed.jxc')
-  assert_same_leaves(params, models.from_pretrained(tmp_path / 'ooc' / 'compressed_tensors')[1])
-  dense = core.flatten(models.from_pretrained(tmp_path / 'ooc' / 'hf')[1])
-  for p, w in core.flatten(params).items():
-    np.testing.assert_array_equal(dense[p], np.asarray(core.materialize(w)), err_msg=p)
 
 
 @pytest.mark.parametrize('recipe', ['smoothquant(migration=0.5)', 'svd_llm(keep=0.5)'])  # asvd: svd_llm's path
