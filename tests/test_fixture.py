@@ -1,11 +1,13 @@
 """The committed causal-LM fixture: its weights, its rebuilt held-out rows and its recorded perplexity agree."""
 
 import numpy as np
+import pytest
 
 from jaxcompress.recipes import fixture
 from jaxcompress.eval import lm
 
 
+@pytest.mark.slow
 def test_fixture_scores_its_recorded_held_out_perplexity():
   model, params = fixture.load('fixture')
   _, train, valid = fixture.data()
