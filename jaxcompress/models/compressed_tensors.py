@@ -365,35 +365,33 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
   read = packed.checked_reader(module, get, f'the {b}-bit scheme and config.json')
   if scheme.group_size is not None and n_in % scheme.group_size:
     raise ValueError(f"'{module}': group_size={scheme.group_size} does not divide in_features={n_in}.")
+  scale = read('weight_scale', (n_out, groups), 'f').T  # [groups, out]
+  if scale_dtype is not None:
+    scale = scale.astype(scale_dtype)
   if scheme.format == FORMAT:
-    leaf = _read_packed(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+    leaf = _read_packed(read, get, scheme, module, (n_in, n_out), scale)
   elif scheme.type == 'float':
-    leaf = _read_fp8(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+    leaf = _read_fp8(get, scheme, module, (n_in, n_out), scale)
   else:
-    leaf = _read_int(read, get, scheme, module, (n_in, n_out), groups, scale_dtype)
+    leaf = _read_int(read, get, scheme, module, (n_in, n_out), scale)
   if scheme.act_bits is None:
     return leaf
   return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type])
 
 
-def _read_fp8(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
-              scale_dtype: Any) -> core.Quantized:
+def _read_fp8(get, scheme: Scheme, module: str, shape: tuple[int, int], scale: np.ndarray) -> core.Quantized:
   """One FP8 Linear ('naive-quantized' or 'float-quantized'): codes float8_e4m3fn [out, in], absmax scales."""
   n_in, n_out = shape
   arr, file = get(f'{module}.weight')
   if tuple(arr.shape) != (n_out, n_in) or arr.dtype != np.dtype(jnp.float8_e4m3fn):
     raise ValueError(f"tensor '{module}.weight' in '{file}' is {arr.dtype} {list(arr.shape)}; the FP8 scheme and "
                      f'config.json imply float8_e4m3fn {[n_out, n_in]}.')
-  scale = read('weight_scale', (n_out, groups), 'f').T
-  if scale_dtype is not None:
-    scale = scale.astype(scale_dtype)
   return core.Quantized(codes=jax.device_put(np.ascontiguousarray(arr.T)),
                         scale=jax.device_put(np.ascontiguousarray(scale)), zero=None, bits=8,
                         group_size=scheme.group_size, fmt='fp8', packed=False, logical_shape=(n_in, n_out))
 
 
-def _read_int(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
-              scale_dtype: Any) -> core.Quantized:
+def _read_int(read, get, scheme: Scheme, module: str, shape: tuple[int, int], scale: np.ndarray) -> core.Quantized:
   """One 'int-quantized' (or int 'naive-quantized') Linear: signed codes one per int8 [out, in], codes outside the
   b-bit range refused."""
   (n_in, n_out), b = shape, scheme.bits
@@ -403,17 +401,14 @@ def _read_int(read, get, scheme: Scheme, module: str, shape: tuple[int, int], gr
     _, file = get(f'{module}.weight')
     raise ValueError(f"tensor '{module}.weight' in '{file}' holds codes in [{signed.min()}, {signed.max()}], outside "
                      f'the {b}-bit range [{-offset}, {offset - 1}] config.json gives.')
-  scale = read('weight_scale', (n_out, groups), 'f').T
-  if scale_dtype is not None:
-    scale = scale.astype(scale_dtype)
   zero = None
   if not scheme.symmetric:
-    zero = (read('weight_zero_point', (n_out, groups), 'i').astype(np.int16).T + offset).astype(scale.dtype)
+    zero = (read('weight_zero_point', (n_out, len(scale)), 'i').astype(np.int16).T + offset).astype(scale.dtype)
   return packed.int_leaf((signed.T + offset).astype(np.uint8), scale, zero, b, scheme.group_size)
 
 
-def _read_packed(read, get, scheme: Scheme, module: str, shape: tuple[int, int], groups: int,
-                 scale_dtype: Any) -> core.Quantized:
+def _read_packed(read, get, scheme: Scheme, module: str, shape: tuple[int, int], scale: np.ndarray
+                 ) -> core.Quantized:
   """One 'pack-quantized' Linear: codes packed into int32 words along `in`, zero points along `out`."""
   (n_in, n_out), b = shape, scheme.bits
   stored = read('weight_shape', (2,), 'iu')
@@ -422,11 +417,8 @@ def _read_packed(read, get, scheme: Scheme, module: str, shape: tuple[int, int],
     raise ValueError(f"tensor '{module}.weight_shape' in '{file}' is {[int(x) for x in stored]}; config.json "
                      f'implies [{n_out}, {n_in}].')
   codes = packed.unpack_int32(read('weight_packed', (n_out, math.ceil(n_in * b / 32)), 'i'), b, n_in).T
-  scale = read('weight_scale', (n_out, groups), 'f').T
-  if scale_dtype is not None:
-    scale = scale.astype(scale_dtype)
   zero = None
   if not scheme.symmetric:
-    zp = read('weight_zero_point', (math.ceil(n_out * b / 32), groups), 'i')
+    zp = read('weight_zero_point', (math.ceil(n_out * b / 32), len(scale)), 'i')
     zero = packed.unpack_int32(np.ascontiguousarray(zp.T), b, n_out).astype(scale.dtype)  # [groups, out]
   return packed.int_leaf(codes, scale, zero, b, scheme.group_size)

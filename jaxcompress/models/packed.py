@@ -186,7 +186,7 @@ def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layou
   refused: dict[str, str] = {}
   rounded: list[str] = []
   seen: set[str] = set()
-  packable = False
+  any_packed = False
   for load in parts:
     params = load()
     if core.SHARED in params and len(parts) > 1:
@@ -198,7 +198,7 @@ def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layou
     found = refusals(model, params, layout.check, rows)
     refused.update(found)
     rounded += [why for p, why in found.items() if isinstance(flat[p], core.ActQuantized)]
-    packable = packable or any(_packs(flat[row.ours[0]]) and row.ours[0] not in found for row in rows)
+    any_packed = any_packed or any(packable(flat[row.ours[0]]) and row.ours[0] not in found for row in rows)
     seen.update(flat)
     del params, flat
   missing = sorted(set(expected) - seen)
@@ -206,7 +206,7 @@ def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layou
     raise KeyError(f"{who}: params lack {missing[:4]}{' ...' if len(missing) > 4 else ''}, which the config "
                    'implies.')
   _raise_refused(who, layout.name, refused, rounded, dense_fallback)
-  if layout.empty and not packable:
+  if layout.empty and not any_packed:
     raise ValueError(layout.empty)
 
   writer = hf.ShardWriter(out_dir, model, max_shard_bytes)
@@ -223,7 +223,8 @@ def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layou
   return writer.close({'quantization_config': layout.config(described, dense)})
 
 
-def _packs(w: Any) -> bool:
+def packable(w: Any) -> bool:
+  """Whether a leaf is a `Quantized` one a layout packs, bare or inside an `ActQuantized`."""
   return isinstance(w.w if isinstance(w, core.ActQuantized) else w, core.Quantized)
 
 
@@ -253,7 +254,7 @@ def export_tensors(model: Model, flat: dict, refused: set[str], dtype: Any,
   dense: list[str] = []
   for row in (model.hf_table() if rows is None else rows):
     w = flat[row.ours[0]]
-    if _packs(w) and not any(p in refused for p in row.ours):
+    if packable(w) and not any(p in refused for p in row.ours):
       module = hf.export_name(model, row.hf).removesuffix('.weight')
       tensors.update(write(w, module))
       quantized[module] = w

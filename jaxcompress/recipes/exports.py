@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxcompress import core, models
-from jaxcompress.models import compressed_tensors, gptq_format
+from jaxcompress.models import compressed_tensors, gptq_format, packed
 
 FORMATS = ('jxc', 'compressed-tensors', 'gptq', 'dense')
 PATHS = {'jxc': 'compressed.jxc', 'compressed-tensors': 'compressed_tensors', 'gptq': 'gptq', 'dense': 'hf'}
@@ -48,8 +48,7 @@ def _packs_any(model, params) -> bool:
   """Whether some table row's Linear is a `Quantized` leaf, bare or in an `ActQuantized` (a packed format has
   something to pack)."""
   flat = core.flatten({k: v for k, v in params.items() if k != core.SHARED})
-  inner = lambda w: w.w if isinstance(w, core.ActQuantized) else w
-  return any(row.linear and isinstance(inner(flat[row.ours[0]]), core.Quantized) for row in model.hf_table())
+  return any(row.linear and packed.packable(flat[row.ours[0]]) for row in model.hf_table())
 
 
 def _rounds_inputs(params) -> bool:
