@@ -4,6 +4,9 @@
     python experiments/benchmarks/export.py --bits=8 --group_size=0     # W8 per channel
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8    # W8A8 int
     python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8              # FP8 W8A8
+    python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8 --act_static  # FP8 static
+    python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8 --act_static \
+        --noact_symmetric                                                                     # W8A8 static asym
     python experiments/benchmarks/export.py --json=export.json
 
 Each model's Linear kernels (heads included, embeddings not) are quantized round-to-nearest (asymmetric, W4 g128
@@ -13,7 +16,9 @@ error (‖a − b‖ / ‖b‖ over the logits, or the last hidden states of Min
 compressed params, and of transformers' load of the directory (compressed-tensors with `dequantize=True` for an
 asymmetric 'pack-quantized' scheme) against them. With `--act_bits`, each kernel's input is also rounded per token
 (`ActQuantized` on compressed-tensors' grid: 'full' for int weights, 'fp8' for FP8 ones), written 'int-quantized'
-or 'float-quantized'. There an activation within float error of a rounding boundary lands on the neighbouring code
+or 'float-quantized'; with `--act_static` the block Linears' inputs are rounded with one static scale each
+(`act_quant(static=True)`, calibrated on 8 random token rows of another seed than the check's; heads stay
+weight-only). There an activation within float error of a rounding boundary lands on the neighbouring code
 in one implementation and not in the other, and in a deep model such flips feed the next layers' roundings, so the
 whole-model agreement says little; the column "per-Linear" gives the largest relative error of one transformers
 Linear against ours on the same random input [2, tokens, in], which is where the two must agree. GPTQ directories load in transformers only with optimum + gptqmodel, which this
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxcompress import core, models
+from jaxcompress import core, models, quantization
 from jaxcompress.recipes import exports, fixture
 
 flags.DEFINE_integer('bits', 4, 'Code width of the round-to-nearest quantization.', lower_bound=2, upper_bound=8)
@@ -44,6 +49,9 @@ flags.DEFINE_bool('symmetric', False, 'Symmetric codes (no zero points).')
 flags.DEFINE_enum('fmt', 'int', ['int', 'fp8'], "Code format: uniform 'int' or 'fp8' (e4m3, absmax; --bits ignored).")
 flags.DEFINE_integer('act_bits', 0, 'Also round every kernel input per token to this many bits (0: weights only).',
                      lower_bound=0, upper_bound=8)
+flags.DEFINE_bool('act_static', False, 'With --act_bits: one calibrated scale per block Linear input (static '
+                  'per tensor, act_quant(static=True)) instead of one per token.')
+flags.DEFINE_bool('act_symmetric', True, 'With --act_static: symmetric activation grid (False: a zero point too).')
 flags.DEFINE_list('models', ['fixture', 'minilm'], "'fixture' and / or 'minilm' (skipped if not installed).")
 flags.DEFINE_integer('tokens', 32, 'Tokens per sequence of the agreement check (2 sequences).', lower_bound=2)
 flags.DEFINE_string('json', None, 'Also write the rows as JSON to this file.')
@@ -59,12 +67,21 @@ def load(name: str):
 def quantize(model, params):
   group = FLAGS.group_size or None
   fp8 = FLAGS.fmt == 'fp8'
+  grid = 'fp8' if fp8 else 'full'
+  per_token = FLAGS.act_bits and not FLAGS.act_static
 
   def one(_, w):
     q = core.quantize(w, bits=8 if fp8 else FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric or fp8,
                       fmt=FLAGS.fmt)
-    return core.ActQuantized(q, bits=FLAGS.act_bits, grid='fp8' if fp8 else 'full') if FLAGS.act_bits else q
-  return model.select(params, head=True).map(one, params)
+    return core.ActQuantized(q, bits=FLAGS.act_bits, grid=grid) if per_token else q
+  qparams = model.select(params, head=True).map(one, params)
+  if FLAGS.act_bits and FLAGS.act_static:
+    calib = [{'tokens': np.random.RandomState(7).randint(1, model.config.vocab_size, (8, FLAGS.tokens)
+                                                         ).astype(np.int32)}]
+    config = quantization.ActQuantConfig(bits=FLAGS.act_bits, grid=grid, static=True,
+                                         symmetric=FLAGS.act_symmetric)
+    qparams = quantization.act_quant(model, qparams, calib, config=config)[1]
+  return qparams
 
 
 def rel_err(a, b) -> float:
@@ -184,7 +201,8 @@ def main(argv):
         continue
     rows += bench(name)
   weights = 'FP8 (e4m3)' if FLAGS.fmt == 'fp8' else f'W{FLAGS.bits}'
-  acts = f"A{FLAGS.act_bits} ({'fp8' if FLAGS.fmt == 'fp8' else 'int'}, per token) " if FLAGS.act_bits else ''
+  how = ('static per tensor' + ('' if FLAGS.act_symmetric else ', asymmetric')) if FLAGS.act_static else 'per token'
+  acts = f"A{FLAGS.act_bits} ({'fp8' if FLAGS.fmt == 'fp8' else 'int'}, {how}) " if FLAGS.act_bits else ''
   scheme = f"{weights} {acts}{'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
       ('symmetric' if FLAGS.symmetric or FLAGS.fmt == 'fp8' else 'asymmetric')
   print(f'{scheme}, round-to-nearest, every Linear kernel (heads included), fp32 elsewhere; CPU ({jax.devices()[0]})')

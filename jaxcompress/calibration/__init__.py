@@ -4,7 +4,7 @@
     params, stats = calibration.run_sequential(model, params, batches, observer, compress_block)
     params = calibration.run_blockwise(model, params, batches, fit_block)     # fit each block to its fp outputs
 
-Observers (`hessian`, `column_norms`, `abs_max`, `abs_mean`, `combine`) are optax-like pure functions (init,
+Observers (`hessian`, `column_norms`, `abs_max`, `min_max`, `abs_mean`, `combine`) are optax-like pure functions (init,
 update, merge); `Model.block_structure()` says which linears share an input, in call order, and which norm feeds them.
 """
 
@@ -16,7 +16,7 @@ from jaxcompress.calibration.selection import block_linears, check_blocks_only, 
 from jaxcompress.calibration.experts import solve_experts
 from jaxcompress.calibration.out_of_core import compress_checkpoint, compressed_parts, load_compressed
 from jaxcompress.calibration.observers import (Observer, Stats, abs_max, abs_mean, column_norms, combine, hessian,
-                                               norms)
+                                               min_max, norms)
 
 __all__ = [
     'BlockData',
@@ -40,6 +40,7 @@ __all__ = [
     'compressed_parts',
     'hessian',
     'load_compressed',
+    'min_max',
     'norms',
     'only',
     'record_sequential',

@@ -117,6 +117,25 @@ def abs_max() -> Observer:
   return Observer(init, update, maximum)
 
 
+def min_max() -> Observer:
+  """{'min': min(0, min_t x[t, j]), 'max': max(0, max_t x[t, j])} [in] float32: the range a static activation grid
+  covers (`core.activations.static_qparams`; the range always includes 0, as compressed-tensors' does)."""
+
+  def init(path: str, in_features: int) -> Stats:
+    del path
+    return {'min': jnp.zeros((in_features,), jnp.float32), 'max': jnp.zeros((in_features,), jnp.float32)}
+
+  def update(stats: Stats, x: jax.Array, mask: jax.Array) -> Stats:
+    # Padding rows become 0, which the range holds already.
+    x = _masked(x, mask)
+    return {'min': jnp.minimum(stats['min'], jnp.min(x, axis=0)), 'max': jnp.maximum(stats['max'], jnp.max(x, axis=0))}
+
+  def merge(a: Stats, b: Stats) -> Stats:
+    return {'min': jnp.minimum(a['min'], b['min']), 'max': jnp.maximum(a['max'], b['max'])}
+
+  return Observer(init, update, merge)
+
+
 def abs_mean() -> Observer:
   """{'abs_sum': Σ_t |x[t, j]| [in] float32, 'count'}: AWQ's mean activation magnitude is abs_sum / count."""
 

@@ -10,6 +10,16 @@ Three grids, all symmetric about zero (the token's largest |x| sets the scale):
 
 A model exported in compressed-tensors' `input_activations` schemes computes what the 'full' and 'fp8' grids
 compute here, so only those are written there; 'narrow' and 'full' differ by less than one step.
+
+Static scales: with `scale` (a float scalar, and `zero`, an integer scalar, for an asymmetric int grid) the whole
+tensor is rounded with that one calibrated scale instead of each token's own (compressed-tensors' static per-tensor
+`input_scale` / `input_zero_point`):
+
+    x̂ = (clip(round(x / scale + zero), lo, hi) − zero) · scale
+
+`static_qparams(lo, hi, bits, grid, symmetric)` turns a calibration range into (scale, zero) as compressed-tensors
+does: symmetric s = max(|lo|, |hi|) / half_range; asymmetric s = (hi − lo) / (2^bits − 1), zero = round(qmin − lo / s)
+clipped to the grid (the range always includes 0).
 """
 
 from __future__ import annotations
@@ -73,18 +83,62 @@ def quantize_tokens(x: jax.Array, bits: int, grid: str = 'narrow') -> jax.Array:
   return straight_through(lambda v: snap(divide(v, s)) * s)(x32).astype(x.dtype)
 
 
+def quantize_static(x: jax.Array, bits: int, grid: str, scale: jax.Array, zero: jax.Array | None = None
+                    ) -> jax.Array:
+  """x [..., in] rounded with one static `scale` (and integer `zero` point: asymmetric, int grids only) for the whole
+  tensor, computed in float32 (correctly rounded division) and returned in x's dtype, gradient straight through."""
+  x32 = x.astype(jnp.float32)
+  s = jnp.asarray(scale, jnp.float32)
+  if grid == 'fp8':
+    snap = lambda r: jnp.clip(r, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return straight_through(lambda v: snap(divide(v, s)) * s)(x32).astype(x.dtype)
+  lo, hi, _ = token_range(bits, grid)
+  z = jnp.zeros((), jnp.float32) if zero is None else jnp.asarray(zero, jnp.float32)
+  return straight_through(lambda v: (jnp.clip(jnp.round(divide(v, s) + z), lo, hi) - z) * s)(x32).astype(x.dtype)
+
+
+def static_qparams(lo: jax.Array, hi: jax.Array, bits: int, grid: str, symmetric: bool = True
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """(scale float32 [], zero int32 [] or None) of a static per-tensor grid covering the calibration range [lo, hi]
+  (stretched to include 0; a zero range keeps scale 1). Symmetric: s = max(|lo|, |hi|) / half_range; asymmetric
+  (int grids): s = (hi − lo) / (2^bits − 1), zero = clip(round(qmin − lo / s), qmin, qmax)."""
+  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
+  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  if symmetric:
+    half_range = FP8_MAX if grid == 'fp8' else token_range(bits, grid)[2]
+    s = divide(jnp.maximum(-lo, hi), half_range)
+    return jnp.where(s == 0, 1.0, s), None
+  if grid == 'fp8':
+    raise ValueError("static_qparams: grid='fp8' is symmetric (FP8 scales are absmax); give symmetric=True.")
+  qmin, qmax, _ = token_range(bits, grid)
+  s = divide(hi - lo, float(qmax - qmin))
+  s = jnp.where(s == 0, 1.0, s)
+  return s, jnp.clip(jnp.round(qmin - divide(lo, s)), qmin, qmax).astype(jnp.int32)
+
+
 @leaf_lib.leaf_type
 @dataclasses.dataclass(frozen=True)
 class ActQuantized(leaf_lib.Compressed):
-  """A linear whose input is rounded per token to `bits` bits on `grid` before the matmul with `w` [in, out]
-  (dense, Masked or Quantized). `materialize()` is the weight; the activation rounding happens in `matmul`."""
+  """A linear whose input is rounded to `bits` bits on `grid` before the matmul with `w` [in, out] (dense, Masked
+  or Quantized): per token (dynamic), or with the static per-tensor `scale` [] (and `zero` [] int: asymmetric) when
+  given. `materialize()` is the weight; the activation rounding happens in `matmul`."""
 
   w: Any
+  scale: Any = None  # static per-tensor scale, float []; None: each token's own (dynamic)
+  zero: Any = None  # static zero point, int [] (asymmetric int grids); None: symmetric
   bits: int = leaf_lib.static(default=8)
   grid: str = leaf_lib.static(default='narrow')
 
   def __post_init__(self):
     check_grid(self.grid, 'ActQuantized', self.bits)
+    # (scale and zero are pytree children: tree utilities rebuild the leaf with other objects in their place)
+    if hasattr(self.zero, 'shape') and (self.scale is None or self.grid == 'fp8'):
+      raise ValueError(f'ActQuantized: a zero point needs a static scale on an int grid; got scale={self.scale!r}, '
+                       f'grid={self.grid!r}.')
+
+  @property
+  def static(self) -> bool:
+    return self.scale is not None
 
   @property
   def shape(self):
@@ -98,27 +152,38 @@ class ActQuantized(leaf_lib.Compressed):
     return leaf_lib.materialize(self.w)
 
   def matmul(self, x):
+    if self.static:
+      return linear(quantize_static(x, self.bits, self.grid, self.scale, self.zero), self.w)
     return linear(quantize_tokens(x, self.bits, self.grid), self.w)
 
+  def _qparams(self) -> list:
+    return [a for a in (self.scale, self.zero) if a is not None]
+
   def stored_params(self):
-    return leaf_lib.stored_params(self.w)
+    return leaf_lib.stored_params(self.w) + sum(int(jnp.size(a)) for a in self._qparams())
 
   def memory_bytes(self):
-    return leaf_lib.memory_bytes(self.w)
+    return leaf_lib.memory_bytes(self.w) + sum(leaf_lib.memory_bytes(a) for a in self._qparams())
 
   def disk_bytes(self):
-    return leaf_lib.disk_bytes(self.w)
+    return leaf_lib.disk_bytes(self.w) + sum(leaf_lib.disk_bytes(a) for a in self._qparams())
 
   def matmul_flops(self):
     return leaf_lib.matmul_flops(self.w)
 
 
 def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
-  return {'bits': w.bits, 'grid': w.grid, 'w': out.weight('.w', w.w)}
+  desc = {'bits': w.bits, 'grid': w.grid, 'w': out.weight('.w', w.w)}
+  for name in ('scale', 'zero'):
+    if getattr(w, name) is not None:
+      out.put(f'.{name}', getattr(w, name))
+      desc[name] = True
+  return desc
 
 
 def _decode(desc: dict, src: serialize.Reader) -> ActQuantized:
-  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'], grid=desc.get('grid', 'narrow'))
+  qparams = {name: jnp.asarray(src.get(f'.{name}')) for name in ('scale', 'zero') if desc.get(name)}
+  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'], grid=desc.get('grid', 'narrow'), **qparams)
 
 
 serialize.register('act_quantized', ActQuantized, _encode, _decode)

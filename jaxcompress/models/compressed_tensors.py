@@ -25,7 +25,11 @@ embeddings or GPT-2's Conv1D weights) is refused before anything is written, nam
 Activations: an `ActQuantized` leaf on the 'full' grid around such a weight (W8A8, W4A8: `act_quant(grid='full')`)
 is written in the 'int-quantized' format llm-compressor writes for those schemes, its config group carrying
 `input_activations` (int, symmetric, per token, dynamic): compressed-tensors rounds each token to
-[-2^(b-1), 2^(b-1) - 1] with scale max|x| / ((2^b - 1) / 2), which is that grid. 'int-quantized' stores
+[-2^(b-1), 2^(b-1) - 1] with scale max|x| / ((2^b - 1) / 2), which is that grid. A static leaf
+(`act_quant(static=True)`: one calibrated scale per input) is written with `strategy: tensor, dynamic: false` and
+its `<m>.input_scale` [1] (the weight scale's dtype), and `<m>.input_zero_point` int8 [1] when asymmetric
+(`symmetric=False`). A weight scale per tensor (`strategy: tensor`, llm-compressor's FP8 scheme) is read as that
+scale for every output channel: the same numbers, written back per channel. 'int-quantized' stores
 
   <m>.weight             int8 [out, in]      signed codes s = q - 2**(b-1)
   <m>.weight_scale       [out, groups]
@@ -80,8 +84,10 @@ FORMATS = {('int', False): FORMAT, ('int', True): INT_FORMAT, ('float', False): 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
   """The quantization of one Linear: `bits`, groups of `group_size` inputs (None: per channel), `type` 'int' or
-  'float' (FP8 e4m3 codes); with `act_bits` its input is also rounded per token (dynamic, symmetric: the 'full'
-  grid for int, 'fp8' for float). `format` is how the weight is stored (one of FORMATS' values)."""
+  'float' (FP8 e4m3 codes); with `act_bits` its input is also rounded, on the 'full' grid for int and 'fp8' for
+  float: per token (dynamic, symmetric), or with `act_static` one calibrated scale per tensor (and a zero point
+  unless `act_symmetric`). `format` is how the weight is stored (one of FORMATS' values). `weight_per_tensor`
+  (read only): one weight scale for the whole tensor, read as that scale for every output channel."""
 
   bits: int
   group_size: int | None
@@ -89,13 +95,17 @@ class Scheme:
   type: str = 'int'
   act_bits: int | None = None
   format: str = FORMAT
+  act_static: bool = False  # one calibrated input_scale per Linear (strategy 'tensor'), not one per token
+  weight_per_tensor: bool = False  # read only: one weight_scale [1] per Linear (llm-compressor's FP8 scheme)
+  act_symmetric: bool = True  # False (static int only): an input_zero_point too
 
   def activations_config(self) -> dict | None:
     """The scheme's `input_activations` QuantizationArgs (None: weight-only)."""
     if self.act_bits is None:
       return None
-    return {'num_bits': self.act_bits, 'type': self.type, 'symmetric': True, 'group_size': None,
-            'strategy': 'token', 'dynamic': True, 'actorder': None, 'block_structure': None}
+    strategy = 'tensor' if self.act_static else 'token'
+    return {'num_bits': self.act_bits, 'type': self.type, 'symmetric': self.act_symmetric, 'group_size': None,
+            'strategy': strategy, 'dynamic': not self.act_static, 'actorder': None, 'block_structure': None}
 
   def weights_config(self) -> dict:
     """The scheme's `weights` QuantizationArgs as compressed-tensors serializes them."""
@@ -150,11 +160,12 @@ def refusals(model: Model, params: dict) -> dict[str, str]:
 
 
 def _scheme(w: core.Quantized | core.ActQuantized) -> Scheme:
-  act_bits = w.bits if isinstance(w, core.ActQuantized) else None
-  q = w.w if act_bits else w
+  act = w if isinstance(w, core.ActQuantized) else None
+  q = w if act is None else w.w
   kind = 'float' if q.fmt == 'fp8' else 'int'
-  return Scheme(bits=q.bits, group_size=q.group_size, symmetric=q.zero is None, type=kind, act_bits=act_bits,
-                format=FORMATS[kind, act_bits is not None])
+  return Scheme(bits=q.bits, group_size=q.group_size, symmetric=q.zero is None, type=kind,
+                act_bits=None if act is None else act.bits, format=FORMATS[kind, act is not None],
+                act_static=act is not None and act.static, act_symmetric=act is None or act.zero is None)
 
 
 def unpacked_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
@@ -176,7 +187,15 @@ def unpacked_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[
 def _tensors(w: core.Quantized | core.ActQuantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
   if _scheme(w).format == FORMAT:
     return packed_tensors(w, module, dtype)
-  return unpacked_tensors(w.w if isinstance(w, core.ActQuantized) else w, module, dtype)
+  if not isinstance(w, core.ActQuantized):
+    return unpacked_tensors(w, module, dtype)
+  out = unpacked_tensors(w.w, module, dtype)
+  if w.static:
+    scale_dtype = out[f'{module}.weight_scale'].dtype
+    out[f'{module}.input_scale'] = np.asarray(jax.device_get(w.scale)).astype(scale_dtype).reshape(1)
+    if w.zero is not None:
+      out[f'{module}.input_zero_point'] = np.asarray(jax.device_get(w.zero)).astype(np.int8).reshape(1)
+  return out
 
 
 def packed_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
@@ -258,7 +277,8 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
   if not isinstance(bits, int) or not 1 <= bits <= 8 or (kind == 'float' and bits != 8):
     raise packed.field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8' if kind == 'int' else
                              '8 (float8_e4m3fn)')
-  act_bits = _read_activations(cfg_file, f'{where}.input_activations', group.get('input_activations'), kind)
+  act_bits, act_static, act_symmetric = _read_activations(cfg_file, f'{where}.input_activations',
+                                                          group.get('input_activations'), kind)
   fmt = group.get('format') or default_format
   allowed = [f for (k, _), f in FORMATS.items() if k == kind] + ([NAIVE_FORMAT] if kind == 'int' else [])
   if fmt not in allowed:
@@ -272,35 +292,49 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
   group_size, strategy = w.get('group_size'), w.get('strategy')
   if strategy is None:
     strategy = 'channel' if group_size == -1 else 'group' if group_size else 'tensor'
-  if strategy == 'channel':
+  if strategy in ('channel', 'tensor'):  # one scale per tensor is read as that scale for every output channel
     group_size = None
   elif strategy != 'group' or not isinstance(group_size, int) or group_size <= 0:
-    raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' (with a positive group_size) or 'channel'")
+    raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' (with a positive group_size), 'channel' "
+                             "or 'tensor'")
   symmetric = w.get('symmetric', True)
   if not isinstance(symmetric, bool) or (kind == 'float' and not symmetric):
     raise packed.field_error(cfg_file, at('symmetric'), symmetric, 'true or false' if kind == 'int' else
                              'true (FP8 scales are absmax)')
-  return Scheme(bits=bits, group_size=group_size, symmetric=symmetric, type=kind, act_bits=act_bits, format=fmt)
+  if strategy == 'tensor' and (not symmetric or fmt == FORMAT):
+    raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' or 'channel' ('tensor' is read for "
+                             "symmetric unpacked weights: llm-compressor's FP8 and int8 schemes)")
+  return Scheme(bits=bits, group_size=group_size, symmetric=symmetric, type=kind, act_bits=act_bits, format=fmt,
+                act_static=act_static, act_symmetric=act_symmetric, weight_per_tensor=strategy == 'tensor')
 
 
-def _read_activations(cfg_file: Path, where: str, a: Any, kind: str) -> int | None:
-  """The bits of a config group's `input_activations` (None: weight-only), or a ValueError naming the field this
-  module cannot represent: dynamic, symmetric, per-token rounding of the weights' type (int: the 'full' grid,
-  float: 'fp8') is an `ActQuantized` leaf, nothing else."""
+def _read_activations(cfg_file: Path, where: str, a: Any, kind: str) -> tuple[int | None, bool, bool]:
+  """(bits (None: weight-only), static, symmetric) of a config group's `input_activations`, or a ValueError naming
+  the field this module cannot represent. An `ActQuantized` leaf rounds to the weights' type (int: the 'full' grid,
+  float: 'fp8') either per token (dynamic, symmetric) or with one static per-tensor scale (and zero point: int,
+  asymmetric); nothing else is read."""
   if a is None:
-    return None
+    return None, False, True
   if not isinstance(a, dict):
     raise packed.field_error(cfg_file, where, a, 'null or a QuantizationArgs object')
-  want = {'type': (kind, f"'{kind}' (the weights' type)"), 'symmetric': (True, 'true'),
-          'strategy': ('token', "'token' (per token)"),
-          'dynamic': (True, 'true (scales computed per token at run time)')}
-  for field, (value, said) in want.items():
-    if a.get(field, {'type': 'int', 'symmetric': True}.get(field)) != value:
-      raise packed.field_error(cfg_file, f'{where}.{field}', a.get(field), said)
+  if a.get('type', 'int') != kind:
+    raise packed.field_error(cfg_file, f'{where}.type', a.get('type'), f"'{kind}' (the weights' type)")
+  dynamic = a.get('dynamic', False)
+  if dynamic not in (True, False):
+    raise packed.field_error(cfg_file, f'{where}.dynamic', dynamic, 'true (per token) or false (static per tensor)')
+  strategy = a.get('strategy')
+  want = 'token' if dynamic else 'tensor'
+  if strategy != want:
+    raise packed.field_error(cfg_file, f'{where}.strategy', strategy, f"'{want}' (dynamic={str(dynamic).lower()}: "
+                             + ('scales computed per token at run time)' if dynamic else 'one calibrated input_scale)'))
+  symmetric = a.get('symmetric', True)
+  if symmetric is not True and (dynamic or kind == 'float' or symmetric is not False):
+    raise packed.field_error(cfg_file, f'{where}.symmetric', symmetric, 'true (asymmetric activations are read '
+                             'for static int schemes only)')
   bits = a.get('num_bits', 8)
   if not isinstance(bits, int) or not 2 <= bits <= 8 or (kind == 'float' and bits != 8):
     raise packed.field_error(cfg_file, f'{where}.num_bits', bits, 'an integer in 2..8' if kind == 'int' else '8')
-  return bits
+  return bits, not dynamic, symmetric
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -365,7 +399,10 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
   read = packed.checked_reader(module, get, f'the {b}-bit scheme and config.json')
   if scheme.group_size is not None and n_in % scheme.group_size:
     raise ValueError(f"'{module}': group_size={scheme.group_size} does not divide in_features={n_in}.")
-  scale = read('weight_scale', (n_out, groups), 'f').T  # [groups, out]
+  if scheme.weight_per_tensor:  # the tensor's one scale, repeated for every output channel: the same numbers
+    scale = np.ascontiguousarray(np.broadcast_to(read('weight_scale', (1,), 'f').reshape(1, 1), (1, n_out)))
+  else:
+    scale = read('weight_scale', (n_out, groups), 'f').T  # [groups, out]
   if scale_dtype is not None:
     scale = scale.astype(scale_dtype)
   if scheme.format == FORMAT:
@@ -376,7 +413,18 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
     leaf = _read_int(read, get, scheme, module, (n_in, n_out), scale)
   if scheme.act_bits is None:
     return leaf
-  return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type])
+  qparams = {}
+  if scheme.act_static:
+    qparams['scale'] = jax.device_put(read('input_scale', (1,), 'f').reshape(()))
+    if not scheme.act_symmetric:
+      zero = read('input_zero_point', (1,), 'i').astype(np.int32).reshape(())
+      lo, hi, _ = core.activations.token_range(scheme.act_bits, 'full')
+      if not lo <= zero <= hi:
+        _, file = get(f'{module}.input_zero_point')
+        raise ValueError(f"tensor '{module}.input_zero_point' in '{file}' is {int(zero)}, outside the "
+                         f'{scheme.act_bits}-bit range [{lo}, {hi}] config.json gives.')
+      qparams['zero'] = jax.device_put(zero)
+  return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type], **qparams)
 
 
 def _read_fp8(get, scheme: Scheme, module: str, shape: tuple[int, int], scale: np.ndarray) -> core.Quantized:

@@ -99,7 +99,7 @@ def refusal(w: Any, row: convert.TensorMap, layout: str, masked: str, formats: t
   if isinstance(w, core.Masked):
     return f'a sparsity mask: {masked}; core.serialize holds it'
   if isinstance(w, core.ActQuantized):
-    return (f'its input activations rounded per token: {layout} holds weights only; compressed-tensors '
+    return (f'its input activations rounded ({"static" if w.static else "per token"}): {layout} holds weights only; compressed-tensors '
             "'int-quantized' (the 'full' grid, act_quant(grid='full')) or core.serialize holds it")
   if not isinstance(w, core.Quantized):
     return None if not core.is_compressed(w) else f'no {layout} format holds it; core.serialize does'

@@ -11,7 +11,7 @@
 
 The default (`formats=None`) is jxc and dense, plus each packed format that holds every leaf of the tree as it is
 and has at least one quantized Linear to pack: no weight is written dense behind the user's back. A tree with
-`ActQuantized` leaves (inputs rounded per token) leaves dense out of the default: its materialized weights compute
+`ActQuantized` leaves (inputs rounded at run time) leaves dense out of the default: its materialized weights compute
 another function (name `dense` to write them anyway). GPTQ is written
 in v1 ('gptq') when the zero points allow, else in 'gptq_v2'. A format named explicitly that cannot hold a leaf
 is an error naming the paths (the exporters' refusals).

@@ -53,6 +53,12 @@ def assert_same_leaves(ours, loaded):
     assert type(a) is type(b), p
     if isinstance(a, core.ActQuantized):
       assert (a.bits, a.grid) == (b.bits, b.grid), p
+      for side in ('scale', 'zero'):  # static activation scales: the same value and dtype
+        x, y = getattr(a, side), getattr(b, side)
+        assert (x is None) == (y is None), (p, side)
+        if x is not None:
+          assert np.asarray(x).dtype == np.asarray(y).dtype, (p, side)
+          np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f'{p} {side}')
       assert_same_leaves({'w': a.w}, {'w': b.w})
     elif isinstance(a, core.Quantized):
       assert (a.bits, a.group_size, a.packed, a.shape) == (b.bits, b.group_size, b.packed, b.shape), p

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxcompress import core, models
+from jaxcompress import core, models, quantization
 from jaxcompress.models import compressed_tensors as ct
 from jaxcompress.models import gptq_format
 from jaxcompress.models import hf as hf_lib
@@ -104,17 +104,32 @@ def fp8_kernels(params, group_size=None, act=False):
 
 
 int_kernels = lambda **kw: lambda params: quantize_kernels(params, lambda p: None if 'lm_head' in p else kw)
-# (the leaves, the format compressed-tensors infers for them): int weights with per-token dynamic int8 activations
-# (W8A8, W4A8) as 'int-quantized', FP8 weights alone as 'naive-quantized', FP8 W8A8 (llm-compressor's FP8_DYNAMIC)
-# as 'float-quantized'.
+
+
+def static_inputs(model, params, grid='full', symmetric=True):
+  """Every block Linear's input rounded with one static scale (and zero point) calibrated on TOKENS."""
+  config = quantization.ActQuantConfig(bits=8, grid=grid, static=True, symmetric=symmetric)
+  return quantization.act_quant(model, params, [{'tokens': TOKENS.astype(np.int32)}], config=config)[1]
+
+
+DYNAMIC, STATIC, STATIC_ASYM = ('token', True, True), ('tensor', False, True), ('tensor', False, False)
+# name: (the leaves, the format compressed-tensors infers for them, input_activations' (strategy, dynamic,
+# symmetric)): int weights with per-token dynamic int8 activations (W8A8, W4A8) as 'int-quantized', FP8 weights
+# alone as 'naive-quantized', FP8 W8A8 (llm-compressor's FP8_DYNAMIC) as 'float-quantized'; with static per-tensor
+# input scales (llm-compressor's FP8 and static W8A8 schemes), symmetric or (int) asymmetric.
 ACT_SCHEMES = {
-    'w8a8_channel_sym': (lambda p: round_inputs(int_kernels(bits=8, group_size=None)(p)), ct.INT_FORMAT),
-    'w8a8_channel_asym': (lambda p: round_inputs(int_kernels(bits=8, group_size=None, symmetric=False)(p)),
-                          ct.INT_FORMAT),
-    'w4a8_g16_sym': (lambda p: round_inputs(int_kernels(bits=4, group_size=16)(p)), ct.INT_FORMAT),
-    'fp8_channel': (lambda p: fp8_kernels(p), ct.NAIVE_FORMAT),
-    'fp8_channel_a8': (lambda p: fp8_kernels(p, act=True), ct.FLOAT_FORMAT),
-    'fp8_g16_a8': (lambda p: fp8_kernels(p, group_size=16, act=True), ct.FLOAT_FORMAT),
+    'w8a8_channel_sym': (lambda m, p: round_inputs(int_kernels(bits=8, group_size=None)(p)), ct.INT_FORMAT, DYNAMIC),
+    'w8a8_channel_asym': (lambda m, p: round_inputs(int_kernels(bits=8, group_size=None, symmetric=False)(p)),
+                          ct.INT_FORMAT, DYNAMIC),
+    'w4a8_g16_sym': (lambda m, p: round_inputs(int_kernels(bits=4, group_size=16)(p)), ct.INT_FORMAT, DYNAMIC),
+    'fp8_channel': (lambda m, p: fp8_kernels(p), ct.NAIVE_FORMAT, None),
+    'fp8_channel_a8': (lambda m, p: fp8_kernels(p, act=True), ct.FLOAT_FORMAT, DYNAMIC),
+    'fp8_g16_a8': (lambda m, p: fp8_kernels(p, group_size=16, act=True), ct.FLOAT_FORMAT, DYNAMIC),
+    'w8a8_static_sym': (lambda m, p: static_inputs(m, int_kernels(bits=8, group_size=None)(p)), ct.INT_FORMAT,
+                        STATIC),
+    'w8a8_static_asym': (lambda m, p: static_inputs(m, int_kernels(bits=8, group_size=None)(p), symmetric=False),
+                         ct.INT_FORMAT, STATIC_ASYM),
+    'fp8_static_a8': (lambda m, p: static_inputs(m, fp8_kernels(p), grid='fp8'), ct.FLOAT_FORMAT, STATIC),
 }
 
 
@@ -126,15 +141,15 @@ def per_position_error(ours, theirs):
 @pytest.mark.parametrize('name', sorted(ACT_SCHEMES))
 def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, llama, tmp_path):
   model, params = llama
-  make, fmt = ACT_SCHEMES[name]
-  qparams = make(params)
+  make, fmt, act_args = ACT_SCHEMES[name]
+  qparams = make(model, params)
   ct.export(model, qparams, tmp_path)
   cfg = json.loads((tmp_path / 'config.json').read_text())['quantization_config']
   (group,) = cfg['config_groups'].values()
   assert cfg['format'] == group['format'] == fmt and cfg['ignore'] == ['lm_head']
   act = group['input_activations']
-  if fmt != ct.NAIVE_FORMAT:
-    assert (act['num_bits'], act['strategy'], act['dynamic'], act['symmetric']) == (8, 'token', True, True)
+  if act_args is not None:
+    assert (act['num_bits'], act['strategy'], act['dynamic'], act['symmetric']) == (8, *act_args)
   hf = hf_load(tmp_path)
 
   # The whole model: float differences upstream (attention, norms) move an activation that sits within float
@@ -157,10 +172,13 @@ def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, 
       with torch.no_grad():
         want = module(torch.from_numpy(x)).numpy()
       assert rel_err(w.matmul(jnp.asarray(x)), want) <= 1e-6, row.hf
-  if fmt == ct.INT_FORMAT:  # the papers' ±127 grid is another function: the check tells them apart
-    narrow = jax.tree.map(lambda w: dataclasses.replace(w, grid='narrow') if isinstance(w, core.ActQuantized) else w,
-                          qparams, is_leaf=core.is_weight_leaf)
-    assert np.mean(per_position_error(logits(model, narrow, compressed=True), theirs) <= TOL) < 0.25
+  # Another rounding is another function, which the check tells apart: the papers' ±127 grid for per-token
+  # scales, per-token scales for static ones.
+  other = {DYNAMIC: dict(grid='narrow'), STATIC: dict(scale=None), STATIC_ASYM: dict(scale=None, zero=None)}
+  if fmt == ct.INT_FORMAT or act_args in (STATIC, STATIC_ASYM):
+    changed = jax.tree.map(lambda w: dataclasses.replace(w, **other[act_args]) if isinstance(w, core.ActQuantized)
+                           else w, qparams, is_leaf=core.is_weight_leaf)
+    assert np.mean(per_position_error(logits(model, changed, compressed=True), theirs) <= TOL) < 0.25
   _, loaded = models.from_pretrained(tmp_path)
   assert_same_leaves(qparams, loaded)
 

@@ -62,6 +62,96 @@ def test_per_token_codes_are_those_of_correctly_rounded_division():
   np.testing.assert_array_equal(got, want)
 
 
+def _static_ref(x, w, bits, grid, scale, zero=0):
+  """NumPy float64: x rounded with one static scale and zero point, (clip(round(x / s + z), lo, hi) - z) · s, then
+  times w (the ratio x / s in float32, as torch and jaxcompress take it); 'fp8' snaps x / s to float8_e4m3fn."""
+  ratio = (x.astype(np.float32) / np.float32(scale)).astype(np.float64)
+  if grid == 'fp8':
+    codes = np.clip(ratio, -448, 448).astype(jnp.float8_e4m3fn).astype(np.float64)
+  else:
+    qmax = 2 ** (bits - 1) - 1
+    lo = -qmax - 1 if grid == 'full' else -qmax
+    codes = np.clip(np.round(ratio + zero), lo, qmax) - zero
+  return (codes * np.float64(np.float32(scale))) @ w.astype(np.float64)
+
+
+@pytest.mark.parametrize('bits, grid, zero', [(8, 'full', None), (8, 'full', -37), (4, 'full', 3), (8, 'fp8', None),
+                                              (8, 'narrow', None)])
+def test_static_activation_rounding_equals_a_float64_reference(bits, grid, zero):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+  x[0, 1, 3] = 40.0  # beyond the calibrated range: clipped
+  w = rng.standard_normal((64, 24)).astype(np.float32)
+  scale = np.float32(2.5 / (2 ** (bits - 1)) if grid != 'fp8' else 2.5 / 448)
+  leaf = quantization.ActQuantized(jnp.asarray(w), scale=jnp.asarray(scale),
+                                   zero=None if zero is None else jnp.asarray(zero, jnp.int32), bits=bits, grid=grid)
+  got = np.asarray(jax.jit(core.linear)(jnp.asarray(x), leaf))
+  want = _static_ref(x, w, bits, grid, scale, 0 if zero is None else zero)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  per_token = _ref(x, w, bits, 'full' if grid == 'fp8' else grid)
+  assert not np.allclose(got, per_token, rtol=1e-3, atol=1e-3)  # one scale for the tensor, not one per token
+
+
+def test_static_qparams_are_compressed_tensors_formulas():
+  """Symmetric: s = max(|lo|, |hi|) / half_range; asymmetric: s = (hi - lo) / (2^b - 1), z = round(qmin - lo / s);
+  the range always includes 0 and a zero range keeps scale 1."""
+  s, z = core.activations.static_qparams(-3.0, 5.1, 8, 'full')
+  assert z is None and np.float32(s) == np.float32(5.1 / 127.5)
+  assert np.float32(core.activations.static_qparams(-6.0, 1.0, 8, 'fp8')[0]) == np.float32(6.0 / 448)
+  s, z = core.activations.static_qparams(-3.0, 5.1, 8, 'full', symmetric=False)
+  assert np.isclose(float(s), 8.1 / 255, rtol=1e-6) and int(z) == round(-128 + 3.0 / (8.1 / 255))
+  s, z = core.activations.static_qparams(0.5, 2.0, 8, 'full', symmetric=False)  # all positive: lo becomes 0
+  assert np.isclose(float(s), 2.0 / 255, rtol=1e-6) and int(z) == -128
+  assert float(core.activations.static_qparams(0.0, 0.0, 8, 'full')[0]) == 1.0
+  with pytest.raises(ValueError, match="grid='fp8' is symmetric"):
+    core.activations.static_qparams(-1.0, 1.0, 8, 'fp8', symmetric=False)
+
+
+def test_static_stage_calibrates_each_input_as_the_quantized_model_feeds_it():
+  """act_quant(static=True): every chosen linear gets the scale (and zero point) of the range of its input over the
+  calibration batches in the model as it is quantized (a linear sees the rounding of those before it): the ranges
+  `calibration.calibrate` observes on the final model give the same scales; the first block's q_proj input,
+  RMSNorm of the embeddings, is checked against float64 NumPy."""
+  from jaxcompress import calibration
+  model = _llama()
+  params = _perturbed(model)
+  batches = [{'tokens': _tokens(1)}, {'tokens': _tokens(2)}]
+  w8 = quantization.rtn(model, params, config=quantization.RTNConfig(bits=8, group_size=None))[1]
+  for symmetric in (True, False):
+    config = quantization.ActQuantConfig(bits=8, grid='full', static=True, symmetric=symmetric)
+    _, out = quantization.act_quant(model, w8, batches, config=config)
+    ranges = calibration.calibrate(model, out, batches, calibration.min_max())
+    leaves = {p: w for p, w in core.flatten(out).items() if isinstance(w, quantization.ActQuantized)}
+    assert len(leaves) == 14 and all(isinstance(w.w, core.Quantized) for w in leaves.values())
+    for p, w in leaves.items():
+      st = ranges[p]
+      want_s, want_z = core.activations.static_qparams(jnp.min(st['min']), jnp.max(st['max']), 8, 'full', symmetric)
+      assert np.asarray(w.scale) == np.asarray(want_s), p
+      assert (w.zero is None) == symmetric and (symmetric or int(w.zero) == int(want_z)), p
+    emb = np.asarray(params['embed']['tokens']['embedding'], np.float64)
+    h = np.concatenate([emb[np.asarray(b['tokens'])].reshape(-1, emb.shape[1]) for b in batches])
+    x = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(params['layers'][0]['attn_norm']['scale'])
+    q = leaves['layers/0/attn/q_proj/kernel']
+    lo, hi = min(x.min(), 0), max(x.max(), 0)
+    want = max(-lo, hi) / 127.5 if symmetric else (hi - lo) / 255
+    np.testing.assert_allclose(float(q.scale), want, rtol=1e-5)
+  held = _tokens(3)
+  dynamic = quantization.act_quant(model, w8, config=quantization.ActQuantConfig(bits=8, grid='full'))[1]
+  static = quantization.act_quant(model, w8, batches, config=quantization.ActQuantConfig(bits=8, grid='full',
+                                                                                          static=True))[1]
+  ref = model.apply(params, held)
+  err = lambda tree: float(jnp.linalg.norm(model.apply(tree, held) - ref) / jnp.linalg.norm(ref))
+  assert 0 < err(static) < 0.05 and err(static) != err(dynamic)
+  assert core.disk_bytes(core.paths.get(static, 'layers/0/attn/q_proj/kernel')) == core.disk_bytes(
+      core.paths.get(w8, 'layers/0/attn/q_proj/kernel')) + 4  # one float32 scale
+  back = core.serialize.loads(core.serialize.dumps(out))  # the asymmetric tree: scale and zero point kept
+  for p, w in core.flatten(out).items():
+    if isinstance(w, quantization.ActQuantized):
+      b = core.paths.get(back, p)
+      assert b.static and np.asarray(b.scale) == np.asarray(w.scale) and int(b.zero) == int(w.zero), p
+  np.testing.assert_array_equal(model.apply(back, held), model.apply(out, held))
+
+
 def test_grid_names_are_checked():
   with pytest.raises(ValueError, match="grid='wide'.*'narrow', 'full'"):
     quantization.ActQuantConfig(grid='wide')
@@ -198,11 +288,25 @@ def test_refusals_name_the_parameter():
     recipes.parse('act_quant(bits=1)')
   with pytest.raises(ValueError, match='embeddings=True: an embedding lookup has no input activation'):
     recipes.parse('act_quant(embeddings=True)')
+  with pytest.raises(ValueError, match=r'symmetric=False needs static=True on an int grid \(got static=False'):
+    recipes.parse('act_quant(symmetric=False)')
+  with pytest.raises(ValueError, match=r"symmetric=False needs static=True on an int grid \(got static=True, grid='fp8'"):
+    recipes.parse("act_quant(grid='fp8', static=True, symmetric=False)")
+  with pytest.raises(ValueError, match=r'head=True: act_quant\(static=True\) compresses the linears of the transformer blocks'):
+    recipes.parse('act_quant(static=True, head=True)')
   model = _llama()
   params = model.init(jax.random.key(0))
   once = quantization.act_quant(model, params)[1]
   with pytest.raises(ValueError, match=r'act_quant: layers/0/attn/\w+/kernel already rounds its input \(ActQuantized\)'):
     quantization.act_quant(model, once)
+  incoherent = quantization.quip(model, params, [{'tokens': _tokens()}],
+                                  config=quantization.QuIPConfig(bits=4, group_size=32))[1]
+  with pytest.raises(ValueError, match=r'act_quant\(static=True\): block 0 attn/\w+/kernel is Incoherent: QuIP '
+                                       r'rounds the input after its transform.*static=False'):
+    quantization.act_quant(model, incoherent, [{'tokens': _tokens()}],
+                           config=quantization.ActQuantConfig(static=True))
+  with pytest.raises(ValueError, match='needs calibration batches'):
+    quantization.act_quant(model, params, config=quantization.ActQuantConfig(static=True))
   gpt2 = _gpt2()
   with pytest.raises(ValueError, match='online=True rotates the input of a Llama-family MLP'):
     quantization.quarot(gpt2, gpt2.abstract_params(), config=quantization.QuaRotConfig(online=True))

@@ -11,13 +11,21 @@ whose matmul rounds the input per token to a symmetric `bits`-bit grid before mu
 computes the same numbers in transformers only on that grid. `grid='fp8'` (bits=8) rounds to float8_e4m3fn values
 with s[t] = max|x[t]| / 448: FP8 W8A8 after `rtn(fmt='fp8')`, compressed-tensors' 'float-quantized'.
 
-The scale is computed from each token on the fly (dynamic), so no calibration is needed. Around a QuIP
+With `static=True` one scale per linear input (and a zero point with `symmetric=False`) is calibrated instead:
+the range of that input over the calibration batches (`calibration.min_max()`, the model calibrated group by group
+as it is being quantized, so each linear sees the rounding of those before it), turned into a grid by
+`core.activations.static_qparams`. This is compressed-tensors' static per-tensor `input_scale` (llm-compressor's
+FP8 and static int8 W8A8 schemes): no per-token maximum at run time, at the price of rounding every token on one
+grid.
+
+By default the scale is computed from each token on the fly (dynamic), so no calibration is needed. Around a QuIP
 `Incoherent` leaf the rounding goes inside, on the input its quantized weight multiplies (after QuIP's randomized
 Hadamard), where no outlier channel sets the scale. One outlier channel sets
 every token's scale, which is why 4-bit activations need the rotations of `quarot` first (with `online=True` for
 the MLP's down_proj input, which no fused rotation reaches).
 
     quarot(online=True) > gptq(bits=4, group_size=128) > act_quant(bits=4)                  # W4A4, a recipe
+    rtn(fmt='fp8', group_size=None) > act_quant(grid='fp8', static=True)                      # FP8 static
     model, params = quantization.act_quant(model, params, config=quantization.ActQuantConfig(bits=8))
 """
 
@@ -25,8 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxcompress import core, registry
-from jaxcompress.core.activations import ActQuantized
+import jax
+import jax.numpy as jnp
+
+from jaxcompress import calibration, core, registry
+from jaxcompress.core.activations import ActQuantized, static_qparams
 from jaxcompress.quantization._src.quip import Incoherent
 from jaxcompress.quantization._src.rtn import selection
 from jaxcompress.quantization._src.w8a8 import Int8Linear
@@ -38,11 +49,18 @@ class ActQuantConfig:
   # 'narrow': ±(2^(bits-1) − 1); 'full': [−2^(bits-1), 2^(bits-1) − 1] (compressed-tensors'); 'fp8': e4m3 values
   grid: str = 'narrow'
   rules: core.Rules = core.Rules()  # which linears (recipe: include=, exclude=, head=); default the blocks'
+  static: bool = False  # one calibrated scale per linear input (compressed-tensors' input_scale); False: per token
+  symmetric: bool = True  # False (static int grids): a calibrated zero point too
 
   def __post_init__(self):
     core.activations.check_grid(self.grid, 'act_quant', self.bits)
     if self.rules.embeddings:
       raise ValueError('embeddings=True: an embedding lookup has no input activation to round; choose linears.')
+    if not self.symmetric and (not self.static or self.grid == 'fp8'):
+      raise ValueError(f'act_quant: symmetric=False needs static=True on an int grid (got static={self.static}, '
+                       f"grid={self.grid!r}): per-token scales and FP8 are symmetric.")
+    if self.static:
+      calibration.check_blocks_only(self.rules, 'act_quant(static=True)')
 
 
 def _wrap(bits: int, grid: str):
@@ -57,10 +75,34 @@ def _wrap(bits: int, grid: str):
 
 
 def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantConfig()):
-  """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits, grid=config.grid)`; calib is not
-  used. Returns (model, params)."""
-  del calib
-  return model, selection(model, params, config.rules).map(_wrap(config.bits, config.grid), params)
+  """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits, grid=config.grid)`. calib (a
+  `registry.Context` or a list of calibration batches) is used with static=True only. Returns (model, params)."""
+  if not config.static:
+    return model, selection(model, params, config.rules).map(_wrap(config.bits, config.grid), params)
+  batches = registry.as_context(calib).batches()
+
+  def compress_block(i, block, stats):
+    updates = {}
+    for k, st in stats.items():
+      w = core.paths.get(block, k)
+      if isinstance(w, (ActQuantized, Int8Linear, Incoherent)):
+        raise ValueError(f'act_quant(static=True): block {i} {k} is {type(w).__name__}: '
+                         + ('QuIP rounds the input after its transform, which a range of the input before it does '
+                            'not bound; use per-token scales (static=False) after quip.' if isinstance(w, Incoherent)
+                            else 'it already rounds its input; quantize activations once.'))
+      scale, zero = static_qparams(jnp.min(st['min']), jnp.max(st['max']), config.bits, config.grid,
+                                   config.symmetric)
+      dtype = core.dtype_of(w)  # compressed-tensors keeps input_scale in the weight's float dtype
+      scale = jax.device_get(scale.astype(dtype))
+      updates[k] = ActQuantized(w, scale=scale, zero=None if zero is None else jax.device_get(zero),
+                                bits=config.bits, grid=config.grid)
+    return core.paths.replace(block, updates)
+
+  compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
+                                    caller='act_quant')
+  params, _ = calibration.run_sequential(model, params, batches, calibration.min_max(), compress_block,
+                                         per_group=True, keep_stats=False)
+  return model, params
 
 
 def check(model, params, *, config: ActQuantConfig) -> None:
