@@ -7,7 +7,8 @@ W4A8 and W4A4, without and with QuaRot's rotations (fused and online), as held-o
 
 Each cell is the recipe `[quarot(online=True) > [spinquant(bits=B[, act_bits=A]) >]] <method>(bits=B,
 group_size=128) [> act_quant(bits=A)]`: rotation 'none', 'online' (QuaRot's fused and online Hadamards) or
-'learned' (those, then SpinQuant's residual rotation learned for that cell's bits); the weights of every block
+'learned' (those, then SpinQuant's rotations learned for that cell's bits: the residual stream's and, unless
+`--nor2`, each block's value rotation); the weights of every block
 linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; QuIP's incoherence processing around GPTQ; AWQ;
 OmniQuant's learned clipping), activations rounded per token (symmetric absmax, dynamic) at every block linear's
 input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned
@@ -34,6 +35,7 @@ flags.DEFINE_list('methods', ['rtn', 'gptq', 'quip', 'awq', 'omniquant', 'omniqu
                   "Weight quantizers: registry names, or 'omniquant_let' (LET too, activations rounded while fitting).")
 flags.DEFINE_integer('group_size', 128, 'Rows per weight scale (0: one per output column); 16 with --small.')
 flags.DEFINE_list('settings', ['W4', 'W3', 'W2', 'W4A8', 'W4A4'], 'Columns: weight bits and activation bits.')
+flags.DEFINE_bool('r2', True, "'learned': SpinQuant also learns each block's value rotation (R2); False: R1 only.")
 flags.DEFINE_list('rotations', ['none', 'online'],
                   "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
 FLAGS = flags.FLAGS
@@ -50,7 +52,7 @@ def rotation(name: str, bits: int, act: int | None, gs: int) -> str:
   if name == 'online':
     return 'quarot(online=True) > '
   return (f'quarot(online=True) > spinquant(bits={bits}, group_size={gs}' + (f', act_bits={act}' if act else '')
-          + ') > ')
+          + ('' if FLAGS.r2 else ', r2=False') + ') > ')
 
 
 def stage(method: str, bits: int, act: int | None, gs: int) -> str:
@@ -90,7 +92,7 @@ def main(argv):
   table += ['', f'fp32 {math.exp(fp):.2f}; {calib.shape[0]} calibration rows, {held_out.shape[0]} held-out rows of '
             f'{held_out.shape[1] - 1} predictions; group size {gs or "per channel"}; rotation seed {FLAGS.seed}.']
   config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
-                                        'rotations', 'group_size')}
+                                        'rotations', 'group_size', 'r2')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
 

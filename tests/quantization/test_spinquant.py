@@ -58,12 +58,24 @@ def test_any_orthogonal_rotation_after_quarot_is_the_same_function(name, model, 
   del name
   params = _perturbed(model)
   m, p = quantization.quarot(model, params, config=quantization.QuaRotConfig(online=online), key=jax.random.key(0))
-  rotated = sq.rotate(m, p, jnp.asarray(_orthogonal(32, 1)))
+  hd = model.config.dim_per_head
+  r2 = [jnp.asarray(_orthogonal(hd, 2 + i)) for i in range(2)]  # each block's value rotation (R2)
+  rotated = sq.rotate(m, p, jnp.asarray(_orthogonal(32, 1)), r2)
   tokens = _tokens()
   want = np.asarray(model.apply(params, tokens))
   np.testing.assert_allclose(np.asarray(m.apply(rotated, tokens)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   assert not np.allclose(np.asarray(rotated['embed']['tokens']['embedding']),
                          np.asarray(p['embed']['tokens']['embedding']), atol=1e-3)
+  # R2 alone: v_proj's columns of each head, NumPy float64 against the weight as rotated by R1 alone
+  by_r1 = sq.rotate(m, p, jnp.asarray(_orthogonal(32, 1)))
+  wv = np.asarray(by_r1['layers'][1]['attn']['v_proj']['kernel'], np.float64)
+  want_v = np.concatenate([wv[:, h * hd:(h + 1) * hd] @ np.asarray(r2[1], np.float64)
+                           for h in range(wv.shape[1] // hd)], axis=1)
+  np.testing.assert_allclose(np.asarray(rotated['layers'][1]['attn']['v_proj']['kernel']), want_v, atol=1e-5)
+  wo = np.asarray(by_r1['layers'][0]['attn']['o_proj']['kernel'], np.float64)
+  want_o = np.concatenate([np.asarray(r2[0], np.float64).T @ wo[h * hd:(h + 1) * hd]
+                           for h in range(wo.shape[0] // hd)], axis=0)
+  np.testing.assert_allclose(np.asarray(rotated['layers'][0]['attn']['o_proj']['kernel']), want_o, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -86,6 +98,12 @@ def test_learning_lowers_the_quantized_loss_and_keeps_the_function():
   _, again = quantization.spinquant(m, p, ctx, config=quantization.SpinQuantConfig(steps=30, lr=1.0, **cfg))
   for x, y in zip(jax.tree.leaves(learned), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # R2 learned too: R1 alone gives other weights (and its own lower loss)
+  _, r1 = quantization.spinquant(m, p, ctx, config=quantization.SpinQuantConfig(steps=30, lr=1.0, r2=False, **cfg))
+  value = lambda tree: np.asarray(tree['layers'][0]['attn']['v_proj']['kernel'])
+  assert not np.allclose(value(r1), value(learned), atol=1e-3)
+  print(f'quantized loss: start {qloss(p):.4f}, R1 {qloss(r1):.4f}, R1 + R2 {qloss(learned):.4f}')
+  assert qloss(r1) < qloss(p) - 0.01
 
 
 def test_refusals_name_the_parameter():

@@ -13,9 +13,14 @@ through the rounding. R stays on the Stiefel manifold by Cayley SGD (`cayley_sgd
 
     G = ∂L/∂R,   A = G·Rᵀ − R·Gᵀ (skew),   R ← (I + η/2·A)⁻¹·(I − η/2·A)·R
 
-Then R is fused into the dense weights (the same function, float rounding aside); the quantizer comes after:
-`quarot(online=True) > spinquant(bits=4, act_bits=4) > gptq(bits=4) > act_quant(bits=4)`. The per-head value
-rotation (R2) stays QuaRot's Hadamard; down_proj's online Hadamard (R4) is QuaRot's `online=True`.
+With `r2=True` (default, the paper's R2) each block also learns a rotation R2 [head_dim, head_dim] of its heads'
+values, on top of QuaRot's per-head Hadamard: v_proj's outputs (kernel columns and bias of each head) ·R2,
+o_proj's inputs R2ᵀ· each head's rows; the attention weights' sum over positions passes through it, so the
+function is unchanged, and o_proj's input (what 4-bit activations round there) is rotated by what was learned.
+
+Then the rotations are fused into the dense weights (the same function, float rounding aside); the quantizer comes
+after: `quarot(online=True) > spinquant(bits=4, act_bits=4) > gptq(bits=4) > act_quant(bits=4)`. down_proj's
+online Hadamard (R4) is QuaRot's `online=True`.
 
 RMSNorm models only (Llama, Qwen2, Mistral), after `quarot` (norms folded); GPT-2's LayerNorm would need R·1 = 1,
 and other cases are refused by name.
@@ -43,6 +48,7 @@ class SpinQuantConfig:
   act_bits: int | None = registry.field(None, range='[2, 16]')  # also round every chosen linear's input (W4A4)
   steps: int = registry.field(100, range='[0, inf)')  # Cayley SGD steps, one calibration batch each (cycling)
   lr: float = registry.field(1.5, range='(0, inf)')  # Cayley SGD's step size η (the paper's 1.5)
+  r2: bool = True  # also learn each block's rotation of its heads' values (the paper's R2); False: R1 only
   rules: core.Rules = core.Rules()  # which block linears are fake-quantized in the loss (recipe: include=, exclude=)
 
 
@@ -73,8 +79,9 @@ def cayley_sgd(learning_rate: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def rotate(model, params, r: jax.Array):
-  """params (norms folded, dense) with the residual stream rotated by the orthogonal r [D, D] (module docstring)."""
+def rotate(model, params, r: jax.Array, r2: list[jax.Array] | None = None):
+  """params (norms folded, dense) with the residual stream rotated by the orthogonal r [D, D] and, given r2 (one
+  orthogonal [head_dim, head_dim] per block), each block's head values by its r2 (module docstring)."""
   new = {}
   flat = core.paths.flatten(params)
   f32 = lambda x: jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
@@ -90,11 +97,33 @@ def rotate(model, params, r: jax.Array):
           bias = prefix + k.removesuffix('kernel') + 'bias'
           if bias in flat:
             new[bias] = (f32(flat[bias]) @ r).astype(flat[bias].dtype)
+  if r2 is not None:  # on the columns of v_proj and the rows of o_proj: it commutes with r on their other side
+    for i in range(model.num_layers(params)):
+      new.update(_rotate_values({**flat, **new}, f'{model.block_path}/{i}/', r2[i], f32))
   table = flat['embed/tokens/embedding']
   new['embed/tokens/embedding'] = (f32(table) @ r).astype(table.dtype)
   if 'lm_head/kernel' in flat:
     new['lm_head/kernel'] = (r.T @ f32(flat['lm_head/kernel'])).astype(flat['lm_head/kernel'].dtype)
   return core.paths.replace(params, new)
+
+
+VALUES = 'attn/v_proj/kernel'
+VALUES_BIAS = 'attn/v_proj/bias'
+OUTPUT = 'attn/o_proj/kernel'
+
+
+def _rotate_values(flat, prefix, r2, f32):
+  """{path: weight} of one block with each head's values rotated by r2 [hd, hd]: v_proj's output columns (and bias)
+  of every head ·r2, o_proj's input rows of every head r2ᵀ·."""
+  hd = r2.shape[0]
+  wv, wo = flat[prefix + VALUES], flat[prefix + OUTPUT]
+  new = {prefix + VALUES: (f32(wv).reshape(wv.shape[0], -1, hd) @ r2).reshape(wv.shape).astype(wv.dtype),
+         prefix + OUTPUT: jnp.einsum('ij,nid->njd', r2, f32(wo).reshape(-1, hd, wo.shape[1])
+                                     ).reshape(wo.shape).astype(wo.dtype)}
+  if prefix + VALUES_BIAS in flat:  # v_proj's bias is rotated with its outputs (k_proj's would be one of r's readers)
+    b = flat[prefix + VALUES_BIAS]
+    new[prefix + VALUES_BIAS] = (f32(b).reshape(-1, hd) @ r2).reshape(b.shape).astype(b.dtype)
+  return new
 
 
 def check(model, params, *, config: SpinQuantConfig) -> None:
@@ -133,8 +162,8 @@ def spinquant(model, params, calib, *, config: SpinQuantConfig = SpinQuantConfig
   quant = fake_quant(model.selection_rules(config.rules), bits=config.bits, group_size=config.group_size,
                      act_bits=config.act_bits)
 
-  def loss(r, params, tokens, mask):
-    logits = model.apply(quant.forward(rotate(model, params, r), None), tokens[:, :-1])
+  def loss(rs, params, tokens, mask):
+    logits = model.apply(quant.forward(rotate(model, params, rs['r1'], rs.get('r2')), None), tokens[:, :-1])
     keep = jnp.ones_like(tokens[:, 1:]) if mask is None else mask[:, 1:]
     nll = token_nll(logits, tokens[:, 1:], keep)
     return jnp.sum(nll) / jnp.maximum(jnp.sum(keep), 1)
@@ -147,16 +176,18 @@ def spinquant(model, params, calib, *, config: SpinQuantConfig = SpinQuantConfig
     updates, state = opt.update(g, state, r)
     return optax.apply_updates(r, updates), state, value
 
-  r = jnp.eye(d, dtype=jnp.float32)
-  state = opt.init(r)
+  rs = {'r1': jnp.eye(d, dtype=jnp.float32)}
+  if config.r2:
+    rs['r2'] = [jnp.eye(model.config.dim_per_head, dtype=jnp.float32)] * model.num_layers(params)
+  state = opt.init(rs)
   for s in range(config.steps):
     b = batches[s % len(batches)]
     mask = b.get('attention_mask')
-    r, state, _ = step(r, state, params, jnp.asarray(b['tokens']), None if mask is None else jnp.asarray(mask))
-  if not np.all(np.isfinite(np.asarray(r))):
+    rs, state, _ = step(rs, state, params, jnp.asarray(b['tokens']), None if mask is None else jnp.asarray(mask))
+  if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(rs)):
     raise ValueError(f'spinquant: the learned rotation is not finite; lower lr={config.lr} or check the '
                      'calibration batches.')
-  return model, rotate(model, params, r)
+  return model, rotate(model, params, rs['r1'], rs.get('r2'))
 
 
 registry.register('spinquant', SpinQuantConfig, spinquant, family='quantization', forbids=registry.COMPRESSED,
