@@ -279,28 +279,19 @@ def load_compressed(output_dir: str | os.PathLike) -> dict[str, Any]:
 def compressed_parts(output_dir: str | os.PathLike) -> list[Callable[[], dict[str, Any]]]:
   """Loaders of a finished `compress_checkpoint` output a part at a time: first everything outside the blocks
   (embedding, final norm, head), then each block as {block_path: {i: block}}; each file is checked against its
-  hash in the manifest the first time it is loaded (a loader called again, as the streamed exports' writing pass
-  does after their checking pass, trusts a file whose size and modification time are those it checked). What a
-  streamed export (`models.compressed_tensors.export_parts`) reads, one part in memory."""
+  hash when loaded. What a streamed export (`models.compressed_tensors.export_parts`) reads, one part in memory."""
   out = Path(output_dir)
   manifest = _read_manifest(out)
   if manifest is None or not manifest.get('complete'):
     raise ValueError(f"load_compressed: '{out}' holds no finished compression (manifest.json "
                      f"{'missing' if manifest is None else 'says incomplete'}); run compress_checkpoint again with "
                      'the same arguments to finish it.')
-  checked: set[tuple[str, int, int]] = set()
 
   def load(rec: dict) -> dict[str, Any]:
-    path = out / rec['file']
-    st = path.stat()
-    seen = (rec['file'], st.st_size, st.st_mtime_ns)
-    if seen not in checked:
-      if _sha256(path) != rec['sha256']:
-        raise ValueError(f"load_compressed: '{path}' does not match the sha256 in the manifest; the file was "
-                         'changed or damaged: rerun compress_checkpoint to rewrite it.')
-      checked.add(seen)
-    # The whole file's bytes matched the manifest: its per-tensor checksums would check them again.
-    return core.serialize.load(path, verify=False)
+    if _sha256(out / rec['file']) != rec['sha256']:
+      raise ValueError(f"load_compressed: '{out / rec['file']}' does not match the sha256 in the manifest; the "
+                       'file was changed or damaged: rerun compress_checkpoint to rewrite it.')
+    return core.serialize.load(out / rec['file'])
 
   def rest() -> dict[str, Any]:
     params: dict[str, Any] = {}
