@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from jaxcompress import calibration, core, registry
@@ -92,10 +91,9 @@ def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantCon
                             else 'it already rounds its input; quantize activations once.'))
       scale, zero = static_qparams(jnp.min(st['min']), jnp.max(st['max']), config.bits, config.grid,
                                    config.symmetric)
-      dtype = core.dtype_of(w)  # compressed-tensors keeps input_scale in the weight's float dtype
-      scale = jax.device_get(scale.astype(dtype))
-      updates[k] = ActQuantized(w, scale=scale, zero=None if zero is None else jax.device_get(zero),
-                                bits=config.bits, grid=config.grid)
+      # compressed-tensors keeps input_scale in the weight's float dtype
+      updates[k] = ActQuantized(w, scale=scale.astype(core.dtype_of(w)), zero=zero, bits=config.bits,
+                                grid=config.grid)
     return core.paths.replace(block, updates)
 
   compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
