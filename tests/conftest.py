@@ -35,9 +35,11 @@ import pytest
 from tests.reference_models import tiny_reference
 
 
-# The README runs the suite on two pytest-xdist workers that take whole files in collection order. The engine and
-# recipe tests come last alphabetically and are also the longest (subprocess scripts, multi-process jobs, training
-# runs); started last, one worker would finish them alone while the other sits idle. So they start first.
+# The README runs the suite on two pytest-xdist workers that take whole files. The engine and recipe tests come last
+# alphabetically and are among the longest (subprocess scripts, multi-process jobs, training runs), so they come
+# first here. xdist itself hands out the files with the most tests first, so this order only breaks its ties; an
+# order of its own (xdist's reordering off, files by their count of slow tests) measured no faster: 660 s against
+# 653 s, the two workers within about 20 s of each other either way.
 _FIRST = ('tests/recipes/', 'tests/train/')
 
 
