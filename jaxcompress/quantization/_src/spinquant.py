@@ -28,6 +28,7 @@ and other cases are refused by name.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import NamedTuple
 
@@ -99,7 +100,7 @@ def rotate(model, params, r: jax.Array, r2: list[jax.Array] | None = None):
             new[bias] = (f32(flat[bias]) @ r).astype(flat[bias].dtype)
   if r2 is not None:  # on the columns of v_proj and the rows of o_proj: it commutes with r on their other side
     for i in range(model.num_layers(params)):
-      new.update(_rotate_values({**flat, **new}, f'{model.block_path}/{i}/', r2[i], f32))
+      new.update(_rotate_values(collections.ChainMap(new, flat), f'{model.block_path}/{i}/', r2[i], f32))
   table = flat['embed/tokens/embedding']
   new['embed/tokens/embedding'] = (f32(table) @ r).astype(table.dtype)
   if 'lm_head/kernel' in flat:
