@@ -3,6 +3,8 @@
     python experiments/benchmarks/export.py                    # the causal-LM fixture and all-MiniLM-L6-v2
     python experiments/benchmarks/export.py --bits=8 --group_size=0     # W8 per channel
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8    # W8A8 int
+    python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8 --noact_symmetric
+                                                                           # W8A8, asymmetric per-token inputs
     python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8              # FP8 W8A8
     python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8 --act_static  # FP8 static
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8 --act_static \
@@ -51,7 +53,8 @@ flags.DEFINE_integer('act_bits', 0, 'Also round every kernel input per token to 
                      lower_bound=0, upper_bound=8)
 flags.DEFINE_bool('act_static', False, 'With --act_bits: one calibrated scale per block Linear input (static '
                   'per tensor, act_quant(static=True)) instead of one per token.')
-flags.DEFINE_bool('act_symmetric', True, 'With --act_static: symmetric activation grid (False: a zero point too).')
+flags.DEFINE_bool('act_symmetric', True, 'With --act_bits: symmetric activation grid (False, int: a zero point too, '
+                  'per token or calibrated with --act_static).')
 flags.DEFINE_list('models', ['fixture', 'minilm'], "'fixture' and / or 'minilm' (skipped if not installed).")
 flags.DEFINE_integer('tokens', 32, 'Tokens per sequence of the agreement check (2 sequences).', lower_bound=2)
 flags.DEFINE_string('json', None, 'Also write the rows as JSON to this file.')
@@ -73,7 +76,7 @@ def quantize(model, params):
   def one(_, w):
     q = core.quantize(w, bits=8 if fp8 else FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric or fp8,
                       fmt=FLAGS.fmt)
-    return core.ActQuantized(q, bits=FLAGS.act_bits, grid=grid) if per_token else q
+    return core.ActQuantized(q, bits=FLAGS.act_bits, grid=grid, symmetric=FLAGS.act_symmetric) if per_token else q
   qparams = model.select(params, head=True).map(one, params)
   if FLAGS.act_bits and FLAGS.act_static:
     calib = [{'tokens': np.random.RandomState(7).randint(1, model.config.vocab_size, (8, FLAGS.tokens)
@@ -201,7 +204,7 @@ def main(argv):
         continue
     rows += bench(name)
   weights = 'FP8 (e4m3)' if FLAGS.fmt == 'fp8' else f'W{FLAGS.bits}'
-  how = ('static per tensor' + ('' if FLAGS.act_symmetric else ', asymmetric')) if FLAGS.act_static else 'per token'
+  how = ('static per tensor' if FLAGS.act_static else 'per token') + ('' if FLAGS.act_symmetric else ', asymmetric')
   acts = f"A{FLAGS.act_bits} ({'fp8' if FLAGS.fmt == 'fp8' else 'int'}, {how}) " if FLAGS.act_bits else ''
   scheme = f"{weights} {acts}{'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
       ('symmetric' if FLAGS.symmetric or FLAGS.fmt == 'fp8' else 'asymmetric')

@@ -10,11 +10,11 @@ group_size=128) [> act_quant(bits=A)]`: rotation 'none', 'online' (QuaRot's fuse
 'learned' (those, then SpinQuant's rotations learned for that cell's bits: the residual stream's and, unless
 `--nor2`, each block's value rotation); the weights of every block
 linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; QuIP's incoherence processing around GPTQ; AWQ;
-OmniQuant's learned clipping), activations rounded per token (symmetric absmax, dynamic) at every block linear's
-input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned
-too, with the activations rounded while each block is fitted. The embedding, the head and the norms stay fp32.
-Calibration: `--calib_rows` training rows of the fixture's own data, in batches of 8; evaluation: the held-out
-rows.
+OmniQuant's learned clipping), activations rounded per token (symmetric absmax, dynamic; `--noact_symmetric`:
+each token's own range and zero point; `--act_group_size`: one scale per that many channels of a token) at every
+block linear's input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear
+scales learned too, with the activations rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows` training rows of the
+fixture's own data, in batches of 8; evaluation: the held-out rows.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ flags.DEFINE_list('methods', ['rtn', 'gptq', 'quip', 'awq', 'omniquant', 'omniqu
                   "Weight quantizers: registry names, or 'omniquant_let' (LET too, activations rounded while fitting).")
 flags.DEFINE_integer('group_size', 128, 'Rows per weight scale (0: one per output column); 16 with --small.')
 flags.DEFINE_list('settings', ['W4', 'W3', 'W2', 'W4A8', 'W4A4'], 'Columns: weight bits and activation bits.')
+flags.DEFINE_bool('act_symmetric', True, 'W4A8 / W4A4: symmetric per-token activation grids; False: each '
+                  "token's range sets a scale and a zero point (act_quant(symmetric=False)).")
+flags.DEFINE_integer('act_group_size', 0, 'W4A8 / W4A4: one activation scale per this many input channels of a '
+                     'token (0: one per token).')
 flags.DEFINE_bool('r2', True, "'learned': SpinQuant also learns each block's value rotation (R2); False: R1 only.")
 flags.DEFINE_list('rotations', ['none', 'online'],
                   "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
@@ -59,7 +63,9 @@ def stage(method: str, bits: int, act: int | None, gs: int) -> str:
   """The recipe of one cell after the rotation: the weight stage, then the activation rounding."""
   if method == 'omniquant_let':  # OmniQuant's weight-activation setting: LET learned with the inputs rounded
     return f'omniquant(bits={bits}, group_size={gs}, let=True' + (f', act_bits={act})' if act else ')')
-  return f'{method}(bits={bits}, group_size={gs})' + (f' > act_quant(bits={act})' if act else '')
+  how = ('' if FLAGS.act_symmetric else ', symmetric=False') + (f', group_size={FLAGS.act_group_size}'
+                                                                if FLAGS.act_group_size else '')
+  return f'{method}(bits={bits}, group_size={gs})' + (f' > act_quant(bits={act}{how})' if act else '')
 
 
 def main(argv):
@@ -92,7 +98,7 @@ def main(argv):
   table += ['', f'fp32 {math.exp(fp):.2f}; {calib.shape[0]} calibration rows, {held_out.shape[0]} held-out rows of '
             f'{held_out.shape[1] - 1} predictions; group size {gs or "per channel"}; rotation seed {FLAGS.seed}.']
   config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
-                                        'rotations', 'group_size', 'r2')}
+                                        'rotations', 'group_size', 'r2', 'act_symmetric', 'act_group_size')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
 

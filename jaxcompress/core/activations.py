@@ -11,6 +11,14 @@ Three grids, all symmetric about zero (the token's largest |x| sets the scale):
 A model exported in compressed-tensors' `input_activations` schemes computes what the 'full' and 'fp8' grids
 compute here, so only those are written there; 'narrow' and 'full' differ by less than one step.
 
+Asymmetric per-token grids (`symmetric=False`, int grids): each token's own range [min(x, 0), max(x, 0)] sets its
+scale s = (hi − lo) / (2^bits − 1) and integer zero point z = round(qmin − lo / s), then x̂ = (clip(round(x / s + z),
+lo, hi) − z) · s, as compressed-tensors computes a dynamic asymmetric `token` scheme (vLLM's AZP int8 inputs).
+
+Per-group grids (`group_size=g`, dynamic): each run of g consecutive input channels of a token gets its own scale
+(and zero point), compressed-tensors' dynamic `group` activations: one outlier channel then sets the scale of its
+group only.
+
 Static scales: with `scale` (a float scalar, and `zero`, an integer scalar, for an asymmetric int grid) the whole
 tensor is rounded with that one calibrated scale instead of each token's own (compressed-tensors' static per-tensor
 `input_scale` / `input_zero_point`):
@@ -68,9 +76,24 @@ def divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
   return a / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
 
 
-def quantize_tokens(x: jax.Array, bits: int, grid: str = 'narrow') -> jax.Array:
-  """x [..., in] rounded per token to a symmetric `bits`-bit `grid` (an all-zero token keeps scale 1), computed in
-  float32 (with correctly rounded divisions) and returned in x's dtype, gradient straight through the rounding."""
+def quantize_tokens(x: jax.Array, bits: int, grid: str = 'narrow', symmetric: bool = True,
+                    group_size: int | None = None) -> jax.Array:
+  """x [..., in] rounded per token (or per `group_size` consecutive channels of a token) to a `bits`-bit `grid` (an
+  all-zero token keeps scale 1), computed in float32 (with correctly rounded divisions) and returned in x's dtype,
+  gradient straight through the rounding. Symmetric: the token's largest |x| sets its scale; asymmetric (int
+  grids): its range sets a scale and a zero point (`static_qparams` per token)."""
+  if group_size is not None:
+    n = x.shape[-1]
+    if n % group_size:
+      raise ValueError(f'quantize_tokens: group_size={group_size} does not divide the input width {n}; choose a '
+                       'divisor of every rounded input, or group_size=None (one scale per token).')
+    grouped = x.reshape(*x.shape[:-1], n // group_size, group_size)
+    return quantize_tokens(grouped, bits, grid, symmetric).reshape(x.shape)
+  if not symmetric:
+    x32 = x.astype(jnp.float32)
+    s, z = static_qparams(jnp.min(x32, axis=-1, keepdims=True), jnp.max(x32, axis=-1, keepdims=True), bits, grid,
+                          symmetric=False)
+    return quantize_static(x, bits, grid, s, z)
   if grid == 'fp8':
     lo, hi, half_range = -FP8_MAX, FP8_MAX, FP8_MAX
     snap = lambda r: jnp.clip(r, lo, hi).astype(jnp.float8_e4m3fn).astype(jnp.float32)
@@ -99,8 +122,8 @@ def quantize_static(x: jax.Array, bits: int, grid: str, scale: jax.Array, zero: 
 
 def static_qparams(lo: jax.Array, hi: jax.Array, bits: int, grid: str, symmetric: bool = True
                    ) -> tuple[jax.Array, jax.Array | None]:
-  """(scale float32 [], zero int32 [] or None) of a static per-tensor grid covering the calibration range [lo, hi]
-  (stretched to include 0; a zero range keeps scale 1). Symmetric: s = max(|lo|, |hi|) / half_range; asymmetric
+  """(scale float32, zero int32 or None) of a grid covering the range [lo, hi] (scalars: one static per-tensor
+  grid; arrays: one grid per entry), stretched to include 0 (a zero range keeps scale 1). Symmetric: s = max(|lo|, |hi|) / half_range; asymmetric
   (int grids): s = (hi − lo) / (2^bits − 1), zero = clip(round(qmin − lo / s), qmin, qmax)."""
   lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
   hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
@@ -120,21 +143,34 @@ def static_qparams(lo: jax.Array, hi: jax.Array, bits: int, grid: str, symmetric
 @dataclasses.dataclass(frozen=True)
 class ActQuantized(leaf_lib.Compressed):
   """A linear whose input is rounded to `bits` bits on `grid` before the matmul with `w` [in, out] (dense, Masked
-  or Quantized): per token (dynamic), or with the static per-tensor `scale` [] (and `zero` [] int: asymmetric) when
-  given. `materialize()` is the weight; the activation rounding happens in `matmul`."""
+  or Quantized): per token (dynamic; `symmetric=False`: each token's range sets a scale and zero point;
+  `group_size`: one scale per that many consecutive input channels of a token), or with
+  the static per-tensor `scale` [] (and `zero` [] int, with `symmetric=False`) when given. `materialize()` is the
+  weight; the activation rounding happens in `matmul`."""
 
   w: Any
   scale: Any = None  # static per-tensor scale, float []; None: each token's own (dynamic)
-  zero: Any = None  # static zero point, int [] (asymmetric int grids); None: symmetric
+  zero: Any = None  # static zero point, int [] (asymmetric int grids); None: symmetric or dynamic
   bits: int = leaf_lib.static(default=8)
   grid: str = leaf_lib.static(default='narrow')
+  symmetric: bool = leaf_lib.static(default=True)  # False (int grids): a zero point, static or per token
+  group_size: int | None = leaf_lib.static(default=None)  # dynamic only: one scale per this many input channels
 
   def __post_init__(self):
     check_grid(self.grid, 'ActQuantized', self.bits)
     # (scale and zero are pytree children: tree utilities rebuild the leaf with other objects in their place)
-    if hasattr(self.zero, 'shape') and (self.scale is None or self.grid == 'fp8'):
-      raise ValueError(f'ActQuantized: a zero point needs a static scale on an int grid; got scale={self.scale!r}, '
-                       f'grid={self.grid!r}.')
+    if hasattr(self.zero, 'shape') and (self.scale is None or self.grid == 'fp8' or self.symmetric):
+      raise ValueError(f'ActQuantized: a zero point needs a static scale on an int grid and symmetric=False; got '
+                       f'scale={self.scale!r}, grid={self.grid!r}, symmetric={self.symmetric}.')
+    if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1
+                                        or hasattr(self.scale, 'shape')):
+      raise ValueError(f'ActQuantized: group_size={self.group_size!r} must be a positive int, and per-group scales '
+                       'are dynamic (no static scale).')
+    if not self.symmetric and self.grid == 'fp8':
+      raise ValueError("ActQuantized: grid='fp8' is symmetric (FP8 scales are absmax); give symmetric=True.")
+    if hasattr(self.scale, 'shape') and not self.symmetric and not hasattr(self.zero, 'shape'):
+      raise ValueError('ActQuantized: a static asymmetric grid (symmetric=False) needs its zero point; give zero= '
+                       'or symmetric=True.')
 
   @property
   def static(self) -> bool:
@@ -154,7 +190,7 @@ class ActQuantized(leaf_lib.Compressed):
   def matmul(self, x):
     if self.static:
       return linear(quantize_static(x, self.bits, self.grid, self.scale, self.zero), self.w)
-    return linear(quantize_tokens(x, self.bits, self.grid), self.w)
+    return linear(quantize_tokens(x, self.bits, self.grid, self.symmetric, self.group_size), self.w)
 
   def _qparams(self) -> list:
     return [a for a in (self.scale, self.zero) if a is not None]
@@ -174,6 +210,10 @@ class ActQuantized(leaf_lib.Compressed):
 
 def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
   desc = {'bits': w.bits, 'grid': w.grid, 'w': out.weight('.w', w.w)}
+  if not w.symmetric:
+    desc['symmetric'] = False
+  if w.group_size is not None:
+    desc['group_size'] = w.group_size
   for name in ('scale', 'zero'):
     if getattr(w, name) is not None:
       out.put(f'.{name}', getattr(w, name))
@@ -183,7 +223,9 @@ def _encode(w: ActQuantized, out: serialize.Writer) -> dict:
 
 def _decode(desc: dict, src: serialize.Reader) -> ActQuantized:
   qparams = {name: jnp.asarray(src.get(f'.{name}')) for name in ('scale', 'zero') if desc.get(name)}
-  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'], grid=desc.get('grid', 'narrow'), **qparams)
+  return ActQuantized(src.weight('.w', desc['w']), bits=desc['bits'], grid=desc.get('grid', 'narrow'),
+                      symmetric=desc.get('symmetric', 'zero' not in qparams), group_size=desc.get('group_size'),
+                      **qparams)
 
 
 serialize.register('act_quantized', ActQuantized, _encode, _decode)

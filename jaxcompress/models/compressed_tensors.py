@@ -25,9 +25,11 @@ embeddings or GPT-2's Conv1D weights) is refused before anything is written, nam
 Activations: an `ActQuantized` leaf on the 'full' grid around such a weight (W8A8, W4A8: `act_quant(grid='full')`)
 is written in the 'int-quantized' format llm-compressor writes for those schemes, its config group carrying
 `input_activations` (int, symmetric, per token, dynamic): compressed-tensors rounds each token to
-[-2^(b-1), 2^(b-1) - 1] with scale max|x| / ((2^b - 1) / 2), which is that grid. A static leaf
-(`act_quant(static=True)`: one calibrated scale per input) is written with `strategy: tensor, dynamic: false` and
-its `<m>.input_scale` [1] (the weight scale's dtype), and `<m>.input_zero_point` int8 [1] when asymmetric
+[-2^(b-1), 2^(b-1) - 1] with scale max|x| / ((2^b - 1) / 2), which is that grid; an asymmetric per-token leaf
+(`act_quant(grid='full', symmetric=False)`) as `symmetric: false`, each token's range setting its scale and zero
+point (vLLM's AZP int8 inputs); a per-group leaf (`group_size=g`) as `strategy: group, group_size: g`. A static
+leaf (`act_quant(static=True)`: one calibrated scale per input) is written with `strategy: tensor, dynamic: false`
+and its `<m>.input_scale` [1] (the weight scale's dtype), and `<m>.input_zero_point` int8 [1] when asymmetric
 (`symmetric=False`). A weight scale per tensor (`strategy: tensor`, llm-compressor's FP8 scheme) is read as that
 scale for every output channel: the same numbers, written back per channel. 'int-quantized' stores
 
@@ -85,9 +87,9 @@ FORMATS = {('int', False): FORMAT, ('int', True): INT_FORMAT, ('float', False): 
 class Scheme:
   """The quantization of one Linear: `bits`, groups of `group_size` inputs (None: per channel), `type` 'int' or
   'float' (FP8 e4m3 codes); with `act_bits` its input is also rounded, on the 'full' grid for int and 'fp8' for
-  float: per token (dynamic, symmetric), or with `act_static` one calibrated scale per tensor (and a zero point
-  unless `act_symmetric`). `format` is how the weight is stored (one of FORMATS' values). `weight_per_tensor`
-  (read only): one weight scale for the whole tensor, read as that scale for every output channel."""
+  float: per token (dynamic; per `act_group_size` input channels of a token when given), or with `act_static` one
+  calibrated scale per tensor; int activations have a zero point (per token or calibrated) unless
+  `act_symmetric`. `format` is how the weight is stored (one of FORMATS' values). `weight_per_tensor` (read only): one weight scale for the whole tensor, read as that scale for every output channel."""
 
   bits: int
   group_size: int | None
@@ -97,14 +99,16 @@ class Scheme:
   format: str = FORMAT
   act_static: bool = False  # one calibrated input_scale per Linear (strategy 'tensor'), not one per token
   weight_per_tensor: bool = False  # read only: one weight_scale [1] per Linear (llm-compressor's FP8 scheme)
-  act_symmetric: bool = True  # False (static int only): an input_zero_point too
+  act_symmetric: bool = True  # False (int only): a zero point per token, or a calibrated input_zero_point
+  act_group_size: int | None = None  # dynamic only: one scale per this many input channels (strategy 'group')
 
   def activations_config(self) -> dict | None:
     """The scheme's `input_activations` QuantizationArgs (None: weight-only)."""
     if self.act_bits is None:
       return None
-    strategy = 'tensor' if self.act_static else 'token'
-    return {'num_bits': self.act_bits, 'type': self.type, 'symmetric': self.act_symmetric, 'group_size': None,
+    strategy = 'tensor' if self.act_static else 'token' if self.act_group_size is None else 'group'
+    return {'num_bits': self.act_bits, 'type': self.type, 'symmetric': self.act_symmetric,
+            'group_size': self.act_group_size,
             'strategy': strategy, 'dynamic': not self.act_static, 'actorder': None, 'block_structure': None}
 
   def weights_config(self) -> dict:
@@ -165,7 +169,8 @@ def _scheme(w: core.Quantized | core.ActQuantized) -> Scheme:
   kind = 'float' if q.fmt == 'fp8' else 'int'
   return Scheme(bits=q.bits, group_size=q.group_size, symmetric=q.zero is None, type=kind,
                 act_bits=None if act is None else act.bits, format=FORMATS[kind, act is not None],
-                act_static=act is not None and act.static, act_symmetric=act is None or act.zero is None)
+                act_static=act is not None and act.static, act_symmetric=act is None or act.symmetric,
+                act_group_size=None if act is None else act.group_size)
 
 
 def unpacked_tensors(w: core.Quantized, module: str, dtype: Any = None) -> dict[str, np.ndarray]:
@@ -277,7 +282,7 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
   if not isinstance(bits, int) or not 1 <= bits <= 8 or (kind == 'float' and bits != 8):
     raise packed.field_error(cfg_file, at('num_bits'), bits, 'an integer in 1..8' if kind == 'int' else
                              '8 (float8_e4m3fn)')
-  act_bits, act_static, act_symmetric = _read_activations(cfg_file, f'{where}.input_activations',
+  act_bits, act_static, act_symmetric, act_group_size = _read_activations(cfg_file, f'{where}.input_activations',
                                                           group.get('input_activations'), kind)
   fmt = group.get('format') or default_format
   allowed = [f for (k, _), f in FORMATS.items() if k == kind] + ([NAIVE_FORMAT] if kind == 'int' else [])
@@ -305,16 +310,18 @@ def _read_scheme(cfg_file: Path, name: str, group: dict, default_format: str) ->
     raise packed.field_error(cfg_file, at('strategy'), strategy, "'group' or 'channel' ('tensor' is read for "
                              "symmetric unpacked weights: llm-compressor's FP8 and int8 schemes)")
   return Scheme(bits=bits, group_size=group_size, symmetric=symmetric, type=kind, act_bits=act_bits, format=fmt,
-                act_static=act_static, act_symmetric=act_symmetric, weight_per_tensor=strategy == 'tensor')
+                act_static=act_static, act_symmetric=act_symmetric, act_group_size=act_group_size,
+                weight_per_tensor=strategy == 'tensor')
 
 
-def _read_activations(cfg_file: Path, where: str, a: Any, kind: str) -> tuple[int | None, bool, bool]:
-  """(bits (None: weight-only), static, symmetric) of a config group's `input_activations`, or a ValueError naming
-  the field this module cannot represent. An `ActQuantized` leaf rounds to the weights' type (int: the 'full' grid,
-  float: 'fp8') either per token (dynamic, symmetric) or with one static per-tensor scale (and zero point: int,
-  asymmetric); nothing else is read."""
+def _read_activations(cfg_file: Path, where: str, a: Any, kind: str
+                      ) -> tuple[int | None, bool, bool, int | None]:
+  """(bits (None: weight-only), static, symmetric, group size) of a config group's `input_activations`, or a
+  ValueError naming the field this module cannot represent. An `ActQuantized` leaf rounds to the weights' type
+  (int: the 'full' grid, float: 'fp8') either per token or per group of a token's channels (dynamic) or with one
+  static per-tensor scale, symmetric or (int) with a zero point; nothing else is read."""
   if a is None:
-    return None, False, True
+    return None, False, True, None
   if not isinstance(a, dict):
     raise packed.field_error(cfg_file, where, a, 'null or a QuantizationArgs object')
   if a.get('type', 'int') != kind:
@@ -323,18 +330,22 @@ def _read_activations(cfg_file: Path, where: str, a: Any, kind: str) -> tuple[in
   if dynamic not in (True, False):
     raise packed.field_error(cfg_file, f'{where}.dynamic', dynamic, 'true (per token) or false (static per tensor)')
   strategy = a.get('strategy')
-  want = 'token' if dynamic else 'tensor'
-  if strategy != want:
-    raise packed.field_error(cfg_file, f'{where}.strategy', strategy, f"'{want}' (dynamic={str(dynamic).lower()}: "
+  want = ('token', 'group') if dynamic else ('tensor',)
+  if strategy not in want:
+    raise packed.field_error(cfg_file, f'{where}.strategy', strategy, ' or '.join(f"'{w}'" for w in want)
+                             + f' (dynamic={str(dynamic).lower()}: '
                              + ('scales computed per token at run time)' if dynamic else 'one calibrated input_scale)'))
+  group_size = a.get('group_size') if strategy == 'group' else None
+  if strategy == 'group' and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
+    raise packed.field_error(cfg_file, f'{where}.group_size', group_size, "a positive integer (strategy 'group')")
   symmetric = a.get('symmetric', True)
-  if symmetric is not True and (dynamic or kind == 'float' or symmetric is not False):
-    raise packed.field_error(cfg_file, f'{where}.symmetric', symmetric, 'true (asymmetric activations are read '
-                             'for static int schemes only)')
+  if symmetric is not True and (kind == 'float' or symmetric is not False):
+    raise packed.field_error(cfg_file, f'{where}.symmetric', symmetric, 'true or false' if kind == 'int' else
+                             'true (FP8 activations are symmetric)')
   bits = a.get('num_bits', 8)
   if not isinstance(bits, int) or not 2 <= bits <= 8 or (kind == 'float' and bits != 8):
     raise packed.field_error(cfg_file, f'{where}.num_bits', bits, 'an integer in 2..8' if kind == 'int' else '8')
-  return bits, not dynamic, symmetric
+  return bits, not dynamic, symmetric, group_size
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -424,7 +435,12 @@ def read_quantized(scheme: Scheme, module: str, get: Callable[[str], tuple[np.nd
         raise ValueError(f"tensor '{module}.input_zero_point' in '{file}' is {int(zero)}, outside the "
                          f'{scheme.act_bits}-bit range [{lo}, {hi}] config.json gives.')
       qparams['zero'] = jax.device_put(zero)
-  return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type], **qparams)
+  if scheme.act_group_size is not None and n_in % scheme.act_group_size:
+    raise ValueError(f"'{module}': input_activations.group_size={scheme.act_group_size} does not divide "
+                     f'in_features={n_in}.')
+  return core.ActQuantized(leaf, bits=scheme.act_bits, grid=ACT_GRID[scheme.type], symmetric=scheme.act_symmetric,
+                           group_size=scheme.act_group_size,
+                           **qparams)
 
 
 def _read_fp8(get, scheme: Scheme, module: str, shape: tuple[int, int], scale: np.ndarray) -> core.Quantized:

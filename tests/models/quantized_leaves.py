@@ -38,9 +38,11 @@ def quantize_kernels(params, scheme_of):
   return core.map_with_path(q, params)
 
 
-def round_inputs(params, bits=8, grid='full'):
-  """Every `Quantized` leaf of `params` inside an `ActQuantized(bits, grid)` (its input rounded per token)."""
-  wrap = lambda w: core.ActQuantized(w, bits=bits, grid=grid) if isinstance(w, core.Quantized) else w
+def round_inputs(params, bits=8, grid='full', symmetric=True, group_size=None):
+  """Every `Quantized` leaf of `params` inside an `ActQuantized(bits, grid, symmetric, group_size)` (its input
+  rounded per token, or per group of a token's channels)."""
+  wrap = lambda w: (core.ActQuantized(w, bits=bits, grid=grid, symmetric=symmetric, group_size=group_size)
+                    if isinstance(w, core.Quantized) else w)
   return jax.tree.map(wrap, params, is_leaf=core.is_weight_leaf)
 
 
@@ -52,7 +54,7 @@ def assert_same_leaves(ours, loaded):
     b = flat_b[p]
     assert type(a) is type(b), p
     if isinstance(a, core.ActQuantized):
-      assert (a.bits, a.grid) == (b.bits, b.grid), p
+      assert (a.bits, a.grid, a.symmetric, a.group_size) == (b.bits, b.grid, b.symmetric, b.group_size), p
       for side in ('scale', 'zero'):  # static activation scales: the same value and dtype
         x, y = getattr(a, side), getattr(b, side)
         assert (x is None) == (y is None), (p, side)

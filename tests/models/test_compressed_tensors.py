@@ -112,9 +112,13 @@ def static_inputs(model, params, grid='full', symmetric=True):
   return quantization.act_quant(model, params, [{'tokens': TOKENS.astype(np.int32)}], config=config)[1]
 
 
-DYNAMIC, STATIC, STATIC_ASYM = ('token', True, True), ('tensor', False, True), ('tensor', False, False)
+DYNAMIC, DYNAMIC_ASYM = ('token', True, True), ('token', True, False)
+GROUPS, GROUPS_ASYM = ('group', True, True), ('group', True, False)
+STATIC, STATIC_ASYM = ('tensor', False, True), ('tensor', False, False)
 # name: (the leaves, the format compressed-tensors infers for them, input_activations' (strategy, dynamic,
-# symmetric)): int weights with per-token dynamic int8 activations (W8A8, W4A8) as 'int-quantized', FP8 weights
+# symmetric)): int weights with per-token dynamic int8 activations (W8A8, W4A8; symmetric, or asymmetric: each
+# token's range sets its scale and zero point; or one scale per 16 channels of a token) as 'int-quantized', FP8
+# weights
 # alone as 'naive-quantized', FP8 W8A8 (llm-compressor's FP8_DYNAMIC) as 'float-quantized'; with static per-tensor
 # input scales (llm-compressor's FP8 and static W8A8 schemes), symmetric or (int) asymmetric.
 ACT_SCHEMES = {
@@ -122,6 +126,14 @@ ACT_SCHEMES = {
     'w8a8_channel_asym': (lambda m, p: round_inputs(int_kernels(bits=8, group_size=None, symmetric=False)(p)),
                           ct.INT_FORMAT, DYNAMIC),
     'w4a8_g16_sym': (lambda m, p: round_inputs(int_kernels(bits=4, group_size=16)(p)), ct.INT_FORMAT, DYNAMIC),
+    'w8a8_dynamic_asym': (lambda m, p: round_inputs(int_kernels(bits=8, group_size=None)(p), symmetric=False),
+                          ct.INT_FORMAT, DYNAMIC_ASYM),
+    'w4a4_g16_dynamic_asym': (lambda m, p: round_inputs(int_kernels(bits=4, group_size=16)(p), bits=4,
+                                                        symmetric=False), ct.INT_FORMAT, DYNAMIC_ASYM),
+    'w4a8_g16_act_g16_sym': (lambda m, p: round_inputs(int_kernels(bits=4, group_size=16)(p), group_size=16),
+                             ct.INT_FORMAT, GROUPS),
+    'w4a4_g16_act_g16_asym': (lambda m, p: round_inputs(int_kernels(bits=4, group_size=16)(p), bits=4,
+                                                        symmetric=False, group_size=16), ct.INT_FORMAT, GROUPS_ASYM),
     'fp8_channel': (lambda m, p: fp8_kernels(p), ct.NAIVE_FORMAT, None),
     'fp8_channel_a8': (lambda m, p: fp8_kernels(p, act=True), ct.FLOAT_FORMAT, DYNAMIC),
     'fp8_g16_a8': (lambda m, p: fp8_kernels(p, group_size=16, act=True), ct.FLOAT_FORMAT, DYNAMIC),
@@ -131,6 +143,12 @@ ACT_SCHEMES = {
                          ct.INT_FORMAT, STATIC_ASYM),
     'fp8_static_a8': (lambda m, p: static_inputs(m, fp8_kernels(p), grid='fp8'), ct.FLOAT_FORMAT, STATIC),
 }
+
+
+# The share of positions within TOL of transformers' output asked of a scheme (0.75 unless named). Symmetric int
+# grids put each token's (or group's) largest negative value on a rounding tie (x / s = -(2^b - 1) / 2), which
+# float error upstream decides; with one scale per 16 channels there are twice as many such ties a token.
+AGREE = {'w4a8_g16_act_g16_sym': 0.5}
 
 
 def per_position_error(ours, theirs):
@@ -149,7 +167,10 @@ def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, 
   assert cfg['format'] == group['format'] == fmt and cfg['ignore'] == ['lm_head']
   act = group['input_activations']
   if act_args is not None:
-    assert (act['num_bits'], act['strategy'], act['dynamic'], act['symmetric']) == (8, *act_args)
+    ((bits, group_size),) = {(w.bits, w.group_size) for w in core.flatten(qparams).values()
+                             if isinstance(w, core.ActQuantized)}
+    assert (act['num_bits'], act['strategy'], act['dynamic'], act['symmetric']) == (bits, *act_args)
+    assert act['group_size'] == group_size
   hf = hf_load(tmp_path)
 
   # The whole model: float differences upstream (attention, norms) move an activation that sits within float
@@ -159,7 +180,7 @@ def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, 
   err = per_position_error(logits(model, qparams, compressed=True), theirs)
   print(f'{name}: per-position relative error median {np.median(err):.1e}, max {err.max():.1e}, '
         f'{np.mean(err <= TOL):.0%} of positions within {TOL}')
-  assert np.mean(err <= TOL) >= 0.75 and err.max() <= 3e-3
+  assert np.mean(err <= TOL) >= AGREE.get(name, 0.75) and err.max() <= 3e-3
 
   # Each Linear alone (weights decompressed by the forward above), on one input: the same codes, so the same
   # numbers to float error.
@@ -173,8 +194,11 @@ def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, 
         want = module(torch.from_numpy(x)).numpy()
       assert rel_err(w.matmul(jnp.asarray(x)), want) <= 1e-6, row.hf
   # Another rounding is another function, which the check tells apart: the papers' ±127 grid for per-token
-  # scales, per-token scales for static ones.
-  other = {DYNAMIC: dict(grid='narrow'), STATIC: dict(scale=None), STATIC_ASYM: dict(scale=None, zero=None)}
+  # scales, symmetric ones for asymmetric per-token scales, one scale per token for per-group ones, per-token
+  # scales for static ones.
+  other = {DYNAMIC: dict(grid='narrow'), DYNAMIC_ASYM: dict(symmetric=True), GROUPS: dict(group_size=None),
+           GROUPS_ASYM: dict(group_size=None), STATIC: dict(scale=None),
+           STATIC_ASYM: dict(scale=None, zero=None, symmetric=True)}
   if fmt == ct.INT_FORMAT or act_args in (STATIC, STATIC_ASYM):
     changed = jax.tree.map(lambda w: dataclasses.replace(w, **other[act_args]) if isinstance(w, core.ActQuantized)
                            else w, qparams, is_leaf=core.is_weight_leaf)

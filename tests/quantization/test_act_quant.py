@@ -84,12 +84,92 @@ def test_static_activation_rounding_equals_a_float64_reference(bits, grid, zero)
   w = rng.standard_normal((64, 24)).astype(np.float32)
   scale = np.float32(2.5 / (2 ** (bits - 1)) if grid != 'fp8' else 2.5 / 448)
   leaf = quantization.ActQuantized(jnp.asarray(w), scale=jnp.asarray(scale),
-                                   zero=None if zero is None else jnp.asarray(zero, jnp.int32), bits=bits, grid=grid)
+                                   zero=None if zero is None else jnp.asarray(zero, jnp.int32), bits=bits, grid=grid,
+                                   symmetric=zero is None)
   got = np.asarray(jax.jit(core.linear)(jnp.asarray(x), leaf))
   want = _static_ref(x, w, bits, grid, scale, 0 if zero is None else zero)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   per_token = _ref(x, w, bits, 'full' if grid == 'fp8' else grid)
   assert not np.allclose(got, per_token, rtol=1e-3, atol=1e-3)  # one scale for the tensor, not one per token
+
+
+def _asym_tokens_ref(x, w, bits, grid):
+  """NumPy float64: each token rounded on its own asymmetric grid, then times w. lo = min(x, 0), hi = max(x, 0),
+  s = (hi - lo) / (2^bits - 1), z = clip(round(qmin - lo / s), qmin, qmax), x̂ = (clip(round(x / s + z), qmin,
+  qmax) - z) · s; an all-zero token keeps s = 1. The scale and the ratios are taken in float32, as torch takes them
+  (compressed-tensors' dynamic asymmetric 'token' scheme)."""
+  qmax = 2 ** (bits - 1) - 1
+  qmin = -qmax - 1 if grid == 'full' else -qmax
+  lo = np.minimum(x.min(-1, keepdims=True), 0).astype(np.float32)
+  hi = np.maximum(x.max(-1, keepdims=True), 0).astype(np.float32)
+  s = ((hi - lo) / np.float32(qmax - qmin)).astype(np.float32)
+  s[s == 0] = 1.0
+  z = np.clip(np.round(np.float32(qmin) - lo / s), qmin, qmax).astype(np.float64)
+  ratio = (x.astype(np.float32) / s).astype(np.float64)
+  return ((np.clip(np.round(ratio + z), qmin, qmax) - z) * s.astype(np.float64)) @ w.astype(np.float64)
+
+
+@pytest.mark.parametrize('bits, grid', [(8, 'full'), (4, 'full'), (4, 'narrow')])
+def test_asymmetric_per_token_rounding_equals_a_float64_reference(bits, grid):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+  x[0, 0] = 0.0  # an all-zero token: scale 1, zero point qmin, rounded to 0
+  x[1, 1] = np.abs(x[1, 1]) + 0.5  # all positive (after a SiLU, say): the zero point sits at the grid's bottom
+  x[2, 3] = -np.abs(x[2, 3])  # all negative: at its top
+  x[..., 5] *= 20.0  # an outlier channel
+  w = rng.standard_normal((64, 24)).astype(np.float32)
+  leaf = quantization.ActQuantized(jnp.asarray(w), bits=bits, grid=grid, symmetric=False)
+  got = np.asarray(jax.jit(core.linear)(jnp.asarray(x), leaf))
+  np.testing.assert_allclose(got, _asym_tokens_ref(x, w, bits, grid), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got[0, 0], 0.0)
+  assert not np.allclose(got, _ref(x, w, bits, grid), rtol=1e-3, atol=1e-3)  # not the symmetric rounding
+  # positive tokens use the whole grid where a symmetric one uses half of it: about half the error
+  pos = np.abs(rng.standard_normal((64, 64))).astype(np.float32)
+  exact = pos.astype(np.float64) @ w.astype(np.float64)
+  error = lambda y: np.linalg.norm(y - exact)
+  assert error(np.asarray(core.linear(jnp.asarray(pos), leaf))) < 0.7 * error(_ref(pos, w, bits, grid))
+  # the stage wraps with the same leaf, and core.serialize keeps its symmetric=False
+  model = _llama()
+  params = model.init(jax.random.key(0))
+  out = quantization.act_quant(model, params, config=quantization.ActQuantConfig(bits=bits, grid=grid,
+                                                                                symmetric=False))[1]
+  leaves = [w for w in core.flatten(out).values() if isinstance(w, quantization.ActQuantized)]
+  assert leaves and all(not w.symmetric and not w.static for w in leaves)
+  back = core.serialize.loads(core.serialize.dumps(out))
+  assert all(not w.symmetric for w in core.flatten(back).values() if isinstance(w, quantization.ActQuantized))
+
+
+@pytest.mark.parametrize('bits, grid, symmetric', [(8, 'full', True), (4, 'narrow', True), (4, 'full', False)])
+def test_per_group_rounding_equals_a_float64_reference(bits, grid, symmetric):
+  """group_size=16: each run of 16 channels of a token rounded on its own grid (the per-token references applied
+  to each group); an outlier channel then coarsens its own group only."""
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+  x[..., 7] *= 30.0
+  x[0, 0, 16:32] = 0.0  # an all-zero group
+  w = rng.standard_normal((64, 24)).astype(np.float64)
+  groups = x.reshape(3, 5, 4, 16)
+  ref = _ref if symmetric else _asym_tokens_ref
+  want = ref(groups, np.eye(16), bits, grid).reshape(x.shape) @ w
+  leaf = quantization.ActQuantized(jnp.asarray(w, jnp.float32), bits=bits, grid=grid, symmetric=symmetric,
+                                   group_size=16)
+  got = np.asarray(jax.jit(core.linear)(jnp.asarray(x), leaf))
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  exact = x.astype(np.float64) @ w
+  per_token = ref(x, w, bits, grid)
+  assert np.linalg.norm(got - exact) < 0.7 * np.linalg.norm(per_token - exact)
+  with pytest.raises(ValueError, match='group_size=24 does not divide the input width 64'):
+    core.linear(jnp.asarray(x), dataclasses.replace(leaf, group_size=24))
+  model = _llama()
+  params = model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"group_size=24 does not divide layers/0/attn/\w+/kernel's input width"):
+    quantization.act_quant(model, params, config=quantization.ActQuantConfig(group_size=24))
+  with pytest.raises(ValueError, match='group_size=16 needs static=False'):
+    quantization.ActQuantConfig(group_size=16, static=True)
+  out = quantization.act_quant(model, params, config=quantization.ActQuantConfig(bits=bits, grid=grid,
+                                                                                symmetric=symmetric, group_size=16))[1]
+  back = core.serialize.loads(core.serialize.dumps(out))
+  assert {w.group_size for w in core.flatten(back).values() if isinstance(w, quantization.ActQuantized)} == {16}
 
 
 def test_static_qparams_are_compressed_tensors_formulas():
@@ -288,10 +368,14 @@ def test_refusals_name_the_parameter():
     recipes.parse('act_quant(bits=1)')
   with pytest.raises(ValueError, match='embeddings=True: an embedding lookup has no input activation'):
     recipes.parse('act_quant(embeddings=True)')
-  with pytest.raises(ValueError, match=r'symmetric=False needs static=True on an int grid \(got static=False'):
-    recipes.parse('act_quant(symmetric=False)')
-  with pytest.raises(ValueError, match=r"symmetric=False needs static=True on an int grid \(got static=True, grid='fp8'"):
+  with pytest.raises(ValueError, match=r"act_quant: symmetric=False needs an int grid .*not grid='fp8'"):
     recipes.parse("act_quant(grid='fp8', static=True, symmetric=False)")
+  with pytest.raises(ValueError, match=r"grid='fp8' is symmetric"):
+    quantization.ActQuantized(jnp.ones((4, 4)), bits=8, grid='fp8', symmetric=False)
+  with pytest.raises(ValueError, match=r'static asymmetric grid \(symmetric=False\) needs its zero point'):
+    quantization.ActQuantized(jnp.ones((4, 4)), scale=jnp.float32(0.1), bits=8, grid='full', symmetric=False)
+  with pytest.raises(ValueError, match=r'a zero point needs a static scale on an int grid and symmetric=False'):
+    quantization.ActQuantized(jnp.ones((4, 4)), scale=jnp.float32(0.1), zero=jnp.int32(3), bits=8, grid='full')
   with pytest.raises(ValueError, match=r'head=True: act_quant\(static=True\) compresses the linears of the transformer blocks'):
     recipes.parse('act_quant(static=True, head=True)')
   model = _llama()

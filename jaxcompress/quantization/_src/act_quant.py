@@ -18,6 +18,12 @@ as it is being quantized, so each linear sees the rounding of those before it), 
 FP8 and static int8 W8A8 schemes): no per-token maximum at run time, at the price of rounding every token on one
 grid.
 
+With `symmetric=False` (int grids) each token's own range [min, max] sets its scale and an integer zero point
+(compressed-tensors' dynamic asymmetric `token` scheme, vLLM's AZP int8 inputs): a token whose values are mostly
+of one sign (after a SiLU, say) uses the whole grid instead of half of it. With `group_size=g` each run of g
+consecutive input channels of a token gets its own scale (and zero point): compressed-tensors' dynamic `group`
+activations, where an outlier channel coarsens the grid of its group only.
+
 By default the scale is computed from each token on the fly (dynamic), so no calibration is needed. Around a QuIP
 `Incoherent` leaf the rounding goes inside, on the input its quantized weight multiplies (after QuIP's randomized
 Hadamard), where no outlier channel sets the scale. One outlier channel sets
@@ -44,32 +50,40 @@ from jaxcompress.quantization._src.w8a8 import Int8Linear
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ActQuantConfig:
-  bits: int = registry.field(8, range='[2, 16]')  # activation bits, per token, symmetric
+  bits: int = registry.field(8, range='[2, 16]')  # activation bits
   # 'narrow': ±(2^(bits-1) − 1); 'full': [−2^(bits-1), 2^(bits-1) − 1] (compressed-tensors'); 'fp8': e4m3 values
   grid: str = 'narrow'
   rules: core.Rules = core.Rules()  # which linears (recipe: include=, exclude=, head=); default the blocks'
   static: bool = False  # one calibrated scale per linear input (compressed-tensors' input_scale); False: per token
-  symmetric: bool = True  # False (static int grids): a calibrated zero point too
+  symmetric: bool = True  # False (int grids): a zero point too (per token, or calibrated with static=True)
+  # dynamic only: one scale per group_size consecutive input channels of a token (divides every chosen input width)
+  group_size: int | None = registry.field(None, range='[1, inf)')
 
   def __post_init__(self):
     core.activations.check_grid(self.grid, 'act_quant', self.bits)
     if self.rules.embeddings:
       raise ValueError('embeddings=True: an embedding lookup has no input activation to round; choose linears.')
-    if not self.symmetric and (not self.static or self.grid == 'fp8'):
-      raise ValueError(f'act_quant: symmetric=False needs static=True on an int grid (got static={self.static}, '
-                       f"grid={self.grid!r}): per-token scales and FP8 are symmetric.")
+    if not self.symmetric and self.grid == 'fp8':
+      raise ValueError("act_quant: symmetric=False needs an int grid ('narrow' or 'full'), not grid='fp8': FP8 "
+                       'scales are absmax; give symmetric=True.')
+    if self.static and self.group_size is not None:
+      raise ValueError(f'act_quant: group_size={self.group_size} needs static=False: static scales are one per '
+                       'tensor (per-group scales are computed per token at run time).')
     if self.static:
       calibration.check_blocks_only(self.rules, 'act_quant(static=True)')
 
 
-def _wrap(bits: int, grid: str):
+def _wrap(bits: int, grid: str, symmetric: bool, group_size: int | None):
   def one(path, w):
     if isinstance(w, Incoherent):  # round what the quantized weight multiplies: the input after QuIP's transform
       return dataclasses.replace(w, base=one(path, w.base))
     if isinstance(w, (ActQuantized, Int8Linear)):
       raise ValueError(f'act_quant: {path} already rounds its input ({type(w).__name__}); quantize activations '
                        'once.')
-    return ActQuantized(w, bits=bits, grid=grid)
+    if group_size is not None and core.shape_of(w)[0] % group_size:
+      raise ValueError(f'act_quant: group_size={group_size} does not divide {path}\'s input width '
+                       f'{core.shape_of(w)[0]}; choose a divisor, or exclude= that linear.')
+    return ActQuantized(w, bits=bits, grid=grid, symmetric=symmetric, group_size=group_size)
   return one
 
 
@@ -77,7 +91,8 @@ def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantCon
   """Every linear config.rules choose wrapped in `ActQuantized(w, bits=config.bits, grid=config.grid)`. calib (a
   `registry.Context` or a list of calibration batches) is used with static=True only. Returns (model, params)."""
   if not config.static:
-    return model, selection(model, params, config.rules).map(_wrap(config.bits, config.grid), params)
+    wrap = _wrap(config.bits, config.grid, config.symmetric, config.group_size)
+    return model, selection(model, params, config.rules).map(wrap, params)
   batches = registry.as_context(calib).batches()
 
   def compress_block(i, block, stats):
@@ -93,7 +108,7 @@ def act_quant(model, params, calib=None, *, config: ActQuantConfig = ActQuantCon
                                    config.symmetric)
       # compressed-tensors keeps input_scale in the weight's float dtype
       updates[k] = ActQuantized(w, scale=scale.astype(core.dtype_of(w)), zero=zero, bits=config.bits,
-                                grid=config.grid)
+                                grid=config.grid, symmetric=config.symmetric)
     return core.paths.replace(block, updates)
 
   compress_block = calibration.only(model, params, model.selection_rules(config.rules), compress_block,
