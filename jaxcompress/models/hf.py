@@ -433,14 +433,13 @@ def export_name(model: Model, name: str) -> str:
 class ShardWriter:
   """A checkpoint directory written a part at a time: `add(tensors)` writes them as one or more safetensors shards
   at once (so no whole copy of the model is ever held), `close(config_fields)` names the shards, writes the index
-  and config.json. Shards are written under temporary names and renamed at `close`, so a directory left by a
-  failed export holds no file a loader would take for a checkpoint."""
+  and config.json. Shards are written under temporary names and renamed at `close`, which is also when a
+  checkpoint already in the directory is replaced; `abort()` removes what was written (and the directory, if this
+  writer made it and nothing else is in it). So a failed export leaves the directory as it found it."""
 
   def __init__(self, out_dir: str | os.PathLike, model: Model, max_shard_bytes: int = 4 << 30):
     self.out, self.model, self.max_shard_bytes = Path(out_dir), model, max_shard_bytes
-    self.out.mkdir(parents=True, exist_ok=True)
-    for stale in [*self.out.glob('model*.safetensors'), *self.out.glob(f'{_PART}*'), self.out / SAFE_INDEX]:
-      stale.unlink(missing_ok=True)
+    self.made_dir = not self.out.exists()
     self.shards: list[tuple[Path, list[str]]] = []  # (temporary file, tensor names)
     self.total = 0
 
@@ -461,6 +460,7 @@ class ShardWriter:
       self._save(shard)
 
   def _save(self, shard: dict[str, np.ndarray]) -> None:
+    self.out.mkdir(parents=True, exist_ok=True)
     path = self.out / f'{_PART}{len(self.shards):05d}'
     save_file(shard, str(path), metadata={'format': 'pt'})
     self.shards.append((path, list(shard)))
@@ -471,6 +471,8 @@ class ShardWriter:
     for path, _ in self.shards:
       path.unlink(missing_ok=True)
     self.shards = []
+    if self.made_dir and self.out.is_dir() and not any(self.out.iterdir()):
+      self.out.rmdir()
 
   def close(self, config_fields: dict | None = None) -> Path:
     written = {name for _, names in self.shards for name in names}
@@ -479,6 +481,11 @@ class ShardWriter:
         self.abort()
         raise ValueError(f"ShardWriter: '{export_name(self.model, copy)}', which transformers expects as a copy of "
                          f"'{export_name(self.model, src)}', was never written: add that tensor in one `add`.")
+    ours = {path for path, _ in self.shards}
+    self.out.mkdir(parents=True, exist_ok=True)
+    for stale in [*self.out.glob('model*.safetensors'), *self.out.glob(f'{_PART}*'), self.out / SAFE_INDEX]:
+      if stale not in ours:  # an earlier checkpoint in the directory, or a failed export's leftovers
+        stale.unlink(missing_ok=True)
     n = len(self.shards)
     weight_map = {}
     for k, (path, names) in enumerate(self.shards, 1):

@@ -178,48 +178,50 @@ class Layout:
 def write(model: Model, parts: Sequence[Part], out_dir: str | os.PathLike, layout: Layout, *, who: str,
           dense_fallback: bool = False, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> Path:
   """Writes a packed checkpoint of the tree whose disjoint `parts` together make the whole params, one part in
-  memory at a time: a first pass loads each part to check it (shapes, and every leaf the layout refuses, named in
-  one ValueError before anything is written, unless `dense_fallback`), a second loads each again and writes its
-  tensors as shards at once (`hf.ShardWriter`). Peak memory: about one part and its tensors. `parts=[lambda:
-  params]` exports a tree in memory."""
+  memory at a time, in one pass: each part is loaded once, checked (shapes, and every leaf the layout refuses)
+  and its tensors written as shards at once (`hf.ShardWriter`, under temporary names). Once a part holds a leaf
+  the layout refuses (without `dense_fallback`), the remaining parts are only checked; then one ValueError names
+  every refused leaf and the shards written are removed, so a refused export leaves the directory as it was.
+  Peak memory: about one part and its tensors. `parts=[lambda: params]` exports a tree in memory."""
   expected = {p: tuple(s.shape) for p, s in core.flatten(model.abstract_params()).items()}
   refused: dict[str, str] = {}
   rounded: list[str] = []
   seen: set[str] = set()
   any_packed = False
-  for load in parts:
-    params = load()
-    if core.SHARED in params and len(parts) > 1:
-      raise ValueError(f'{who}: shared storage ({core.SHARED}) spans the parts of a streamed export; export the '
-                       'tree in memory.')
-    flat = core.flatten(core.resolve(params))
-    hf.check_export_shapes(model, flat, who, partial=True)
-    rows = _rows(model, flat, who)
-    found = refusals(model, params, layout.check, rows)
-    refused.update(found)
-    rounded += [why for p, why in found.items() if isinstance(flat[p], core.ActQuantized)]
-    any_packed = any_packed or any(packable(flat[row.ours[0]]) and row.ours[0] not in found for row in rows)
-    seen.update(flat)
-    del params, flat
-  missing = sorted(set(expected) - seen)
-  if missing:
-    raise KeyError(f"{who}: params lack {missing[:4]}{' ...' if len(missing) > 4 else ''}, which the config "
-                   'implies.')
-  _raise_refused(who, layout.name, refused, rounded, dense_fallback)
-  if layout.empty and not any_packed:
-    raise ValueError(layout.empty)
-
   writer = hf.ShardWriter(out_dir, model, max_shard_bytes)
   described: dict[str, Any] = {}
   dense: list[str] = []
-  for load in parts:
-    flat = core.flatten(core.resolve(load()))
-    tensors, packed_leaves, dense_part = export_tensors(model, flat, set(refused), dtype, layout.tensors,
-                                                        _rows(model, flat, who))
-    writer.add(tensors)
-    described.update({module: layout.describe(w) for module, w in packed_leaves.items()})
-    dense += dense_part
-    del tensors, packed_leaves, flat
+  try:
+    for load in parts:
+      params = load()
+      if core.SHARED in params and len(parts) > 1:
+        raise ValueError(f'{who}: shared storage ({core.SHARED}) spans the parts of a streamed export; export the '
+                         'tree in memory.')
+      flat = core.flatten(core.resolve(params))
+      hf.check_export_shapes(model, flat, who, partial=True)
+      rows = _rows(model, flat, who)
+      found = refusals(model, params, layout.check, rows)
+      refused.update(found)
+      rounded += [why for p, why in found.items() if isinstance(flat[p], core.ActQuantized)]
+      any_packed = any_packed or any(packable(flat[row.ours[0]]) and row.ours[0] not in found for row in rows)
+      seen.update(flat)
+      if not rounded and (dense_fallback or not refused):  # else the export will be refused: check the rest only
+        tensors, packed_leaves, dense_part = export_tensors(model, flat, set(found), dtype, layout.tensors, rows)
+        writer.add(tensors)
+        described.update({module: layout.describe(w) for module, w in packed_leaves.items()})
+        dense += dense_part
+        del tensors, packed_leaves
+      del params, flat
+    missing = sorted(set(expected) - seen)
+    if missing:
+      raise KeyError(f"{who}: params lack {missing[:4]}{' ...' if len(missing) > 4 else ''}, which the config "
+                     'implies.')
+    _raise_refused(who, layout.name, refused, rounded, dense_fallback)
+    if layout.empty and not any_packed:
+      raise ValueError(layout.empty)
+  except BaseException:
+    writer.abort()
+    raise
   return writer.close({'quantization_config': layout.config(described, dense)})
 
 

@@ -378,18 +378,29 @@ def test_part_loaders_check_each_file_every_time(reference, tmp_path):
 
 
 def test_streamed_export_refuses_before_writing(src, reference, tmp_path):
-  """A leaf the format cannot hold, in any part, stops the export before its first shard is written."""
+  """A leaf the format cannot hold, in any part, stops the export with every such leaf named; what the parts
+  before it wrote is removed: no directory is made, and a checkpoint already in the directory stays as it was."""
   from jaxcompress.models import compressed_tensors as ct
   with pytest.raises(ValueError, match=r'layers/2/mlp/down_proj/kernel: Masked, a sparsity mask'):
     ct.export_parts(oc.SPEC, cal.compressed_parts(reference), tmp_path / 'ct')
   assert not (tmp_path / 'ct').exists()
+  earlier = tmp_path / 'earlier'
+  ct.export_parts(oc.SPEC, cal.compressed_parts(reference), earlier, dense_fallback=True, max_shard_bytes=1 << 14)
+  before = {f.name: f.read_bytes() for f in earlier.iterdir()}
+  assert len([n for n in before if n.startswith('model-')]) > 1
+  with pytest.raises(ValueError, match=r'layers/2/mlp/down_proj/kernel: Masked') as refused:
+    ct.export_parts(oc.SPEC, cal.compressed_parts(reference), earlier, max_shard_bytes=1 << 14)
+  assert refused.value.args[0].count('Masked, a sparsity mask') == sum(
+      isinstance(w, core.Masked) for w in core.flatten(cal.load_compressed(reference)).values())
+  assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
 
 
 def test_streamed_dense_export_of_missing_parts_leaves_no_checkpoint(src, reference, tmp_path):
-  """save_pretrained from parts that lack a parameter is an error naming it, and removes the shards it wrote."""
+  """save_pretrained from parts that lack a parameter is an error naming it, and removes the shards it wrote (and the
+  directory it made)."""
   with pytest.raises(KeyError, match=r"params lack 'embed/tokens/embedding'"):
     models.hf.save_pretrained_parts(tmp_path / 'hf', oc.SPEC, cal.compressed_parts(reference)[1:])
-  assert not list((tmp_path / 'hf').iterdir())
+  assert not (tmp_path / 'hf').exists()
   models.hf.save_pretrained_parts(tmp_path / 'hf', oc.SPEC, cal.compressed_parts(reference))
   want = core.flatten(cal.load_compressed(reference))
   got = core.flatten(models.from_pretrained(tmp_path / 'hf')[1])
@@ -406,4 +417,4 @@ def test_a_copy_whose_source_no_part_wrote_is_an_error(tmp_path):
   writer.add({'bert.pooler.dense.bias': np.zeros(16, np.float32)})
   with pytest.raises(ValueError, match=r"'cls.predictions.bias'.*copy of 'cls.predictions.decoder.bias'"):
     writer.close()
-  assert not list((tmp_path / 'hf').iterdir())
+  assert not (tmp_path / 'hf').exists()
