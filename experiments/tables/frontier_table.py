@@ -39,6 +39,8 @@ flags.DEFINE_bool('act_symmetric', True, 'W4A8 / W4A4: symmetric per-token activ
                   "token's range sets a scale and a zero point (act_quant(symmetric=False)).")
 flags.DEFINE_integer('act_group_size', 0, 'W4A8 / W4A4: one activation scale per this many input channels of a '
                      'token (0: one per token).')
+flags.DEFINE_bool('let_pairs', False, "omniquant_let: also the linear -> linear scales (v_proj -> o_proj, "
+                  'up_proj -> down_proj).')
 flags.DEFINE_bool('r2', True, "'learned': SpinQuant also learns each block's value rotation (R2); False: R1 only.")
 flags.DEFINE_list('rotations', ['none', 'online'],
                   "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
@@ -62,7 +64,8 @@ def rotation(name: str, bits: int, act: int | None, gs: int) -> str:
 def stage(method: str, bits: int, act: int | None, gs: int) -> str:
   """The recipe of one cell after the rotation: the weight stage, then the activation rounding."""
   if method == 'omniquant_let':  # OmniQuant's weight-activation setting: LET learned with the inputs rounded
-    return f'omniquant(bits={bits}, group_size={gs}, let=True' + (f', act_bits={act})' if act else ')')
+    pairs = ', let_pairs=True' if FLAGS.let_pairs else ''
+    return f'omniquant(bits={bits}, group_size={gs}, let=True{pairs}' + (f', act_bits={act})' if act else ')')
   how = ('' if FLAGS.act_symmetric else ', symmetric=False') + (f', group_size={FLAGS.act_group_size}'
                                                                 if FLAGS.act_group_size else '')
   return f'{method}(bits={bits}, group_size={gs})' + (f' > act_quant(bits={act}{how})' if act else '')
@@ -98,7 +101,8 @@ def main(argv):
   table += ['', f'fp32 {math.exp(fp):.2f}; {calib.shape[0]} calibration rows, {held_out.shape[0]} held-out rows of '
             f'{held_out.shape[1] - 1} predictions; group size {gs or "per channel"}; rotation seed {FLAGS.seed}.']
   config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
-                                        'rotations', 'group_size', 'r2', 'act_symmetric', 'act_group_size')}
+                                        'rotations', 'group_size', 'r2', 'act_symmetric', 'act_group_size',
+                                        'let_pairs')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
 

@@ -93,13 +93,14 @@ def test_bert_export_loads_in_transformers_and_round_trips(bert, tmp_path):
   assert_same_leaves(qparams, loaded)
 
 
-def fp8_kernels(params, group_size=None, act=False):
-  """Every block kernel round-to-nearest FP8 (e4m3, absmax scales), its input rounded to FP8 per token with act."""
+def fp8_kernels(params, group_size=None, act=False, act_group_size=None):
+  """Every block kernel round-to-nearest FP8 (e4m3, absmax scales), its input rounded to FP8 per token with act
+  (per act_group_size channels of a token when given)."""
   def q(path, w):
     if not path.endswith('/kernel') or 'lm_head' in path:
       return w
     leaf = core.quantize(w, fmt='fp8', group_size=group_size)
-    return core.ActQuantized(leaf, bits=8, grid='fp8') if act else leaf
+    return core.ActQuantized(leaf, bits=8, grid='fp8', group_size=act_group_size) if act else leaf
   return core.map_with_path(q, params)
 
 
@@ -137,6 +138,7 @@ ACT_SCHEMES = {
     'fp8_channel': (lambda m, p: fp8_kernels(p), ct.NAIVE_FORMAT, None),
     'fp8_channel_a8': (lambda m, p: fp8_kernels(p, act=True), ct.FLOAT_FORMAT, DYNAMIC),
     'fp8_g16_a8': (lambda m, p: fp8_kernels(p, group_size=16, act=True), ct.FLOAT_FORMAT, DYNAMIC),
+    'fp8_channel_a8_g16': (lambda m, p: fp8_kernels(p, act=True, act_group_size=16), ct.FLOAT_FORMAT, GROUPS),
     'w8a8_static_sym': (lambda m, p: static_inputs(m, int_kernels(bits=8, group_size=None)(p)), ct.INT_FORMAT,
                         STATIC),
     'w8a8_static_asym': (lambda m, p: static_inputs(m, int_kernels(bits=8, group_size=None)(p), symmetric=False),
@@ -199,7 +201,7 @@ def test_activation_rounding_and_fp8_export_as_transformers_computes_them(name, 
   other = {DYNAMIC: dict(grid='narrow'), DYNAMIC_ASYM: dict(symmetric=True), GROUPS: dict(group_size=None),
            GROUPS_ASYM: dict(group_size=None), STATIC: dict(scale=None),
            STATIC_ASYM: dict(scale=None, zero=None, symmetric=True)}
-  if fmt == ct.INT_FORMAT or act_args in (STATIC, STATIC_ASYM):
+  if fmt == ct.INT_FORMAT or act_args in (STATIC, STATIC_ASYM, GROUPS):
     changed = jax.tree.map(lambda w: dataclasses.replace(w, **other[act_args]) if isinstance(w, core.ActQuantized)
                            else w, qparams, is_leaf=core.is_weight_leaf)
     assert np.mean(per_position_error(logits(model, changed, compressed=True), theirs) <= TOL) < 0.25

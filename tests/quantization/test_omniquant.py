@@ -64,24 +64,43 @@ def test_clipping_logits_get_gradients_through_the_rounding():
   assert np.count_nonzero(np.asarray(ga)) > 8 and np.count_nonzero(np.asarray(gb)) > 8
 
 
-@pytest.mark.parametrize('name, model', [('llama', _llama(qkv_bias=True)), ('gpt2 (layer norms)', _gpt2())])
-def test_let_scales_move_into_the_norms_without_changing_the_block(name, model):
+ONLINE = _llama(online_hadamard=64)  # down_proj's input rotated in the forward: no up_proj -> down_proj pair
+
+
+@pytest.mark.parametrize('name, model, want', [
+    ('llama (GQA, q/k/v biases)', _llama(qkv_bias=True), ['attn/o_proj/kernel', 'mlp/down_proj/kernel']),
+    ('gpt2 (layer norms, ungated MLP)', _gpt2(), ['attn/o_proj/kernel']),
+    ('llama, online Hadamard', ONLINE, ['attn/o_proj/kernel'])])
+def test_let_scales_move_into_norms_and_linears_without_changing_the_block(name, model, want):
+  """Norm -> linear scales (norm / s, rows · s) and linear -> linear ones (the first's columns and bias / s, the
+  second's rows · s, each key/value head's scale repeated over its query heads) leave the block's function as it
+  is; a pair across the online Hadamard would not, which is why none is made there."""
   del name
   params = _perturbed(model)
   block = model.block_params(params, 0)
   flat = core.paths.flatten(block)
   kernels = [k for g in model.block_structure(block) for k in g.kernels]
-  lets = oq._let_groups(model, block, kernels)
+  lets, pairs = oq._let_groups(model, block, kernels), oq._let_pairs(model, block, kernels)
   assert lets, 'the family has norms feeding linears'
+  assert sorted(pairs) == want
   rng = np.random.default_rng(1)
-  learn = {'let': {n: jnp.asarray(rng.uniform(-1, 1, flat[ks[0]].shape[0]), jnp.float32) for n, ks in lets.items()}}
-  norms, scales = oq._let(flat, lets, learn)
-  moved = core.paths.replace(block, {**norms, **{k: oq._scaled(flat, k, scales) for k in scales}})
+  logs = lambda n: jnp.asarray(rng.uniform(-1, 1, n), jnp.float32)
   h = model.embed(params, _tokens())
   ctx = model.context(_tokens())
-  np.testing.assert_allclose(np.asarray(model.block(moved, h, ctx)), np.asarray(model.block(block, h, ctx)),
-                             rtol=1e-5, atol=1e-5)
-  assert not np.allclose(np.asarray(moved['attn']['q_proj']['kernel']), np.asarray(block['attn']['q_proj']['kernel']))
+  run = lambda b: np.asarray(model.block(b, h, ctx))
+
+  def moved(pairs):
+    learn = {'let': {n: logs(flat[ks[0]].shape[0]) for n, ks in lets.items()},
+             'pair': {second: logs(flat[first].shape[1]) for second, first in pairs.items()}}
+    updates, rows, cols = oq._let(flat, lets, learn, pairs, getattr(model.config, 'dim_per_head', None))
+    return core.paths.replace(block, {**updates, **{k: oq._scaled(flat, k, rows, cols) for k in {*rows, *cols}}})
+  out = moved(pairs)
+  np.testing.assert_allclose(run(out), run(block), rtol=1e-5, atol=1e-5)
+  for k in ('attn/q_proj/kernel', 'attn/v_proj/kernel', 'attn/o_proj/kernel'):
+    assert not np.allclose(np.asarray(core.paths.get(out, k)), np.asarray(flat[k])), k
+  if model is ONLINE:
+    across = moved({**pairs, 'mlp/down_proj/kernel': 'mlp/up_proj/kernel'})
+    assert not np.allclose(run(across), run(block), rtol=1e-3, atol=1e-3)
 
 
 def _block_error(model, params, quantized, tokens):
@@ -217,6 +236,7 @@ def test_frontier_table_runs_small(tmp_path):
           'let=True, act_bits=4)') in {r.get('recipe') for r in rows}
 
 
+@pytest.mark.slow
 def test_act_bits_fits_with_rounded_inputs_and_returns_act_quantized_leaves():
   model = _llama()
   params = _perturbed(model)
@@ -234,6 +254,10 @@ def test_act_bits_fits_with_rounded_inputs_and_returns_act_quantized_leaves():
   differ = [p for p, w in core.paths.flatten(fitted).items() if p.endswith('kernel') and p.startswith('layers/')
             and not np.array_equal(np.asarray(w.w.scale), np.asarray(core.paths.get(plain, p).scale))]
   assert differ  # the rounded inputs changed what was learned
+  paired = run('omniquant(bits=4, group_size=16, epochs=3, act_bits=4, let=True, let_pairs=True)')
+  dense = lambda tree, p: np.asarray(core.materialize(core.paths.get(tree, p)))
+  for p in ('layers/0/attn/o_proj/kernel', 'layers/0/mlp/down_proj/kernel', 'layers/0/attn/v_proj/kernel'):
+    assert not np.array_equal(dense(paired, p), dense(fitted, p)), p  # the pairs' scales were learned and folded
 
 
 def test_a_diverging_fit_is_an_error_not_nan_weights():

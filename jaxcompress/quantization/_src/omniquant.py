@@ -13,7 +13,11 @@ after the clipping), so z is a code. Rounding passes gradients straight through;
 LET (let=True, scales only, as the paper uses for LLaMA). Between a norm and the linears it feeds (attn_norm ->
 q/k/v, mlp_norm -> gate/up; `Model.block_structure()`), a learnable positive s [in] per group: the norm's scale
 (and bias) become scale / s, the kernels diag(s)·W, which computes the same function before quantizing; LWC
-then clips diag(s)·W. s starts at 1 and is learned as log s. With act_bits (W4A8, W4A4) every chosen linear's
+then clips diag(s)·W. With `let_pairs`, also between two linears where the second's input is linear in the
+first's output: v_proj -> o_proj (attention mixes values linearly) and, in a gated MLP, up_proj -> down_proj
+(silu(gate)·up is linear in up): the first's output columns (and bias) / s, the second's input rows · s (repeated
+over the query heads that share a key/value head, under GQA); the paper's "out" transform. Not across an online
+Hadamard (down_proj's input under `quarot(online=True)`). Every s starts at 1 and is learned as log s. With act_bits (W4A8, W4A4) every chosen linear's
 input is rounded per token while fitting (gradients straight through), so LET learns to move activation outliers
 into the weights, as the paper's weight-activation setting does.
 
@@ -52,6 +56,8 @@ class OmniQuantConfig:
   lr: float = registry.field(5e-2, range='(0, inf)')  # Adam's learning rate of the clipping logits a, b
   let: bool = False  # also learn the norm -> linear scales (LET, scales only)
   let_lr: float = registry.field(1e-3, range='(0, inf)')  # Adam's learning rate of log s
+  # with let: also the linear -> linear scales (v_proj -> o_proj; up_proj -> down_proj in a gated MLP)
+  let_pairs: bool = False
   # W4A8 / W4A4: the chosen linears' inputs rounded per token to act_bits (symmetric, dynamic) while fitting, and
   # the leaves returned as `ActQuantized` around the quantized kernels (as `act_quant` would wrap them)
   act_bits: int | None = registry.field(None, range='[2, 16]')
@@ -106,29 +112,61 @@ def _let_groups(model, block, kernels):
           if g.norm is not None and set(g.kernels) <= set(kernels)}
 
 
-def _let(flat, lets, learn):
-  """LET's scales s = exp(log s): ({norm's scale or bias path: divided by s}, {kernel path: s of its input})."""
-  norms, scales = {}, {}
+PAIRS = (('attn/v_proj', 'attn/o_proj'), ('mlp/up_proj', 'mlp/down_proj'))  # (first, second) linear modules
+
+
+def _let_pairs(model, block, kernels) -> dict[str, str]:
+  """{second kernel: first kernel} of the linear -> linear pairs LET scales, both chosen: v_proj -> o_proj, and
+  up_proj -> down_proj where the MLP is gated and down_proj's input is not rotated online."""
+  flat = core.paths.flatten(block)
+  online = getattr(model.config, 'online_hadamard', 0)
+  pairs = {}
+  for first, second in PAIRS:
+    gated = first != 'mlp/up_proj' or ('mlp/gate_proj/kernel' in flat and not online)
+    if f'{first}/kernel' in kernels and f'{second}/kernel' in kernels and gated:
+      pairs[f'{second}/kernel'] = f'{first}/kernel'
+  return pairs
+
+
+def _repeat_heads(s, rows: int, head_dim: int | None):
+  """s [kv_heads·head_dim] as the scale of `rows` input rows: each key/value head's for its query heads (GQA)."""
+  if s.shape[0] == rows:
+    return s
+  return jnp.repeat(s.reshape(-1, head_dim), rows // s.shape[0], axis=0).reshape(-1)
+
+
+def _let(flat, lets, learn, pairs=None, head_dim=None):
+  """LET's scales s = exp(log s): ({norm scale / bias or first linear's bias path: divided by s}, {kernel path:
+  scale of its input rows}, {kernel path: divisor of its output columns})."""
+  updates, rows, cols = {}, {}, {}
+  divided = lambda p, s: (flat[p].astype(jnp.float32) / s).astype(flat[p].dtype)
   for norm, ks in lets.items():
     s = jnp.exp(learn['let'][norm])
-    for p in (f'{norm}/scale', f'{norm}/bias'):
-      if p in flat:
-        norms[p] = (flat[p].astype(jnp.float32) / s).astype(flat[p].dtype)
-    scales.update({k: s for k in ks})
-  return norms, scales
+    updates.update({p: divided(p, s) for p in (f'{norm}/scale', f'{norm}/bias') if p in flat})
+    rows.update({k: s for k in ks})
+  for second, first in (pairs or {}).items():
+    s = jnp.exp(learn['pair'][second])
+    bias = first.removesuffix('kernel') + 'bias'
+    if bias in flat:
+      updates[bias] = divided(bias, s)
+    cols[first] = s
+    rows[second] = _repeat_heads(s, flat[second].shape[0], head_dim)
+  return updates, rows, cols
 
 
-def _scaled(flat, k, scales):
+def _scaled(flat, k, rows, cols=None):
+  """Kernel k [in, out] with its input rows · rows[k] and output columns / cols[k] (LET), float32."""
   w = flat[k].astype(jnp.float32)
-  return w * scales[k][:, None] if k in scales else w
+  w = w * rows[k][:, None] if k in rows else w
+  return w / cols[k][None, :] if cols and k in cols else w
 
 
-def _apply(block, kernels, lets, learn, config):
+def _apply(block, kernels, lets, pairs, head_dim, learn, config):
   """The block with LET's scales moved into norms and kernels and every chosen kernel LWC fake-quantized."""
   flat = core.paths.flatten(block)
-  updates, scales = _let(flat, lets, learn)
+  updates, rows, cols = _let(flat, lets, learn, pairs, head_dim)
   for k in kernels:
-    updates[k] = _act(lwc_fake(_scaled(flat, k, scales), *learn['lwc'][k], config.bits,
+    updates[k] = _act(lwc_fake(_scaled(flat, k, rows, cols), *learn['lwc'][k], config.bits,
                                config.group_size).astype(flat[k].dtype), config)
   return core.paths.replace(block, updates)
 
@@ -141,11 +179,14 @@ def fit_block(model, block, data: calibration.BlockData, kernels, config: OmniQu
   """The block with its `kernels` (paths within it) LWC-quantized (and LET-scaled) to reproduce data.targets."""
   flat = core.paths.flatten(block)
   lets = _let_groups(model, block, kernels) if config.let else {}
+  pairs = _let_pairs(model, block, kernels) if config.let and config.let_pairs else {}
+  head_dim = getattr(model.config, 'dim_per_head', None)
   groups = lambda k: flat[k].shape[0] // (flat[k].shape[0] if config.group_size is None else config.group_size)
   learn = {'lwc': {k: (jnp.full((groups(k), flat[k].shape[1]), INIT),) * 2 for k in kernels},
-           'let': {n: jnp.zeros((flat[ks[0]].shape[0],), jnp.float32) for n, ks in lets.items()}}
+           'let': {n: jnp.zeros((flat[ks[0]].shape[0],), jnp.float32) for n, ks in lets.items()},
+           'pair': {second: jnp.zeros((flat[first].shape[1],), jnp.float32) for second, first in pairs.items()}}
   state = _optimizer(config).init(learn)
-  step = _train_step(model, tuple(kernels), tuple(lets.items()), config)
+  step = _train_step(model, tuple(kernels), tuple(lets.items()), tuple(pairs.items()), head_dim, config)
   for _ in range(config.epochs):
     for j, r in enumerate(data.rows):
       learn, state, _ = step(learn, state, block, jnp.asarray(data.inputs[j]), jnp.asarray(data.targets[j]), r,
@@ -154,26 +195,26 @@ def fit_block(model, block, data: calibration.BlockData, kernels, config: OmniQu
   if bad:
     raise ValueError(f'omniquant: the fitted {", ".join(bad)} are not finite (the block error diverged); lower '
                      f'lr={config.lr} / let_lr={config.let_lr} or check the calibration batches for NaN.')
-  updates, scales = _let(flat, lets, learn)
+  updates, rows, cols = _let(flat, lets, learn, pairs, head_dim)
   for k in kernels:
-    updates[k] = lwc_leaf(_scaled(flat, k, scales).astype(flat[k].dtype), *learn['lwc'][k], config.bits,
+    updates[k] = lwc_leaf(_scaled(flat, k, rows, cols).astype(flat[k].dtype), *learn['lwc'][k], config.bits,
                           config.group_size)
   return core.paths.replace(block, updates)
 
 
 def _optimizer(config):
   return optax.multi_transform({'lwc': optax.adam(config.lr), 'let': optax.adam(config.let_lr)},
-                               {'lwc': 'lwc', 'let': 'let'})
+                               {'lwc': 'lwc', 'let': 'let', 'pair': 'let'})
 
 
 @functools.lru_cache(maxsize=32)
-def _train_step(model, kernels, lets, config):
+def _train_step(model, kernels, lets, pairs, head_dim, config):
   """The jitted Adam step of one block layout (cached: blocks of one shape compile once)."""
   opt = _optimizer(config)
-  lets = dict(lets)
+  lets, pairs = dict(lets), dict(pairs)
 
   def loss_fn(learn, block, h, target, rows, weights):
-    fake = _apply(block, kernels, lets, learn, config)
+    fake = _apply(block, kernels, lets, pairs, head_dim, learn, config)
     out = model.block(fake, h, model.context(rows.tokens, attention_mask=rows.attention_mask))
     err = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1).reshape(-1)
     return jnp.sum(err * weights) / jnp.maximum(jnp.sum(weights), 1.0)
