@@ -1,7 +1,7 @@
 """Activation quantization as a leaf kind: `ActQuantized(w, bits, grid)` rounds a linear's input per token before
 its matmul with `w` (dense, Masked or Quantized), with the scale computed from each token on the fly (dynamic).
 
-Three grids, all symmetric about zero (the token's largest |x| sets the scale):
+Three grids, symmetric about zero unless asked otherwise (the token's largest |x| sets the scale):
 
     'narrow'  codes in [-(2^(b-1) - 1), 2^(b-1) - 1],  s = max|x| / (2^(b-1) - 1)          (W4A4 / W4A8 papers)
     'full'    codes in [-2^(b-1), 2^(b-1) - 1],        s = max|x| / ((2^b - 1) / 2)       (compressed-tensors,
@@ -123,8 +123,9 @@ def quantize_static(x: jax.Array, bits: int, grid: str, scale: jax.Array, zero: 
 def static_qparams(lo: jax.Array, hi: jax.Array, bits: int, grid: str, symmetric: bool = True
                    ) -> tuple[jax.Array, jax.Array | None]:
   """(scale float32, zero int32 or None) of a grid covering the range [lo, hi] (scalars: one static per-tensor
-  grid; arrays: one grid per entry), stretched to include 0 (a zero range keeps scale 1). Symmetric: s = max(|lo|, |hi|) / half_range; asymmetric
-  (int grids): s = (hi − lo) / (2^bits − 1), zero = clip(round(qmin − lo / s), qmin, qmax)."""
+  grid; arrays: one grid per entry), stretched to include 0 (a zero range keeps scale 1). Symmetric:
+  s = max(|lo|, |hi|) / half_range; asymmetric (int grids): s = (hi − lo) / (2^bits − 1),
+  zero = clip(round(qmin − lo / s), qmin, qmax)."""
   lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
   hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
   if symmetric:
@@ -162,7 +163,7 @@ class ActQuantized(leaf_lib.Compressed):
     if hasattr(self.zero, 'shape') and (self.scale is None or self.grid == 'fp8' or self.symmetric):
       raise ValueError(f'ActQuantized: a zero point needs a static scale on an int grid and symmetric=False; got '
                        f'scale={self.scale!r}, grid={self.grid!r}, symmetric={self.symmetric}.')
-    if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1
+    if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 1
                                         or hasattr(self.scale, 'shape')):
       raise ValueError(f'ActQuantized: group_size={self.group_size!r} must be a positive int, and per-group scales '
                        'are dynamic (no static scale).')
