@@ -41,6 +41,8 @@ flags.DEFINE_integer('act_group_size', 0, 'W4A8 / W4A4: one activation scale per
                      'token (0: one per token).')
 flags.DEFINE_bool('let_pairs', False, "omniquant_let: also the linear -> linear scales (v_proj -> o_proj, "
                   'up_proj -> down_proj).')
+flags.DEFINE_float('let_alpha', None, "omniquant_let: LET's scales start at SmoothQuant's max|x|^α / max|W|^(1−α) "
+                   '(None: at 1).')
 flags.DEFINE_bool('r2', True, "'learned': SpinQuant also learns each block's value rotation (R2); False: R1 only.")
 flags.DEFINE_list('rotations', ['none', 'online'],
                   "'none', 'online' (quarot(online=True) first) and/or 'learned' (then spinquant for the cell's bits).")
@@ -64,7 +66,8 @@ def rotation(name: str, bits: int, act: int | None, gs: int) -> str:
 def stage(method: str, bits: int, act: int | None, gs: int) -> str:
   """The recipe of one cell after the rotation: the weight stage, then the activation rounding."""
   if method == 'omniquant_let':  # OmniQuant's weight-activation setting: LET learned with the inputs rounded
-    pairs = ', let_pairs=True' if FLAGS.let_pairs else ''
+    pairs = (', let_pairs=True' if FLAGS.let_pairs else '') + (f', let_alpha={FLAGS.let_alpha}'
+                                                               if FLAGS.let_alpha is not None else '')
     return f'omniquant(bits={bits}, group_size={gs}, let=True{pairs}' + (f', act_bits={act})' if act else ')')
   how = ('' if FLAGS.act_symmetric else ', symmetric=False') + (f', group_size={FLAGS.act_group_size}'
                                                                 if FLAGS.act_group_size else '')
@@ -102,7 +105,7 @@ def main(argv):
             f'{held_out.shape[1] - 1} predictions; group size {gs or "per channel"}; rotation seed {FLAGS.seed}.']
   config = {k: FLAGS[k].value for k in ('model', 'seed', 'calib_rows', 'eval_rows', 'small', 'methods', 'settings',
                                         'rotations', 'group_size', 'r2', 'act_symmetric', 'act_group_size',
-                                        'let_pairs')}
+                                        'let_pairs', 'let_alpha')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
 

@@ -103,6 +103,42 @@ def test_let_scales_move_into_norms_and_linears_without_changing_the_block(name,
     assert not np.allclose(run(across), run(block), rtol=1e-3, atol=1e-3)
 
 
+def test_let_starts_at_smoothquant_scales():
+  """let_alpha=α: log s = log(max|x_j|^α / max|W_j|^(1−α)), max|x_j| over the real tokens (padding excluded):
+  q/k/v's input against NumPy float64 RMSNorm of the block's input; v_proj -> o_proj's from o_proj's observed
+  input, each key/value head taking the largest of its query heads (GQA)."""
+  model = _llama()
+  params = _perturbed(model)
+  block = model.block_params(params, 0)
+  flat = core.paths.flatten(block)
+  kernels = [k for g in model.block_structure(block) for k in g.kernels]
+  lets, pairs = oq._let_groups(model, block, kernels), oq._let_pairs(model, block, kernels)
+  tokens = _tokens(shape=(2, 12))
+  mask = np.ones((2, 12), np.int32)
+  mask[1, 9:] = 0  # padding: never seen
+  h = np.asarray(model.embed(params, tokens), np.float64)
+  h[1, 9:] = 0.0
+  h[1, 9:, 3] = 1e4  # an outlier channel at the padding positions: it would set that channel's maximum if seen
+  rows = calibration.Rows(tokens, jnp.asarray(mask))
+  data = calibration.BlockData([jnp.asarray(h, jnp.float32)], [None], [rows])
+  let, pair = oq._smooth_init(model, block, data, lets, pairs, model.config.dim_per_head, 0.5)
+
+  x = h[mask > 0] / np.sqrt(np.mean(h[mask > 0] ** 2, axis=-1, keepdims=True) + model.config.rms_norm_eps)
+  x = x * np.asarray(flat['attn_norm/scale'], np.float64)
+  w = np.max([np.abs(np.asarray(flat[k], np.float64)).max(axis=1) for k in lets['attn_norm']], axis=0)
+  np.testing.assert_allclose(np.asarray(let['attn_norm']), np.log(np.abs(x).max(axis=0) ** 0.5 / w ** 0.5),
+                             rtol=1e-4, atol=1e-4)
+  seen = {}
+  model.block_with_inputs(block, jnp.asarray(h, jnp.float32), model.context(tokens, attention_mask=jnp.asarray(mask)),
+                          lambda p, v: seen.setdefault(p, np.asarray(v, np.float64)))
+  xo = np.abs(seen['attn/o_proj/kernel'][mask > 0]).max(axis=0)
+  wo = np.abs(np.asarray(flat['attn/o_proj/kernel'], np.float64)).max(axis=1)
+  hd = model.config.dim_per_head
+  want = np.log(xo ** 0.5 / wo ** 0.5).reshape(model.config.num_kv_heads, -1, hd).max(axis=1).reshape(-1)
+  np.testing.assert_allclose(np.asarray(pair['attn/o_proj/kernel']), want, rtol=1e-4, atol=1e-4)
+  assert pair['attn/o_proj/kernel'].shape == (flat['attn/v_proj/kernel'].shape[1],)
+
+
 def _block_error(model, params, quantized, tokens):
   """Mean squared error of block 1's output (on its compressed-so-far inputs) against the uncompressed model's."""
   seen = {}
@@ -258,6 +294,10 @@ def test_act_bits_fits_with_rounded_inputs_and_returns_act_quantized_leaves():
   dense = lambda tree, p: np.asarray(core.materialize(core.paths.get(tree, p)))
   for p in ('layers/0/attn/o_proj/kernel', 'layers/0/mlp/down_proj/kernel', 'layers/0/attn/v_proj/kernel'):
     assert not np.array_equal(dense(paired, p), dense(fitted, p)), p  # the pairs' scales were learned and folded
+  smooth = run('omniquant(bits=4, group_size=16, epochs=0, let=True, let_pairs=True, let_alpha=0.5)')
+  ones = run('omniquant(bits=4, group_size=16, epochs=0, let=True, let_pairs=True)')
+  for p in ('layers/0/attn/q_proj/kernel', 'layers/0/attn/o_proj/kernel'):  # SmoothQuant's start is folded
+    assert not np.array_equal(dense(smooth, p), dense(ones, p)), p
 
 
 def test_a_diverging_fit_is_an_error_not_nan_weights():

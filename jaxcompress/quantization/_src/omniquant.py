@@ -17,7 +17,9 @@ then clips diag(s)·W. With `let_pairs`, also between two linears where the seco
 first's output: v_proj -> o_proj (attention mixes values linearly) and, in a gated MLP, up_proj -> down_proj
 (silu(gate)·up is linear in up): the first's output columns (and bias) / s, the second's input rows · s (repeated
 over the query heads that share a key/value head, under GQA); the paper's "out" transform. Not across an online
-Hadamard (down_proj's input under `quarot(online=True)`). Every s starts at 1 and is learned as log s. With act_bits (W4A8, W4A4) every chosen linear's
+Hadamard (down_proj's input under `quarot(online=True)`). Every s is learned as log s and starts at 1, or with
+`let_alpha=α` at SmoothQuant's s_j = max|x_j|^α / max|W_j|^(1−α) (as the paper initializes it; max|x_j| over the
+block's calibration inputs, max|W_j| over the input row j of the kernels s scales). With act_bits (W4A8, W4A4) every chosen linear's
 input is rounded per token while fitting (gradients straight through), so LET learns to move activation outliers
 into the weights, as the paper's weight-activation setting does.
 
@@ -58,6 +60,8 @@ class OmniQuantConfig:
   let_lr: float = registry.field(1e-3, range='(0, inf)')  # Adam's learning rate of log s
   # with let: also the linear -> linear scales (v_proj -> o_proj; up_proj -> down_proj in a gated MLP)
   let_pairs: bool = False
+  # with let: start s at SmoothQuant's max|x|^α / max|W|^(1−α) per channel (the paper's start); None: s = 1
+  let_alpha: float | None = registry.field(None, range='[0, 1]')
   # W4A8 / W4A4: the chosen linears' inputs rounded per token to act_bits (symmetric, dynamic) while fitting, and
   # the leaves returned as `ActQuantized` around the quantized kernels (as `act_quant` would wrap them)
   act_bits: int | None = registry.field(None, range='[2, 16]')
@@ -185,6 +189,8 @@ def fit_block(model, block, data: calibration.BlockData, kernels, config: OmniQu
   learn = {'lwc': {k: (jnp.full((groups(k), flat[k].shape[1]), INIT),) * 2 for k in kernels},
            'let': {n: jnp.zeros((flat[ks[0]].shape[0],), jnp.float32) for n, ks in lets.items()},
            'pair': {second: jnp.zeros((flat[first].shape[1],), jnp.float32) for second, first in pairs.items()}}
+  if config.let_alpha is not None and (lets or pairs):
+    learn['let'], learn['pair'] = _smooth_init(model, block, data, lets, pairs, head_dim, config.let_alpha)
   state = _optimizer(config).init(learn)
   step = _train_step(model, tuple(kernels), tuple(lets.items()), tuple(pairs.items()), head_dim, config)
   for _ in range(config.epochs):
@@ -200,6 +206,43 @@ def fit_block(model, block, data: calibration.BlockData, kernels, config: OmniQu
     updates[k] = lwc_leaf(_scaled(flat, k, rows, cols).astype(flat[k].dtype), *learn['lwc'][k], config.bits,
                           config.group_size)
   return core.paths.replace(block, updates)
+
+
+def _smooth_init(model, block, data: calibration.BlockData, lets, pairs, head_dim, alpha):
+  """log s of SmoothQuant's s_j = max|x_j|^α / max|W_j|^(1−α) for each LET group ({norm: log s}) and pair ({second
+  kernel: log s}): max|x_j| of the input the scaled kernels read, over the calibration batches' real tokens,
+  max|W_j| over row j of those kernels. A pair's s lives on the first linear's outputs: under GQA the query heads
+  sharing a key/value head take their largest."""
+  readers = {ks[0]: ks for ks in lets.values()} | {second: (second,) for second in pairs}
+  xmax = _input_absmax(model, block, data, tuple(readers))
+  flat = core.paths.flatten(block)
+  wmax = {k: jnp.max(jnp.stack([jnp.max(jnp.abs(flat[r].astype(jnp.float32)), axis=1) for r in rs]), axis=0)
+          for k, rs in readers.items()}
+  log_s = lambda k: jnp.log(jnp.clip(xmax[k] ** alpha / jnp.maximum(wmax[k], 1e-8) ** (1 - alpha), 1e-5, 1e5))
+  let = {norm: log_s(ks[0]) for norm, ks in lets.items()}
+  pair = {}
+  for second, first in pairs.items():
+    s, n = log_s(second), flat[first].shape[1]
+    pair[second] = s if s.shape[0] == n else jnp.max(s.reshape(n // head_dim, -1, head_dim), axis=1).reshape(-1)
+  return let, pair
+
+
+def _input_absmax(model, block, data: calibration.BlockData, kernels: tuple[str, ...]) -> dict[str, jax.Array]:
+  """{kernel path: max |x_j| per input channel} of the block's linears' inputs over the calibration batches (real
+  tokens only)."""
+  @jax.jit
+  def one(block, h, rows, weights):
+    out = {}
+
+    def observe(path, x):
+      if path in kernels:
+        keep = weights.reshape(-1, 1) > 0
+        out[path] = jnp.max(jnp.where(keep, jnp.abs(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), 0.0), axis=0)
+    model.block_with_inputs(block, h, model.context(rows.tokens, attention_mask=rows.attention_mask), observe)
+    return out
+
+  batches = [one(block, jnp.asarray(data.inputs[j]), r, data.weights(j)) for j, r in enumerate(data.rows)]
+  return {k: jnp.max(jnp.stack([b[k] for b in batches]), axis=0) for k in kernels}
 
 
 def _optimizer(config):
