@@ -230,6 +230,14 @@ def _smooth_init(model, block, data: calibration.BlockData, lets, pairs, head_di
 def _input_absmax(model, block, data: calibration.BlockData, kernels: tuple[str, ...]) -> dict[str, jax.Array]:
   """{kernel path: max |x_j| per input channel} of the block's linears' inputs over the calibration batches (real
   tokens only)."""
+  one = _absmax_step(model, kernels)
+  batches = [one(block, jnp.asarray(data.inputs[j]), r, data.weights(j)) for j, r in enumerate(data.rows)]
+  return {k: jnp.max(jnp.stack([b[k] for b in batches]), axis=0) for k in kernels}
+
+
+@functools.lru_cache(maxsize=32)
+def _absmax_step(model, kernels):
+  """The jitted {kernel: max |x_j|} of one batch (cached: blocks of one shape compile once)."""
   @jax.jit
   def one(block, h, rows, weights):
     out = {}
@@ -241,8 +249,7 @@ def _input_absmax(model, block, data: calibration.BlockData, kernels: tuple[str,
     model.block_with_inputs(block, h, model.context(rows.tokens, attention_mask=rows.attention_mask), observe)
     return out
 
-  batches = [one(block, jnp.asarray(data.inputs[j]), r, data.weights(j)) for j, r in enumerate(data.rows)]
-  return {k: jnp.max(jnp.stack([b[k] for b in batches]), axis=0) for k in kernels}
+  return one
 
 
 def _optimizer(config):
