@@ -5,6 +5,8 @@
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8    # W8A8 int
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8 --noact_symmetric
                                                                            # W8A8, asymmetric per-token inputs
+    python experiments/benchmarks/export.py --bits=4 --group_size=128 --symmetric --act_bits=8 --act_group_size=32
+                                                                           # W4A8, a scale per 32 input channels
     python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8              # FP8 W8A8
     python experiments/benchmarks/export.py --fmt=fp8 --group_size=0 --act_bits=8 --act_static  # FP8 static
     python experiments/benchmarks/export.py --bits=8 --group_size=0 --symmetric --act_bits=8 --act_static \
@@ -53,6 +55,8 @@ flags.DEFINE_integer('act_bits', 0, 'Also round every kernel input per token to 
                      lower_bound=0, upper_bound=8)
 flags.DEFINE_bool('act_static', False, 'With --act_bits: one calibrated scale per block Linear input (static '
                   'per tensor, act_quant(static=True)) instead of one per token.')
+flags.DEFINE_integer('act_group_size', 0, 'With --act_bits (per token): one activation scale per this many input '
+                     'channels of a token (0: one per token).')
 flags.DEFINE_bool('act_symmetric', True, 'With --act_bits: symmetric activation grid (False, int: a zero point too, '
                   'per token or calibrated with --act_static).')
 flags.DEFINE_list('models', ['fixture', 'minilm'], "'fixture' and / or 'minilm' (skipped if not installed).")
@@ -76,7 +80,8 @@ def quantize(model, params):
   def one(_, w):
     q = core.quantize(w, bits=8 if fp8 else FLAGS.bits, group_size=group, symmetric=FLAGS.symmetric or fp8,
                       fmt=FLAGS.fmt)
-    return core.ActQuantized(q, bits=FLAGS.act_bits, grid=grid, symmetric=FLAGS.act_symmetric) if per_token else q
+    return (core.ActQuantized(q, bits=FLAGS.act_bits, grid=grid, symmetric=FLAGS.act_symmetric,
+                              group_size=FLAGS.act_group_size or None) if per_token else q)
   qparams = model.select(params, head=True).map(one, params)
   if FLAGS.act_bits and FLAGS.act_static:
     calib = [{'tokens': np.random.RandomState(7).randint(1, model.config.vocab_size, (8, FLAGS.tokens)
@@ -191,6 +196,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.act_group_size and (FLAGS.act_static or not FLAGS.act_bits):
+    raise app.UsageError(f'--act_group_size={FLAGS.act_group_size} rounds activations per group of a token at run '
+                         'time: give --act_bits and leave out --act_static.')
   jax.config.update('jax_default_matmul_precision', 'highest')
   import transformers
   transformers.utils.logging.disable_progress_bar()
@@ -205,6 +213,7 @@ def main(argv):
     rows += bench(name)
   weights = 'FP8 (e4m3)' if FLAGS.fmt == 'fp8' else f'W{FLAGS.bits}'
   how = ('static per tensor' if FLAGS.act_static else 'per token') + ('' if FLAGS.act_symmetric else ', asymmetric')
+  how += f', per {FLAGS.act_group_size} channels' if FLAGS.act_group_size and not FLAGS.act_static else ''
   acts = f"A{FLAGS.act_bits} ({'fp8' if FLAGS.fmt == 'fp8' else 'int'}, {how}) " if FLAGS.act_bits else ''
   scheme = f"{weights} {acts}{'g' + str(FLAGS.group_size) if FLAGS.group_size else 'per channel'} " + \
       ('symmetric' if FLAGS.symmetric or FLAGS.fmt == 'fp8' else 'asymmetric')
