@@ -223,3 +223,20 @@ def write(output_dir: str, config: dict, rows: list[dict], table: str, extra: di
   (out / 'table.md').write_text(table + '\n')
   print(table)
   print(f'results: {out / "results.json"}')
+
+
+def chart(path: pathlib.Path, rows: list[dict], *, series: Callable[[dict], str], category: str,
+          value: Callable[[dict], float], categories: list[str] | None = None, y_label: str, title: str = ''
+          ) -> pathlib.Path:
+  """Grouped bars of `value(row)` (one group per row[category], one bar per `series(row)`) as a PNG at `path`; a
+  log scale when every value is positive. Prints and returns the path."""
+  from jaxcompress.eval import plots
+  bars: dict[str, dict[str, float]] = {}
+  for r in rows:
+    bars.setdefault(series(r), {})[r[category]] = value(r)
+  groups = categories or list(dict.fromkeys(r[category] for r in rows))
+  path = plots.bar_chart(bars, path, categories=groups, y_label=y_label, title=title,
+                         log_y=all(v > 0 for cells in bars.values() for v in cells.values()),
+                         width=max(7.2, 1.6 * len(groups)))
+  print(f'plot: {path}')
+  return path

@@ -14,12 +14,14 @@ OmniQuant's learned clipping), activations rounded per token (symmetric absmax, 
 each token's own range and zero point; `--act_group_size`: one scale per that many channels of a token) at every
 block linear's input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear
 scales learned too, with the activations rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows` training rows of the
-fixture's own data, in batches of 8; evaluation: the held-out rows.
+fixture's own data, in batches of 8; evaluation: the held-out rows. Writes table.md, results.json and
+frontier.png (each cell's perplexity over fp32's, as bars grouped by setting).
 """
 
 from __future__ import annotations
 
 import math
+import pathlib
 import time
 
 from experiments.tables import common
@@ -108,6 +110,10 @@ def main(argv):
                                         'let_pairs', 'let_alpha')}
   common.write(FLAGS.output_dir, config, [{'method': 'fp32', 'nll': fp, 'ppl': math.exp(fp)}] + rows,
                '\n'.join(table), {'seconds': time.time() - t0})
+  common.chart(pathlib.Path(FLAGS.output_dir) / 'frontier.png', rows,
+               series=lambda r: f"{r['method']} ({r['rotation']})", category='setting', categories=FLAGS.settings,
+               value=lambda r: r['ppl'] - math.exp(fp), y_label='perplexity − fp32',
+               title=f"{'tiny random Llama' if FLAGS.small else FLAGS.model}: fp32 {math.exp(fp):.2f}")
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@
 Sentences are fortunes (`data.corpus.fortunes_documents()`, 20..400 characters, shuffled by --seed): the first
 --calib sentences calibrate, the next --eval ones (never seen in calibration) are embedded by the fp32 and the
 quantized model (mean-pooled, L2-normalised last hidden states, as sentence-transformers does) and compared by
-cosine. Every block linear (q/k/v/o, up/down) is quantized; embeddings, LayerNorms and the pooler stay fp32.
+cosine (table.md, results.json, and quant_minilm.png: 1 − mean cosine as bars per setting). Every block linear (q/k/v/o, up/down) is quantized; embeddings, LayerNorms and the pooler stay fp32.
 
 Rows: W8A8 (int8 weights per output channel, dynamic int8 activations per token, int32 accumulation) naive and
 with SmoothQuant (α = 0.5); weight-only W4 g128 and W3 g128 (asymmetric min-max grids; 384 = 3 × 128 and
@@ -154,6 +154,9 @@ def main(argv):
                                     'eval_sentences': int(e_ids.shape[0]), 'seconds': time.time() - t0})
   (out / 'table.md').write_text(text + '\n')
   print(text)
+  common.chart(out / 'quant_minilm.png', rows, series=lambda r: r['method'], category='setting',
+               value=lambda r: r['one_minus_cos'], y_label='1 − mean embedding cosine to fp32',
+               title='all-MiniLM-L6-v2' if not FLAGS.small else 'tiny random BERT')
 
 
 if __name__ == '__main__':

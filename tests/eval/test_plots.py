@@ -86,3 +86,40 @@ def test_plot_metrics_from_jsonl(tmp_path):
   assert png.read_bytes()[:8] == PNG_MAGIC
   with pytest.raises(ValueError, match=r"\['acc'\] not in .*metrics there: \['eval/loss', 'loss'\]"):
     metrics.plot_metrics(run / 'metrics.jsonl', tmp_path / 'x.png', keys=('loss', 'acc'))
+
+
+def bars(fig) -> dict[str, np.ndarray]:
+  """{label: [n, 2] (bar centre x, height)} of every bar series on the figure's axes."""
+  (ax,) = fig.axes
+  return {c.get_label(): np.array([(r.get_x() + r.get_width() / 2, r.get_height()) for r in c.patches])
+          for c in ax.containers}
+
+
+def test_bars_are_grouped_by_category_and_keep_their_slots():
+  fig = plots.bar_figure({'gptq': {'W4': 0.05, 'W3': 0.16, 'W2': 1.5}, 'rtn': {'W3': 0.65, 'W4': math.nan}},
+                         categories=['W4', 'W3', 'W2'], y_label='ppl over fp32', log_y=True, title='frontier')
+  got = bars(fig)
+  assert list(got) == ['gptq', 'rtn']
+  np.testing.assert_allclose(got['gptq'], [[-0.2, 0.05], [0.8, 0.16], [1.8, 1.5]])
+  np.testing.assert_allclose(got['rtn'], [[1.2, 0.65]])  # NaN and a missing W2 draw no bar; the slot stays
+  (ax,) = fig.axes
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['W4', 'W3', 'W2']
+  assert ax.get_yscale() == 'log' and ax.get_ylabel() == 'ppl over fp32 (log)' and ax.get_title() == 'frontier'
+  assert [p.get_facecolor() for p in ax.containers[0].patches][0] != ax.containers[1].patches[0].get_facecolor()
+  order = plots.bar_figure({'a': {'x': 1.0}, 'b': {'y': 2.0, 'x': 3.0}})  # categories as first seen
+  assert [t.get_text() for t in order.axes[0].get_xticklabels()] == ['x', 'y']
+
+
+def test_bar_chart_png_and_bad_input(tmp_path):
+  path = plots.bar_chart({'a': {'W4': 1.0}}, tmp_path / 'out' / 'b.png', width=4, height=3, dpi=50)
+  data = path.read_bytes()
+  assert data[:8] == PNG_MAGIC and int.from_bytes(data[16:20], 'big') == 200
+  for series, kwargs, match in [
+      ({}, {}, 'series is empty'),
+      ({'a': {'W4': 1.0, 'W9': 2.0}}, {'categories': ['W4']}, r"categories=\['W4'\] lacks \['W9'\]"),
+      ({'a': {'W4': -1.0}}, {'log_y': True}, "series 'a' has non-positive values.*log_y"),
+      ({'a': {'W4': math.inf}}, {}, 'no series has a finite value'),
+      ({'a': {'W4': 1.0}}, {'dpi': 0}, 'dpi=0')]:
+    with pytest.raises(ValueError, match=match):
+      plots.bar_chart(series, tmp_path / 'bad.png', **kwargs)
+    assert not (tmp_path / 'bad.png').exists()
