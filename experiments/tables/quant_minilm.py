@@ -12,7 +12,7 @@ Rows: W8A8 (int8 weights per output channel, dynamic int8 activations per token,
 with SmoothQuant (α = 0.5); weight-only W4 g128 and W3 g128 (asymmetric min-max grids; 384 = 3 × 128 and
 1536 = 12 × 128) by round-to-nearest, GPTQ and AWQ. MiniLM is post-norm: the LayerNorm before up_proj also feeds
 the residual, so no smoothing / AWQ scale is folded into a norm; every such scale stays in the leaf. GPTQ with
-act-order, and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream cannot be rotated (post-norm), so the
+act-order (also with `mse=True`, the authors' clipping search), and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream cannot be rotated (post-norm), so the
 inputs of q/k/v, up_proj and down_proj are rotated online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each
 head's values by one of 32 fused into v_proj / o_proj. OmniQuant's learned clipping (10 epochs over the calibration
 batches per block) with and without that rotation; W4A8 and W4A4 (GPTQ W4 g128, then `act_quant`: activations
@@ -123,6 +123,9 @@ def main(argv):
     for order in (False, True):
       add('QuaRot online + GPTQ' + (' act-order' if order else ''), name, lambda order=order: quantization.gptq(
           *rotated, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=order)))
+    for rot, (m, p) in (('', (model, params)), ('QuaRot online + ', rotated)):  # the authors' clipping search
+      add(rot + 'GPTQ act-order mse', name, lambda m=m, p=p: quantization.gptq(
+          m, p, batches, config=quantization.GPTQConfig(bits=bits, group_size=gs, act_order=True, mse=True)))
     add('QuaRot online + RTN', name, lambda: (rotated[0], common.rtn(rotated[0].select(rotated[1]), rotated[1],
                                                                    bits, gs)))
     add('QuIP', name, lambda: quantization.quip(model, params, batches,

@@ -19,6 +19,11 @@ reference implementation's order). With `act_order=True` rows are visited by dec
 order, so groups stay contiguous in the stored leaf; `static_groups=False` is the authors' default: a group is
 the next `group_size` rows of the act-order, its grid formed when the solver reaches it, and the leaf holds
 `g_idx` (each input's group). Codes come back in the original row order.
+
+`mse=True` is the authors' clipping search (their `Quantizer(mse=True)`): each column of a group tries the range
+shrunk to p·[min, max] (symmetric: p·absmax) for p = 1, 0.99, ..., 0.21, and keeps the p whose rounding error
+Σ_rows |Q(w) − w|^2.4 over the group is least (the first such p on a tie). The grid is then the same affine grid,
+so the leaf and every export are unchanged.
 """
 
 from __future__ import annotations
@@ -34,17 +39,43 @@ from jaxcompress.calibration import inverse_hessian
 from jaxcompress.quantization._src import common
 from jaxcompress.quantization._src.common import check_bits, check_group_size, make_leaf
 
-def grid_params(w: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+# The authors' clipping search (`mse=True`): shrink factors 1 - i / MSE_GRID for i < MSE_MAXSHRINK · MSE_GRID,
+# each scored by Σ |Q(w) − w|^MSE_NORM over the group's rows.
+MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4
+
+
+def grid_params(w: jax.Array, bits: int, symmetric: bool, mse: bool = False) -> tuple[jax.Array, jax.Array]:
   """Scale and zero point per column of one group. w: [rows, out] -> scale [out], zero [out] (code units).
 
   Asymmetric: min-max over the group with 0 inside the range; symmetric: absmax / (2^(b-1) - 1), zero 2^(b-1).
-  A group of zeros gets scale 1 (no division by zero; its codes decode to 0).
+  A group of zeros gets scale 1 (no division by zero; its codes decode to 0). mse: the range shrunk by the factor
+  (of `MSE_GRID` steps down to 1 − `MSE_MAXSHRINK`) whose rounding error Σ_rows |Q(w) − w|^`MSE_NORM` is least,
+  per column.
   """
+  if not mse:
+    return _shrunk_grid(w, bits, symmetric, 1.0)
+
+  def error(scale, zero):
+    return jnp.sum(jnp.abs(_encode(w, scale, zero, bits, symmetric)[1] - w) ** MSE_NORM, axis=0)
+
+  def candidate(i, best):
+    scale, zero, err = best
+    s, z = _shrunk_grid(w, bits, symmetric, 1.0 - i / MSE_GRID)
+    e = error(s, z)
+    better = e < err
+    return jnp.where(better, s, scale), jnp.where(better, z, zero), jnp.where(better, e, err)
+
+  scale, zero = _shrunk_grid(w, bits, symmetric, 1.0)
+  scale, zero, _ = jax.lax.fori_loop(1, int(MSE_MAXSHRINK * MSE_GRID), candidate, (scale, zero, error(scale, zero)))
+  return scale, zero
+
+
+def _shrunk_grid(w, bits, symmetric, p):
   if symmetric:
-    scale = jnp.max(jnp.abs(w), axis=0) / (2 ** (bits - 1) - 1)
+    scale = p * jnp.max(jnp.abs(w), axis=0) / (2 ** (bits - 1) - 1)
     scale = jnp.where(scale == 0, 1.0, scale)
     return scale, jnp.full_like(scale, 2 ** (bits - 1))
-  lo, hi = jnp.minimum(w.min(axis=0), 0.0), jnp.maximum(w.max(axis=0), 0.0)
+  lo, hi = p * jnp.minimum(w.min(axis=0), 0.0), p * jnp.maximum(w.max(axis=0), 0.0)
   scale = (hi - lo) / (2 ** bits - 1)
   scale = jnp.where(scale == 0, 1.0, scale)
   return scale, jnp.round(-lo / scale)
@@ -58,8 +89,9 @@ def _encode(w, scale, zero, bits, symmetric):
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'group_size', 'act_order', 'symmetric', 'block_size',
-                                             'static_groups'))
-def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetric, block_size, static_groups=True):
+                                             'static_groups', 'mse'))
+def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetric, block_size, static_groups=True,
+           mse=False):
   """The GPTQ solver: w [in, out] float, u [in, in] the upper factor of the damped H⁻¹ in the order `perm` [in],
   dead [in] bool (original order) -> (codes [in, out] uint8, scale, zero [G, out]). With act_order and
   static_groups=False, group g is rows g·gs ... (g+1)·gs − 1 of the permuted order (its grid formed when the
@@ -78,7 +110,7 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
   groups = n // gs
   static = group_size is None or (act_order and static_groups)  # parameters known before the solver runs
   if static:
-    sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric))(kept(w, mask).reshape(groups, gs, out))
+    sp, zp = jax.vmap(lambda g: grid_params(g, bits, symmetric, mse))(kept(w, mask).reshape(groups, gs, out))
   else:
     sp = zp = jnp.ones((groups, out), dtype)
   if act_order:
@@ -112,7 +144,7 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
           start = jnp.minimum(row, n - gs)
           s, z = grid_params(kept(jax.lax.dynamic_slice_in_dim(w, start, gs, 0),
                                   None if mask is None else jax.lax.dynamic_slice_in_dim(mask, start, gs, 0)),
-                             bits, symmetric)
+                             bits, symmetric, mse)
           return spz[0].at[g].set(s), spz[1].at[g].set(z)
         sp, zp = jax.lax.cond((row % gs == 0) & (row < n), fresh, lambda spz: spz, (sp, zp))
       x = w2[i]
@@ -156,7 +188,8 @@ def _solve(w, u, dead, perm, mask=None, *, bits, group_size, act_order, symmetri
 def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = None,
                       act_order: bool = False, symmetric: bool = False, block_size: int = 128,
                       damp: float = 0.01, pack: bool = True, max_damp_tries: int = 6,
-                      mask: jax.Array | None = None, static_groups: bool = True) -> core.Quantized:
+                      mask: jax.Array | None = None, static_groups: bool = True, mse: bool = False
+                      ) -> core.Quantized:
   """GPTQ of one linear given its input Hessian.
 
   w: [in, out] float weight; h: [in, in] XᵀX of the layer's inputs (any positive multiple, e.g. the sum from
@@ -170,7 +203,8 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   static_groups (with act_order and groups): True fixes every group's grid from the unmodified weights in the
   original order before the solver runs (groups stay runs of inputs); False is the authors' default, a group
   being the next group_size rows of the act-order and its grid formed from the weights as updated when the
-  solver reaches it (the leaf then holds `g_idx`, each input's group).
+  solver reaches it (the leaf then holds `g_idx`, each input's group). mse: each group's range from the
+  authors' clipping search (`grid_params`) instead of its min and max.
   Raises ValueError for NaN/inf in w or h or a zero h.
   Returns a `core.Quantized` (fmt='int', scale in w's dtype, codes packed when bits divides 8).
   """
@@ -194,7 +228,7 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
   dynamic = bool(act_order) and group_size is not None and not static_groups
   codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, mask, bits=int(bits),
                               group_size=group_size, act_order=bool(act_order), symmetric=bool(symmetric),
-                              block_size=block_size, static_groups=not dynamic)
+                              block_size=block_size, static_groups=not dynamic, mse=bool(mse))
   g_idx = jnp.argsort(factor.perm).astype(jnp.int32) // group_size if dynamic else None
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                    shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack, g_idx=g_idx)
@@ -202,11 +236,11 @@ def gptq_from_hessian(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: 
 
 def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int = 4, group_size: int | None = None,
                      symmetric: bool = False, block_size: int = 128, pack: bool = True,
-                     mask: jax.Array | None = None) -> core.Quantized:
+                     mask: jax.Array | None = None, mse: bool = False) -> core.Quantized:
   """GPTQ given the factor of the damped inverse Hessian instead of h, so the linears that share an input (and
   a SparseGPT before it) factor it once: `inverse_hessian.inverse_factor` (act_order=False) or
   `inverse_hessian.inverse_factor_inplace`. w: [in, out] float; factor.u [in, in]. Same result as
-  `gptq_from_hessian(w, h, damp=factor.damp)` up to the factor's rounding. mask: as in `gptq_from_hessian`.
+  `gptq_from_hessian(w, h, damp=factor.damp)` up to the factor's rounding. mask, mse: as in `gptq_from_hessian`.
   """
   where = 'gptq'
   w = jnp.asarray(w)
@@ -224,7 +258,7 @@ def gptq_from_factor(w: jax.Array, factor: inverse_hessian.Factor, *, bits: int 
   inverse_hessian.check_finite(w, 'w', where)
   codes, scale, zero = _solve(w, factor.u, factor.dead, factor.perm, mask, bits=int(bits),
                               group_size=group_size, act_order=False, symmetric=bool(symmetric),
-                              block_size=min(block_size, n))
+                              block_size=min(block_size, n), mse=bool(mse))
   return make_leaf(codes, scale, None if symmetric else zero, bits=int(bits), group_size=group_size,
                    shape=tuple(w.shape), scale_dtype=w.dtype, pack=pack)
 
@@ -240,7 +274,7 @@ def _check_mask(mask, w, where: str):
 
 def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | None = None,
                act_order: bool = False, symmetric: bool = False, block_size: int = 128,
-               damp: float = 0.01, static_groups: bool = True) -> core.Quantized:
+               damp: float = 0.01, static_groups: bool = True, mse: bool = False) -> core.Quantized:
   """GPTQ of one linear from calibration inputs. w: [in, out]; x: [tokens, in] (or [..., in]).
 
   Same arguments as `gptq_from_hessian`; H = XᵀX in float32. Returns a `core.Quantized`.
@@ -255,7 +289,8 @@ def gptq_layer(w: jax.Array, x: jax.Array, *, bits: int = 4, group_size: int | N
   x = x.reshape(-1, x.shape[-1])
   h = inverse_hessian.xtx(x) if x.dtype != jnp.float64 else x.T @ x
   return gptq_from_hessian(w, h, bits=bits, group_size=group_size, act_order=act_order,
-                           symmetric=symmetric, block_size=block_size, damp=damp, static_groups=static_groups)
+                           symmetric=symmetric, block_size=block_size, damp=damp, static_groups=static_groups,
+                           mse=mse)
 
 
 def layer_error(x: jax.Array, w: jax.Array, w_hat) -> float:
@@ -276,6 +311,7 @@ class GPTQConfig:
   # leaf holds g_idx, which the GPTQ layout exports and compressed-tensors cannot hold)
   static_groups: bool = True
   symmetric: bool = False  # symmetric grid instead of the authors' asymmetric min-max one
+  mse: bool = False  # each group's range from the authors' clipping search (least |Q(w) − w|^2.4), not min-max
   block_size: int = 128  # rows per lazy-update block
   damp: float = 0.01  # fraction of mean(diag H) added to H's diagonal
   rules: core.Rules = core.Rules()  # which block linears are quantized (recipe: include=, exclude=)
@@ -300,7 +336,7 @@ def gptq(model, params, calib, *, config: GPTQConfig = GPTQConfig(), offload: bo
   batches = registry.as_context(calib).batches()
   solve = functools.partial(gptq_from_hessian, bits=config.bits, group_size=config.group_size,
                             act_order=config.act_order, symmetric=config.symmetric, block_size=config.block_size,
-                            static_groups=config.static_groups,
+                            static_groups=config.static_groups, mse=config.mse,
                             damp=config.damp)
 
   def one(w, st):
