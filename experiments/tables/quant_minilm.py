@@ -6,16 +6,18 @@
 Sentences are fortunes (`data.corpus.fortunes_documents()`, 20..400 characters, shuffled by --seed): the first
 --calib sentences calibrate, the next --eval ones (never seen in calibration) are embedded by the fp32 and the
 quantized model (mean-pooled, L2-normalised last hidden states, as sentence-transformers does) and compared by
-cosine (table.md, results.json, and quant_minilm.png: 1 − mean cosine as bars per setting). Every block linear (q/k/v/o, up/down) is quantized; embeddings, LayerNorms and the pooler stay fp32.
+cosine (table.md, results.json, and quant_minilm.png: 1 − mean cosine as bars per setting). Every block linear
+(q/k/v/o, up/down) is quantized; embeddings, LayerNorms and the pooler stay fp32.
 
 Rows: W8A8 (int8 weights per output channel, dynamic int8 activations per token, int32 accumulation) naive and
 with SmoothQuant (α = 0.5); weight-only W4 g128 and W3 g128 (asymmetric min-max grids; 384 = 3 × 128 and
 1536 = 12 × 128) by round-to-nearest, GPTQ and AWQ. MiniLM is post-norm: the LayerNorm before up_proj also feeds
 the residual, so no smoothing / AWQ scale is folded into a norm; every such scale stays in the leaf. GPTQ with
-act-order (also with `mse=True`, the authors' clipping search), and RTN / GPTQ after `quarot(online=True)`: BERT's residual stream cannot be rotated (post-norm), so the
-inputs of q/k/v, up_proj and down_proj are rotated online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each
-head's values by one of 32 fused into v_proj / o_proj. OmniQuant's learned clipping (10 epochs over the calibration
-batches per block) with and without that rotation; W4A8 and W4A4 (GPTQ W4 g128, then `act_quant`: activations
+act-order (also with `mse=True`, the authors' clipping search), and RTN / GPTQ after `quarot(online=True)`:
+BERT's residual stream cannot be rotated (post-norm), so the inputs of q/k/v, up_proj and down_proj are rotated
+online by a Hadamard of 384 (kernels stored as Qᵀ·W) and each head's values by one of 32 fused into v_proj /
+o_proj. OmniQuant's learned clipping (10 epochs over the calibration batches per block) with and without that
+rotation; W4A8 and W4A4 (GPTQ W4 g128, then `act_quant`: activations
 rounded per token at every block linear's input), with and without it. QuIP: every linear's weight and Hessian
 multiplied on both sides by random-signed Hadamards before GPTQ, undone around the matmul at run time.
 """
