@@ -60,6 +60,7 @@ def _install(where: pathlib.Path) -> dict:
   return {**os.environ, 'PYTHONPATH': str(where), 'JAX_PLATFORMS': 'cpu'}
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_an_installed_package_registers_its_method_for_the_command_line(tmp_path):
   env = _install(tmp_path)
