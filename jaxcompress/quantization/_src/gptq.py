@@ -38,6 +38,7 @@ from jaxcompress import calibration, core, registry
 from jaxcompress.calibration import inverse_hessian
 from jaxcompress.quantization._src import common
 from jaxcompress.quantization._src.common import check_bits, check_group_size, make_leaf
+from jaxcompress.quantization._src.quantizers import int_grid
 
 # The authors' clipping search (`mse=True`): shrink factors 1 - i / MSE_GRID for i < MSE_MAXSHRINK · MSE_GRID,
 # each scored by Σ |Q(w) − w|^MSE_NORM over the group's rows.
@@ -71,14 +72,8 @@ def grid_params(w: jax.Array, bits: int, symmetric: bool, mse: bool = False) -> 
 
 
 def _shrunk_grid(w, bits, symmetric, p):
-  if symmetric:
-    scale = p * jnp.max(jnp.abs(w), axis=0) / (2 ** (bits - 1) - 1)
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return scale, jnp.full_like(scale, 2 ** (bits - 1))
-  lo, hi = p * jnp.minimum(w.min(axis=0), 0.0), p * jnp.maximum(w.max(axis=0), 0.0)
-  scale = (hi - lo) / (2 ** bits - 1)
-  scale = jnp.where(scale == 0, 1.0, scale)
-  return scale, jnp.round(-lo / scale)
+  """The grid of each column's range [min(w), max(w)] ∋ 0 shrunk by p."""
+  return int_grid(p * jnp.minimum(w.min(axis=0), 0.0), p * jnp.maximum(w.max(axis=0), 0.0), bits, symmetric)
 
 
 def _encode(w, scale, zero, bits, symmetric):
