@@ -12,9 +12,10 @@ group_size=128) [> act_quant(bits=A)]`: rotation 'none', 'online' (QuaRot's fuse
 linear on asymmetric min-max grids of 128 rows (RTN; GPTQ; QuIP's incoherence processing around GPTQ; AWQ;
 OmniQuant's learned clipping), activations rounded per token (symmetric absmax, dynamic; `--noact_symmetric`:
 each token's own range and zero point; `--act_group_size`: one scale per that many channels of a token) at every
-block linear's input for W4A8 / W4A4. `omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear
-scales learned too, with the activations rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows` training rows of the
-fixture's own data, in batches of 8; evaluation: the held-out rows. Writes table.md, results.json and
+block linear's input for W4A8 / W4A4. `gptq_mse` is `gptq(mse=True)`, the authors' clipping search.
+`omniquant_let` is `omniquant(let=True, act_bits=A)`: the norm -> linear scales learned too, with the activations
+rounded while each block is fitted. The embedding, the head and the norms stay fp32. Calibration: `--calib_rows`
+training rows of the fixture's own data, in batches of 8; evaluation: the held-out rows. Writes table.md, results.json and
 frontier.png (each cell's perplexity over fp32's, as bars grouped by setting).
 """
 
@@ -34,7 +35,8 @@ common.define_flags('frontier_table')
 flags.DEFINE_integer('calib_rows', 128, 'Training rows used for calibration.')
 flags.DEFINE_integer('eval_rows', 256, 'Held-out rows scored (0: all).')
 flags.DEFINE_list('methods', ['rtn', 'gptq', 'quip', 'awq', 'omniquant', 'omniquant_let'],
-                  "Weight quantizers: registry names, or 'omniquant_let' (LET too, activations rounded while fitting).")
+                  "Weight quantizers: registry names, 'omniquant_let' (LET too, activations rounded while fitting) "
+                  "or 'gptq_mse' (GPTQ with the authors' clipping search, gptq(mse=True)).")
 flags.DEFINE_integer('group_size', 128, 'Rows per weight scale (0: one per output column); 16 with --small.')
 flags.DEFINE_list('settings', ['W4', 'W3', 'W2', 'W4A8', 'W4A4'], 'Columns: weight bits and activation bits.')
 flags.DEFINE_bool('act_symmetric', True, 'W4A8 / W4A4: symmetric per-token activation grids; False: each '
@@ -71,9 +73,12 @@ def stage(method: str, bits: int, act: int | None, gs: int) -> str:
     pairs = (', let_pairs=True' if FLAGS.let_pairs else '') + (f', let_alpha={FLAGS.let_alpha}'
                                                                if FLAGS.let_alpha is not None else '')
     return f'omniquant(bits={bits}, group_size={gs}, let=True{pairs}' + (f', act_bits={act})' if act else ')')
+  weights = f'{method}(bits={bits}, group_size={gs})'
+  if method == 'gptq_mse':
+    weights = f'gptq(bits={bits}, group_size={gs}, mse=True)'
   how = ('' if FLAGS.act_symmetric else ', symmetric=False') + (f', group_size={FLAGS.act_group_size}'
                                                                 if FLAGS.act_group_size else '')
-  return f'{method}(bits={bits}, group_size={gs})' + (f' > act_quant(bits={act}{how})' if act else '')
+  return weights + (f' > act_quant(bits={act}{how})' if act else '')
 
 
 def main(argv):
