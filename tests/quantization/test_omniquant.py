@@ -261,13 +261,14 @@ def test_beats_round_to_nearest_at_3_bits_on_the_fixture():
 @pytest.mark.subprocess
 def test_frontier_table_runs_small(tmp_path):
   env = xla_settings.environ(PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, 'experiments/tables/frontier_table.py', '--small', '--methods=omniquant_let',
+  out = subprocess.run([sys.executable, 'experiments/tables/frontier_table.py', '--small', '--methods=omniquant_let,gptq_mse',
                         '--settings=W4A4', '--rotations=learned', f'--output_dir={tmp_path}'], cwd=REPO,
                        env=env, check=True,
                        capture_output=True, text=True, timeout=600).stdout
   rows = json.loads((tmp_path / 'results.json').read_text())['rows']
-  assert len(rows) == 1 + 1 and all(np.isfinite(r['nll']) for r in rows)
-  assert '| omniquant_let | learned |' in out
+  assert len(rows) == 1 + 2 and all(np.isfinite(r['nll']) for r in rows)
+  assert '| omniquant_let | learned |' in out and '| gptq_mse | learned |' in out
+  assert any('gptq(bits=4, group_size=16, mse=True) > act_quant(bits=4)' in r.get('recipe', '') for r in rows)
   assert (tmp_path / 'frontier.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert ('quarot(online=True) > spinquant(bits=4, group_size=16, act_bits=4) > omniquant(bits=4, group_size=16, '
           'let=True, act_bits=4)') in {r.get('recipe') for r in rows}
