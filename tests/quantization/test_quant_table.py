@@ -26,6 +26,7 @@ def test_quant_table_small(tmp_path):
   assert (tmp_path / 'table.md').read_text().startswith('| method |')
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_quant_minilm_small_writes_its_table_and_chart(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
