@@ -107,9 +107,9 @@ def bar_figure(series: Bars, *, categories: Sequence[str] | None = None, title: 
   values = {}
   for name, by_category in series.items():
     pts = {c: float(v) for c, v in by_category.items() if math.isfinite(float(v))}
-    if log_y and any(v <= 0 for v in pts.values()):
-      bad = next(v for v in pts.values() if v <= 0)
-      raise ValueError(f'series {name!r} has non-positive values (first: {bad!r}) and log_y=True; use '
+    bad = [v for v in pts.values() if v <= 0] if log_y else []
+    if bad:
+      raise ValueError(f'series {name!r} has non-positive values (first: {bad[0]!r}) and log_y=True; use '
                        'log_y=False or plot only positive values.')
     values[str(name)] = pts
   if not any(values.values()):
