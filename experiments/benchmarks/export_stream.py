@@ -8,12 +8,14 @@ Phases, each in a fresh interpreter so that its peak RSS (VmHWM) is its own:
   1. write: scale.py's random Llama checkpoint (the model shape flags are scale.py's; skipped when present).
   2. compress: `calibration.compress_checkpoint` with round-to-nearest W4 (symmetric, groups of --group_size)
      per kernel, calibrated on column norms only (the cheapest statistics: the point here is the export).
-  3. stream: `models.compressed_tensors.export_parts` from `calibration.compressed_parts` (the rest, then each
+  3. ct-stream: `models.compressed_tensors.export_parts` from `calibration.compressed_parts` (the rest, then each
      block), which is what `experiments/compress.py --out_of_core` writes.
-  4. memory: `calibration.load_compressed` and `models.compressed_tensors.export` of the whole tree.
-Prints seconds and peak RSS of each export against the checkpoint's bytes (goal for the streamed one: at most
-25%, the bound of the out-of-core compression), and whether both directories hold the same tensors (each
-tensor's bytes hashed).
+  4. ct-memory: `calibration.load_compressed` and `models.compressed_tensors.export` of the whole tree.
+  5. jxc-stream, jxc-memory: compressed.jxc the same two ways (`core.serialize.save_parts` of the parts, `save`
+     of the whole tree).
+Prints seconds and peak RSS of each export against the checkpoint's bytes (goal for the streamed ones: at most
+25%, the bound of the out-of-core compression), and whether both ways give the same tensors (compressed-tensors:
+each tensor's bytes hashed; jxc: the same file bytes).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from absl import app, flags  # noqa: E402
 
 from experiments.benchmarks import scale  # noqa: E402  (its model shape flags, checkpoint writer and VmHWM)
 
-flags.DEFINE_string('export_phase', '', 'internal: run one phase in this process (compress | stream | memory)')
+flags.DEFINE_string('export_phase', '', 'internal: run one phase in this process (compress or one of PHASES)')
 FLAGS = flags.FLAGS
+PHASES = ('ct-stream', 'ct-memory', 'jxc-stream', 'jxc-memory')
 
 
 def _paths(c: dict) -> tuple[pathlib.Path, pathlib.Path]:
@@ -58,18 +61,24 @@ def compress(src: pathlib.Path, out: pathlib.Path, c: dict) -> dict:
   return {'seconds': time.perf_counter() - t0, 'peak_rss': scale.vm_hwm()}
 
 
-def export(out: pathlib.Path, streamed: bool) -> dict:
-  from jaxcompress import calibration
+def export(out: pathlib.Path, phase: str) -> dict:
+  from jaxcompress import calibration, core
   from jaxcompress.models import compressed_tensors
   model = scale.spec({k: getattr(FLAGS, k) for k in scale.SHAPE_FLAGS})
-  dest = out.parent / f'{out.name}-ct-{"stream" if streamed else "memory"}'
+  fmt, how = phase.split('-')
+  dest = out.parent / f'{out.name}-{phase}' if fmt == 'ct' else out.parent / f'{out.name}-{phase}.jxc'
   t0 = time.perf_counter()
-  if streamed:
+  if phase == 'ct-stream':
     compressed_tensors.export_parts(model, calibration.compressed_parts(out), dest)
-  else:
+  elif phase == 'ct-memory':
     compressed_tensors.export(model, calibration.load_compressed(out), dest)
+  elif phase == 'jxc-stream':
+    core.serialize.save_parts(dest, calibration.compressed_parts(out))
+  else:
+    core.serialize.save(dest, calibration.load_compressed(out))
+  files = list(dest.glob('*.safetensors')) if fmt == 'ct' else [dest]
   return {'seconds': time.perf_counter() - t0, 'peak_rss': scale.vm_hwm(), 'path': str(dest),
-          'bytes': sum(f.stat().st_size for f in dest.glob('*.safetensors'))}
+          'bytes': sum(f.stat().st_size for f in files)}
 
 
 def tensor_digests(path: pathlib.Path) -> dict[str, str]:
@@ -83,6 +92,11 @@ def tensor_digests(path: pathlib.Path) -> dict[str, str]:
       out[name] = hashlib.sha256(f'{a.dtype}{a.shape}'.encode() + a.tobytes()).hexdigest()
     reader.close()
   return out
+
+
+def file_digest(path: pathlib.Path) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def child(phase: str, c: dict) -> dict:
@@ -102,7 +116,7 @@ def run_phase() -> None:
   if FLAGS.export_phase == 'compress':
     result = compress(src, out, c)
   else:
-    result = export(out, streamed=FLAGS.export_phase == 'stream')
+    result = export(out, FLAGS.export_phase)
   print('RESULT ' + json.dumps(result), flush=True)
 
 
@@ -117,15 +131,17 @@ def main(argv) -> None:
   wrote = scale.child('write', c, work=pathlib.Path(FLAGS.dir))
   if not (out / 'manifest.json').exists() or not json.loads((out / 'manifest.json').read_text()).get('complete'):
     print('compress:', child('compress', c), flush=True)
-  rows = {phase: child(phase, c) for phase in ('stream', 'memory')}
-  same = tensor_digests(pathlib.Path(rows['stream']['path'])) == tensor_digests(pathlib.Path(rows['memory']['path']))
+  rows = {phase: child(phase, c) for phase in PHASES}
+  path = lambda phase: pathlib.Path(rows[phase]['path'])
+  same = {'compressed-tensors': tensor_digests(path('ct-stream')) == tensor_digests(path('ct-memory')),
+          'jxc': file_digest(path('jxc-stream')) == file_digest(path('jxc-memory'))}
   ckpt = wrote['bytes']
-  print(f'\ncheckpoint {ckpt / 2**30:.2f} GiB; W4 g{c["group_size"]} compressed-tensors export, CPU, one run each')
+  print(f'\ncheckpoint {ckpt / 2**30:.2f} GiB; W4 g{c["group_size"]}, CPU, one run each')
   print('| export | seconds | peak RSS (GiB) | peak RSS / checkpoint | written (GiB) |\n|---|---:|---:|---:|---:|')
   for phase, r in rows.items():
     print(f"| {phase} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {100 * r['peak_rss'] / ckpt:.1f}% | "
           f"{r['bytes'] / 2**30:.2f} |")
-  print(f'same tensors in both directories: {same}')
+  print('streamed and in memory the same: ' + ', '.join(f'{k} {v}' for k, v in same.items()))
   results = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.dir) / 'results')
   results.mkdir(parents=True, exist_ok=True)
   (results / 'export_stream.json').write_text(json.dumps({'config': c, 'checkpoint_bytes': ckpt, **rows,

@@ -13,6 +13,10 @@ and `load` checks each tensor as it reads it, so a flipped byte is an error nami
 of a model that loads with other weights; a truncated file or a damaged header is a ValueError naming the file.
 Files written before the checksums existed (no 'tensor_sha256' in the header) load unchecked.
 
+A tree too large for memory is written from loaders of its parts (`save_parts`, e.g. the blocks of an out-of-core
+compression): each part's tensors go to a scratch file as the part is encoded, and the file is put together once
+every name and shape is known. `save` is the one-part case, so both give the same bytes for the same tree.
+
 Each leaf kind writes and reads its own tensors through `register(kind, cls, encode, decode)`: the kinds of
 `core` register themselves next to their classes (masked.py, quantized.py, lowrank.py, shared.py), and a
 family adds a kind the same way without editing this file.
@@ -25,15 +29,15 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from jaxcompress.core import leaf as leaf_lib
 
@@ -41,6 +45,13 @@ FORMAT = 'jaxcompress/1'
 CHECKSUMS = 'tensor_sha256'  # header metadata: JSON {tensor name: sha256 hex of dtype, shape and bytes}
 TREE_CHECKSUM = 'tree_sha256'  # header metadata: sha256 hex of the 'tree' and 'user' texts
 REMEDY = 'recreate it with the run that wrote it, or restore a copy'
+# safetensors' dtype codes (https://huggingface.co/docs/safetensors), what this writer and `models.tensor_reader` use
+DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+          'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2, 'I64': np.int64, 'I32': np.int32,
+          'I16': np.int16, 'I8': np.int8, 'U64': np.uint64, 'U32': np.uint32, 'U16': np.uint16, 'U8': np.uint8,
+          'BOOL': np.bool_}
+_CODE = {np.dtype(t): code for code, t in DTYPES.items()}
+_COPY = 64 << 20  # bytes per read when the file is put together from the scratch file
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -157,19 +168,27 @@ def _decode(name: str, desc: dict, f) -> Any:
   return _KINDS[kind].decode(desc, Reader(name, f))
 
 
-def _encode_tree(params: Any, metadata: dict[str, Any] | None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, header metadata) that store params, with the checksums `load` verifies."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf_lib.is_weight_leaf)[0]
-  tensors: dict[str, np.ndarray] = {}
+def _encode_part(params: Any, tensors: dict[str, np.ndarray]) -> list[dict]:
+  """The tree description entries of params' leaves, in flattening order; their tensors are added to `tensors`."""
   entries = []
-  for keypath, w in leaves:
+  for keypath, w in jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf_lib.is_weight_leaf)[0]:
     keys = [_key(k) for k in keypath]
-    name = '/'.join(str(k) for _, k in keys)
-    entries.append({'keys': keys, 'leaf': _encode(name, w, tensors)})
+    entries.append({'keys': keys, 'leaf': _encode('/'.join(str(k) for _, k in keys), w, tensors)})
+  return entries
+
+
+def _header(entries: list[dict], metadata: dict[str, Any] | None, sums: dict[str, str]) -> dict[str, str]:
+  """The header metadata of a file holding `entries` (in the flattening order of the whole tree), with the
+  checksums `load` verifies."""
   tree, user = json.dumps(entries), json.dumps(metadata or {})
-  sums = json.dumps({k: tensor_digest(t) for k, t in sorted(tensors.items())})
-  return tensors, {'format': FORMAT, 'tree': tree, 'user': user, CHECKSUMS: sums,
-                   TREE_CHECKSUM: _text_digest(tree, user)}
+  return {'format': FORMAT, 'tree': tree, 'user': user, CHECKSUMS: json.dumps(dict(sorted(sums.items()))),
+          TREE_CHECKSUM: _text_digest(tree, user)}
+
+
+def _tree_order(entry: dict) -> list:
+  """Sort key putting the entries of several parts in the order `tree_flatten` gives their merged tree (dict keys
+  sorted, list items by index; keys of one container share a type, so they compare)."""
+  return [k for _, k in entry['keys']]
 
 
 def tensor_digest(a: np.ndarray) -> str:
@@ -186,17 +205,87 @@ def _text_digest(tree: str, user: str) -> str:
 
 def save(path: str | os.PathLike, params: Any, metadata: dict[str, Any] | None = None) -> int:
   """Writes params; returns the bytes of tensor data written (equals `stats.totals(params).disk`)."""
-  tensors, header = _encode_tree(params, metadata)
-  tmp = f'{os.fspath(path)}.tmp'
-  save_file(tensors, tmp, metadata=header)
-  _sort_header(tmp)
-  os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
-  return sum(t.nbytes for t in tensors.values())
+  return save_parts(path, [lambda: params], metadata)
+
+
+def save_parts(path: str | os.PathLike, parts: Sequence[Callable[[], Any]],
+               metadata: dict[str, Any] | None = None) -> int:
+  """`save` of the tree whose disjoint parts the loaders `parts` return (nested dicts, merged key by key, as
+  `calibration.compressed_parts` gives an out-of-core compression), holding one part in memory at a time; returns
+  the bytes of tensor data written.
+
+  Each part's tensors are appended to a scratch file beside `path` as the part is encoded; the file is then
+  written from it (header, then the tensors, largest element size first, by name) under a temporary name and
+  moved onto `path`, so a crash never leaves a half file there. The bytes depend only on the merged tree and
+  `metadata`, not on how it was split.
+  """
+  path = os.fspath(path)
+  scratch, tmp = f'{path}.data.tmp', f'{path}.tmp'
+  entries: list[dict] = []
+  where: dict[str, tuple[np.dtype, list[int], int, int]] = {}  # name -> (dtype, shape, scratch offset, bytes)
+  sums: dict[str, str] = {}
+  try:
+    with open(scratch, 'wb') as data:
+      for load in parts:  # the part and its tensors are freed before the next one loads
+        entries += _append(load(), data, where, sums, path)
+    entries.sort(key=_tree_order)
+    order = sorted(where, key=lambda n: (-where[n][0].itemsize, n))  # each tensor aligned to its element size
+    header: dict[str, Any] = {'__metadata__': _header(entries, metadata, sums)}
+    end = 0
+    for name in order:
+      dtype, shape, _, nbytes = where[name]
+      header[name] = {'dtype': _CODE[dtype], 'shape': shape, 'data_offsets': [end, end + nbytes]}
+      end += nbytes
+    text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+    text += b' ' * (-len(text) % 8)  # the tensors start 8-byte aligned, as safetensors' own writer pads
+    with open(scratch, 'rb') as data, open(tmp, 'wb') as f:
+      f.write(len(text).to_bytes(8, 'little') + text)
+      for name in order:
+        _, _, offset, nbytes = where[name]
+        data.seek(offset)
+        _copy(data, f, nbytes)
+    os.replace(tmp, path)
+  finally:
+    for leftover in (scratch, tmp):
+      if os.path.exists(leftover):
+        os.remove(leftover)
+  return end
+
+
+def _append(part: Any, data, where: dict, sums: dict[str, str], path: str) -> list[dict]:
+  """Encodes one part, appends its tensors to the scratch file `data` (recording each one's dtype, shape, offset,
+  bytes in `where` and its checksum in `sums`); returns its tree description entries."""
+  tensors: dict[str, np.ndarray] = {}
+  entries = _encode_part(part, tensors)
+  for name, t in tensors.items():
+    if name in where:
+      raise ValueError(f"save_parts: tensor '{name}' is in two parts of the tree written to '{path}'; each leaf "
+                       'must come from exactly one part.')
+    t = np.ascontiguousarray(t)
+    if t.dtype not in _CODE:
+      raise TypeError(f"save: tensor '{name}' has dtype {t.dtype}, which safetensors cannot hold; supported: "
+                      f'{sorted(str(d) for d in _CODE)}.')
+    sums[name] = tensor_digest(t)
+    where[name] = (t.dtype, list(t.shape), data.tell(), t.nbytes)
+    data.write(t.reshape(-1).view(np.uint8).data)
+  return entries
+
+
+def _copy(src, dst, nbytes: int) -> None:
+  """Copies `nbytes` from src's position to dst, `_COPY` bytes at a time."""
+  while nbytes:
+    chunk = src.read(min(nbytes, _COPY))
+    if not chunk:
+      raise OSError(f"save: the scratch file '{src.name}' ended early (changed while writing?).")
+    dst.write(chunk)
+    nbytes -= len(chunk)
 
 
 def dumps(params: Any) -> bytes:
   """params as safetensors bytes in `save`'s format, in memory (compressed weights sent between processes)."""
-  tensors, header = _encode_tree(params, None)
+  tensors: dict[str, np.ndarray] = {}
+  entries = _encode_part(params, tensors)
+  header = _header(entries, None, {k: tensor_digest(t) for k, t in tensors.items()})
   return safetensors.numpy.save(tensors, metadata=header)
 
 
@@ -208,25 +297,6 @@ def loads(data: bytes) -> Any:
     with open(path, 'wb') as f:
       f.write(data)
     return jax.tree.map(np.asarray, load(path))
-
-
-def _sort_header(path: str) -> None:
-  """Rewrites a safetensors header with its keys sorted, in place, so equal params give equal bytes.
-
-  The safetensors writer keeps `__metadata__` in a hash map whose order changes from call to call; sorting gives
-  the same JSON text, hence the same length and offsets, in a fixed order (padded with the spaces the format
-  allows when the writer used longer escapes).
-  """
-  with open(path, 'r+b') as f:
-    n = int.from_bytes(f.read(8), 'little')
-    raw = f.read(n)
-    header = json.loads(raw)
-    header['__metadata__'] = dict(sorted(header.get('__metadata__', {}).items()))
-    text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
-    if len(text) > n:  # never grows the header: keep the writer's (valid) order
-      return
-    f.seek(8)
-    f.write(text + b' ' * (n - len(text)))
 
 
 def load(path: str | os.PathLike, *, verify: bool = True) -> Any:

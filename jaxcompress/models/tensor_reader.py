@@ -15,12 +15,11 @@ import json
 import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-          'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2,
-          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+from jaxcompress.core import serialize
+
+DTYPES = serialize.DTYPES  # safetensors' dtype codes -> NumPy dtypes
 
 
 ALIGN = 64  # bytes: jax.device_put on CPU adopts a NumPy buffer this aligned instead of copying it

@@ -86,8 +86,8 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
           metadata: dict[str, Any] | None = None, parts: Sequence[Any] | None = None) -> dict[str, dict]:
   """Writes the compressed model into directory `out` in each of `formats` (None: `allowed`), jxc first:
   {format: {'path': its name under out, 'bytes': its bytes on disk}}. `metadata` goes into compressed.jxc.
-  `parts`: loaders of the same tree a part at a time (`calibration.compressed_parts` of an out-of-core run): the
-  packed formats and the dense one are then written from them, one part in memory at a time."""
+  `parts`: loaders of the same tree a part at a time (`calibration.compressed_parts` of an out-of-core run): every
+  format is then written from them, one part in memory at a time."""
   from jaxcompress.pruning._src.structured import is_narrowed
   from jaxcompress.pruning._src.structured import save as save_narrowed
   out = pathlib.Path(out)
@@ -96,7 +96,8 @@ def write(out: str | pathlib.Path, model, params, formats: Sequence[str] | None 
   for fmt in sorted(formats, key=FORMATS.index):
     path = out / PATHS[fmt]
     if fmt == 'jxc':
-      core.serialize.save(path, params, metadata={**(metadata or {}), **models.hf.online_metadata(model)})
+      core.serialize.save_parts(path, parts or [lambda: params],
+                                metadata={**(metadata or {}), **models.hf.online_metadata(model)})
     elif fmt == 'dense':
       if is_narrowed(model, params):
         save_narrowed(path, model, params)

@@ -166,7 +166,7 @@ def _run(cfg: dict, stages: list, model, out: pathlib.Path, *, write: bool, save
                                                           for r in records))
     if save and jax.process_index() == 0:  # every process holds the same compressed model; one writes it
       parts = None
-      if cfg['out_of_core']:  # the packed formats stream from the block files, one block in memory
+      if cfg['out_of_core']:  # every format streams from the block files, one block in memory
         from jaxcompress import calibration
         parts = calibration.compressed_parts(out / 'blocks')
       written = export_lib.write(out, model, params, cfg.get('export'),

@@ -13,9 +13,11 @@ def test_out_of_core_equals_the_in_memory_recipe(tmp_path):
   # several stages: each is calibrated on the hidden states it sees in memory (its own stream on disk)
   from jaxcompress.recipes import pipeline as compress
   cfg = {**CFG, 'recipe': 'sparsegpt(sparsity=0.5) > gptq(bits=4, group_size=16)'}
-  ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem')}, save=False, verbose=False)
+  ref = compress.run({**cfg, 'output_dir': str(tmp_path / 'mem'), 'export': 'jxc'}, save=True, verbose=False)
   got = compress.run({**cfg, 'out_of_core': True, 'output_dir': str(tmp_path / 'ooc')}, save=True, verbose=False)
   assert (tmp_path / 'ooc' / 'blocks' / 'manifest.json').is_file()
+  # compressed.jxc written a block at a time from out/blocks/: the bytes the in-memory run writes from its tree
+  assert (tmp_path / 'ooc' / 'compressed.jxc').read_bytes() == (tmp_path / 'mem' / 'compressed.jxc').read_bytes()
   assert got['params_hash'] == ref['params_hash']
   assert got['leaf_kinds'] == ref['leaf_kinds'] and got['quality'] == ref['quality']
   # every pruned kernel quantized under its mask
