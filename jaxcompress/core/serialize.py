@@ -52,18 +52,38 @@ DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dt
           'BOOL': np.bool_}
 _CODE = {np.dtype(t): code for code, t in DTYPES.items()}
 _COPY = 64 << 20  # bytes per read when the file is put together from the scratch file
+_LE64 = np.dtype('<u8')  # packed codes are little-endian on every host
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-  """Unsigned codes < 2**bits -> uint8 bytes holding exactly ceil(n * bits / 8) bytes, little-endian bits."""
+  """Unsigned codes < 2**bits -> uint8 bytes holding exactly ceil(n * bits / 8) bytes, little-endian bits: code i
+  holds bits i·bits .. (i+1)·bits − 1 of the stream, and stream bit k is bit k % 8 of byte k // 8.
+
+  Eight codes fill `bits` whole bytes, so each run of eight is assembled in one little-endian uint64 and its low
+  `bits` bytes kept (a pass per code of the run, over n / 8 words: several times faster than a pass per bit)."""
   flat = np.asarray(codes, np.uint8).reshape(-1)
-  planes = (flat[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-  return np.packbits(planes.reshape(-1), bitorder='little')
+  n = flat.size
+  runs = np.zeros((-(-n // 8), 8), np.uint8)
+  runs.reshape(-1)[:n] = flat
+  word = np.zeros(len(runs), _LE64)
+  for j in range(8):
+    word |= runs[:, j].astype(_LE64) << np.uint64(j * bits)
+  return np.ascontiguousarray(word.view(np.uint8).reshape(-1, 8)[:, :bits]).reshape(-1)[:-(-n * bits // 8)]
 
 
 def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
-  planes = np.unpackbits(data, count=n * bits, bitorder='little').reshape(n, bits)
-  return (planes.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
+  """The n codes `pack_bits` wrote into `data`."""
+  runs = -(-n // 8)
+  stream = np.zeros(runs * bits, np.uint8)
+  given = np.asarray(data, np.uint8).reshape(-1)[:runs * bits]
+  stream[:given.size] = given
+  raw = np.zeros((runs, 8), np.uint8)
+  raw[:, :bits] = stream.reshape(runs, bits)
+  word = raw.view(_LE64).reshape(runs)
+  codes = np.empty((runs, 8), np.uint8)
+  for j in range(8):
+    codes[:, j] = (word >> np.uint64(j * bits)) & np.uint64((1 << bits) - 1)
+  return codes.reshape(-1)[:n]
 
 
 def host(x) -> np.ndarray:

@@ -120,13 +120,16 @@ def test_per_leaf_disk_bytes_match_file(params, tmp_path):
     assert per_leaf.get(leaf_path, 0) == c.disk, leaf_path
 
 
-@pytest.mark.parametrize('bits', [1, 2, 3, 5, 7, 8])
-def test_pack_bits_round_trip_is_tight(bits):
-  n = 37
-  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=n, dtype=np.uint8)
-  data = serialize.pack_bits(codes, bits)
-  assert data.dtype == np.uint8 and data.size == -(-n * bits // 8)
-  np.testing.assert_array_equal(serialize.unpack_bits(data, bits, n), codes)
+@pytest.mark.parametrize('bits', range(1, 9))
+def test_pack_bits_is_the_little_endian_bit_stream_and_round_trips(bits):
+  for n in (0, 1, 7, 8, 9, 37, 1000):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=n, dtype=np.uint8)
+    data = serialize.pack_bits(codes, bits)
+    assert data.dtype == np.uint8 and data.size == -(-n * bits // 8)
+    # the stream by its definition: bit b of code i is stream bit i·bits + b, stream bit k is bit k % 8 of byte k // 8
+    planes = (codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    np.testing.assert_array_equal(data, np.packbits(planes.reshape(-1), bitorder='little'), err_msg=f'n={n}')
+    np.testing.assert_array_equal(serialize.unpack_bits(data, bits, n), codes, err_msg=f'n={n}')
 
 
 def test_round_trip_keeps_list_containers(tmp_path):
