@@ -29,25 +29,34 @@ from jaxcompress.models.base import Model
 Getter = Callable[[str], tuple[np.ndarray, str]]
 
 
+def _row_codes(words: int, bits: int) -> int:
+  """Codes per row that cover `words` int32 words in whole runs of eight (eight codes fill `bits` bytes), so that
+  each row's stream starts on a byte of `core.serialize.pack_bits`'s flat stream."""
+  return -(-(-(-words * 32 // bits)) // 8) * 8
+
+
 def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
   """Unsigned codes [rows, cols] < 2**bits -> int32 [rows, ceil(cols * bits / 32)]: each row one little-endian
-  bit stream, code i at bits i*bits ... (compressed-tensors' `pack_to_int32` of the signed codes)."""
-  codes = np.ascontiguousarray(codes, np.uint8)
+  bit stream, code i at bits i*bits ... (compressed-tensors' `pack_to_int32` of the signed codes): the rows,
+  padded with zero codes, through `core.serialize.pack_bits`, each cut to its words."""
+  codes = np.asarray(codes, np.uint8)
   rows, cols = codes.shape
-  planes = ((codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(rows, cols * bits)
   words = math.ceil(cols * bits / 32)
-  planes = np.pad(planes, ((0, 0), (0, words * 32 - cols * bits)))
-  stream = np.ascontiguousarray(np.packbits(planes, axis=-1, bitorder='little'))
-  return stream.view('<i4').astype(np.int32).reshape(rows, words)
+  width = _row_codes(words, bits)
+  padded = np.zeros((rows, width), np.uint8)
+  padded[:, :cols] = codes
+  stream = core.serialize.pack_bits(padded, bits).reshape(rows, width * bits // 8)[:, :words * 4]
+  return np.ascontiguousarray(stream).view('<i4').astype(np.int32).reshape(rows, words)
 
 
 def unpack_int32(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
   """Inverse of `pack_int32`: int32 [rows, words] -> uint8 [rows, cols]."""
   packed = np.ascontiguousarray(packed, dtype='<i4')
-  rows = packed.shape[0]
-  planes = np.unpackbits(packed.view(np.uint8).reshape(rows, -1), axis=-1, count=cols * bits, bitorder='little')
-  planes = planes.reshape(rows, cols, bits).astype(np.uint8)
-  return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+  rows, words = packed.shape
+  width = _row_codes(words, bits)
+  stream = np.zeros((rows, width * bits // 8), np.uint8)
+  stream[:, :words * 4] = packed.view(np.uint8).reshape(rows, words * 4)
+  return core.serialize.unpack_bits(stream, bits, rows * width).reshape(rows, width)[:, :cols]
 
 
 def pack_bytes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -77,6 +77,21 @@ def reference_weights(path) -> dict[str, np.ndarray]:
   return dense
 
 
+@pytest.mark.parametrize('bits', range(1, 9))
+def test_int32_packing_is_each_rows_little_endian_stream(bits):
+  """`packed.pack_int32` against the Python-integer reading, on widths whose streams end inside a word."""
+  from jaxcompress.models import packed
+  rng = np.random.default_rng(bits)
+  for rows, cols in ((1, 1), (3, 5), (2, 31), (4, 32), (5, 33), (3, 100)):
+    codes = rng.integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
+    words = packed.pack_int32(codes, bits)
+    assert words.dtype == np.int32 and words.shape == (rows, -(-cols * bits // 32))
+    np.testing.assert_array_equal(reference_unpack(words, bits, cols), codes, err_msg=f'{rows}x{cols}')
+    tail = [(int(row[-1]) & 0xFFFFFFFF) >> (cols * bits - 32 * (words.shape[1] - 1)) for row in words]
+    assert tail == [0] * rows  # the last word's unused bits are zero
+    np.testing.assert_array_equal(packed.unpack_int32(words, bits, cols), codes, err_msg=f'{rows}x{cols}')
+
+
 @pytest.mark.parametrize('name', sorted(SCHEMES))
 def test_reference_reading_equals_materialize_and_round_trip(name, params, tmp_path):
   scheme, fmt = SCHEMES[name]
