@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face models built offline with transformers + torch, and one XLA
-compilation cache for the session."""
+"""Shared fixtures: tiny random Hugging Face models built offline with transformers + torch, one XLA compilation
+cache for the session, and Python's byte-code cache on for the processes it starts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+# The suite starts about sixty Python processes (two workers, command lines, multi-process jobs), each importing
+# jax, flax, transformers and often torch. Where PYTHONDONTWRITEBYTECODE is set (as on the CI machines) and the
+# install did not byte-compile them, every one of those processes would compile the same sources again: the
+# modules are compiled once, on first import, for the whole session instead.
+os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
+sys.dont_write_bytecode = False
 # One XLA compilation cache for the whole test session, shared with the subprocesses tests start: the same
 # programs are compiled over and over (every fit, every pretrain run), and each compile costs seconds on CPU.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
