@@ -32,7 +32,7 @@ Getter = Callable[[str], tuple[np.ndarray, str]]
 def _row_codes(words: int, bits: int) -> int:
   """Codes per row that cover `words` int32 words in whole runs of eight (eight codes fill `bits` bytes), so that
   each row's stream starts on a byte of `core.serialize.pack_bits`'s flat stream."""
-  return -(-(-(-words * 32 // bits)) // 8) * 8
+  return 8 * math.ceil(math.ceil(words * 32 / bits) / 8)
 
 
 def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
