@@ -65,8 +65,8 @@ def export(out: pathlib.Path, phase: str) -> dict:
   from jaxcompress import calibration, core
   from jaxcompress.models import compressed_tensors
   model = scale.spec({k: getattr(FLAGS, k) for k in scale.SHAPE_FLAGS})
-  fmt, how = phase.split('-')
-  dest = out.parent / f'{out.name}-{phase}' if fmt == 'ct' else out.parent / f'{out.name}-{phase}.jxc'
+  ct = phase.startswith('ct-')
+  dest = out.parent / (f'{out.name}-{phase}' if ct else f'{out.name}-{phase}.jxc')
   t0 = time.perf_counter()
   if phase == 'ct-stream':
     compressed_tensors.export_parts(model, calibration.compressed_parts(out), dest)
@@ -76,7 +76,7 @@ def export(out: pathlib.Path, phase: str) -> dict:
     core.serialize.save_parts(dest, calibration.compressed_parts(out))
   else:
     core.serialize.save(dest, calibration.load_compressed(out))
-  files = list(dest.glob('*.safetensors')) if fmt == 'ct' else [dest]
+  files = list(dest.glob('*.safetensors')) if ct else [dest]
   return {'seconds': time.perf_counter() - t0, 'peak_rss': scale.vm_hwm(), 'path': str(dest),
           'bytes': sum(f.stat().st_size for f in files)}
 
